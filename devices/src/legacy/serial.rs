@@ -1,0 +1,167 @@
+//! A 16550A UART on the port I/O bus (COM1 at 0x3f8, IRQ 4), built on vm-superio.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tracing::warn;
+use vm_superio::serial::{Error as SerialError, SerialEvents};
+use vm_superio::Serial;
+
+use super::IrqTrigger;
+use crate::bus::BusDevice;
+
+/// Base port of COM1.
+pub const COM1_PORT_BASE: u64 = 0x3f8;
+/// Number of UART registers.
+pub const COM1_PORT_LEN: u64 = 8;
+/// ISA IRQ (and GSI) of COM1.
+pub const COM1_IRQ: u32 = 4;
+
+/// Counters of a serial port, readable by the metrics exporter.
+#[derive(Debug, Default)]
+pub struct SerialCounters {
+    /// Bytes the guest wrote that reached the sink.
+    pub tx_bytes: AtomicU64,
+    /// Bytes the guest wrote that the sink failed to take.
+    pub tx_lost: AtomicU64,
+    /// Bytes the guest read from the input FIFO.
+    pub rx_reads: AtomicU64,
+}
+
+/// `SerialEvents` that feed [`SerialCounters`].
+#[derive(Clone, Default)]
+pub struct CountingEvents(pub Arc<SerialCounters>);
+
+impl SerialEvents for CountingEvents {
+    fn buffer_read(&self) {
+        self.0.rx_reads.fetch_add(1, Ordering::Relaxed);
+    }
+    fn out_byte(&self) {
+        self.0.tx_bytes.fetch_add(1, Ordering::Relaxed);
+    }
+    fn tx_lost_byte(&self) {
+        self.0.tx_lost.fetch_add(1, Ordering::Relaxed);
+    }
+    fn in_buffer_empty(&self) {}
+}
+
+/// Where the guest's serial output goes.
+pub type SerialSink = Box<dyn Write + Send>;
+
+/// The UART device.
+pub struct SerialDevice {
+    uart: Serial<IrqTrigger, CountingEvents, SerialSink>,
+    counters: Arc<SerialCounters>,
+    warned_output: bool,
+}
+
+impl SerialDevice {
+    /// A UART that writes to `sink` and raises its interrupt through `irq`.
+    pub fn new(irq: IrqTrigger, sink: SerialSink) -> Self {
+        let events = CountingEvents::default();
+        let counters = events.0.clone();
+        Self { uart: Serial::with_events(irq, events, sink), counters, warned_output: false }
+    }
+
+    /// The port's counters.
+    pub fn counters(&self) -> Arc<SerialCounters> {
+        self.counters.clone()
+    }
+
+    /// Free space in the receive FIFO.
+    pub fn input_capacity(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+
+    /// Queues host input for the guest; returns how many bytes were taken (the FIFO
+    /// may be full, in which case the caller retries later).
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        match self.uart.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(SerialError::FullFifo) => 0,
+            Err(e) => {
+                warn!(error = ?e, "failed to raise the serial receive interrupt");
+                0
+            }
+        }
+    }
+
+    /// Flushes buffered output to the sink.
+    pub fn flush(&mut self) {
+        let _ = self.uart.writer_mut().flush();
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = match (u8::try_from(offset), data.len()) {
+            (Ok(off), 1) => self.uart.read(off),
+            _ => 0xff,
+        };
+        data.fill(value);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (Ok(off), [value]) = (u8::try_from(offset), data) else {
+            return;
+        };
+        if let Err(e) = self.uart.write(off, *value) {
+            // The guest keeps running; the byte is counted as lost. Warn once, not per byte.
+            if !self.warned_output {
+                warn!(error = ?e, "serial output failed; further failures are only counted");
+                self.warned_output = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn transmits_to_sink_and_receives_input_with_interrupt() {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let out = Shared::default();
+        let mut dev = SerialDevice::new(
+            IrqTrigger::new(evt.try_clone().unwrap()),
+            Box::new(out.clone()),
+        );
+        for b in b"hi\n" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
+        assert_eq!(dev.counters().tx_bytes.load(Ordering::Relaxed), 3);
+
+        // Enable the received-data interrupt, queue input, see the IRQ and read it back.
+        dev.write(1, &[0x01]);
+        assert_eq!(dev.enqueue_input(b"ok"), 2);
+        assert!(evt.read().unwrap() >= 1);
+        let mut lsr = [0u8];
+        dev.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1, "data ready");
+        let mut byte = [0u8];
+        dev.read(0, &mut byte);
+        assert_eq!(byte, [b'o']);
+
+        // Wide accesses are ignored, not misinterpreted.
+        let mut wide = [0u8; 2];
+        dev.read(0, &mut wide);
+        assert_eq!(wide, [0xff, 0xff]);
+    }
+}
