@@ -1,0 +1,43 @@
+//! ACPI tables that describe the VM to the guest: RSDP, XSDT, FADT, DSDT and MADT.
+//!
+//! The platform is "hardware-reduced" ACPI (ACPI 6, as on Cloud Hypervisor and
+//! Firecracker): no PM1 blocks, no SCI; poweroff goes through the sleep control
+//! register and reboot through the reset register, both one I/O port served by
+//! [`quantix_devices::power::AcpiPowerDevice`]. The MADT lists one local APIC per
+//! vCPU so that an unmodified kernel brings every vCPU online.
+
+mod aml;
+mod tables;
+
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::layout::{ACPI_END, ACPI_START};
+pub use tables::{build, AcpiConfig};
+
+/// Errors while writing the tables.
+#[derive(Debug, Error)]
+pub enum AcpiError {
+    /// The tables do not fit in the ACPI area.
+    #[error("ACPI tables are {size} bytes; only {room} fit in the ACPI area")]
+    TooLarge {
+        /// Their size.
+        size: usize,
+        /// The room available.
+        room: u64,
+    },
+    /// Guest memory refused the write.
+    #[error("cannot write ACPI tables into guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// Writes the tables at [`ACPI_START`] and returns the RSDP's address.
+pub fn write(mem: &GuestMemoryMmap, config: &AcpiConfig) -> Result<GuestAddress, AcpiError> {
+    let blob = build(config, ACPI_START.0);
+    let room = ACPI_END - ACPI_START.0;
+    if blob.len() as u64 > room {
+        return Err(AcpiError::TooLarge { size: blob.len(), room });
+    }
+    mem.write_slice(&blob, ACPI_START)?;
+    Ok(ACPI_START)
+}

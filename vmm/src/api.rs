@@ -1,0 +1,308 @@
+//! The control socket: a Unix stream socket speaking JSON, one request and one
+//! response per line. See `docs/vmm.md` for the protocol.
+
+use std::collections::HashMap;
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use crate::exit::{ExitReason, ExitSignal};
+
+/// Longest request line accepted.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Most simultaneous client connections.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Errors setting up the socket.
+#[derive(Debug, Error)]
+pub enum ApiError {
+    /// Another process is serving this socket.
+    #[error("control socket {0} is in use by another process")]
+    InUse(PathBuf),
+    /// The path exists and is not a socket.
+    #[error("control socket path {0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// Binding failed.
+    #[error("cannot create control socket {path}: {source}")]
+    Bind {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A request on the control socket.
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Report the VM's state.
+    State {},
+    /// Stop the VM in order: vCPUs stop, the process exits with status 0.
+    Shutdown {},
+}
+
+/// What the VM reports about itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmInfo {
+    /// vCPU count.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// What it boots: "elf-pvh", "elf", "bzimage" or "firmware".
+    pub boot: &'static str,
+    /// The VMM's process id.
+    pub pid: u32,
+    /// The VMM's version.
+    pub version: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct StateResponse<'a> {
+    ok: bool,
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop_reason: Option<&'static str>,
+    uptime_ms: u128,
+    #[serde(flatten)]
+    info: &'a VmInfo,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorResponse {
+    ok: bool,
+    error: String,
+}
+
+/// Computes the response line for one request line.
+pub fn respond(line: &[u8], info: &VmInfo, started: Instant, exit: &ExitSignal) -> String {
+    let request: Result<Request, _> = serde_json::from_slice(line);
+    let reply = match request {
+        Ok(Request::State {}) => {
+            let reason = exit.reason();
+            serde_json::to_string(&StateResponse {
+                ok: true,
+                state: if reason.is_some() { "stopping" } else { "running" },
+                stop_reason: reason.as_ref().map(ExitReason::name),
+                uptime_ms: started.elapsed().as_millis(),
+                info,
+            })
+        }
+        Ok(Request::Shutdown {}) => {
+            info!("shutdown requested on the control socket");
+            exit.request(ExitReason::ApiShutdown);
+            Ok(r#"{"ok":true,"state":"stopping"}"#.to_string())
+        }
+        Err(e) => serde_json::to_string(&ErrorResponse {
+            ok: false,
+            error: format!("invalid request: {e}"),
+        }),
+    };
+    reply.unwrap_or_else(|e| format!(r#"{{"ok":false,"error":"internal: {e}"}}"#))
+}
+
+fn bind(path: &Path) -> Result<UnixListener, ApiError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ApiError::InUse(path.to_path_buf()));
+            }
+            // A stale socket left by a process that died.
+            std::fs::remove_file(path)
+                .map_err(|source| ApiError::Bind { path: path.to_path_buf(), source })?;
+        }
+        Ok(_) => return Err(ApiError::NotASocket(path.to_path_buf())),
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|source| ApiError::Bind { path: path.to_path_buf(), source })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| ApiError::Bind { path: path.to_path_buf(), source })?;
+    Ok(listener)
+}
+
+struct Conn {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+/// The control socket server, driven by the VMM's event loop.
+pub struct ApiServer {
+    path: PathBuf,
+    listener: UnixListener,
+    conns: HashMap<i32, Conn>,
+    info: VmInfo,
+    started: Instant,
+    exit: Arc<ExitSignal>,
+}
+
+impl ApiServer {
+    /// Binds the socket at `path`.
+    pub fn bind(path: &Path, info: VmInfo, exit: Arc<ExitSignal>) -> Result<Self, ApiError> {
+        let listener = bind(path)?;
+        info!(path = %path.display(), "control socket listening");
+        Ok(Self { path: path.to_path_buf(), listener, conns: HashMap::new(), info, started: Instant::now(), exit })
+    }
+
+    fn accept(&mut self, ops: &mut EventOps) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.conns.len() >= MAX_CONNECTIONS {
+                        warn!("control socket: too many connections; refusing one");
+                        continue;
+                    }
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let fd = stream.as_raw_fd();
+                    if let Err(e) = ops.add(Events::new(&stream, EventSet::IN)) {
+                        warn!(error = ?e, "control socket: cannot watch a connection");
+                        continue;
+                    }
+                    debug!(fd, "control socket: client connected");
+                    self.conns.insert(fd, Conn { stream, buf: Vec::new() });
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    warn!(error = %e, "control socket: accept failed");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Reads what the client sent and answers complete lines; false to close it.
+    fn serve(&mut self, fd: i32) -> bool {
+        let Some(conn) = self.conns.get_mut(&fd) else { return false };
+        let mut chunk = [0u8; 4096];
+        loop {
+            match conn.stream.read(&mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => conn.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+            if conn.buf.len() > MAX_REQUEST_BYTES {
+                break;
+            }
+        }
+        while let Some(pos) = conn.buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = conn.buf.drain(..=pos).collect();
+            let line = line.trim_ascii();
+            if line.is_empty() {
+                continue;
+            }
+            let mut reply = respond(line, &self.info, self.started, &self.exit);
+            reply.push('\n');
+            // Replies are small; a client that does not read them is dropped.
+            conn.stream.set_nonblocking(false).ok();
+            conn.stream.set_write_timeout(Some(std::time::Duration::from_secs(1))).ok();
+            let ok = conn.stream.write_all(reply.as_bytes()).is_ok();
+            conn.stream.set_nonblocking(true).ok();
+            if !ok {
+                return false;
+            }
+        }
+        if conn.buf.len() > MAX_REQUEST_BYTES {
+            let msg = format!("{{\"ok\":false,\"error\":\"request longer than {MAX_REQUEST_BYTES} bytes\"}}\n");
+            let _ = conn.stream.write_all(msg.as_bytes());
+            return false;
+        }
+        true
+    }
+}
+
+impl MutEventSubscriber for ApiServer {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.listener.as_raw_fd() {
+            self.accept(ops);
+            return;
+        }
+        let keep = !events.event_set().intersects(EventSet::ERROR) && self.serve(fd);
+        if !keep {
+            if let Some(conn) = self.conns.remove(&fd) {
+                let _ = ops.remove(Events::empty(&conn.stream));
+                debug!(fd, "control socket: client disconnected");
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+            warn!(error = ?e, "control socket: cannot watch the listener");
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> VmInfo {
+        VmInfo { vcpus: 2, memory_mib: 256, boot: "bzimage", pid: 1, version: "test" }
+    }
+
+    #[test]
+    fn state_then_shutdown() {
+        let exit = ExitSignal::new().unwrap();
+        let started = Instant::now();
+        let v: serde_json::Value = serde_json::from_str(&respond(br#"{"op":"state"}"#, &info(), started, &exit)).unwrap();
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["state"], "running");
+        assert_eq!(v["vcpus"], 2);
+        assert_eq!(v["memory_mib"], 256);
+        let v: serde_json::Value = serde_json::from_str(&respond(br#"{"op":"shutdown"}"#, &info(), started, &exit)).unwrap();
+        assert_eq!(v["ok"], true);
+        assert_eq!(exit.reason(), Some(ExitReason::ApiShutdown));
+        let v: serde_json::Value = serde_json::from_str(&respond(br#"{"op":"state"}"#, &info(), started, &exit)).unwrap();
+        assert_eq!(v["state"], "stopping");
+        assert_eq!(v["stop_reason"], "api-shutdown");
+    }
+
+    #[test]
+    fn malformed_requests_get_errors() {
+        let exit = ExitSignal::new().unwrap();
+        for bad in [&b"{"[..], br#"{"op":"launch-missiles"}"#, br#"{"op":"state","x":1}"#, b"\xff\xfe", b"[]"] {
+            let v: serde_json::Value = serde_json::from_str(&respond(bad, &info(), Instant::now(), &exit)).unwrap();
+            assert_eq!(v["ok"], false, "{bad:?}");
+            assert!(v["error"].as_str().unwrap().starts_with("invalid request"));
+        }
+        assert_eq!(exit.reason(), None);
+    }
+
+    #[test]
+    fn refuses_to_replace_a_file_or_a_live_socket() {
+        let dir = std::env::temp_dir().join(format!("qx-api-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("plain");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(bind(&file), Err(ApiError::NotASocket(_))));
+        let sock = dir.join("sock");
+        let live = bind(&sock).unwrap();
+        assert!(matches!(bind(&sock), Err(ApiError::InUse(_))));
+        drop(live);
+        // Now stale: replaced.
+        let _again = bind(&sock).unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

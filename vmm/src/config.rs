@@ -1,0 +1,249 @@
+//! The VM's configuration, and the parsing and validation of its values.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use thiserror::Error;
+
+/// Fewest vCPUs a VM can have.
+pub const MIN_VCPUS: u8 = 1;
+/// Most vCPUs a VM can have: xAPIC IDs are 8 bits and 0xff is the broadcast ID;
+/// the I/O APIC takes the ID after the last vCPU.
+pub const MAX_VCPUS: u8 = 254;
+/// Least guest memory: room for the boot structures and a small kernel.
+pub const MIN_MEMORY_MIB: u64 = 16;
+/// Default guest memory.
+pub const DEFAULT_MEMORY_MIB: u64 = 512;
+/// The command line used when none is given: console on the first serial port,
+/// reboot through the ACPI reset register (then the keyboard controller), no PCI probing delays.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=a,k panic=1";
+
+/// Invalid configuration values.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A memory size that does not parse.
+    #[error("invalid memory size {0:?}: expected a number of MiB, or a number followed by M or G (e.g. 512M, 2G)")]
+    MemorySyntax(String),
+    /// Memory below the minimum.
+    #[error("memory size {mib} MiB is too small: a VM needs at least {MIN_MEMORY_MIB} MiB")]
+    MemoryTooSmall {
+        /// What was asked for.
+        mib: u64,
+    },
+    /// Memory above what the host has.
+    #[error("memory size {mib} MiB is larger than the host's {host_mib} MiB of RAM")]
+    MemoryTooLarge {
+        /// What was asked for.
+        mib: u64,
+        /// What the host has.
+        host_mib: u64,
+    },
+    /// A vCPU count out of range.
+    #[error("invalid vCPU count {0}: must be between {MIN_VCPUS} and {MAX_VCPUS}")]
+    Vcpus(u64),
+    /// A serial specification that does not parse.
+    #[error("invalid serial setting {0:?}: expected stdout, file=PATH or off")]
+    Serial(String),
+    /// A command line that is too long.
+    #[error("kernel command line is {len} bytes; the limit is {max}")]
+    CmdlineTooLong {
+        /// Its length, with the terminating NUL.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// A guest memory size in MiB, parsed from `512`, `512M`, `2G`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemorySize(pub u64);
+
+impl MemorySize {
+    /// The size in bytes.
+    pub fn bytes(self) -> u64 {
+        self.0 << 20
+    }
+}
+
+impl FromStr for MemorySize {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let err = || ConfigError::MemorySyntax(s.to_string());
+        let t = s.trim();
+        let (digits, shift) = match t.char_indices().last() {
+            Some((i, 'M' | 'm')) => (&t[..i], 0),
+            Some((i, 'G' | 'g')) => (&t[..i], 10),
+            Some(_) => (t, 0),
+            None => return Err(err()),
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(err());
+        }
+        let n: u64 = digits.parse().map_err(|_| err())?;
+        n.checked_mul(1 << shift)
+            .filter(|mib| *mib <= (1 << 40)) // bytes stay representable
+            .map(MemorySize)
+            .ok_or_else(err)
+    }
+}
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialMode {
+    /// The VMM's standard output (and input from standard input).
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Not connected: output is discarded.
+    Off,
+}
+
+impl FromStr for SerialMode {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "stdout" => Ok(SerialMode::Stdout),
+            "off" => Ok(SerialMode::Off),
+            _ => match s.strip_prefix("file=") {
+                Some(p) if !p.is_empty() => Ok(SerialMode::File(PathBuf::from(p))),
+                _ => Err(ConfigError::Serial(s.to_string())),
+            },
+        }
+    }
+}
+
+/// What the VM boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootSource {
+    /// A Linux kernel (ELF vmlinux or bzImage), optional initramfs and command line.
+    Kernel {
+        /// The kernel image.
+        kernel: PathBuf,
+        /// The initial RAM filesystem.
+        initramfs: Option<PathBuf>,
+        /// The kernel command line.
+        cmdline: String,
+    },
+    /// A raw firmware image, mapped to end at 4 GiB and started at the reset vector.
+    Firmware(PathBuf),
+}
+
+/// Everything needed to build and run one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// What to boot.
+    pub boot: BootSource,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// Guest memory.
+    pub memory: MemorySize,
+    /// The serial console.
+    pub serial: SerialMode,
+    /// The control socket, if any.
+    pub api_socket: Option<PathBuf>,
+}
+
+impl VmConfig {
+    /// Checks the values that do not need the host or the files.
+    pub fn validate(&self, host_memory_mib: Option<u64>) -> Result<(), ConfigError> {
+        validate_vcpus(u64::from(self.vcpus))?;
+        if self.memory.0 < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall { mib: self.memory.0 });
+        }
+        if let Some(host_mib) = host_memory_mib {
+            if self.memory.0 > host_mib {
+                return Err(ConfigError::MemoryTooLarge { mib: self.memory.0, host_mib });
+            }
+        }
+        if let BootSource::Kernel { cmdline, .. } = &self.boot {
+            if cmdline.len() + 1 > crate::layout::CMDLINE_MAX_SIZE {
+                return Err(ConfigError::CmdlineTooLong {
+                    len: cmdline.len() + 1,
+                    max: crate::layout::CMDLINE_MAX_SIZE,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a vCPU count and narrows it.
+pub fn validate_vcpus(n: u64) -> Result<u8, ConfigError> {
+    u8::try_from(n)
+        .ok()
+        .filter(|n| (MIN_VCPUS..=MAX_VCPUS).contains(n))
+        .ok_or(ConfigError::Vcpus(n))
+}
+
+/// The host's total RAM in MiB, from /proc/meminfo.
+pub fn host_memory_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!("512".parse(), Ok(MemorySize(512)));
+        assert_eq!("512M".parse(), Ok(MemorySize(512)));
+        assert_eq!("2G".parse(), Ok(MemorySize(2048)));
+        assert_eq!("2g".parse(), Ok(MemorySize(2048)));
+        assert_eq!(MemorySize(3).bytes(), 3 << 20);
+        for bad in ["", "M", "G", "-1", "1.5G", "12K", "1T", "0x10", " ", "99999999999999999999"] {
+            assert!(bad.parse::<MemorySize>().is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn serial_modes() {
+        assert_eq!("stdout".parse(), Ok(SerialMode::Stdout));
+        assert_eq!("off".parse(), Ok(SerialMode::Off));
+        assert_eq!("file=/tmp/x".parse(), Ok(SerialMode::File("/tmp/x".into())));
+        assert!("file=".parse::<SerialMode>().is_err());
+        assert!("tty".parse::<SerialMode>().is_err());
+    }
+
+    fn config() -> VmConfig {
+        VmConfig {
+            boot: BootSource::Kernel {
+                kernel: "/k".into(),
+                initramfs: None,
+                cmdline: DEFAULT_CMDLINE.into(),
+            },
+            vcpus: 1,
+            memory: MemorySize(DEFAULT_MEMORY_MIB),
+            serial: SerialMode::Stdout,
+            api_socket: None,
+        }
+    }
+
+    #[test]
+    fn validation() {
+        assert_eq!(config().validate(Some(4096)), Ok(()));
+        let mut c = config();
+        c.memory = MemorySize(8);
+        assert_eq!(c.validate(None), Err(ConfigError::MemoryTooSmall { mib: 8 }));
+        c.memory = MemorySize(8192);
+        assert_eq!(
+            c.validate(Some(4096)),
+            Err(ConfigError::MemoryTooLarge { mib: 8192, host_mib: 4096 })
+        );
+        let mut c = config();
+        c.vcpus = 0;
+        assert_eq!(c.validate(None), Err(ConfigError::Vcpus(0)));
+        c.vcpus = 255;
+        assert_eq!(c.validate(None), Err(ConfigError::Vcpus(255)));
+        let mut c = config();
+        c.boot = BootSource::Kernel { kernel: "/k".into(), initramfs: None, cmdline: "x".repeat(2048) };
+        assert!(matches!(c.validate(None), Err(ConfigError::CmdlineTooLong { .. })));
+        assert_eq!(validate_vcpus(1000), Err(ConfigError::Vcpus(1000)));
+        assert_eq!(validate_vcpus(16), Ok(16));
+    }
+}

@@ -1,0 +1,276 @@
+//! A vCPU thread: `KVM_RUN` in a loop, dispatching I/O exits to the device buses.
+//!
+//! Stopping: the VMM sets the shared stop flag and sends [`kick_signal`] to the thread.
+//! The handler sets `immediate_exit` in the thread's `kvm_run`, so a vCPU that was about
+//! to enter the guest returns at once with `EINTR`, and one inside the guest is forced out.
+
+use std::cell::Cell;
+use std::collections::HashSet;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::{
+    kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use quantix_devices::Bus;
+use tracing::{debug, error, warn};
+
+use crate::exit::{ExitReason, ExitSignal};
+
+thread_local! {
+    /// The running vCPU's `kvm_run` page, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KVM_RUN.with(|run| {
+        let ptr = run.get();
+        if !ptr.is_null() {
+            // SAFETY: the pointer is this thread's mapped kvm_run page, set by the vCPU loop
+            // before its first KVM_RUN and cleared before the VcpuFd (and its mapping) is
+            // dropped. A volatile byte store is async-signal-safe.
+            unsafe { std::ptr::addr_of_mut!((*ptr).immediate_exit).write_volatile(1) };
+        }
+    });
+}
+
+/// Installs the process-wide handler of the kick signal (idempotent).
+pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
+}
+
+/// Exit counters of one vCPU.
+#[derive(Debug, Default)]
+pub struct VcpuCounters {
+    /// All exits to user space.
+    pub exits: AtomicU64,
+    /// Port I/O exits.
+    pub io: AtomicU64,
+    /// MMIO exits.
+    pub mmio: AtomicU64,
+    /// Accesses to addresses no device claims.
+    pub unclaimed: AtomicU64,
+}
+
+/// A configured vCPU, ready to run on its own thread.
+pub struct Vcpu {
+    /// Index and APIC ID.
+    pub index: u8,
+    fd: VcpuFd,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<ExitSignal>,
+    stop: Arc<AtomicBool>,
+    counters: Arc<VcpuCounters>,
+    seen_unclaimed: HashSet<(bool, u64)>,
+}
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    /// Index and APIC ID.
+    pub index: u8,
+    thread: JoinHandle<()>,
+    /// Its exit counters.
+    pub counters: Arc<VcpuCounters>,
+}
+
+impl VcpuHandle {
+    /// Sends the kick signal to the thread.
+    pub fn kick(&self) {
+        let tid = self.thread.as_pthread_t();
+        // SAFETY: the pthread_t comes from a JoinHandle that has not been joined, so the
+        // thread (possibly finished but not reaped) is valid to signal.
+        let rc = unsafe { libc::pthread_kill(tid, kick_signal()) };
+        if rc != 0 && rc != libc::ESRCH {
+            warn!(vcpu = self.index, rc, "failed to kick vCPU thread");
+        }
+    }
+
+    /// Waits for the thread to end.
+    pub fn join(self) {
+        if self.thread.join().is_err() {
+            error!(vcpu = self.index, "vCPU thread panicked");
+        }
+    }
+}
+
+enum Outcome {
+    Continue,
+    Stop(ExitReason),
+    /// Stop with a register dump.
+    Fatal(ExitReason),
+}
+
+impl Vcpu {
+    /// A vCPU around a configured KVM vCPU fd.
+    pub fn new(
+        index: u8,
+        fd: VcpuFd,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: Arc<ExitSignal>,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            index,
+            fd,
+            pio,
+            mmio,
+            exit,
+            stop,
+            counters: Arc::default(),
+            seen_unclaimed: HashSet::new(),
+        }
+    }
+
+    /// Starts the vCPU thread.
+    pub fn spawn(self) -> std::io::Result<VcpuHandle> {
+        let index = self.index;
+        let counters = self.counters.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.run())?;
+        Ok(VcpuHandle { index, thread, counters })
+    }
+
+    fn run(mut self) {
+        // Unblock the kick signal in this thread (the main thread blocks only SIGTERM/SIGINT).
+        KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
+        debug!(vcpu = self.index, "vCPU thread running");
+        while !self.stop.load(Ordering::Acquire) {
+            let outcome = self.run_once();
+            match outcome {
+                Outcome::Continue => {}
+                Outcome::Stop(reason) => {
+                    self.exit.request(reason);
+                    break;
+                }
+                Outcome::Fatal(reason) => {
+                    self.dump_registers(&reason);
+                    self.exit.request(reason);
+                    break;
+                }
+            }
+        }
+        KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+        debug!(vcpu = self.index, "vCPU thread stopped");
+    }
+
+    fn run_once(&mut self) -> Outcome {
+        let index = self.index;
+        let result = self.fd.run();
+        self.counters.exits.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                self.counters.io.fetch_add(1, Ordering::Relaxed);
+                if !self.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                    note_unclaimed(&self.counters, &mut self.seen_unclaimed, index, false, port.into(), "in");
+                }
+                Outcome::Continue
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                self.counters.io.fetch_add(1, Ordering::Relaxed);
+                if !self.pio.write(u64::from(port), data) {
+                    note_unclaimed(&self.counters, &mut self.seen_unclaimed, index, false, port.into(), "out");
+                }
+                Outcome::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.counters.mmio.fetch_add(1, Ordering::Relaxed);
+                if !self.mmio.read(addr, data) {
+                    data.fill(0xff);
+                    note_unclaimed(&self.counters, &mut self.seen_unclaimed, index, true, addr, "read");
+                }
+                Outcome::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.counters.mmio.fetch_add(1, Ordering::Relaxed);
+                if !self.mmio.write(addr, data) {
+                    note_unclaimed(&self.counters, &mut self.seen_unclaimed, index, true, addr, "write");
+                }
+                Outcome::Continue
+            }
+            Ok(VcpuExit::SystemEvent(kind, data)) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => Outcome::Stop(ExitReason::PowerOff),
+                KVM_SYSTEM_EVENT_RESET => Outcome::Stop(ExitReason::Reset),
+                KVM_SYSTEM_EVENT_CRASH => Outcome::Fatal(ExitReason::GuestCrash),
+                other => Outcome::Fatal(ExitReason::Unhandled {
+                    vcpu: index,
+                    exit: format!("system event {other} {data:x?}"),
+                }),
+            },
+            Ok(VcpuExit::Shutdown) => Outcome::Fatal(ExitReason::TripleFault { vcpu: index }),
+            Ok(VcpuExit::InternalError) => {
+                let internal = self.fd.get_kvm_run();
+                // SAFETY: for KVM_EXIT_INTERNAL_ERROR the union holds `internal`.
+                let (suberror, ndata) = unsafe { (internal.__bindgen_anon_1.internal.suberror, internal.__bindgen_anon_1.internal.ndata) };
+                Outcome::Fatal(ExitReason::KvmError {
+                    vcpu: index,
+                    detail: format!("KVM internal error, suberror {suberror} ({}), {ndata} data words", suberror_name(suberror)),
+                })
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Outcome::Fatal(ExitReason::KvmError {
+                vcpu: index,
+                detail: format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"),
+            }),
+            Ok(VcpuExit::Intr) => Outcome::Continue,
+            Ok(other) => Outcome::Fatal(ExitReason::Unhandled { vcpu: index, exit: format!("{other:?}") }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                Outcome::Continue
+            }
+            Err(e) => Outcome::Fatal(ExitReason::KvmError {
+                vcpu: index,
+                detail: format!("KVM_RUN failed: {e}"),
+            }),
+        }
+    }
+
+    fn dump_registers(&self, reason: &ExitReason) {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => error!(
+                vcpu = self.index,
+                reason = reason.name(),
+                "vCPU stopped: {reason:?}\n  rip={:#018x} rsp={:#018x} rflags={:#x}\n  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n  rsi={:#018x} rdi={:#018x} rbp={:#018x}\n  r8={:#018x} r9={:#018x} r10={:#018x} r11={:#018x}\n  r12={:#018x} r13={:#018x} r14={:#018x} r15={:#018x}\n  cs={:#06x} (base {:#x}, l={} db={}) ss={:#06x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp,
+                r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15,
+                s.cs.selector, s.cs.base, s.cs.l, s.cs.db, s.ss.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            ),
+            (r, s) => error!(vcpu = self.index, ?reason, regs_error = ?r.err(), sregs_error = ?s.err(), "vCPU stopped; registers unavailable"),
+        }
+    }
+}
+
+fn note_unclaimed(
+    counters: &VcpuCounters,
+    seen: &mut HashSet<(bool, u64)>,
+    vcpu: u8,
+    mmio: bool,
+    addr: u64,
+    op: &str,
+) {
+    counters.unclaimed.fetch_add(1, Ordering::Relaxed);
+    // Guests probe absent hardware; log each address once, and cap the memory this takes.
+    if seen.len() < 4096 && seen.insert((mmio, addr)) {
+        debug!(vcpu, addr = format_args!("{addr:#x}"), op, space = if mmio { "mmio" } else { "pio" }, "access to unclaimed address");
+    }
+}
+
+fn suberror_name(code: u32) -> &'static str {
+    match code {
+        1 => "emulation failure",
+        2 => "simultaneous exception",
+        3 => "delivery event",
+        4 => "unexpected exit reason",
+        _ => "unknown",
+    }
+}

@@ -1,0 +1,169 @@
+//! Why a VM stopped, and the process exit status that says so.
+
+use std::sync::Mutex;
+
+use quantix_devices::{PowerAction, PowerControl};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Exit status: the guest powered off or rebooted, or a stop was requested through the API.
+pub const EXIT_OK: i32 = 0;
+/// Exit status: the VM could not be set up (bad input, KVM unavailable, ...).
+pub const EXIT_SETUP_ERROR: i32 = 1;
+/// Exit status: the command line could not be parsed.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit status: a vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
+pub const EXIT_TRIPLE_FAULT: i32 = 3;
+/// Exit status: KVM reported an internal error or a failed VM entry.
+pub const EXIT_KVM_ERROR: i32 = 4;
+/// Exit status: a vCPU exited for a reason the VMM does not handle.
+pub const EXIT_UNHANDLED: i32 = 5;
+/// Exit status: the guest reported a crash (KVM system event).
+pub const EXIT_GUEST_CRASH: i32 = 6;
+/// Exit status: the VMM failed while the VM ran.
+pub const EXIT_VMM_ERROR: i32 = 7;
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest rebooted; the process ends and its supervisor decides on a restart.
+    Reset,
+    /// A stop was requested on the control socket.
+    ApiShutdown,
+    /// SIGTERM or SIGINT.
+    Signal(i32),
+    /// vCPU `vcpu` triple-faulted.
+    TripleFault {
+        /// The vCPU.
+        vcpu: u8,
+    },
+    /// KVM failed to run vCPU `vcpu`.
+    KvmError {
+        /// The vCPU.
+        vcpu: u8,
+        /// What KVM said.
+        detail: String,
+    },
+    /// vCPU `vcpu` exited for an unhandled reason.
+    Unhandled {
+        /// The vCPU.
+        vcpu: u8,
+        /// The exit.
+        exit: String,
+    },
+    /// The guest reported a crash.
+    GuestCrash,
+    /// The VMM itself failed.
+    VmmError(String),
+}
+
+impl ExitReason {
+    /// The process exit status for this reason.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::PowerOff | ExitReason::Reset | ExitReason::ApiShutdown => EXIT_OK,
+            ExitReason::Signal(sig) => 128 + sig,
+            ExitReason::TripleFault { .. } => EXIT_TRIPLE_FAULT,
+            ExitReason::KvmError { .. } => EXIT_KVM_ERROR,
+            ExitReason::Unhandled { .. } => EXIT_UNHANDLED,
+            ExitReason::GuestCrash => EXIT_GUEST_CRASH,
+            ExitReason::VmmError(_) => EXIT_VMM_ERROR,
+        }
+    }
+
+    /// A short machine-readable name (used in logs and on the control socket).
+    pub fn name(&self) -> &'static str {
+        match self {
+            ExitReason::PowerOff => "poweroff",
+            ExitReason::Reset => "reboot",
+            ExitReason::ApiShutdown => "api-shutdown",
+            ExitReason::Signal(_) => "signal",
+            ExitReason::TripleFault { .. } => "triple-fault",
+            ExitReason::KvmError { .. } => "kvm-error",
+            ExitReason::Unhandled { .. } => "unhandled-exit",
+            ExitReason::GuestCrash => "guest-crash",
+            ExitReason::VmmError(_) => "vmm-error",
+        }
+    }
+}
+
+/// The one place where every part of the VMM asks the VM to stop. The first reason wins;
+/// the eventfd wakes the main loop.
+pub struct ExitSignal {
+    evt: EventFd,
+    reason: Mutex<Option<ExitReason>>,
+}
+
+impl ExitSignal {
+    /// A signal with no reason yet.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self { evt: EventFd::new(EFD_NONBLOCK)?, reason: Mutex::new(None) })
+    }
+
+    /// Asks the VM to stop for `reason` (ignored if a reason was already given).
+    pub fn request(&self, reason: ExitReason) {
+        let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            tracing::info!(reason = reason.name(), detail = ?reason, "VM stop requested");
+            *slot = Some(reason);
+        }
+        drop(slot);
+        // A full eventfd counter already wakes the loop; nothing more to do on error.
+        let _ = self.evt.write(1);
+    }
+
+    /// The reason given, if any.
+    pub fn reason(&self) -> Option<ExitReason> {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The eventfd that becomes readable on a request.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+impl PowerControl for ExitSignal {
+    fn request(&self, action: PowerAction) {
+        ExitSignal::request(
+            self,
+            match action {
+                PowerAction::PowerOff => ExitReason::PowerOff,
+                PowerAction::Reset => ExitReason::Reset,
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reason_wins_and_codes_are_distinct() {
+        let s = ExitSignal::new().unwrap();
+        assert_eq!(s.reason(), None);
+        PowerControl::request(&s, PowerAction::PowerOff);
+        s.request(ExitReason::TripleFault { vcpu: 0 });
+        assert_eq!(s.reason(), Some(ExitReason::PowerOff));
+        assert!(s.eventfd().read().unwrap() >= 1);
+
+        let codes = [
+            ExitReason::TripleFault { vcpu: 0 }.exit_code(),
+            ExitReason::KvmError { vcpu: 0, detail: String::new() }.exit_code(),
+            ExitReason::Unhandled { vcpu: 0, exit: String::new() }.exit_code(),
+            ExitReason::GuestCrash.exit_code(),
+            ExitReason::VmmError(String::new()).exit_code(),
+            EXIT_SETUP_ERROR,
+            EXIT_USAGE,
+            EXIT_OK,
+        ];
+        let mut sorted = codes.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), codes.len());
+        assert_eq!(ExitReason::Signal(15).exit_code(), 143);
+        assert_eq!(ExitReason::Reset.exit_code(), 0);
+    }
+}

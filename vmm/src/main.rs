@@ -1,0 +1,113 @@
+//! The `quantix-vmm` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use quantix_vmm::config::{
+    host_memory_mib, validate_vcpus, BootSource, MemorySize, SerialMode, VmConfig,
+    DEFAULT_CMDLINE,
+};
+use quantix_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
+use tracing_subscriber::EnvFilter;
+
+/// Run one virtual machine on KVM.
+///
+/// Exit status: 0 when the guest powers off or reboots, or on a shutdown request on the
+/// control socket; 1 when the VM cannot be set up; 2 on a usage error; 3 on a triple fault;
+/// 4 on a KVM error; 5 on an unhandled vCPU exit; 6 when the guest reports a crash;
+/// 7 on an internal VMM error; 128+N when stopped by signal N (SIGTERM, SIGINT).
+#[derive(Debug, Parser)]
+#[command(name = "quantix-vmm", version, about, long_about = None)]
+struct Cli {
+    /// Linux kernel to boot: an ELF vmlinux (PVH entry used when present) or a bzImage.
+    #[arg(long, value_name = "PATH", required_unless_present = "firmware", conflicts_with = "firmware")]
+    kernel: Option<PathBuf>,
+    /// Initial RAM filesystem (cpio, optionally compressed) for the kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE, requires = "kernel")]
+    cmdline: String,
+    /// Raw firmware image, mapped to end at 4 GiB and started at the reset vector.
+    #[arg(long, value_name = "PATH")]
+    firmware: Option<PathBuf>,
+    /// Number of vCPUs (1-254).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_vcpus)]
+    cpus: u8,
+    /// Guest memory: a number of MiB, or with a unit: 512M, 2G.
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    memory: MemorySize,
+    /// Serial console (COM1): stdout, file=PATH or off.
+    #[arg(long, value_name = "MODE", default_value = "stdout")]
+    serial: SerialMode,
+    /// Control socket path (JSON lines; see docs/vmm.md).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Log level of the VMM's own logs on stderr: error, warn, info, debug, trace
+    /// (or a tracing filter such as `quantix_vmm=debug`).
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    log_level: String,
+    /// Log format on stderr.
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn parse_vcpus(s: &str) -> Result<u8, String> {
+    let n: u64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    validate_vcpus(n).map_err(|e| e.to_string())
+}
+
+fn init_logging(level: &str, format: &str) -> Result<(), String> {
+    let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid --log-level {level:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE as u8 } else { 0 });
+        }
+    };
+    if let Err(e) = init_logging(&cli.log_level, &cli.log_format) {
+        eprintln!("quantix-vmm: {e}");
+        return ExitCode::from(EXIT_USAGE as u8);
+    }
+    let boot = match (cli.kernel, cli.firmware) {
+        (Some(kernel), None) => BootSource::Kernel { kernel, initramfs: cli.initramfs, cmdline: cli.cmdline },
+        (None, Some(fw)) => BootSource::Firmware(fw),
+        // clap enforces exactly one of the two.
+        _ => return ExitCode::from(EXIT_USAGE as u8),
+    };
+    let config = VmConfig {
+        boot,
+        vcpus: cli.cpus,
+        memory: cli.memory,
+        serial: cli.serial,
+        api_socket: cli.api_socket,
+    };
+    if let Err(e) = config.validate(host_memory_mib()) {
+        eprintln!("quantix-vmm: {e}");
+        return ExitCode::from(EXIT_SETUP_ERROR as u8);
+    }
+    match quantix_vmm::runner::run(&config) {
+        Ok(reason) => {
+            let code = reason.exit_code();
+            tracing::info!(reason = reason.name(), code, "VM stopped");
+            ExitCode::from(code as u8)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot run the VM");
+            eprintln!("quantix-vmm: {e}");
+            ExitCode::from(EXIT_SETUP_ERROR as u8)
+        }
+    }
+}

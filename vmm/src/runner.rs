@@ -1,0 +1,270 @@
+//! The VMM process's main loop: builds the VM, starts its vCPUs, then serves the
+//! exit signal, SIGTERM/SIGINT, console input and the control socket until the VM stops.
+
+use std::io;
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use quantix_devices::legacy::serial::SerialDevice;
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use crate::api::{ApiError, ApiServer, VmInfo};
+use crate::boot::KernelFormat;
+use crate::config::{BootSource, SerialMode, VmConfig};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::vm::{Vm, VmError};
+
+/// Errors that end the VMM before or while the VM runs.
+#[derive(Debug, Error)]
+pub enum RunError {
+    /// The VM could not be built or started.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The control socket could not be created.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// A host facility (signals, epoll) failed.
+    #[error("{what}: {source}")]
+    Host {
+        /// What failed.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Wakes the loop when the VM is asked to stop.
+struct ExitWatcher(Arc<ExitSignal>);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.0.eventfd().read();
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.eventfd(), EventSet::IN)) {
+            warn!(error = ?e, "cannot watch the exit eventfd");
+        }
+    }
+}
+
+/// SIGTERM and SIGINT, received through a signalfd, stop the VM in order.
+struct SignalWatcher {
+    fd: OwnedFd,
+    exit: Arc<ExitSignal>,
+}
+
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill a sigset_t we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+impl SignalWatcher {
+    /// Blocks SIGTERM and SIGINT in this thread (and the threads it spawns later) and
+    /// opens a signalfd for them.
+    fn new(exit: Arc<ExitSignal>) -> Result<Self, RunError> {
+        let set = stop_signals();
+        // SAFETY: `set` is a valid, initialised signal set; the old mask is not needed.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(RunError::Host { what: "blocking SIGTERM/SIGINT", source: io::Error::from_raw_os_error(rc) });
+        }
+        // SAFETY: `set` is valid; -1 asks for a new fd, which we own on success.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(RunError::Host { what: "creating a signalfd", source: io::Error::last_os_error() });
+        }
+        // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) }, exit })
+    }
+}
+
+impl MutEventSubscriber for SignalWatcher {
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        // SAFETY: signalfd_siginfo is plain data; all-zero is a valid value.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reading at most `size` bytes into `info`, which is `size` bytes long.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+        if n as usize == size {
+            let sig = info.ssi_signo as i32;
+            info!(signal = sig, "stop signal received; stopping the VM");
+            self.exit.request(ExitReason::Signal(sig));
+        }
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            warn!(error = ?e, "cannot watch the signalfd");
+        }
+    }
+}
+
+/// Host standard input to the guest's serial port.
+struct SerialInput {
+    serial: Arc<Mutex<SerialDevice>>,
+    pending: Vec<u8>,
+    watching: bool,
+    closed: bool,
+}
+
+const STDIN: RawFd = 0;
+
+impl SerialInput {
+    /// Moves pending input into the UART's FIFO as space allows.
+    fn drain(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let n = serial.enqueue_input(&self.pending);
+        self.pending.drain(..n);
+    }
+}
+
+impl MutEventSubscriber for SerialInput {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 256];
+        // SAFETY: reading into a local buffer of the given length from fd 0.
+        let n = unsafe { libc::read(STDIN, buf.as_mut_ptr().cast(), buf.len()) };
+        if n > 0 {
+            self.pending.extend_from_slice(&buf[..n as usize]);
+            self.drain();
+        }
+        let eof = n == 0 || events.event_set().intersects(EventSet::HANG_UP | EventSet::ERROR) && n <= 0;
+        // Stop reading while the guest has not taken what we have, and at end of input.
+        if eof || !self.pending.is_empty() {
+            let _ = ops.remove(Events::new_raw(STDIN, EventSet::IN));
+            self.watching = false;
+            if eof {
+                debug!("console input closed");
+                self.closed = true;
+            }
+        }
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        match ops.add(Events::new_raw(STDIN, EventSet::IN)) {
+            Ok(()) => self.watching = true,
+            // Regular files and /dev/null cannot be polled; there is no interactive input then.
+            Err(e) => debug!(error = ?e, "standard input is not pollable; no console input"),
+        }
+    }
+}
+
+/// Puts a terminal on standard input into non-canonical, no-echo mode for the guest's
+/// console, and restores it when dropped. Ctrl-C still sends SIGINT, which stops the VM.
+struct RawTerminal(Option<libc::termios>);
+
+impl RawTerminal {
+    fn new() -> Self {
+        // SAFETY: isatty only inspects fd 0.
+        if unsafe { libc::isatty(STDIN) } != 1 {
+            return Self(None);
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it for fd 0.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `saved` is a valid termios to write into.
+        if unsafe { libc::tcgetattr(STDIN, &mut saved) } != 0 {
+            return Self(None);
+        }
+        let mut raw = saved;
+        raw.c_lflag &= !(libc::ICANON | libc::ECHO | libc::ECHONL | libc::IEXTEN);
+        raw.c_iflag &= !(libc::ICRNL | libc::IXON);
+        raw.c_cc[libc::VMIN] = 1;
+        raw.c_cc[libc::VTIME] = 0;
+        // SAFETY: `raw` is a valid termios derived from the current one.
+        if unsafe { libc::tcsetattr(STDIN, libc::TCSANOW, &raw) } != 0 {
+            return Self(None);
+        }
+        Self(Some(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            // SAFETY: restoring the attributes read from the same fd.
+            unsafe { libc::tcsetattr(STDIN, libc::TCSANOW, saved) };
+        }
+    }
+}
+
+fn boot_name(config: &VmConfig, format: Option<KernelFormat>) -> &'static str {
+    match (&config.boot, format) {
+        (BootSource::Firmware(_), _) => "firmware",
+        (_, Some(KernelFormat::ElfPvh)) => "elf-pvh",
+        (_, Some(KernelFormat::Elf)) => "elf",
+        (_, Some(KernelFormat::BzImage)) => "bzimage",
+        (_, None) => "unknown",
+    }
+}
+
+/// Builds and runs the VM until it stops; returns why it stopped.
+pub fn run(config: &VmConfig) -> Result<ExitReason, RunError> {
+    let host_err = |what| move |source| RunError::Host { what, source };
+    let exit = Arc::new(ExitSignal::new().map_err(host_err("creating the exit eventfd"))?);
+    // Before any thread exists, so that every thread inherits the blocked mask.
+    let signals = SignalWatcher::new(exit.clone())?;
+    let vm = Vm::build(config, exit.clone())?;
+    let info = VmInfo {
+        vcpus: config.vcpus,
+        memory_mib: config.memory.0,
+        boot: boot_name(config, vm.boot.format),
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    let api = match &config.api_socket {
+        Some(path) => Some(ApiServer::bind(path, info, exit.clone())?),
+        None => None,
+    };
+
+    let mut em = EventManager::<Subscriber>::new()
+        .map_err(|e| RunError::Host { what: "creating the event loop", source: io::Error::other(format!("{e:?}")) })?;
+    em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
+    em.add_subscriber(Arc::new(Mutex::new(signals)));
+    if let Some(api) = api {
+        em.add_subscriber(Arc::new(Mutex::new(api)));
+    }
+
+    let running = vm.start()?;
+    let _terminal = (config.serial == SerialMode::Stdout).then(RawTerminal::new);
+    let input = (config.serial == SerialMode::Stdout).then(|| {
+        Arc::new(Mutex::new(SerialInput { serial: running.serial.clone(), pending: Vec::new(), watching: false, closed: false }))
+    });
+    let input_id = input.as_ref().map(|i| em.add_subscriber(i.clone() as Subscriber));
+    info!("VM running");
+
+    let reason = loop {
+        if let Some(reason) = exit.reason() {
+            break reason;
+        }
+        let pending = input.as_ref().is_some_and(|i| !i.lock().map(|i| i.pending.is_empty()).unwrap_or(true));
+        if let Err(e) = em.run_with_timeout(if pending { 10 } else { -1 }) {
+            warn!(error = ?e, "event loop failed");
+            exit.request(ExitReason::VmmError(format!("event loop: {e:?}")));
+            continue;
+        }
+        // Feed the guest input it could not take before; resume reading when all is in.
+        if let (Some(input), Some(id)) = (&input, input_id) {
+            let mut i = input.lock().unwrap_or_else(|p| p.into_inner());
+            i.drain();
+            if i.pending.is_empty() && !i.watching && !i.closed {
+                if let Ok(mut ops) = em.event_ops(id) {
+                    i.watching = ops.add(Events::new_raw(STDIN, EventSet::IN)).is_ok();
+                }
+            }
+        }
+    };
+    info!(reason = reason.name(), exits = running.exit_count(), "stopping the VM");
+    running.stop();
+    Ok(reason)
+}

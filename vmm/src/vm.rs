@@ -1,0 +1,326 @@
+//! Building a VM from its configuration: KVM VM, guest memory, interrupt controllers,
+//! devices, boot payload and vCPUs; then running and stopping it.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use quantix_devices::legacy::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
+use quantix_devices::legacy::serial::{SerialDevice, SerialSink, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN};
+use quantix_devices::legacy::IrqTrigger;
+use quantix_devices::power::AcpiPowerDevice;
+use quantix_devices::{Bus, BusError};
+use thiserror::Error;
+use tracing::{info, warn};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::acpi::{self, AcpiConfig, AcpiError};
+use crate::boot::{self, BootError, BootInfo};
+use crate::config::{BootSource, SerialMode, VmConfig};
+use crate::cpu::cpuid::{self, CpuidConfig};
+use crate::cpu::{msrs, regs, Vcpu, VcpuHandle};
+use crate::exit::ExitSignal;
+use crate::layout::{self, ACPI_POWER_PORT};
+
+/// Errors while building or starting a VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// /dev/kvm is absent.
+    #[error("/dev/kvm does not exist: this host has no KVM (load the kvm module, or enable nested virtualization)")]
+    KvmMissing,
+    /// /dev/kvm cannot be opened by this user.
+    #[error("permission denied opening /dev/kvm: run as a member of the group that owns it (usually kvm)")]
+    KvmPermission,
+    /// Another failure opening /dev/kvm.
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(io::Error),
+    /// A KVM capability the VMM needs is missing.
+    #[error("this KVM lacks the capability {0}, which quantix-vmm requires")]
+    MissingCap(&'static str),
+    /// A KVM ioctl failed.
+    #[error("KVM {op} failed: {source}")]
+    Kvm {
+        /// The operation.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be allocated.
+    #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
+    Memory {
+        /// Size asked for.
+        mib: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Loading the boot payload failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Writing ACPI tables failed.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    /// Two devices claim one range.
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    /// The serial output file cannot be opened.
+    #[error("cannot open serial output file {path}: {source}")]
+    SerialFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A host resource (eventfd, thread) could not be created.
+    #[error("cannot create {what}: {source}")]
+    Host {
+        /// What.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing the initial vCPU state into guest memory failed.
+    #[error("cannot write boot tables into guest memory: {0}")]
+    BootTables(#[from] vm_memory::GuestMemoryError),
+}
+
+fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { op, source }
+}
+
+/// Opens /dev/kvm, with errors that say what to do.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    match Kvm::new() {
+        Ok(kvm) => Ok(kvm),
+        Err(e) if e.errno() == libc::ENOENT => Err(VmError::KvmMissing),
+        Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => Err(VmError::KvmPermission),
+        Err(e) => Err(VmError::KvmOpen(io::Error::from_raw_os_error(e.errno()))),
+    }
+}
+
+fn check_caps(kvm: &Kvm) -> Result<(), VmError> {
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCap(name));
+        }
+    }
+    Ok(())
+}
+
+/// A built VM, not yet running.
+pub struct Vm {
+    _kvm: Kvm,
+    fd: VmFd,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<Vcpu>,
+    exit: Arc<ExitSignal>,
+    stop: Arc<AtomicBool>,
+    serial: Arc<Mutex<SerialDevice>>,
+    /// What was booted.
+    pub boot: BootInfo,
+    config: VmConfig,
+}
+
+/// A running VM.
+pub struct RunningVm {
+    _fd: VmFd,
+    _mem: GuestMemoryMmap,
+    handles: Vec<VcpuHandle>,
+    stop: Arc<AtomicBool>,
+    /// The serial port, for console input.
+    pub serial: Arc<Mutex<SerialDevice>>,
+}
+
+fn serial_sink(mode: &SerialMode) -> Result<SerialSink, VmError> {
+    Ok(match mode {
+        SerialMode::Stdout => Box::new(io::stdout()),
+        SerialMode::Off => Box::new(io::sink()),
+        SerialMode::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmError::SerialFile { path: path.clone(), source })?,
+        ),
+    })
+}
+
+impl Vm {
+    /// Builds the VM described by `config`, failing before any guest code runs on bad input.
+    pub fn build(config: &VmConfig, exit: Arc<ExitSignal>) -> Result<Vm, VmError> {
+        let kvm = open_kvm()?;
+        check_caps(&kvm)?;
+        // Read the firmware before allocating anything: a bad file is the likelier failure.
+        let firmware = match &config.boot {
+            BootSource::Firmware(path) => Some(boot::read_firmware(path)?),
+            BootSource::Kernel { .. } => None,
+        };
+        let serial_out = serial_sink(&config.serial)?;
+
+        let fd = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
+        // Intel VMX needs a TSS region below 4 GiB; other KVM flavours ignore or refuse it.
+        if let Err(e) = fd.set_tss_address(0xfffb_d000) {
+            warn!(error = %e, "KVM_SET_TSS_ADDR failed; continuing (only Intel VMX needs it)");
+        }
+
+        let mem_size = config.memory.bytes();
+        let mut ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_size)
+            .into_iter()
+            .map(|(a, s)| (a, s as usize))
+            .collect();
+        if let Some(fw) = &firmware {
+            ranges.push((fw.base, fw.bytes.len()));
+        }
+        let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| VmError::Memory {
+            mib: config.memory.0,
+            reason: e.to_string(),
+        })?;
+        for (slot, region) in mem.iter().enumerate() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mmap owned by `mem`, which the Vm (and later
+            // RunningVm) keeps alive for as long as the VM fd exists.
+            unsafe { fd.set_user_memory_region(region_desc) }.map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
+        }
+        if let Some(fw) = &firmware {
+            mem.write_slice(&fw.bytes, fw.base)?;
+        }
+
+        fd.create_irq_chip().map_err(kvm_err("CREATE_IRQCHIP"))?;
+        fd.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
+            .map_err(kvm_err("CREATE_PIT2"))?;
+
+        // Devices on the port I/O bus.
+        let mut pio = Bus::new();
+        let host_err = |what| move |source| VmError::Host { what, source };
+        let serial_evt = EventFd::new(EFD_NONBLOCK).map_err(host_err("serial eventfd"))?;
+        fd.register_irqfd(&serial_evt, COM1_IRQ).map_err(kvm_err("IRQFD (serial)"))?;
+        let serial_irq = serial_evt.try_clone().map_err(host_err("serial eventfd"))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(IrqTrigger::new(serial_irq), serial_out)));
+        pio.insert(serial.clone(), COM1_PORT_BASE, COM1_PORT_LEN)?;
+        pio.insert(Arc::new(Mutex::new(I8042::new(exit.clone()))), I8042_PORT_BASE, I8042_PORT_LEN)?;
+        pio.insert(Arc::new(Mutex::new(AcpiPowerDevice::new(exit.clone()))), u64::from(ACPI_POWER_PORT), 1)?;
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(Bus::new());
+
+        // The boot payload and the tables that describe the machine.
+        let rsdp = acpi::write(&mem, &AcpiConfig { vcpus: config.vcpus })?;
+        let boot = boot::load_linux(&mem, mem_size, &config.boot, rsdp)?;
+
+        // vCPUs.
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
+        let msr_list = kvm.get_msr_index_list().map_err(kvm_err("GET_MSR_INDEX_LIST"))?;
+        let boot_msrs = msrs::boot_msrs(msr_list.as_slice());
+        let cpuid_cfg = CpuidConfig {
+            vcpus: config.vcpus,
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut vcpus = Vec::with_capacity(config.vcpus.into());
+        for index in 0..config.vcpus {
+            let vcpu = fd.create_vcpu(u64::from(index)).map_err(kvm_err("CREATE_VCPU"))?;
+            let mut cpuid: CpuId = supported.clone();
+            cpuid::normalize(&mut cpuid, index, &cpuid_cfg);
+            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("SET_CPUID2"))?;
+            let msrs = msrs::to_msrs(&boot_msrs).map_err(|e| VmError::Host {
+                what: "MSR list",
+                source: io::Error::other(format!("{e:?}")),
+            })?;
+            let written = vcpu.set_msrs(&msrs).map_err(kvm_err("SET_MSRS"))?;
+            if written != boot_msrs.len() {
+                warn!(vcpu = index, written, wanted = boot_msrs.len(), "KVM accepted only some boot MSRs");
+            }
+            vcpu.set_fpu(&regs::boot_fpu()).map_err(kvm_err("SET_FPU"))?;
+            let mut lapic = vcpu.get_lapic().map_err(kvm_err("GET_LAPIC"))?;
+            regs::set_lint(&mut lapic);
+            vcpu.set_lapic(&lapic).map_err(kvm_err("SET_LAPIC"))?;
+            if index == 0 {
+                let sregs = vcpu.get_sregs().map_err(kvm_err("GET_SREGS"))?;
+                if let Some((r, s)) = regs::boot_state(&mem, boot.entry, sregs)? {
+                    vcpu.set_sregs(&s).map_err(kvm_err("SET_SREGS"))?;
+                    vcpu.set_regs(&r).map_err(kvm_err("SET_REGS"))?;
+                }
+            }
+            vcpus.push(Vcpu::new(index, vcpu, pio.clone(), mmio.clone(), exit.clone(), stop.clone()));
+        }
+        info!(
+            vcpus = config.vcpus,
+            memory_mib = config.memory.0,
+            entry = ?boot.entry,
+            format = ?boot.format,
+            last_addr = format_args!("{:#x}", mem.last_addr().raw_value()),
+            "VM built"
+        );
+        Ok(Vm { _kvm: kvm, fd, mem, vcpus, exit, stop, serial, boot, config: config.clone() })
+    }
+
+    /// The configuration the VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The exit signal the VM reports to.
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.exit.clone()
+    }
+
+    /// Starts every vCPU thread.
+    pub fn start(self) -> Result<RunningVm, VmError> {
+        crate::cpu::register_kick_handler().map_err(|e| VmError::Host {
+            what: "vCPU kick signal handler",
+            source: io::Error::from_raw_os_error(e.errno()),
+        })?;
+        let mut handles = Vec::with_capacity(self.vcpus.len());
+        for vcpu in self.vcpus {
+            match vcpu.spawn() {
+                Ok(h) => handles.push(h),
+                Err(source) => {
+                    let running = RunningVm { _fd: self.fd, _mem: self.mem, handles, stop: self.stop, serial: self.serial };
+                    running.stop();
+                    return Err(VmError::Host { what: "vCPU thread", source });
+                }
+            }
+        }
+        Ok(RunningVm { _fd: self.fd, _mem: self.mem, handles, stop: self.stop, serial: self.serial })
+    }
+}
+
+impl RunningVm {
+    /// Stops every vCPU and waits for its thread; no thread is left behind.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        for h in &self.handles {
+            h.kick();
+        }
+        for h in self.handles {
+            h.join();
+        }
+        if let Ok(mut s) = self.serial.lock() {
+            s.flush();
+        }
+    }
+
+    /// Total vCPU exits so far.
+    pub fn exit_count(&self) -> u64 {
+        self.handles.iter().map(|h| h.counters.exits.load(Ordering::Relaxed)).sum()
+    }
+}
