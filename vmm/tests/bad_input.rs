@@ -1,0 +1,159 @@
+//! Bad input gets a clear message and a non-zero exit status, never a panic.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{asm, elf64, run_vmm, scratch, summary, vmm_bin, write};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs the VMM and returns (exit code, stderr), checking that it did not panic.
+fn fails(args: &[&str]) -> (i32, String) {
+    let out = run_vmm(args, LIMIT);
+    let (code, stdout, stderr) = summary(&out);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stdout.is_empty(), "no guest output expected: {stdout}");
+    (code.expect("exited, not killed"), stderr)
+}
+
+fn good_kernel(dir: &std::path::Path) -> String {
+    let mut code = asm::acpi_poweroff(true);
+    code.extend_from_slice(&asm::HALT_LOOP);
+    write(dir, "k.elf", &elf64(&code)).display().to_string()
+}
+
+#[test]
+fn missing_and_unreadable_kernel() {
+    let (code, err) = fails(&["--kernel", "/nonexistent/vmlinux"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read kernel /nonexistent/vmlinux"), "{err}");
+    let dir = scratch("dir-kernel");
+    let (code, err) = fails(&["--kernel", dir.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not a regular file"), "{err}");
+}
+
+#[test]
+fn a_file_that_is_no_kernel() {
+    let dir = scratch("nokernel");
+    for (name, bytes) in [
+        ("text", b"#!/bin/sh\necho hi\n".to_vec()),
+        ("empty", vec![]),
+        ("elf32", b"\x7fELF\x01\x01\x01\0\0\0\0\0\0\0\0\0\x02\0\x03\0".to_vec()),
+    ] {
+        let p = write(&dir, name, &bytes);
+        let (code, err) = fails(&["--kernel", p.to_str().unwrap()]);
+        assert_eq!(code, 1, "{name}");
+        assert!(err.contains("is not a Linux kernel"), "{name}: {err}");
+    }
+    // An ELF whose header lies about its program headers.
+    let mut elf = elf64(&[0xf4]);
+    elf[0x20..0x28].copy_from_slice(&0xffff_ffffu64.to_le_bytes()); // e_phoff far past the end
+    let p = write(&dir, "broken.elf", &elf);
+    let (code, err) = fails(&["--kernel", p.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot load kernel"), "{err}");
+}
+
+#[test]
+fn initramfs_that_does_not_fit_and_missing_initramfs() {
+    let dir = scratch("initrd");
+    let kernel = good_kernel(&dir);
+    let big = dir.join("big.cpio");
+    std::fs::File::create(&big).unwrap().set_len(40 << 20).unwrap();
+    let (code, err) = fails(&["--kernel", &kernel, "--initramfs", big.to_str().unwrap(), "--memory", "32M"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("does not fit in guest memory"), "{err}");
+    let (code, err) = fails(&["--kernel", &kernel, "--initramfs", "/nonexistent.cpio"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read initramfs"), "{err}");
+}
+
+#[test]
+fn kernel_larger_than_memory() {
+    let dir = scratch("bigkernel");
+    // A 20 MiB kernel loaded at 16 MiB in a 16 MiB VM.
+    let mut code = vec![0x90u8; 20 << 20];
+    code.push(0xf4);
+    let p = write(&dir, "big.elf", &elf64(&code));
+    let (code, err) = fails(&["--kernel", p.to_str().unwrap(), "--memory", "16M"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot load kernel") || err.contains("beyond guest RAM"), "{err}");
+}
+
+#[test]
+fn memory_too_small_too_large_or_malformed() {
+    let dir = scratch("mem");
+    let kernel = good_kernel(&dir);
+    let (code, err) = fails(&["--kernel", &kernel, "--memory", "8M"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("too small"), "{err}");
+    let (code, err) = fails(&["--kernel", &kernel, "--memory", "100000G"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("larger than the host"), "{err}");
+    let (code, err) = fails(&["--kernel", &kernel, "--memory", "lots"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid memory size"), "{err}");
+}
+
+#[test]
+fn vcpu_counts_out_of_range_and_unknown_flags() {
+    let dir = scratch("cpus");
+    let kernel = good_kernel(&dir);
+    for n in ["0", "255", "-1", "many"] {
+        let flag = format!("--cpus={n}");
+        let (code, err) = fails(&["--kernel", &kernel, &flag]);
+        assert_eq!(code, 2, "--cpus {n}");
+        assert!(err.contains("--cpus"), "{err}");
+    }
+    let (code, err) = fails(&["--kernel", &kernel, "--frobnicate"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--frobnicate"), "{err}");
+    let (code, err) = fails(&[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--kernel"), "{err}");
+    let (code, err) = fails(&["--kernel", &kernel, "--serial", "tty"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid serial setting"), "{err}");
+}
+
+#[test]
+fn api_socket_path_that_is_a_file_is_refused_before_boot() {
+    let dir = scratch("apifile");
+    let kernel = good_kernel(&dir);
+    let file = write(&dir, "not-a-socket", b"precious data");
+    let (code, err) = fails(&["--kernel", &kernel, "--api-socket", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious data", "the file is left alone");
+}
+
+/// Runs the VMM in a new mount namespace with /dev replaced by an empty directory.
+#[test]
+fn kvm_device_missing_or_not_permitted() {
+    let dir = scratch("nokvm");
+    let kernel = good_kernel(&dir);
+    let empty = dir.join("emptydev");
+    std::fs::create_dir_all(&empty).unwrap();
+    let script = format!("mount --bind {} /dev && exec {} --kernel {kernel}", empty.display(), vmm_bin());
+    let out = Command::new("unshare").args(["--mount", "sh", "-c", &script]).output().unwrap();
+    let (code, _, err) = summary(&out);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("/dev/kvm does not exist"), "{err}");
+
+    // As an unprivileged user, /dev/kvm (root-only here) cannot be opened.
+    let meta = std::fs::metadata("/dev/kvm").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o006, 0, "test assumes /dev/kvm is not world-accessible");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", vmm_bin(), "--kernel", &kernel])
+        .output()
+        .unwrap();
+    let (code, _, err) = summary(&out);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("permission denied opening /dev/kvm"), "{err}");
+}

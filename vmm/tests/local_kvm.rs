@@ -1,0 +1,163 @@
+//! The real `quantix-vmm` process on this host's /dev/kvm with small hand-made guests:
+//! the vCPU run loop, port I/O exits, the serial port and every way a VM ends.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{asm, elf64, firmware16, run_vmm, scratch, summary, vmm_bin, wait_limit, write};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn long_mode_guest(dir: &std::path::Path, name: &str, tail: &[u8]) -> String {
+    let mut code = asm::print(b"hello from long mode\n", true);
+    code.extend_from_slice(tail);
+    code.extend_from_slice(&asm::HALT_LOOP);
+    write(dir, name, &elf64(&code)).display().to_string()
+}
+
+#[test]
+fn long_mode_guest_prints_on_serial_and_powers_off_through_acpi() {
+    let dir = scratch("poweroff");
+    let kernel = long_mode_guest(&dir, "k.elf", &asm::acpi_poweroff(true));
+    let out = run_vmm(&["--kernel", &kernel, "--memory", "64M"], LIMIT);
+    let (code, stdout, stderr) = summary(&out);
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(stdout, "hello from long mode\n");
+    assert!(stderr.contains("reason=\"poweroff\""), "{stderr}");
+}
+
+#[test]
+fn acpi_reset_register_and_i8042_reset_end_the_process_as_reboot() {
+    let dir = scratch("reset");
+    for (name, tail) in [
+        ("acpi.elf", asm::outb(0x600, 1, true)),
+        ("kbd.elf", asm::outb(0x64, 0xfe, true)),
+    ] {
+        let kernel = long_mode_guest(&dir, name, &tail);
+        let out = run_vmm(&["--kernel", &kernel, "--memory", "64M"], LIMIT);
+        let (code, stdout, stderr) = summary(&out);
+        assert_eq!(code, Some(0), "{name}: {stderr}");
+        assert_eq!(stdout, "hello from long mode\n");
+        assert!(stderr.contains("reason=\"reboot\""), "{name}: {stderr}");
+    }
+}
+
+#[test]
+fn real_mode_firmware_runs_from_the_reset_vector() {
+    let dir = scratch("firmware");
+    let mut code = asm::print(b"real mode\n", false);
+    code.extend(asm::acpi_poweroff(false));
+    code.extend_from_slice(&asm::HALT_LOOP);
+    let fw = write(&dir, "fw.bin", &firmware16(&code));
+    let out = run_vmm(&["--firmware", fw.to_str().unwrap(), "--memory", "16M"], LIMIT);
+    let (code, stdout, stderr) = summary(&out);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "real mode\n");
+}
+
+#[test]
+fn triple_fault_exits_3_with_a_register_dump() {
+    let dir = scratch("triple");
+    // ud2 with an empty IDT: #UD -> #GP -> #DF -> shutdown.
+    let kernel = long_mode_guest(&dir, "k.elf", &[0x0f, 0x0b]);
+    let out = run_vmm(&["--kernel", &kernel, "--memory", "64M"], LIMIT);
+    let (code, stdout, stderr) = summary(&out);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert_eq!(stdout, "hello from long mode\n");
+    assert!(stderr.contains("TripleFault") && stderr.contains("rip="), "{stderr}");
+}
+
+#[test]
+fn executing_from_unbacked_memory_is_a_kvm_error_exit_4() {
+    let dir = scratch("internal");
+    // mov eax, 0xd0000000 ; jmp rax  -- into the MMIO hole, where no memory backs the fetch.
+    let kernel = long_mode_guest(&dir, "k.elf", &[0xb8, 0x00, 0x00, 0x00, 0xd0, 0xff, 0xe0]);
+    let out = run_vmm(&["--kernel", &kernel, "--memory", "64M"], LIMIT);
+    let (code, _stdout, stderr) = summary(&out);
+    assert_eq!(code, Some(4), "{stderr}");
+    assert!(stderr.contains("KvmError") && stderr.contains("rip="), "{stderr}");
+}
+
+fn spinning_vmm(cpus: &str, extra: &[&str]) -> (std::process::Child, std::path::PathBuf) {
+    let dir = scratch(&format!("spin-{cpus}-{}", extra.len()));
+    let kernel = long_mode_guest(&dir, "k.elf", &asm::SPIN);
+    let mut args = vec!["--kernel", kernel.as_str(), "--memory", "64M", "--cpus", cpus];
+    args.extend_from_slice(extra);
+    let child = Command::new(vmm_bin())
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (child, dir)
+}
+
+/// Reads the child's stdout until `needle` appears (the guest is running).
+fn await_output(child: &mut std::process::Child, needle: &str) {
+    let stdout = child.stdout.take().unwrap();
+    let mut reader = BufReader::new(stdout);
+    let mut line = String::new();
+    let start = Instant::now();
+    while start.elapsed() < LIMIT {
+        line.clear();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if line.contains(needle) {
+            // Keep draining in the background so the guest never blocks on a full pipe.
+            std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+            return;
+        }
+    }
+    panic!("guest output {needle:?} not seen");
+}
+
+#[test]
+fn sigterm_and_sigint_stop_every_vcpu_in_order() {
+    for (sig, expected) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+        let (mut child, _dir) = spinning_vmm("4", &[]);
+        await_output(&mut child, "hello from long mode");
+        // SAFETY: signalling our own child process.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        let out = wait_limit(child, LIMIT);
+        let (code, _, stderr) = summary(&out);
+        assert_eq!(code, Some(expected), "{stderr}");
+        assert!(stderr.contains("stop signal received"), "{stderr}");
+    }
+}
+
+#[test]
+fn control_socket_reports_state_and_shuts_down() {
+    let dir = scratch("api");
+    let sock = dir.join("api.sock");
+    let (mut child, _d) = spinning_vmm("2", &["--api-socket", sock.to_str().unwrap()]);
+    await_output(&mut child, "hello from long mode");
+    let stream = UnixStream::connect(&sock).expect("control socket is listening");
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut w = stream;
+    let mut ask = |req: &str| {
+        w.write_all(req.as_bytes()).unwrap();
+        w.write_all(b"\n").unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    };
+    let state = ask(r#"{"op":"state"}"#);
+    assert_eq!(state["state"], "running", "{state}");
+    assert_eq!(state["vcpus"], 2);
+    assert_eq!(state["memory_mib"], 64);
+    assert_eq!(state["boot"], "elf");
+    let bad = ask(r#"{"op":"reboot-the-planet"}"#);
+    assert_eq!(bad["ok"], false);
+    let stop = ask(r#"{"op":"shutdown"}"#);
+    assert_eq!(stop["ok"], true);
+    let out = wait_limit(child, LIMIT);
+    let (code, _, stderr) = summary(&out);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!sock.exists(), "the socket file is removed on exit");
+}
