@@ -15,8 +15,8 @@ pub const MIN_MEMORY_MIB: u64 = 16;
 /// Default guest memory.
 pub const DEFAULT_MEMORY_MIB: u64 = 512;
 /// The command line used when none is given: console on the first serial port,
-/// reboot through the ACPI reset register (then the keyboard controller), no PCI probing delays.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=a,k panic=1";
+/// the rest (reboot through the ACPI reset register, then the i8042) is Linux's default.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
 
 /// Invalid configuration values.
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -5,7 +5,8 @@
 //! 0x0000_0520  IDT                      0x0000_8ff0  boot stack top
 //! 0x0000_6000  PVH start_info + memmap  0x0000_9000  PML4, 0xa000 PDPT, 0xb000.. PDs
 //! 0x0002_0000  kernel command line      0x0009_fc00  EBDA (reserved to 1 MiB)
-//! 0x000e_0000  ACPI tables (RSDP first) 0x0010_0000  kernel (HIMEM_START)
+//! 0x000e_0000  ACPI tables (RSDP first) 0x000f_fff0  reset-vector stub
+//! 0x0010_0000  kernel (HIMEM_START)
 //! 0xc000_0000  32-bit MMIO hole: IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
 //! 0x1_0000_0000 RAM above the hole
 //! ```
@@ -40,8 +41,10 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables (RSDP first); inside the BIOS area Linux scans for the RSDP.
 pub const ACPI_START: GuestAddress = GuestAddress(0xe0000);
-/// End of the ACPI area (exclusive).
-pub const ACPI_END: u64 = 0x10_0000;
+/// End of the ACPI area (exclusive); the reset-vector stub follows.
+pub const ACPI_END: u64 = 0xf_fff0;
+/// The legacy BIOS reset vector (F000:FFF0), just below 1 MiB.
+pub const BIOS_RESET_VECTOR: GuestAddress = GuestAddress(0xffff0);
 /// First address of "high memory", where kernels are loaded.
 pub const HIMEM_START: GuestAddress = GuestAddress(0x10_0000);
 
@@ -174,7 +177,8 @@ mod tests {
             (PDPTE_START.0, 0x1000),
             (PDE_START.0, 0x4000),
             (CMDLINE_START.0, CMDLINE_MAX_SIZE as u64),
-            (ACPI_START.0, ACPI_END - ACPI_START.0),
+            (ACPI_START.0, BIOS_RESET_VECTOR.0 - ACPI_START.0),
+            (BIOS_RESET_VECTOR.0, 16),
         ];
         for (i, a) in ranges.iter().enumerate() {
             for b in &ranges[i + 1..] {

@@ -63,6 +63,64 @@ pub fn pkg_length(len: usize) -> Vec<u8> {
     vec![0xff, 0xff, 0xff, 0xff]
 }
 
+/// A term that wraps `body` after an opcode (one or two bytes) and optional name.
+fn with_pkg(opcode: &[u8], name: &[u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut inner = name.to_vec();
+    inner.extend_from_slice(body);
+    let mut v = opcode.to_vec();
+    v.extend_from_slice(&pkg_length(inner.len()));
+    v.extend_from_slice(&inner);
+    v
+}
+
+/// `Scope (name) { body }`.
+pub fn scope(name: &[u8; 4], body: &[u8]) -> Vec<u8> {
+    with_pkg(&[0x10], name, body)
+}
+
+/// `Device (name) { body }`.
+pub fn device(name: &[u8; 4], body: &[u8]) -> Vec<u8> {
+    with_pkg(&[0x5b, 0x82], name, body)
+}
+
+/// `EisaId ("PNPxxxx")` as a DWord constant.
+pub fn eisa_id(id: &[u8; 7]) -> Vec<u8> {
+    let letter = |c: u8| u32::from(c.wrapping_sub(0x40) & 0x1f);
+    let hex = |c: u8| u32::from((c as char).to_digit(16).unwrap_or(0));
+    let value = (letter(id[0]) << 26)
+        | (letter(id[1]) << 21)
+        | (letter(id[2]) << 16)
+        | (hex(id[3]) << 12)
+        | (hex(id[4]) << 8)
+        | (hex(id[5]) << 4)
+        | hex(id[6]);
+    let mut v = vec![0x0c];
+    v.extend_from_slice(&value.to_be_bytes());
+    v
+}
+
+/// `Buffer () { bytes }`.
+pub fn buffer(bytes: &[u8]) -> Vec<u8> {
+    let mut body = integer(bytes.len() as u64);
+    body.extend_from_slice(bytes);
+    let mut v = vec![0x11];
+    v.extend_from_slice(&pkg_length(body.len()));
+    v.extend_from_slice(&body);
+    v
+}
+
+/// A resource template: fixed 16-bit I/O ports and one ISA IRQ (edge, active high).
+pub fn io_irq_resources(port: u16, len: u8, irq: u8) -> Vec<u8> {
+    let mut r = vec![0x47, 0x01];
+    r.extend_from_slice(&port.to_le_bytes());
+    r.extend_from_slice(&port.to_le_bytes());
+    r.extend_from_slice(&[0x01, len]);
+    r.push(0x22);
+    r.extend_from_slice(&(1u16 << irq).to_le_bytes());
+    r.extend_from_slice(&[0x79, 0x00]);
+    buffer(&r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,6 +130,21 @@ mod tests {
         // iasl for `Name (_S5, Package () { 5, 0 })`.
         let s5 = name(b"_S5_", &package(&[integer(5), integer(0)]));
         assert_eq!(s5, [0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x02, 0x0a, 0x05, 0x00]);
+    }
+
+    #[test]
+    fn com1_device_matches_the_reference_encoding() {
+        // iasl for: Device (COM1) { Name (_HID, EisaId ("PNP0501")) Name (_CRS,
+        //   ResourceTemplate () { IO (Decode16, 0x3F8, 0x3F8, 0x01, 0x08) IRQNoFlags () {4} }) }
+        assert_eq!(eisa_id(b"PNP0501"), [0x0c, 0x41, 0xd0, 0x05, 0x01]);
+        let crs = io_irq_resources(0x3f8, 8, 4);
+        assert_eq!(
+            crs,
+            [0x11, 0x10, 0x0a, 0x0d, 0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08, 0x22, 0x10, 0x00, 0x79, 0x00]
+        );
+        let dev = device(b"COM1", &name(b"_HID", &eisa_id(b"PNP0501")));
+        assert_eq!(&dev[..3], &[0x5b, 0x82, 0x0f]);
+        assert_eq!(&dev[3..7], b"COM1");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use super::aml;
 use crate::layout::{ACPI_POWER_PORT, IOAPIC_ADDR, LAPIC_ADDR};
+use quantix_devices::legacy::serial::{COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN};
 use quantix_devices::power::{ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE};
 
 const OEM_ID: &[u8; 6] = b"QNTXKV";
@@ -80,6 +81,15 @@ fn dsdt() -> Vec<u8> {
         b"_S5_",
         &aml::package(&[aml::integer(ACPI_S5_SLEEP_TYPE.into()), aml::integer(0)]),
     ));
+    // COM1, so that the kernel maps its IRQ through the I/O APIC (there is no legacy PIC
+    // on a hardware-reduced platform).
+    let mut com1 = aml::name(b"_HID", &aml::eisa_id(b"PNP0501"));
+    com1.extend(aml::name(b"_UID", &aml::integer(1)));
+    com1.extend(aml::name(
+        b"_CRS",
+        &aml::io_irq_resources(COM1_PORT_BASE as u16, COM1_PORT_LEN as u8, COM1_IRQ as u8),
+    ));
+    t.bytes(&aml::scope(b"_SB_", &aml::device(b"COM1", &com1)));
     t.finish()
 }
 

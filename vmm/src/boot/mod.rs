@@ -99,6 +99,25 @@ pub enum BootError {
     },
 }
 
+/// Real-mode code at the legacy BIOS reset vector (F000:FFF0): a kernel that reboots
+/// "through the BIOS" (jumping there in real mode) writes the ACPI reset value to the
+/// power port instead of running off into empty memory.
+const RESET_STUB: [u8; 9] = [
+    0xba, 0x00, 0x06, // mov dx, ACPI_POWER_PORT
+    0xb0, 0x01, // mov al, ACPI_RESET_VALUE
+    0xee, // out dx, al
+    0xf4, // hlt
+    0xeb, 0xfd, // jmp hlt
+];
+
+fn write_reset_stub(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    const _: () = assert!(crate::layout::ACPI_POWER_PORT == 0x600);
+    const _: () = assert!(quantix_devices::power::ACPI_RESET_VALUE == 1);
+    use vm_memory::Bytes;
+    mem.write_slice(&RESET_STUB[..], crate::layout::BIOS_RESET_VECTOR)
+        .map_err(|e| BootError::GuestMemory { what: "reset vector stub", reason: e.to_string() })
+}
+
 /// Where and how the boot vCPU starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryPoint {
@@ -155,6 +174,7 @@ pub fn load_linux(
         None => None,
     };
     params::write_cmdline(mem, cmdline, loaded.cmdline_limit())?;
+    write_reset_stub(mem)?;
     let entry = params::write(mem, mem_size, &loaded, initrd, cmdline, rsdp)?;
     Ok(BootInfo { entry, format: Some(loaded.format) })
 }

@@ -161,7 +161,9 @@ impl Vcpu {
             }
         }
         KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
-        debug!(vcpu = self.index, "vCPU thread stopped");
+        if let Ok(r) = self.fd.get_regs() {
+            debug!(vcpu = self.index, rip = format_args!("{:#x}", r.rip), rsp = format_args!("{:#x}", r.rsp), "vCPU thread stopped");
+        }
     }
 
     fn run_once(&mut self) -> Outcome {
