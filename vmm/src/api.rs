@@ -92,7 +92,11 @@ pub fn respond(line: &[u8], info: &VmInfo, started: Instant, exit: &ExitSignal) 
             let reason = exit.reason();
             serde_json::to_string(&StateResponse {
                 ok: true,
-                state: if reason.is_some() { "stopping" } else { "running" },
+                state: if reason.is_some() {
+                    "stopping"
+                } else {
+                    "running"
+                },
                 stop_reason: reason.as_ref().map(ExitReason::name),
                 uptime_ms: started.elapsed().as_millis(),
                 info,
@@ -118,17 +122,24 @@ fn bind(path: &Path) -> Result<UnixListener, ApiError> {
                 return Err(ApiError::InUse(path.to_path_buf()));
             }
             // A stale socket left by a process that died.
-            std::fs::remove_file(path)
-                .map_err(|source| ApiError::Bind { path: path.to_path_buf(), source })?;
+            std::fs::remove_file(path).map_err(|source| ApiError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })?;
         }
         Ok(_) => return Err(ApiError::NotASocket(path.to_path_buf())),
         Err(_) => {}
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|source| ApiError::Bind { path: path.to_path_buf(), source })?;
+    let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?;
     listener
         .set_nonblocking(true)
-        .map_err(|source| ApiError::Bind { path: path.to_path_buf(), source })?;
+        .map_err(|source| ApiError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
     Ok(listener)
 }
 
@@ -152,7 +163,14 @@ impl ApiServer {
     pub fn bind(path: &Path, info: VmInfo, exit: Arc<ExitSignal>) -> Result<Self, ApiError> {
         let listener = bind(path)?;
         info!(path = %path.display(), "control socket listening");
-        Ok(Self { path: path.to_path_buf(), listener, conns: HashMap::new(), info, started: Instant::now(), exit })
+        Ok(Self {
+            path: path.to_path_buf(),
+            listener,
+            conns: HashMap::new(),
+            info,
+            started: Instant::now(),
+            exit,
+        })
     }
 
     fn accept(&mut self, ops: &mut EventOps) {
@@ -172,7 +190,13 @@ impl ApiServer {
                         continue;
                     }
                     debug!(fd, "control socket: client connected");
-                    self.conns.insert(fd, Conn { stream, buf: Vec::new() });
+                    self.conns.insert(
+                        fd,
+                        Conn {
+                            stream,
+                            buf: Vec::new(),
+                        },
+                    );
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -185,7 +209,9 @@ impl ApiServer {
 
     /// Reads what the client sent and answers complete lines; false to close it.
     fn serve(&mut self, fd: i32) -> bool {
-        let Some(conn) = self.conns.get_mut(&fd) else { return false };
+        let Some(conn) = self.conns.get_mut(&fd) else {
+            return false;
+        };
         let mut chunk = [0u8; 4096];
         loop {
             match conn.stream.read(&mut chunk) {
@@ -209,7 +235,9 @@ impl ApiServer {
             reply.push('\n');
             // Replies are small; a client that does not read them is dropped.
             conn.stream.set_nonblocking(false).ok();
-            conn.stream.set_write_timeout(Some(std::time::Duration::from_secs(1))).ok();
+            conn.stream
+                .set_write_timeout(Some(std::time::Duration::from_secs(1)))
+                .ok();
             let ok = conn.stream.write_all(reply.as_bytes()).is_ok();
             conn.stream.set_nonblocking(true).ok();
             if !ok {
@@ -217,7 +245,9 @@ impl ApiServer {
             }
         }
         if conn.buf.len() > MAX_REQUEST_BYTES {
-            let msg = format!("{{\"ok\":false,\"error\":\"request longer than {MAX_REQUEST_BYTES} bytes\"}}\n");
+            let msg = format!(
+                "{{\"ok\":false,\"error\":\"request longer than {MAX_REQUEST_BYTES} bytes\"}}\n"
+            );
             let _ = conn.stream.write_all(msg.as_bytes());
             return false;
         }
@@ -259,22 +289,32 @@ mod tests {
     use super::*;
 
     fn info() -> VmInfo {
-        VmInfo { vcpus: 2, memory_mib: 256, boot: "bzimage", pid: 1, version: "test" }
+        VmInfo {
+            vcpus: 2,
+            memory_mib: 256,
+            boot: "bzimage",
+            pid: 1,
+            version: "test",
+        }
     }
 
     #[test]
     fn state_then_shutdown() {
         let exit = ExitSignal::new().unwrap();
         let started = Instant::now();
-        let v: serde_json::Value = serde_json::from_str(&respond(br#"{"op":"state"}"#, &info(), started, &exit)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&respond(br#"{"op":"state"}"#, &info(), started, &exit)).unwrap();
         assert_eq!(v["ok"], true);
         assert_eq!(v["state"], "running");
         assert_eq!(v["vcpus"], 2);
         assert_eq!(v["memory_mib"], 256);
-        let v: serde_json::Value = serde_json::from_str(&respond(br#"{"op":"shutdown"}"#, &info(), started, &exit)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&respond(br#"{"op":"shutdown"}"#, &info(), started, &exit))
+                .unwrap();
         assert_eq!(v["ok"], true);
         assert_eq!(exit.reason(), Some(ExitReason::ApiShutdown));
-        let v: serde_json::Value = serde_json::from_str(&respond(br#"{"op":"state"}"#, &info(), started, &exit)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&respond(br#"{"op":"state"}"#, &info(), started, &exit)).unwrap();
         assert_eq!(v["state"], "stopping");
         assert_eq!(v["stop_reason"], "api-shutdown");
     }
@@ -282,8 +322,15 @@ mod tests {
     #[test]
     fn malformed_requests_get_errors() {
         let exit = ExitSignal::new().unwrap();
-        for bad in [&b"{"[..], br#"{"op":"launch-missiles"}"#, br#"{"op":"state","x":1}"#, b"\xff\xfe", b"[]"] {
-            let v: serde_json::Value = serde_json::from_str(&respond(bad, &info(), Instant::now(), &exit)).unwrap();
+        for bad in [
+            &b"{"[..],
+            br#"{"op":"launch-missiles"}"#,
+            br#"{"op":"state","x":1}"#,
+            b"\xff\xfe",
+            b"[]",
+        ] {
+            let v: serde_json::Value =
+                serde_json::from_str(&respond(bad, &info(), Instant::now(), &exit)).unwrap();
             assert_eq!(v["ok"], false, "{bad:?}");
             assert!(v["error"].as_str().unwrap().starts_with("invalid request"));
         }

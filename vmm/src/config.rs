@@ -154,7 +154,10 @@ impl VmConfig {
         }
         if let Some(host_mib) = host_memory_mib {
             if self.memory.0 > host_mib {
-                return Err(ConfigError::MemoryTooLarge { mib: self.memory.0, host_mib });
+                return Err(ConfigError::MemoryTooLarge {
+                    mib: self.memory.0,
+                    host_mib,
+                });
             }
         }
         if let BootSource::Kernel { cmdline, .. } = &self.boot {
@@ -196,8 +199,22 @@ mod tests {
         assert_eq!("2G".parse(), Ok(MemorySize(2048)));
         assert_eq!("2g".parse(), Ok(MemorySize(2048)));
         assert_eq!(MemorySize(3).bytes(), 3 << 20);
-        for bad in ["", "M", "G", "-1", "1.5G", "12K", "1T", "0x10", " ", "99999999999999999999"] {
-            assert!(bad.parse::<MemorySize>().is_err(), "{bad:?} should not parse");
+        for bad in [
+            "",
+            "M",
+            "G",
+            "-1",
+            "1.5G",
+            "12K",
+            "1T",
+            "0x10",
+            " ",
+            "99999999999999999999",
+        ] {
+            assert!(
+                bad.parse::<MemorySize>().is_err(),
+                "{bad:?} should not parse"
+            );
         }
     }
 
@@ -229,11 +246,17 @@ mod tests {
         assert_eq!(config().validate(Some(4096)), Ok(()));
         let mut c = config();
         c.memory = MemorySize(8);
-        assert_eq!(c.validate(None), Err(ConfigError::MemoryTooSmall { mib: 8 }));
+        assert_eq!(
+            c.validate(None),
+            Err(ConfigError::MemoryTooSmall { mib: 8 })
+        );
         c.memory = MemorySize(8192);
         assert_eq!(
             c.validate(Some(4096)),
-            Err(ConfigError::MemoryTooLarge { mib: 8192, host_mib: 4096 })
+            Err(ConfigError::MemoryTooLarge {
+                mib: 8192,
+                host_mib: 4096
+            })
         );
         let mut c = config();
         c.vcpus = 0;
@@ -241,8 +264,15 @@ mod tests {
         c.vcpus = 255;
         assert_eq!(c.validate(None), Err(ConfigError::Vcpus(255)));
         let mut c = config();
-        c.boot = BootSource::Kernel { kernel: "/k".into(), initramfs: None, cmdline: "x".repeat(2048) };
-        assert!(matches!(c.validate(None), Err(ConfigError::CmdlineTooLong { .. })));
+        c.boot = BootSource::Kernel {
+            kernel: "/k".into(),
+            initramfs: None,
+            cmdline: "x".repeat(2048),
+        };
+        assert!(matches!(
+            c.validate(None),
+            Err(ConfigError::CmdlineTooLong { .. })
+        ));
         assert_eq!(validate_vcpus(1000), Err(ConfigError::Vcpus(1000)));
         assert_eq!(validate_vcpus(16), Ok(16));
     }

@@ -98,7 +98,10 @@ pub struct ExitSignal {
 impl ExitSignal {
     /// A signal with no reason yet.
     pub fn new() -> std::io::Result<Self> {
-        Ok(Self { evt: EventFd::new(EFD_NONBLOCK)?, reason: Mutex::new(None) })
+        Ok(Self {
+            evt: EventFd::new(EFD_NONBLOCK)?,
+            reason: Mutex::new(None),
+        })
     }
 
     /// Asks the VM to stop for `reason` (ignored if a reason was already given).
@@ -115,7 +118,10 @@ impl ExitSignal {
 
     /// The reason given, if any.
     pub fn reason(&self) -> Option<ExitReason> {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The eventfd that becomes readable on a request.
@@ -151,8 +157,16 @@ mod tests {
 
         let codes = [
             ExitReason::TripleFault { vcpu: 0 }.exit_code(),
-            ExitReason::KvmError { vcpu: 0, detail: String::new() }.exit_code(),
-            ExitReason::Unhandled { vcpu: 0, exit: String::new() }.exit_code(),
+            ExitReason::KvmError {
+                vcpu: 0,
+                detail: String::new(),
+            }
+            .exit_code(),
+            ExitReason::Unhandled {
+                vcpu: 0,
+                exit: String::new(),
+            }
+            .exit_code(),
             ExitReason::GuestCrash.exit_code(),
             ExitReason::VmmError(String::new()).exit_code(),
             EXIT_SETUP_ERROR,

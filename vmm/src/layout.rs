@@ -27,6 +27,8 @@ pub const PVH_MEMMAP_MAX_ENTRIES: usize = (0x7000 - 0x6040) / 24;
 pub const ZERO_PAGE_START: GuestAddress = GuestAddress(0x7000);
 /// Initial stack pointer of the boot vCPU.
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+// The stack grows down from just below the PML4 and stays clear of the zero page.
+const _: () = assert!(BOOT_STACK_POINTER < PML4_START.0 && BOOT_STACK_POINTER > ZERO_PAGE_START.0 + 0x1000);
 /// Level-4 page map of the boot page tables.
 pub const PML4_START: GuestAddress = GuestAddress(0x9000);
 /// Page-directory-pointer table of the boot page tables.
@@ -96,7 +98,11 @@ pub struct E820Entry {
 /// The guest's memory map for `mem_size` bytes of RAM (at least `HIMEM_START`).
 pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
     let mut map = vec![
-        E820Entry { addr: 0, size: EBDA_START, kind: E820Type::Ram },
+        E820Entry {
+            addr: 0,
+            size: EBDA_START,
+            kind: E820Type::Ram,
+        },
         E820Entry {
             addr: EBDA_START,
             size: HIMEM_START.0 - EBDA_START,
@@ -151,17 +157,23 @@ mod tests {
     fn e820_covers_all_ram_and_reserves_bios_area_and_hole() {
         for mem in [16 * MIB, 512 * MIB, 3 * GIB, 8 * GIB] {
             let map = e820_map(mem);
-            let ram: u64 = map.iter().filter(|e| e.kind == E820Type::Ram).map(|e| e.size).sum();
+            let ram: u64 = map
+                .iter()
+                .filter(|e| e.kind == E820Type::Ram)
+                .map(|e| e.size)
+                .sum();
             // The EBDA and BIOS area (EBDA_START..1 MiB) is backed but reserved.
             assert_eq!(ram, mem - (HIMEM_START.0 - EBDA_START), "mem {mem:#x}");
             // Sorted and non-overlapping.
             for w in map.windows(2) {
                 assert!(w[0].addr + w[0].size <= w[1].addr, "{map:?}");
             }
-            assert!(map.iter().any(|e| e.addr == MMIO_HOLE_START && e.kind == E820Type::Reserved));
-            assert!(!map
+            assert!(map
                 .iter()
-                .any(|e| e.kind == E820Type::Ram && e.addr < MMIO_HOLE_END && e.addr + e.size > MMIO_HOLE_START));
+                .any(|e| e.addr == MMIO_HOLE_START && e.kind == E820Type::Reserved));
+            assert!(!map.iter().any(|e| e.kind == E820Type::Ram
+                && e.addr < MMIO_HOLE_END
+                && e.addr + e.size > MMIO_HOLE_START));
         }
     }
 
@@ -182,9 +194,11 @@ mod tests {
         ];
         for (i, a) in ranges.iter().enumerate() {
             for b in &ranges[i + 1..] {
-                assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "{a:x?} overlaps {b:x?}");
+                assert!(
+                    a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0,
+                    "{a:x?} overlaps {b:x?}"
+                );
             }
         }
-        assert!(BOOT_STACK_POINTER < PML4_START.0 && BOOT_STACK_POINTER > ZERO_PAGE_START.0 + 0x1000);
     }
 }

@@ -6,8 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use quantix_vmm::config::{
-    host_memory_mib, validate_vcpus, BootSource, MemorySize, SerialMode, VmConfig,
-    DEFAULT_CMDLINE,
+    host_memory_mib, validate_vcpus, BootSource, MemorySize, SerialMode, VmConfig, DEFAULT_CMDLINE,
 };
 use quantix_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
 use tracing_subscriber::EnvFilter;
@@ -22,7 +21,12 @@ use tracing_subscriber::EnvFilter;
 #[command(name = "quantix-vmm", version, about, long_about = None)]
 struct Cli {
     /// Linux kernel to boot: an ELF vmlinux (PVH entry used when present) or a bzImage.
-    #[arg(long, value_name = "PATH", required_unless_present = "firmware", conflicts_with = "firmware")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "firmware",
+        conflicts_with = "firmware"
+    )]
     kernel: Option<PathBuf>,
     /// Initial RAM filesystem (cpio, optionally compressed) for the kernel.
     #[arg(long, value_name = "PATH", requires = "kernel")]
@@ -60,7 +64,8 @@ fn parse_vcpus(s: &str) -> Result<u8, String> {
 }
 
 fn init_logging(level: &str, format: &str) -> Result<(), String> {
-    let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid --log-level {level:?}: {e}"))?;
+    let filter =
+        EnvFilter::try_new(level).map_err(|e| format!("invalid --log-level {level:?}: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -86,7 +91,11 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_USAGE as u8);
     }
     let boot = match (cli.kernel, cli.firmware) {
-        (Some(kernel), None) => BootSource::Kernel { kernel, initramfs: cli.initramfs, cmdline: cli.cmdline },
+        (Some(kernel), None) => BootSource::Kernel {
+            kernel,
+            initramfs: cli.initramfs,
+            cmdline: cli.cmdline,
+        },
         (None, Some(fw)) => BootSource::Firmware(fw),
         // clap enforces exactly one of the two.
         _ => return ExitCode::from(EXIT_USAGE as u8),

@@ -77,15 +77,24 @@ impl SignalWatcher {
         // SAFETY: `set` is a valid, initialised signal set; the old mask is not needed.
         let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
         if rc != 0 {
-            return Err(RunError::Host { what: "blocking SIGTERM/SIGINT", source: io::Error::from_raw_os_error(rc) });
+            return Err(RunError::Host {
+                what: "blocking SIGTERM/SIGINT",
+                source: io::Error::from_raw_os_error(rc),
+            });
         }
         // SAFETY: `set` is valid; -1 asks for a new fd, which we own on success.
         let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
         if fd < 0 {
-            return Err(RunError::Host { what: "creating a signalfd", source: io::Error::last_os_error() });
+            return Err(RunError::Host {
+                what: "creating a signalfd",
+                source: io::Error::last_os_error(),
+            });
         }
         // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
-        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) }, exit })
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            exit,
+        })
     }
 }
 
@@ -95,7 +104,13 @@ impl MutEventSubscriber for SignalWatcher {
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: reading at most `size` bytes into `info`, which is `size` bytes long.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
         if n as usize == size {
             let sig = info.ssi_signo as i32;
             info!(signal = sig, "stop signal received; stopping the VM");
@@ -140,7 +155,11 @@ impl MutEventSubscriber for SerialInput {
             self.pending.extend_from_slice(&buf[..n as usize]);
             self.drain();
         }
-        let eof = n == 0 || events.event_set().intersects(EventSet::HANG_UP | EventSet::ERROR) && n <= 0;
+        let eof = n == 0
+            || events
+                .event_set()
+                .intersects(EventSet::HANG_UP | EventSet::ERROR)
+                && n <= 0;
         // Stop reading while the guest has not taken what we have, and at end of input.
         if eof || !self.pending.is_empty() {
             let _ = ops.remove(Events::new_raw(STDIN, EventSet::IN));
@@ -227,8 +246,10 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, RunError> {
         None => None,
     };
 
-    let mut em = EventManager::<Subscriber>::new()
-        .map_err(|e| RunError::Host { what: "creating the event loop", source: io::Error::other(format!("{e:?}")) })?;
+    let mut em = EventManager::<Subscriber>::new().map_err(|e| RunError::Host {
+        what: "creating the event loop",
+        source: io::Error::other(format!("{e:?}")),
+    })?;
     em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
     em.add_subscriber(Arc::new(Mutex::new(signals)));
     if let Some(api) = api {
@@ -238,16 +259,25 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, RunError> {
     let running = vm.start()?;
     let _terminal = (config.serial == SerialMode::Stdout).then(RawTerminal::new);
     let input = (config.serial == SerialMode::Stdout).then(|| {
-        Arc::new(Mutex::new(SerialInput { serial: running.serial.clone(), pending: Vec::new(), watching: false, closed: false }))
+        Arc::new(Mutex::new(SerialInput {
+            serial: running.serial.clone(),
+            pending: Vec::new(),
+            watching: false,
+            closed: false,
+        }))
     });
-    let input_id = input.as_ref().map(|i| em.add_subscriber(i.clone() as Subscriber));
+    let input_id = input
+        .as_ref()
+        .map(|i| em.add_subscriber(i.clone() as Subscriber));
     info!("VM running");
 
     let reason = loop {
         if let Some(reason) = exit.reason() {
             break reason;
         }
-        let pending = input.as_ref().is_some_and(|i| !i.lock().map(|i| i.pending.is_empty()).unwrap_or(true));
+        let pending = input
+            .as_ref()
+            .is_some_and(|i| !i.lock().map(|i| i.pending.is_empty()).unwrap_or(true));
         if let Err(e) = em.run_with_timeout(if pending { 10 } else { -1 }) {
             warn!(error = ?e, "event loop failed");
             exit.request(ExitReason::VmmError(format!("event loop: {e:?}")));
@@ -264,7 +294,11 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, RunError> {
             }
         }
     };
-    info!(reason = reason.name(), exits = running.exit_count(), "stopping the VM");
+    info!(
+        reason = reason.name(),
+        exits = running.exit_count(),
+        "stopping the VM"
+    );
     running.stop();
     Ok(reason)
 }

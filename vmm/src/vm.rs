@@ -6,16 +6,23 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use quantix_devices::legacy::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
-use quantix_devices::legacy::serial::{SerialDevice, SerialSink, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN};
+use quantix_devices::legacy::serial::{
+    SerialDevice, SerialSink, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN,
+};
 use quantix_devices::legacy::IrqTrigger;
 use quantix_devices::power::AcpiPowerDevice;
 use quantix_devices::{Bus, BusError};
 use thiserror::Error;
 use tracing::{info, warn};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::{self, AcpiConfig, AcpiError};
@@ -99,7 +106,9 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
     match Kvm::new() {
         Ok(kvm) => Ok(kvm),
         Err(e) if e.errno() == libc::ENOENT => Err(VmError::KvmMissing),
-        Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => Err(VmError::KvmPermission),
+        Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => {
+            Err(VmError::KvmPermission)
+        }
         Err(e) => Err(VmError::KvmOpen(io::Error::from_raw_os_error(e.errno()))),
     }
 }
@@ -154,7 +163,10 @@ fn serial_sink(mode: &SerialMode) -> Result<SerialSink, VmError> {
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|source| VmError::SerialFile { path: path.clone(), source })?,
+                .map_err(|source| VmError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?,
         ),
     })
 }
@@ -199,36 +211,61 @@ impl Vm {
             };
             // SAFETY: the region is a live mmap owned by `mem`, which the Vm (and later
             // RunningVm) keeps alive for as long as the VM fd exists.
-            unsafe { fd.set_user_memory_region(region_desc) }.map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
+            unsafe { fd.set_user_memory_region(region_desc) }
+                .map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
         }
         if let Some(fw) = &firmware {
             mem.write_slice(&fw.bytes, fw.base)?;
         }
 
         fd.create_irq_chip().map_err(kvm_err("CREATE_IRQCHIP"))?;
-        fd.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
-            .map_err(kvm_err("CREATE_PIT2"))?;
+        fd.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("CREATE_PIT2"))?;
 
         // Devices on the port I/O bus.
         let mut pio = Bus::new();
         let host_err = |what| move |source| VmError::Host { what, source };
         let serial_evt = EventFd::new(EFD_NONBLOCK).map_err(host_err("serial eventfd"))?;
-        fd.register_irqfd(&serial_evt, COM1_IRQ).map_err(kvm_err("IRQFD (serial)"))?;
+        fd.register_irqfd(&serial_evt, COM1_IRQ)
+            .map_err(kvm_err("IRQFD (serial)"))?;
         let serial_irq = serial_evt.try_clone().map_err(host_err("serial eventfd"))?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(IrqTrigger::new(serial_irq), serial_out)));
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            IrqTrigger::new(serial_irq),
+            serial_out,
+        )));
         pio.insert(serial.clone(), COM1_PORT_BASE, COM1_PORT_LEN)?;
-        pio.insert(Arc::new(Mutex::new(I8042::new(exit.clone()))), I8042_PORT_BASE, I8042_PORT_LEN)?;
-        pio.insert(Arc::new(Mutex::new(AcpiPowerDevice::new(exit.clone()))), u64::from(ACPI_POWER_PORT), 1)?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            I8042_PORT_BASE,
+            I8042_PORT_LEN,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiPowerDevice::new(exit.clone()))),
+            u64::from(ACPI_POWER_PORT),
+            1,
+        )?;
         let pio = Arc::new(pio);
         let mmio = Arc::new(Bus::new());
 
         // The boot payload and the tables that describe the machine.
-        let rsdp = acpi::write(&mem, &AcpiConfig { vcpus: config.vcpus })?;
+        let rsdp = acpi::write(
+            &mem,
+            &AcpiConfig {
+                vcpus: config.vcpus,
+            },
+        )?;
         let boot = boot::load_linux(&mem, mem_size, &config.boot, rsdp)?;
 
         // vCPUs.
-        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
-        let msr_list = kvm.get_msr_index_list().map_err(kvm_err("GET_MSR_INDEX_LIST"))?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("GET_MSR_INDEX_LIST"))?;
         let boot_msrs = msrs::boot_msrs(msr_list.as_slice());
         let cpuid_cfg = CpuidConfig {
             vcpus: config.vcpus,
@@ -237,7 +274,9 @@ impl Vm {
         let stop = Arc::new(AtomicBool::new(false));
         let mut vcpus = Vec::with_capacity(config.vcpus.into());
         for index in 0..config.vcpus {
-            let vcpu = fd.create_vcpu(u64::from(index)).map_err(kvm_err("CREATE_VCPU"))?;
+            let vcpu = fd
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("CREATE_VCPU"))?;
             let mut cpuid: CpuId = supported.clone();
             cpuid::normalize(&mut cpuid, index, &cpuid_cfg);
             vcpu.set_cpuid2(&cpuid).map_err(kvm_err("SET_CPUID2"))?;
@@ -247,9 +286,15 @@ impl Vm {
             })?;
             let written = vcpu.set_msrs(&msrs).map_err(kvm_err("SET_MSRS"))?;
             if written != boot_msrs.len() {
-                warn!(vcpu = index, written, wanted = boot_msrs.len(), "KVM accepted only some boot MSRs");
+                warn!(
+                    vcpu = index,
+                    written,
+                    wanted = boot_msrs.len(),
+                    "KVM accepted only some boot MSRs"
+                );
             }
-            vcpu.set_fpu(&regs::boot_fpu()).map_err(kvm_err("SET_FPU"))?;
+            vcpu.set_fpu(&regs::boot_fpu())
+                .map_err(kvm_err("SET_FPU"))?;
             let mut lapic = vcpu.get_lapic().map_err(kvm_err("GET_LAPIC"))?;
             regs::set_lint(&mut lapic);
             vcpu.set_lapic(&lapic).map_err(kvm_err("SET_LAPIC"))?;
@@ -260,7 +305,14 @@ impl Vm {
                     vcpu.set_regs(&r).map_err(kvm_err("SET_REGS"))?;
                 }
             }
-            vcpus.push(Vcpu::new(index, vcpu, pio.clone(), mmio.clone(), exit.clone(), stop.clone()));
+            vcpus.push(Vcpu::new(
+                index,
+                vcpu,
+                pio.clone(),
+                mmio.clone(),
+                exit.clone(),
+                stop.clone(),
+            ));
         }
         info!(
             vcpus = config.vcpus,
@@ -270,7 +322,17 @@ impl Vm {
             last_addr = format_args!("{:#x}", mem.last_addr().raw_value()),
             "VM built"
         );
-        Ok(Vm { _kvm: kvm, fd, mem, vcpus, exit, stop, serial, boot, config: config.clone() })
+        Ok(Vm {
+            _kvm: kvm,
+            fd,
+            mem,
+            vcpus,
+            exit,
+            stop,
+            serial,
+            boot,
+            config: config.clone(),
+        })
     }
 
     /// The configuration the VM was built from.
@@ -294,13 +356,28 @@ impl Vm {
             match vcpu.spawn() {
                 Ok(h) => handles.push(h),
                 Err(source) => {
-                    let running = RunningVm { _fd: self.fd, _mem: self.mem, handles, stop: self.stop, serial: self.serial };
+                    let running = RunningVm {
+                        _fd: self.fd,
+                        _mem: self.mem,
+                        handles,
+                        stop: self.stop,
+                        serial: self.serial,
+                    };
                     running.stop();
-                    return Err(VmError::Host { what: "vCPU thread", source });
+                    return Err(VmError::Host {
+                        what: "vCPU thread",
+                        source,
+                    });
                 }
             }
         }
-        Ok(RunningVm { _fd: self.fd, _mem: self.mem, handles, stop: self.stop, serial: self.serial })
+        Ok(RunningVm {
+            _fd: self.fd,
+            _mem: self.mem,
+            handles,
+            stop: self.stop,
+            serial: self.serial,
+        })
     }
 }
 
@@ -321,6 +398,9 @@ impl RunningVm {
 
     /// Total vCPU exits so far.
     pub fn exit_count(&self) -> u64 {
-        self.handles.iter().map(|h| h.counters.exits.load(Ordering::Relaxed)).sum()
+        self.handles
+            .iter()
+            .map(|h| h.counters.exits.load(Ordering::Relaxed))
+            .sum()
     }
 }

@@ -28,7 +28,10 @@ fn good_kernel(dir: &std::path::Path) -> String {
 fn missing_and_unreadable_kernel() {
     let (code, err) = fails(&["--kernel", "/nonexistent/vmlinux"]);
     assert_eq!(code, 1);
-    assert!(err.contains("cannot read kernel /nonexistent/vmlinux"), "{err}");
+    assert!(
+        err.contains("cannot read kernel /nonexistent/vmlinux"),
+        "{err}"
+    );
     let dir = scratch("dir-kernel");
     let (code, err) = fails(&["--kernel", dir.to_str().unwrap()]);
     assert_eq!(code, 1);
@@ -41,7 +44,10 @@ fn a_file_that_is_no_kernel() {
     for (name, bytes) in [
         ("text", b"#!/bin/sh\necho hi\n".to_vec()),
         ("empty", vec![]),
-        ("elf32", b"\x7fELF\x01\x01\x01\0\0\0\0\0\0\0\0\0\x02\0\x03\0".to_vec()),
+        (
+            "elf32",
+            b"\x7fELF\x01\x01\x01\0\0\0\0\0\0\0\0\0\x02\0\x03\0".to_vec(),
+        ),
     ] {
         let p = write(&dir, name, &bytes);
         let (code, err) = fails(&["--kernel", p.to_str().unwrap()]);
@@ -62,8 +68,18 @@ fn initramfs_that_does_not_fit_and_missing_initramfs() {
     let dir = scratch("initrd");
     let kernel = good_kernel(&dir);
     let big = dir.join("big.cpio");
-    std::fs::File::create(&big).unwrap().set_len(40 << 20).unwrap();
-    let (code, err) = fails(&["--kernel", &kernel, "--initramfs", big.to_str().unwrap(), "--memory", "32M"]);
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    let (code, err) = fails(&[
+        "--kernel",
+        &kernel,
+        "--initramfs",
+        big.to_str().unwrap(),
+        "--memory",
+        "32M",
+    ]);
     assert_eq!(code, 1);
     assert!(err.contains("does not fit in guest memory"), "{err}");
     let (code, err) = fails(&["--kernel", &kernel, "--initramfs", "/nonexistent.cpio"]);
@@ -80,7 +96,10 @@ fn kernel_larger_than_memory() {
     let p = write(&dir, "big.elf", &elf64(&code));
     let (code, err) = fails(&["--kernel", p.to_str().unwrap(), "--memory", "16M"]);
     assert_eq!(code, 1);
-    assert!(err.contains("cannot load kernel") || err.contains("beyond guest RAM"), "{err}");
+    assert!(
+        err.contains("cannot load kernel") || err.contains("beyond guest RAM"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -127,7 +146,11 @@ fn api_socket_path_that_is_a_file_is_refused_before_boot() {
     let (code, err) = fails(&["--kernel", &kernel, "--api-socket", file.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(err.contains("is not a socket"), "{err}");
-    assert_eq!(std::fs::read(&file).unwrap(), b"precious data", "the file is left alone");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"precious data",
+        "the file is left alone"
+    );
 }
 
 /// Runs the VMM in a new mount namespace with /dev replaced by an empty directory.
@@ -137,8 +160,15 @@ fn kvm_device_missing_or_not_permitted() {
     let kernel = good_kernel(&dir);
     let empty = dir.join("emptydev");
     std::fs::create_dir_all(&empty).unwrap();
-    let script = format!("mount --bind {} /dev && exec {} --kernel {kernel}", empty.display(), vmm_bin());
-    let out = Command::new("unshare").args(["--mount", "sh", "-c", &script]).output().unwrap();
+    let script = format!(
+        "mount --bind {} /dev && exec {} --kernel {kernel}",
+        empty.display(),
+        vmm_bin()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .output()
+        .unwrap();
     let (code, _, err) = summary(&out);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("/dev/kvm does not exist"), "{err}");
@@ -146,11 +176,22 @@ fn kvm_device_missing_or_not_permitted() {
     // As an unprivileged user, /dev/kvm (root-only here) cannot be opened.
     let meta = std::fs::metadata("/dev/kvm").unwrap();
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(meta.permissions().mode() & 0o006, 0, "test assumes /dev/kvm is not world-accessible");
+    assert_eq!(
+        meta.permissions().mode() & 0o006,
+        0,
+        "test assumes /dev/kvm is not world-accessible"
+    );
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", vmm_bin(), "--kernel", &kernel])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            vmm_bin(),
+            "--kernel",
+            &kernel,
+        ])
         .output()
         .unwrap();
     let (code, _, err) = summary(&out);

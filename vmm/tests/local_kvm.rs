@@ -53,7 +53,10 @@ fn real_mode_firmware_runs_from_the_reset_vector() {
     code.extend(asm::acpi_poweroff(false));
     code.extend_from_slice(&asm::HALT_LOOP);
     let fw = write(&dir, "fw.bin", &firmware16(&code));
-    let out = run_vmm(&["--firmware", fw.to_str().unwrap(), "--memory", "16M"], LIMIT);
+    let out = run_vmm(
+        &["--firmware", fw.to_str().unwrap(), "--memory", "16M"],
+        LIMIT,
+    );
     let (code, stdout, stderr) = summary(&out);
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout, "real mode\n");
@@ -68,7 +71,10 @@ fn triple_fault_exits_3_with_a_register_dump() {
     let (code, stdout, stderr) = summary(&out);
     assert_eq!(code, Some(3), "{stderr}");
     assert_eq!(stdout, "hello from long mode\n");
-    assert!(stderr.contains("TripleFault") && stderr.contains("rip="), "{stderr}");
+    assert!(
+        stderr.contains("TripleFault") && stderr.contains("rip="),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -79,13 +85,23 @@ fn executing_from_unbacked_memory_is_a_kvm_error_exit_4() {
     let out = run_vmm(&["--kernel", &kernel, "--memory", "64M"], LIMIT);
     let (code, _stdout, stderr) = summary(&out);
     assert_eq!(code, Some(4), "{stderr}");
-    assert!(stderr.contains("KvmError") && stderr.contains("rip="), "{stderr}");
+    assert!(
+        stderr.contains("KvmError") && stderr.contains("rip="),
+        "{stderr}"
+    );
 }
 
 fn spinning_vmm(cpus: &str, extra: &[&str]) -> (std::process::Child, std::path::PathBuf) {
     let dir = scratch(&format!("spin-{cpus}-{}", extra.len()));
     let kernel = long_mode_guest(&dir, "k.elf", &asm::SPIN);
-    let mut args = vec!["--kernel", kernel.as_str(), "--memory", "64M", "--cpus", cpus];
+    let mut args = vec![
+        "--kernel",
+        kernel.as_str(),
+        "--memory",
+        "64M",
+        "--cpus",
+        cpus,
+    ];
     args.extend_from_slice(extra);
     let child = Command::new(vmm_bin())
         .args(&args)

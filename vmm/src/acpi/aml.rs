@@ -86,7 +86,7 @@ pub fn device(name: &[u8; 4], body: &[u8]) -> Vec<u8> {
 /// `EisaId ("PNPxxxx")` as a DWord constant.
 pub fn eisa_id(id: &[u8; 7]) -> Vec<u8> {
     let letter = |c: u8| u32::from(c.wrapping_sub(0x40) & 0x1f);
-    let hex = |c: u8| u32::from((c as char).to_digit(16).unwrap_or(0));
+    let hex = |c: u8| (c as char).to_digit(16).unwrap_or(0);
     let value = (letter(id[0]) << 26)
         | (letter(id[1]) << 21)
         | (letter(id[2]) << 16)
@@ -129,7 +129,10 @@ mod tests {
     fn s5_object_matches_the_reference_encoding() {
         // iasl for `Name (_S5, Package () { 5, 0 })`.
         let s5 = name(b"_S5_", &package(&[integer(5), integer(0)]));
-        assert_eq!(s5, [0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x02, 0x0a, 0x05, 0x00]);
+        assert_eq!(
+            s5,
+            [0x08, b'_', b'S', b'5', b'_', 0x12, 0x05, 0x02, 0x0a, 0x05, 0x00]
+        );
     }
 
     #[test]
@@ -140,7 +143,10 @@ mod tests {
         let crs = io_irq_resources(0x3f8, 8, 4);
         assert_eq!(
             crs,
-            [0x11, 0x10, 0x0a, 0x0d, 0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08, 0x22, 0x10, 0x00, 0x79, 0x00]
+            [
+                0x11, 0x10, 0x0a, 0x0d, 0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08, 0x22, 0x10,
+                0x00, 0x79, 0x00
+            ]
         );
         let dev = device(b"COM1", &name(b"_HID", &eisa_id(b"PNP0501")));
         assert_eq!(&dev[..3], &[0x5b, 0x82, 0x0f]);

@@ -36,7 +36,10 @@ pub fn write(mem: &GuestMemoryMmap, config: &AcpiConfig) -> Result<GuestAddress,
     let blob = build(config, ACPI_START.0);
     let room = ACPI_END - ACPI_START.0;
     if blob.len() as u64 > room {
-        return Err(AcpiError::TooLarge { size: blob.len(), room });
+        return Err(AcpiError::TooLarge {
+            size: blob.len(),
+            room,
+        });
     }
     mem.write_slice(&blob, ACPI_START)?;
     Ok(ACPI_START)

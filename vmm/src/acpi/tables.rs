@@ -121,7 +121,13 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
         .bytes(&[0; 5]) // duty offset/width, alarms, century
         .u16(BOOT_ARCH_VGA_NOT_PRESENT | BOOT_ARCH_CMOS_RTC_NOT_PRESENT)
         .u8(0) // reserved
-        .u32(FLAG_WBINVD | FLAG_PWR_BUTTON | FLAG_SLP_BUTTON | FLAG_RESET_REG_SUP | FLAG_HW_REDUCED_ACPI)
+        .u32(
+            FLAG_WBINVD
+                | FLAG_PWR_BUTTON
+                | FLAG_SLP_BUTTON
+                | FLAG_RESET_REG_SUP
+                | FLAG_HW_REDUCED_ACPI,
+        )
         .bytes(&gas_io_byte(ACPI_POWER_PORT)) // RESET_REG
         .u8(ACPI_RESET_VALUE)
         .u16(0) // ARM boot arch
@@ -215,7 +221,11 @@ mod tests {
         assert_eq!(&blob[off..off + 4], sig);
         let len = u32_at(blob, off + 4) as usize;
         let t = blob[off..off + len].to_vec();
-        assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0, "checksum of {sig:?}");
+        assert_eq!(
+            t.iter().fold(0u8, |a, b| a.wrapping_add(*b)),
+            0,
+            "checksum of {sig:?}"
+        );
         t
     }
 
@@ -260,7 +270,12 @@ mod tests {
 
     #[test]
     fn many_vcpus_fit_in_the_acpi_area() {
-        let blob = build(&AcpiConfig { vcpus: crate::config::MAX_VCPUS }, 0xe0000);
+        let blob = build(
+            &AcpiConfig {
+                vcpus: crate::config::MAX_VCPUS,
+            },
+            0xe0000,
+        );
         assert!((blob.len() as u64) < crate::layout::ACPI_END - 0xe0000);
     }
 }

@@ -16,14 +16,17 @@ pub(super) fn read(path: &Path) -> Result<FirmwareImage, BootError> {
         source,
     })?;
     let size = bytes.len() as u64;
-    if size == 0 || size % 4096 != 0 || size > FIRMWARE_MAX_SIZE {
+    if size == 0 || !size.is_multiple_of(4096) || size > FIRMWARE_MAX_SIZE {
         return Err(BootError::FirmwareSize {
             path: path.to_path_buf(),
             size,
             max: FIRMWARE_MAX_SIZE,
         });
     }
-    Ok(FirmwareImage { base: GuestAddress((1u64 << 32) - size), bytes })
+    Ok(FirmwareImage {
+        base: GuestAddress((1u64 << 32) - size),
+        bytes,
+    })
 }
 
 #[cfg(test)]
@@ -36,13 +39,25 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("qx-fw-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let good = dir.join("good.bin");
-        std::fs::File::create(&good).unwrap().write_all(&[0x90; 8192]).unwrap();
+        std::fs::File::create(&good)
+            .unwrap()
+            .write_all(&[0x90; 8192])
+            .unwrap();
         let fw = read(&good).unwrap();
         assert_eq!(fw.base, GuestAddress(0xffff_e000));
         let bad = dir.join("bad.bin");
-        std::fs::File::create(&bad).unwrap().write_all(&[0x90; 100]).unwrap();
-        assert!(matches!(read(&bad), Err(BootError::FirmwareSize { size: 100, .. })));
-        assert!(matches!(read(&dir.join("missing")), Err(BootError::Read { .. })));
+        std::fs::File::create(&bad)
+            .unwrap()
+            .write_all(&[0x90; 100])
+            .unwrap();
+        assert!(matches!(
+            read(&bad),
+            Err(BootError::FirmwareSize { size: 100, .. })
+        ));
+        assert!(matches!(
+            read(&dir.join("missing")),
+            Err(BootError::Read { .. })
+        ));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

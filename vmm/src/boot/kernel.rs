@@ -58,7 +58,11 @@ impl LoadedKernel {
 }
 
 fn open(path: &Path, what: &'static str) -> Result<File, BootError> {
-    let read_err = |source| BootError::Read { what, path: path.to_path_buf(), source };
+    let read_err = |source| BootError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
     let file = File::open(path).map_err(read_err)?;
     let meta = file.metadata().map_err(read_err)?;
     if !meta.is_file() {
@@ -72,7 +76,11 @@ fn open(path: &Path, what: &'static str) -> Result<File, BootError> {
 
 /// Identifies the image by its magic numbers.
 pub(super) fn detect(file: &mut File, path: &Path) -> Result<KernelFormat, BootError> {
-    let read_err = |source| BootError::Read { what: "kernel", path: path.to_path_buf(), source };
+    let read_err = |source| BootError::Read {
+        what: "kernel",
+        path: path.to_path_buf(),
+        source,
+    };
     let mut head = [0u8; 0x206];
     file.seek(SeekFrom::Start(0)).map_err(read_err)?;
     let mut n = 0;
@@ -99,7 +107,10 @@ pub(super) fn load(
 ) -> Result<LoadedKernel, BootError> {
     let mut file = open(path, "kernel")?;
     let format = detect(&mut file, path)?;
-    let load_err = |source| BootError::Load { path: path.to_path_buf(), source };
+    let load_err = |source| BootError::Load {
+        path: path.to_path_buf(),
+        source,
+    };
     let loaded = match format {
         KernelFormat::Elf | KernelFormat::ElfPvh => {
             let r = Elf::load(mem, None, &mut file, Some(HIMEM_START)).map_err(load_err)?;
@@ -120,15 +131,24 @@ pub(super) fn load(
         }
         KernelFormat::BzImage => {
             let r = BzImage::load(mem, None, &mut file, Some(HIMEM_START)).map_err(load_err)?;
-            let header = r.setup_header.ok_or_else(|| BootError::NotAKernel(path.to_path_buf()))?;
+            let header = r
+                .setup_header
+                .ok_or_else(|| BootError::NotAKernel(path.to_path_buf()))?;
             // The 64-bit entry (startup_64) is 0x200 past the protected-mode code, from 2.06 on
             // with XLF_KERNEL_64 set.
             let version = header.version;
             if version < 0x206 || header.xloadflags & 1 == 0 {
-                return Err(BootError::OldBootProtocol { path: path.to_path_buf(), version });
+                return Err(BootError::OldBootProtocol {
+                    path: path.to_path_buf(),
+                    version,
+                });
             }
             // The decompressor needs init_size bytes from the load address.
-            let end = r.kernel_load.0.saturating_add(u64::from(header.init_size)).max(r.kernel_end);
+            let end = r
+                .kernel_load
+                .0
+                .saturating_add(u64::from(header.init_size))
+                .max(r.kernel_end);
             LoadedKernel {
                 format,
                 entry: GuestAddress(r.kernel_load.0 + 0x200),
@@ -139,7 +159,9 @@ pub(super) fn load(
     };
     // The loader checked each segment against memory; the BSS (or the bzImage's
     // decompression space) must fit as well.
-    if mem.last_addr().0 < loaded.end.saturating_sub(1) || loaded.end > mem_size.min(MMIO_HOLE_START) {
+    if mem.last_addr().0 < loaded.end.saturating_sub(1)
+        || loaded.end > mem_size.min(MMIO_HOLE_START)
+    {
         return Err(BootError::KernelTooLarge {
             path: path.to_path_buf(),
             end: loaded.end,
@@ -157,7 +179,11 @@ pub(super) fn load_initramfs(
     kernel: &LoadedKernel,
 ) -> Result<(GuestAddress, u64), BootError> {
     let mut file = open(path, "initramfs")?;
-    let read_err = |source| BootError::Read { what: "initramfs", path: path.to_path_buf(), source };
+    let read_err = |source| BootError::Read {
+        what: "initramfs",
+        path: path.to_path_buf(),
+        source,
+    };
     let size = file.metadata().map_err(read_err)?.len();
     let limit = kernel.initrd_limit(mem_size);
     let kernel_end = kernel.end;
@@ -174,10 +200,11 @@ pub(super) fn load_initramfs(
     let mut slice = mem
         .get_slice(GuestAddress(start), size as usize)
         .map_err(|_| too_large())?;
-    file.read_exact_volatile(&mut slice).map_err(|e| BootError::Read {
-        what: "initramfs",
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    file.read_exact_volatile(&mut slice)
+        .map_err(|e| BootError::Read {
+            what: "initramfs",
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
     Ok((GuestAddress(start), size))
 }

@@ -47,7 +47,9 @@ pub enum BootError {
         source: linux_loader::loader::Error,
     },
     /// The kernel does not fit in guest memory.
-    #[error("kernel {path} ends at {end:#x}, beyond guest RAM ({mem_mib} MiB): give the VM more memory")]
+    #[error(
+        "kernel {path} ends at {end:#x}, beyond guest RAM ({mem_mib} MiB): give the VM more memory"
+    )]
     KernelTooLarge {
         /// The kernel.
         path: PathBuf,
@@ -115,7 +117,10 @@ fn write_reset_stub(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     const _: () = assert!(quantix_devices::power::ACPI_RESET_VALUE == 1);
     use vm_memory::Bytes;
     mem.write_slice(&RESET_STUB[..], crate::layout::BIOS_RESET_VECTOR)
-        .map_err(|e| BootError::GuestMemory { what: "reset vector stub", reason: e.to_string() })
+        .map_err(|e| BootError::GuestMemory {
+            what: "reset vector stub",
+            reason: e.to_string(),
+        })
 }
 
 /// Where and how the boot vCPU starts.
@@ -165,8 +170,16 @@ pub fn load_linux(
     source: &BootSource,
     rsdp: GuestAddress,
 ) -> Result<BootInfo, BootError> {
-    let BootSource::Kernel { kernel, initramfs, cmdline } = source else {
-        return Ok(BootInfo { entry: EntryPoint::ResetVector, format: None });
+    let BootSource::Kernel {
+        kernel,
+        initramfs,
+        cmdline,
+    } = source
+    else {
+        return Ok(BootInfo {
+            entry: EntryPoint::ResetVector,
+            format: None,
+        });
     };
     let loaded = kernel::load(mem, mem_size, kernel)?;
     let initrd = match initramfs {
@@ -176,5 +189,8 @@ pub fn load_linux(
     params::write_cmdline(mem, cmdline, loaded.cmdline_limit())?;
     write_reset_stub(mem)?;
     let entry = params::write(mem, mem_size, &loaded, initrd, cmdline, rsdp)?;
-    Ok(BootInfo { entry, format: Some(loaded.format) })
+    Ok(BootInfo {
+        entry,
+        format: Some(loaded.format),
+    })
 }

@@ -33,7 +33,10 @@ struct MemmapEntry(hvm_memmap_table_entry);
 unsafe impl ByteValued for MemmapEntry {}
 
 fn mem_err(what: &'static str) -> impl Fn(vm_memory::GuestMemoryError) -> BootError {
-    move |e| BootError::GuestMemory { what, reason: e.to_string() }
+    move |e| BootError::GuestMemory {
+        what,
+        reason: e.to_string(),
+    }
 }
 
 /// Writes the NUL-terminated command line at `CMDLINE_START`.
@@ -54,7 +57,8 @@ pub(super) fn write_cmdline(
     let mut bytes = Vec::with_capacity(cmdline.len() + 1);
     bytes.extend_from_slice(cmdline.as_bytes());
     bytes.push(0);
-    mem.write_slice(&bytes, CMDLINE_START).map_err(mem_err("command line"))
+    mem.write_slice(&bytes, CMDLINE_START)
+        .map_err(mem_err("command line"))
 }
 
 /// Writes the zero page or the PVH start info, and returns the entry point.
@@ -69,12 +73,17 @@ pub(super) fn write(
     match kernel.format {
         KernelFormat::ElfPvh => {
             write_pvh(mem, mem_size, initrd, rsdp)?;
-            Ok(EntryPoint::Pvh { entry: kernel.entry })
+            Ok(EntryPoint::Pvh {
+                entry: kernel.entry,
+            })
         }
         KernelFormat::Elf | KernelFormat::BzImage => {
             let params = zero_page(mem_size, kernel, initrd, cmdline, rsdp)?;
-            mem.write_obj(params, ZERO_PAGE_START).map_err(mem_err("zero page"))?;
-            Ok(EntryPoint::Linux64 { entry: kernel.entry })
+            mem.write_obj(params, ZERO_PAGE_START)
+                .map_err(mem_err("zero page"))?;
+            Ok(EntryPoint::Linux64 {
+                entry: kernel.entry,
+            })
         }
     }
 }
@@ -114,7 +123,11 @@ pub(super) fn zero_page(
         });
     }
     for (slot, e) in params.e820_table.iter_mut().zip(&map) {
-        *slot = boot_e820_entry { addr: e.addr, size: e.size, r#type: e.kind as u32 };
+        *slot = boot_e820_entry {
+            addr: e.addr,
+            size: e.size,
+            r#type: e.kind as u32,
+        };
     }
     params.e820_entries = map.len() as u8;
     Ok(params)
@@ -167,12 +180,20 @@ fn write_pvh(
         // One module, the initramfs, described right after the memory map.
         let mod_addr = PVH_MEMMAP_START.unchecked_add((map.len() * 24) as u64);
         let mod_addr = GuestAddress(mod_addr.0.next_multiple_of(8));
-        mem.write_obj(ModEntry { paddr: addr.0, size, ..Default::default() }, mod_addr)
-            .map_err(mem_err("PVH module list"))?;
+        mem.write_obj(
+            ModEntry {
+                paddr: addr.0,
+                size,
+                ..Default::default()
+            },
+            mod_addr,
+        )
+        .map_err(mem_err("PVH module list"))?;
         info.nr_modules = 1;
         info.modlist_paddr = mod_addr.0;
     }
-    mem.write_obj(StartInfo(info), PVH_INFO_START).map_err(mem_err("PVH start info"))
+    mem.write_obj(StartInfo(info), PVH_INFO_START)
+        .map_err(mem_err("PVH start info"))
 }
 
 #[cfg(test)]
@@ -182,12 +203,24 @@ mod tests {
     use linux_loader::bootparam::setup_header;
 
     fn elf_kernel() -> LoadedKernel {
-        LoadedKernel { format: KernelFormat::Elf, entry: GuestAddress(0x100_0000), end: 0x200_0000, header: None }
+        LoadedKernel {
+            format: KernelFormat::Elf,
+            entry: GuestAddress(0x100_0000),
+            end: 0x200_0000,
+            header: None,
+        }
     }
 
     #[test]
     fn zero_page_for_elf_has_magic_cmdline_initrd_and_e820() {
-        let p = zero_page(512 << 20, &elf_kernel(), Some((GuestAddress(0x1000_0000), 0x1234)), "console=ttyS0", GuestAddress(0xe0000)).unwrap();
+        let p = zero_page(
+            512 << 20,
+            &elf_kernel(),
+            Some((GuestAddress(0x1000_0000), 0x1234)),
+            "console=ttyS0",
+            GuestAddress(0xe0000),
+        )
+        .unwrap();
         assert_eq!({ p.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!({ p.hdr.type_of_loader }, 0xff);
@@ -198,21 +231,38 @@ mod tests {
         assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
         let n = p.e820_entries as usize;
         assert_eq!(n, e820_map(512 << 20).len());
-        let last_ram = p.e820_table[..n].iter().filter(|e| e.r#type == E820Type::Ram as u32).last().copied().unwrap();
+        let last_ram = p.e820_table[..n]
+            .iter()
+            .rfind(|e| e.r#type == E820Type::Ram as u32)
+            .copied()
+            .unwrap();
         assert_eq!({ last_ram.addr } + { last_ram.size }, 512 << 20);
     }
 
     #[test]
     fn zero_page_for_bzimage_keeps_the_kernels_header() {
-        let header = setup_header { version: 0x20f, init_size: 0x100_0000, xloadflags: 1, cmdline_size: 2047, ..Default::default() };
-        let k = LoadedKernel { format: KernelFormat::BzImage, entry: GuestAddress(0x100200), end: 0x110_0000, header: Some(header) };
+        let header = setup_header {
+            version: 0x20f,
+            init_size: 0x100_0000,
+            xloadflags: 1,
+            cmdline_size: 2047,
+            ..Default::default()
+        };
+        let k = LoadedKernel {
+            format: KernelFormat::BzImage,
+            entry: GuestAddress(0x100200),
+            end: 0x110_0000,
+            header: Some(header),
+        };
         let p = zero_page(4 << 30, &k, None, "", GuestAddress(0xe0000)).unwrap();
         assert_eq!({ p.hdr.version }, 0x20f);
         assert_eq!({ p.hdr.loadflags } & LOADED_HIGH, LOADED_HIGH);
         assert_eq!({ p.hdr.ramdisk_image }, 0);
         // RAM above 4 GiB is described.
         let n = p.e820_entries as usize;
-        assert!(p.e820_table[..n].iter().any(|e| e.addr == 1 << 32 && e.size == (4 << 30) - MMIO_HOLE_START));
+        assert!(p.e820_table[..n]
+            .iter()
+            .any(|e| e.addr == 1 << 32 && e.size == (4 << 30) - MMIO_HOLE_START));
         assert_eq!(k.cmdline_limit(), 2048);
     }
 
@@ -223,14 +273,26 @@ mod tests {
         let mut buf = [0u8; 4];
         mem.read_slice(&mut buf, CMDLINE_START).unwrap();
         assert_eq!(&buf, b"a b\0");
-        assert!(matches!(write_cmdline(&mem, "a\0b", 2048), Err(BootError::Cmdline(_))));
-        assert!(matches!(write_cmdline(&mem, "abcd", 4), Err(BootError::Cmdline(_))));
+        assert!(matches!(
+            write_cmdline(&mem, "a\0b", 2048),
+            Err(BootError::Cmdline(_))
+        ));
+        assert!(matches!(
+            write_cmdline(&mem, "abcd", 4),
+            Err(BootError::Cmdline(_))
+        ));
     }
 
     #[test]
     fn pvh_start_info_and_module() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        write_pvh(&mem, 256 << 20, Some((GuestAddress(0x80_0000), 4096)), GuestAddress(0xe0000)).unwrap();
+        write_pvh(
+            &mem,
+            256 << 20,
+            Some((GuestAddress(0x80_0000), 4096)),
+            GuestAddress(0xe0000),
+        )
+        .unwrap();
         let info: StartInfo = mem.read_obj(PVH_INFO_START).unwrap();
         assert_eq!(info.0.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.0.nr_modules, 1);

@@ -39,7 +39,13 @@ pub fn normalize(cpuid: &mut CpuId, index: u8, cfg: &CpuidConfig) {
     }
 }
 
-fn normalize_entry(e: &mut kvm_cpuid_entry2, apic_id: u32, n: u32, core_bits: u32, cfg: &CpuidConfig) {
+fn normalize_entry(
+    e: &mut kvm_cpuid_entry2,
+    apic_id: u32,
+    n: u32,
+    core_bits: u32,
+    cfg: &CpuidConfig,
+) {
     match e.function {
         0x1 => {
             // EBX: APIC ID [31:24], logical processors per package [23:16], CLFLUSH 8*8 bytes.
@@ -59,7 +65,8 @@ fn normalize_entry(e: &mut kvm_cpuid_entry2, apic_id: u32, n: u32, core_bits: u3
             // per core except the last level, shared by the package.
             let level = (e.eax >> 5) & 0x7;
             let sharing = if level >= 3 { n.saturating_sub(1) } else { 0 };
-            e.eax = (e.eax & 0x3fff) | ((sharing & 0xfff) << 14) | ((n.saturating_sub(1) & 0x3f) << 26);
+            e.eax =
+                (e.eax & 0x3fff) | ((sharing & 0xfff) << 14) | ((n.saturating_sub(1) & 0x3f) << 26);
         }
         0x6 => {
             // No thermal or power management to offer.
@@ -110,7 +117,12 @@ mod tests {
     use super::*;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, ebx: 0xffff_ffff, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ebx: 0xffff_ffff,
+            ..Default::default()
+        }
     }
 
     fn sample() -> CpuId {
@@ -119,19 +131,30 @@ mod tests {
             entry(0xb, 0),
             entry(0xb, 1),
             entry(0xb, 2),
-            kvm_cpuid_entry2 { function: 0x4, index: 3, eax: (3 << 5) | 0x1, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 0x4,
+                index: 3,
+                eax: (3 << 5) | 0x1,
+                ..Default::default()
+            },
             entry(0x8000_001e, 0),
         ])
         .unwrap()
     }
 
     fn find(c: &CpuId, f: u32, i: u32) -> kvm_cpuid_entry2 {
-        *c.as_slice().iter().find(|e| e.function == f && e.index == i).unwrap()
+        *c.as_slice()
+            .iter()
+            .find(|e| e.function == f && e.index == i)
+            .unwrap()
     }
 
     #[test]
     fn apic_ids_and_topology_per_vcpu() {
-        let cfg = CpuidConfig { vcpus: 4, tsc_deadline: true };
+        let cfg = CpuidConfig {
+            vcpus: 4,
+            tsc_deadline: true,
+        };
         for idx in 0..4u8 {
             let mut c = sample();
             normalize(&mut c, idx, &cfg);
@@ -157,7 +180,14 @@ mod tests {
     #[test]
     fn single_vcpu_has_no_htt_and_zero_core_bits() {
         let mut c = sample();
-        normalize(&mut c, 0, &CpuidConfig { vcpus: 1, tsc_deadline: false });
+        normalize(
+            &mut c,
+            0,
+            &CpuidConfig {
+                vcpus: 1,
+                tsc_deadline: false,
+            },
+        );
         let l1 = find(&c, 1, 0);
         assert_eq!(l1.edx & EDX_HTT, 0);
         assert_eq!(l1.ecx & ECX_TSC_DEADLINE, 0);

@@ -34,7 +34,11 @@ pub fn boot_msrs(supported: &[u32]) -> Vec<kvm_msr_entry> {
     ]
     .into_iter()
     .filter(|(index, _)| supported.contains(index))
-    .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+    .map(|(index, data)| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    })
     .collect()
 }
 

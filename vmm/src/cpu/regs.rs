@@ -36,7 +36,11 @@ pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
     let present = bit(47);
     kvm_segment {
         base: ((entry & 0xff00_0000_0000_0000) >> 32) | ((entry & 0x0000_00ff_ffff_0000) >> 16),
-        limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if g == 1 {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector: index * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present,
@@ -150,7 +154,11 @@ pub fn boot_state(
 
 /// The x87/SSE state at boot: default control word and MXCSR.
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
+    kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    }
 }
 
 const APIC_LVT0: usize = 0x350;
@@ -184,7 +192,17 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_the_expected_segments() {
         let code = segment_from_gdt(GDT_LONG_MODE[1], 1);
-        assert_eq!((code.selector, code.l, code.db, code.g, code.present, code.type_), (8, 1, 0, 1, 1, 0xb));
+        assert_eq!(
+            (
+                code.selector,
+                code.l,
+                code.db,
+                code.g,
+                code.present,
+                code.type_
+            ),
+            (8, 1, 0, 1, 1, 0xb)
+        );
         assert_eq!(code.limit, 0xffff_ffff);
         let data = segment_from_gdt(GDT_LONG_MODE[2], 2);
         assert_eq!((data.selector, data.db, data.type_, data.s), (16, 1, 3, 1));
@@ -198,15 +216,26 @@ mod tests {
     #[test]
     fn long_mode_state_and_identity_map() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let (regs, sregs) = boot_state(&mem, EntryPoint::Linux64 { entry: GuestAddress(0x100200) }, kvm_sregs::default())
-            .unwrap()
-            .unwrap();
-        assert_eq!((regs.rip, regs.rsi, regs.rsp), (0x100200, ZERO_PAGE_START.0, BOOT_STACK_POINTER));
+        let (regs, sregs) = boot_state(
+            &mem,
+            EntryPoint::Linux64 {
+                entry: GuestAddress(0x100200),
+            },
+            kvm_sregs::default(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (regs.rip, regs.rsi, regs.rsp),
+            (0x100200, ZERO_PAGE_START.0, BOOT_STACK_POINTER)
+        );
         assert_eq!(sregs.cr3, PML4_START.0);
         assert_ne!(sregs.efer & EFER_LMA, 0);
         assert_ne!(sregs.cr0 & X86_CR0_PG, 0);
         // The last 2 MiB page below 4 GiB maps to itself.
-        let last: u64 = mem.read_obj(GuestAddress(PDE_START.0 + 3 * 0x1000 + 511 * 8)).unwrap();
+        let last: u64 = mem
+            .read_obj(GuestAddress(PDE_START.0 + 3 * 0x1000 + 511 * 8))
+            .unwrap();
         assert_eq!(last & !0xfff, 0xffe0_0000);
         let pdpte3: u64 = mem.read_obj(GuestAddress(PDPTE_START.0 + 24)).unwrap();
         assert_eq!(pdpte3 & !0xfff, PDE_START.0 + 0x3000);
@@ -215,13 +244,23 @@ mod tests {
     #[test]
     fn pvh_state_is_flat_protected_mode() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let (regs, sregs) = boot_state(&mem, EntryPoint::Pvh { entry: GuestAddress(0x1000000) }, kvm_sregs::default())
-            .unwrap()
-            .unwrap();
+        let (regs, sregs) = boot_state(
+            &mem,
+            EntryPoint::Pvh {
+                entry: GuestAddress(0x1000000),
+            },
+            kvm_sregs::default(),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!((regs.rip, regs.rbx), (0x1000000, PVH_INFO_START.0));
         assert_eq!(sregs.cr0 & X86_CR0_PG, 0);
         assert_eq!(sregs.cs.db, 1);
-        assert!(boot_state(&mem, EntryPoint::ResetVector, kvm_sregs::default()).unwrap().is_none());
+        assert!(
+            boot_state(&mem, EntryPoint::ResetVector, kvm_sregs::default())
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

@@ -138,7 +138,11 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || self.run())?;
-        Ok(VcpuHandle { index, thread, counters })
+        Ok(VcpuHandle {
+            index,
+            thread,
+            counters,
+        })
     }
 
     fn run(mut self) {
@@ -162,7 +166,12 @@ impl Vcpu {
         }
         KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
         if let Ok(r) = self.fd.get_regs() {
-            debug!(vcpu = self.index, rip = format_args!("{:#x}", r.rip), rsp = format_args!("{:#x}", r.rsp), "vCPU thread stopped");
+            debug!(
+                vcpu = self.index,
+                rip = format_args!("{:#x}", r.rip),
+                rsp = format_args!("{:#x}", r.rsp),
+                "vCPU thread stopped"
+            );
         }
     }
 
@@ -175,14 +184,28 @@ impl Vcpu {
                 self.counters.io.fetch_add(1, Ordering::Relaxed);
                 if !self.pio.read(u64::from(port), data) {
                     data.fill(0xff);
-                    note_unclaimed(&self.counters, &mut self.seen_unclaimed, index, false, port.into(), "in");
+                    note_unclaimed(
+                        &self.counters,
+                        &mut self.seen_unclaimed,
+                        index,
+                        false,
+                        port.into(),
+                        "in",
+                    );
                 }
                 Outcome::Continue
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 self.counters.io.fetch_add(1, Ordering::Relaxed);
                 if !self.pio.write(u64::from(port), data) {
-                    note_unclaimed(&self.counters, &mut self.seen_unclaimed, index, false, port.into(), "out");
+                    note_unclaimed(
+                        &self.counters,
+                        &mut self.seen_unclaimed,
+                        index,
+                        false,
+                        port.into(),
+                        "out",
+                    );
                 }
                 Outcome::Continue
             }
@@ -190,14 +213,28 @@ impl Vcpu {
                 self.counters.mmio.fetch_add(1, Ordering::Relaxed);
                 if !self.mmio.read(addr, data) {
                     data.fill(0xff);
-                    note_unclaimed(&self.counters, &mut self.seen_unclaimed, index, true, addr, "read");
+                    note_unclaimed(
+                        &self.counters,
+                        &mut self.seen_unclaimed,
+                        index,
+                        true,
+                        addr,
+                        "read",
+                    );
                 }
                 Outcome::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 self.counters.mmio.fetch_add(1, Ordering::Relaxed);
                 if !self.mmio.write(addr, data) {
-                    note_unclaimed(&self.counters, &mut self.seen_unclaimed, index, true, addr, "write");
+                    note_unclaimed(
+                        &self.counters,
+                        &mut self.seen_unclaimed,
+                        index,
+                        true,
+                        addr,
+                        "write",
+                    );
                 }
                 Outcome::Continue
             }
@@ -214,10 +251,18 @@ impl Vcpu {
             Ok(VcpuExit::InternalError) => {
                 let internal = self.fd.get_kvm_run();
                 // SAFETY: for KVM_EXIT_INTERNAL_ERROR the union holds `internal`.
-                let (suberror, ndata) = unsafe { (internal.__bindgen_anon_1.internal.suberror, internal.__bindgen_anon_1.internal.ndata) };
+                let (suberror, ndata) = unsafe {
+                    (
+                        internal.__bindgen_anon_1.internal.suberror,
+                        internal.__bindgen_anon_1.internal.ndata,
+                    )
+                };
                 Outcome::Fatal(ExitReason::KvmError {
                     vcpu: index,
-                    detail: format!("KVM internal error, suberror {suberror} ({}), {ndata} data words", suberror_name(suberror)),
+                    detail: format!(
+                        "KVM internal error, suberror {suberror} ({}), {ndata} data words",
+                        suberror_name(suberror)
+                    ),
                 })
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => Outcome::Fatal(ExitReason::KvmError {
@@ -225,7 +270,10 @@ impl Vcpu {
                 detail: format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"),
             }),
             Ok(VcpuExit::Intr) => Outcome::Continue,
-            Ok(other) => Outcome::Fatal(ExitReason::Unhandled { vcpu: index, exit: format!("{other:?}") }),
+            Ok(other) => Outcome::Fatal(ExitReason::Unhandled {
+                vcpu: index,
+                exit: format!("{other:?}"),
+            }),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
                 Outcome::Continue
@@ -263,7 +311,13 @@ fn note_unclaimed(
     counters.unclaimed.fetch_add(1, Ordering::Relaxed);
     // Guests probe absent hardware; log each address once, and cap the memory this takes.
     if seen.len() < 4096 && seen.insert((mmio, addr)) {
-        debug!(vcpu, addr = format_args!("{addr:#x}"), op, space = if mmio { "mmio" } else { "pio" }, "access to unclaimed address");
+        debug!(
+            vcpu,
+            addr = format_args!("{addr:#x}"),
+            op,
+            space = if mmio { "mmio" } else { "pio" },
+            "access to unclaimed address"
+        );
     }
 }
 

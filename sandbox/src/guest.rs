@@ -1,0 +1,166 @@
+//! Custom nested-guest initramfs images: the base image from the assets plus
+//! an appended overlay archive (the kernel unpacks concatenated archives in
+//! order, later files replacing earlier ones).
+//!
+//! ```no_run
+//! # fn main() -> Result<(), quantix_sandbox::SandboxError> {
+//! use quantix_sandbox::{Assets, GuestInitramfs, Payload};
+//! let assets = Assets::from_env()?;
+//! let image = GuestInitramfs::new(&assets)
+//!     .script("#!/bin/sh\necho hello from the guest\n")
+//!     .build()?;
+//! let mut payload = Payload::new();
+//! payload.add_bytes("/payload/guest-script.cpio", image, 0o644)?;
+//! // ...then boot the guest with qx.action=script
+//! # Ok(()) }
+//! ```
+
+use std::fs;
+use std::path::PathBuf;
+
+use crate::assets::Assets;
+use crate::cpio::CpioWriter;
+use crate::error::SandboxError;
+
+/// The line the guest's `/init` prints first:
+/// `QX-GUEST-INIT cpus=<n> memtotal_kb=<n> uptime=<s> kernel=<release>`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct GuestInit {
+    /// Online CPUs in the guest.
+    pub cpus: u32,
+    /// `MemTotal` of the guest, KiB.
+    pub memtotal_kb: u64,
+    /// Guest uptime (seconds) when `/init` printed the line.
+    pub uptime_s: f64,
+    /// `uname -r` of the guest.
+    pub kernel: String,
+}
+
+impl GuestInit {
+    /// Finds the first `QX-GUEST-INIT` line in `text` (e.g. a job's output;
+    /// the marker may be preceded by other text on its line).
+    pub fn find(text: &str) -> Option<GuestInit> {
+        text.lines().find_map(Self::parse_line)
+    }
+
+    /// Parses one line containing the marker.
+    pub fn parse_line(line: &str) -> Option<GuestInit> {
+        let at = line.find("QX-GUEST-INIT ")?;
+        let fields: Vec<(&str, &str)> = line[at..]
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|t| t.split_once('='))
+            .collect();
+        let get = |key: &str| fields.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+        Some(GuestInit {
+            cpus: get("cpus")?.parse().ok()?,
+            memtotal_kb: get("memtotal_kb")?.parse().ok()?,
+            uptime_s: get("uptime")?.parse().ok()?,
+            kernel: get("kernel")?.to_string(),
+        })
+    }
+}
+
+/// Path of the script the guest's `/init` runs with `qx.action=script`.
+pub const GUEST_SCRIPT: &str = "/qx-script";
+
+/// Builder of a guest initramfs with extra files.
+#[derive(Debug, Clone)]
+pub struct GuestInitramfs {
+    base: PathBuf,
+    files: Vec<(String, Vec<u8>, u32)>,
+}
+
+impl GuestInitramfs {
+    /// Starts from the assets' guest initramfs.
+    pub fn new(assets: &Assets) -> Self {
+        GuestInitramfs {
+            base: assets.guest_initramfs.clone(),
+            files: Vec::new(),
+        }
+    }
+
+    /// Adds a file inside the guest.
+    pub fn file(mut self, dest: &str, data: impl Into<Vec<u8>>, mode: u32) -> Self {
+        self.files.push((dest.to_string(), data.into(), mode));
+        self
+    }
+
+    /// Adds [`GUEST_SCRIPT`] (run by `/init` with `qx.action=script`).
+    pub fn script(self, script: impl Into<Vec<u8>>) -> Self {
+        self.file(GUEST_SCRIPT, script, 0o755)
+    }
+
+    /// The image: base archive followed by the overlay archive.
+    pub fn build(&self) -> Result<Vec<u8>, SandboxError> {
+        let mut image = fs::read(&self.base)
+            .map_err(|e| SandboxError::io(format!("reading {}", self.base.display()), e))?;
+        if self.files.is_empty() {
+            return Ok(image);
+        }
+        // The base ends with a trailer; keep the next archive 4-byte aligned.
+        while image.len() % 4 != 0 {
+            image.push(0);
+        }
+        let mut w = CpioWriter::new(image);
+        for (dest, data, mode) in &self.files {
+            w.file(dest, *mode, data)
+                .map_err(|e| SandboxError::InvalidPayload {
+                    dest: dest.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        w.finish()
+            .map_err(|e| SandboxError::io("building the guest overlay archive", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpio;
+
+    #[test]
+    fn parses_the_guest_init_line() {
+        let out = "[    1.0] Run /init as init process\n\
+                   QX-GUEST-INIT cpus=2 memtotal_kb=223520 uptime=16.37 kernel=6.1.0-56-cloud-amd64\n";
+        assert_eq!(
+            GuestInit::find(out),
+            Some(GuestInit {
+                cpus: 2,
+                memtotal_kb: 223520,
+                uptime_s: 16.37,
+                kernel: "6.1.0-56-cloud-amd64".into()
+            })
+        );
+        assert_eq!(
+            GuestInit::find("QX-GUEST-INIT cpus=x memtotal_kb=1 uptime=1 kernel=k"),
+            None
+        );
+        assert_eq!(GuestInit::find("nothing here"), None);
+    }
+
+    #[test]
+    fn overlay_is_appended() {
+        let dir = std::env::temp_dir().join(format!("qx-guest-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let base_path = dir.join("base.cpio");
+        let mut base = CpioWriter::new(Vec::new());
+        base.file("/init", 0o755, b"#!/bin/sh\n").unwrap();
+        let mut base = base.finish().unwrap();
+        base.extend_from_slice(&[0u8; 2]); // odd padding like GNU cpio's 512-byte blocks
+        fs::write(&base_path, &base).unwrap();
+        let g = GuestInitramfs {
+            base: base_path,
+            files: Vec::new(),
+        }
+        .script("echo hi\n");
+        let image = g.build().unwrap();
+        let _ = fs::remove_dir_all(&dir);
+        let entries = cpio::parse(&image).unwrap();
+        let names: Vec<_> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["init", "qx-script"]);
+        assert_eq!(entries[1].data, b"echo hi\n");
+        assert_eq!(entries[1].mode & 0o777, 0o755);
+    }
+}
