@@ -5,6 +5,9 @@
 //!     --job 'kvm=ls -l /dev/kvm' -- quantix-vmm --help
 //! ```
 //!
+//! `--vmm` builds this workspace's `quantix-vmm` statically and adds it as
+//! `/payload/quantix-vmm` (the payload directory is on the jobs' `PATH`).
+//!
 //! Exit status: 0 all jobs succeeded, 1 a job failed or timed out,
 //! 2 infrastructure failure, 3 bad usage or missing assets.
 
@@ -31,6 +34,9 @@ struct Args {
     /// Add Debian's qemu-system-x86_64 (with libraries and microvm firmware).
     #[arg(long)]
     qemu: bool,
+    /// Build quantix-vmm statically from this workspace and add it as /payload/quantix-vmm.
+    #[arg(long)]
+    vmm: bool,
     /// A job running a shell command: NAME=COMMAND (repeatable, run in order).
     #[arg(long = "job", value_name = "NAME=COMMAND")]
     jobs: Vec<String>,
@@ -67,6 +73,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .with_target(false)
         .init();
     let args = Args::parse();
     match run(&args) {
@@ -103,6 +112,10 @@ fn run(args: &Args) -> Result<ExitCode, SandboxError> {
     for spec in &args.dirs {
         let (src, dest) = split_spec(spec)?;
         payload.add_dir(src, dest)?;
+    }
+    if args.vmm {
+        let vmm = quantix_sandbox::build::static_binary("quantix-vmm", "quantix-vmm")?;
+        payload.add_file(vmm, "/payload/quantix-vmm")?;
     }
     if args.qemu {
         let assets = sandbox.assets().clone();
