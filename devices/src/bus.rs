@@ -110,7 +110,9 @@ impl Bus {
 /// Locks a device; a poisoned lock (a thread panicked inside the device) still yields the
 /// device, since device state is kept consistent per register access.
 fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -157,13 +159,24 @@ mod tests {
         bus.insert(dev.clone(), 0x100, 0x10).unwrap();
         assert_eq!(
             bus.insert(dev.clone(), 0x108, 0x10),
-            Err(BusError::Overlap { base: 0x108, len: 0x10, other: 0x100 })
+            Err(BusError::Overlap {
+                base: 0x108,
+                len: 0x10,
+                other: 0x100
+            })
         );
         assert_eq!(
             bus.insert(dev.clone(), 0xf8, 0x10),
-            Err(BusError::Overlap { base: 0xf8, len: 0x10, other: 0x100 })
+            Err(BusError::Overlap {
+                base: 0xf8,
+                len: 0x10,
+                other: 0x100
+            })
         );
-        assert!(matches!(bus.insert(dev.clone(), 0x0, 0), Err(BusError::InvalidRange { .. })));
+        assert!(matches!(
+            bus.insert(dev.clone(), 0x0, 0),
+            Err(BusError::InvalidRange { .. })
+        ));
         assert!(matches!(
             bus.insert(dev.clone(), u64::MAX, 2),
             Err(BusError::InvalidRange { .. })

@@ -56,7 +56,11 @@ impl BusDevice for AcpiPowerDevice {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let (0, [value]) = (offset, data) else {
-            debug!(offset, len = data.len(), "ignored wide or offset write to ACPI power port");
+            debug!(
+                offset,
+                len = data.len(),
+                "ignored wide or offset write to ACPI power port"
+            );
             return;
         };
         if *value == ACPI_RESET_VALUE {
@@ -68,7 +72,10 @@ impl BusDevice for AcpiPowerDevice {
                 info!("guest entered ACPI S5 (poweroff)");
                 self.control.request(PowerAction::PowerOff);
             } else {
-                debug!(sleep_type, "ignored request for an unsupported ACPI sleep state");
+                debug!(
+                    sleep_type,
+                    "ignored request for an unsupported ACPI sleep state"
+                );
             }
         }
     }
@@ -99,7 +106,10 @@ pub(crate) mod tests {
         dev.write(0, &[5 << 2]);
         dev.write(0, &[0x34, 0]);
         dev.write(1, &[0x34]);
-        assert_eq!(*rec.0.lock().unwrap(), vec![PowerAction::PowerOff, PowerAction::Reset]);
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            vec![PowerAction::PowerOff, PowerAction::Reset]
+        );
         let mut data = [0xffu8; 1];
         dev.read(0, &mut data);
         assert_eq!(data, [0]);

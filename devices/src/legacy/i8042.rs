@@ -35,7 +35,9 @@ pub struct I8042 {
 impl I8042 {
     /// A controller whose reset line reports to `control`.
     pub fn new(control: Arc<dyn PowerControl>) -> Self {
-        Self { inner: I8042Device::new(ResetLine(control)) }
+        Self {
+            inner: I8042Device::new(ResetLine(control)),
+        }
     }
 }
 
@@ -69,6 +71,10 @@ mod tests {
         assert_eq!(*rec.0.lock().unwrap(), vec![PowerAction::Reset]);
         let mut status = [0xffu8];
         dev.read(4, &mut status);
-        assert_eq!(status, [0], "status: output buffer empty, input buffer empty");
+        assert_eq!(
+            status,
+            [0],
+            "status: output buffer empty, input buffer empty"
+        );
     }
 }

@@ -61,7 +61,11 @@ impl SerialDevice {
     pub fn new(irq: IrqTrigger, sink: SerialSink) -> Self {
         let events = CountingEvents::default();
         let counters = events.0.clone();
-        Self { uart: Serial::with_events(irq, events, sink), counters, warned_output: false }
+        Self {
+            uart: Serial::with_events(irq, events, sink),
+            counters,
+            warned_output: false,
+        }
     }
 
     /// The port's counters.
