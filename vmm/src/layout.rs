@@ -28,7 +28,8 @@ pub const ZERO_PAGE_START: GuestAddress = GuestAddress(0x7000);
 /// Initial stack pointer of the boot vCPU.
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 // The stack grows down from just below the PML4 and stays clear of the zero page.
-const _: () = assert!(BOOT_STACK_POINTER < PML4_START.0 && BOOT_STACK_POINTER > ZERO_PAGE_START.0 + 0x1000);
+const _: () =
+    assert!(BOOT_STACK_POINTER < PML4_START.0 && BOOT_STACK_POINTER > ZERO_PAGE_START.0 + 0x1000);
 /// Level-4 page map of the boot page tables.
 pub const PML4_START: GuestAddress = GuestAddress(0x9000);
 /// Page-directory-pointer table of the boot page tables.

@@ -1,7 +1,8 @@
 //! End to end, on a real KVM: `quantix-vmm` boots Debian's unmodified cloud kernel (its
 //! bzImage and the vmlinux extracted from it, PVH entry) inside the nested sandbox, and
 //! the guest's init reports the vCPUs and memory it was given. Poweroff and reboot end
-//! the VMM with status 0. See docs/testing.md.
+//! the VMM with status 0. 16 vCPUs is the least the MADT must bring online.
+//! See docs/testing.md.
 
 use std::time::Duration;
 
@@ -109,6 +110,14 @@ fn check(case: &Case, result: &JobResult) {
     );
     // The serial console carried the kernel's own messages too, not only init's line.
     assert!(result.output.contains("Linux version"), "{}", context());
+    // Guest time runs on kvm-clock.
+    assert!(
+        result
+            .output
+            .contains("clocksource: Switched to clocksource kvm-clock"),
+        "{}",
+        context()
+    );
     eprintln!(
         "{}: {:?} (guest init at {:.2} s uptime, job {:?})",
         case.name, init, init.uptime_s, result.elapsed

@@ -102,6 +102,7 @@ impl VcpuHandle {
     }
 }
 
+#[derive(Debug, PartialEq, Eq)]
 enum Outcome {
     Continue,
     Stop(ExitReason),
@@ -238,16 +239,6 @@ impl Vcpu {
                 }
                 Outcome::Continue
             }
-            Ok(VcpuExit::SystemEvent(kind, data)) => match kind {
-                KVM_SYSTEM_EVENT_SHUTDOWN => Outcome::Stop(ExitReason::PowerOff),
-                KVM_SYSTEM_EVENT_RESET => Outcome::Stop(ExitReason::Reset),
-                KVM_SYSTEM_EVENT_CRASH => Outcome::Fatal(ExitReason::GuestCrash),
-                other => Outcome::Fatal(ExitReason::Unhandled {
-                    vcpu: index,
-                    exit: format!("system event {other} {data:x?}"),
-                }),
-            },
-            Ok(VcpuExit::Shutdown) => Outcome::Fatal(ExitReason::TripleFault { vcpu: index }),
             Ok(VcpuExit::InternalError) => {
                 let internal = self.fd.get_kvm_run();
                 // SAFETY: for KVM_EXIT_INTERNAL_ERROR the union holds `internal`.
@@ -265,10 +256,6 @@ impl Vcpu {
                     ),
                 })
             }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Outcome::Fatal(ExitReason::KvmError {
-                vcpu: index,
-                detail: format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"),
-            }),
             Ok(VcpuExit::Intr) => Outcome::Continue,
             Ok(other) => Outcome::Fatal(ExitReason::Unhandled {
                 vcpu: index,
@@ -300,6 +287,29 @@ impl Vcpu {
     }
 }
 
+/// The outcome of an exit that is not an I/O access or a KVM internal error.
+fn classify(vcpu: u8, exit: VcpuExit) -> Outcome {
+    match exit {
+        VcpuExit::Intr => Outcome::Continue,
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => Outcome::Stop(ExitReason::PowerOff),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => Outcome::Stop(ExitReason::Reset),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, _) => Outcome::Fatal(ExitReason::GuestCrash),
+        VcpuExit::SystemEvent(kind, data) => Outcome::Fatal(ExitReason::Unhandled {
+            vcpu,
+            exit: format!("system event {kind} {data:x?}"),
+        }),
+        VcpuExit::Shutdown => Outcome::Fatal(ExitReason::TripleFault { vcpu }),
+        VcpuExit::FailEntry(reason, cpu) => Outcome::Fatal(ExitReason::KvmError {
+            vcpu,
+            detail: format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"),
+        }),
+        other => Outcome::Fatal(ExitReason::Unhandled {
+            vcpu,
+            exit: format!("{other:?}"),
+        }),
+    }
+}
+
 fn note_unclaimed(
     counters: &VcpuCounters,
     seen: &mut HashSet<(bool, u64)>,
@@ -328,5 +338,71 @@ fn suberror_name(code: u32) -> &'static str {
         3 => "delivery event",
         4 => "unexpected exit reason",
         _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::{
+        EXIT_GUEST_CRASH, EXIT_KVM_ERROR, EXIT_OK, EXIT_TRIPLE_FAULT, EXIT_UNHANDLED,
+    };
+
+    fn code(o: Outcome) -> Option<i32> {
+        match o {
+            Outcome::Continue => None,
+            Outcome::Stop(r) | Outcome::Fatal(r) => Some(r.exit_code()),
+        }
+    }
+
+    #[test]
+    fn exits_map_to_outcomes_and_statuses() {
+        assert_eq!(classify(0, VcpuExit::Intr), Outcome::Continue);
+        assert_eq!(
+            classify(0, VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[])),
+            Outcome::Stop(ExitReason::PowerOff)
+        );
+        assert_eq!(
+            classify(0, VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[])),
+            Outcome::Stop(ExitReason::Reset)
+        );
+        assert_eq!(
+            code(classify(
+                0,
+                VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[])
+            )),
+            Some(EXIT_OK)
+        );
+        assert_eq!(
+            code(classify(
+                0,
+                VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, &[])
+            )),
+            Some(EXIT_GUEST_CRASH)
+        );
+        assert_eq!(
+            code(classify(1, VcpuExit::Shutdown)),
+            Some(EXIT_TRIPLE_FAULT)
+        );
+        assert_eq!(
+            code(classify(1, VcpuExit::FailEntry(0x7, 3))),
+            Some(EXIT_KVM_ERROR)
+        );
+        // Exits the VMM never asks for are fatal, with the exit named.
+        for exit in [
+            VcpuExit::Hlt,
+            VcpuExit::Exception,
+            VcpuExit::Nmi,
+            VcpuExit::Unknown,
+            VcpuExit::SystemEvent(99, &[1]),
+        ] {
+            match classify(2, exit) {
+                Outcome::Fatal(ExitReason::Unhandled { vcpu: 2, exit }) => {
+                    assert!(!exit.is_empty())
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(code(classify(2, VcpuExit::Hlt)), Some(EXIT_UNHANDLED));
     }
 }
