@@ -256,11 +256,7 @@ impl Vcpu {
                     ),
                 })
             }
-            Ok(VcpuExit::Intr) => Outcome::Continue,
-            Ok(other) => Outcome::Fatal(ExitReason::Unhandled {
-                vcpu: index,
-                exit: format!("{other:?}"),
-            }),
+            Ok(other) => classify(index, other),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
                 Outcome::Continue
