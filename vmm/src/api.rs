@@ -50,6 +50,8 @@ pub enum Request {
     State {},
     /// Stop the VM in order: vCPUs stop, the process exits with status 0.
     Shutdown {},
+    /// Report the VM's counters (vCPU exits, serial bytes).
+    Metrics {},
 }
 
 /// What the VM reports about itself.
@@ -65,6 +67,9 @@ pub struct VmInfo {
     pub pid: u32,
     /// The VMM's version.
     pub version: &'static str,
+    /// The VM's counters (sampled by the `metrics` request).
+    #[serde(skip)]
+    pub metrics: crate::metrics::VmMetrics,
 }
 
 #[derive(Debug, Serialize)]
@@ -76,6 +81,13 @@ struct StateResponse<'a> {
     uptime_ms: u128,
     #[serde(flatten)]
     info: &'a VmInfo,
+}
+
+#[derive(Debug, Serialize)]
+struct MetricsResponse {
+    ok: bool,
+    #[serde(flatten)]
+    metrics: crate::metrics::MetricsSample,
 }
 
 #[derive(Debug, Serialize)]
@@ -102,6 +114,10 @@ pub fn respond(line: &[u8], info: &VmInfo, started: Instant, exit: &ExitSignal) 
                 info,
             })
         }
+        Ok(Request::Metrics {}) => serde_json::to_string(&MetricsResponse {
+            ok: true,
+            metrics: info.metrics.sample(),
+        }),
         Ok(Request::Shutdown {}) => {
             info!("shutdown requested on the control socket");
             exit.request(ExitReason::ApiShutdown);
@@ -295,6 +311,10 @@ mod tests {
             boot: "bzimage",
             pid: 1,
             version: "test",
+            metrics: crate::metrics::VmMetrics {
+                vcpus: vec![Default::default(), Default::default()],
+                serial: Default::default(),
+            },
         }
     }
 
@@ -317,6 +337,22 @@ mod tests {
             serde_json::from_str(&respond(br#"{"op":"state"}"#, &info(), started, &exit)).unwrap();
         assert_eq!(v["state"], "stopping");
         assert_eq!(v["stop_reason"], "api-shutdown");
+    }
+
+    #[test]
+    fn metrics_list_every_vcpu() {
+        let exit = ExitSignal::new().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&respond(
+            br#"{"op":"metrics"}"#,
+            &info(),
+            Instant::now(),
+            &exit,
+        ))
+        .unwrap();
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["vcpus"].as_array().unwrap().len(), 2);
+        assert_eq!(v["vcpus"][1]["index"], 1);
+        assert_eq!(v["serial"]["tx_bytes"], 0);
     }
 
     #[test]

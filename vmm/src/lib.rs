@@ -12,5 +12,6 @@ pub mod config;
 pub mod cpu;
 pub mod exit;
 pub mod layout;
+pub mod metrics;
 pub mod runner;
 pub mod vm;

@@ -240,6 +240,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, RunError> {
         boot: boot_name(config, vm.boot.format),
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION"),
+        metrics: vm.metrics(),
     };
     let api = match &config.api_socket {
         Some(path) => Some(ApiServer::bind(path, info, exit.clone())?),

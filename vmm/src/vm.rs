@@ -340,6 +340,14 @@ impl Vm {
         &self.config
     }
 
+    /// Live handles on the VM's counters.
+    pub fn metrics(&self) -> crate::metrics::VmMetrics {
+        crate::metrics::VmMetrics {
+            vcpus: self.vcpus.iter().map(Vcpu::counters).collect(),
+            serial: self.serial.lock().map(|s| s.counters()).unwrap_or_default(),
+        }
+    }
+
     /// The exit signal the VM reports to.
     pub fn exit_signal(&self) -> Arc<ExitSignal> {
         self.exit.clone()

@@ -168,6 +168,11 @@ fn control_socket_reports_state_and_shuts_down() {
     assert_eq!(state["vcpus"], 2);
     assert_eq!(state["memory_mib"], 64);
     assert_eq!(state["boot"], "elf");
+    let metrics = ask(r#"{"op":"metrics"}"#);
+    assert_eq!(metrics["ok"], true, "{metrics}");
+    assert_eq!(metrics["vcpus"].as_array().unwrap().len(), 2, "{metrics}");
+    assert_eq!(metrics["serial"]["tx_bytes"], "hello from long mode\n".len(), "{metrics}");
+    assert!(metrics["vcpus"][0]["io_exits"].as_u64().unwrap() >= 21, "{metrics}");
     let bad = ask(r#"{"op":"reboot-the-planet"}"#);
     assert_eq!(bad["ok"], false);
     let stop = ask(r#"{"op":"shutdown"}"#);
@@ -176,4 +181,51 @@ fn control_socket_reports_state_and_shuts_down() {
     let (code, _, stderr) = summary(&out);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(!sock.exists(), "the socket file is removed on exit");
+}
+
+#[test]
+fn serial_to_a_file_appends_and_off_discards() {
+    let dir = scratch("serialmodes");
+    let kernel = long_mode_guest(&dir, "k.elf", &asm::acpi_poweroff(true));
+    let log = dir.join("console.log");
+    let file_arg = format!("file={}", log.display());
+    for _ in 0..2 {
+        let out = run_vmm(&["--kernel", &kernel, "--memory", "64M", "--serial", &file_arg], LIMIT);
+        let (code, stdout, stderr) = summary(&out);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert_eq!(stdout, "");
+    }
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "hello from long mode\n".repeat(2));
+    let out = run_vmm(&["--kernel", &kernel, "--memory", "64M", "--serial", "off"], LIMIT);
+    let (code, stdout, stderr) = summary(&out);
+    assert_eq!((code, stdout.as_str()), (Some(0), ""), "{stderr}");
+    // A serial file that cannot be opened is refused before the guest runs.
+    let out = run_vmm(&["--kernel", &kernel, "--serial", "file=/nonexistent/dir/log"], LIMIT);
+    let (code, _, stderr) = summary(&out);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("cannot open serial output file"), "{stderr}");
+}
+
+#[test]
+fn standard_input_reaches_the_guest_through_the_uart() {
+    let dir = scratch("stdin");
+    // Echo every received byte until a newline, then power off.
+    let mut echo = vec![0x66, 0xba, 0xfd, 0x03]; // top: mov dx, 0x3fd (LSR)
+    echo.extend_from_slice(&[0xec, 0xa8, 0x01, 0x74, 0xfb]); // in al, dx; test al, 1; jz -5
+    echo.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xec, 0xee]); // mov dx, 0x3f8; in; out
+    echo.extend_from_slice(&[0x3c, 0x0a, 0x75, 0xed]); // cmp al, '\n'; jne top
+    echo.extend(asm::acpi_poweroff(true));
+    let kernel = long_mode_guest(&dir, "echo.elf", &echo);
+    let mut child = Command::new(vmm_bin())
+        .args(["--kernel", &kernel, "--memory", "64M"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"ping from the host\n").unwrap();
+    let out = wait_limit(child, LIMIT);
+    let (code, stdout, stderr) = summary(&out);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "hello from long mode\nping from the host\n");
 }

@@ -132,6 +132,11 @@ impl Vcpu {
         }
     }
 
+    /// The vCPU's exit counters.
+    pub fn counters(&self) -> Arc<VcpuCounters> {
+        self.counters.clone()
+    }
+
     /// Starts the vCPU thread.
     pub fn spawn(self) -> std::io::Result<VcpuHandle> {
         let index = self.index;
