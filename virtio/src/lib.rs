@@ -1,0 +1,241 @@
+//! Virtio 1.x devices for the Quantix KVM hypervisor, and the virtio-mmio transport that
+//! puts them on the VM's MMIO bus. See `docs/devices.md`.
+//!
+//! A device ([`VirtioDevice`]) offers features, a config space and queues; the transport
+//! ([`mmio::MmioTransport`]) runs the driver's side of the handshake and, on DRIVER_OK,
+//! hands the device its queues, their notification eventfds and an [`Interrupt`]. Devices
+//! then serve their queues on a worker thread of their own ([`worker`]), never on a vCPU
+//! thread. Everything a guest puts in a queue is untrusted: a malformed request fails
+//! with the proper virtio status and is counted, it never panics the VMM.
+
+pub mod mmio;
+pub mod rng;
+pub mod worker;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use thiserror::Error;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory as devices see it.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Virtio device types (virtio 1.2, 5).
+pub mod device_type {
+    /// Network card.
+    pub const NET: u32 = 1;
+    /// Block device.
+    pub const BLOCK: u32 = 2;
+    /// Console.
+    pub const CONSOLE: u32 = 3;
+    /// Entropy source.
+    pub const RNG: u32 = 4;
+    /// Socket device.
+    pub const VSOCK: u32 = 19;
+}
+
+/// Feature bits common to all devices.
+pub mod features {
+    /// Indirect descriptors.
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    /// used_event / avail_event.
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    /// Virtio 1.x (modern) device.
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error and needs a reset.
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    /// The driver gave up on the device.
+    pub const FAILED: u32 = 0x80;
+}
+
+/// Interrupt status bits.
+const INT_USED_RING: u32 = 1;
+const INT_CONFIG: u32 = 2;
+
+/// The device's interrupt: the InterruptStatus register and the eventfd registered
+/// with KVM as the irqfd of the device's GSI.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irq: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt raised through `irq`.
+    pub fn new(irq: EventFd) -> Self {
+        Self { status: AtomicU32::new(0), irq }
+    }
+
+    /// Tells the driver that used buffers are ready.
+    pub fn signal_used(&self) {
+        self.raise(INT_USED_RING);
+    }
+
+    /// Tells the driver that the configuration changed (or that the device needs a reset).
+    pub fn signal_config(&self) {
+        self.raise(INT_CONFIG);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irq.write(1) {
+            tracing::warn!(error = %e, "cannot raise a virtio interrupt");
+        }
+    }
+
+    /// The InterruptStatus register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// The driver acknowledges the given bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears everything (device reset).
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// Why a device could not be activated.
+#[derive(Debug, Error)]
+pub enum ActivateError {
+    /// The driver set up a queue badly (size, addresses outside guest memory).
+    #[error("queue {0} is not valid")]
+    InvalidQueue(usize),
+    /// The device needs a queue the driver did not make ready.
+    #[error("queue {0} was not made ready by the driver")]
+    QueueNotReady(usize),
+    /// A host resource could not be created (thread, eventfd).
+    #[error("cannot start the device: {0}")]
+    Host(#[from] std::io::Error),
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct ActivateContext {
+    /// Guest memory.
+    pub mem: Arc<GuestMemory>,
+    /// The queues as the driver configured them.
+    pub queues: Vec<Queue>,
+    /// One eventfd per queue, written when the driver notifies the queue.
+    pub queue_evts: Vec<EventFd>,
+    /// The device's interrupt.
+    pub interrupt: Arc<Interrupt>,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+}
+
+/// A virtio device model.
+pub trait VirtioDevice: Send {
+    /// Its virtio device type ([`device_type`]).
+    fn device_type(&self) -> u32;
+    /// A short name for logs (e.g. "rng", "blk0").
+    fn name(&self) -> &str;
+    /// The largest size of each of its queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The features it offers.
+    fn features(&self) -> u64;
+    /// Reads its configuration space; bytes beyond it read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver writes its configuration space (most devices ignore it).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts serving the queues.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// Stops serving the queues (device reset by the driver) and returns to the
+    /// pre-activation state.
+    fn reset(&mut self);
+}
+
+/// A queue the driver left in a state the device cannot serve.
+#[derive(Debug, Error)]
+pub enum QueueError {
+    /// virtio-queue refused an access (ring outside guest memory...).
+    #[error("virtio queue: {0:?}")]
+    Queue(virtio_queue::Error),
+    /// The available index claims more new buffers than the queue holds.
+    #[error("available index {avail} is {pending} entries ahead of {next}, more than the queue size {size}")]
+    AvailIndex {
+        /// The driver's available index.
+        avail: u16,
+        /// The device's next index.
+        next: u16,
+        /// The difference.
+        pending: u16,
+        /// The queue size.
+        size: u16,
+    },
+}
+
+impl From<virtio_queue::Error> for QueueError {
+    fn from(e: virtio_queue::Error) -> Self {
+        QueueError::Queue(e)
+    }
+}
+
+/// How many new buffers the driver made available, refusing an index that runs ahead of
+/// the queue (a hostile or broken driver would otherwise make the device spin).
+pub fn pending_buffers<Q: virtio_queue::QueueT>(queue: &Q, mem: &GuestMemory) -> Result<u16, QueueError> {
+    let avail = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?.0;
+    let next = queue.next_avail();
+    let pending = avail.wrapping_sub(next);
+    if pending > queue.size() {
+        return Err(QueueError::AvailIndex { avail, next, pending, size: queue.size() });
+    }
+    Ok(pending)
+}
+
+/// Copies `data.len()` bytes of `config` from `offset` into `data`; zeros past its end.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else { return };
+    if start >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - start);
+    data[..n].copy_from_slice(&config[start..start + n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_are_bounded() {
+        let config = [1u8, 2, 3, 4];
+        let mut d = [0xffu8; 4];
+        read_config_bytes(&config, 2, &mut d);
+        assert_eq!(d, [3, 4, 0, 0]);
+        read_config_bytes(&config, 100, &mut d);
+        assert_eq!(d, [0; 4]);
+        read_config_bytes(&config, u64::MAX, &mut d);
+        assert_eq!(d, [0; 4]);
+    }
+
+    #[test]
+    fn interrupt_status_is_set_and_acked() {
+        let i = Interrupt::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
+        i.signal_used();
+        i.signal_config();
+        assert_eq!(i.status(), 3);
+        i.ack(1);
+        assert_eq!(i.status(), 2);
+        assert_eq!(i.irq.read().unwrap(), 2);
+    }
+}

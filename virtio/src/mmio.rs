@@ -1,0 +1,428 @@
+//! The virtio-mmio transport (virtio 1.2, 4.2), version 2 ("modern") register layout.
+//!
+//! Each device has a 4 KiB window on the MMIO bus and one interrupt line; queue
+//! notifications go through per-queue eventfds (KVM ioeventfds on the QueueNotify
+//! register, with the queue index as data match).
+
+use std::sync::Arc;
+
+use tracing::{debug, info, warn};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::{status, ActivateContext, GuestMemory, Interrupt, VirtioDevice};
+use quantix_devices::BusDevice;
+
+/// Size of one device's register window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+/// Offset of the QueueNotify register (where ioeventfds are registered).
+pub const QUEUE_NOTIFY: u64 = 0x50;
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x5854_4e51; // "QNTX"
+const CONFIG_START: u64 = 0x100;
+
+/// One device on the MMIO bus.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: Arc<GuestMemory>,
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+    interrupt: Arc<Interrupt>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    config_generation: u32,
+    activated: bool,
+}
+
+fn new_queues(device: &dyn VirtioDevice) -> Result<Vec<Queue>, virtio_queue::Error> {
+    device.queue_max_sizes().iter().map(|max| Queue::new(*max)).collect()
+}
+
+impl MmioTransport {
+    /// A transport for `device`, raising interrupts through `irq`.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: Arc<GuestMemory>,
+        irq: EventFd,
+    ) -> std::io::Result<Self> {
+        let queues = new_queues(device.as_ref())
+            .map_err(|e| std::io::Error::other(format!("invalid queue size: {e:?}")))?;
+        let queue_evts = (0..queues.len())
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Self {
+            device,
+            mem,
+            queues,
+            queue_evts,
+            interrupt: Arc::new(Interrupt::new(irq)),
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            config_generation: 0,
+            activated: false,
+        })
+    }
+
+    /// The queues' notification eventfds, to register with KVM as ioeventfds at
+    /// `base + QUEUE_NOTIFY` with the queue index as data match.
+    pub fn queue_evts(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        self.device.name()
+    }
+
+    /// The device's virtio type.
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        // Queue layout may only change before the driver marks the device live.
+        if self.status & status::DRIVER_OK != 0 {
+            return;
+        }
+        if let Some(q) = self.selected_queue() {
+            f(q);
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            self.device.reset();
+            self.activated = false;
+        }
+        match new_queues(self.device.as_ref()) {
+            Ok(q) => self.queues = q,
+            Err(e) => warn!(device = self.device.name(), error = ?e, "cannot recreate queues"),
+        }
+        for evt in &self.queue_evts {
+            let _ = evt.read();
+        }
+        self.interrupt.clear();
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            debug!(device = self.device.name(), "driver reset the device");
+            self.reset();
+            return;
+        }
+        // Feature negotiation: the driver may accept only what was offered, and a
+        // modern transport requires VERSION_1.
+        if value & status::FEATURES_OK != 0 && self.status & status::FEATURES_OK == 0 {
+            let offered = self.device.features();
+            let ok = self.driver_features & !offered == 0
+                && self.driver_features & crate::features::VERSION_1 != 0;
+            if !ok {
+                warn!(device = self.device.name(), offered, accepted = self.driver_features, "driver accepted features that were not offered");
+                self.status = value & !status::FEATURES_OK;
+                return;
+            }
+        }
+        let becomes_live = value & status::DRIVER_OK != 0 && self.status & status::DRIVER_OK == 0;
+        self.status = value;
+        if becomes_live && !self.activated {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let name = self.device.name().to_string();
+        if self.status & status::FEATURES_OK == 0 {
+            warn!(device = %name, "DRIVER_OK without FEATURES_OK");
+            self.needs_reset();
+            return;
+        }
+        let event_idx = self.driver_features & crate::features::RING_EVENT_IDX != 0;
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            q.set_event_idx(event_idx);
+            if q.ready() && !q.is_valid(self.mem.as_ref()) {
+                warn!(device = %name, queue = i, "driver configured an invalid queue");
+                self.needs_reset();
+                return;
+            }
+        }
+        let queue_evts = match self.queue_evts.iter().map(EventFd::try_clone).collect() {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(device = %name, error = %e, "cannot clone queue eventfds");
+                self.needs_reset();
+                return;
+            }
+        };
+        // The device gets its own copies; the transport keeps the configuration it reports.
+        let queues = match self.queues.iter().map(|q| Queue::try_from(q.state())).collect() {
+            Ok(q) => q,
+            Err(e) => {
+                warn!(device = %name, error = ?e, "cannot hand the queues to the device");
+                self.needs_reset();
+                return;
+            }
+        };
+        let ctx = ActivateContext {
+            mem: self.mem.clone(),
+            queues,
+            queue_evts,
+            interrupt: self.interrupt.clone(),
+            acked_features: self.driver_features,
+        };
+        match self.device.activate(ctx) {
+            Ok(()) => {
+                self.activated = true;
+                info!(device = %name, features = format_args!("{:#x}", self.driver_features), "virtio device activated");
+            }
+            Err(e) => {
+                warn!(device = %name, error = %e, "virtio device activation failed");
+                self.needs_reset();
+            }
+        }
+    }
+
+    fn needs_reset(&mut self) {
+        self.status |= status::DEVICE_NEEDS_RESET;
+        self.interrupt.signal_config();
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let q = self.queues.get(self.queue_sel as usize);
+        match offset {
+            0x00 => MAGIC,
+            0x04 => VERSION,
+            0x08 => self.device.device_type(),
+            0x0c => VENDOR_ID,
+            0x10 => {
+                let f = self.device.features();
+                match self.device_features_sel {
+                    0 => f as u32,
+                    1 => (f >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            0x34 => q.map_or(0, |q| u32::from(q.max_size())),
+            0x44 => q.map_or(0, |q| u32::from(q.ready())),
+            0x60 => self.interrupt.status(),
+            0x70 => self.status,
+            0xfc => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            0x14 => self.device_features_sel = value,
+            0x20 => {
+                if self.status & status::FEATURES_OK != 0 {
+                    return;
+                }
+                match self.driver_features_sel {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
+                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
+                    _ => {}
+                }
+            }
+            0x24 => self.driver_features_sel = value,
+            0x30 => self.queue_sel = value,
+            0x38 => self.with_queue(|q| q.set_size(value as u16)),
+            0x44 => self.with_queue(|q| q.set_ready(value == 1)),
+            QUEUE_NOTIFY => {
+                // Normally caught by the ioeventfd in KVM; this is the fallback path.
+                if let Some(evt) = self.queue_evts.get(value as usize) {
+                    let _ = evt.write(1);
+                }
+            }
+            0x64 => self.interrupt.ack(value),
+            0x70 => self.set_status(value),
+            0x80 => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
+            0x84 => self.with_queue(|q| q.set_desc_table_address(None, Some(value))),
+            0x90 => self.with_queue(|q| q.set_avail_ring_address(Some(value), None)),
+            0x94 => self.with_queue(|q| q.set_avail_ring_address(None, Some(value))),
+            0xa0 => self.with_queue(|q| q.set_used_ring_address(Some(value), None)),
+            0xa4 => self.with_queue(|q| q.set_used_ring_address(None, Some(value))),
+            _ => debug!(device = self.device.name(), offset, "write to a read-only or unknown virtio-mmio register"),
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_START {
+            self.device.read_config(offset - CONFIG_START, data);
+            return;
+        }
+        match <[u8; 4]>::try_from(&mut *data) {
+            Ok(_) if offset % 4 == 0 => {
+                let v = self.read_register(offset);
+                data.copy_from_slice(&v.to_le_bytes());
+            }
+            _ => data.fill(0),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_START {
+            self.device.write_config(offset - CONFIG_START, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+            return;
+        }
+        match <[u8; 4]>::try_from(data) {
+            Ok(bytes) if offset % 4 == 0 => self.write_register(offset, u32::from_le_bytes(bytes)),
+            _ => debug!(device = self.device.name(), offset, len = data.len(), "ignored unaligned virtio-mmio register write"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{features, ActivateError};
+    use std::sync::Mutex;
+    use vm_memory::GuestAddress;
+
+    struct Dummy {
+        activated: Arc<Mutex<Option<u64>>>,
+    }
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            crate::device_type::RNG
+        }
+        fn name(&self) -> &str {
+            "dummy"
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn features(&self) -> u64 {
+            features::VERSION_1 | features::RING_EVENT_IDX
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            crate::read_config_bytes(&[0xaa, 0xbb], offset, data);
+        }
+        fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+            *self.activated.lock().unwrap() = Some(ctx.acked_features);
+            Ok(())
+        }
+        fn reset(&mut self) {
+            *self.activated.lock().unwrap() = None;
+        }
+    }
+
+    fn transport() -> (MmioTransport, Arc<Mutex<Option<u64>>>) {
+        let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let activated = Arc::new(Mutex::new(None));
+        let dev = Dummy { activated: activated.clone() };
+        (MmioTransport::new(Box::new(dev), mem, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap(), activated)
+    }
+
+    fn r(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut d = [0u8; 4];
+        t.read(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+    fn w(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn setup_queue(t: &mut MmioTransport) {
+        w(t, 0x30, 0);
+        w(t, 0x38, 16);
+        w(t, 0x80, 0x1000);
+        w(t, 0x90, 0x2000);
+        w(t, 0xa0, 0x3000);
+        w(t, 0x44, 1);
+    }
+
+    #[test]
+    fn identity_and_config() {
+        let (mut t, _) = transport();
+        assert_eq!(r(&mut t, 0), MAGIC);
+        assert_eq!(r(&mut t, 4), 2);
+        assert_eq!(r(&mut t, 8), crate::device_type::RNG);
+        w(&mut t, 0x14, 1);
+        assert_eq!(r(&mut t, 0x10), 1, "VERSION_1 in the high word");
+        assert_eq!(r(&mut t, 0x34), 16);
+        let mut c = [0u8; 4];
+        t.read(0x100, &mut c);
+        assert_eq!(c, [0xaa, 0xbb, 0, 0]);
+        // Unaligned and narrow register reads are zero, not garbage.
+        let mut narrow = [0xffu8; 2];
+        t.read(0x0, &mut narrow);
+        assert_eq!(narrow, [0, 0]);
+    }
+
+    #[test]
+    fn handshake_activates_with_the_accepted_features_and_reset_undoes_it() {
+        let (mut t, activated) = transport();
+        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+        w(&mut t, 0x24, 1);
+        w(&mut t, 0x20, 1); // VERSION_1
+        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        assert_ne!(r(&mut t, 0x70) & status::FEATURES_OK, 0);
+        setup_queue(&mut t);
+        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        assert_eq!(*activated.lock().unwrap(), Some(features::VERSION_1));
+        // Queue layout is frozen while live.
+        w(&mut t, 0x38, 8);
+        w(&mut t, 0x70, 0);
+        assert_eq!(*activated.lock().unwrap(), None);
+        assert_eq!(r(&mut t, 0x70), 0);
+        assert_eq!(r(&mut t, 0x44), 0, "queues are reset too");
+    }
+
+    #[test]
+    fn features_not_offered_are_refused() {
+        let (mut t, activated) = transport();
+        w(&mut t, 0x24, 0);
+        w(&mut t, 0x20, 1 << 5); // not offered
+        w(&mut t, 0x24, 1);
+        w(&mut t, 0x20, 1);
+        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        assert_eq!(r(&mut t, 0x70) & status::FEATURES_OK, 0);
+        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        assert_eq!(*activated.lock().unwrap(), None);
+    }
+
+    #[test]
+    fn a_queue_outside_guest_memory_sets_needs_reset() {
+        let (mut t, activated) = transport();
+        w(&mut t, 0x24, 1);
+        w(&mut t, 0x20, 1);
+        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        setup_queue(&mut t);
+        w(&mut t, 0x30, 0);
+        // Reconfigure the used ring beyond the 1 MiB of memory (not live yet, so allowed).
+        w(&mut t, 0xa0, 0xfff_f000);
+        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        assert_eq!(*activated.lock().unwrap(), None);
+        assert_ne!(r(&mut t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+        assert_ne!(r(&mut t, 0x60) & 2, 0, "config interrupt raised");
+    }
+
+    #[test]
+    fn notify_register_falls_back_to_the_eventfd() {
+        let (mut t, _) = transport();
+        w(&mut t, QUEUE_NOTIFY, 0);
+        assert_eq!(t.queue_evts()[0].read().unwrap(), 1);
+        // Out-of-range queue index: ignored.
+        w(&mut t, QUEUE_NOTIFY, 7);
+    }
+}

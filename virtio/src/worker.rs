@@ -1,0 +1,122 @@
+//! The thread that serves a device's queues: it sleeps in epoll on the queues'
+//! notification eventfds (registered with KVM as ioeventfds, so a guest notification never
+//! reaches a vCPU thread's user-space side) and on a stop eventfd.
+
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::thread::JoinHandle;
+
+use tracing::{debug, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Serves notifications of one device's queues.
+pub trait QueueHandler: Send + 'static {
+    /// Processes what the driver made available in queue `index`.
+    fn process(&mut self, index: usize);
+}
+
+/// A running worker thread; stopping it (or dropping it) waits for the thread to end.
+pub struct Worker {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+const STOP_TOKEN: u64 = u64::MAX;
+
+impl Worker {
+    /// Starts a thread named `name` serving `queue_evts` (queue `i` is `queue_evts[i]`).
+    pub fn spawn<H: QueueHandler>(
+        name: String,
+        queue_evts: Vec<EventFd>,
+        mut handler: H,
+    ) -> io::Result<Worker> {
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))?;
+        for (i, evt) in queue_evts.iter().enumerate() {
+            epoll.ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, i as u64))?;
+        }
+        let stop_evt = stop.try_clone()?;
+        let thread = std::thread::Builder::new().name(name.clone()).spawn(move || {
+            // Buffers the driver made available before it notified are served at once.
+            for i in 0..queue_evts.len() {
+                handler.process(i);
+            }
+            let mut events = vec![EpollEvent::default(); queue_evts.len() + 1];
+            loop {
+                let n = match epoll.wait(-1, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        warn!(device = %name, error = %e, "device worker: epoll failed; stopping");
+                        return;
+                    }
+                };
+                for ev in &events[..n] {
+                    let token = ev.data();
+                    if token == STOP_TOKEN {
+                        let _ = stop_evt.read();
+                        debug!(device = %name, "device worker stopped");
+                        return;
+                    }
+                    let index = token as usize;
+                    if let Some(evt) = queue_evts.get(index) {
+                        let _ = evt.read();
+                        handler.process(index);
+                    }
+                }
+            }
+        })?;
+        Ok(Worker { stop, thread: Some(thread) })
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.stop.write(1);
+            if thread.join().is_err() {
+                warn!("device worker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    struct Probe(mpsc::Sender<usize>);
+    impl QueueHandler for Probe {
+        fn process(&mut self, index: usize) {
+            let _ = self.0.send(index);
+        }
+    }
+
+    #[test]
+    fn serves_each_queue_on_notification_and_stops() {
+        let evts: Vec<EventFd> = (0..2).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+        let notify: Vec<EventFd> = evts.iter().map(|e| e.try_clone().unwrap()).collect();
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker::spawn("test".into(), evts, Probe(tx)).unwrap();
+        // The initial pass over every queue.
+        let mut first: Vec<usize> = (0..2).map(|_| rx.recv().unwrap()).collect();
+        first.sort();
+        assert_eq!(first, vec![0, 1]);
+        notify[1].write(1).unwrap();
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap(), 1);
+        worker.stop();
+        assert!(rx.recv().is_err(), "the handler is dropped with the thread");
+    }
+}
