@@ -78,7 +78,10 @@ pub struct Interrupt {
 impl Interrupt {
     /// An interrupt raised through `irq`.
     pub fn new(irq: EventFd) -> Self {
-        Self { status: AtomicU32::new(0), irq }
+        Self {
+            status: AtomicU32::new(0),
+            irq,
+        }
     }
 
     /// Tells the driver that used buffers are ready.
@@ -191,12 +194,22 @@ impl From<virtio_queue::Error> for QueueError {
 
 /// How many new buffers the driver made available, refusing an index that runs ahead of
 /// the queue (a hostile or broken driver would otherwise make the device spin).
-pub fn pending_buffers<Q: virtio_queue::QueueT>(queue: &Q, mem: &GuestMemory) -> Result<u16, QueueError> {
-    let avail = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?.0;
+pub fn pending_buffers<Q: virtio_queue::QueueT>(
+    queue: &Q,
+    mem: &GuestMemory,
+) -> Result<u16, QueueError> {
+    let avail = queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)?
+        .0;
     let next = queue.next_avail();
     let pending = avail.wrapping_sub(next);
     if pending > queue.size() {
-        return Err(QueueError::AvailIndex { avail, next, pending, size: queue.size() });
+        return Err(QueueError::AvailIndex {
+            avail,
+            next,
+            pending,
+            size: queue.size(),
+        });
     }
     Ok(pending)
 }
@@ -204,7 +217,9 @@ pub fn pending_buffers<Q: virtio_queue::QueueT>(queue: &Q, mem: &GuestMemory) ->
 /// Copies `data.len()` bytes of `config` from `offset` into `data`; zeros past its end.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
-    let Ok(start) = usize::try_from(offset) else { return };
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
     if start >= config.len() {
         return;
     }

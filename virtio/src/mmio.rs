@@ -39,7 +39,11 @@ pub struct MmioTransport {
 }
 
 fn new_queues(device: &dyn VirtioDevice) -> Result<Vec<Queue>, virtio_queue::Error> {
-    device.queue_max_sizes().iter().map(|max| Queue::new(*max)).collect()
+    device
+        .queue_max_sizes()
+        .iter()
+        .map(|max| Queue::new(*max))
+        .collect()
 }
 
 impl MmioTransport {
@@ -133,7 +137,12 @@ impl MmioTransport {
             let ok = self.driver_features & !offered == 0
                 && self.driver_features & crate::features::VERSION_1 != 0;
             if !ok {
-                warn!(device = self.device.name(), offered, accepted = self.driver_features, "driver accepted features that were not offered");
+                warn!(
+                    device = self.device.name(),
+                    offered,
+                    accepted = self.driver_features,
+                    "driver accepted features that were not offered"
+                );
                 self.status = value & !status::FEATURES_OK;
                 return;
             }
@@ -170,7 +179,12 @@ impl MmioTransport {
             }
         };
         // The device gets its own copies; the transport keeps the configuration it reports.
-        let queues = match self.queues.iter().map(|q| Queue::try_from(q.state())).collect() {
+        let queues = match self
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.state()))
+            .collect()
+        {
             Ok(q) => q,
             Err(e) => {
                 warn!(device = %name, error = ?e, "cannot hand the queues to the device");
@@ -234,8 +248,14 @@ impl MmioTransport {
                     return;
                 }
                 match self.driver_features_sel {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
-                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xffff_ffff) | u64::from(value)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                    }
                     _ => {}
                 }
             }
@@ -257,7 +277,10 @@ impl MmioTransport {
             0x94 => self.with_queue(|q| q.set_avail_ring_address(None, Some(value))),
             0xa0 => self.with_queue(|q| q.set_used_ring_address(Some(value), None)),
             0xa4 => self.with_queue(|q| q.set_used_ring_address(None, Some(value))),
-            _ => debug!(device = self.device.name(), offset, "write to a read-only or unknown virtio-mmio register"),
+            _ => debug!(
+                device = self.device.name(),
+                offset, "write to a read-only or unknown virtio-mmio register"
+            ),
         }
     }
 }
@@ -269,7 +292,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         match <[u8; 4]>::try_from(&mut *data) {
-            Ok(_) if offset % 4 == 0 => {
+            Ok(_) if offset.is_multiple_of(4) => {
                 let v = self.read_register(offset);
                 data.copy_from_slice(&v.to_le_bytes());
             }
@@ -284,8 +307,15 @@ impl BusDevice for MmioTransport {
             return;
         }
         match <[u8; 4]>::try_from(data) {
-            Ok(bytes) if offset % 4 == 0 => self.write_register(offset, u32::from_le_bytes(bytes)),
-            _ => debug!(device = self.device.name(), offset, len = data.len(), "ignored unaligned virtio-mmio register write"),
+            Ok(bytes) if offset.is_multiple_of(4) => {
+                self.write_register(offset, u32::from_le_bytes(bytes))
+            }
+            _ => debug!(
+                device = self.device.name(),
+                offset,
+                len = data.len(),
+                "ignored unaligned virtio-mmio register write"
+            ),
         }
     }
 }
@@ -329,8 +359,13 @@ mod tests {
     fn transport() -> (MmioTransport, Arc<Mutex<Option<u64>>>) {
         let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
         let activated = Arc::new(Mutex::new(None));
-        let dev = Dummy { activated: activated.clone() };
-        (MmioTransport::new(Box::new(dev), mem, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap(), activated)
+        let dev = Dummy {
+            activated: activated.clone(),
+        };
+        (
+            MmioTransport::new(Box::new(dev), mem, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap(),
+            activated,
+        )
     }
 
     fn r(t: &mut MmioTransport, off: u64) -> u32 {
@@ -375,10 +410,18 @@ mod tests {
         w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
         w(&mut t, 0x24, 1);
         w(&mut t, 0x20, 1); // VERSION_1
-        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        w(
+            &mut t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         assert_ne!(r(&mut t, 0x70) & status::FEATURES_OK, 0);
         setup_queue(&mut t);
-        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        w(
+            &mut t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
         assert_eq!(*activated.lock().unwrap(), Some(features::VERSION_1));
         // Queue layout is frozen while live.
         w(&mut t, 0x38, 8);
@@ -395,9 +438,17 @@ mod tests {
         w(&mut t, 0x20, 1 << 5); // not offered
         w(&mut t, 0x24, 1);
         w(&mut t, 0x20, 1);
-        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        w(
+            &mut t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         assert_eq!(r(&mut t, 0x70) & status::FEATURES_OK, 0);
-        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        w(
+            &mut t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
         assert_eq!(*activated.lock().unwrap(), None);
     }
 
@@ -406,12 +457,20 @@ mod tests {
         let (mut t, activated) = transport();
         w(&mut t, 0x24, 1);
         w(&mut t, 0x20, 1);
-        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        w(
+            &mut t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         setup_queue(&mut t);
         w(&mut t, 0x30, 0);
         // Reconfigure the used ring beyond the 1 MiB of memory (not live yet, so allowed).
         w(&mut t, 0xa0, 0xfff_f000);
-        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        w(
+            &mut t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
         assert_eq!(*activated.lock().unwrap(), None);
         assert_ne!(r(&mut t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
         assert_ne!(r(&mut t, 0x60) & 2, 0, "config interrupt raised");

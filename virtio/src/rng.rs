@@ -38,7 +38,10 @@ pub struct Rng {
 impl Rng {
     /// A new device.
     pub fn new() -> Self {
-        Self { counters: Arc::default(), worker: None }
+        Self {
+            counters: Arc::default(),
+            worker: None,
+        }
     }
 
     /// Its counters.
@@ -70,7 +73,11 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let queue = ctx.queues.into_iter().next().ok_or(ActivateError::QueueNotReady(0))?;
+        let queue = ctx
+            .queues
+            .into_iter()
+            .next()
+            .ok_or(ActivateError::QueueNotReady(0))?;
         if !queue.ready() {
             return Err(ActivateError::QueueNotReady(0));
         }
@@ -143,7 +150,9 @@ impl RngHandler {
             written += len;
         }
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        self.counters.bytes.fetch_add(written as u64, Ordering::Relaxed);
+        self.counters
+            .bytes
+            .fetch_add(written as u64, Ordering::Relaxed);
         written as u32
     }
 
@@ -152,7 +161,9 @@ impl RngHandler {
         loop {
             self.queue.disable_notification(mem.as_ref())?;
             for _ in 0..pending_buffers(&self.queue, mem.as_ref())? {
-                let Some(chain) = self.queue.pop_descriptor_chain(mem.as_ref()) else { break };
+                let Some(chain) = self.queue.pop_descriptor_chain(mem.as_ref()) else {
+                    break;
+                };
                 let head = chain.head_index();
                 let len = self.serve(chain);
                 self.queue.add_used(mem.as_ref(), head, len)?;
@@ -240,7 +251,11 @@ mod tests {
         vq.avail().idx().store(u16::to_le(1000));
         h.process(0);
         assert!(h.broken);
-        assert_eq!(h.interrupt.status() & 2, 2, "config interrupt tells the driver");
+        assert_eq!(
+            h.interrupt.status() & 2,
+            2,
+            "config interrupt tells the driver"
+        );
         h.process(0); // stays quiet
     }
 }

@@ -33,9 +33,17 @@ impl Worker {
     ) -> io::Result<Worker> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
-        epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))?;
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP_TOKEN),
+        )?;
         for (i, evt) in queue_evts.iter().enumerate() {
-            epoll.ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, i as u64))?;
+            epoll.ctl(
+                ControlOperation::Add,
+                evt.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, i as u64),
+            )?;
         }
         let stop_evt = stop.try_clone()?;
         let thread = std::thread::Builder::new().name(name.clone()).spawn(move || {
@@ -68,7 +76,10 @@ impl Worker {
                 }
             }
         })?;
-        Ok(Worker { stop, thread: Some(thread) })
+        Ok(Worker {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Stops the thread and waits for it.
@@ -106,7 +117,9 @@ mod tests {
 
     #[test]
     fn serves_each_queue_on_notification_and_stops() {
-        let evts: Vec<EventFd> = (0..2).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+        let evts: Vec<EventFd> = (0..2)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
         let notify: Vec<EventFd> = evts.iter().map(|e| e.try_clone().unwrap()).collect();
         let (tx, rx) = mpsc::channel();
         let worker = Worker::spawn("test".into(), evts, Probe(tx)).unwrap();
@@ -115,7 +128,10 @@ mod tests {
         first.sort();
         assert_eq!(first, vec![0, 1]);
         notify[1].write(1).unwrap();
-        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap(), 1);
+        assert_eq!(
+            rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap(),
+            1
+        );
         worker.stop();
         assert!(rx.recv().is_err(), "the handler is dropped with the thread");
     }

@@ -143,6 +143,8 @@ pub struct VmConfig {
     pub serial: SerialMode,
     /// The control socket, if any.
     pub api_socket: Option<PathBuf>,
+    /// A virtio entropy device.
+    pub rng: bool,
 }
 
 impl VmConfig {
@@ -238,6 +240,7 @@ mod tests {
             memory: MemorySize(DEFAULT_MEMORY_MIB),
             serial: SerialMode::Stdout,
             api_socket: None,
+            rng: true,
         }
     }
 

@@ -7,7 +7,8 @@
 //! 0x0002_0000  kernel command line      0x0009_fc00  EBDA (reserved to 1 MiB)
 //! 0x000e_0000  ACPI tables (RSDP first) 0x000f_fff0  reset-vector stub
 //! 0x0010_0000  kernel (HIMEM_START)
-//! 0xc000_0000  32-bit MMIO hole: IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
+//! 0xc000_0000  32-bit MMIO hole: virtio-mmio windows from 0xd000_0000 (4 KiB each),
+//!              IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
 //! 0x1_0000_0000 RAM above the hole
 //! ```
 
@@ -59,6 +60,15 @@ pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// The local APICs' registers.
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+
+/// First virtio-mmio device window; each device takes `VIRTIO_MMIO_STRIDE` bytes.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// Size of one virtio-mmio window.
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// First GSI (I/O APIC pin) for virtio devices; 0-4 are the legacy devices' (COM1 is 4).
+pub const VIRTIO_GSI_START: u32 = 5;
+/// Last usable GSI: KVM's in-kernel I/O APIC has 24 pins.
+pub const VIRTIO_GSI_END: u32 = 23;
 
 /// The I/O port of the ACPI sleep control/status and reset register.
 pub const ACPI_POWER_PORT: u16 = 0x600;

@@ -14,4 +14,5 @@ pub mod exit;
 pub mod layout;
 pub mod metrics;
 pub mod runner;
+pub mod virtio;
 pub mod vm;

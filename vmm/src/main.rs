@@ -46,6 +46,9 @@ struct Cli {
     /// Serial console (COM1): stdout, file=PATH or off.
     #[arg(long, value_name = "MODE", default_value = "stdout")]
     serial: SerialMode,
+    /// A virtio entropy device (virtio-rng), so that the guest does not wait for entropy.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+    rng: String,
     /// Control socket path (JSON lines; see docs/vmm.md).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         memory: cli.memory,
         serial: cli.serial,
         api_socket: cli.api_socket,
+        rng: cli.rng == "on",
     };
     if let Err(e) = config.validate(host_memory_mib()) {
         eprintln!("quantix-vmm: {e}");

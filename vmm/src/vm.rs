@@ -92,6 +92,14 @@ pub enum VmError {
         #[source]
         source: io::Error,
     },
+    /// More virtio devices than interrupt lines.
+    #[error("{count} virtio devices asked for; at most {max} fit")]
+    TooManyDevices {
+        /// Devices asked for.
+        count: usize,
+        /// Devices that fit.
+        max: usize,
+    },
     /// Writing the initial vCPU state into guest memory failed.
     #[error("cannot write boot tables into guest memory: {0}")]
     BootTables(#[from] vm_memory::GuestMemoryError),
@@ -134,7 +142,7 @@ fn check_caps(kvm: &Kvm) -> Result<(), VmError> {
 pub struct Vm {
     _kvm: Kvm,
     fd: VmFd,
-    mem: GuestMemoryMmap,
+    mem: Arc<GuestMemoryMmap>,
     vcpus: Vec<Vcpu>,
     exit: Arc<ExitSignal>,
     stop: Arc<AtomicBool>,
@@ -147,7 +155,7 @@ pub struct Vm {
 /// A running VM.
 pub struct RunningVm {
     _fd: VmFd,
-    _mem: GuestMemoryMmap,
+    _mem: Arc<GuestMemoryMmap>,
     handles: Vec<VcpuHandle>,
     stop: Arc<AtomicBool>,
     /// The serial port, for console input.
@@ -197,10 +205,13 @@ impl Vm {
         if let Some(fw) = &firmware {
             ranges.push((fw.base, fw.bytes.len()));
         }
-        let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| VmError::Memory {
-            mib: config.memory.0,
-            reason: e.to_string(),
-        })?;
+        let mem =
+            Arc::new(
+                GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| VmError::Memory {
+                    mib: config.memory.0,
+                    reason: e.to_string(),
+                })?,
+            );
         for (slot, region) in mem.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -248,13 +259,22 @@ impl Vm {
             1,
         )?;
         let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::new());
+
+        // Virtio devices on the MMIO bus.
+        let mut mmio = Bus::new();
+        let mut virtio_devices: Vec<Box<dyn quantix_virtio::VirtioDevice>> = Vec::new();
+        if config.rng {
+            virtio_devices.push(Box::new(quantix_virtio::rng::Rng::new()));
+        }
+        let virtio_mmio = crate::virtio::attach(&fd, &mem, &mut mmio, virtio_devices)?;
+        let mmio = Arc::new(mmio);
 
         // The boot payload and the tables that describe the machine.
         let rsdp = acpi::write(
             &mem,
             &AcpiConfig {
                 vcpus: config.vcpus,
+                virtio_mmio,
             },
         )?;
         let boot = boot::load_linux(&mem, mem_size, &config.boot, rsdp)?;

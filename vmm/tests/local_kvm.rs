@@ -171,8 +171,15 @@ fn control_socket_reports_state_and_shuts_down() {
     let metrics = ask(r#"{"op":"metrics"}"#);
     assert_eq!(metrics["ok"], true, "{metrics}");
     assert_eq!(metrics["vcpus"].as_array().unwrap().len(), 2, "{metrics}");
-    assert_eq!(metrics["serial"]["tx_bytes"], "hello from long mode\n".len(), "{metrics}");
-    assert!(metrics["vcpus"][0]["io_exits"].as_u64().unwrap() >= 21, "{metrics}");
+    assert_eq!(
+        metrics["serial"]["tx_bytes"],
+        "hello from long mode\n".len(),
+        "{metrics}"
+    );
+    assert!(
+        metrics["vcpus"][0]["io_exits"].as_u64().unwrap() >= 21,
+        "{metrics}"
+    );
     let bad = ask(r#"{"op":"reboot-the-planet"}"#);
     assert_eq!(bad["ok"], false);
     let stop = ask(r#"{"op":"shutdown"}"#);
@@ -190,20 +197,37 @@ fn serial_to_a_file_appends_and_off_discards() {
     let log = dir.join("console.log");
     let file_arg = format!("file={}", log.display());
     for _ in 0..2 {
-        let out = run_vmm(&["--kernel", &kernel, "--memory", "64M", "--serial", &file_arg], LIMIT);
+        let out = run_vmm(
+            &[
+                "--kernel", &kernel, "--memory", "64M", "--serial", &file_arg,
+            ],
+            LIMIT,
+        );
         let (code, stdout, stderr) = summary(&out);
         assert_eq!(code, Some(0), "{stderr}");
         assert_eq!(stdout, "");
     }
-    assert_eq!(std::fs::read_to_string(&log).unwrap(), "hello from long mode\n".repeat(2));
-    let out = run_vmm(&["--kernel", &kernel, "--memory", "64M", "--serial", "off"], LIMIT);
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "hello from long mode\n".repeat(2)
+    );
+    let out = run_vmm(
+        &["--kernel", &kernel, "--memory", "64M", "--serial", "off"],
+        LIMIT,
+    );
     let (code, stdout, stderr) = summary(&out);
     assert_eq!((code, stdout.as_str()), (Some(0), ""), "{stderr}");
     // A serial file that cannot be opened is refused before the guest runs.
-    let out = run_vmm(&["--kernel", &kernel, "--serial", "file=/nonexistent/dir/log"], LIMIT);
+    let out = run_vmm(
+        &["--kernel", &kernel, "--serial", "file=/nonexistent/dir/log"],
+        LIMIT,
+    );
     let (code, _, stderr) = summary(&out);
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("cannot open serial output file"), "{stderr}");
+    assert!(
+        stderr.contains("cannot open serial output file"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -223,7 +247,12 @@ fn standard_input_reaches_the_guest_through_the_uart() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"ping from the host\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"ping from the host\n")
+        .unwrap();
     let out = wait_limit(child, LIMIT);
     let (code, stdout, stderr) = summary(&out);
     assert_eq!(code, Some(0), "{stderr}");

@@ -109,6 +109,26 @@ pub fn buffer(bytes: &[u8]) -> Vec<u8> {
     v
 }
 
+/// A NUL-terminated ASCII string constant.
+pub fn string(s: &str) -> Vec<u8> {
+    let mut v = vec![0x0d];
+    v.extend_from_slice(s.as_bytes());
+    v.push(0);
+    v
+}
+
+/// A resource template: a fixed 32-bit memory window and one extended interrupt
+/// (consumer, edge-triggered, active high, exclusive).
+pub fn mmio_irq_resources(base: u32, len: u32, gsi: u32) -> Vec<u8> {
+    let mut r = vec![0x86, 0x09, 0x00, 0x01]; // Memory32Fixed, read-write
+    r.extend_from_slice(&base.to_le_bytes());
+    r.extend_from_slice(&len.to_le_bytes());
+    r.extend_from_slice(&[0x89, 0x06, 0x00, 0x03, 0x01]); // Interrupt: consumer|edge, 1 entry
+    r.extend_from_slice(&gsi.to_le_bytes());
+    r.extend_from_slice(&[0x79, 0x00]);
+    buffer(&r)
+}
+
 /// A resource template: fixed 16-bit I/O ports and one ISA IRQ (edge, active high).
 pub fn io_irq_resources(port: u16, len: u8, irq: u8) -> Vec<u8> {
     let mut r = vec![0x47, 0x01];
@@ -151,6 +171,21 @@ mod tests {
         let dev = device(b"COM1", &name(b"_HID", &eisa_id(b"PNP0501")));
         assert_eq!(&dev[..3], &[0x5b, 0x82, 0x0f]);
         assert_eq!(&dev[3..7], b"COM1");
+    }
+
+    #[test]
+    fn virtio_mmio_resources_match_the_reference_encoding() {
+        // iasl for: ResourceTemplate () { Memory32Fixed (ReadWrite, 0xD0000000, 0x1000)
+        //   Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { 5 } }
+        let crs = mmio_irq_resources(0xd000_0000, 0x1000, 5);
+        assert_eq!(
+            crs,
+            [
+                0x11, 0x1a, 0x0a, 0x17, 0x86, 0x09, 0x00, 0x01, 0x00, 0x00, 0x00, 0xd0, 0x00, 0x10,
+                0x00, 0x00, 0x89, 0x06, 0x00, 0x03, 0x01, 0x05, 0x00, 0x00, 0x00, 0x79, 0x00
+            ]
+        );
+        assert_eq!(string("LNRO0005"), b"\x0dLNRO0005\x00");
     }
 
     #[test]

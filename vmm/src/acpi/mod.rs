@@ -13,7 +13,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{ACPI_END, ACPI_START};
-pub use tables::{build, AcpiConfig};
+pub use tables::{build, AcpiConfig, VirtioMmioDesc};
 
 /// Errors while writing the tables.
 #[derive(Debug, Error)]

@@ -9,11 +9,22 @@ const OEM_ID: &[u8; 6] = b"QNTXKV";
 const OEM_TABLE_ID: &[u8; 8] = b"QUANTIX ";
 const CREATOR_ID: &[u8; 4] = b"QNTX";
 
-/// What the tables describe.
+/// A virtio-mmio device as the DSDT describes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioDesc {
+    /// Base of its 4 KiB register window.
+    pub base: u64,
+    /// Its interrupt (I/O APIC pin).
+    pub gsi: u32,
+}
+
+/// What the tables describe.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcpiConfig {
     /// vCPU count; vCPU `i` has APIC ID `i`.
     pub vcpus: u8,
+    /// virtio-mmio devices, found by Linux's virtio_mmio driver through `LNRO0005`.
+    pub virtio_mmio: Vec<VirtioMmioDesc>,
 }
 
 /// An SDT: a 36-byte header and a body; the length and checksum are filled by `finish`.
@@ -74,7 +85,7 @@ fn gas_io_byte(port: u16) -> [u8; 12] {
     g
 }
 
-fn dsdt() -> Vec<u8> {
+fn dsdt(virtio: &[VirtioMmioDesc]) -> Vec<u8> {
     let mut t = Sdt::new(b"DSDT", 6);
     // \_S5: the sleep type value for soft-off that the guest writes to the sleep control register.
     t.bytes(&aml::name(
@@ -89,7 +100,21 @@ fn dsdt() -> Vec<u8> {
         b"_CRS",
         &aml::io_irq_resources(COM1_PORT_BASE as u16, COM1_PORT_LEN as u8, COM1_IRQ as u8),
     ));
-    t.bytes(&aml::scope(b"_SB_", &aml::device(b"COM1", &com1)));
+    let mut sb = aml::device(b"COM1", &com1);
+    for (i, dev) in virtio.iter().enumerate() {
+        let mut body = aml::name(b"_HID", &aml::string("LNRO0005"));
+        body.extend(aml::name(b"_UID", &aml::integer(i as u64)));
+        body.extend(aml::name(b"_CCA", &aml::integer(1)));
+        body.extend(aml::name(
+            b"_CRS",
+            &aml::mmio_irq_resources(dev.base as u32, 0x1000, dev.gsi),
+        ));
+        let name = format!("VR{i:02X}");
+        let mut n = [0u8; 4];
+        n.copy_from_slice(&name.as_bytes()[..4]);
+        sb.extend(aml::device(&n, &body));
+    }
+    t.bytes(&aml::scope(b"_SB_", &sb));
     t.finish()
 }
 
@@ -194,7 +219,7 @@ pub fn build(config: &AcpiConfig, base: u64) -> Vec<u8> {
         align16(blob);
         addr
     };
-    let dsdt_addr = place(dsdt(), &mut blob);
+    let dsdt_addr = place(dsdt(&config.virtio_mmio), &mut blob);
     let fadt_addr = place(fadt(dsdt_addr), &mut blob);
     let madt_addr = place(madt(config.vcpus), &mut blob);
     let xsdt_addr = place(xsdt(&[fadt_addr, madt_addr]), &mut blob);
@@ -232,7 +257,16 @@ mod tests {
     #[test]
     fn tables_link_up_with_valid_checksums() {
         let base = 0xe0000;
-        let blob = build(&AcpiConfig { vcpus: 4 }, base);
+        let blob = build(
+            &AcpiConfig {
+                vcpus: 4,
+                virtio_mmio: vec![VirtioMmioDesc {
+                    base: 0xd000_0000,
+                    gsi: 5,
+                }],
+            },
+            base,
+        );
         let rsdp = &blob[..36];
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(rsdp[..20].iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
@@ -251,8 +285,11 @@ mod tests {
         assert_eq!(&fadt[116..128], &gas_io_byte(ACPI_POWER_PORT));
         assert_eq!(fadt[128], ACPI_RESET_VALUE);
         assert_eq!(&fadt[244..256], &gas_io_byte(ACPI_POWER_PORT));
-        // _S5_ is in the DSDT.
+        // _S5_ is in the DSDT, and the virtio device with its window and GSI.
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+        assert!(dsdt.windows(8).any(|w| w == b"LNRO0005"));
+        assert!(dsdt.windows(4).any(|w| w == b"VR00"));
+        assert!(dsdt.windows(4).any(|w| w == 0xd000_0000u32.to_le_bytes()));
         // One enabled local APIC per vCPU with APIC IDs 0..n.
         let mut off = HEADER_LEN + 8;
         let mut apic_ids = vec![];
@@ -273,6 +310,12 @@ mod tests {
         let blob = build(
             &AcpiConfig {
                 vcpus: crate::config::MAX_VCPUS,
+                virtio_mmio: (0..19u32)
+                    .map(|i| VirtioMmioDesc {
+                        base: 0xd000_0000 + u64::from(i) * 0x1000,
+                        gsi: 5 + i,
+                    })
+                    .collect(),
             },
             0xe0000,
         );

@@ -1,0 +1,59 @@
+//! Putting virtio devices on the VM: a virtio-mmio window and a GSI each, an irqfd for
+//! the interrupt, and a KVM ioeventfd per queue on the QueueNotify register so that
+//! notifications wake the device's worker thread without a trip through a vCPU thread.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use quantix_devices::Bus;
+use quantix_virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
+use quantix_virtio::{GuestMemory, VirtioDevice};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::acpi::VirtioMmioDesc;
+use crate::layout::{VIRTIO_GSI_END, VIRTIO_GSI_START, VIRTIO_MMIO_START, VIRTIO_MMIO_STRIDE};
+use crate::vm::VmError;
+
+/// Attaches `devices` in order; returns what the DSDT must describe.
+pub fn attach(
+    vm: &VmFd,
+    mem: &Arc<GuestMemory>,
+    mmio: &mut Bus,
+    devices: Vec<Box<dyn VirtioDevice>>,
+) -> Result<Vec<VirtioMmioDesc>, VmError> {
+    let available = (VIRTIO_GSI_END - VIRTIO_GSI_START + 1) as usize;
+    if devices.len() > available {
+        return Err(VmError::TooManyDevices {
+            count: devices.len(),
+            max: available,
+        });
+    }
+    let mut descs = Vec::with_capacity(devices.len());
+    for (i, device) in devices.into_iter().enumerate() {
+        let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_STRIDE;
+        let gsi = VIRTIO_GSI_START + i as u32;
+        let name = device.name().to_string();
+        let host_err = |source| VmError::Host {
+            what: "virtio device eventfd",
+            source,
+        };
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(host_err)?;
+        vm.register_irqfd(&irq, gsi)
+            .map_err(|source| VmError::Kvm {
+                op: "IRQFD (virtio)",
+                source,
+            })?;
+        let transport = MmioTransport::new(device, mem.clone(), irq).map_err(host_err)?;
+        for (q, evt) in transport.queue_evts().iter().enumerate() {
+            vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
+                .map_err(|source| VmError::Kvm {
+                    op: "IOEVENTFD (virtio queue)",
+                    source,
+                })?;
+        }
+        mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_STRIDE)?;
+        tracing::info!(device = %name, base = format_args!("{base:#x}"), gsi, "virtio-mmio device attached");
+        descs.push(VirtioMmioDesc { base, gsi });
+    }
+    Ok(descs)
+}
