@@ -8,6 +8,7 @@
 //! thread. Everything a guest puts in a queue is untrusted: a malformed request fails
 //! with the proper virtio status and is counted, it never panics the VMM.
 
+pub mod block;
 pub mod mmio;
 pub mod rng;
 pub mod worker;

@@ -1,0 +1,511 @@
+//! Parsing and executing one virtio-blk request.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use virtio_queue::{DescriptorChain, Reader, Writer};
+use vm_memory::ByteValued;
+
+use super::{BlockCounters, ID_BYTES, MAX_DISCARD_SEG};
+use crate::GuestMemory;
+
+/// Bytes per sector, whatever the image's own block size.
+pub const SECTOR_SIZE: u64 = 512;
+/// Largest piece of a request moved through memory at once.
+pub const CHUNK: usize = 1 << 20;
+
+/// Request types (virtio 1.2, 5.2.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestType {
+    /// Read.
+    In,
+    /// Write.
+    Out,
+    /// Flush the write cache.
+    Flush,
+    /// Device serial.
+    GetId,
+    /// Discard sectors.
+    Discard,
+    /// Write zeroes.
+    WriteZeroes,
+    /// Anything else.
+    Unsupported(u32),
+}
+
+impl From<u32> for RequestType {
+    fn from(t: u32) -> Self {
+        match t {
+            0 => RequestType::In,
+            1 => RequestType::Out,
+            4 => RequestType::Flush,
+            8 => RequestType::GetId,
+            11 => RequestType::Discard,
+            13 => RequestType::WriteZeroes,
+            other => RequestType::Unsupported(other),
+        }
+    }
+}
+
+/// Completion status written in the request's last byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    /// Success.
+    Ok = 0,
+    /// Failure (host I/O error, or a malformed request).
+    IoErr = 1,
+    /// Request type or flags not supported.
+    Unsupp = 2,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+struct Header {
+    request_type: u32,
+    reserved: u32,
+    sector: u64,
+}
+// SAFETY: repr(C) struct of integers without padding (4 + 4 + 8 bytes).
+unsafe impl ByteValued for Header {}
+
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+struct DiscardSegment {
+    sector: u64,
+    num_sectors: u32,
+    flags: u32,
+}
+// SAFETY: repr(C) struct of integers without padding (8 + 4 + 4 bytes).
+unsafe impl ByteValued for DiscardSegment {}
+
+const WRITE_ZEROES_UNMAP: u32 = 1;
+
+/// The image and what requests may do to it.
+pub(crate) struct Disk {
+    pub file: Arc<File>,
+    pub capacity_sectors: u64,
+    pub readonly: bool,
+    pub id: [u8; ID_BYTES],
+    pub counters: Arc<BlockCounters>,
+}
+
+/// Why a request failed, for counting.
+enum Failure {
+    /// The guest asked for something invalid.
+    Invalid,
+    /// The host failed.
+    Io(std::io::Error),
+    /// Not supported.
+    Unsupported,
+}
+
+impl Disk {
+    /// Executes the request in `chain`; returns the bytes written into guest memory
+    /// (the used length).
+    pub fn execute(&self, mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>) -> u32 {
+        let (mut reader, mut writer) =
+            match (Reader::new(mem, chain.clone()), Writer::new(mem, chain)) {
+                (Ok(r), Ok(w)) => (r, w),
+                _ => {
+                    // A buffer outside guest memory: not even the status can be written.
+                    self.counters.invalid.fetch_add(1, Ordering::Relaxed);
+                    return 0;
+                }
+            };
+        let writable = writer.available_bytes();
+        if writable == 0 {
+            self.counters.invalid.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
+        let Ok(mut status_writer) = writer.split_at(writable - 1) else {
+            self.counters.invalid.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        };
+        let status = match reader.read_obj::<Header>() {
+            Ok(header) => self.dispatch(header, &mut reader, &mut writer),
+            Err(_) => Err(Failure::Invalid),
+        };
+        let status = match status {
+            Ok(()) => Status::Ok,
+            Err(Failure::Invalid) => {
+                self.counters.invalid.fetch_add(1, Ordering::Relaxed);
+                Status::IoErr
+            }
+            Err(Failure::Io(e)) => {
+                tracing::warn!(error = %e, "disk I/O error");
+                self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+                Status::IoErr
+            }
+            Err(Failure::Unsupported) => Status::Unsupp,
+        };
+        let _ = status_writer.write_all(&[status as u8]);
+        (writer.bytes_written() + status_writer.bytes_written()) as u32
+    }
+
+    /// The byte offset of `sector`, if `[sector, sector + len)` lies within the disk.
+    fn range(&self, sector: u64, len: u64) -> Result<u64, Failure> {
+        if len % SECTOR_SIZE != 0 {
+            return Err(Failure::Invalid);
+        }
+        let offset = sector.checked_mul(SECTOR_SIZE).ok_or(Failure::Invalid)?;
+        let end = offset.checked_add(len).ok_or(Failure::Invalid)?;
+        if end > self.capacity_sectors * SECTOR_SIZE {
+            return Err(Failure::Invalid);
+        }
+        Ok(offset)
+    }
+
+    fn dispatch(
+        &self,
+        header: Header,
+        reader: &mut Reader,
+        writer: &mut Writer,
+    ) -> Result<(), Failure> {
+        match RequestType::from(header.request_type) {
+            RequestType::In => {
+                let len = writer.available_bytes();
+                let mut offset = self.range(header.sector, len as u64)?;
+                let mut buf = vec![0u8; len.min(CHUNK)];
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(CHUNK);
+                    self.file
+                        .read_exact_at(&mut buf[..n], offset)
+                        .map_err(Failure::Io)?;
+                    writer.write_all(&buf[..n]).map_err(|_| Failure::Invalid)?;
+                    offset += n as u64;
+                    left -= n;
+                }
+                self.counters.reads.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .read_bytes
+                    .fetch_add(len as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            RequestType::Out => {
+                if self.readonly {
+                    return Err(Failure::Invalid);
+                }
+                let len = reader.available_bytes();
+                let mut offset = self.range(header.sector, len as u64)?;
+                let mut buf = vec![0u8; len.min(CHUNK)];
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(CHUNK);
+                    reader
+                        .read_exact(&mut buf[..n])
+                        .map_err(|_| Failure::Invalid)?;
+                    self.file
+                        .write_all_at(&buf[..n], offset)
+                        .map_err(Failure::Io)?;
+                    offset += n as u64;
+                    left -= n;
+                }
+                self.counters.writes.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .write_bytes
+                    .fetch_add(len as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            RequestType::Flush => {
+                if !self.readonly {
+                    self.file.sync_data().map_err(Failure::Io)?;
+                }
+                self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            RequestType::GetId => {
+                let n = writer.available_bytes().min(ID_BYTES);
+                writer
+                    .write_all(&self.id[..n])
+                    .map_err(|_| Failure::Invalid)
+            }
+            kind @ (RequestType::Discard | RequestType::WriteZeroes) => {
+                if self.readonly {
+                    return Err(Failure::Invalid);
+                }
+                let size = std::mem::size_of::<DiscardSegment>();
+                let count = reader.available_bytes() / size;
+                if count == 0
+                    || count > MAX_DISCARD_SEG as usize
+                    || reader.available_bytes() % size != 0
+                {
+                    return Err(Failure::Invalid);
+                }
+                for _ in 0..count {
+                    let seg: DiscardSegment = reader.read_obj().map_err(|_| Failure::Invalid)?;
+                    let len = u64::from(seg.num_sectors) * SECTOR_SIZE;
+                    let offset = self.range(seg.sector, len)?;
+                    if kind == RequestType::Discard {
+                        if seg.flags != 0 {
+                            return Err(Failure::Unsupported);
+                        }
+                        self.discard(offset, len)?;
+                    } else {
+                        if seg.flags & !WRITE_ZEROES_UNMAP != 0 {
+                            return Err(Failure::Unsupported);
+                        }
+                        self.write_zeroes(offset, len)?;
+                    }
+                }
+                Ok(())
+            }
+            RequestType::Unsupported(_) => Err(Failure::Unsupported),
+        }
+    }
+
+    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        // SAFETY: fallocate on our own open file descriptor with checked offsets.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Discard is advisory: where the file system cannot punch holes, nothing happens.
+    fn discard(&self, offset: u64, len: u64) -> Result<(), Failure> {
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(Failure::Io(e)),
+        }
+    }
+
+    /// Zeroes a range: in place where the file system can, by writing zeros otherwise.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), Failure> {
+        match self.fallocate(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() != Some(libc::EOPNOTSUPP) => return Err(Failure::Io(e)),
+            Err(_) => {}
+        }
+        let zeros = vec![0u8; (len as usize).min(CHUNK)];
+        let mut done = 0;
+        while done < len {
+            let n = ((len - done) as usize).min(CHUNK);
+            self.file
+                .write_all_at(&zeros[..n], offset + done)
+                .map_err(Failure::Io)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const WRITE: u16 = 2;
+    const HDR: u64 = 0x1_0000;
+    const DATA: u64 = 0x2_0000;
+    const STATUS: u64 = 0x3_0000;
+
+    fn disk(readonly: bool, sectors: u64) -> (Disk, std::path::PathBuf) {
+        let path =
+            std::env::temp_dir().join(format!("qx-blk-{}-{}", std::process::id(), rand_suffix()));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(sectors * SECTOR_SIZE).unwrap();
+        let mut id = [0u8; ID_BYTES];
+        id[..5].copy_from_slice(b"disk0");
+        (
+            Disk {
+                file: Arc::new(f),
+                capacity_sectors: sectors,
+                readonly,
+                id,
+                counters: Arc::default(),
+            },
+            path,
+        )
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::AtomicU64;
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn mem() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    fn header(mem: &GuestMemory, t: u32, sector: u64) {
+        mem.write_obj(
+            Header {
+                request_type: t,
+                reserved: 0,
+                sector,
+            },
+            GuestAddress(HDR),
+        )
+        .unwrap();
+    }
+
+    /// Runs a request whose data buffer is `data_len` bytes at DATA (guest-writable when
+    /// `data_writable`); returns (used length, status byte).
+    fn run(
+        disk: &Disk,
+        mem: &GuestMemory,
+        data_len: u32,
+        data_writable: bool,
+        data_addr: u64,
+    ) -> (u32, u8) {
+        let vq = MockSplitQueue::new(mem, 16);
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let mut descs = vec![RawDescriptor::from(SplitDescriptor::new(HDR, 16, 0, 0))];
+        if data_len > 0 {
+            let flags = if data_writable { WRITE } else { 0 };
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                data_addr, data_len, flags, 0,
+            )));
+        }
+        descs.push(RawDescriptor::from(SplitDescriptor::new(
+            STATUS, 1, WRITE, 0,
+        )));
+        let chain = vq.build_desc_chain(&descs).unwrap();
+        let used = disk.execute(mem, chain);
+        (used, mem.read_obj(GuestAddress(STATUS)).unwrap())
+    }
+
+    #[test]
+    fn write_flush_and_read_back() {
+        let (d, path) = disk(false, 64);
+        let m = mem();
+        let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 7) as u8).collect();
+        m.write_slice(&pattern, GuestAddress(DATA)).unwrap();
+        header(&m, 1, 3);
+        assert_eq!(run(&d, &m, 1024, false, DATA), (1, Status::Ok as u8));
+        header(&m, 4, 0);
+        assert_eq!(run(&d, &m, 0, false, DATA), (1, Status::Ok as u8));
+        m.write_slice(&[0u8; 1024], GuestAddress(DATA)).unwrap();
+        header(&m, 0, 3);
+        assert_eq!(run(&d, &m, 1024, true, DATA), (1025, Status::Ok as u8));
+        let mut back = vec![0u8; 1024];
+        m.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+        assert_eq!(back, pattern);
+        // And on the host, at sector 3.
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[3 * 512..3 * 512 + 1024], &pattern[..]);
+        assert_eq!(d.counters.writes.load(Ordering::Relaxed), 1);
+        assert_eq!(d.counters.flushes.load(Ordering::Relaxed), 1);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn out_of_range_misaligned_readonly_and_unknown_requests_fail_cleanly() {
+        let (d, path) = disk(false, 8);
+        let m = mem();
+        // Past the end, straddling the end, sector overflow.
+        for sector in [8, 7, u64::MAX / 256] {
+            header(&m, 0, sector);
+            assert_eq!(
+                run(&d, &m, 1024, true, DATA).1,
+                Status::IoErr as u8,
+                "sector {sector}"
+            );
+        }
+        // Not a multiple of 512.
+        header(&m, 1, 0);
+        assert_eq!(run(&d, &m, 100, false, DATA).1, Status::IoErr as u8);
+        // Unknown type.
+        header(&m, 99, 0);
+        assert_eq!(run(&d, &m, 0, false, DATA).1, Status::Unsupp as u8);
+        assert_eq!(d.counters.invalid.load(Ordering::Relaxed), 4);
+        // Read-only disk refuses writes and discards.
+        let (ro, ro_path) = disk(true, 8);
+        header(&m, 1, 0);
+        assert_eq!(run(&ro, &m, 512, false, DATA).1, Status::IoErr as u8);
+        assert_eq!(
+            std::fs::read(&ro_path).unwrap(),
+            vec![0u8; 8 * 512],
+            "untouched"
+        );
+        std::fs::remove_file(path).unwrap();
+        std::fs::remove_file(ro_path).unwrap();
+    }
+
+    #[test]
+    fn buffers_outside_guest_memory_or_without_status_are_dropped() {
+        let (d, path) = disk(false, 8);
+        let m = mem();
+        header(&m, 0, 0);
+        // Data buffer in unbacked memory (e.g. the MMIO hole).
+        let (used, _) = run(&d, &m, 512, true, 0xd000_0000);
+        assert_eq!(used, 0);
+        // No writable byte at all for the status.
+        let vq = MockSplitQueue::new(&m, 16);
+        let chain = vq
+            .build_desc_chain(&[RawDescriptor::from(SplitDescriptor::new(HDR, 16, 0, 0))])
+            .unwrap();
+        assert_eq!(d.execute(&m, chain), 0);
+        assert_eq!(d.counters.invalid.load(Ordering::Relaxed), 2);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn get_id_and_write_zeroes() {
+        let (d, path) = disk(false, 8);
+        let m = mem();
+        header(&m, 8, 0);
+        assert_eq!(run(&d, &m, 20, true, DATA), (21, Status::Ok as u8));
+        let mut id = [0u8; 5];
+        m.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id, b"disk0");
+        // Fill sector 1 with ones, then zero it with WRITE_ZEROES.
+        d.file.write_all_at(&[1u8; 512], 512).unwrap();
+        m.write_obj(
+            DiscardSegment {
+                sector: 1,
+                num_sectors: 1,
+                flags: 0,
+            },
+            GuestAddress(DATA),
+        )
+        .unwrap();
+        header(&m, 13, 0);
+        assert_eq!(run(&d, &m, 16, false, DATA).1, Status::Ok as u8);
+        let mut s = [0xffu8; 512];
+        d.file.read_exact_at(&mut s, 512).unwrap();
+        assert_eq!(s, [0u8; 512]);
+        // A segment past the end fails.
+        m.write_obj(
+            DiscardSegment {
+                sector: 8,
+                num_sectors: 1,
+                flags: 0,
+            },
+            GuestAddress(DATA),
+        )
+        .unwrap();
+        header(&m, 11, 0);
+        assert_eq!(run(&d, &m, 16, false, DATA).1, Status::IoErr as u8);
+        std::fs::remove_file(path).unwrap();
+    }
+}
