@@ -136,7 +136,7 @@ impl Block {
                 size,
             });
         }
-        if size % SECTOR_SIZE != 0 {
+        if !size.is_multiple_of(SECTOR_SIZE) {
             warn!(
                 disk = name,
                 size, "image size is not a multiple of 512; the tail is not visible to the guest"

@@ -149,7 +149,7 @@ impl Disk {
 
     /// The byte offset of `sector`, if `[sector, sector + len)` lies within the disk.
     fn range(&self, sector: u64, len: u64) -> Result<u64, Failure> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(Failure::Invalid);
         }
         let offset = sector.checked_mul(SECTOR_SIZE).ok_or(Failure::Invalid)?;
@@ -233,7 +233,7 @@ impl Disk {
                 let count = reader.available_bytes() / size;
                 if count == 0
                     || count > MAX_DISCARD_SEG as usize
-                    || reader.available_bytes() % size != 0
+                    || !reader.available_bytes().is_multiple_of(size)
                 {
                     return Err(Failure::Invalid);
                 }
