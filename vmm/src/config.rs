@@ -44,6 +44,17 @@ pub enum ConfigError {
     /// A serial specification that does not parse.
     #[error("invalid serial setting {0:?}: expected stdout, file=PATH or off")]
     Serial(String),
+    /// A `--disk` value that does not parse.
+    #[error("invalid --disk {value:?}: {reason} (expected path=PATH[,readonly=on|off][,id=NAME])")]
+    Disk {
+        /// The value given.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Two disks with one id, or one image given twice.
+    #[error("{0}")]
+    DiskConflict(String),
     /// A command line that is too long.
     #[error("kernel command line is {len} bytes; the limit is {max}")]
     CmdlineTooLong {
@@ -114,6 +125,93 @@ impl FromStr for SerialMode {
     }
 }
 
+/// Longest disk id: the virtio-blk serial number is 20 bytes.
+pub const DISK_ID_MAX: usize = 20;
+
+/// One `--disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The raw image file (or block device).
+    pub path: PathBuf,
+    /// The guest may not write.
+    pub readonly: bool,
+    /// Name in logs and the serial number the guest reads (`/sys/block/vdX/serial`).
+    pub id: Option<String>,
+}
+
+impl FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let err = |reason: &str| ConfigError::Disk {
+            value: s.to_string(),
+            reason: reason.to_string(),
+        };
+        let (mut path, mut readonly, mut id) = (None, false, None);
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| err("each part must be key=value"))?;
+            match key {
+                "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
+                "path" => return Err(err("empty path")),
+                "readonly" => {
+                    readonly = match value {
+                        "on" | "true" => true,
+                        "off" | "false" => false,
+                        _ => return Err(err("readonly takes on or off")),
+                    }
+                }
+                "id" => {
+                    if value.is_empty()
+                        || value.len() > DISK_ID_MAX
+                        || !value
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    {
+                        return Err(err("id must be 1-20 characters of A-Z, a-z, 0-9, - and _"));
+                    }
+                    id = Some(value.to_string());
+                }
+                other => return Err(err(&format!("unknown key {other:?}"))),
+            }
+        }
+        Ok(DiskConfig {
+            path: path.ok_or_else(|| err("path= is required"))?,
+            readonly,
+            id,
+        })
+    }
+}
+
+/// Checks that disk ids are unique and that no image is attached twice.
+pub fn validate_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
+    for (i, a) in disks.iter().enumerate() {
+        for b in &disks[i + 1..] {
+            if a.id.is_some() && a.id == b.id {
+                return Err(ConfigError::DiskConflict(format!(
+                    "two disks have the id {:?}",
+                    a.id.as_deref().unwrap_or_default()
+                )));
+            }
+            let same = match (
+                std::fs::canonicalize(&a.path),
+                std::fs::canonicalize(&b.path),
+            ) {
+                (Ok(x), Ok(y)) => x == y,
+                _ => a.path == b.path,
+            };
+            if same {
+                return Err(ConfigError::DiskConflict(format!(
+                    "disk image {} is given twice; two devices on one image would corrupt it",
+                    a.path.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What the VM boots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BootSource {
@@ -145,6 +243,8 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// A virtio entropy device.
     pub rng: bool,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
 }
 
 impl VmConfig {
@@ -162,6 +262,7 @@ impl VmConfig {
                 });
             }
         }
+        validate_disks(&self.disks)?;
         if let BootSource::Kernel { cmdline, .. } = &self.boot {
             if cmdline.len() + 1 > crate::layout::CMDLINE_MAX_SIZE {
                 return Err(ConfigError::CmdlineTooLong {
@@ -241,7 +342,50 @@ mod tests {
             serial: SerialMode::Stdout,
             api_socket: None,
             rng: true,
+            disks: Vec::new(),
         }
+    }
+
+    #[test]
+    fn disk_specs() {
+        let d: DiskConfig = "path=/img/a.raw,readonly=on,id=root-1".parse().unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/img/a.raw".into(),
+                readonly: true,
+                id: Some("root-1".into())
+            }
+        );
+        let d: DiskConfig = "path=/img/b.raw".parse().unwrap();
+        assert!(!d.readonly && d.id.is_none());
+        for bad in [
+            "",
+            "/img/a.raw",
+            "readonly=on",
+            "path=",
+            "path=/a,readonly=yes",
+            "path=/a,size=1G",
+            "path=/a,id=",
+            "path=/a,id=has space",
+            "path=/a,id=aaaaaaaaaaaaaaaaaaaaa",
+        ] {
+            assert!(
+                matches!(bad.parse::<DiskConfig>(), Err(ConfigError::Disk { .. })),
+                "{bad:?}"
+            );
+        }
+        let a: DiskConfig = "path=/img/a.raw,id=x".parse().unwrap();
+        let b: DiskConfig = "path=/img/b.raw,id=x".parse().unwrap();
+        assert!(matches!(
+            validate_disks(&[a.clone(), b]),
+            Err(ConfigError::DiskConflict(_))
+        ));
+        let a2: DiskConfig = "path=/img/a.raw".parse().unwrap();
+        assert!(matches!(
+            validate_disks(&[a, a2]),
+            Err(ConfigError::DiskConflict(_))
+        ));
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use quantix_vmm::config::{
-    host_memory_mib, validate_vcpus, BootSource, MemorySize, SerialMode, VmConfig, DEFAULT_CMDLINE,
+    host_memory_mib, validate_vcpus, BootSource, DiskConfig, MemorySize, SerialMode, VmConfig,
+    DEFAULT_CMDLINE,
 };
 use quantix_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
 use tracing_subscriber::EnvFilter;
@@ -49,6 +50,10 @@ struct Cli {
     /// A virtio entropy device (virtio-rng), so that the guest does not wait for entropy.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
     rng: String,
+    /// A virtio-blk disk on a raw image: path=PATH[,readonly=on|off][,id=NAME]
+    /// (repeatable; the guest sees vda, vdb, ... in this order).
+    #[arg(long = "disk", value_name = "SPEC")]
+    disks: Vec<DiskConfig>,
     /// Control socket path (JSON lines; see docs/vmm.md).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -110,6 +115,7 @@ fn main() -> ExitCode {
         serial: cli.serial,
         api_socket: cli.api_socket,
         rng: cli.rng == "on",
+        disks: cli.disks,
     };
     if let Err(e) = config.validate(host_memory_mib()) {
         eprintln!("quantix-vmm: {e}");

@@ -92,6 +92,9 @@ pub enum VmError {
         #[source]
         source: io::Error,
     },
+    /// A disk image cannot be used.
+    #[error(transparent)]
+    Disk(#[from] quantix_virtio::block::BlockError),
     /// More virtio devices than interrupt lines.
     #[error("{count} virtio devices asked for; at most {max} fit")]
     TooManyDevices {
@@ -263,6 +266,13 @@ impl Vm {
         // Virtio devices on the MMIO bus.
         let mut mmio = Bus::new();
         let mut virtio_devices: Vec<Box<dyn quantix_virtio::VirtioDevice>> = Vec::new();
+        for (i, disk) in config.disks.iter().enumerate() {
+            let name = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
+            let block =
+                quantix_virtio::block::Block::open(&name, &disk.path, disk.readonly, &name)?;
+            info!(disk = %name, path = %disk.path.display(), readonly = disk.readonly, sectors = block.capacity_sectors(), "disk attached");
+            virtio_devices.push(Box::new(block));
+        }
         if config.rng {
             virtio_devices.push(Box::new(quantix_virtio::rng::Rng::new()));
         }

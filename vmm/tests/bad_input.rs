@@ -198,3 +198,71 @@ fn kvm_device_missing_or_not_permitted() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("permission denied opening /dev/kvm"), "{err}");
 }
+
+#[test]
+fn disks_that_cannot_be_used_are_refused_before_boot() {
+    let dir = scratch("disks");
+    let kernel = good_kernel(&dir);
+    let img = dir.join("a.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let img = img.to_str().unwrap().to_string();
+    let empty = write(&dir, "empty.img", b"");
+    let cases: Vec<(Vec<String>, i32, &str)> = vec![
+        (
+            vec!["--disk".into(), "path=/nonexistent/disk.img".into()],
+            1,
+            "cannot open disk image /nonexistent/disk.img",
+        ),
+        (
+            vec!["--disk".into(), format!("path={}", dir.display())],
+            1,
+            "Is a directory",
+        ),
+        (
+            vec!["--disk".into(), format!("path={}", empty.display())],
+            1,
+            "needs at least one 512-byte sector",
+        ),
+        (
+            vec![
+                "--disk".into(),
+                format!("path={img},id=x"),
+                "--disk".into(),
+                format!("path={img}.b,id=x"),
+            ],
+            1,
+            "two disks have the id \"x\"",
+        ),
+        (
+            vec![
+                "--disk".into(),
+                format!("path={img}"),
+                "--disk".into(),
+                format!("path={img}"),
+            ],
+            1,
+            "is given twice",
+        ),
+        (vec!["--disk".into(), img.clone()], 2, "invalid --disk"),
+        (
+            vec!["--disk".into(), format!("path={img},cache=none")],
+            2,
+            "unknown key \"cache\"",
+        ),
+    ];
+    for (extra, want_code, want_msg) in cases {
+        let mut args = vec!["--kernel", kernel.as_str()];
+        args.extend(extra.iter().map(String::as_str));
+        let (code, err) = fails(&args);
+        assert_eq!(code, want_code, "{extra:?}: {err}");
+        assert!(
+            err.contains(want_msg),
+            "{extra:?}: expected {want_msg:?} in {err}"
+        );
+    }
+    // The image was never touched.
+    assert_eq!(std::fs::read(&img).unwrap(), vec![0u8; 1 << 20]);
+}

@@ -100,3 +100,99 @@ fn virtio_rng_feeds_the_guests_hwrng() {
     assert_ne!(bytes, "0".repeat(64), "entropy, not zeros");
     eprintln!("rng job {:?}: {bytes}", job.elapsed);
 }
+
+fn field(out: &str, key: &str) -> String {
+    out.lines()
+        .find_map(|l| {
+            l.split_once(&format!("{key}="))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no {key}= line:\n{out}"))
+}
+
+/// Two disks, one read-only: the guest makes a file system on the first, writes a file,
+/// syncs and powers off; a second VM on the same image reads the file back bit for bit;
+/// the read-only disk can be read but not written.
+#[test]
+fn virtio_blk_data_survives_a_vmm_restart_and_readonly_is_enforced() {
+    let sandbox = Sandbox::from_env().unwrap_or_else(|e| panic!("{e}"));
+    let vmm = build::static_binary("quantix-vmm", "quantix-vmm").unwrap_or_else(|e| panic!("{e}"));
+    let mut modules = VIRTIO_MODULES.to_vec();
+    modules.push("kernel/drivers/block/virtio_blk.ko");
+    let writer = guest_initramfs(
+        &sandbox,
+        &modules,
+        "echo \"QX-BLK serial=$(cat /sys/block/vda/serial) ro=$(cat /sys/block/vdb/ro) size=$(cat /sys/block/vda/size)\"\n\
+         mke2fs -q /dev/vda && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt\n\
+         dd if=/dev/urandom of=/mnt/data bs=1024 count=3000 2>/dev/null\n\
+         echo \"QX-BLK written=$(sha256sum /mnt/data | cut -d' ' -f1)\"\n\
+         sync && umount /mnt\n\
+         echo \"QX-BLK ro-content=$(head -c 16 /dev/vdb)\"\n\
+         if dd if=/dev/zero of=/dev/vdb bs=512 count=1 conv=fsync 2>/dev/null; then echo QX-BLK ro-write=succeeded; else echo QX-BLK ro-write=refused; fi\n",
+    );
+    let reader = guest_initramfs(
+        &sandbox,
+        &modules,
+        "mkdir -p /mnt && mount -t ext4 -o ro /dev/vda /mnt\n\
+         echo \"QX-BLK read=$(sha256sum /mnt/data | cut -d' ' -f1)\"\n",
+    );
+    let mut payload = Payload::new();
+    payload
+        .add_file(&vmm, VMM)
+        .unwrap_or_else(|e| panic!("{e}"));
+    payload
+        .add_bytes("/payload/blk-writer.cpio", writer, 0o644)
+        .unwrap_or_else(|e| panic!("{e}"));
+    payload
+        .add_bytes("/payload/blk-reader.cpio", reader, 0o644)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let boot = |initramfs: &str| {
+        format!(
+            "{VMM} --kernel {} --initramfs {initramfs} --memory 256M --rng off \
+             --disk path=/tmp/data.img,id=data --disk path=/tmp/ro.img,readonly=on,id=ro \
+             --cmdline 'console=ttyS0 qx.action=script'",
+            paths::GUEST_VMLINUZ
+        )
+    };
+    let script = format!(
+        "set -e\n\
+         dd if=/dev/zero of=/tmp/data.img bs=1M count=64 2>/dev/null\n\
+         dd if=/dev/zero of=/tmp/ro.img bs=1M count=4 2>/dev/null\n\
+         printf READONLY-DISK-42 | dd of=/tmp/ro.img conv=notrunc 2>/dev/null\n\
+         ro_before=$(sha256sum /tmp/ro.img | cut -d' ' -f1)\n\
+         {}\n\
+         {}\n\
+         echo \"QX-HOST ro-unchanged=$([ \"$(sha256sum /tmp/ro.img | cut -d' ' -f1)\" = \"$ro_before\" ] && echo yes || echo no)\"\n",
+        boot("/payload/blk-writer.cpio"),
+        boot("/payload/blk-reader.cpio"),
+    );
+    let jobs = [Job::shell("blk", script).timeout(Duration::from_secs(300))];
+    let report = sandbox
+        .run(&payload, &jobs)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let job = &report.jobs[0];
+    let out = &job.output;
+    assert!(
+        job.success(),
+        "status {:?}, timed out {}\n{out}",
+        job.status,
+        job.timed_out
+    );
+    assert!(!out.contains("QX-FAIL"), "{out}");
+    let info = field(out, "QX-BLK serial");
+    assert!(
+        info.starts_with("data ro=1 size=131072"),
+        "serial, read-only flag, 64 MiB in sectors: {info}"
+    );
+    let written = field(out, "QX-BLK written");
+    assert_eq!(written.len(), 64, "{out}");
+    assert_eq!(
+        field(out, "QX-BLK read"),
+        written,
+        "the file read by the second VM: {out}"
+    );
+    assert_eq!(field(out, "QX-BLK ro-content"), "READONLY-DISK-42", "{out}");
+    assert_eq!(field(out, "QX-BLK ro-write"), "refused", "{out}");
+    assert_eq!(field(out, "QX-HOST ro-unchanged"), "yes", "{out}");
+    eprintln!("blk job {:?}", job.elapsed);
+}
