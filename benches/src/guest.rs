@@ -1,0 +1,133 @@
+//! Tiny hand-made guests for `first-insn`: their first instructions write one byte to
+//! COM1 and power the VM off through the ACPI sleep control register (port 0x600,
+//! `SLP_EN | SLP_TYP(5)` = 0x34, see docs/vmm.md).
+
+/// The byte the guests write first.
+pub const MARKER_BYTE: u8 = b'Q';
+/// COM1's data port.
+pub const COM1: u16 = 0x3f8;
+/// quantix-vmm's ACPI sleep control / reset port.
+pub const ACPI_SLEEP_PORT: u16 = 0x600;
+/// `SLP_EN | SLP_TYP(5)`: power off.
+pub const ACPI_POWEROFF: u8 = (1 << 5) | (5 << 2);
+
+/// Where [`elf64`] loads its code (16 MiB).
+pub const ELF_LOAD: u64 = 0x100_0000;
+/// Size of the firmware image: QEMU's `-bios` wants a multiple of 64 KiB, quantix-vmm's
+/// `--firmware` a multiple of 4 KiB; 64 KiB suits both.
+pub const FIRMWARE_SIZE: usize = 64 * 1024;
+
+/// `mov dx, port; mov al, value; out dx, al`. In 64-bit mode `mov dx` needs the
+/// operand-size prefix; in real mode it does not.
+fn outb(port: u16, value: u8, long_mode: bool) -> Vec<u8> {
+    let mut v = if long_mode { vec![0x66] } else { vec![] };
+    v.push(0xba);
+    v.extend_from_slice(&port.to_le_bytes());
+    v.extend_from_slice(&[0xb0, value, 0xee]);
+    v
+}
+
+/// The guest's code: the byte to COM1, ACPI poweroff, then `hlt; jmp $-1` (for a VMM
+/// without the ACPI port, such as QEMU microvm, the guest just parks).
+pub fn code(long_mode: bool) -> Vec<u8> {
+    let mut v = outb(COM1, MARKER_BYTE, long_mode);
+    v.extend(outb(ACPI_SLEEP_PORT, ACPI_POWEROFF, long_mode));
+    v.extend_from_slice(&[0xf4, 0xeb, 0xfd]);
+    v
+}
+
+/// A minimal ELF64 executable (one PT_LOAD at [`ELF_LOAD`], no PVH note) whose entry
+/// point is [`code`] in 64-bit mode: quantix-vmm boots it through the Linux 64-bit
+/// boot protocol, so the vCPU's first instruction is the guest's.
+pub fn elf64() -> Vec<u8> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let code = code(true);
+    let entry = ELF_LOAD + (EHDR + PHDR) as u64;
+    let total = (EHDR + PHDR + code.len()) as u64;
+    let mut v = Vec::with_capacity(EHDR + PHDR + code.len());
+    v.extend_from_slice(b"\x7fELF");
+    v.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little-endian, version 1, System V
+    v.extend_from_slice(&[0; 8]);
+    v.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    v.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    v.extend_from_slice(&1u32.to_le_bytes()); // EV_CURRENT
+    v.extend_from_slice(&entry.to_le_bytes());
+    v.extend_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+    v.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    v.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    v.extend_from_slice(&(EHDR as u16).to_le_bytes()); // e_ehsize
+    v.extend_from_slice(&(PHDR as u16).to_le_bytes()); // e_phentsize
+    v.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    v.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
+    v.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
+    v.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
+    v.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    v.extend_from_slice(&7u32.to_le_bytes()); // RWX
+    v.extend_from_slice(&0u64.to_le_bytes()); // p_offset
+    v.extend_from_slice(&ELF_LOAD.to_le_bytes()); // p_vaddr
+    v.extend_from_slice(&ELF_LOAD.to_le_bytes()); // p_paddr
+    v.extend_from_slice(&total.to_le_bytes()); // p_filesz
+    v.extend_from_slice(&total.to_le_bytes()); // p_memsz
+    v.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
+    v.extend_from_slice(&code);
+    v
+}
+
+/// A [`FIRMWARE_SIZE`] real-mode firmware image ending at 4 GiB: [`code`] (16-bit) at
+/// its start, and at the reset vector (offset `size - 16`: CS base `0xffff0000`, IP
+/// `0xfff0`) a near jump to it (IP 0). The rest is `hlt`.
+pub fn firmware16() -> Vec<u8> {
+    let code = code(false);
+    let mut img = vec![0xf4u8; FIRMWARE_SIZE];
+    img[..code.len()].copy_from_slice(&code);
+    let reset = FIRMWARE_SIZE - 16;
+    // jmp near rel16: target = IP after the 3-byte instruction + rel = 0.
+    let after = (reset + 3) as u16;
+    let rel = 0u16.wrapping_sub(after);
+    img[reset] = 0xe9;
+    img[reset + 1..reset + 3].copy_from_slice(&rel.to_le_bytes());
+    img
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_writes_the_marker_then_powers_off() {
+        assert_eq!(
+            code(true),
+            [
+                0x66, 0xba, 0xf8, 0x03, 0xb0, b'Q', 0xee, 0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee,
+                0xf4, 0xeb, 0xfd
+            ]
+        );
+        assert_eq!(code(false)[..6], [0xba, 0xf8, 0x03, 0xb0, b'Q', 0xee]);
+        assert_eq!(ACPI_POWEROFF, 0x34);
+    }
+
+    #[test]
+    fn elf_header_points_at_the_code() {
+        let elf = elf64();
+        assert_eq!(&elf[..4], b"\x7fELF");
+        let entry = u64::from_le_bytes(elf[24..32].try_into().unwrap());
+        let off = (entry - ELF_LOAD) as usize;
+        assert_eq!(&elf[off..], &code(true)[..]);
+        let filesz = u64::from_le_bytes(elf[64 + 32..64 + 40].try_into().unwrap());
+        assert_eq!(filesz as usize, elf.len());
+    }
+
+    #[test]
+    fn reset_vector_jumps_to_the_start_of_the_image() {
+        let fw = firmware16();
+        assert_eq!(fw.len(), FIRMWARE_SIZE);
+        assert_eq!(fw.len() % 65536, 0);
+        let r = FIRMWARE_SIZE - 16;
+        assert_eq!(fw[r], 0xe9);
+        let rel = u16::from_le_bytes([fw[r + 1], fw[r + 2]]);
+        // IP 0xfff0 + 3 + rel wraps to 0 in the 64 KiB segment.
+        assert_eq!(0xfff3u16.wrapping_add(rel), 0);
+        assert_eq!(&fw[..code(false).len()], &code(false)[..]);
+    }
+}

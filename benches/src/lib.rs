@@ -1,0 +1,21 @@
+//! Benchmarks of `quantix-vmm` side by side with QEMU (see `benches/README.md`).
+//!
+//! - [`boot`]: boot-to-init time and VMM memory, quantix-vmm and QEMU microvm booting
+//!   Debian's cloud kernel in the same nested KVM host (`quantix-sandbox`), measured from
+//!   inside that host by the static `qx-probe` binary ([`probe`], [`smaps`]).
+//! - [`first_insn`]: process start to the first guest instruction on this host's
+//!   /dev/kvm, with tiny hand-made guests ([`guest`]).
+//!
+//! [`probe`], [`smaps`] and [`stats`] are pure logic with unit tests; [`probe`] and
+//! [`smaps`] use the standard library only, as `qx-probe` does.
+
+pub mod boot;
+pub mod error;
+pub mod first_insn;
+pub mod guest;
+pub mod probe;
+pub mod report;
+pub mod smaps;
+pub mod stats;
+
+pub use error::BenchError;

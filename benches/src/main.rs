@@ -1,0 +1,154 @@
+//! `quantix-bench`: benchmarks of quantix-vmm side by side with QEMU. See
+//! `benches/README.md`.
+//!
+//! Exit status: 0 when the figures were measured (failed runs are reported and excluded,
+//! missed targets are reported, neither fails the command); 1 on a setup error (build,
+//! assets, /dev/kvm) or when quantix-vmm or QEMU had no successful run at all; 2 on a
+//! usage error; 3 when the nested sandbox failed as infrastructure.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use quantix_bench::boot::{self, BootOptions, Kernel};
+use quantix_bench::first_insn::{self, FirstInsnOptions};
+use quantix_bench::report::write_json;
+use quantix_bench::BenchError;
+use tracing_subscriber::EnvFilter;
+
+/// Benchmarks of quantix-vmm side by side with QEMU.
+#[derive(Debug, Parser)]
+#[command(name = "quantix-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Boot-to-init time and VMM memory overhead, quantix-vmm and QEMU microvm booting
+    /// Debian's cloud kernel alternately in one nested KVM host (several minutes).
+    Boot {
+        /// Runs per VMM.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+        iterations: u32,
+        /// Guest vCPUs.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+        cpus: u32,
+        /// Guest memory, MiB.
+        #[arg(long, value_name = "MIB", default_value_t = 256, value_parser = clap::value_parser!(u32).range(64..=2048))]
+        memory: u32,
+        /// Guest kernel: the bzImage or the ELF extracted from it (PVH entry).
+        #[arg(long, value_enum, default_value_t = Kernel::Vmlinuz)]
+        kernel: Kernel,
+        /// Limit of one run inside the nested host, seconds (the VMM is killed then).
+        #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..=1800))]
+        timeout: u64,
+        /// Append `quiet` to the guest kernel command line of both VMMs (the default
+        /// boot is dominated by the serial console's ~300 lines of kernel messages).
+        #[arg(long)]
+        quiet: bool,
+        /// Keep every run's whole guest console, each line with its time since the VMM
+        /// was spawned (shown live, kept in the sandbox log and in the JSON samples).
+        #[arg(long)]
+        console: bool,
+        /// Also write all raw samples and the summary as JSON to PATH.
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
+    /// Process start to first guest instruction on this host's /dev/kvm, with a tiny
+    /// guest that writes one byte to COM1 and powers off.
+    FirstInsn {
+        /// Measured runs per column.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=10000))]
+        iterations: u32,
+        /// Unmeasured runs per column before the measured ones.
+        #[arg(long, default_value_t = 1)]
+        warmup: u32,
+        /// Guest memory, MiB.
+        #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u32).range(32..=4096))]
+        memory: u32,
+        /// Use this quantix-vmm binary instead of building target/release/quantix-vmm
+        /// with `cargo build --release -p quantix-vmm`.
+        #[arg(long, value_name = "PATH")]
+        vmm_bin: Option<PathBuf>,
+        /// The QEMU binary to compare with.
+        #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
+        qemu: String,
+        /// Also write all raw samples and the summary as JSON to PATH.
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The sandbox streams the nested host's job output at info level: live progress.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("quantix-bench: error: {e}");
+            ExitCode::from(e.exit_status())
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> Result<(), BenchError> {
+    match cmd {
+        Cmd::Boot {
+            iterations,
+            cpus,
+            memory,
+            kernel,
+            timeout,
+            quiet,
+            console,
+            json,
+        } => {
+            let results = boot::run(&BootOptions {
+                iterations,
+                cpus,
+                memory_mib: memory,
+                kernel,
+                run_timeout_s: timeout,
+                quiet,
+                console,
+            })?;
+            println!("{}", boot::format(&results));
+            if let Some(path) = json {
+                write_json(&path, &results)?;
+                println!("raw samples and summary written to {}", path.display());
+            }
+            boot::check_samples(&results)
+        }
+        Cmd::FirstInsn {
+            iterations,
+            warmup,
+            memory,
+            vmm_bin,
+            qemu,
+            json,
+        } => {
+            let results = first_insn::run(&FirstInsnOptions {
+                iterations,
+                warmup,
+                memory_mib: memory,
+                vmm_bin,
+                qemu,
+                timeout: Duration::from_secs(30),
+            })?;
+            println!("{}", first_insn::format(&results));
+            if let Some(path) = json {
+                write_json(&path, &results)?;
+                println!("raw samples and summary written to {}", path.display());
+            }
+            first_insn::check(&results)
+        }
+    }
+}
