@@ -14,7 +14,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub trait QueueHandler: Send + 'static {
     /// Processes what the driver made available in queue `index`.
     fn process(&mut self, index: usize);
+    /// One of the extra host fds given to [`Worker::spawn_with_fds`] is ready
+    /// (edge-triggered: the handler must consume until it would block, or remember).
+    fn host_event(&mut self, _index: usize) {}
 }
+
+/// Token offset of extra host fds in the epoll set.
+const HOST_TOKEN_BASE: u64 = 1 << 32;
 
 /// A running worker thread; stopping it (or dropping it) waits for the thread to end.
 pub struct Worker {
@@ -29,6 +35,18 @@ impl Worker {
     pub fn spawn<H: QueueHandler>(
         name: String,
         queue_evts: Vec<EventFd>,
+        handler: H,
+    ) -> io::Result<Worker> {
+        Self::spawn_with_fds(name, queue_evts, &[], handler)
+    }
+
+    /// Like [`Worker::spawn`], and also wakes the handler (edge-triggered, read and write
+    /// readiness) when one of `host_fds` becomes ready; `host_fds[i]` is reported as
+    /// `host_event(i)`. The fds must stay open as long as the worker runs.
+    pub fn spawn_with_fds<H: QueueHandler>(
+        name: String,
+        queue_evts: Vec<EventFd>,
+        host_fds: &[std::os::unix::io::RawFd],
         mut handler: H,
     ) -> io::Result<Worker> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
@@ -45,13 +63,22 @@ impl Worker {
                 EpollEvent::new(EventSet::IN, i as u64),
             )?;
         }
+        for (i, fd) in host_fds.iter().enumerate() {
+            let set = EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED;
+            epoll.ctl(
+                ControlOperation::Add,
+                *fd,
+                EpollEvent::new(set, HOST_TOKEN_BASE + i as u64),
+            )?;
+        }
+        let host_count = host_fds.len();
         let stop_evt = stop.try_clone()?;
         let thread = std::thread::Builder::new().name(name.clone()).spawn(move || {
             // Buffers the driver made available before it notified are served at once.
             for i in 0..queue_evts.len() {
                 handler.process(i);
             }
-            let mut events = vec![EpollEvent::default(); queue_evts.len() + 1];
+            let mut events = vec![EpollEvent::default(); queue_evts.len() + host_count + 1];
             loop {
                 let n = match epoll.wait(-1, &mut events) {
                     Ok(n) => n,
@@ -67,6 +94,10 @@ impl Worker {
                         let _ = stop_evt.read();
                         debug!(device = %name, "device worker stopped");
                         return;
+                    }
+                    if token >= HOST_TOKEN_BASE {
+                        handler.host_event((token - HOST_TOKEN_BASE) as usize);
+                        continue;
                     }
                     let index = token as usize;
                     if let Some(evt) = queue_evts.get(index) {

@@ -52,9 +52,17 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
-    /// Two disks with one id, or one image given twice.
+    /// A `--net` value that does not parse.
+    #[error("invalid --net {value:?}: {reason} (expected tap=NAME[,mac=MAC] or fd=N[,mac=MAC])")]
+    Net {
+        /// The value given.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Two devices that would share one resource (disk id or image, TAP, MAC address).
     #[error("{0}")]
-    DiskConflict(String),
+    Conflict(String),
     /// A command line that is too long.
     #[error("kernel command line is {len} bytes; the limit is {max}")]
     CmdlineTooLong {
@@ -184,12 +192,96 @@ impl FromStr for DiskConfig {
     }
 }
 
+/// Where a network card's frames go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackend {
+    /// A TAP interface, created if it does not exist.
+    Tap(String),
+    /// An open TAP fd inherited from a supervisor.
+    Fd(i32),
+}
+
+/// One `--net`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The host side.
+    pub backend: NetBackend,
+    /// The guest's MAC address; random (52:54:00:xx:xx:xx) when not given.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let err = |reason: &str| ConfigError::Net {
+            value: s.to_string(),
+            reason: reason.to_string(),
+        };
+        let (mut backend, mut mac) = (None, None);
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| err("each part must be key=value"))?;
+            let new = match key {
+                "tap" if !value.is_empty() && value.len() < 16 => {
+                    Some(NetBackend::Tap(value.to_string()))
+                }
+                "tap" => return Err(err("a TAP name has 1 to 15 characters")),
+                "fd" => Some(NetBackend::Fd(
+                    value
+                        .parse()
+                        .ok()
+                        .filter(|fd| *fd >= 3)
+                        .ok_or_else(|| err("fd must be a number of 3 or more"))?,
+                )),
+                "mac" => {
+                    mac = Some(quantix_virtio::net::parse_mac(value).ok_or_else(|| {
+                        err("mac must be a unicast address like 52:54:00:12:34:56")
+                    })?);
+                    None
+                }
+                other => return Err(err(&format!("unknown key {other:?}"))),
+            };
+            if let Some(b) = new {
+                if backend.replace(b).is_some() {
+                    return Err(err("give one of tap= or fd="));
+                }
+            }
+        }
+        Ok(NetConfig {
+            backend: backend.ok_or_else(|| err("tap= or fd= is required"))?,
+            mac,
+        })
+    }
+}
+
+/// Checks that no TAP, fd or MAC address is used by two cards.
+pub fn validate_nets(nets: &[NetConfig]) -> Result<(), ConfigError> {
+    for (i, a) in nets.iter().enumerate() {
+        for b in &nets[i + 1..] {
+            if a.backend == b.backend {
+                return Err(ConfigError::Conflict(format!(
+                    "two network cards use {:?}",
+                    a.backend
+                )));
+            }
+            if a.mac.is_some() && a.mac == b.mac {
+                return Err(ConfigError::Conflict(
+                    "two network cards have the same MAC address".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks that disk ids are unique and that no image is attached twice.
 pub fn validate_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
     for (i, a) in disks.iter().enumerate() {
         for b in &disks[i + 1..] {
             if a.id.is_some() && a.id == b.id {
-                return Err(ConfigError::DiskConflict(format!(
+                return Err(ConfigError::Conflict(format!(
                     "two disks have the id {:?}",
                     a.id.as_deref().unwrap_or_default()
                 )));
@@ -202,7 +294,7 @@ pub fn validate_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
                 _ => a.path == b.path,
             };
             if same {
-                return Err(ConfigError::DiskConflict(format!(
+                return Err(ConfigError::Conflict(format!(
                     "disk image {} is given twice; two devices on one image would corrupt it",
                     a.path.display()
                 )));
@@ -245,6 +337,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net cards, in the order the guest sees them (eth0, eth1, ...).
+    pub nets: Vec<NetConfig>,
 }
 
 impl VmConfig {
@@ -263,6 +357,7 @@ impl VmConfig {
             }
         }
         validate_disks(&self.disks)?;
+        validate_nets(&self.nets)?;
         if let BootSource::Kernel { cmdline, .. } = &self.boot {
             if cmdline.len() + 1 > crate::layout::CMDLINE_MAX_SIZE {
                 return Err(ConfigError::CmdlineTooLong {
@@ -343,6 +438,7 @@ mod tests {
             api_socket: None,
             rng: true,
             disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 
@@ -379,13 +475,45 @@ mod tests {
         let b: DiskConfig = "path=/img/b.raw,id=x".parse().unwrap();
         assert!(matches!(
             validate_disks(&[a.clone(), b]),
-            Err(ConfigError::DiskConflict(_))
+            Err(ConfigError::Conflict(_))
         ));
         let a2: DiskConfig = "path=/img/a.raw".parse().unwrap();
         assert!(matches!(
             validate_disks(&[a, a2]),
-            Err(ConfigError::DiskConflict(_))
+            Err(ConfigError::Conflict(_))
         ));
+    }
+
+    #[test]
+    fn net_specs() {
+        let n: NetConfig = "tap=qx0,mac=52:54:00:00:00:01".parse().unwrap();
+        assert_eq!(
+            n,
+            NetConfig {
+                backend: NetBackend::Tap("qx0".into()),
+                mac: Some([0x52, 0x54, 0, 0, 0, 1])
+            }
+        );
+        let n: NetConfig = "fd=7".parse().unwrap();
+        assert_eq!(n.backend, NetBackend::Fd(7));
+        for bad in [
+            "",
+            "qx0",
+            "tap=",
+            "tap=sixteen-chars-xx",
+            "fd=1",
+            "fd=x",
+            "tap=a,fd=5",
+            "tap=a,mac=01:00:5e:00:00:01",
+            "tap=a,speed=10",
+        ] {
+            assert!(
+                matches!(bad.parse::<NetConfig>(), Err(ConfigError::Net { .. })),
+                "{bad:?}"
+            );
+        }
+        let a: NetConfig = "tap=a".parse().unwrap();
+        assert!(validate_nets(&[a.clone(), a]).is_err());
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use quantix_vmm::config::{
-    host_memory_mib, validate_vcpus, BootSource, DiskConfig, MemorySize, SerialMode, VmConfig,
-    DEFAULT_CMDLINE,
+    host_memory_mib, validate_vcpus, BootSource, DiskConfig, MemorySize, NetConfig, SerialMode,
+    VmConfig, DEFAULT_CMDLINE,
 };
 use quantix_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
 use tracing_subscriber::EnvFilter;
@@ -54,6 +54,10 @@ struct Cli {
     /// (repeatable; the guest sees vda, vdb, ... in this order).
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<DiskConfig>,
+    /// A virtio-net card on a TAP: tap=NAME[,mac=MAC] (created if it does not exist) or
+    /// fd=N[,mac=MAC] (an open TAP fd with IFF_VNET_HDR from a supervisor); repeatable.
+    #[arg(long = "net", value_name = "SPEC")]
+    nets: Vec<NetConfig>,
     /// Control socket path (JSON lines; see docs/vmm.md).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -116,6 +120,7 @@ fn main() -> ExitCode {
         api_socket: cli.api_socket,
         rng: cli.rng == "on",
         disks: cli.disks,
+        nets: cli.nets,
     };
     if let Err(e) = config.validate(host_memory_mib()) {
         eprintln!("quantix-vmm: {e}");

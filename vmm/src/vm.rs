@@ -95,6 +95,9 @@ pub enum VmError {
     /// A disk image cannot be used.
     #[error(transparent)]
     Disk(#[from] quantix_virtio::block::BlockError),
+    /// A TAP device cannot be used.
+    #[error(transparent)]
+    Tap(#[from] quantix_virtio::net::TapError),
     /// More virtio devices than interrupt lines.
     #[error("{count} virtio devices asked for; at most {max} fit")]
     TooManyDevices {
@@ -272,6 +275,25 @@ impl Vm {
                 quantix_virtio::block::Block::open(&name, &disk.path, disk.readonly, &name)?;
             info!(disk = %name, path = %disk.path.display(), readonly = disk.readonly, sectors = block.capacity_sectors(), "disk attached");
             virtio_devices.push(Box::new(block));
+        }
+        for (i, net) in config.nets.iter().enumerate() {
+            use quantix_virtio::net::{random_mac, Net, Tap};
+            let tap = match &net.backend {
+                crate::config::NetBackend::Tap(name) => Tap::open(name)?,
+                crate::config::NetBackend::Fd(fd) => Tap::from_fd(*fd)?,
+            };
+            let mac = net.mac.unwrap_or_else(random_mac);
+            let card = Net::new(&format!("net{i}"), tap, mac);
+            info!(
+                device = format_args!("net{i}"),
+                tap = card.tap_name(),
+                mac = format_args!(
+                    "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
+                ),
+                "network card attached"
+            );
+            virtio_devices.push(Box::new(card));
         }
         if config.rng {
             virtio_devices.push(Box::new(quantix_virtio::rng::Rng::new()));

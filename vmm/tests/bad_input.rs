@@ -266,3 +266,53 @@ fn disks_that_cannot_be_used_are_refused_before_boot() {
     // The image was never touched.
     assert_eq!(std::fs::read(&img).unwrap(), vec![0u8; 1 << 20]);
 }
+
+#[test]
+fn network_cards_that_cannot_be_used_are_refused_before_boot() {
+    let dir = scratch("nets");
+    let kernel = good_kernel(&dir);
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["--net", "qxtap0"], 2, "invalid --net"),
+        (&["--net", "tap=qx0,mac=01:00:5e:00:00:01"], 2, "unicast"),
+        (&["--net", "tap=a/b"], 1, "invalid TAP name"),
+        (&["--net", "fd=99"], 1, "fd 99 is not a TAP"),
+        (
+            &["--net", "tap=qxa", "--net", "tap=qxa"],
+            1,
+            "two network cards use",
+        ),
+    ];
+    for (extra, want_code, want_msg) in cases {
+        let mut args = vec!["--kernel", kernel.as_str()];
+        args.extend_from_slice(extra);
+        let (code, err) = fails(&args);
+        assert_eq!(code, *want_code, "{extra:?}: {err}");
+        assert!(
+            err.contains(want_msg),
+            "{extra:?}: expected {want_msg:?} in {err}"
+        );
+    }
+}
+
+/// In a network namespace of its own, the VMM creates the TAP, brings it up, runs the
+/// guest and exits; the TAP goes away with the process.
+#[test]
+fn a_tap_is_created_in_a_private_network_namespace() {
+    let dir = scratch("tapns");
+    let kernel = good_kernel(&dir);
+    let script = format!(
+        "{} --kernel {kernel} --memory 64M --net tap=qxtest0,mac=52:54:00:00:00:42 && ! ip link show qxtest0 2>/dev/null",
+        vmm_bin()
+    );
+    let out = Command::new("unshare")
+        .args(["--net", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let (code, _, err) = summary(&out);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("network card attached") && err.contains("qxtest0"),
+        "{err}"
+    );
+    assert!(err.contains("52:54:00:00:00:42"), "{err}");
+}

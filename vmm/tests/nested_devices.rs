@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use quantix_sandbox::{build, paths, GuestInitramfs, Job, Payload, Sandbox};
+use quantix_sandbox::{build, paths, GuestInitramfs, Job, Payload, Sandbox, SandboxConfig};
 
 const VMM: &str = "/payload/quantix-vmm";
 
@@ -195,4 +195,94 @@ fn virtio_blk_data_survives_a_vmm_restart_and_readonly_is_enforced() {
     assert_eq!(field(out, "QX-BLK ro-write"), "refused", "{out}");
     assert_eq!(field(out, "QX-HOST ro-unchanged"), "yes", "{out}");
     eprintln!("blk job {:?}", job.elapsed);
+}
+
+/// A card on a TAP in the nested host: the guest pings the host, then each side fetches a
+/// 4 MiB random file from the other's HTTP server (busybox httpd and wget) and the
+/// SHA-256 sums match at both ends.
+#[test]
+fn virtio_net_carries_ping_and_tcp_both_ways_through_a_tap() {
+    let assets = quantix_sandbox::Assets::from_env().unwrap_or_else(|e| panic!("{e}"));
+    let config = SandboxConfig {
+        network_modules: true,
+        ..SandboxConfig::default()
+    };
+    let sandbox = Sandbox::with_config(assets, config);
+    let vmm = build::static_binary("quantix-vmm", "quantix-vmm").unwrap_or_else(|e| panic!("{e}"));
+    let mut modules = VIRTIO_MODULES.to_vec();
+    modules.extend([
+        "kernel/net/core/failover.ko",
+        "kernel/drivers/net/net_failover.ko",
+        "kernel/drivers/net/virtio_net.ko",
+    ]);
+    let guest = guest_initramfs(
+        &sandbox,
+        &modules,
+        "ip link set eth0 up && ip addr add 10.0.2.2/24 dev eth0\n\
+         echo \"QX-NET mac=$(cat /sys/class/net/eth0/address)\"\n\
+         ok=no; for i in $(seq 60); do if ping -c 1 -W 1 10.0.2.1 >/dev/null 2>&1; then ok=yes; break; fi; done\n\
+         echo \"QX-NET ping=$ok\"\n\
+         mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/from-guest bs=1024 count=4096 2>/dev/null\n\
+         echo \"QX-NET from-guest=$(sha256sum /tmp/www/from-guest | cut -d' ' -f1)\"\n\
+         httpd -p 8080 -h /tmp/www\n\
+         wget -q -O /tmp/to-guest http://10.0.2.1:8080/to-guest && echo \"QX-NET to-guest=$(sha256sum /tmp/to-guest | cut -d' ' -f1)\"\n\
+         for i in $(seq 240); do wget -q -O /dev/null http://10.0.2.1:8080/done 2>/dev/null && break; sleep 0.5; done\n",
+    );
+    let mut payload = Payload::new();
+    payload
+        .add_file(&vmm, VMM)
+        .unwrap_or_else(|e| panic!("{e}"));
+    payload
+        .add_bytes("/payload/net.cpio", guest, 0o644)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let script = format!(
+        "mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/to-guest bs=1024 count=4096 2>/dev/null\n\
+         echo \"QX-HOST to-guest=$(sha256sum /tmp/www/to-guest | cut -d' ' -f1)\"\n\
+         {VMM} --kernel {} --initramfs /payload/net.cpio --memory 256M --rng off \
+           --net tap=qxtap0,mac=52:54:00:aa:bb:01 --cmdline 'console=ttyS0 qx.action=script' >/tmp/vmm.log 2>&1 &\n\
+         vmm=$!\n\
+         i=0; while ! ip link show qxtap0 >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 300 ] || break; sleep 0.1; done\n\
+         ip addr add 10.0.2.1/24 dev qxtap0 && ip link set qxtap0 up\n\
+         httpd -f -p 8080 -h /tmp/www >/dev/null 2>&1 &\n\
+         httpd_pid=$!\n\
+         i=0; until wget -q -O /tmp/from-guest http://10.0.2.2:8080/from-guest 2>/dev/null; do i=$((i+1)); [ $i -lt 240 ] || break; sleep 0.5; done\n\
+         echo \"QX-HOST from-guest=$(sha256sum /tmp/from-guest | cut -d' ' -f1)\"\n\
+         touch /tmp/www/done\n\
+         wait $vmm; status=$?\n\
+         kill $httpd_pid\n\
+         cat /tmp/vmm.log\n\
+         echo \"QX-HOST vmm-status=$status\"\n",
+        paths::GUEST_VMLINUZ
+    );
+    let jobs = [Job::shell("net", script).timeout(Duration::from_secs(300))];
+    let report = sandbox
+        .run(&payload, &jobs)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let job = &report.jobs[0];
+    let out = &job.output;
+    assert!(
+        job.success(),
+        "status {:?}, timed out {}\n{out}",
+        job.status,
+        job.timed_out
+    );
+    assert!(!out.contains("QX-FAIL"), "{out}");
+    assert_eq!(field(out, "QX-HOST vmm-status"), "0", "{out}");
+    assert_eq!(field(out, "QX-NET mac"), "52:54:00:aa:bb:01", "{out}");
+    assert_eq!(field(out, "QX-NET ping"), "yes", "{out}");
+    let to_guest = field(out, "QX-HOST to-guest");
+    assert_eq!(to_guest.len(), 64, "{out}");
+    assert_eq!(
+        field(out, "QX-NET to-guest"),
+        to_guest,
+        "host to guest: {out}"
+    );
+    let from_guest = field(out, "QX-NET from-guest");
+    assert_eq!(from_guest.len(), 64, "{out}");
+    assert_eq!(
+        field(out, "QX-HOST from-guest"),
+        from_guest,
+        "guest to host: {out}"
+    );
+    eprintln!("net job {:?}", job.elapsed);
 }

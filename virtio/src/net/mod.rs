@@ -1,0 +1,384 @@
+//! virtio-net on a TAP device.
+//!
+//! One receive and one transmit queue, served by the device's worker thread, which also
+//! waits (edge-triggered) on the TAP. Frames carry a 12-byte `virtio_net_hdr_v1` both in
+//! the queues and on the TAP (`IFF_VNET_HDR`), so checksum and segmentation offloads pass
+//! straight through. Without `MRG_RXBUF`, a received frame must fit in one buffer chain;
+//! Linux then posts 64 KiB chains when it accepts TSO ("big packets").
+
+pub mod tap;
+
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tracing::{debug, warn};
+use virtio_queue::{Queue, QueueT, Reader, Writer};
+
+use crate::worker::{QueueHandler, Worker};
+use crate::{
+    device_type, features, pending_buffers, ActivateContext, ActivateError, GuestMemory, Interrupt,
+    QueueError, VirtioDevice,
+};
+pub use tap::{Tap, TapError, VNET_HDR_LEN};
+
+/// Queue size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest frame with its header: 64 KiB of TSO payload plus headers.
+pub const MAX_FRAME: usize = 65562;
+const RX: usize = 0;
+const TX: usize = 1;
+
+/// Network device feature bits.
+pub mod feature {
+    /// The device handles partial checksums on transmit.
+    pub const CSUM: u64 = 1 << 0;
+    /// The driver handles partial checksums on receive.
+    pub const GUEST_CSUM: u64 = 1 << 1;
+    /// The MAC address is in config space.
+    pub const MAC: u64 = 1 << 5;
+    /// The driver accepts TSOv4.
+    pub const GUEST_TSO4: u64 = 1 << 7;
+    /// The driver accepts TSOv6.
+    pub const GUEST_TSO6: u64 = 1 << 8;
+    /// The device accepts TSOv4.
+    pub const HOST_TSO4: u64 = 1 << 11;
+    /// The device accepts TSOv6.
+    pub const HOST_TSO6: u64 = 1 << 12;
+    /// Link status in config space.
+    pub const STATUS: u64 = 1 << 16;
+}
+
+/// Counters of one network device.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    /// Frames delivered to the guest.
+    pub rx_frames: AtomicU64,
+    /// Bytes delivered to the guest (without headers).
+    pub rx_bytes: AtomicU64,
+    /// Frames dropped on receive (buffer too small, bad buffer).
+    pub rx_dropped: AtomicU64,
+    /// Frames sent by the guest.
+    pub tx_frames: AtomicU64,
+    /// Bytes sent by the guest (without headers).
+    pub tx_bytes: AtomicU64,
+    /// Frames dropped on transmit (malformed, too large, TAP refused).
+    pub tx_dropped: AtomicU64,
+}
+
+/// A network card.
+pub struct Net {
+    name: String,
+    tap: Arc<Tap>,
+    config: [u8; 10],
+    counters: Arc<NetCounters>,
+    worker: Option<Worker>,
+}
+
+impl Net {
+    /// A card named `name` on `tap` with MAC address `mac`.
+    pub fn new(name: &str, tap: Tap, mac: [u8; 6]) -> Self {
+        let mut config = [0u8; 10];
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&1u16.to_le_bytes()); // VIRTIO_NET_S_LINK_UP
+        config[8..10].copy_from_slice(&1u16.to_le_bytes()); // one queue pair
+        Self {
+            name: name.to_string(),
+            tap: Arc::new(tap),
+            config,
+            counters: Arc::default(),
+            worker: None,
+        }
+    }
+
+    /// Its counters.
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.counters.clone()
+    }
+
+    /// The TAP interface name.
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        features::VERSION_1
+            | features::RING_EVENT_IDX
+            | features::RING_INDIRECT_DESC
+            | feature::CSUM
+            | feature::GUEST_CSUM
+            | feature::MAC
+            | feature::GUEST_TSO4
+            | feature::GUEST_TSO6
+            | feature::HOST_TSO4
+            | feature::HOST_TSO6
+            | feature::STATUS
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::read_config_bytes(&self.config, offset, data);
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let mut queues = ctx.queues.into_iter();
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+            return Err(ActivateError::QueueNotReady(1));
+        };
+        for (i, q) in [&rx, &tx].iter().enumerate() {
+            if !q.ready() {
+                return Err(ActivateError::QueueNotReady(i));
+            }
+        }
+        // What the guest accepts on receive decides what the TAP may hand us.
+        let acked = ctx.acked_features;
+        let mut offload = 0;
+        if acked & feature::GUEST_CSUM != 0 {
+            offload |= tap::TUN_F_CSUM;
+            if acked & feature::GUEST_TSO4 != 0 {
+                offload |= tap::TUN_F_TSO4;
+            }
+            if acked & feature::GUEST_TSO6 != 0 {
+                offload |= tap::TUN_F_TSO6;
+            }
+        }
+        self.tap.set_offload(offload)?;
+        let handler = NetHandler {
+            mem: ctx.mem,
+            rx,
+            tx,
+            interrupt: ctx.interrupt,
+            tap: self.tap.clone(),
+            counters: self.counters.clone(),
+            frame: vec![0u8; MAX_FRAME],
+            frame_len: None,
+            broken: false,
+            name: self.name.clone(),
+        };
+        let fds = [self.tap.as_raw_fd()];
+        self.worker = Some(Worker::spawn_with_fds(
+            format!("virtio-{}", self.name),
+            ctx.queue_evts,
+            &fds,
+            handler,
+        )?);
+        debug!(device = %self.name, tap = self.tap.name(), offload, "virtio-net active");
+        Ok(())
+    }
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+    }
+}
+
+struct NetHandler {
+    mem: Arc<GuestMemory>,
+    rx: Queue,
+    tx: Queue,
+    interrupt: Arc<Interrupt>,
+    tap: Arc<Tap>,
+    counters: Arc<NetCounters>,
+    /// A frame read from the TAP, waiting for a receive buffer.
+    frame: Vec<u8>,
+    frame_len: Option<usize>,
+    broken: bool,
+    name: String,
+}
+
+impl NetHandler {
+    /// Moves frames from the TAP to the guest until the TAP is empty or the guest has
+    /// no buffers (then the frame waits and the RX queue's notification resumes us).
+    fn receive(&mut self) -> Result<(), QueueError> {
+        let mem = self.mem.clone();
+        let mut delivered = false;
+        loop {
+            let len = match self.frame_len {
+                Some(len) => len,
+                None => match self.tap.read_frame(&mut self.frame) {
+                    Ok(n) => {
+                        self.frame_len = Some(n);
+                        n
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        warn!(device = %self.name, error = %e, "TAP read failed");
+                        break;
+                    }
+                },
+            };
+            if pending_buffers(&self.rx, mem.as_ref())? == 0 {
+                // Ask to be told when buffers arrive; they may have arrived meanwhile.
+                if self.rx.enable_notification(mem.as_ref())? {
+                    continue;
+                }
+                break;
+            }
+            let Some(chain) = self.rx.pop_descriptor_chain(mem.as_ref()) else {
+                break;
+            };
+            let head = chain.head_index();
+            let written = match Writer::new(mem.as_ref(), chain) {
+                Ok(mut w) if w.available_bytes() >= len => {
+                    use std::io::Write;
+                    match w.write_all(&self.frame[..len]) {
+                        Ok(()) => len as u32,
+                        Err(_) => 0,
+                    }
+                }
+                _ => 0,
+            };
+            if written == 0 {
+                self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .rx_bytes
+                    .fetch_add((len - VNET_HDR_LEN.min(len)) as u64, Ordering::Relaxed);
+            }
+            self.rx.add_used(mem.as_ref(), head, written)?;
+            self.frame_len = None;
+            delivered = true;
+        }
+        if delivered && self.rx.needs_notification(mem.as_ref())? {
+            self.interrupt.signal_used();
+        }
+        Ok(())
+    }
+
+    /// Sends every frame the guest queued.
+    fn transmit(&mut self) -> Result<(), QueueError> {
+        let mem = self.mem.clone();
+        let mut buf = Vec::with_capacity(MAX_FRAME);
+        let mut sent = false;
+        loop {
+            self.tx.disable_notification(mem.as_ref())?;
+            for _ in 0..pending_buffers(&self.tx, mem.as_ref())? {
+                let Some(chain) = self.tx.pop_descriptor_chain(mem.as_ref()) else {
+                    break;
+                };
+                let head = chain.head_index();
+                buf.clear();
+                let ok = match Reader::new(mem.as_ref(), chain) {
+                    Ok(mut r) if (VNET_HDR_LEN..=MAX_FRAME).contains(&r.available_bytes()) => {
+                        use std::io::Read;
+                        r.read_to_end(&mut buf).is_ok()
+                    }
+                    _ => false,
+                };
+                if ok && self.tap.write_frame(&buf).is_ok() {
+                    self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .tx_bytes
+                        .fetch_add((buf.len() - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+                } else {
+                    self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                self.tx.add_used(mem.as_ref(), head, 0)?;
+                sent = true;
+            }
+            if !self.tx.enable_notification(mem.as_ref())? {
+                break;
+            }
+        }
+        if sent && self.tx.needs_notification(mem.as_ref())? {
+            self.interrupt.signal_used();
+        }
+        Ok(())
+    }
+
+    fn guard(&mut self, result: Result<(), QueueError>) {
+        if let Err(e) = result {
+            warn!(device = %self.name, error = %e, "virtio-net queue is broken; the device needs a reset");
+            self.broken = true;
+            self.interrupt.signal_config();
+        }
+    }
+}
+
+impl QueueHandler for NetHandler {
+    fn process(&mut self, index: usize) {
+        if self.broken {
+            return;
+        }
+        let r = match index {
+            RX => self.receive(),
+            TX => self.transmit(),
+            _ => Ok(()),
+        };
+        self.guard(r);
+    }
+
+    fn host_event(&mut self, _index: usize) {
+        if self.broken {
+            return;
+        }
+        let r = self.receive();
+        self.guard(r);
+    }
+}
+
+/// Parses `52:54:00:12:34:56`; refuses multicast addresses (lowest bit of the first octet).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(&parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    (mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
+}
+
+/// A random locally administered unicast MAC address in QEMU's 52:54:00 style prefix.
+pub fn random_mac() -> [u8; 6] {
+    let mut tail = [0u8; 3];
+    // SAFETY: filling a 3-byte local buffer.
+    let n = unsafe { libc::getrandom(tail.as_mut_ptr().cast(), 3, 0) };
+    if n != 3 {
+        // Fall back to something unique per process.
+        let pid = std::process::id().to_le_bytes();
+        tail.copy_from_slice(&pid[..3]);
+    }
+    [0x52, 0x54, 0x00, tail[0], tail[1], tail[2]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_addresses() {
+        assert_eq!(
+            parse_mac("52:54:00:12:34:ab"),
+            Some([0x52, 0x54, 0, 0x12, 0x34, 0xab])
+        );
+        for bad in [
+            "",
+            "52:54:00:12:34",
+            "52:54:00:12:34:zz",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+            "525400123456",
+            "52:54:00:12:34:567",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad:?}");
+        }
+        let m = random_mac();
+        assert_eq!(&m[..3], &[0x52, 0x54, 0]);
+    }
+}
