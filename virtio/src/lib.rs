@@ -216,6 +216,41 @@ pub fn pending_buffers<Q: virtio_queue::QueueT>(
     Ok(pending)
 }
 
+/// Completes every request the driver made available in `queue`, each with the used
+/// length `serve` returns, using event-index notification suppression; raises the used
+/// interrupt if the driver asked for one. An error means the queue itself is corrupt.
+pub fn serve_queue<F>(
+    queue: &mut virtio_queue::Queue,
+    mem: &GuestMemory,
+    interrupt: &Interrupt,
+    mut serve: F,
+) -> Result<(), QueueError>
+where
+    F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
+{
+    use virtio_queue::QueueT;
+    let mut completed = false;
+    loop {
+        queue.disable_notification(mem)?;
+        for _ in 0..pending_buffers(queue, mem)? {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let used = serve(chain);
+            queue.add_used(mem, head, used)?;
+            completed = true;
+        }
+        if !queue.enable_notification(mem)? {
+            break;
+        }
+    }
+    if completed && queue.needs_notification(mem)? {
+        interrupt.signal_used();
+    }
+    Ok(())
+}
+
 /// Copies `data.len()` bytes of `config` from `offset` into `data`; zeros past its end.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);

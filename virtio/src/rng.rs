@@ -9,7 +9,7 @@ use vm_memory::Bytes;
 
 use crate::worker::{QueueHandler, Worker};
 use crate::{
-    device_type, features, pending_buffers, ActivateContext, ActivateError, GuestMemory, Interrupt,
+    device_type, features, serve_queue, ActivateContext, ActivateError, GuestMemory, Interrupt,
     QueueError, VirtioDevice,
 };
 
@@ -124,58 +124,45 @@ fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-impl RngHandler {
-    /// Serves one request; returns the bytes written into guest memory.
-    fn serve(&mut self, chain: virtio_queue::DescriptorChain<&GuestMemory>) -> u32 {
-        let mut written = 0usize;
-        let mut buf = Vec::new();
-        for desc in chain {
-            if !desc.is_write_only() {
-                self.counters.invalid.fetch_add(1, Ordering::Relaxed);
-                break;
-            }
-            let len = (desc.len() as usize).min(MAX_REQUEST_BYTES - written);
-            if len == 0 {
-                break;
-            }
-            buf.resize(len, 0);
-            if let Err(e) = fill_random(&mut buf) {
-                warn!(error = %e, "getrandom failed");
-                break;
-            }
-            if self.mem.write_slice(&buf, desc.addr()).is_err() {
-                self.counters.invalid.fetch_add(1, Ordering::Relaxed);
-                break;
-            }
-            written += len;
+/// Serves one request; returns the bytes written into guest memory.
+fn fill_request(
+    mem: &GuestMemory,
+    counters: &RngCounters,
+    chain: virtio_queue::DescriptorChain<&GuestMemory>,
+) -> u32 {
+    let mut written = 0usize;
+    let mut buf = Vec::new();
+    for desc in chain {
+        if !desc.is_write_only() {
+            counters.invalid.fetch_add(1, Ordering::Relaxed);
+            break;
         }
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .bytes
-            .fetch_add(written as u64, Ordering::Relaxed);
-        written as u32
+        let len = (desc.len() as usize).min(MAX_REQUEST_BYTES - written);
+        if len == 0 {
+            break;
+        }
+        buf.resize(len, 0);
+        if let Err(e) = fill_random(&mut buf) {
+            warn!(error = %e, "getrandom failed");
+            break;
+        }
+        if mem.write_slice(&buf, desc.addr()).is_err() {
+            counters.invalid.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
+        written += len;
     }
+    counters.requests.fetch_add(1, Ordering::Relaxed);
+    counters.bytes.fetch_add(written as u64, Ordering::Relaxed);
+    written as u32
+}
 
+impl RngHandler {
     fn process_queue(&mut self) -> Result<(), QueueError> {
-        let mem = self.mem.clone();
-        loop {
-            self.queue.disable_notification(mem.as_ref())?;
-            for _ in 0..pending_buffers(&self.queue, mem.as_ref())? {
-                let Some(chain) = self.queue.pop_descriptor_chain(mem.as_ref()) else {
-                    break;
-                };
-                let head = chain.head_index();
-                let len = self.serve(chain);
-                self.queue.add_used(mem.as_ref(), head, len)?;
-            }
-            if !self.queue.enable_notification(mem.as_ref())? {
-                break;
-            }
-        }
-        if self.queue.needs_notification(mem.as_ref())? {
-            self.interrupt.signal_used();
-        }
-        Ok(())
+        let (mem, counters) = (self.mem.as_ref(), &self.counters);
+        serve_queue(&mut self.queue, mem, &self.interrupt, |chain| {
+            fill_request(mem, counters, chain)
+        })
     }
 }
 

@@ -19,7 +19,7 @@ use virtio_queue::{Queue, QueueT};
 
 use crate::worker::{QueueHandler, Worker};
 use crate::{
-    device_type, features, pending_buffers, ActivateContext, ActivateError, GuestMemory, Interrupt,
+    device_type, features, serve_queue, ActivateContext, ActivateError, GuestMemory, Interrupt,
     QueueError, VirtioDevice,
 };
 
@@ -260,25 +260,13 @@ struct BlockHandler {
 
 impl BlockHandler {
     fn process_queue(&mut self) -> Result<(), QueueError> {
-        let mem = self.mem.clone();
-        loop {
-            self.queue.disable_notification(mem.as_ref())?;
-            for _ in 0..pending_buffers(&self.queue, mem.as_ref())? {
-                let Some(chain) = self.queue.pop_descriptor_chain(mem.as_ref()) else {
-                    break;
-                };
-                let head = chain.head_index();
-                let used = self.disk.execute(mem.as_ref(), chain);
-                self.queue.add_used(mem.as_ref(), head, used)?;
-            }
-            if !self.queue.enable_notification(mem.as_ref())? {
-                break;
-            }
-        }
-        if self.queue.needs_notification(mem.as_ref())? {
-            self.interrupt.signal_used();
-        }
-        Ok(())
+        let disk = &self.disk;
+        serve_queue(
+            &mut self.queue,
+            self.mem.as_ref(),
+            &self.interrupt,
+            |chain| disk.execute(self.mem.as_ref(), chain),
+        )
     }
 }
 

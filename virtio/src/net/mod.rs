@@ -18,8 +18,8 @@ use virtio_queue::{Queue, QueueT, Reader, Writer};
 
 use crate::worker::{QueueHandler, Worker};
 use crate::{
-    device_type, features, pending_buffers, ActivateContext, ActivateError, GuestMemory, Interrupt,
-    QueueError, VirtioDevice,
+    device_type, features, pending_buffers, serve_queue, ActivateContext, ActivateError,
+    GuestMemory, Interrupt, QueueError, VirtioDevice,
 };
 pub use tap::{Tap, TapError, VNET_HDR_LEN};
 
@@ -258,43 +258,28 @@ impl NetHandler {
 
     /// Sends every frame the guest queued.
     fn transmit(&mut self) -> Result<(), QueueError> {
-        let mem = self.mem.clone();
+        let (mem, tap, counters) = (self.mem.as_ref(), &self.tap, &self.counters);
         let mut buf = Vec::with_capacity(MAX_FRAME);
-        let mut sent = false;
-        loop {
-            self.tx.disable_notification(mem.as_ref())?;
-            for _ in 0..pending_buffers(&self.tx, mem.as_ref())? {
-                let Some(chain) = self.tx.pop_descriptor_chain(mem.as_ref()) else {
-                    break;
-                };
-                let head = chain.head_index();
-                buf.clear();
-                let ok = match Reader::new(mem.as_ref(), chain) {
-                    Ok(mut r) if (VNET_HDR_LEN..=MAX_FRAME).contains(&r.available_bytes()) => {
-                        use std::io::Read;
-                        r.read_to_end(&mut buf).is_ok()
-                    }
-                    _ => false,
-                };
-                if ok && self.tap.write_frame(&buf).is_ok() {
-                    self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
-                    self.counters
-                        .tx_bytes
-                        .fetch_add((buf.len() - VNET_HDR_LEN) as u64, Ordering::Relaxed);
-                } else {
-                    self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+        serve_queue(&mut self.tx, mem, &self.interrupt, |chain| {
+            buf.clear();
+            let ok = match Reader::new(mem, chain) {
+                Ok(mut r) if (VNET_HDR_LEN..=MAX_FRAME).contains(&r.available_bytes()) => {
+                    use std::io::Read;
+                    r.read_to_end(&mut buf).is_ok()
                 }
-                self.tx.add_used(mem.as_ref(), head, 0)?;
-                sent = true;
+                _ => false,
+            };
+            if ok && tap.write_frame(&buf).is_ok() {
+                counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .tx_bytes
+                    .fetch_add((buf.len() - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+            } else {
+                counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
             }
-            if !self.tx.enable_notification(mem.as_ref())? {
-                break;
-            }
-        }
-        if sent && self.tx.needs_notification(mem.as_ref())? {
-            self.interrupt.signal_used();
-        }
-        Ok(())
+            // Transmit buffers are only read; nothing is written into them.
+            0
+        })
     }
 
     fn guard(&mut self, result: Result<(), QueueError>) {
