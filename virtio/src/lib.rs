@@ -9,6 +9,8 @@
 //! with the proper virtio status and is counted, it never panics the VMM.
 
 pub mod block;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -174,6 +176,9 @@ pub enum QueueError {
     /// virtio-queue refused an access (ring outside guest memory...).
     #[error("virtio queue: {0:?}")]
     Queue(virtio_queue::Error),
+    /// An entry of the available ring could not be read.
+    #[error("an available ring entry is unreadable")]
+    AvailRingUnreadable,
     /// The available index claims more new buffers than the queue holds.
     #[error("available index {avail} is {pending} entries ahead of {next}, more than the queue size {size}")]
     AvailIndex {
@@ -229,12 +234,18 @@ where
     F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
 {
     use virtio_queue::QueueT;
+    // A driver keeps adding buffers while we drain, so we look again after re-enabling
+    // notifications; but never forever: a used ring laid over the available ring makes
+    // every completion look like a new request. After this many rounds the worker waits
+    // for the next notification instead (notifications are enabled, so a real driver's
+    // new buffers still wake it).
+    let max_rounds = 4 * usize::from(queue.size()).max(1);
     let mut completed = false;
-    loop {
+    for _ in 0..max_rounds {
         queue.disable_notification(mem)?;
         for _ in 0..pending_buffers(queue, mem)? {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
+                return Err(QueueError::AvailRingUnreadable);
             };
             let head = chain.head_index();
             let used = serve(chain);

@@ -125,7 +125,7 @@ fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
 }
 
 /// Serves one request; returns the bytes written into guest memory.
-fn fill_request(
+pub(crate) fn fill_request(
     mem: &GuestMemory,
     counters: &RngCounters,
     chain: virtio_queue::DescriptorChain<&GuestMemory>,

@@ -169,6 +169,18 @@ impl Block {
     }
 }
 
+/// A disk for the fuzz targets: `file` of `sectors` sectors, with a fixed serial.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn fuzz_disk(file: File, sectors: u64, readonly: bool) -> request::Disk {
+    request::Disk {
+        file: Arc::new(file),
+        capacity_sectors: sectors,
+        readonly,
+        id: *b"fuzz-disk\0\0\0\0\0\0\0\0\0\0\0",
+        counters: Arc::default(),
+    }
+}
+
 /// `struct virtio_blk_config` (virtio 1.2, 5.2.4), 60 bytes.
 fn config_space(capacity: u64) -> Vec<u8> {
     let mut c = vec![0u8; 60];
