@@ -9,6 +9,7 @@
 //! with the proper virtio status and is counted, it never panics the VMM.
 
 pub mod block;
+pub mod console;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod mmio;

@@ -42,7 +42,7 @@ pub enum ConfigError {
     #[error("invalid vCPU count {0}: must be between {MIN_VCPUS} and {MAX_VCPUS}")]
     Vcpus(u64),
     /// A serial specification that does not parse.
-    #[error("invalid serial setting {0:?}: expected stdout, file=PATH or off")]
+    #[error("invalid output setting {0:?}: expected stdout, file=PATH or off")]
     Serial(String),
     /// A `--disk` value that does not parse.
     #[error("invalid --disk {value:?}: {reason} (expected path=PATH[,readonly=on|off][,id=NAME])")]
@@ -339,6 +339,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net cards, in the order the guest sees them (eth0, eth1, ...).
     pub nets: Vec<NetConfig>,
+    /// Where the virtio console (`hvc0`) goes; `Off` means no console device.
+    pub console: SerialMode,
 }
 
 impl VmConfig {
@@ -439,6 +441,7 @@ mod tests {
             rng: true,
             disks: Vec::new(),
             nets: Vec::new(),
+            console: SerialMode::Off,
         }
     }
 

@@ -58,6 +58,9 @@ struct Cli {
     /// fd=N[,mac=MAC] (an open TAP fd with IFF_VNET_HDR from a supervisor); repeatable.
     #[arg(long = "net", value_name = "SPEC")]
     nets: Vec<NetConfig>,
+    /// A virtio console (the guest's hvc0): stdout, file=PATH or off.
+    #[arg(long, value_name = "MODE", default_value = "off")]
+    console: SerialMode,
     /// Control socket path (JSON lines; see docs/vmm.md).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
         rng: cli.rng == "on",
         disks: cli.disks,
         nets: cli.nets,
+        console: cli.console,
     };
     if let Err(e) = config.validate(host_memory_mib()) {
         eprintln!("quantix-vmm: {e}");

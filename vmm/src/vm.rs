@@ -75,7 +75,7 @@ pub enum VmError {
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
     /// The serial output file cannot be opened.
-    #[error("cannot open serial output file {path}: {source}")]
+    #[error("cannot open output file {path}: {source}")]
     SerialFile {
         /// The file.
         path: std::path::PathBuf,
@@ -294,6 +294,10 @@ impl Vm {
                 "network card attached"
             );
             virtio_devices.push(Box::new(card));
+        }
+        if config.console != SerialMode::Off {
+            let sink = serial_sink(&config.console)?;
+            virtio_devices.push(Box::new(quantix_virtio::console::Console::new(sink)));
         }
         if config.rng {
             virtio_devices.push(Box::new(quantix_virtio::rng::Rng::new()));

@@ -135,7 +135,7 @@ fn vcpu_counts_out_of_range_and_unknown_flags() {
     assert!(err.contains("--kernel"), "{err}");
     let (code, err) = fails(&["--kernel", &kernel, "--serial", "tty"]);
     assert_eq!(code, 2);
-    assert!(err.contains("invalid serial setting"), "{err}");
+    assert!(err.contains("invalid output setting"), "{err}");
 }
 
 #[test]

@@ -286,3 +286,53 @@ fn virtio_net_carries_ping_and_tcp_both_ways_through_a_tap() {
     );
     eprintln!("net job {:?}", job.elapsed);
 }
+
+/// The guest writes to `hvc0`; the line lands in the console's file, not on the serial port.
+#[test]
+fn virtio_console_output_reaches_its_file() {
+    let sandbox = Sandbox::from_env().unwrap_or_else(|e| panic!("{e}"));
+    let vmm = build::static_binary("quantix-vmm", "quantix-vmm").unwrap_or_else(|e| panic!("{e}"));
+    let mut modules = VIRTIO_MODULES.to_vec();
+    modules.push("kernel/drivers/char/virtio_console.ko");
+    let guest = guest_initramfs(
+        &sandbox,
+        &modules,
+        "for i in $(seq 50); do [ -c /dev/hvc0 ] && break; sleep 0.1; done\n\
+         echo 'QX-HVC hello from hvc0' > /dev/hvc0 && echo QX-HVC-WRITTEN\n",
+    );
+    let mut payload = Payload::new();
+    payload
+        .add_file(&vmm, VMM)
+        .unwrap_or_else(|e| panic!("{e}"));
+    payload
+        .add_bytes("/payload/hvc.cpio", guest, 0o644)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let script = format!(
+        "{VMM} --kernel {} --initramfs /payload/hvc.cpio --memory 256M --rng off \
+           --console file=/tmp/hvc.log --cmdline 'console=ttyS0 qx.action=script'\n\
+         status=$?\n\
+         sed 's/^/HVC-FILE: /' /tmp/hvc.log\n\
+         exit $status\n",
+        paths::GUEST_VMLINUZ
+    );
+    let jobs = [Job::shell("hvc", script).timeout(Duration::from_secs(180))];
+    let report = sandbox
+        .run(&payload, &jobs)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let job = &report.jobs[0];
+    let out = &job.output;
+    assert!(
+        job.success(),
+        "status {:?}, timed out {}\n{out}",
+        job.status,
+        job.timed_out
+    );
+    assert!(!out.contains("QX-FAIL"), "{out}");
+    assert!(out.contains("QX-HVC-WRITTEN"), "{out}");
+    assert!(out.contains("HVC-FILE: QX-HVC hello from hvc0"), "{out}");
+    let on_serial = out.lines().filter(|l| l.contains("QX-HVC hello")).count();
+    assert_eq!(
+        on_serial, 1,
+        "only in the console file, not on the serial port: {out}"
+    );
+}
