@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tracing::warn;
-use virtio_queue::{Queue, QueueT, Reader};
+use virtio_queue::{Queue, Reader};
 
 use crate::worker::{QueueHandler, Worker};
 use crate::{
@@ -75,15 +75,8 @@ impl VirtioDevice for Console {
         // cols, rows, max_nr_ports, emerg_wr: unused without SIZE, MULTIPORT, EMERG_WRITE.
         crate::read_config_bytes(&[0u8; 12], offset, data);
     }
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let tx = ctx
-            .queues
-            .into_iter()
-            .nth(TRANSMIT)
-            .ok_or(ActivateError::QueueNotReady(TRANSMIT))?;
-        if !tx.ready() {
-            return Err(ActivateError::QueueNotReady(TRANSMIT));
-        }
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        let tx = ctx.take_ready_queue(TRANSMIT)?;
         let handler = ConsoleHandler {
             mem: ctx.mem,
             tx,

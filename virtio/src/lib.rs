@@ -140,14 +140,30 @@ pub enum ActivateError {
 pub struct ActivateContext {
     /// Guest memory.
     pub mem: Arc<GuestMemory>,
-    /// The queues as the driver configured them.
-    pub queues: Vec<Queue>,
+    /// The queues as the driver configured them; see [`ActivateContext::take_ready_queue`].
+    pub queues: Vec<Option<Queue>>,
     /// One eventfd per queue, written when the driver notifies the queue.
     pub queue_evts: Vec<EventFd>,
     /// The device's interrupt.
     pub interrupt: Arc<Interrupt>,
     /// The features the driver accepted.
     pub acked_features: u64,
+}
+
+impl ActivateContext {
+    /// Takes queue `index`, which the driver must have made ready.
+    pub fn take_ready_queue(&mut self, index: usize) -> Result<Queue, ActivateError> {
+        use virtio_queue::QueueT;
+        let queue = self
+            .queues
+            .get_mut(index)
+            .and_then(Option::take)
+            .ok_or(ActivateError::QueueNotReady(index))?;
+        if !queue.ready() {
+            return Err(ActivateError::QueueNotReady(index));
+        }
+        Ok(queue)
+    }
 }
 
 /// A virtio device model.

@@ -182,7 +182,7 @@ impl MmioTransport {
         let queues = match self
             .queues
             .iter()
-            .map(|q| Queue::try_from(q.state()))
+            .map(|q| Queue::try_from(q.state()).map(Some))
             .collect()
         {
             Ok(q) => q,

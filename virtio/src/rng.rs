@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tracing::warn;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::Bytes;
 
 use crate::worker::{QueueHandler, Worker};
@@ -72,15 +72,8 @@ impl VirtioDevice for Rng {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let queue = ctx
-            .queues
-            .into_iter()
-            .next()
-            .ok_or(ActivateError::QueueNotReady(0))?;
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        let queue = ctx.take_ready_queue(0)?;
         let handler = RngHandler {
             mem: ctx.mem,
             queue,

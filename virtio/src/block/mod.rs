@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 use tracing::warn;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 
 use crate::worker::{QueueHandler, Worker};
 use crate::{
@@ -224,15 +224,8 @@ impl VirtioDevice for Block {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         crate::read_config_bytes(&self.config, offset, data);
     }
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let queue = ctx
-            .queues
-            .into_iter()
-            .next()
-            .ok_or(ActivateError::QueueNotReady(0))?;
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        let queue = ctx.take_ready_queue(0)?;
         let handler = BlockHandler {
             mem: ctx.mem,
             queue,

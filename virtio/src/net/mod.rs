@@ -129,16 +129,9 @@ impl VirtioDevice for Net {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         crate::read_config_bytes(&self.config, offset, data);
     }
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let mut queues = ctx.queues.into_iter();
-        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::QueueNotReady(1));
-        };
-        for (i, q) in [&rx, &tx].iter().enumerate() {
-            if !q.ready() {
-                return Err(ActivateError::QueueNotReady(i));
-            }
-        }
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        let rx = ctx.take_ready_queue(RX)?;
+        let tx = ctx.take_ready_queue(TX)?;
         // What the guest accepts on receive decides what the TAP may hand us.
         let acked = ctx.acked_features;
         let mut offload = 0;
