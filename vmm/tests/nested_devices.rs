@@ -101,11 +101,13 @@ fn virtio_rng_feeds_the_guests_hwrng() {
     eprintln!("rng job {:?}: {bytes}", job.elapsed);
 }
 
+/// The value after `key=` on the first line that has it, up to the end of the line or the
+/// first `[` (a kernel message printed into the middle of a console line).
 fn field(out: &str, key: &str) -> String {
     out.lines()
         .find_map(|l| {
             l.split_once(&format!("{key}="))
-                .map(|(_, v)| v.trim().to_string())
+                .map(|(_, v)| v.split('[').next().unwrap_or("").trim().to_string())
         })
         .unwrap_or_else(|| panic!("no {key}= line:\n{out}"))
 }
@@ -197,9 +199,9 @@ fn virtio_blk_data_survives_a_vmm_restart_and_readonly_is_enforced() {
     eprintln!("blk job {:?}", job.elapsed);
 }
 
-/// A card on a TAP in the nested host: the guest pings the host, then each side fetches a
-/// 4 MiB random file from the other's HTTP server (busybox httpd and wget) and the
-/// SHA-256 sums match at both ends.
+/// Two cards on two TAPs in the nested host: the guest pings the host through each, then
+/// each side fetches a 4 MiB random file from the other's HTTP server (busybox httpd and
+/// wget) over the first card, and the SHA-256 sums match at both ends.
 #[test]
 fn virtio_net_carries_ping_and_tcp_both_ways_through_a_tap() {
     let assets = quantix_sandbox::Assets::from_env().unwrap_or_else(|e| panic!("{e}"));
@@ -219,9 +221,13 @@ fn virtio_net_carries_ping_and_tcp_both_ways_through_a_tap() {
         &sandbox,
         &modules,
         "ip link set eth0 up && ip addr add 10.0.2.2/24 dev eth0\n\
+         ip link set eth1 up && ip addr add 10.0.3.2/24 dev eth1\n\
          echo \"QX-NET mac=$(cat /sys/class/net/eth0/address)\"\n\
+         echo \"QX-NET mac1=$(cat /sys/class/net/eth1/address)\"\n\
          ok=no; for i in $(seq 60); do if ping -c 1 -W 1 10.0.2.1 >/dev/null 2>&1; then ok=yes; break; fi; done\n\
          echo \"QX-NET ping=$ok\"\n\
+         ok=no; for i in $(seq 60); do if ping -c 1 -W 1 10.0.3.1 >/dev/null 2>&1; then ok=yes; break; fi; done\n\
+         echo \"QX-NET ping1=$ok\"\n\
          mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/from-guest bs=1024 count=4096 2>/dev/null\n\
          echo \"QX-NET from-guest=$(sha256sum /tmp/www/from-guest | cut -d' ' -f1)\"\n\
          httpd -p 8080 -h /tmp/www\n\
@@ -239,10 +245,12 @@ fn virtio_net_carries_ping_and_tcp_both_ways_through_a_tap() {
         "mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/to-guest bs=1024 count=4096 2>/dev/null\n\
          echo \"QX-HOST to-guest=$(sha256sum /tmp/www/to-guest | cut -d' ' -f1)\"\n\
          {VMM} --kernel {} --initramfs /payload/net.cpio --memory 256M --rng off \
-           --net tap=qxtap0,mac=52:54:00:aa:bb:01 --cmdline 'console=ttyS0 qx.action=script' >/tmp/vmm.log 2>&1 &\n\
+           --net tap=qxtap0,mac=52:54:00:aa:bb:01 --net tap=qxtap1,mac=52:54:00:aa:bb:02 --cmdline 'console=ttyS0 loglevel=3 qx.action=script' >/tmp/vmm.log 2>&1 &\n\
          vmm=$!\n\
          i=0; while ! ip link show qxtap0 >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 300 ] || break; sleep 0.1; done\n\
+         i=0; while ! ip link show qxtap1 >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 300 ] || break; sleep 0.1; done\n\
          ip addr add 10.0.2.1/24 dev qxtap0 && ip link set qxtap0 up\n\
+         ip addr add 10.0.3.1/24 dev qxtap1 && ip link set qxtap1 up\n\
          httpd -f -p 8080 -h /tmp/www >/dev/null 2>&1 &\n\
          httpd_pid=$!\n\
          i=0; until wget -q -O /tmp/from-guest http://10.0.2.2:8080/from-guest 2>/dev/null; do i=$((i+1)); [ $i -lt 240 ] || break; sleep 0.5; done\n\
@@ -270,6 +278,8 @@ fn virtio_net_carries_ping_and_tcp_both_ways_through_a_tap() {
     assert_eq!(field(out, "QX-HOST vmm-status"), "0", "{out}");
     assert_eq!(field(out, "QX-NET mac"), "52:54:00:aa:bb:01", "{out}");
     assert_eq!(field(out, "QX-NET ping"), "yes", "{out}");
+    assert_eq!(field(out, "QX-NET mac1"), "52:54:00:aa:bb:02", "{out}");
+    assert_eq!(field(out, "QX-NET ping1"), "yes", "second card: {out}");
     let to_guest = field(out, "QX-HOST to-guest");
     assert_eq!(to_guest.len(), 64, "{out}");
     assert_eq!(
