@@ -43,10 +43,13 @@ impl GuestInit {
         text.lines().find_map(Self::parse_line)
     }
 
-    /// Parses one line containing the marker.
+    /// Parses one line containing the marker. A kernel message printed into the end of
+    /// the line (`... kernel=6.1.0[    6.8] IPv6: ...`) is cut off at its `[`.
     pub fn parse_line(line: &str) -> Option<GuestInit> {
         let at = line.find("QX-GUEST-INIT ")?;
-        let fields: Vec<(&str, &str)> = line[at..]
+        let rest = &line[at..];
+        let rest = rest.split('[').next().unwrap_or(rest);
+        let fields: Vec<(&str, &str)> = rest
             .split_whitespace()
             .skip(1)
             .filter_map(|t| t.split_once('='))
@@ -119,6 +122,16 @@ impl GuestInitramfs {
 mod tests {
     use super::*;
     use crate::cpio;
+
+    #[test]
+    fn a_kernel_message_at_the_end_of_the_line_is_cut_off() {
+        let line = "QX-GUEST-INIT cpus=4 memtotal_kb=480692 uptime=8.57 kernel=6.1.0-56-cloud-amd64[    6.835093] IPv6: eth0";
+        let init = GuestInit::parse_line(line).unwrap();
+        assert_eq!(
+            (init.cpus, init.kernel.as_str()),
+            (4, "6.1.0-56-cloud-amd64")
+        );
+    }
 
     #[test]
     fn parses_the_guest_init_line() {
