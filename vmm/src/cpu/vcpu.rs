@@ -65,10 +65,18 @@ pub struct Vcpu {
     /// Index and APIC ID.
     pub index: u8,
     fd: VcpuFd,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
+    io: IoDispatch,
     exit: Arc<ExitSignal>,
     stop: Arc<AtomicBool>,
+    counters: Arc<VcpuCounters>,
+}
+
+/// The device buses a vCPU's I/O exits go to (kept apart from the vCPU fd, whose
+/// `kvm_run` page holds the exit's data while it is dispatched).
+struct IoDispatch {
+    vcpu: u8,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
     counters: Arc<VcpuCounters>,
     seen_unclaimed: HashSet<(bool, u64)>,
 }
@@ -120,15 +128,20 @@ impl Vcpu {
         exit: Arc<ExitSignal>,
         stop: Arc<AtomicBool>,
     ) -> Self {
+        let counters = Arc::<VcpuCounters>::default();
         Self {
             index,
             fd,
-            pio,
-            mmio,
+            io: IoDispatch {
+                vcpu: index,
+                pio,
+                mmio,
+                counters: counters.clone(),
+                seen_unclaimed: HashSet::new(),
+            },
             exit,
             stop,
-            counters: Arc::default(),
-            seen_unclaimed: HashSet::new(),
+            counters,
         }
     }
 
@@ -186,64 +199,10 @@ impl Vcpu {
         let result = self.fd.run();
         self.counters.exits.fetch_add(1, Ordering::Relaxed);
         match result {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                self.counters.io.fetch_add(1, Ordering::Relaxed);
-                if !self.pio.read(u64::from(port), data) {
-                    data.fill(0xff);
-                    note_unclaimed(
-                        &self.counters,
-                        &mut self.seen_unclaimed,
-                        index,
-                        false,
-                        port.into(),
-                        "in",
-                    );
-                }
-                Outcome::Continue
-            }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                self.counters.io.fetch_add(1, Ordering::Relaxed);
-                if !self.pio.write(u64::from(port), data) {
-                    note_unclaimed(
-                        &self.counters,
-                        &mut self.seen_unclaimed,
-                        index,
-                        false,
-                        port.into(),
-                        "out",
-                    );
-                }
-                Outcome::Continue
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                self.counters.mmio.fetch_add(1, Ordering::Relaxed);
-                if !self.mmio.read(addr, data) {
-                    data.fill(0xff);
-                    note_unclaimed(
-                        &self.counters,
-                        &mut self.seen_unclaimed,
-                        index,
-                        true,
-                        addr,
-                        "read",
-                    );
-                }
-                Outcome::Continue
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                self.counters.mmio.fetch_add(1, Ordering::Relaxed);
-                if !self.mmio.write(addr, data) {
-                    note_unclaimed(
-                        &self.counters,
-                        &mut self.seen_unclaimed,
-                        index,
-                        true,
-                        addr,
-                        "write",
-                    );
-                }
-                Outcome::Continue
-            }
+            Ok(VcpuExit::IoIn(port, data)) => self.io.read(false, port.into(), data),
+            Ok(VcpuExit::IoOut(port, data)) => self.io.write(false, port.into(), data),
+            Ok(VcpuExit::MmioRead(addr, data)) => self.io.read(true, addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => self.io.write(true, addr, data),
             Ok(VcpuExit::InternalError) => {
                 let internal = self.fd.get_kvm_run();
                 // SAFETY: for KVM_EXIT_INTERNAL_ERROR the union holds `internal`.
@@ -285,6 +244,51 @@ impl Vcpu {
             ),
             (r, s) => error!(vcpu = self.index, ?reason, regs_error = ?r.err(), sregs_error = ?s.err(), "vCPU stopped; registers unavailable"),
         }
+    }
+}
+
+impl IoDispatch {
+    /// A guest read on the port I/O (`mmio` false) or MMIO bus; unclaimed reads see all-ones.
+    fn read(&mut self, mmio: bool, addr: u64, data: &mut [u8]) -> Outcome {
+        let (bus, counter) = if mmio {
+            (&self.mmio, &self.counters.mmio)
+        } else {
+            (&self.pio, &self.counters.io)
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if !bus.read(addr, data) {
+            data.fill(0xff);
+            note_unclaimed(
+                &self.counters,
+                &mut self.seen_unclaimed,
+                self.vcpu,
+                mmio,
+                addr,
+                "read",
+            );
+        }
+        Outcome::Continue
+    }
+
+    /// A guest write on the port I/O (`mmio` false) or MMIO bus; unclaimed writes are dropped.
+    fn write(&mut self, mmio: bool, addr: u64, data: &[u8]) -> Outcome {
+        let (bus, counter) = if mmio {
+            (&self.mmio, &self.counters.mmio)
+        } else {
+            (&self.pio, &self.counters.io)
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if !bus.write(addr, data) {
+            note_unclaimed(
+                &self.counters,
+                &mut self.seen_unclaimed,
+                self.vcpu,
+                mmio,
+                addr,
+                "write",
+            );
+        }
+        Outcome::Continue
     }
 }
 
