@@ -34,10 +34,39 @@ fn guest_initramfs(sandbox: &Sandbox, modules: &[&str], body: &str) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Runs `job` in `sandbox` with a static quantix-vmm at [`VMM`] and the guest initramfs
+/// `images` (destination, bytes) in the payload; checks that the job succeeded and that
+/// every module loaded; returns its output.
+fn run_job(sandbox: &Sandbox, images: Vec<(&str, Vec<u8>)>, job: Job) -> String {
+    let vmm = build::static_binary("quantix-vmm", "quantix-vmm").unwrap_or_else(|e| panic!("{e}"));
+    let mut payload = Payload::new();
+    payload
+        .add_file(&vmm, VMM)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for (dest, bytes) in images {
+        payload
+            .add_bytes(dest, bytes, 0o644)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let report = sandbox
+        .run(&payload, &[job])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let job = &report.jobs[0];
+    let out = &job.output;
+    assert!(
+        job.success(),
+        "status {:?}, timed out {}\n{out}",
+        job.status,
+        job.timed_out
+    );
+    assert!(!out.contains("QX-FAIL"), "{out}");
+    eprintln!("job {} took {:?}", job.name, job.elapsed);
+    job.output.clone()
+}
+
 #[test]
 fn virtio_rng_feeds_the_guests_hwrng() {
     let sandbox = Sandbox::from_env().unwrap_or_else(|e| panic!("{e}"));
-    let vmm = build::static_binary("quantix-vmm", "quantix-vmm").unwrap_or_else(|e| panic!("{e}"));
     let mut modules = VIRTIO_MODULES.to_vec();
     modules.push("kernel/drivers/char/hw_random/virtio-rng.ko");
     let initramfs = guest_initramfs(
@@ -47,14 +76,8 @@ fn virtio_rng_feeds_the_guests_hwrng() {
          echo \"QX-RNG current=$(cat /sys/class/misc/hw_random/rng_current)\"\n\
          echo \"QX-RNG bytes=$(head -c 32 /dev/hwrng | od -An -tx1 | tr -d ' \\n')\"\n",
     );
-    let mut payload = Payload::new();
-    payload
-        .add_file(&vmm, VMM)
-        .unwrap_or_else(|e| panic!("{e}"));
-    payload
-        .add_bytes("/payload/rng-initramfs.cpio", initramfs, 0o644)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let jobs = [Job::new(
+    let images = vec![("/payload/rng-initramfs.cpio", initramfs)];
+    let job = Job::new(
         "rng",
         [
             VMM,
@@ -68,37 +91,18 @@ fn virtio_rng_feeds_the_guests_hwrng() {
             "console=ttyS0 qx.action=script",
         ],
     )
-    .timeout(Duration::from_secs(180))];
-    let report = sandbox
-        .run(&payload, &jobs)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let job = &report.jobs[0];
-    let out = &job.output;
-    assert!(
-        job.success(),
-        "status {:?}, timed out {}\n{out}",
-        job.status,
-        job.timed_out
-    );
-    assert!(!out.contains("QX-FAIL"), "{out}");
+    .timeout(Duration::from_secs(180));
+    let out = &run_job(&sandbox, images, job);
     assert!(
         out.contains("virtio device activated") && out.contains("device=rng"),
         "{out}"
     );
-    let line = |key: &str| {
-        out.lines()
-            .find_map(|l| {
-                l.split_once(&format!("QX-RNG {key}="))
-                    .map(|(_, v)| v.trim().to_string())
-            })
-            .unwrap_or_else(|| panic!("no QX-RNG {key}= line:\n{out}"))
-    };
+    let line = |key: &str| field(out, &format!("QX-RNG {key}"));
     assert!(line("devices").contains("virtio0"), "{out}");
     assert_eq!(line("current"), "virtio_rng.0", "{out}");
     let bytes = line("bytes");
     assert_eq!(bytes.len(), 64, "32 bytes in hex: {bytes}");
     assert_ne!(bytes, "0".repeat(64), "entropy, not zeros");
-    eprintln!("rng job {:?}: {bytes}", job.elapsed);
 }
 
 /// The value after `key=` on the first line that has it, up to the end of the line or the
@@ -118,7 +122,6 @@ fn field(out: &str, key: &str) -> String {
 #[test]
 fn virtio_blk_data_survives_a_vmm_restart_and_readonly_is_enforced() {
     let sandbox = Sandbox::from_env().unwrap_or_else(|e| panic!("{e}"));
-    let vmm = build::static_binary("quantix-vmm", "quantix-vmm").unwrap_or_else(|e| panic!("{e}"));
     let mut modules = VIRTIO_MODULES.to_vec();
     modules.push("kernel/drivers/block/virtio_blk.ko");
     let writer = guest_initramfs(
@@ -138,16 +141,10 @@ fn virtio_blk_data_survives_a_vmm_restart_and_readonly_is_enforced() {
         "mkdir -p /mnt && mount -t ext4 -o ro /dev/vda /mnt\n\
          echo \"QX-BLK read=$(sha256sum /mnt/data | cut -d' ' -f1)\"\n",
     );
-    let mut payload = Payload::new();
-    payload
-        .add_file(&vmm, VMM)
-        .unwrap_or_else(|e| panic!("{e}"));
-    payload
-        .add_bytes("/payload/blk-writer.cpio", writer, 0o644)
-        .unwrap_or_else(|e| panic!("{e}"));
-    payload
-        .add_bytes("/payload/blk-reader.cpio", reader, 0o644)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let images = vec![
+        ("/payload/blk-writer.cpio", writer),
+        ("/payload/blk-reader.cpio", reader),
+    ];
     let boot = |initramfs: &str| {
         format!(
             "{VMM} --kernel {} --initramfs {initramfs} --memory 256M --rng off \
@@ -168,19 +165,8 @@ fn virtio_blk_data_survives_a_vmm_restart_and_readonly_is_enforced() {
         boot("/payload/blk-writer.cpio"),
         boot("/payload/blk-reader.cpio"),
     );
-    let jobs = [Job::shell("blk", script).timeout(Duration::from_secs(300))];
-    let report = sandbox
-        .run(&payload, &jobs)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let job = &report.jobs[0];
-    let out = &job.output;
-    assert!(
-        job.success(),
-        "status {:?}, timed out {}\n{out}",
-        job.status,
-        job.timed_out
-    );
-    assert!(!out.contains("QX-FAIL"), "{out}");
+    let job = Job::shell("blk", script).timeout(Duration::from_secs(300));
+    let out = &run_job(&sandbox, images, job);
     let info = field(out, "QX-BLK serial");
     assert!(
         info.starts_with("data ro=1 size=131072"),
@@ -196,7 +182,6 @@ fn virtio_blk_data_survives_a_vmm_restart_and_readonly_is_enforced() {
     assert_eq!(field(out, "QX-BLK ro-content"), "READONLY-DISK-42", "{out}");
     assert_eq!(field(out, "QX-BLK ro-write"), "refused", "{out}");
     assert_eq!(field(out, "QX-HOST ro-unchanged"), "yes", "{out}");
-    eprintln!("blk job {:?}", job.elapsed);
 }
 
 /// Two cards on two TAPs in the nested host: the guest pings the host through each, then
@@ -210,7 +195,6 @@ fn virtio_net_carries_ping_and_tcp_both_ways_through_a_tap() {
         ..SandboxConfig::default()
     };
     let sandbox = Sandbox::with_config(assets, config);
-    let vmm = build::static_binary("quantix-vmm", "quantix-vmm").unwrap_or_else(|e| panic!("{e}"));
     let mut modules = VIRTIO_MODULES.to_vec();
     modules.extend([
         "kernel/net/core/failover.ko",
@@ -234,13 +218,7 @@ fn virtio_net_carries_ping_and_tcp_both_ways_through_a_tap() {
          wget -q -O /tmp/to-guest http://10.0.2.1:8080/to-guest && echo \"QX-NET to-guest=$(sha256sum /tmp/to-guest | cut -d' ' -f1)\"\n\
          for i in $(seq 240); do wget -q -O /dev/null http://10.0.2.1:8080/done 2>/dev/null && break; sleep 0.5; done\n",
     );
-    let mut payload = Payload::new();
-    payload
-        .add_file(&vmm, VMM)
-        .unwrap_or_else(|e| panic!("{e}"));
-    payload
-        .add_bytes("/payload/net.cpio", guest, 0o644)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let images = vec![("/payload/net.cpio", guest)];
     let script = format!(
         "mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/to-guest bs=1024 count=4096 2>/dev/null\n\
          echo \"QX-HOST to-guest=$(sha256sum /tmp/www/to-guest | cut -d' ' -f1)\"\n\
@@ -262,19 +240,8 @@ fn virtio_net_carries_ping_and_tcp_both_ways_through_a_tap() {
          echo \"QX-HOST vmm-status=$status\"\n",
         paths::GUEST_VMLINUZ
     );
-    let jobs = [Job::shell("net", script).timeout(Duration::from_secs(300))];
-    let report = sandbox
-        .run(&payload, &jobs)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let job = &report.jobs[0];
-    let out = &job.output;
-    assert!(
-        job.success(),
-        "status {:?}, timed out {}\n{out}",
-        job.status,
-        job.timed_out
-    );
-    assert!(!out.contains("QX-FAIL"), "{out}");
+    let job = Job::shell("net", script).timeout(Duration::from_secs(300));
+    let out = &run_job(&sandbox, images, job);
     assert_eq!(field(out, "QX-HOST vmm-status"), "0", "{out}");
     assert_eq!(field(out, "QX-NET mac"), "52:54:00:aa:bb:01", "{out}");
     assert_eq!(field(out, "QX-NET ping"), "yes", "{out}");
@@ -294,14 +261,12 @@ fn virtio_net_carries_ping_and_tcp_both_ways_through_a_tap() {
         from_guest,
         "guest to host: {out}"
     );
-    eprintln!("net job {:?}", job.elapsed);
 }
 
 /// The guest writes to `hvc0`; the line lands in the console's file, not on the serial port.
 #[test]
 fn virtio_console_output_reaches_its_file() {
     let sandbox = Sandbox::from_env().unwrap_or_else(|e| panic!("{e}"));
-    let vmm = build::static_binary("quantix-vmm", "quantix-vmm").unwrap_or_else(|e| panic!("{e}"));
     let mut modules = VIRTIO_MODULES.to_vec();
     modules.push("kernel/drivers/char/virtio_console.ko");
     let guest = guest_initramfs(
@@ -310,13 +275,7 @@ fn virtio_console_output_reaches_its_file() {
         "for i in $(seq 50); do [ -c /dev/hvc0 ] && break; sleep 0.1; done\n\
          echo 'QX-HVC hello from hvc0' > /dev/hvc0 && echo QX-HVC-WRITTEN\n",
     );
-    let mut payload = Payload::new();
-    payload
-        .add_file(&vmm, VMM)
-        .unwrap_or_else(|e| panic!("{e}"));
-    payload
-        .add_bytes("/payload/hvc.cpio", guest, 0o644)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let images = vec![("/payload/hvc.cpio", guest)];
     let script = format!(
         "{VMM} --kernel {} --initramfs /payload/hvc.cpio --memory 256M --rng off \
            --console file=/tmp/hvc.log --cmdline 'console=ttyS0 qx.action=script'\n\
@@ -325,19 +284,8 @@ fn virtio_console_output_reaches_its_file() {
          exit $status\n",
         paths::GUEST_VMLINUZ
     );
-    let jobs = [Job::shell("hvc", script).timeout(Duration::from_secs(180))];
-    let report = sandbox
-        .run(&payload, &jobs)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let job = &report.jobs[0];
-    let out = &job.output;
-    assert!(
-        job.success(),
-        "status {:?}, timed out {}\n{out}",
-        job.status,
-        job.timed_out
-    );
-    assert!(!out.contains("QX-FAIL"), "{out}");
+    let job = Job::shell("hvc", script).timeout(Duration::from_secs(180));
+    let out = &run_job(&sandbox, images, job);
     assert!(out.contains("QX-HVC-WRITTEN"), "{out}");
     assert!(out.contains("HVC-FILE: QX-HVC hello from hvc0"), "{out}");
     let on_serial = out.lines().filter(|l| l.contains("QX-HVC hello")).count();
