@@ -42,7 +42,7 @@ pub enum ConfigError {
     #[error("invalid vCPU count {0}: must be between {MIN_VCPUS} and {MAX_VCPUS}")]
     Vcpus(u64),
     /// A serial specification that does not parse.
-    #[error("invalid output setting {0:?}: expected stdout, file=PATH or off")]
+    #[error("invalid output setting {0:?}: expected stdout, file=PATH, pty, socket=PATH or off")]
     Serial(String),
     /// A `--disk` value that does not parse.
     #[error("invalid --disk {value:?}: {reason} (expected path=PATH[,readonly=on|off][,id=NAME])")]
@@ -116,6 +116,10 @@ pub enum SerialMode {
     File(PathBuf),
     /// Not connected: output is discarded.
     Off,
+    /// A new pseudo-terminal (its path is logged and reported on the control socket).
+    Pty,
+    /// A Unix socket the VMM listens on; one client at a time, the newest wins.
+    Socket(PathBuf),
 }
 
 impl FromStr for SerialMode {
@@ -125,10 +129,16 @@ impl FromStr for SerialMode {
         match s {
             "stdout" => Ok(SerialMode::Stdout),
             "off" => Ok(SerialMode::Off),
-            _ => match s.strip_prefix("file=") {
-                Some(p) if !p.is_empty() => Ok(SerialMode::File(PathBuf::from(p))),
-                _ => Err(ConfigError::Serial(s.to_string())),
-            },
+            "pty" => Ok(SerialMode::Pty),
+            _ => {
+                if let Some(p) = s.strip_prefix("file=").filter(|p| !p.is_empty()) {
+                    Ok(SerialMode::File(PathBuf::from(p)))
+                } else if let Some(p) = s.strip_prefix("socket=").filter(|p| !p.is_empty()) {
+                    Ok(SerialMode::Socket(PathBuf::from(p)))
+                } else {
+                    Err(ConfigError::Serial(s.to_string()))
+                }
+            }
         }
     }
 }
@@ -360,12 +370,39 @@ impl VmConfig {
         }
         validate_disks(&self.disks)?;
         validate_nets(&self.nets)?;
+        self.validate_sockets()?;
         if let BootSource::Kernel { cmdline, .. } = &self.boot {
             if cmdline.len() + 1 > crate::layout::CMDLINE_MAX_SIZE {
                 return Err(ConfigError::CmdlineTooLong {
                     len: cmdline.len() + 1,
                     max: crate::layout::CMDLINE_MAX_SIZE,
                 });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VmConfig {
+    /// Checks that the serial, console and control sockets are distinct paths.
+    fn validate_sockets(&self) -> Result<(), ConfigError> {
+        let mut paths: Vec<(&str, &PathBuf)> = Vec::new();
+        for (what, mode) in [("--serial", &self.serial), ("--console", &self.console)] {
+            if let SerialMode::Socket(p) | SerialMode::File(p) = mode {
+                paths.push((what, p));
+            }
+        }
+        if let Some(p) = &self.api_socket {
+            paths.push(("--api-socket", p));
+        }
+        for (i, (a, pa)) in paths.iter().enumerate() {
+            for (b, pb) in &paths[i + 1..] {
+                if pa == pb {
+                    return Err(ConfigError::Conflict(format!(
+                        "{a} and {b} both use {}",
+                        pa.display()
+                    )));
+                }
             }
         }
         Ok(())
@@ -424,6 +461,12 @@ mod tests {
         assert_eq!("off".parse(), Ok(SerialMode::Off));
         assert_eq!("file=/tmp/x".parse(), Ok(SerialMode::File("/tmp/x".into())));
         assert!("file=".parse::<SerialMode>().is_err());
+        assert_eq!("pty".parse(), Ok(SerialMode::Pty));
+        assert_eq!(
+            "socket=/run/c.sock".parse(),
+            Ok(SerialMode::Socket("/run/c.sock".into()))
+        );
+        assert!("socket=".parse::<SerialMode>().is_err());
         assert!("tty".parse::<SerialMode>().is_err());
     }
 

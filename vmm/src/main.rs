@@ -44,7 +44,7 @@ struct Cli {
     /// Guest memory: a number of MiB, or with a unit: 512M, 2G.
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     memory: MemorySize,
-    /// Serial console (COM1): stdout, file=PATH or off.
+    /// Serial console (COM1): stdout, file=PATH, pty, socket=PATH or off.
     #[arg(long, value_name = "MODE", default_value = "stdout")]
     serial: SerialMode,
     /// A virtio entropy device (virtio-rng), so that the guest does not wait for entropy.
@@ -58,7 +58,8 @@ struct Cli {
     /// fd=N[,mac=MAC] (an open TAP fd with IFF_VNET_HDR from a supervisor); repeatable.
     #[arg(long = "net", value_name = "SPEC")]
     nets: Vec<NetConfig>,
-    /// A virtio console (the guest's hvc0): stdout, file=PATH or off.
+    /// A virtio console (the guest's hvc0): stdout, file=PATH, pty, socket=PATH or off.
+    /// Standard input goes to the serial port when it is on stdout, else to this console.
     #[arg(long, value_name = "MODE", default_value = "off")]
     console: SerialMode,
     /// Control socket path (JSON lines; see docs/vmm.md).
