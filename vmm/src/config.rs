@@ -45,7 +45,7 @@ pub enum ConfigError {
     #[error("invalid output setting {0:?}: expected stdout, file=PATH, pty, socket=PATH or off")]
     Serial(String),
     /// A `--disk` value that does not parse.
-    #[error("invalid --disk {value:?}: {reason} (expected path=PATH[,readonly=on|off][,id=NAME])")]
+    #[error("invalid --disk {value:?}: {reason} (expected path=PATH[,readonly=on|off][,id=NAME][,aio=io_uring|threads])")]
     Disk {
         /// The value given.
         value: String,
@@ -155,6 +155,8 @@ pub struct DiskConfig {
     pub readonly: bool,
     /// Name in logs and the serial number the guest reads (`/sys/block/vdX/serial`).
     pub id: Option<String>,
+    /// The I/O engine: io_uring (the default; threads when the host lacks it) or threads.
+    pub aio: quantix_virtio::block::engine::EngineKind,
 }
 
 impl FromStr for DiskConfig {
@@ -165,7 +167,9 @@ impl FromStr for DiskConfig {
             value: s.to_string(),
             reason: reason.to_string(),
         };
+        use quantix_virtio::block::engine::EngineKind;
         let (mut path, mut readonly, mut id) = (None, false, None);
+        let mut aio = EngineKind::IoUring;
         for part in s.split(',') {
             let (key, value) = part
                 .split_once('=')
@@ -191,6 +195,13 @@ impl FromStr for DiskConfig {
                     }
                     id = Some(value.to_string());
                 }
+                "aio" => {
+                    aio = match value {
+                        "io_uring" => EngineKind::IoUring,
+                        "threads" => EngineKind::Threads,
+                        _ => return Err(err("aio takes io_uring or threads")),
+                    }
+                }
                 other => return Err(err(&format!("unknown key {other:?}"))),
             }
         }
@@ -198,6 +209,7 @@ impl FromStr for DiskConfig {
             path: path.ok_or_else(|| err("path= is required"))?,
             readonly,
             id,
+            aio,
         })
     }
 }
@@ -496,17 +508,20 @@ mod tests {
             DiskConfig {
                 path: "/img/a.raw".into(),
                 readonly: true,
-                id: Some("root-1".into())
+                id: Some("root-1".into()),
+                aio: quantix_virtio::block::engine::EngineKind::IoUring,
             }
         );
-        let d: DiskConfig = "path=/img/b.raw".parse().unwrap();
+        let d: DiskConfig = "path=/img/b.raw,aio=threads".parse().unwrap();
         assert!(!d.readonly && d.id.is_none());
+        assert_eq!(d.aio, quantix_virtio::block::engine::EngineKind::Threads);
         for bad in [
             "",
             "/img/a.raw",
             "readonly=on",
             "path=",
             "path=/a,readonly=yes",
+            "path=/a,aio=posix",
             "path=/a,size=1G",
             "path=/a,id=",
             "path=/a,id=has space",

@@ -50,7 +50,7 @@ struct Cli {
     /// A virtio entropy device (virtio-rng), so that the guest does not wait for entropy.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
     rng: String,
-    /// A virtio-blk disk on a raw image: path=PATH[,readonly=on|off][,id=NAME]
+    /// A virtio-blk disk on a raw image: path=PATH[,readonly=on|off][,id=NAME][,aio=io_uring|threads]
     /// (repeatable; the guest sees vda, vdb, ... in this order).
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<DiskConfig>,

@@ -261,8 +261,9 @@ impl Vm {
         for (i, disk) in config.disks.iter().enumerate() {
             let name = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
             let block =
-                quantix_virtio::block::Block::open(&name, &disk.path, disk.readonly, &name)?;
-            info!(disk = %name, path = %disk.path.display(), readonly = disk.readonly, sectors = block.capacity_sectors(), "disk attached");
+                quantix_virtio::block::Block::open(&name, &disk.path, disk.readonly, &name)?
+                    .with_engine(disk.aio);
+            info!(disk = %name, path = %disk.path.display(), readonly = disk.readonly, aio = disk.aio.name(), sectors = block.capacity_sectors(), "disk attached");
             virtio_devices.push(Box::new(block));
         }
         for (i, net) in config.nets.iter().enumerate() {

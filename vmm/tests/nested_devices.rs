@@ -145,10 +145,13 @@ fn virtio_blk_data_survives_a_vmm_restart_and_readonly_is_enforced() {
         ("/payload/blk-writer.cpio", writer),
         ("/payload/blk-reader.cpio", reader),
     ];
-    let boot = |initramfs: &str| {
+    // The writer's disks use io_uring, the reader's the thread pool: both engines see
+    // the same data.
+    let boot = |initramfs: &str, aio: &str| {
         format!(
             "{VMM} --kernel {} --initramfs {initramfs} --memory 256M --rng off \
-             --disk path=/tmp/data.img,id=data --disk path=/tmp/ro.img,readonly=on,id=ro \
+             --disk path=/tmp/data.img,id=data,aio={aio} \
+             --disk path=/tmp/ro.img,readonly=on,id=ro,aio={aio} \
              --cmdline 'console=ttyS0 qx.action=script'",
             paths::GUEST_VMLINUZ
         )
@@ -162,8 +165,8 @@ fn virtio_blk_data_survives_a_vmm_restart_and_readonly_is_enforced() {
          {}\n\
          {}\n\
          echo \"QX-HOST ro-unchanged=$([ \"$(sha256sum /tmp/ro.img | cut -d' ' -f1)\" = \"$ro_before\" ] && echo yes || echo no)\"\n",
-        boot("/payload/blk-writer.cpio"),
-        boot("/payload/blk-reader.cpio"),
+        boot("/payload/blk-writer.cpio", "io_uring"),
+        boot("/payload/blk-reader.cpio", "threads"),
     );
     let job = Job::shell("blk", script).timeout(Duration::from_secs(300));
     let out = &run_job(&sandbox, images, job);
@@ -182,6 +185,19 @@ fn virtio_blk_data_survives_a_vmm_restart_and_readonly_is_enforced() {
     assert_eq!(field(out, "QX-BLK ro-content"), "READONLY-DISK-42", "{out}");
     assert_eq!(field(out, "QX-BLK ro-write"), "refused", "{out}");
     assert_eq!(field(out, "QX-HOST ro-unchanged"), "yes", "{out}");
+    let engines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("disk I/O engine") && l.contains("disk=data"))
+        .collect();
+    assert_eq!(engines.len(), 2, "{out}");
+    assert!(
+        engines[0].contains("io_uring"),
+        "the writer used io_uring: {out}"
+    );
+    assert!(
+        engines[1].contains("threads"),
+        "the reader used threads: {out}"
+    );
 }
 
 /// Two cards on two TAPs in the nested host: the guest pings the host through each, then
