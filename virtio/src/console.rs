@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use tracing::{debug, warn};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 
-use crate::worker::{QueueHandler, Worker};
+use crate::state::{self, DeviceState, QueueSnapshot, StateError};
+use crate::worker::{stop_worker, QueueHandler, Worker};
 use crate::{
     device_type, features, pending_buffers, serve_queue, ActivateContext, ActivateError,
     GuestMemory, Interrupt, QueueError, VirtioDevice,
@@ -48,7 +49,9 @@ pub struct Console {
     sink: Arc<Mutex<ConsoleSink>>,
     input: Option<Arc<OwnedFd>>,
     counters: Arc<ConsoleCounters>,
-    worker: Option<Worker>,
+    worker: Option<Worker<ConsoleHandler>>,
+    /// Host input read but not delivered when the device was paused.
+    pending_input: Vec<u8>,
 }
 
 impl Console {
@@ -60,6 +63,7 @@ impl Console {
             input: input.map(Arc::new),
             counters: Arc::default(),
             worker: None,
+            pending_input: Vec::new(),
         }
     }
 
@@ -93,7 +97,7 @@ impl VirtioDevice for Console {
             Some(fd) => Some(Input {
                 rx: ctx.take_ready_queue(RECEIVE)?,
                 fd: fd.clone(),
-                pending: Vec::with_capacity(INPUT_CHUNK),
+                pending: std::mem::take(&mut self.pending_input),
                 closed: false,
             }),
             None => None,
@@ -117,10 +121,48 @@ impl VirtioDevice for Console {
         Ok(())
     }
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        let _ = stop_worker(&mut self.worker, "console");
+        self.pending_input.clear();
     }
+    fn pause(&mut self) -> Result<DeviceState, StateError> {
+        let Some(h) = stop_worker(&mut self.worker, "console")? else {
+            return Ok(DeviceState {
+                queues: Vec::new(),
+                device: state::to_value(&ConsoleState {
+                    pending_input: self.pending_input.clone(),
+                }),
+            });
+        };
+        let mut queues = vec![(TRANSMIT, QueueSnapshot::of(&h.tx))];
+        if let Some(input) = h.input {
+            queues.push((RECEIVE, QueueSnapshot::of(&input.rx)));
+            self.pending_input = input.pending;
+        }
+        Ok(DeviceState {
+            queues,
+            device: state::to_value(&ConsoleState {
+                pending_input: self.pending_input.clone(),
+            }),
+        })
+    }
+    fn restore(&mut self, saved: &serde_json::Value) -> Result<(), StateError> {
+        let saved: ConsoleState = state::from_value("console", saved)?;
+        if saved.pending_input.len() > INPUT_CHUNK {
+            return Err(StateError::Invalid(format!(
+                "console: {} bytes of pending input, more than the {INPUT_CHUNK} it can hold",
+                saved.pending_input.len()
+            )));
+        }
+        self.pending_input = saved.pending_input;
+        Ok(())
+    }
+}
+
+/// The console's own saved state.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ConsoleState {
+    /// Host input read but not yet in a guest buffer.
+    pending_input: Vec<u8>,
 }
 
 /// The receive side: host input waiting for the guest's buffers.

@@ -15,6 +15,7 @@ pub mod fuzzing;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod state;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -120,6 +121,18 @@ impl Interrupt {
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
     }
+
+    /// Restores a saved InterruptStatus, raising the line again if a bit is pending (a
+    /// level the driver had not acknowledged when the state was saved).
+    pub fn restore(&self, status: u32) {
+        let status = status & (INT_USED_RING | INT_CONFIG);
+        self.status.store(status, Ordering::SeqCst);
+        if status != 0 {
+            if let Err(e) = self.irq.write(1) {
+                tracing::warn!(error = %e, "cannot raise a virtio interrupt");
+            }
+        }
+    }
 }
 
 /// Why a device could not be activated.
@@ -185,6 +198,15 @@ pub trait VirtioDevice: Send {
     /// Stops serving the queues (device reset by the driver) and returns to the
     /// pre-activation state.
     fn reset(&mut self);
+    /// Stops serving for a snapshot, once every request the device started is completed,
+    /// and returns the live positions of the queues it served and its own state (see
+    /// [`state`]). Until the next [`VirtioDevice::activate`] the device touches neither
+    /// guest memory nor its backend; whatever it read from the backend and could not
+    /// deliver yet is kept, saved, and delivered after activation.
+    fn pause(&mut self) -> Result<state::DeviceState, state::StateError>;
+    /// Takes back the device's own state saved by [`VirtioDevice::pause`], on a new device
+    /// built from the same configuration, before it is activated.
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), state::StateError>;
 }
 
 /// A queue the driver left in a state the device cannot serve.

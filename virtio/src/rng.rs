@@ -7,7 +7,8 @@ use tracing::warn;
 use virtio_queue::Queue;
 use vm_memory::Bytes;
 
-use crate::worker::{QueueHandler, Worker};
+use crate::state::{DeviceState, QueueSnapshot, StateError};
+use crate::worker::{stop_worker, QueueHandler, Worker};
 use crate::{
     device_type, features, serve_queue, ActivateContext, ActivateError, GuestMemory, Interrupt,
     QueueError, VirtioDevice,
@@ -32,7 +33,7 @@ pub struct RngCounters {
 /// The entropy device.
 pub struct Rng {
     counters: Arc<RngCounters>,
-    worker: Option<Worker>,
+    worker: Option<Worker<RngHandler>>,
 }
 
 impl Rng {
@@ -85,9 +86,19 @@ impl VirtioDevice for Rng {
         Ok(())
     }
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        let _ = stop_worker(&mut self.worker, "rng");
+    }
+    fn pause(&mut self) -> Result<DeviceState, StateError> {
+        let Some(h) = stop_worker(&mut self.worker, "rng")? else {
+            return Ok(DeviceState::default());
+        };
+        Ok(DeviceState {
+            queues: vec![(0, QueueSnapshot::of(&h.queue))],
+            device: serde_json::Value::Null,
+        })
+    }
+    fn restore(&mut self, _state: &serde_json::Value) -> Result<(), StateError> {
+        Ok(()) // nothing of its own: every request completes when it is served
     }
 }
 

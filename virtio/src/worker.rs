@@ -23,32 +23,30 @@ pub trait QueueHandler: Send + 'static {
 const HOST_TOKEN_BASE: u64 = 1 << 32;
 
 /// A running worker thread; stopping it (or dropping it) waits for the thread to end.
-pub struct Worker {
+/// [`Worker::stop`] hands the handler back, with the queues and backend state it holds,
+/// so that a paused device can be saved and served again.
+pub struct Worker<H> {
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<H>>,
 }
 
 const STOP_TOKEN: u64 = u64::MAX;
 
-impl Worker {
+impl<H: QueueHandler> Worker<H> {
     /// Starts a thread named `name` serving `queue_evts` (queue `i` is `queue_evts[i]`).
-    pub fn spawn<H: QueueHandler>(
-        name: String,
-        queue_evts: Vec<EventFd>,
-        handler: H,
-    ) -> io::Result<Worker> {
+    pub fn spawn(name: String, queue_evts: Vec<EventFd>, handler: H) -> io::Result<Worker<H>> {
         Self::spawn_with_fds(name, queue_evts, &[], handler)
     }
 
     /// Like [`Worker::spawn`], and also wakes the handler (edge-triggered, read and write
     /// readiness) when one of `host_fds` becomes ready; `host_fds[i]` is reported as
     /// `host_event(i)`. The fds must stay open as long as the worker runs.
-    pub fn spawn_with_fds<H: QueueHandler>(
+    pub fn spawn_with_fds(
         name: String,
         queue_evts: Vec<EventFd>,
         host_fds: &[std::os::unix::io::RawFd],
         mut handler: H,
-    ) -> io::Result<Worker> {
+    ) -> io::Result<Worker<H>> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -85,7 +83,7 @@ impl Worker {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         warn!(device = %name, error = %e, "device worker: epoll failed; stopping");
-                        return;
+                        return handler;
                     }
                 };
                 for ev in &events[..n] {
@@ -93,7 +91,7 @@ impl Worker {
                     if token == STOP_TOKEN {
                         let _ = stop_evt.read();
                         debug!(device = %name, "device worker stopped");
-                        return;
+                        return handler;
                     }
                     if token >= HOST_TOKEN_BASE {
                         handler.host_event((token - HOST_TOKEN_BASE) as usize);
@@ -113,22 +111,42 @@ impl Worker {
         })
     }
 
-    /// Stops the thread and waits for it.
-    pub fn stop(mut self) {
-        self.shutdown();
+    /// Stops the thread, waits for it, and returns its handler (`None` if it panicked).
+    pub fn stop(mut self) -> Option<H> {
+        self.shutdown()
     }
+}
 
-    fn shutdown(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            let _ = self.stop.write(1);
-            if thread.join().is_err() {
+/// Stops the worker in `slot`, if one runs, and returns its handler. An error means
+/// the thread panicked and the device's live state is lost.
+pub fn stop_worker<H: QueueHandler>(
+    slot: &mut Option<Worker<H>>,
+    device: &str,
+) -> Result<Option<H>, crate::state::StateError> {
+    match slot.take() {
+        None => Ok(None),
+        Some(w) => w
+            .stop()
+            .map(Some)
+            .ok_or_else(|| crate::state::StateError::WorkerLost(device.to_string())),
+    }
+}
+
+impl<H> Worker<H> {
+    fn shutdown(&mut self) -> Option<H> {
+        let thread = self.thread.take()?;
+        let _ = self.stop.write(1);
+        match thread.join() {
+            Ok(handler) => Some(handler),
+            Err(_) => {
                 warn!("device worker thread panicked");
+                None
             }
         }
     }
 }
 
-impl Drop for Worker {
+impl<H> Drop for Worker<H> {
     fn drop(&mut self) {
         self.shutdown();
     }
@@ -163,7 +181,8 @@ mod tests {
             rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap(),
             1
         );
-        worker.stop();
-        assert!(rx.recv().is_err(), "the handler is dropped with the thread");
+        let handler = worker.stop().expect("the handler comes back");
+        drop(handler);
+        assert!(rx.recv().is_err(), "the handler is dropped");
     }
 }

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use tracing::{debug, warn};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 
-use crate::worker::{QueueHandler, Worker};
+use crate::state::{self, DeviceState, QueueSnapshot, StateError};
+use crate::worker::{stop_worker, QueueHandler, Worker};
 use crate::{
     device_type, features, pending_buffers, serve_queue, ActivateContext, ActivateError,
     GuestMemory, Interrupt, QueueError, VirtioDevice,
@@ -73,7 +74,9 @@ pub struct Net {
     tap: Arc<Tap>,
     config: [u8; 10],
     counters: Arc<NetCounters>,
-    worker: Option<Worker>,
+    worker: Option<Worker<NetHandler>>,
+    /// A frame read from the TAP but not delivered when the device was paused.
+    pending_frame: Option<Vec<u8>>,
 }
 
 impl Net {
@@ -89,6 +92,7 @@ impl Net {
             config,
             counters: Arc::default(),
             worker: None,
+            pending_frame: None,
         }
     }
 
@@ -145,6 +149,11 @@ impl VirtioDevice for Net {
             }
         }
         self.tap.set_offload(offload)?;
+        let mut frame = vec![0u8; MAX_FRAME];
+        let frame_len = self.pending_frame.take().map(|f| {
+            frame[..f.len()].copy_from_slice(&f);
+            f.len()
+        });
         let handler = NetHandler {
             mem: ctx.mem,
             rx,
@@ -152,8 +161,8 @@ impl VirtioDevice for Net {
             interrupt: ctx.interrupt,
             tap: self.tap.clone(),
             counters: self.counters.clone(),
-            frame: vec![0u8; MAX_FRAME],
-            frame_len: None,
+            frame,
+            frame_len,
             broken: false,
             name: self.name.clone(),
         };
@@ -168,10 +177,57 @@ impl VirtioDevice for Net {
         Ok(())
     }
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        let _ = stop_worker(&mut self.worker, &self.name);
+        self.pending_frame = None;
     }
+    fn pause(&mut self) -> Result<DeviceState, StateError> {
+        let mut queues = Vec::new();
+        if let Some(h) = stop_worker(&mut self.worker, &self.name)? {
+            queues.push((RX, QueueSnapshot::of(&h.rx)));
+            queues.push((TX, QueueSnapshot::of(&h.tx)));
+            self.pending_frame = h.frame_len.map(|n| h.frame[..n].to_vec());
+        }
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&self.config[..6]);
+        Ok(DeviceState {
+            queues,
+            device: state::to_value(&NetState {
+                mac,
+                pending_frame: self.pending_frame.clone(),
+            }),
+        })
+    }
+    fn restore(&mut self, saved: &serde_json::Value) -> Result<(), StateError> {
+        let saved: NetState = state::from_value(&self.name, saved)?;
+        if saved.mac != self.config[..6] {
+            return Err(StateError::Mismatch(format!(
+                "{}: saved with MAC {:02x?}, configured with {:02x?}",
+                self.name,
+                saved.mac,
+                &self.config[..6]
+            )));
+        }
+        if let Some(f) = &saved.pending_frame {
+            if !(VNET_HDR_LEN..=MAX_FRAME).contains(&f.len()) {
+                return Err(StateError::Invalid(format!(
+                    "{}: a pending frame of {} bytes",
+                    self.name,
+                    f.len()
+                )));
+            }
+        }
+        self.pending_frame = saved.pending_frame;
+        Ok(())
+    }
+}
+
+/// A card's own saved state.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NetState {
+    /// Must match the configuration it is restored into.
+    mac: [u8; 6],
+    /// A received frame (with its virtio-net header) not yet delivered to the guest.
+    pending_frame: Option<Vec<u8>>,
 }
 
 struct NetHandler {
