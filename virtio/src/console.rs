@@ -73,7 +73,21 @@ impl Console {
     }
 }
 
+impl crate::CounterSet for ConsoleCounters {
+    fn sample(&self) -> Vec<(&'static str, u64)> {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("tx_bytes", load(&self.tx_bytes)),
+            ("tx_lost", load(&self.tx_lost)),
+            ("rx_bytes", load(&self.rx_bytes)),
+        ]
+    }
+}
+
 impl VirtioDevice for Console {
+    fn metrics(&self) -> Arc<dyn crate::CounterSet> {
+        self.counters.clone()
+    }
     fn device_type(&self) -> u32 {
         device_type::CONSOLE
     }
@@ -328,7 +342,7 @@ impl ConsoleHandler {
         if let Err(e) = r {
             warn!(error = %e, "virtio-console queue is broken; the device needs a reset");
             self.broken = true;
-            self.interrupt.signal_config();
+            self.interrupt.signal_needs_reset();
         }
     }
 }

@@ -79,6 +79,11 @@ const INT_CONFIG: u32 = 2;
 pub struct Interrupt {
     status: AtomicU32,
     irq: EventFd,
+    /// Set by a device that found its queues unusable (the transport then reports
+    /// DEVICE_NEEDS_RESET in its status register until the driver resets it).
+    needs_reset: std::sync::atomic::AtomicBool,
+    /// How often that happened since the VM started.
+    needs_reset_events: std::sync::atomic::AtomicU64,
 }
 
 impl Interrupt {
@@ -87,6 +92,8 @@ impl Interrupt {
         Self {
             status: AtomicU32::new(0),
             irq,
+            needs_reset: Default::default(),
+            needs_reset_events: Default::default(),
         }
     }
 
@@ -117,9 +124,28 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// The device cannot go on (a corrupt queue): DEVICE_NEEDS_RESET, and a configuration
+    /// interrupt so that the driver looks (virtio 1.2, 2.1.2).
+    pub fn signal_needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.needs_reset_events.fetch_add(1, Ordering::Relaxed);
+        self.signal_config();
+    }
+
+    /// Whether the device asked for a reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// How many times a device asked for a reset since the VM started.
+    pub fn needs_reset_events(&self) -> u64 {
+        self.needs_reset_events.load(Ordering::Relaxed)
+    }
+
     /// Clears everything (device reset).
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
     }
 
     /// Restores a saved InterruptStatus, raising the line again if a bit is pending (a
@@ -179,8 +205,16 @@ impl ActivateContext {
     }
 }
 
+/// A device's counters, for the metrics: name and value pairs read at one moment.
+pub trait CounterSet: Send + Sync {
+    /// Every counter's current value.
+    fn sample(&self) -> Vec<(&'static str, u64)>;
+}
+
 /// A virtio device model.
 pub trait VirtioDevice: Send {
+    /// Its counters (live: the handle keeps reading the device's atomics).
+    fn metrics(&self) -> Arc<dyn CounterSet>;
     /// Its virtio device type ([`device_type`]).
     fn device_type(&self) -> u32;
     /// A short name for logs (e.g. "rng", "blk0").

@@ -95,6 +95,12 @@ impl MmioTransport {
         self.device.device_type()
     }
 
+    /// Live handles on the device's counters and on its interrupt (whose reset requests
+    /// are counted too).
+    pub fn metrics(&self) -> (Arc<dyn crate::CounterSet>, Arc<Interrupt>) {
+        (self.device.metrics(), self.interrupt.clone())
+    }
+
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_sel as usize)
     }
@@ -239,7 +245,13 @@ impl MmioTransport {
             0x34 => q.map_or(0, |q| u32::from(q.max_size())),
             0x44 => q.map_or(0, |q| u32::from(q.ready())),
             0x60 => self.interrupt.status(),
-            0x70 => self.status,
+            0x70 => {
+                if self.interrupt.needs_reset() {
+                    self.status | status::DEVICE_NEEDS_RESET
+                } else {
+                    self.status
+                }
+            }
             0xfc => self.config_generation,
             _ => 0,
         }
@@ -483,6 +495,15 @@ mod tests {
     }
 
     impl VirtioDevice for Dummy {
+        fn metrics(&self) -> Arc<dyn crate::CounterSet> {
+            struct None;
+            impl crate::CounterSet for None {
+                fn sample(&self) -> Vec<(&'static str, u64)> {
+                    Vec::new()
+                }
+            }
+            Arc::new(None)
+        }
         fn device_type(&self) -> u32 {
             crate::device_type::RNG
         }

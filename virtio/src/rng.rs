@@ -57,7 +57,21 @@ impl Default for Rng {
     }
 }
 
+impl crate::CounterSet for RngCounters {
+    fn sample(&self) -> Vec<(&'static str, u64)> {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("requests", load(&self.requests)),
+            ("bytes", load(&self.bytes)),
+            ("invalid", load(&self.invalid)),
+        ]
+    }
+}
+
 impl VirtioDevice for Rng {
+    fn metrics(&self) -> Arc<dyn crate::CounterSet> {
+        self.counters.clone()
+    }
     fn device_type(&self) -> u32 {
         device_type::RNG
     }
@@ -180,7 +194,7 @@ impl QueueHandler for RngHandler {
             warn!(error = ?e, "virtio-rng queue is broken; the device needs a reset");
             self.counters.invalid.fetch_add(1, Ordering::Relaxed);
             self.broken = true;
-            self.interrupt.signal_config();
+            self.interrupt.signal_needs_reset();
         }
     }
 }

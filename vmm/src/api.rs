@@ -313,7 +313,7 @@ mod tests {
             version: "test",
             metrics: crate::metrics::VmMetrics {
                 vcpus: vec![Default::default(), Default::default()],
-                serial: Default::default(),
+                ..Default::default()
             },
         }
     }

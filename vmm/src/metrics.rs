@@ -16,6 +16,10 @@ pub struct VmMetrics {
     pub vcpus: Vec<Arc<VcpuCounters>>,
     /// COM1.
     pub serial: Arc<SerialCounters>,
+    /// Every virtio device, in attach order.
+    pub devices: Vec<crate::virtio::DeviceMetrics>,
+    /// The host ends of the serial port and the console (pty or socket drops).
+    pub endpoints: Vec<(&'static str, Arc<crate::chardev::ChardevCounters>)>,
 }
 
 /// One vCPU's counters at one moment.
@@ -44,6 +48,31 @@ pub struct SerialSample {
     pub rx_bytes: u64,
 }
 
+/// One virtio device's counters at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceSample {
+    /// Its name (blk0, net0, console, rng).
+    pub name: String,
+    /// Its kind (block, net, console, rng, vsock).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// How often it found a queue unusable and asked the driver for a reset.
+    pub needs_reset_events: u64,
+    /// Its own counters, by name (see docs/devices.md).
+    pub counters: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// A serial or console endpoint's counters at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointSample {
+    /// serial or console.
+    pub device: &'static str,
+    /// Output bytes nobody read (pty, socket).
+    pub dropped_bytes: u64,
+    /// Socket clients accepted.
+    pub connections: u64,
+}
+
 /// All counters at one moment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MetricsSample {
@@ -51,6 +80,10 @@ pub struct MetricsSample {
     pub vcpus: Vec<VcpuSample>,
     /// COM1.
     pub serial: SerialSample,
+    /// Per virtio device.
+    pub devices: Vec<DeviceSample>,
+    /// Per character device endpoint.
+    pub endpoints: Vec<EndpointSample>,
 }
 
 impl VmMetrics {
@@ -75,6 +108,25 @@ impl VmMetrics {
                 tx_lost_bytes: load(&self.serial.tx_lost),
                 rx_bytes: load(&self.serial.rx_reads),
             },
+            devices: self
+                .devices
+                .iter()
+                .map(|d| DeviceSample {
+                    name: d.name.clone(),
+                    kind: d.kind,
+                    needs_reset_events: d.interrupt.needs_reset_events(),
+                    counters: d.counters.sample().into_iter().collect(),
+                })
+                .collect(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|(device, c)| EndpointSample {
+                    device,
+                    dropped_bytes: load(&c.dropped),
+                    connections: load(&c.connections),
+                })
+                .collect(),
         }
     }
 }
@@ -85,10 +137,24 @@ mod tests {
 
     #[test]
     fn samples_read_the_live_counters() {
+        use quantix_virtio::VirtioDevice;
+        let rng = quantix_virtio::rng::Rng::new();
+        let interrupt = Arc::new(quantix_virtio::Interrupt::new(
+            vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
+        ));
         let m = VmMetrics {
             vcpus: vec![Arc::default(), Arc::default()],
             serial: Arc::default(),
+            devices: vec![crate::virtio::DeviceMetrics {
+                name: "rng".into(),
+                kind: "rng",
+                counters: rng.metrics(),
+                interrupt: interrupt.clone(),
+            }],
+            endpoints: vec![("serial", Arc::default())],
         };
+        rng.counters().bytes.fetch_add(64, Ordering::Relaxed);
+        interrupt.signal_needs_reset();
         m.vcpus[1].exits.fetch_add(3, Ordering::Relaxed);
         m.vcpus[1].io.fetch_add(2, Ordering::Relaxed);
         m.serial.tx_bytes.fetch_add(7, Ordering::Relaxed);
@@ -100,5 +166,10 @@ mod tests {
         );
         assert_eq!(s.vcpus[0].exits, 0);
         assert_eq!(s.serial.tx_bytes, 7);
+        assert_eq!(s.devices[0].counters["bytes"], 64);
+        assert_eq!(s.devices[0].needs_reset_events, 1);
+        assert_eq!(s.endpoints[0].dropped_bytes, 0);
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["devices"][0]["type"], "rng");
     }
 }

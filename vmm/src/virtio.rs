@@ -14,13 +14,14 @@ use crate::acpi::VirtioMmioDesc;
 use crate::layout::{VIRTIO_GSI_END, VIRTIO_GSI_START, VIRTIO_MMIO_START, VIRTIO_MMIO_STRIDE};
 use crate::vm::VmError;
 
-/// Attaches `devices` in order; returns what the DSDT must describe.
+/// Attaches `devices` in order; returns what the DSDT must describe, and live handles on
+/// each device's counters for the metrics.
 pub fn attach(
     vm: &VmFd,
     mem: &Arc<GuestMemory>,
     mmio: &mut Bus,
     devices: Vec<Box<dyn VirtioDevice>>,
-) -> Result<Vec<VirtioMmioDesc>, VmError> {
+) -> Result<(Vec<VirtioMmioDesc>, Vec<DeviceMetrics>), VmError> {
     let available = (VIRTIO_GSI_END - VIRTIO_GSI_START + 1) as usize;
     if devices.len() > available {
         return Err(VmError::TooManyDevices {
@@ -29,6 +30,7 @@ pub fn attach(
         });
     }
     let mut descs = Vec::with_capacity(devices.len());
+    let mut metrics = Vec::with_capacity(devices.len());
     for (i, device) in devices.into_iter().enumerate() {
         let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_STRIDE;
         let gsi = VIRTIO_GSI_START + i as u32;
@@ -51,9 +53,50 @@ pub fn attach(
                     source,
                 })?;
         }
+        let (counters, interrupt) = transport.metrics();
+        metrics.push(DeviceMetrics {
+            name: name.clone(),
+            kind: type_name(transport.device_type()),
+            counters,
+            interrupt,
+        });
         mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_STRIDE)?;
         tracing::info!(device = %name, base = format_args!("{base:#x}"), gsi, "virtio-mmio device attached");
         descs.push(VirtioMmioDesc { base, gsi });
     }
-    Ok(descs)
+    Ok((descs, metrics))
+}
+
+/// Live handles on one virtio device's counters.
+#[derive(Clone)]
+pub struct DeviceMetrics {
+    /// Its name (blk0, net0, console, rng...).
+    pub name: String,
+    /// Its kind.
+    pub kind: &'static str,
+    /// Its own counters.
+    pub counters: Arc<dyn quantix_virtio::CounterSet>,
+    /// Its interrupt, which counts reset requests.
+    pub interrupt: Arc<quantix_virtio::Interrupt>,
+}
+
+impl std::fmt::Debug for DeviceMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceMetrics")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+fn type_name(device_type: u32) -> &'static str {
+    use quantix_virtio::device_type as t;
+    match device_type {
+        t::BLOCK => "block",
+        t::NET => "net",
+        t::CONSOLE => "console",
+        t::RNG => "rng",
+        t::VSOCK => "vsock",
+        _ => "other",
+    }
 }

@@ -148,6 +148,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialDevice>>,
     serial_input: Option<OwnedFd>,
     chardevs: Vec<ChardevHandle>,
+    device_metrics: Vec<crate::virtio::DeviceMetrics>,
     /// What was booted.
     pub boot: BootInfo,
     config: VmConfig,
@@ -295,7 +296,8 @@ impl Vm {
         if config.rng {
             virtio_devices.push(Box::new(quantix_virtio::rng::Rng::new()));
         }
-        let virtio_mmio = crate::virtio::attach(&fd, &mem, &mut mmio, virtio_devices)?;
+        let (virtio_mmio, device_metrics) =
+            crate::virtio::attach(&fd, &mem, &mut mmio, virtio_devices)?;
         let mmio = Arc::new(mmio);
 
         // The boot payload and the tables that describe the machine.
@@ -381,6 +383,7 @@ impl Vm {
             serial,
             serial_input,
             chardevs,
+            device_metrics,
             boot,
             config: config.clone(),
         })
@@ -396,6 +399,13 @@ impl Vm {
         crate::metrics::VmMetrics {
             vcpus: self.vcpus.iter().map(Vcpu::counters).collect(),
             serial: self.serial.lock().map(|s| s.counters()).unwrap_or_default(),
+            devices: self.device_metrics.clone(),
+            endpoints: self
+                .chardevs
+                .iter()
+                .zip(["serial", "console"])
+                .map(|(c, role)| (role, c.counters.clone()))
+                .collect(),
         }
     }
 

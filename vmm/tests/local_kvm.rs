@@ -151,7 +151,13 @@ fn sigterm_and_sigint_stop_every_vcpu_in_order() {
 fn control_socket_reports_state_and_shuts_down() {
     let dir = scratch("api");
     let sock = dir.join("api.sock");
-    let (mut child, _d) = spinning_vmm("2", &["--api-socket", sock.to_str().unwrap()]);
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let disk = format!("path={},id=data", image.display());
+    let (mut child, _d) = spinning_vmm(
+        "2",
+        &["--api-socket", sock.to_str().unwrap(), "--disk", &disk],
+    );
     await_output(&mut child, "hello from long mode");
     let stream = UnixStream::connect(&sock).expect("control socket is listening");
     let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -186,6 +192,15 @@ fn control_socket_reports_state_and_shuts_down() {
         metrics["vcpus"][0]["io_exits"].as_u64().unwrap() >= 21,
         "{metrics}"
     );
+    // Every virtio device with its counters (the guest drives none of them here).
+    let devices = metrics["devices"].as_array().unwrap();
+    let kinds: Vec<(&str, &str)> = devices
+        .iter()
+        .map(|d| (d["name"].as_str().unwrap(), d["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(kinds, [("data", "block"), ("rng", "rng")], "{metrics}");
+    assert_eq!(devices[0]["counters"]["reads"], 0, "{metrics}");
+    assert_eq!(devices[0]["needs_reset_events"], 0, "{metrics}");
     let bad = ask(r#"{"op":"reboot-the-planet"}"#);
     assert_eq!(bad["ok"], false);
     let stop = ask(r#"{"op":"shutdown"}"#);

@@ -241,7 +241,25 @@ fn config_space(capacity: u64) -> Vec<u8> {
     c
 }
 
+impl crate::CounterSet for BlockCounters {
+    fn sample(&self) -> Vec<(&'static str, u64)> {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("reads", load(&self.reads)),
+            ("writes", load(&self.writes)),
+            ("flushes", load(&self.flushes)),
+            ("read_bytes", load(&self.read_bytes)),
+            ("write_bytes", load(&self.write_bytes)),
+            ("io_errors", load(&self.io_errors)),
+            ("invalid", load(&self.invalid)),
+        ]
+    }
+}
+
 impl VirtioDevice for Block {
+    fn metrics(&self) -> Arc<dyn crate::CounterSet> {
+        self.counters.clone()
+    }
     fn device_type(&self) -> u32 {
         device_type::BLOCK
     }
@@ -486,7 +504,7 @@ impl BlockHandler {
             warn!(disk = %self.name, error = %e, "virtio-blk queue is broken; the device needs a reset");
             self.disk.counters.invalid.fetch_add(1, Ordering::Relaxed);
             self.broken = true;
-            self.interrupt.signal_config();
+            self.interrupt.signal_needs_reset();
         }
     }
 }

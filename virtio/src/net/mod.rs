@@ -22,7 +22,7 @@ use crate::{
     device_type, features, pending_buffers, serve_queue, ActivateContext, ActivateError,
     GuestMemory, Interrupt, QueueError, VirtioDevice,
 };
-pub use tap::{Tap, TapError, VNET_HDR_LEN};
+pub use tap::{FrameIo, Tap, TapError, VNET_HDR_LEN};
 
 /// Queue size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -107,7 +107,24 @@ impl Net {
     }
 }
 
+impl crate::CounterSet for NetCounters {
+    fn sample(&self) -> Vec<(&'static str, u64)> {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("rx_frames", load(&self.rx_frames)),
+            ("rx_bytes", load(&self.rx_bytes)),
+            ("rx_dropped", load(&self.rx_dropped)),
+            ("tx_frames", load(&self.tx_frames)),
+            ("tx_bytes", load(&self.tx_bytes)),
+            ("tx_dropped", load(&self.tx_dropped)),
+        ]
+    }
+}
+
 impl VirtioDevice for Net {
+    fn metrics(&self) -> Arc<dyn crate::CounterSet> {
+        self.counters.clone()
+    }
     fn device_type(&self) -> u32 {
         device_type::NET
     }
@@ -230,12 +247,12 @@ struct NetState {
     pending_frame: Option<Vec<u8>>,
 }
 
-struct NetHandler {
+pub(crate) struct NetHandler {
     mem: Arc<GuestMemory>,
     rx: Queue,
     tx: Queue,
     interrupt: Arc<Interrupt>,
-    tap: Arc<Tap>,
+    tap: Arc<dyn FrameIo>,
     counters: Arc<NetCounters>,
     /// A frame read from the TAP, waiting for a receive buffer.
     frame: Vec<u8>,
@@ -245,6 +262,35 @@ struct NetHandler {
 }
 
 impl NetHandler {
+    /// A handler on `io` (fuzz targets and tests; the device builds its own).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn for_fuzzing(
+        mem: Arc<GuestMemory>,
+        rx: Queue,
+        tx: Queue,
+        interrupt: Arc<Interrupt>,
+        io: Arc<dyn FrameIo>,
+    ) -> Self {
+        Self {
+            mem,
+            rx,
+            tx,
+            interrupt,
+            tap: io,
+            counters: Arc::default(),
+            frame: vec![0u8; MAX_FRAME],
+            frame_len: None,
+            broken: false,
+            name: "fuzz".into(),
+        }
+    }
+
+    /// Its counters.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn counters(&self) -> &NetCounters {
+        &self.counters
+    }
+
     /// Moves frames from the TAP to the guest until the TAP is empty or the guest has
     /// no buffers (then the frame waits and the RX queue's notification resumes us).
     fn receive(&mut self) -> Result<(), QueueError> {
@@ -335,7 +381,7 @@ impl NetHandler {
         if let Err(e) = result {
             warn!(device = %self.name, error = %e, "virtio-net queue is broken; the device needs a reset");
             self.broken = true;
-            self.interrupt.signal_config();
+            self.interrupt.signal_needs_reset();
         }
     }
 }

@@ -240,6 +240,23 @@ impl Tap {
     }
 }
 
+/// Where a card's frames come from and go to: a TAP, or (tests, fuzzing) memory.
+pub trait FrameIo: Send + Sync {
+    /// Reads one frame (with its virtio-net header); `WouldBlock` when none is queued.
+    fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes one frame (with its virtio-net header).
+    fn write_frame(&self, frame: &[u8]) -> io::Result<usize>;
+}
+
+impl FrameIo for Tap {
+    fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+        Tap::read_frame(self, buf)
+    }
+    fn write_frame(&self, frame: &[u8]) -> io::Result<usize> {
+        Tap::write_frame(self, frame)
+    }
+}
+
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
