@@ -15,6 +15,7 @@ pub mod fuzzing;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
