@@ -314,6 +314,7 @@ mod tests {
             metrics: crate::metrics::VmMetrics {
                 vcpus: vec![Default::default(), Default::default()],
                 serial: Default::default(),
+                vsock: None,
             },
         }
     }

@@ -98,6 +98,9 @@ pub enum VmError {
     /// A TAP device cannot be used.
     #[error(transparent)]
     Tap(#[from] quantix_virtio::net::TapError),
+    /// The vsock device cannot be set up.
+    #[error(transparent)]
+    Vsock(#[from] quantix_virtio::vsock::VsockError),
     /// More virtio devices than interrupt lines.
     #[error("{count} virtio devices asked for; at most {max} fit")]
     TooManyDevices {
@@ -156,6 +159,7 @@ pub struct Vm {
     /// What was booted.
     pub boot: BootInfo,
     config: VmConfig,
+    vsock_counters: Option<Arc<quantix_virtio::vsock::VsockCounters>>,
 }
 
 /// A running VM.
@@ -302,6 +306,13 @@ impl Vm {
         if config.rng {
             virtio_devices.push(Box::new(quantix_virtio::rng::Rng::new()));
         }
+        let mut vsock_counters = None;
+        if let Some(v) = &config.vsock {
+            let dev = quantix_virtio::vsock::Vsock::new(v.cid, &v.socket)?;
+            info!(cid = v.cid, socket = %v.socket.display(), "vsock attached");
+            vsock_counters = Some(dev.counters());
+            virtio_devices.push(Box::new(dev));
+        }
         let virtio_mmio = crate::virtio::attach(&fd, &mem, &mut mmio, virtio_devices)?;
         let mmio = Arc::new(mmio);
 
@@ -388,6 +399,7 @@ impl Vm {
             serial,
             boot,
             config: config.clone(),
+            vsock_counters,
         })
     }
 
@@ -401,6 +413,7 @@ impl Vm {
         crate::metrics::VmMetrics {
             vcpus: self.vcpus.iter().map(Vcpu::counters).collect(),
             serial: self.serial.lock().map(|s| s.counters()).unwrap_or_default(),
+            vsock: self.vsock_counters.clone(),
         }
     }
 

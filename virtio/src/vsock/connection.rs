@@ -55,7 +55,9 @@ pub struct Owed {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum ProtocolError {
     /// More data than our advertised buffer.
-    #[error("credit violation: {pending} bytes pending plus {len} new exceed buf_alloc {buf_alloc}")]
+    #[error(
+        "credit violation: {pending} bytes pending plus {len} new exceed buf_alloc {buf_alloc}"
+    )]
     Credit {
         /// Bytes not yet forwarded to the host.
         pending: usize,
@@ -454,7 +456,10 @@ mod tests {
     fn host_initiated_connection_sends_request_then_ok_line_on_response() {
         let mut c = Connection::host_initiated(CID, 1 << 30, 52);
         let mut buf = [0u8; 16];
-        assert_eq!(c.next_packet(&mut buf, nothing).unwrap().hdr.op, op::REQUEST);
+        assert_eq!(
+            c.next_packet(&mut buf, nothing).unwrap().hdr.op,
+            op::REQUEST
+        );
         // Data before the guest accepted is a protocol error.
         let mut early = c.clone();
         assert!(early
@@ -489,9 +494,13 @@ mod tests {
         assert_eq!(c.peer_free(), 0);
         assert!(!c.wants_host_read(), "no credit, no read");
         // Out of credit with data left: one CREDIT_REQUEST.
-        let p = c.next_packet(&mut buf, |_| panic!("must not read")).unwrap();
+        let p = c
+            .next_packet(&mut buf, |_| panic!("must not read"))
+            .unwrap();
         assert_eq!(p.hdr.op, op::CREDIT_REQUEST);
-        assert!(c.next_packet(&mut buf, |_| panic!("must not read")).is_none());
+        assert!(c
+            .next_packet(&mut buf, |_| panic!("must not read"))
+            .is_none());
         // The guest consumed 1000 bytes.
         c.on_guest_packet(&from_guest(op::CREDIT_UPDATE, 0, 4096, 1000), &[])
             .unwrap();
@@ -557,7 +566,10 @@ mod tests {
             .unwrap();
         let mut buf = [0u8; 16];
         let p = c.next_packet(&mut buf, nothing).unwrap();
-        assert_eq!((p.hdr.op, p.hdr.buf_alloc), (op::CREDIT_UPDATE, CONN_BUF_SIZE));
+        assert_eq!(
+            (p.hdr.op, p.hdr.buf_alloc),
+            (op::CREDIT_UPDATE, CONN_BUF_SIZE)
+        );
     }
 
     #[test]

@@ -348,7 +348,9 @@ impl VsockHandler {
                 Ok(w) if w.available_bytes() >= HDR_LEN => w,
                 _ => {
                     // Unusable buffer: give it back empty, keep the packet for the next.
-                    self.counters.invalid_packets.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .invalid_packets
+                        .fetch_add(1, Ordering::Relaxed);
                     self.rx.add_used(mem, head, 0)?;
                     used += 1;
                     continue;

@@ -206,7 +206,11 @@ impl Muxer {
                 return;
             }
             Ok(Effect::Established) => {
-                debug!(local = key.0, peer = key.1, "guest accepted a host connection");
+                debug!(
+                    local = key.0,
+                    peer = key.1,
+                    "guest accepted a host connection"
+                );
             }
             Ok(Effect::None) => {}
             Err(err) => {
@@ -221,7 +225,9 @@ impl Muxer {
             }
         }
         if hdr.op == op::RW {
-            self.counters.tx_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.counters
+                .tx_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
         }
         self.flush_to_host(key);
         self.update(key);

@@ -192,7 +192,9 @@ impl Guest {
     fn send(&mut self, hdr: Header, data: &[u8]) {
         let addr = TX_BUFS + (self.tx_slot % 64) * TX_SLOT;
         self.tx_slot += 1;
-        self.mem.write_slice(&hdr.to_bytes(), GuestAddress(addr)).unwrap();
+        self.mem
+            .write_slice(&hdr.to_bytes(), GuestAddress(addr))
+            .unwrap();
         self.mem
             .write_slice(data, GuestAddress(addr + HDR_LEN as u64))
             .unwrap();
@@ -282,7 +284,13 @@ fn guest_connects_to_a_host_socket_and_bytes_flow_both_ways() {
     g.send(hdr(op::REQUEST, 1234, 52, 0), &[]);
     let (resp, _) = g.expect_one();
     assert_eq!(
-        (resp.op, resp.src_port, resp.dst_port, resp.dst_cid, resp.src_cid),
+        (
+            resp.op,
+            resp.src_port,
+            resp.dst_port,
+            resp.dst_cid,
+            resp.src_cid
+        ),
         (op::RESPONSE, 52, 1234, CID, HOST_CID)
     );
     assert_eq!(resp.buf_alloc, CONN_BUF_SIZE);
@@ -388,10 +396,7 @@ fn host_connects_with_a_connect_line_and_gets_ok_with_its_port() {
     assert_eq!(&line, format!("OK {FIRST_LOCAL_PORT}\n").as_bytes());
     let (data, bytes) = g.expect_one();
     assert_eq!((data.op, bytes.as_slice()), (op::RW, &b"early bytes"[..]));
-    g.send(
-        hdr(op::RW, 52, FIRST_LOCAL_PORT, 5),
-        b"hello",
-    );
+    g.send(hdr(op::RW, 52, FIRST_LOCAL_PORT, 5), b"hello");
     let mut five = [0u8; 5];
     host.read_exact(&mut five).unwrap();
     assert_eq!(&five, b"hello");
@@ -582,7 +587,10 @@ fn config_space_holds_the_cid_and_paths_are_checked() {
     drop(v);
     // Not a socket: refused; missing directory; long path; reserved CIDs.
     std::fs::write(&path, b"x").unwrap();
-    assert!(matches!(check_config(3, &path), Err(VsockError::NotASocket(_))));
+    assert!(matches!(
+        check_config(3, &path),
+        Err(VsockError::NotASocket(_))
+    ));
     assert!(matches!(
         check_config(3, &dir.join("nope/v.sock")),
         Err(VsockError::NoParent(_))
