@@ -139,7 +139,7 @@ fn vsock_run(data: &[u8]) -> Option<Arc<crate::vsock::VsockCounters>> {
         tx: s.queue,
         interrupt: Arc::new(s.interrupt),
         muxer,
-        counters,
+        counters: counters.clone(),
         buf: vec![0u8; crate::vsock::packet::MAX_PKT_DATA],
         guest_cid: 3,
         broken: false,

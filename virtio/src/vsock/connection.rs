@@ -205,6 +205,11 @@ impl Connection {
         self.peer_buf_alloc = hdr.buf_alloc;
         self.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
         let unexpected = |state| ProtocolError::UnexpectedOp { op: hdr.op, state };
+        if self.state == State::Closed && hdr.op != op::RST {
+            // We reset or finished the connection and our RST is on its way; the guest
+            // may still be reading what it got and returning credit. Nothing to do.
+            return Ok(Effect::None);
+        }
         match hdr.op {
             op::RST => {
                 self.state = State::Closed;
@@ -655,10 +660,17 @@ mod tests {
                 Err(ProtocolError::UnexpectedOp { .. })
             ));
         }
+        // Once reset, the guest's late packets (credit updates while it reads what it
+        // got, data it sent before seeing our RST) are ignored until the RST is out.
         let mut closed = established();
         closed.reset();
-        assert!(closed
-            .on_guest_packet(&from_guest(op::RW, 1, 4096, 0), b"x")
-            .is_err());
+        for o in [op::RW, op::CREDIT_UPDATE, op::SHUTDOWN, op::REQUEST] {
+            assert_eq!(
+                closed.on_guest_packet(&from_guest(o, 1, 4096, 0), b"x"),
+                Ok(Effect::None)
+            );
+        }
+        assert!(closed.to_host.is_empty(), "no data accepted");
+        assert!(closed.owed.rst);
     }
 }

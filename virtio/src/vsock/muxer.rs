@@ -214,7 +214,8 @@ impl Muxer {
             }
             Ok(Effect::None) => {}
             Err(err) => {
-                warn!(local = key.0, peer = key.1, error = %err, "vsock protocol error; resetting");
+                // Debug, not warn: a guest could flood the log; the counters tell.
+                debug!(local = key.0, peer = key.1, error = %err, "vsock protocol error; resetting");
                 if matches!(err, super::connection::ProtocolError::Credit { .. }) {
                     self.count(&self.counters.credit_violations);
                 } else {

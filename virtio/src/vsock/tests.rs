@@ -528,6 +528,39 @@ fn hostile_packets_are_counted_and_answered_with_rst_where_due() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Seen with Linux in the sandbox: after we reset a connection, and before our RST
+/// reaches the guest, it still returns credit for what it reads. Such packets are
+/// ignored, not counted as invalid nor answered, and exactly one RST goes out.
+#[test]
+fn late_guest_packets_on_a_reset_connection_are_ignored() {
+    let dir = temp_dir();
+    let host = UnixListener::bind(dir.join("v.sock_52")).unwrap();
+    let mut g = Guest::new(&dir.join("v.sock"), None);
+    g.post_rx(1);
+    g.send(hdr(op::REQUEST, 9, 52, 0), &[]);
+    assert_eq!(g.received()[0].0.op, op::RESPONSE);
+    // The host process goes away; the guest's next bytes cannot be written: reset.
+    drop(host.accept().unwrap());
+    g.send(hdr(op::RW, 9, 52, 3), b"abc");
+    assert_eq!(g.h.muxer.connections().count(), 1, "RST owed, no rx buffer");
+    for o in [op::CREDIT_UPDATE, op::RW, op::SHUTDOWN] {
+        let len = if o == op::RW { 3 } else { 0 };
+        g.send(hdr(o, 9, 52, len), &b"abc"[..len as usize]);
+    }
+    let c = g.counters();
+    assert_eq!(c.invalid_packets.load(Ordering::Relaxed), 0);
+    assert_eq!(c.unknown_conn_packets.load(Ordering::Relaxed), 0);
+    let mut ops = Vec::new();
+    g.pump(|_, pkts| {
+        ops.extend(pkts.iter().map(|(h, _)| h.op));
+        !ops.is_empty()
+    });
+    assert_eq!(ops, [op::RST]);
+    assert!(g.received().is_empty());
+    assert_eq!(g.h.muxer.connections().count(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn unusable_rx_buffers_are_returned_empty_and_the_packet_waits() {
     let dir = temp_dir();
