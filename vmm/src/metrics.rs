@@ -74,6 +74,8 @@ pub struct VsockSample {
     pub conns_refused: u64,
     /// Host connections rejected.
     pub host_rejected: u64,
+    /// Host connections the guest did not answer in time.
+    pub connect_timeouts: u64,
     /// Corrupt queues.
     pub queue_errors: u64,
 }
@@ -94,6 +96,7 @@ impl VsockSample {
             conns_opened: load(&c.conns_opened),
             conns_refused: load(&c.conns_refused),
             host_rejected: load(&c.host_rejected),
+            connect_timeouts: load(&c.connect_timeouts),
             queue_errors: load(&c.queue_errors),
         }
     }

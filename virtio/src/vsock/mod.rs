@@ -76,6 +76,8 @@ pub struct VsockCounters {
     pub conns_refused: AtomicU64,
     /// Host sockets closed without a connection (bad `CONNECT` line, limits).
     pub host_rejected: AtomicU64,
+    /// Host-initiated connections the guest did not answer in time.
+    pub connect_timeouts: AtomicU64,
     /// Queues the guest corrupted (the device then needs a reset).
     pub queue_errors: AtomicU64,
 }

@@ -24,10 +24,12 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{Connection, Effect, RxPacket};
 use super::packet::{op, Header};
@@ -44,8 +46,15 @@ pub const MAX_RST_BACKLOG: usize = 256;
 /// First host port given to host-initiated connections (Firecracker uses the same).
 pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
+/// How long the guest has to answer a host-initiated REQUEST (Firecracker's value);
+/// then the guest gets an RST and the host socket is closed.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often pending host-initiated connections are checked while there are some.
+const CONNECT_CHECK: Duration = Duration::from_millis(250);
+
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_KICK: u64 = 1;
+const TOKEN_TIMER: u64 = 2;
 const FIRST_TOKEN: u64 = 16;
 
 /// A connection's key: (host port, guest port).
@@ -79,6 +88,10 @@ pub struct Muxer {
     listener: Option<Arc<UnixListener>>,
     epoll: Epoll,
     kick: EventFd,
+    /// Ticks while host-initiated connections wait for the guest's answer.
+    timer: TimerFd,
+    /// Host-initiated connections waiting for RESPONSE, with when they were requested.
+    connecting: BTreeMap<Key, Instant>,
     conns: BTreeMap<Key, Entry>,
     pending: HashMap<u64, PendingHost>,
     tokens: HashMap<u64, Target>,
@@ -107,6 +120,17 @@ impl Muxer {
             kick.as_raw_fd(),
             EpollEvent::new(EventSet::IN, TOKEN_KICK),
         )?;
+        let timer = TimerFd::new()?;
+        // SAFETY: fcntl(2) on the timer fd we own; reads then never block.
+        let r = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_TIMER),
+        )?;
         if let Some(l) = &listener {
             l.set_nonblocking(true)?;
             epoll.ctl(
@@ -121,6 +145,8 @@ impl Muxer {
             listener,
             epoll,
             kick,
+            timer,
+            connecting: BTreeMap::new(),
             conns: BTreeMap::new(),
             pending: HashMap::new(),
             tokens: HashMap::new(),
@@ -284,6 +310,7 @@ impl Muxer {
     }
 
     fn remove(&mut self, key: Key) {
+        self.connecting.remove(&key);
         if let Some(mut e) = self.conns.remove(&key) {
             self.tokens.remove(&e.token);
             self.close_stream(&mut e);
@@ -414,6 +441,7 @@ impl Muxer {
                     let _ = self.kick.read();
                 }
                 TOKEN_LISTENER => self.accept(),
+                TOKEN_TIMER => self.expire_connecting(Instant::now()),
                 token => match self.tokens.get(&token) {
                     Some(Target::Conn(key)) => {
                         let key = *key;
@@ -542,6 +570,38 @@ impl Muxer {
         self.count(&self.counters.conns_opened);
         let conn = Connection::host_initiated(self.guest_cid, local, port);
         self.insert((local, port), conn, stream);
+        if self.connecting.is_empty() {
+            if let Err(e) = self.timer.reset(CONNECT_CHECK, Some(CONNECT_CHECK)) {
+                warn!(error = %e, "cannot arm the vsock connect timer");
+            }
+        }
+        self.connecting.insert((local, port), Instant::now());
+    }
+
+    /// Resets host-initiated connections the guest left unanswered for
+    /// [`CONNECT_TIMEOUT`] (at `now`); stops the timer when none are left.
+    pub fn expire_connecting(&mut self, now: Instant) {
+        // Consume the expirations (the fd is non-blocking).
+        let _ = self.timer.wait();
+        let expired: Vec<Key> = self
+            .connecting
+            .iter()
+            .filter(|(_, t)| now.saturating_duration_since(**t) >= CONNECT_TIMEOUT)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            debug!(
+                local = key.0,
+                peer = key.1,
+                "the guest did not answer a host connection"
+            );
+            self.connecting.remove(&key);
+            self.count(&self.counters.connect_timeouts);
+            self.reset(key);
+        }
+        if self.connecting.is_empty() {
+            let _ = self.timer.clear();
+        }
     }
 
     fn allocate_local_port(&mut self, peer: u32) -> Option<u32> {

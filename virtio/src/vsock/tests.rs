@@ -528,6 +528,47 @@ fn hostile_packets_are_counted_and_answered_with_rst_where_due() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn a_host_connection_the_guest_does_not_answer_times_out() {
+    use super::muxer::CONNECT_TIMEOUT;
+    let dir = temp_dir();
+    let path = dir.join("v.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let mut g = Guest::new(&path, Some(listener));
+    let mut host = UnixStream::connect(&path).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    let (req, _) = g.expect_one();
+    assert_eq!(req.op, op::REQUEST);
+    // Not yet.
+    g.h.muxer.expire_connecting(Instant::now());
+    assert_eq!(g.h.muxer.connections().count(), 1);
+    // The guest never answers.
+    g.h.muxer
+        .expire_connecting(Instant::now() + CONNECT_TIMEOUT + Duration::from_millis(1));
+    let (rst, _) = g.expect_one();
+    assert_eq!(
+        (rst.op, rst.src_port, rst.dst_port),
+        (op::RST, req.src_port, 52)
+    );
+    let mut rest = Vec::new();
+    assert_eq!(host.read_to_end(&mut rest).unwrap(), 0, "closed without OK");
+    assert_eq!(g.counters().connect_timeouts.load(Ordering::Relaxed), 1);
+    // A late RESPONSE finds no connection: RST.
+    g.send(hdr(op::RESPONSE, 52, req.src_port, 0), &[]);
+    assert_eq!(g.expect_one().0.op, op::RST);
+    // And the real timer fires on its own too.
+    let mut host = UnixStream::connect(&path).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    host.write_all(b"CONNECT 53\n").unwrap();
+    assert_eq!(g.expect_one().0.op, op::REQUEST);
+    assert_eq!(g.expect_one().0.op, op::RST, "after about CONNECT_TIMEOUT");
+    assert_eq!(host.read_to_end(&mut rest).unwrap(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Seen with Linux in the sandbox: after we reset a connection, and before our RST
 /// reaches the guest, it still returns credit for what it reads. Such packets are
 /// ignored, not counted as invalid nor answered, and exactly one RST goes out.
