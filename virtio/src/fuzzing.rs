@@ -147,6 +147,72 @@ pub fn rng(data: &[u8]) {
     });
 }
 
+/// A directory with a Unix listener at `v_1024`, so that guest connections to host port
+/// 1024 succeed (any other port is refused); made once per process.
+fn vsock_host_dir() -> Option<&'static (std::path::PathBuf, std::os::unix::net::UnixListener)> {
+    static DIR: std::sync::OnceLock<
+        Option<(std::path::PathBuf, std::os::unix::net::UnixListener)>,
+    > = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("qx-fuzz-vsock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let port = dir.join("v_1024");
+        let _ = std::fs::remove_file(&port);
+        let listener = std::os::unix::net::UnixListener::bind(&port).ok()?;
+        listener.set_nonblocking(true).ok()?;
+        Some((dir.join("v"), listener))
+    })
+    .as_ref()
+}
+
+/// virtio-vsock: the fuzzer's queue (from [`setup`]) is the tx queue, guest CID 3; an rx
+/// queue of 16 entries whose rings sit where the first six bytes of guest memory say
+/// (units of 16 bytes) takes the answers. Packets run through the device's handler
+/// against real Unix sockets (port 1024 accepts), then host events and the rx queue.
+pub fn vsock(data: &[u8]) {
+    let _ = vsock_run(data);
+}
+
+/// [`vsock`], returning the device's counters when the input got that far.
+fn vsock_run(data: &[u8]) -> Option<Arc<crate::vsock::VsockCounters>> {
+    use crate::worker::QueueHandler;
+    let s = setup(data)?;
+    let (path, listener) = vsock_host_dir()?;
+    let mut w = [0u8; 6];
+    s.mem.read_slice(&mut w, GuestAddress(0)).ok()?;
+    let word = |i: usize| u32::from(u16::from_le_bytes([w[i], w[i + 1]])) * 16;
+    let mut rx = Queue::new(16).ok()?;
+    rx.set_size(16);
+    rx.set_desc_table_address(Some(word(0)), Some(0));
+    rx.set_avail_ring_address(Some(word(2)), Some(0));
+    rx.set_used_ring_address(Some(word(4)), Some(0));
+    rx.set_ready(true);
+    if !rx.is_valid(&s.mem) {
+        return None;
+    }
+    let counters: Arc<crate::vsock::VsockCounters> = Arc::default();
+    let muxer = crate::vsock::muxer::Muxer::new(3, path, None, counters.clone()).ok()?;
+    let mut h = crate::vsock::VsockHandler {
+        mem: Arc::new(s.mem),
+        rx,
+        tx: s.queue,
+        interrupt: Arc::new(s.interrupt),
+        muxer,
+        counters: counters.clone(),
+        buf: vec![0u8; crate::vsock::packet::MAX_PKT_DATA],
+        guest_cid: 3,
+        broken: false,
+        evt: None,
+    };
+    h.process(1);
+    h.process(0);
+    h.host_event(0);
+    // Host side: take the connections the packets opened, and close them.
+    while listener.accept().is_ok() {}
+    h.host_event(0);
+    Some(counters)
+}
+
 /// The virtio-mmio transport: a sequence of register accesses from a driver, each
 /// `[op u8][offset u16][value u32]`, against an entropy device whose queue lives in the
 /// fuzzer-controlled memory.
@@ -186,6 +252,57 @@ pub fn mmio(data: &[u8]) {
 mod tests {
     use super::*;
 
+    /// A hand-made vsock input: a REQUEST to host port 1024 and 4 bytes of data, with
+    /// two rx buffers for the answers. It must open the connection and move the bytes.
+    fn vsock_input_reaches_the_host_socket() {
+        use crate::vsock::packet::{op, Header, HOST_CID, TYPE_STREAM};
+        use std::sync::atomic::Ordering;
+        let mut mem = vec![0u8; 0xc000];
+        let put16 =
+            |m: &mut Vec<u8>, at: usize, v: u16| m[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        let desc = |m: &mut Vec<u8>, at: usize, addr: u64, len: u32, flags: u16| {
+            m[at..at + 8].copy_from_slice(&addr.to_le_bytes());
+            m[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
+            m[at + 12..at + 14].copy_from_slice(&flags.to_le_bytes());
+        };
+        // Rx rings (at 0x4000, 0x5000, 0x6000), named in the first six bytes.
+        put16(&mut mem, 0, 0x400);
+        put16(&mut mem, 2, 0x500);
+        put16(&mut mem, 4, 0x600);
+        // Tx: two packets.
+        desc(&mut mem, 0x1000, 0x8000, 44, 0);
+        desc(&mut mem, 0x1010, 0x8100, 48, 0);
+        put16(&mut mem, 0x2002, 2);
+        put16(&mut mem, 0x2006, 1);
+        let h = |o: u16, len: u32| Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 5,
+            dst_port: 1024,
+            len,
+            type_: TYPE_STREAM,
+            op: o,
+            flags: 0,
+            buf_alloc: 65536,
+            fwd_cnt: 0,
+        };
+        mem[0x8000..0x802c].copy_from_slice(&h(op::REQUEST, 0).to_bytes());
+        mem[0x8100..0x812c].copy_from_slice(&h(op::RW, 4).to_bytes());
+        mem[0x812c..0x8130].copy_from_slice(b"abcd");
+        // Rx: two writable buffers.
+        desc(&mut mem, 0x4000, 0x9000, 4096, 2);
+        desc(&mut mem, 0x4010, 0xa000, 4096, 2);
+        put16(&mut mem, 0x5002, 2);
+        put16(&mut mem, 0x5006, 1);
+        let mut input = vec![16, 0, 0x00, 0x01, 0x00, 0x02, 0x00, 0x03, 0];
+        input.extend_from_slice(&mem);
+        let c = vsock_run(&input).expect("a valid layout");
+        assert_eq!(c.conns_opened.load(Ordering::Relaxed), 1);
+        assert_eq!(c.tx_bytes.load(Ordering::Relaxed), 4);
+        assert!(c.rx_packets.load(Ordering::Relaxed) >= 1, "the RESPONSE");
+        assert_eq!(c.invalid_packets.load(Ordering::Relaxed), 0);
+    }
+
     #[test]
     fn entry_points_survive_simple_and_degenerate_inputs() {
         for input in [
@@ -198,12 +315,14 @@ mod tests {
             net(input);
             rng(input);
             mmio(input);
+            vsock(input);
         }
         // Found by the virtio_blk fuzz target: a used ring laid over the available ring made
         // every completion look like a new request, and the device served it forever.
         blk(&[
             0xff, 0xb1, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x0f, 0x0f, 0x0a, 0x30,
         ]);
+        vsock_input_reaches_the_host_socket();
         // A full handshake through the transport, then a notification and a reset.
         let mut ops = Vec::new();
         let mut w = |off: u16, v: u32| {

@@ -60,6 +60,14 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+    /// A `--vsock` value that does not parse or cannot be used.
+    #[error("invalid --vsock {value:?}: {reason} (expected cid=N,socket=PATH)")]
+    Vsock {
+        /// The value given.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// Two devices that would share one resource (disk id or image, TAP, MAC address).
     #[error("{0}")]
     Conflict(String),
@@ -278,6 +286,65 @@ impl FromStr for NetConfig {
     }
 }
 
+/// The `--vsock` device: guest CID and the host socket path (see docs/devices.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id (3 to u32::MAX - 1).
+    pub cid: u64,
+    /// Host-initiated connections arrive here (`CONNECT <port>`); guest-initiated ones
+    /// go to `<socket>_<port>`.
+    pub socket: PathBuf,
+}
+
+impl FromStr for VsockConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let err = |reason: &str| ConfigError::Vsock {
+            value: s.to_string(),
+            reason: reason.to_string(),
+        };
+        let (mut cid, mut socket) = (None, None);
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| err("each part must be key=value"))?;
+            match key {
+                "cid" => {
+                    let n: u64 = value
+                        .parse()
+                        .map_err(|_| err("cid must be a decimal number"))?;
+                    if !(quantix_virtio::vsock::MIN_GUEST_CID
+                        ..=quantix_virtio::vsock::MAX_GUEST_CID)
+                        .contains(&n)
+                    {
+                        return Err(err(
+                            "cid must be between 3 and 4294967294 (0-2 and u32::MAX are reserved)",
+                        ));
+                    }
+                    cid = Some(n);
+                }
+                "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
+                "socket" => return Err(err("empty socket path")),
+                other => return Err(err(&format!("unknown key {other:?}"))),
+            }
+        }
+        Ok(VsockConfig {
+            cid: cid.ok_or_else(|| err("cid= is required"))?,
+            socket: socket.ok_or_else(|| err("socket= is required"))?,
+        })
+    }
+}
+
+/// Checks the vsock socket path on the host: it fits, its directory exists, and no
+/// live listener owns it (a stale socket is replaced when the device is created).
+pub fn validate_vsock(v: &VsockConfig) -> Result<(), ConfigError> {
+    quantix_virtio::vsock::check_config(v.cid, &v.socket).map_err(|e| ConfigError::Vsock {
+        value: format!("cid={},socket={}", v.cid, v.socket.display()),
+        reason: e.to_string(),
+    })
+}
+
 /// Checks that no TAP, fd or MAC address is used by two cards.
 pub fn validate_nets(nets: &[NetConfig]) -> Result<(), ConfigError> {
     for (i, a) in nets.iter().enumerate() {
@@ -363,6 +430,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// Where the virtio console (`hvc0`) goes; `Off` means no console device.
     pub console: SerialMode,
+    /// A virtio-vsock device.
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -383,6 +452,9 @@ impl VmConfig {
         validate_disks(&self.disks)?;
         validate_nets(&self.nets)?;
         self.validate_sockets()?;
+        if let Some(v) = &self.vsock {
+            validate_vsock(v)?;
+        }
         if let BootSource::Kernel { cmdline, .. } = &self.boot {
             if cmdline.len() + 1 > crate::layout::CMDLINE_MAX_SIZE {
                 return Err(ConfigError::CmdlineTooLong {
@@ -497,7 +569,48 @@ mod tests {
             disks: Vec::new(),
             nets: Vec::new(),
             console: SerialMode::Off,
+            vsock: None,
         }
+    }
+
+    #[test]
+    fn vsock_specs() {
+        let v: VsockConfig = "cid=3,socket=/run/v.sock".parse().unwrap();
+        assert_eq!(
+            v,
+            VsockConfig {
+                cid: 3,
+                socket: "/run/v.sock".into()
+            }
+        );
+        let v: VsockConfig = "socket=/a,cid=4294967294".parse().unwrap();
+        assert_eq!(v.cid, 4_294_967_294);
+        for bad in [
+            "",
+            "cid=3",
+            "socket=/a",
+            "cid=2,socket=/a",
+            "cid=0,socket=/a",
+            "cid=4294967295,socket=/a",
+            "cid=99999999999999999999,socket=/a",
+            "cid=-3,socket=/a",
+            "cid=x,socket=/a",
+            "cid=3,socket=",
+            "cid=3,socket=/a,port=5",
+            "cid=3;socket=/a",
+        ] {
+            assert!(
+                bad.parse::<VsockConfig>().is_err(),
+                "{bad:?} should not parse"
+            );
+        }
+        let mut c = config();
+        c.vsock = Some(VsockConfig {
+            cid: 3,
+            socket: "/nonexistent-dir/v.sock".into(),
+        });
+        let e = c.validate(None).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
     }
 
     #[test]

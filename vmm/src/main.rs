@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use quantix_vmm::config::{
     host_memory_mib, validate_vcpus, BootSource, DiskConfig, MemorySize, NetConfig, SerialMode,
-    VmConfig, DEFAULT_CMDLINE,
+    VmConfig, VsockConfig, DEFAULT_CMDLINE,
 };
 use quantix_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
 use tracing_subscriber::EnvFilter;
@@ -62,6 +62,11 @@ struct Cli {
     /// Standard input goes to the serial port when it is on stdout, else to this console.
     #[arg(long, value_name = "MODE", default_value = "off")]
     console: SerialMode,
+    /// A virtio-vsock device: cid=N,socket=PATH. Guest connections to port P reach the
+    /// Unix socket PATH_P; host processes connect to PATH and send `CONNECT P\n`
+    /// (see docs/devices.md). At most one.
+    #[arg(long, value_name = "SPEC")]
+    vsock: Option<VsockConfig>,
     /// Control socket path (JSON lines; see docs/vmm.md).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -126,6 +131,7 @@ fn main() -> ExitCode {
         disks: cli.disks,
         nets: cli.nets,
         console: cli.console,
+        vsock: cli.vsock,
     };
     if let Err(e) = config.validate(host_memory_mib()) {
         eprintln!("quantix-vmm: {e}");

@@ -91,6 +91,9 @@ pub enum VmError {
     /// A TAP device cannot be used.
     #[error(transparent)]
     Tap(#[from] quantix_virtio::net::TapError),
+    /// The vsock device cannot be set up.
+    #[error(transparent)]
+    Vsock(#[from] quantix_virtio::vsock::VsockError),
     /// More virtio devices than interrupt lines.
     #[error("{count} virtio devices asked for; at most {max} fit")]
     TooManyDevices {
@@ -295,6 +298,11 @@ impl Vm {
         }
         if config.rng {
             virtio_devices.push(Box::new(quantix_virtio::rng::Rng::new()));
+        }
+        if let Some(v) = &config.vsock {
+            let dev = quantix_virtio::vsock::Vsock::new(v.cid, &v.socket)?;
+            info!(cid = v.cid, socket = %v.socket.display(), "vsock attached");
+            virtio_devices.push(Box::new(dev));
         }
         let (virtio_mmio, device_metrics) =
             crate::virtio::attach(&fd, &mem, &mut mmio, virtio_devices)?;

@@ -356,3 +356,107 @@ fn a_tap_is_created_in_a_private_network_namespace() {
     );
     assert!(err.contains("52:54:00:00:00:42"), "{err}");
 }
+
+#[test]
+fn vsock_specs_that_cannot_be_used_are_refused_before_boot() {
+    use std::os::unix::net::UnixListener;
+    let dir = scratch("vsock");
+    let kernel = good_kernel(&dir);
+    let live = dir.join("live.sock");
+    let _listener = UnixListener::bind(&live).unwrap();
+    let file = write(&dir, "file.sock", b"not a socket");
+    let sock = dir.join("v.sock").display().to_string();
+    let cases: Vec<(Vec<String>, i32, &str)> = vec![
+        (
+            vec!["--vsock".into(), format!("cid=2,socket={sock}")],
+            2,
+            "cid must be between 3 and 4294967294",
+        ),
+        (
+            vec!["--vsock".into(), format!("cid=4294967295,socket={sock}")],
+            2,
+            "reserved",
+        ),
+        (
+            vec!["--vsock".into(), format!("socket={sock}")],
+            2,
+            "cid= is required",
+        ),
+        (
+            vec!["--vsock".into(), "cid=3".into()],
+            2,
+            "socket= is required",
+        ),
+        (
+            vec!["--vsock".into(), format!("cid=3,socket={sock},port=1")],
+            2,
+            "unknown key \"port\"",
+        ),
+        (
+            vec![
+                "--vsock".into(),
+                format!("cid=3,socket={sock}"),
+                "--vsock".into(),
+                format!("cid=4,socket={sock}.b"),
+            ],
+            2,
+            "cannot be used multiple times",
+        ),
+        (
+            vec![
+                "--vsock".into(),
+                "cid=3,socket=/nonexistent/dir/v.sock".into(),
+            ],
+            1,
+            "does not exist",
+        ),
+        (
+            vec!["--vsock".into(), format!("cid=3,socket={}", live.display())],
+            1,
+            "in use by a running process",
+        ),
+        (
+            vec!["--vsock".into(), format!("cid=3,socket={}", file.display())],
+            1,
+            "is not a socket",
+        ),
+        (
+            vec![
+                "--vsock".into(),
+                format!("cid=3,socket={}/{}", dir.display(), "x".repeat(110)),
+            ],
+            1,
+            "too long",
+        ),
+    ];
+    for (extra, want_code, want_msg) in cases {
+        let mut args = vec!["--kernel", kernel.as_str()];
+        args.extend(extra.iter().map(String::as_str));
+        let (code, err) = fails(&args);
+        assert_eq!(code, want_code, "{extra:?}: {err}");
+        assert!(
+            err.contains(want_msg),
+            "{extra:?}: expected {want_msg:?} in {err}"
+        );
+    }
+    // The regular file was left alone.
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a socket");
+}
+
+/// A socket left behind by a VMM that died is replaced, and the VM runs.
+#[test]
+fn a_stale_vsock_socket_is_replaced() {
+    let dir = scratch("vsock-stale");
+    let kernel = good_kernel(&dir);
+    let sock = dir.join("v.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let spec = format!("cid=3,socket={}", sock.display());
+    let out = run_vmm(
+        &["--kernel", &kernel, "--memory", "64M", "--vsock", &spec],
+        LIMIT,
+    );
+    let (code, _, err) = summary(&out);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("vsock attached"), "{err}");
+}
