@@ -9,11 +9,16 @@
 //! [`probe`], [`smaps`] and [`stats`] are pure logic with unit tests; [`probe`] and
 //! [`smaps`] use the standard library only, as `qx-probe` does.
 
+pub mod blockio;
 pub mod boot;
 pub mod error;
 pub mod first_insn;
 pub mod guest;
+pub mod iorecord;
+pub mod netio;
+pub mod pattern;
 pub mod probe;
+pub mod procstat;
 pub mod report;
 pub mod smaps;
 pub mod stats;
