@@ -9,11 +9,13 @@
 //! [`probe`], [`smaps`] and [`stats`] are pure logic with unit tests; [`probe`] and
 //! [`smaps`] use the standard library only, as `qx-probe` does.
 
+pub mod block;
 pub mod blockio;
 pub mod boot;
 pub mod error;
 pub mod first_insn;
 pub mod guest;
+pub mod iobench;
 pub mod iorecord;
 pub mod netio;
 pub mod pattern;

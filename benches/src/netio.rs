@@ -130,15 +130,6 @@ fn source(w: &mut impl Write, mut n: u64) -> std::io::Result<()> {
     w.flush()
 }
 
-fn echo(s: &mut TcpStream, n: u64) -> std::io::Result<()> {
-    let mut b = [0u8; 1];
-    for _ in 0..n {
-        s.read_exact(&mut b)?;
-        s.write_all(&b)?;
-    }
-    Ok(())
-}
-
 fn ping(s: &mut TcpStream, n: u64) -> std::io::Result<Vec<f64>> {
     let mut b = [0u8; 1];
     let mut rtts = Vec::with_capacity(n.min(1 << 20) as usize);
