@@ -17,6 +17,7 @@ pub mod first_insn;
 pub mod guest;
 pub mod iobench;
 pub mod iorecord;
+pub mod net;
 pub mod netio;
 pub mod pattern;
 pub mod probe;
