@@ -182,8 +182,8 @@ pub fn run(o: &BlockOptions) -> Result<BlockResults, BenchError> {
     eprintln!("quantix-bench: building static quantix-vmm and qx-io for the nested host");
     let vmm = build::static_binary("quantix-vmm", "quantix-vmm")?;
     let qx_io = build::static_binary("quantix-bench", "qx-io")?;
-    let qx_io_bytes =
-        std::fs::read(&qx_io).map_err(|e| BenchError::io(format!("reading {}", qx_io.display()), e))?;
+    let qx_io_bytes = std::fs::read(&qx_io)
+        .map_err(|e| BenchError::io(format!("reading {}", qx_io.display()), e))?;
     let mut payload = Payload::new();
     payload.add_file(&vmm, VMM_PATH)?;
     payload.add_file(&qx_io, QX_IO_PATH)?;
@@ -193,9 +193,7 @@ pub fn run(o: &BlockOptions) -> Result<BlockResults, BenchError> {
         guest_initramfs(&sandbox, BLK_MODULES, qx_io_bytes, &guest_body(o))?,
         0o644,
     )?;
-    let per_run = Duration::from_secs(
-        120 + tests().len() as u64 * (u64::from(o.seconds) + 10),
-    );
+    let per_run = Duration::from_secs(120 + tests().len() as u64 * (u64::from(o.seconds) + 10));
     let mut jobs = vec![Job::shell(
         "setup",
         format!(
@@ -258,7 +256,14 @@ pub fn format(r: &BlockResults) -> String {
         "quantix-bench block: {} run(s) per VMM, {} s per test, {} guest threads (queue depth), O_DIRECT on /dev/vda, {} MiB raw image on tmpfs, {} vCPU, {} MiB",
         o.iterations, o.seconds, o.threads, o.disk_mib, o.cpus, o.memory_mib
     );
-    iobench::format_report(&title, &r.date, &r.nested_host, &r.commands, &r.tests, &r.runs)
+    iobench::format_report(
+        &title,
+        &r.date,
+        &r.nested_host,
+        &r.commands,
+        &r.tests,
+        &r.runs,
+    )
 }
 
 /// Fails when a VMM produced no sample at all.

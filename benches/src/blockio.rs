@@ -238,8 +238,12 @@ impl WorkloadResult {
 }
 
 /// Runs `w` on `path`.
-pub fn run_workload(path: &Path, w: &Workload, direct: Direct) -> Result<WorkloadResult, IoFailure> {
-    if w.block_size == 0 || w.block_size % 512 != 0 || w.threads == 0 {
+pub fn run_workload(
+    path: &Path,
+    w: &Workload,
+    direct: Direct,
+) -> Result<WorkloadResult, IoFailure> {
+    if w.block_size == 0 || !w.block_size.is_multiple_of(512) || w.threads == 0 {
         return Err(IoFailure {
             context: format!(
                 "block size {} (a multiple of 512) and threads {} (at least 1)",
@@ -580,7 +584,11 @@ mod tests {
         assert_eq!(r.listed[0], (0, Mismatch::OtherPass(1)));
 
         // One flipped bit in block 20, one block (5) overwritten by block 6's data.
-        let file = OpenOptions::new().read(true).write(true).open(&f.0).unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&f.0)
+            .unwrap();
         let at = 20 * BLOCK as u64 + 777;
         let mut byte = [0u8];
         file.read_exact_at(&mut byte, at).unwrap();

@@ -331,7 +331,8 @@ impl NestedHost {
 }
 
 fn cell(s: &Option<Summary>, d: usize) -> String {
-    s.as_ref().map_or("-".into(), |s| format!("{:.d$}", s.median))
+    s.as_ref()
+        .map_or("-".into(), |s| format!("{:.d$}", s.median))
 }
 
 fn range(s: &Option<Summary>, d: usize) -> String {
@@ -342,7 +343,10 @@ fn range(s: &Option<Summary>, d: usize) -> String {
 /// The table of medians (with min–max) and ratios.
 pub fn format_table(tests: &[TestSummary]) -> String {
     let mut s = String::new();
-    let thr: Vec<&TestSummary> = tests.iter().filter(|t| t.kind == Kind::Throughput).collect();
+    let thr: Vec<&TestSummary> = tests
+        .iter()
+        .filter(|t| t.kind == Kind::Throughput)
+        .collect();
     let lat: Vec<&TestSummary> = tests.iter().filter(|t| t.kind == Kind::Latency).collect();
     let r = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
     if !thr.is_empty() {
@@ -477,7 +481,11 @@ pub fn format_report(
     s.push_str(&report::format_targets(&targets));
     let failed: Vec<&RunOutcome> = runs.iter().filter(|r| r.failure.is_some()).collect();
     if !failed.is_empty() {
-        let _ = writeln!(s, "\n{} run(s) incomplete (their samples still count):", failed.len());
+        let _ = writeln!(
+            s,
+            "\n{} run(s) incomplete (their samples still count):",
+            failed.len()
+        );
         for f in failed {
             let _ = writeln!(s, "  {}: {}", f.job, f.failure.as_deref().unwrap_or("?"));
             if let Some(t) = &f.output_tail {

@@ -107,7 +107,10 @@ mod tests {
         assert_eq!((r.len(), r.get("mb")), (2, None));
         assert!(parse_line("QX-IO-BEGIN id=x", IO_MARKER).is_none());
         assert!(parse_line("NOTQX-IO id=x", IO_MARKER).is_none());
-        assert_eq!(parse_line("QX-IO-BEGIN id=x", BEGIN_MARKER).unwrap()["id"], "x");
+        assert_eq!(
+            parse_line("QX-IO-BEGIN id=x", BEGIN_MARKER).unwrap()["id"],
+            "x"
+        );
         let text = format!("{l}\nnoise\n{l}\n");
         assert_eq!(find_all(&text, IO_MARKER).len(), 2);
     }

@@ -240,7 +240,9 @@ pub fn run(o: &NetOptions) -> Result<NetResults, BenchError> {
     if !report.job("setup").is_some_and(|j| j.success()) {
         return Err(BenchError::Unavailable(format!(
             "the bridge could not be set up in the nested host: {}",
-            report.job("setup").map_or("no result", |j| j.output.as_str())
+            report
+                .job("setup")
+                .map_or("no result", |j| j.output.as_str())
         )));
     }
     let expected: Vec<String> = TESTS.iter().map(|t| t.0.to_string()).collect();
@@ -280,7 +282,14 @@ pub fn format(r: &NetResults) -> String {
         o.cpus,
         o.memory_mib
     );
-    iobench::format_report(&title, &r.date, &r.nested_host, &r.commands, &r.tests, &r.runs)
+    iobench::format_report(
+        &title,
+        &r.date,
+        &r.nested_host,
+        &r.commands,
+        &r.tests,
+        &r.runs,
+    )
 }
 
 #[cfg(test)]
@@ -307,8 +316,14 @@ mod tests {
             .contains("--net tap=qxtap0,mac=52:54:00:12:34:56"));
         let s = host_script(Vmm::Quantix, "quantix-1", &o);
         assert!(s.contains("for r in $(seq 2); do"), "{s}");
-        assert!(s.contains("$C --test send --amount 1048576 --id host-to-guest"), "{s}");
-        assert!(s.contains("$C --test ping --amount 100 --id rr-guest-first"), "{s}");
+        assert!(
+            s.contains("$C --test send --amount 1048576 --id host-to-guest"),
+            "{s}"
+        );
+        assert!(
+            s.contains("$C --test ping --amount 100 --id rr-guest-first"),
+            "{s}"
+        );
         assert!(s.contains("brctl addif qxbr0 qxtap0"), "{s}");
         assert_eq!(kind_of("rr-host-first"), Kind::Latency);
         assert_eq!(kind_of("guest-to-host"), Kind::Throughput);

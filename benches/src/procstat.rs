@@ -30,7 +30,8 @@ impl CpuTicks {
 
     /// Reads `/proc/<pid>/stat`.
     pub fn read(pid: u32) -> Option<CpuTicks> {
-        let text = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
+        let text =
+            std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
         Self::parse(&text)
     }
 
@@ -76,9 +77,27 @@ mod tests {
                     315 127 0 0 20 0 4 0 1370 1010053120 36540 18446744073709551615 1 1 0 0 0 0 \
                     0 4096 17475 0 0 0 17 0 0 0 0 211 0 0 0 0 0 0 0 0 0";
         let t = CpuTicks::parse(line).unwrap();
-        assert_eq!(t, CpuTicks { utime: 315, stime: 127, guest: 211 });
-        let later = CpuTicks { utime: 400, stime: 130, guest: 250 };
-        assert_eq!(later.since(t), CpuTicks { utime: 85, stime: 3, guest: 39 });
+        assert_eq!(
+            t,
+            CpuTicks {
+                utime: 315,
+                stime: 127,
+                guest: 211
+            }
+        );
+        let later = CpuTicks {
+            utime: 400,
+            stime: 130,
+            guest: 250,
+        };
+        assert_eq!(
+            later.since(t),
+            CpuTicks {
+                utime: 85,
+                stime: 3,
+                guest: 39
+            }
+        );
         assert!(CpuTicks::parse("1 (x) S 1 2").is_none());
         // Our own process can be read.
         assert!(CpuTicks::read(std::process::id()).is_some());

@@ -79,7 +79,11 @@ fn get<'a>(fields: &'a [(String, String)], key: &str) -> &'a str {
 fn assert_clean(out: &str, id: &str) {
     let f = verify_line(out, id, "read");
     assert_eq!(
-        (get(&f, "blocks"), get(&f, "verified"), get(&f, "mismatches")),
+        (
+            get(&f, "blocks"),
+            get(&f, "verified"),
+            get(&f, "mismatches")
+        ),
         (
             BLOCKS.to_string().as_str(),
             BLOCKS.to_string().as_str(),
@@ -110,11 +114,7 @@ fn virtio_blk_keeps_every_block_across_passes_restarts_and_on_the_host() {
     let writer = guest_initramfs(
         &sandbox,
         &qx_io,
-        &format!(
-            "{}{}",
-            verify("pass1", 1, ""),
-            verify("pass2", 2, "")
-        ),
+        &format!("{}{}", verify("pass1", 1, ""), verify("pass2", 2, "")),
     );
     let reader = guest_initramfs(&sandbox, &qx_io, &verify("restart", 2, "--read"));
 
@@ -182,7 +182,11 @@ fn virtio_blk_keeps_every_block_across_passes_restarts_and_on_the_host() {
         let w = verify_line(out, id, "write");
         assert_eq!(get(&w, "blocks"), BLOCKS.to_string(), "{out}");
         assert_eq!(get(&w, "pass"), pass, "{out}");
-        assert_eq!(get(&w, "direct"), "1", "the guest wrote with O_DIRECT: {out}");
+        assert_eq!(
+            get(&w, "direct"),
+            "1",
+            "the guest wrote with O_DIRECT: {out}"
+        );
         assert_eq!(get(&w, "threads"), "4", "{out}");
         assert_clean(out, id);
     }

@@ -36,7 +36,8 @@ use quantix_bench::netio::{self, NetTest};
 use quantix_bench::procstat::CpuTicks;
 use quantix_bench::stats;
 
-const USAGE: &str = "usage: qx-io blk|verify|net-server|net-client|monitor [OPTIONS] (see the source's header)";
+const USAGE: &str =
+    "usage: qx-io blk|verify|net-server|net-client|monitor [OPTIONS] (see the source's header)";
 
 /// Options as `--key value` pairs and bare `--flag`s, up to an optional `--`.
 struct Opts {
@@ -155,7 +156,10 @@ fn main() -> ExitCode {
         }
         Err(Failure::Failed(e)) => {
             eprintln!("qx-io {cmd}: {e}");
-            say(Line::new("QX-IO-FAIL").kv("cmd", cmd).kv("error", &e).finish());
+            say(Line::new("QX-IO-FAIL")
+                .kv("cmd", cmd)
+                .kv("error", &e)
+                .finish());
             ExitCode::from(1)
         }
     }
@@ -404,7 +408,10 @@ fn monitor(o: &Opts) -> Result<(), Failure> {
         .wait()
         .map_err(|e| failed(format!("waiting for {prog}: {e}")))?;
     say(Line::new("QX-VMM-EXIT")
-        .kv("status", status.code().map_or("none".into(), |c| c.to_string()))
+        .kv(
+            "status",
+            status.code().map_or("none".into(), |c| c.to_string()),
+        )
         .kv("timed_out", u8::from(timed_out))
         .f("wall_ms", started.elapsed().as_secs_f64() * 1000.0, 0)
         .finish());
