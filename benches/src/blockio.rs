@@ -391,9 +391,9 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
-    /// Every block matched.
+    /// There were blocks, and every one matched.
     pub fn clean(&self) -> bool {
-        self.mismatches == 0 && self.verified == self.blocks
+        self.blocks > 0 && self.mismatches == 0 && self.verified == self.blocks
     }
 }
 
@@ -576,6 +576,11 @@ mod tests {
         let r = verify_read(&f.0, &spec(1), Direct::Auto).unwrap();
         assert!(r.clean(), "{r:?}");
         assert_eq!((r.blocks, r.verified, r.mismatches), (37, 37, 0));
+
+        // A device smaller than one block verifies nothing, which is not clean.
+        let tiny = TempFile::new("tiny", 1000);
+        let r = verify_read(&tiny.0, &spec(1), Direct::Auto).unwrap();
+        assert_eq!((r.blocks, r.clean()), (0, false));
 
         // Reading for another pass: every block is stale.
         let r = verify_read(&f.0, &spec(2), Direct::Auto).unwrap();

@@ -263,9 +263,8 @@ fn verify(o: &Opts) -> Result<(), Failure> {
         }
         if !r.clean() {
             return Err(failed(format!(
-                "{} of {} blocks do not match",
-                r.blocks - r.verified,
-                r.blocks
+                "{} of {} blocks verified, {} do not match",
+                r.verified, r.blocks, r.mismatches
             )));
         }
     }
