@@ -90,7 +90,7 @@ enum Cmd {
     },
     /// virtio-net TCP throughput (guest to host, host to guest) and 1-byte round trips,
     /// with the VMM's host CPU, quantix-vmm and QEMU microvm on a TAP on a bridge,
-    /// alternating in one nested KVM host (about 8 min with the defaults).
+    /// alternating in one nested KVM host (about 6 min with the defaults).
     Net {
         /// Runs per VMM.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
