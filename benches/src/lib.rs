@@ -6,14 +6,30 @@
 //! - [`first_insn`]: process start to the first guest instruction on this host's
 //!   /dev/kvm, with tiny hand-made guests ([`guest`]).
 //!
+//! - [`block`], [`net`]: virtio-blk and virtio-net throughput, IOPS, latency and the
+//!   VMM's host CPU, quantix-vmm and QEMU microvm in the same nested host, driven by the
+//!   static `qx-io` tool ([`blockio`], [`pattern`], [`netio`], [`procstat`],
+//!   [`iorecord`]); [`iobench`] holds their shared statistics and report.
+//!   [`pattern`] and [`blockio`] are also the data-integrity writer/verifier of
+//!   `vmm/tests/nested_integrity.rs`.
+//!
 //! [`probe`], [`smaps`] and [`stats`] are pure logic with unit tests; [`probe`] and
-//! [`smaps`] use the standard library only, as `qx-probe` does.
+//! [`smaps`] use the standard library only, as `qx-probe` does; so do the modules
+//! `qx-io` uses (libc aside).
 
+pub mod block;
+pub mod blockio;
 pub mod boot;
 pub mod error;
 pub mod first_insn;
 pub mod guest;
+pub mod iobench;
+pub mod iorecord;
+pub mod net;
+pub mod netio;
+pub mod pattern;
 pub mod probe;
+pub mod procstat;
 pub mod report;
 pub mod smaps;
 pub mod stats;

@@ -11,8 +11,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use quantix_bench::block::{self, BlockOptions};
 use quantix_bench::boot::{self, BootOptions, Kernel};
 use quantix_bench::first_insn::{self, FirstInsnOptions};
+use quantix_bench::net::{self, NetOptions};
 use quantix_bench::report::write_json;
 use quantix_bench::BenchError;
 use tracing_subscriber::EnvFilter;
@@ -53,6 +55,64 @@ enum Cmd {
         /// was spawned (shown live, kept in the sandbox log and in the JSON samples).
         #[arg(long)]
         console: bool,
+        /// Also write all raw samples and the summary as JSON to PATH.
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
+    /// virtio-blk throughput and IOPS (sequential and random, 4 KiB and 1 MiB, O_DIRECT)
+    /// and the VMM's host CPU per GB, quantix-vmm and QEMU microvm alternating in one
+    /// nested KVM host (about 6 min with the defaults).
+    Block {
+        /// Runs per VMM (each runs every test once).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+        iterations: u32,
+        /// Seconds per test.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=60))]
+        seconds: u32,
+        /// Guest threads per test, each with one request in flight (the queue depth).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+        threads: u32,
+        /// Guest vCPUs.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+        cpus: u32,
+        /// Guest memory, MiB.
+        #[arg(long, value_name = "MIB", default_value_t = 256, value_parser = clap::value_parser!(u32).range(64..=2048))]
+        memory: u32,
+        /// Size of the raw disk image (in the nested host's tmpfs), MiB.
+        #[arg(long, value_name = "MIB", default_value_t = 256, value_parser = clap::value_parser!(u32).range(16..=1024))]
+        disk: u32,
+        /// vCPUs of the nested host (TCG threads on this machine).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+        host_cpus: u32,
+        /// Also write all raw samples and the summary as JSON to PATH.
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
+    /// virtio-net TCP throughput (guest to host, host to guest) and 1-byte round trips,
+    /// with the VMM's host CPU, quantix-vmm and QEMU microvm on a TAP on a bridge,
+    /// alternating in one nested KVM host (about 6 min with the defaults).
+    Net {
+        /// Runs per VMM.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+        iterations: u32,
+        /// Times each test runs within one VMM run.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=20))]
+        repeat: u32,
+        /// MiB per throughput test.
+        #[arg(long, value_name = "MIB", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        mib: u64,
+        /// Round trips per latency test.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=1_000_000))]
+        round_trips: u64,
+        /// Guest vCPUs.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+        cpus: u32,
+        /// Guest memory, MiB.
+        #[arg(long, value_name = "MIB", default_value_t = 256, value_parser = clap::value_parser!(u32).range(64..=2048))]
+        memory: u32,
+        /// vCPUs of the nested host (TCG threads on this machine).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+        host_cpus: u32,
         /// Also write all raw samples and the summary as JSON to PATH.
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
@@ -126,6 +186,58 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                 println!("raw samples and summary written to {}", path.display());
             }
             boot::check_samples(&results)
+        }
+        Cmd::Block {
+            iterations,
+            seconds,
+            threads,
+            cpus,
+            memory,
+            disk,
+            host_cpus,
+            json,
+        } => {
+            let results = block::run(&BlockOptions {
+                iterations,
+                seconds,
+                threads,
+                cpus,
+                memory_mib: memory,
+                disk_mib: disk,
+                host_cpus,
+            })?;
+            println!("{}", block::format(&results));
+            if let Some(path) = json {
+                write_json(&path, &results)?;
+                println!("raw samples and summary written to {}", path.display());
+            }
+            block::check(&results.runs, &results.samples)
+        }
+        Cmd::Net {
+            iterations,
+            repeat,
+            mib,
+            round_trips,
+            cpus,
+            memory,
+            host_cpus,
+            json,
+        } => {
+            let results = net::run(&NetOptions {
+                iterations,
+                repeat,
+                bytes: mib << 20,
+                round_trips,
+                cpus,
+                memory_mib: memory,
+                host_cpus,
+            })?;
+            println!("{}", net::format(&results));
+            if let Some(path) = json {
+                write_json(&path, &results)?;
+                println!("raw samples and summary written to {}", path.display());
+            }
+            block::check(&results.runs, &results.samples)
         }
         Cmd::FirstInsn {
             iterations,
