@@ -574,6 +574,21 @@ impl Manager {
                 )?;
                 Ok(())
             }
+            Ok(Err(())) if ran(exited.borrow().as_ref()) => {
+                // The guest ran and ended before the probe saw it (a guest that powers
+                // off at once): the start succeeded; the exit is recorded like any other.
+                let info = wait_for_exit(&mut exited).await;
+                self.commit(
+                    vm,
+                    VmState::Running,
+                    EventKind::Started,
+                    None,
+                    format!("VMM pid {pid} ran (and already exited)"),
+                )?;
+                self.record_exit(slot, vm, info.clone(), false)?;
+                self.apply_restart_policy(slot.clone(), vm.clone(), info);
+                Ok(())
+            }
             other => {
                 if other.is_err() {
                     let _ = process::signal(pid, libc::SIGKILL);
@@ -984,6 +999,11 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// Whether an exit says the VM ran (as opposed to failing to set up).
+fn ran(info: Option<&ExitInfo>) -> bool {
+    info.is_some_and(|i| i.reason != "setup-error" && i.exit_code >= 0 && i.signal == 0)
 }
 
 async fn wait_for_exit(exited: &mut watch::Receiver<Option<ExitInfo>>) -> ExitInfo {

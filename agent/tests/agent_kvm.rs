@@ -47,7 +47,7 @@ async fn lifecycle_console_events_pause_stop_delete() {
     assert_eq!(state(&vm), VmState::Running);
     let vmm_pid = pid(&vm);
     assert!(vmm_pid > 0);
-    assert!(std::path::Path::new(&format!("/proc/{vmm_pid}")).exists());
+    assert!(alive(vmm_pid));
     let out = console_until(&mut c, "vm-1", "hello from guest", LIMIT).await;
     assert!(out.contains("hello from guest"), "{out}");
 
@@ -99,7 +99,7 @@ async fn lifecycle_console_events_pause_stop_delete() {
     let exit = vm.status.unwrap().last_exit.unwrap();
     assert_eq!(exit.reason, "api-shutdown");
     assert!(!exit.failure);
-    assert!(!std::path::Path::new(&format!("/proc/{vmm_pid}")).exists());
+    assert!(!alive(vmm_pid));
     let seen = wait_event(&mut events, LIMIT, |e| e.kind == EventKind::Exited as i32).await;
     assert!(seen.iter().any(|e| e.kind == EventKind::Stopping as i32));
 
@@ -117,6 +117,14 @@ async fn lifecycle_console_events_pause_stop_delete() {
     let body = http_get(&addr).await;
     assert!(body.contains("quantix_agent_requests_total{method=\"StartVm\",code=\"Ok\"} 1"), "{body}");
     assert!(body.contains("quantix_agent_request_seconds_count{method=\"GetVm\"}"), "{body}");
+}
+
+/// Whether `pid` runs (a zombie left to a parent that does not reap does not count).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.contains(") Z "),
+        Err(_) => false,
+    }
 }
 
 async fn http_get(addr: &str) -> String {
@@ -318,4 +326,168 @@ async fn list_pages_and_label_filters() {
         .into_inner();
     assert_eq!(rest.vms.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(), ["id-5"]);
     assert!(rest.next_page_token.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_agent_readopts_running_vms_and_reports_the_dead_one() {
+    require_kvm!();
+    let dir = scratch("readopt");
+    let g = guests(&dir);
+    let mut agent = Agent::start(&dir.join("state"), "readopt");
+    let mut c = agent.client().await;
+    let mut pids = HashMap::new();
+    for id in ["one", "two", "three"] {
+        let vm = create(&mut c, id, spec(id, &g.idle, RestartPolicy::Never), true).await;
+        assert_eq!(state(&vm), VmState::Running);
+        pids.insert(id, pid(&vm));
+    }
+    c.pause_vm(PauseVmRequest { vm_id: "two".into() }).await.unwrap();
+
+    agent.kill();
+    // While the agent is down, "three"'s VMM dies.
+    // SAFETY: SIGKILL to the test's own VMM.
+    unsafe { libc::kill(pids["three"] as i32, libc::SIGKILL) };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for id in ["one", "two"] {
+        assert!(alive(pids[id]), "{id}'s VMM died with the agent");
+    }
+
+    agent.spawn();
+    let mut c = agent.client().await;
+    let one = get(&mut c, "one").await;
+    assert_eq!(state(&one), VmState::Running);
+    assert_eq!(pid(&one), pids["one"]);
+    let two = get(&mut c, "two").await;
+    assert_eq!(state(&two), VmState::Paused, "a paused VMM stays paused");
+    assert_eq!(pid(&two), pids["two"]);
+    let three = get(&mut c, "three").await;
+    assert_eq!(state(&three), VmState::Failed);
+    let exit = three.status.unwrap().last_exit.unwrap();
+    assert_eq!(exit.reason, "lost", "{exit:?}");
+    assert!(exit.failure);
+
+    // Re-adopted VMs are fully controllable, and their exits are noticed.
+    let mut events = watch(&mut c, "").await;
+    c.resume_vm(ResumeVmRequest { vm_id: "two".into() }).await.unwrap();
+    let out = console_until(&mut c, "two", "hello from guest", LIMIT).await;
+    assert!(out.contains("hello"));
+    let vm = stop(&mut c, "one").await;
+    assert_eq!(state(&vm), VmState::Stopped);
+    assert!(!alive(pids["one"]), "the VMM still runs after stop");
+    // A re-adopted VMM is not the agent's child: its kill is seen through the pidfd.
+    // SAFETY: SIGKILL to the test's own VMM.
+    unsafe { libc::kill(pids["two"] as i32, libc::SIGKILL) };
+    let seen = wait_event(&mut events, LIMIT, |e| {
+        e.vm_id == "two" && e.kind == EventKind::Exited as i32
+    })
+    .await;
+    let ev = seen.last().unwrap();
+    assert_eq!(ev.state, VmState::Failed as i32);
+    assert_eq!(ev.exit.as_ref().unwrap().reason, "killed");
+    // And the restarted VM starts again.
+    let vm = start(&mut c, "three").await;
+    assert_eq!(state(&vm), VmState::Running);
+    delete(&mut c, "three", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmm_exits_are_seen_at_once_with_their_reason() {
+    require_kvm!();
+    let dir = scratch("exits");
+    let g = guests(&dir);
+    let agent = Agent::start(&dir.join("state"), "exits");
+    let mut c = agent.client().await;
+    let mut events = watch(&mut c, "").await;
+
+    // Killed VMM: FAILED, signal 9.
+    let vm = create(&mut c, "k", spec("k", &g.idle, RestartPolicy::Never), true).await;
+    // SAFETY: SIGKILL to the test's own VMM.
+    unsafe { libc::kill(pid(&vm) as i32, libc::SIGKILL) };
+    let seen = wait_event(&mut events, LIMIT, |e| e.vm_id == "k" && e.kind == EventKind::Exited as i32).await;
+    let exit = seen.last().unwrap().exit.clone().unwrap();
+    assert_eq!((exit.reason.as_str(), exit.signal, exit.failure), ("killed", 9, true));
+    assert_eq!(state(&get(&mut c, "k").await), VmState::Failed);
+
+    // The guest powers off: STOPPED, not a failure.
+    create(&mut c, "p", spec("p", &g.poweroff, RestartPolicy::Never), true).await;
+    let seen = wait_event(&mut events, LIMIT, |e| e.vm_id == "p" && e.kind == EventKind::Exited as i32).await;
+    let exit = seen.last().unwrap().exit.clone().unwrap();
+    assert_eq!((exit.reason.as_str(), exit.exit_code, exit.failure), ("poweroff", 0, false));
+    let vm = get(&mut c, "p").await;
+    assert_eq!(state(&vm), VmState::Stopped);
+    let out = console_until(&mut c, "p", "bye", LIMIT).await;
+    assert!(out.contains("bye"));
+
+    // The guest crashes: FAILED with the VMM's own reason from its exit record.
+    create(&mut c, "x", spec("x", &g.crash, RestartPolicy::Never), true).await;
+    let seen = wait_event(&mut events, LIMIT, |e| e.vm_id == "x" && e.kind == EventKind::Exited as i32).await;
+    let exit = seen.last().unwrap().exit.clone().unwrap();
+    assert!(exit.failure, "{exit:?}");
+    assert!(
+        ["triple-fault", "kvm-error", "unhandled-exit"].contains(&exit.reason.as_str()),
+        "{exit:?}"
+    );
+    assert!(exit.exit_code > 0, "{exit:?}");
+    assert_eq!(state(&get(&mut c, "x").await), VmState::Failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_policies() {
+    require_kvm!();
+    let dir = scratch("restart");
+    let g = guests(&dir);
+    let agent = Agent::start(&dir.join("state"), "restart");
+    let mut c = agent.client().await;
+    let mut events = watch(&mut c, "").await;
+
+    // on-failure: a killed VMM is restarted with a new pid.
+    let vm = create(&mut c, "of", spec("of", &g.idle, RestartPolicy::OnFailure), true).await;
+    let first = pid(&vm);
+    // SAFETY: SIGKILL to the test's own VMM.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    let seen = wait_event(&mut events, LIMIT, |e| e.vm_id == "of" && e.kind == EventKind::Restarting as i32).await;
+    assert_eq!(seen.last().unwrap().exit.as_ref().unwrap().reason, "killed");
+    wait_event(&mut events, LIMIT, |e| e.vm_id == "of" && e.kind == EventKind::Started as i32).await;
+    let vm = get(&mut c, "of").await;
+    assert_eq!(state(&vm), VmState::Running);
+    assert_ne!(pid(&vm), first);
+    assert_eq!(vm.status.unwrap().restart_count, 1);
+    // ...but a clean guest poweroff under on-failure is not restarted.
+    create(&mut c, "ofp", spec("ofp", &g.poweroff, RestartPolicy::OnFailure), true).await;
+    wait_event(&mut events, LIMIT, |e| e.vm_id == "ofp" && e.kind == EventKind::Exited as i32).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let vm = get(&mut c, "ofp").await;
+    assert_eq!(state(&vm), VmState::Stopped);
+    assert_eq!(vm.status.unwrap().restart_count, 0);
+
+    // always: a guest that powers off keeps coming back, with a growing back-off.
+    create(&mut c, "al", spec("al", &g.poweroff, RestartPolicy::Always), true).await;
+    let mut starts = 0;
+    wait_event(&mut events, LIMIT, |e| {
+        if e.vm_id == "al" && e.kind == EventKind::Started as i32 {
+            starts += 1;
+        }
+        starts == 3
+    })
+    .await;
+    let vm = get(&mut c, "al").await;
+    assert!(vm.status.unwrap().restart_count >= 2);
+    // A stop cancels it for good (whether it is running or waiting to restart).
+    let _ = c
+        .stop_vm(StopVmRequest { vm_id: "al".into(), timeout_ms: 1000, force: false })
+        .await;
+    let _ = c
+        .stop_vm(StopVmRequest { vm_id: "al".into(), timeout_ms: 1000, force: false })
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let vm = get(&mut c, "al").await;
+    assert!(matches!(state(&vm), VmState::Stopped), "{vm:?}");
+
+    // never: stays failed.
+    let vm = create(&mut c, "nv", spec("nv", &g.idle, RestartPolicy::Never), true).await;
+    // SAFETY: SIGKILL to the test's own VMM.
+    unsafe { libc::kill(pid(&vm) as i32, libc::SIGKILL) };
+    wait_state(&mut c, "nv", VmState::Failed, LIMIT).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(state(&get(&mut c, "nv").await), VmState::Failed);
 }
