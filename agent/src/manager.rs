@@ -318,6 +318,10 @@ impl Manager {
         if let Some(existing) = self.store.get(id)? {
             drop(guard);
             if existing.spec.as_ref() == Some(&spec) {
+                // A retried create-and-start whose start failed (or never happened) starts now.
+                if start && state_of(&existing) == VmState::Created {
+                    return self.start(id).await;
+                }
                 return Ok(existing);
             }
             return Err(AgentError::AlreadyExists(format!(
@@ -596,7 +600,19 @@ impl Manager {
                 let info = wait_for_exit(&mut exited).await;
                 self.record_exit(slot, vm, info, false)?;
                 let log = process::tail(&paths.vmm_log(), 600);
-                Err(AgentError::Internal(format!(
+                let setup_error = vm
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.last_exit.as_ref())
+                    .is_some_and(|e| e.reason == "setup-error");
+                // The VMM refused the spec on this node (a kernel it cannot load, a TAP it
+                // cannot open): the VM cannot start as it is. Anything else is the agent's.
+                let make = if setup_error {
+                    AgentError::FailedPrecondition
+                } else {
+                    AgentError::Internal
+                };
+                Err(make(format!(
                     "VM {:?}: the VMM did not come up (it exited: {}); its log ends with: {log}",
                     vm.id,
                     vm.status

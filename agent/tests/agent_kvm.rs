@@ -240,6 +240,18 @@ async fn every_error_code_names_the_field() {
     let e = c.pause_vm(PauseVmRequest { vm_id: "b".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
 
+    // A kernel the VMM cannot load: FAILED_PRECONDITION with the VMM's reason; state FAILED.
+    let junk = dir.join("junk.bin");
+    std::fs::write(&junk, b"not a kernel").unwrap();
+    create(&mut c, "junk", spec("junk", &junk, RestartPolicy::OnFailure), false).await;
+    let e = c.start_vm(StartVmRequest { vm_id: "junk".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("setup-error") && e.message().contains("junk.bin"), "{}", e.message());
+    let vm = get(&mut c, "junk").await;
+    assert_eq!(state(&vm), VmState::Failed);
+    assert_eq!(vm.status.unwrap().last_exit.unwrap().reason, "setup-error");
+    c.delete_vm(DeleteVmRequest { vm_id: "junk".into(), force: false }).await.unwrap();
+
     // RESOURCE_EXHAUSTED: the agent allows 4 vCPUs; "a" holds 1, this one wants 4.
     let mut big = spec("big", &g.idle, RestartPolicy::Never);
     big.vcpus = 4;
