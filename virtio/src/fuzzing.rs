@@ -73,8 +73,9 @@ pub fn blk(data: &[u8]) {
     }
     let disk = crate::block::fuzz_disk(file, 64, data[8] & 2 != 0);
     let mem = &s.mem;
+    // The asynchronous path (prepare, move the data, complete) run to the end in line.
     let _ = serve_queue(&mut s.queue, mem, &s.interrupt, |chain| {
-        disk.execute(mem, chain)
+        crate::block::fuzz_execute(&disk, mem, chain)
     });
 }
 

@@ -250,6 +250,31 @@ pub fn serve_queue<F>(
 where
     F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
 {
+    serve_queue_deferred(queue, mem, interrupt, |chain| Served::Done(serve(chain)))
+}
+
+/// What a device did with a request in [`serve_queue_deferred`].
+pub enum Served {
+    /// Completed, with this used length.
+    Done(u32),
+    /// Started; the device completes it later (asynchronous I/O).
+    Started,
+    /// Not taken: the device is at its limit; the request stays in the available ring
+    /// and the device serves the queue again when it has room.
+    Busy,
+}
+
+/// Like [`serve_queue`], but `serve` may complete a request later (it then adds the used
+/// entry itself) or refuse it for now.
+pub fn serve_queue_deferred<F>(
+    queue: &mut virtio_queue::Queue,
+    mem: &GuestMemory,
+    interrupt: &Interrupt,
+    mut serve: F,
+) -> Result<(), QueueError>
+where
+    F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> Served,
+{
     use virtio_queue::QueueT;
     // A driver keeps adding buffers while we drain, so we look again after re-enabling
     // notifications; but never forever: a used ring laid over the available ring makes
@@ -258,16 +283,26 @@ where
     // new buffers still wake it).
     let max_rounds = 4 * usize::from(queue.size()).max(1);
     let mut completed = false;
-    for _ in 0..max_rounds {
+    'rounds: for _ in 0..max_rounds {
         queue.disable_notification(mem)?;
         for _ in 0..pending_buffers(queue, mem)? {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 return Err(QueueError::AvailRingUnreadable);
             };
             let head = chain.head_index();
-            let used = serve(chain);
-            queue.add_used(mem, head, used)?;
-            completed = true;
+            match serve(chain) {
+                Served::Done(used) => {
+                    queue.add_used(mem, head, used)?;
+                    completed = true;
+                }
+                Served::Started => {}
+                Served::Busy => {
+                    // Put it back: the next pass pops it again.
+                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                    queue.enable_notification(mem)?;
+                    break 'rounds;
+                }
+            }
         }
         if !queue.enable_notification(mem)? {
             break;

@@ -42,10 +42,10 @@ pub enum ConfigError {
     #[error("invalid vCPU count {0}: must be between {MIN_VCPUS} and {MAX_VCPUS}")]
     Vcpus(u64),
     /// A serial specification that does not parse.
-    #[error("invalid output setting {0:?}: expected stdout, file=PATH or off")]
+    #[error("invalid output setting {0:?}: expected stdout, file=PATH, pty, socket=PATH or off")]
     Serial(String),
     /// A `--disk` value that does not parse.
-    #[error("invalid --disk {value:?}: {reason} (expected path=PATH[,readonly=on|off][,id=NAME])")]
+    #[error("invalid --disk {value:?}: {reason} (expected path=PATH[,readonly=on|off][,id=NAME][,aio=io_uring|threads])")]
     Disk {
         /// The value given.
         value: String,
@@ -116,6 +116,10 @@ pub enum SerialMode {
     File(PathBuf),
     /// Not connected: output is discarded.
     Off,
+    /// A new pseudo-terminal (its path is logged and reported on the control socket).
+    Pty,
+    /// A Unix socket the VMM listens on; one client at a time, the newest wins.
+    Socket(PathBuf),
 }
 
 impl FromStr for SerialMode {
@@ -125,10 +129,16 @@ impl FromStr for SerialMode {
         match s {
             "stdout" => Ok(SerialMode::Stdout),
             "off" => Ok(SerialMode::Off),
-            _ => match s.strip_prefix("file=") {
-                Some(p) if !p.is_empty() => Ok(SerialMode::File(PathBuf::from(p))),
-                _ => Err(ConfigError::Serial(s.to_string())),
-            },
+            "pty" => Ok(SerialMode::Pty),
+            _ => {
+                if let Some(p) = s.strip_prefix("file=").filter(|p| !p.is_empty()) {
+                    Ok(SerialMode::File(PathBuf::from(p)))
+                } else if let Some(p) = s.strip_prefix("socket=").filter(|p| !p.is_empty()) {
+                    Ok(SerialMode::Socket(PathBuf::from(p)))
+                } else {
+                    Err(ConfigError::Serial(s.to_string()))
+                }
+            }
         }
     }
 }
@@ -145,6 +155,8 @@ pub struct DiskConfig {
     pub readonly: bool,
     /// Name in logs and the serial number the guest reads (`/sys/block/vdX/serial`).
     pub id: Option<String>,
+    /// The I/O engine: io_uring (the default; threads when the host lacks it) or threads.
+    pub aio: quantix_virtio::block::engine::EngineKind,
 }
 
 impl FromStr for DiskConfig {
@@ -155,7 +167,9 @@ impl FromStr for DiskConfig {
             value: s.to_string(),
             reason: reason.to_string(),
         };
+        use quantix_virtio::block::engine::EngineKind;
         let (mut path, mut readonly, mut id) = (None, false, None);
+        let mut aio = EngineKind::IoUring;
         for part in s.split(',') {
             let (key, value) = part
                 .split_once('=')
@@ -181,6 +195,13 @@ impl FromStr for DiskConfig {
                     }
                     id = Some(value.to_string());
                 }
+                "aio" => {
+                    aio = match value {
+                        "io_uring" => EngineKind::IoUring,
+                        "threads" => EngineKind::Threads,
+                        _ => return Err(err("aio takes io_uring or threads")),
+                    }
+                }
                 other => return Err(err(&format!("unknown key {other:?}"))),
             }
         }
@@ -188,6 +209,7 @@ impl FromStr for DiskConfig {
             path: path.ok_or_else(|| err("path= is required"))?,
             readonly,
             id,
+            aio,
         })
     }
 }
@@ -360,12 +382,39 @@ impl VmConfig {
         }
         validate_disks(&self.disks)?;
         validate_nets(&self.nets)?;
+        self.validate_sockets()?;
         if let BootSource::Kernel { cmdline, .. } = &self.boot {
             if cmdline.len() + 1 > crate::layout::CMDLINE_MAX_SIZE {
                 return Err(ConfigError::CmdlineTooLong {
                     len: cmdline.len() + 1,
                     max: crate::layout::CMDLINE_MAX_SIZE,
                 });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VmConfig {
+    /// Checks that the serial, console and control sockets are distinct paths.
+    fn validate_sockets(&self) -> Result<(), ConfigError> {
+        let mut paths: Vec<(&str, &PathBuf)> = Vec::new();
+        for (what, mode) in [("--serial", &self.serial), ("--console", &self.console)] {
+            if let SerialMode::Socket(p) | SerialMode::File(p) = mode {
+                paths.push((what, p));
+            }
+        }
+        if let Some(p) = &self.api_socket {
+            paths.push(("--api-socket", p));
+        }
+        for (i, (a, pa)) in paths.iter().enumerate() {
+            for (b, pb) in &paths[i + 1..] {
+                if pa == pb {
+                    return Err(ConfigError::Conflict(format!(
+                        "{a} and {b} both use {}",
+                        pa.display()
+                    )));
+                }
             }
         }
         Ok(())
@@ -424,6 +473,12 @@ mod tests {
         assert_eq!("off".parse(), Ok(SerialMode::Off));
         assert_eq!("file=/tmp/x".parse(), Ok(SerialMode::File("/tmp/x".into())));
         assert!("file=".parse::<SerialMode>().is_err());
+        assert_eq!("pty".parse(), Ok(SerialMode::Pty));
+        assert_eq!(
+            "socket=/run/c.sock".parse(),
+            Ok(SerialMode::Socket("/run/c.sock".into()))
+        );
+        assert!("socket=".parse::<SerialMode>().is_err());
         assert!("tty".parse::<SerialMode>().is_err());
     }
 
@@ -453,17 +508,20 @@ mod tests {
             DiskConfig {
                 path: "/img/a.raw".into(),
                 readonly: true,
-                id: Some("root-1".into())
+                id: Some("root-1".into()),
+                aio: quantix_virtio::block::engine::EngineKind::IoUring,
             }
         );
-        let d: DiskConfig = "path=/img/b.raw".parse().unwrap();
+        let d: DiskConfig = "path=/img/b.raw,aio=threads".parse().unwrap();
         assert!(!d.readonly && d.id.is_none());
+        assert_eq!(d.aio, quantix_virtio::block::engine::EngineKind::Threads);
         for bad in [
             "",
             "/img/a.raw",
             "readonly=on",
             "path=",
             "path=/a,readonly=yes",
+            "path=/a,aio=posix",
             "path=/a,size=1G",
             "path=/a,id=",
             "path=/a,id=has space",

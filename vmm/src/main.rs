@@ -44,13 +44,13 @@ struct Cli {
     /// Guest memory: a number of MiB, or with a unit: 512M, 2G.
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     memory: MemorySize,
-    /// Serial console (COM1): stdout, file=PATH or off.
+    /// Serial console (COM1): stdout, file=PATH, pty, socket=PATH or off.
     #[arg(long, value_name = "MODE", default_value = "stdout")]
     serial: SerialMode,
     /// A virtio entropy device (virtio-rng), so that the guest does not wait for entropy.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
     rng: String,
-    /// A virtio-blk disk on a raw image: path=PATH[,readonly=on|off][,id=NAME]
+    /// A virtio-blk disk on a raw image: path=PATH[,readonly=on|off][,id=NAME][,aio=io_uring|threads]
     /// (repeatable; the guest sees vda, vdb, ... in this order).
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<DiskConfig>,
@@ -58,7 +58,8 @@ struct Cli {
     /// fd=N[,mac=MAC] (an open TAP fd with IFF_VNET_HDR from a supervisor); repeatable.
     #[arg(long = "net", value_name = "SPEC")]
     nets: Vec<NetConfig>,
-    /// A virtio console (the guest's hvc0): stdout, file=PATH or off.
+    /// A virtio console (the guest's hvc0): stdout, file=PATH, pty, socket=PATH or off.
+    /// Standard input goes to the serial port when it is on stdout, else to this console.
     #[arg(long, value_name = "MODE", default_value = "off")]
     console: SerialMode,
     /// Control socket path (JSON lines; see docs/vmm.md).

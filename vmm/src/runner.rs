@@ -124,9 +124,10 @@ impl MutEventSubscriber for SignalWatcher {
     }
 }
 
-/// Host standard input to the guest's serial port.
+/// Host input (standard input, a pty, a socket client) to the guest's serial port.
 struct SerialInput {
     serial: Arc<Mutex<SerialDevice>>,
+    fd: OwnedFd,
     pending: Vec<u8>,
     watching: bool,
     closed: bool,
@@ -149,8 +150,11 @@ impl SerialInput {
 impl MutEventSubscriber for SerialInput {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let mut buf = [0u8; 256];
-        // SAFETY: reading into a local buffer of the given length from fd 0.
-        let n = unsafe { libc::read(STDIN, buf.as_mut_ptr().cast(), buf.len()) };
+        // SAFETY: reading into a local buffer of the given length from an fd we own.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+            return; // a non-blocking pty: woken for nothing
+        }
         if n > 0 {
             self.pending.extend_from_slice(&buf[..n as usize]);
             self.drain();
@@ -162,7 +166,7 @@ impl MutEventSubscriber for SerialInput {
                 && n <= 0;
         // Stop reading while the guest has not taken what we have, and at end of input.
         if eof || !self.pending.is_empty() {
-            let _ = ops.remove(Events::new_raw(STDIN, EventSet::IN));
+            let _ = ops.remove(Events::new_raw(self.fd.as_raw_fd(), EventSet::IN));
             self.watching = false;
             if eof {
                 debug!("console input closed");
@@ -171,10 +175,9 @@ impl MutEventSubscriber for SerialInput {
         }
     }
     fn init(&mut self, ops: &mut EventOps) {
-        match ops.add(Events::new_raw(STDIN, EventSet::IN)) {
+        match ops.add(Events::new_raw(self.fd.as_raw_fd(), EventSet::IN)) {
             Ok(()) => self.watching = true,
-            // Regular files and /dev/null cannot be polled; there is no interactive input then.
-            Err(e) => debug!(error = ?e, "standard input is not pollable; no console input"),
+            Err(e) => warn!(error = ?e, "serial input cannot be watched; no serial input"),
         }
     }
 }
@@ -257,11 +260,14 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, RunError> {
         em.add_subscriber(Arc::new(Mutex::new(api)));
     }
 
-    let running = vm.start()?;
-    let _terminal = (config.serial == SerialMode::Stdout).then(RawTerminal::new);
-    let input = (config.serial == SerialMode::Stdout).then(|| {
+    let mut running = vm.start()?;
+    // Standard input goes to the serial port or the console; either way, raw for the guest.
+    let stdin_used = config.serial == SerialMode::Stdout || config.console == SerialMode::Stdout;
+    let _terminal = stdin_used.then(RawTerminal::new);
+    let input = running.serial_input.take().map(|fd| {
         Arc::new(Mutex::new(SerialInput {
             serial: running.serial.clone(),
+            fd,
             pending: Vec::new(),
             watching: false,
             closed: false,
@@ -290,7 +296,8 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, RunError> {
             i.drain();
             if i.pending.is_empty() && !i.watching && !i.closed {
                 if let Ok(mut ops) = em.event_ops(id) {
-                    i.watching = ops.add(Events::new_raw(STDIN, EventSet::IN)).is_ok();
+                    let fd = i.fd.as_raw_fd();
+                    i.watching = ops.add(Events::new_raw(fd, EventSet::IN)).is_ok();
                 }
             }
         }

@@ -1,8 +1,8 @@
 //! Building a VM from its configuration: KVM VM, guest memory, interrupt controllers,
 //! devices, boot payload and vCPUs; then running and stopping it.
 
-use std::fs::OpenOptions;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -12,9 +12,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use quantix_devices::legacy::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
-use quantix_devices::legacy::serial::{
-    SerialDevice, SerialSink, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN,
-};
+use quantix_devices::legacy::serial::{SerialDevice, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN};
 use quantix_devices::legacy::IrqTrigger;
 use quantix_devices::power::AcpiPowerDevice;
 use quantix_devices::{Bus, BusError};
@@ -27,6 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::{self, AcpiConfig, AcpiError};
 use crate::boot::{self, BootError, BootInfo};
+use crate::chardev::{self, ChardevHandle};
 use crate::config::{BootSource, SerialMode, VmConfig};
 use crate::cpu::cpuid::{self, CpuidConfig};
 use crate::cpu::{msrs, regs, Vcpu, VcpuHandle};
@@ -74,15 +73,9 @@ pub enum VmError {
     /// Two devices claim one range.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
-    /// The serial output file cannot be opened.
-    #[error("cannot open output file {path}: {source}")]
-    SerialFile {
-        /// The file.
-        path: std::path::PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+    /// A serial or console endpoint (file, pty, socket) cannot be opened.
+    #[error(transparent)]
+    Chardev(#[from] chardev::ChardevError),
     /// A host resource (eventfd, thread) could not be created.
     #[error("cannot create {what}: {source}")]
     Host {
@@ -153,6 +146,8 @@ pub struct Vm {
     exit: Arc<ExitSignal>,
     stop: Arc<AtomicBool>,
     serial: Arc<Mutex<SerialDevice>>,
+    serial_input: Option<OwnedFd>,
+    chardevs: Vec<ChardevHandle>,
     /// What was booted.
     pub boot: BootInfo,
     config: VmConfig,
@@ -166,23 +161,9 @@ pub struct RunningVm {
     stop: Arc<AtomicBool>,
     /// The serial port, for console input.
     pub serial: Arc<Mutex<SerialDevice>>,
-}
-
-fn serial_sink(mode: &SerialMode) -> Result<SerialSink, VmError> {
-    Ok(match mode {
-        SerialMode::Stdout => Box::new(io::stdout()),
-        SerialMode::Off => Box::new(io::sink()),
-        SerialMode::File(path) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| VmError::SerialFile {
-                    path: path.clone(),
-                    source,
-                })?,
-        ),
-    })
+    /// What the guest reads on its serial port (standard input, a pty, a socket client).
+    pub serial_input: Option<OwnedFd>,
+    _chardevs: Vec<ChardevHandle>,
 }
 
 impl Vm {
@@ -195,7 +176,15 @@ impl Vm {
             BootSource::Firmware(path) => Some(boot::read_firmware(path)?),
             BootSource::Kernel { .. } => None,
         };
-        let serial_out = serial_sink(&config.serial)?;
+        // Standard input goes to the serial port when it is on stdout, else to the console.
+        let serial_end = chardev::open(
+            &config.serial,
+            "serial",
+            config.serial == SerialMode::Stdout,
+        )?;
+        let (serial_out, mut serial_end) = serial_end.into_parts();
+        let serial_input = serial_end.input.take();
+        let mut chardevs = vec![serial_end];
 
         let fd = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
         // Intel VMX needs a TSS region below 4 GiB; other KVM flavours ignore or refuse it.
@@ -272,8 +261,9 @@ impl Vm {
         for (i, disk) in config.disks.iter().enumerate() {
             let name = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
             let block =
-                quantix_virtio::block::Block::open(&name, &disk.path, disk.readonly, &name)?;
-            info!(disk = %name, path = %disk.path.display(), readonly = disk.readonly, sectors = block.capacity_sectors(), "disk attached");
+                quantix_virtio::block::Block::open(&name, &disk.path, disk.readonly, &name)?
+                    .with_engine(disk.aio);
+            info!(disk = %name, path = %disk.path.display(), readonly = disk.readonly, aio = disk.aio.name(), sectors = block.capacity_sectors(), "disk attached");
             virtio_devices.push(Box::new(block));
         }
         for (i, net) in config.nets.iter().enumerate() {
@@ -296,8 +286,11 @@ impl Vm {
             virtio_devices.push(Box::new(card));
         }
         if config.console != SerialMode::Off {
-            let sink = serial_sink(&config.console)?;
-            virtio_devices.push(Box::new(quantix_virtio::console::Console::new(sink)));
+            let stdin = config.console == SerialMode::Stdout && config.serial != SerialMode::Stdout;
+            let (sink, mut end) = chardev::open(&config.console, "console", stdin)?.into_parts();
+            let input = end.input.take();
+            chardevs.push(end);
+            virtio_devices.push(Box::new(quantix_virtio::console::Console::new(sink, input)));
         }
         if config.rng {
             virtio_devices.push(Box::new(quantix_virtio::rng::Rng::new()));
@@ -386,6 +379,8 @@ impl Vm {
             exit,
             stop,
             serial,
+            serial_input,
+            chardevs,
             boot,
             config: config.clone(),
         })
@@ -426,6 +421,8 @@ impl Vm {
                         handles,
                         stop: self.stop,
                         serial: self.serial,
+                        serial_input: self.serial_input,
+                        _chardevs: self.chardevs,
                     };
                     running.stop();
                     return Err(VmError::Host {
@@ -441,6 +438,8 @@ impl Vm {
             handles,
             stop: self.stop,
             serial: self.serial,
+            serial_input: self.serial_input,
+            _chardevs: self.chardevs,
         })
     }
 }

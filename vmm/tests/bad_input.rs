@@ -294,6 +294,46 @@ fn network_cards_that_cannot_be_used_are_refused_before_boot() {
     }
 }
 
+#[test]
+fn character_device_endpoints_that_cannot_be_used_are_refused_before_boot() {
+    let dir = scratch("chardevs");
+    let kernel = good_kernel(&dir);
+    let live = dir.join("live.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let live_arg = format!("socket={}", live.display());
+    let same = format!("socket={}", dir.join("same.sock").display());
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["--serial", "tty"],
+            2,
+            "expected stdout, file=PATH, pty, socket=PATH",
+        ),
+        (&["--console", "socket="], 2, "invalid output setting"),
+        (
+            &["--serial", &same, "--console", &same],
+            1,
+            "--serial and --console both use",
+        ),
+        (
+            &["--console", "socket=/nonexistent-dir/c.sock"],
+            1,
+            "console: cannot listen on /nonexistent-dir/c.sock",
+        ),
+        (&["--serial", &live_arg], 1, "is in use by a live listener"),
+    ];
+    for (extra, want_code, want_msg) in cases {
+        let mut args = vec!["--kernel", kernel.as_str()];
+        args.extend_from_slice(extra);
+        let (code, err) = fails(&args);
+        assert_eq!(code, *want_code, "{extra:?}: {err}");
+        assert!(
+            err.contains(want_msg),
+            "{extra:?}: expected {want_msg:?} in {err}"
+        );
+    }
+    assert!(live.exists(), "a live listener's socket is left alone");
+}
+
 /// In a network namespace of its own, the VMM creates the TAP, brings it up, runs the
 /// guest and exits; the TAP goes away with the process.
 #[test]

@@ -233,16 +233,95 @@ fn serial_to_a_file_appends_and_off_discards() {
     assert!(stderr.contains("cannot open output file"), "{stderr}");
 }
 
-#[test]
-fn standard_input_reaches_the_guest_through_the_uart() {
-    let dir = scratch("stdin");
-    // Echo every received byte until a newline, then power off.
+/// A guest that echoes every byte its UART receives until a newline, then powers off.
+fn echo_guest(dir: &std::path::Path) -> String {
     let mut echo = vec![0x66, 0xba, 0xfd, 0x03]; // top: mov dx, 0x3fd (LSR)
     echo.extend_from_slice(&[0xec, 0xa8, 0x01, 0x74, 0xfb]); // in al, dx; test al, 1; jz -5
     echo.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xec, 0xee]); // mov dx, 0x3f8; in; out
     echo.extend_from_slice(&[0x3c, 0x0a, 0x75, 0xed]); // cmp al, '\n'; jne top
     echo.extend(asm::acpi_poweroff(true));
-    let kernel = long_mode_guest(&dir, "echo.elf", &echo);
+    long_mode_guest(dir, "echo.elf", &echo)
+}
+
+#[test]
+fn serial_on_a_unix_socket_echoes_through_the_guest() {
+    let dir = scratch("serialsock");
+    let kernel = echo_guest(&dir);
+    let sock = dir.join("serial.sock");
+    let serial = format!("socket={}", sock.display());
+    let child = Command::new(vmm_bin())
+        .args(["--kernel", &kernel, "--memory", "64M", "--serial", &serial])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let mut stream = loop {
+        match UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(_) if start.elapsed() < LIMIT => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("serial socket never appeared: {e}"),
+        }
+    };
+    stream.write_all(b"ping over a socket\n").unwrap();
+    // The greeting may have gone out before we attached (output without a client is dropped).
+    let mut seen = Vec::new();
+    std::io::Read::read_to_end(&mut stream, &mut seen).unwrap();
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(seen.ends_with("ping over a socket\n"), "{seen:?}");
+    let out = wait_limit(child, LIMIT);
+    let (code, stdout, stderr) = summary(&out);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        stdout, "",
+        "nothing on stdout when the serial port is on a socket"
+    );
+    assert!(!sock.exists(), "the socket file is removed on exit");
+}
+
+#[test]
+fn serial_on_a_pty_echoes_through_the_guest() {
+    let dir = scratch("serialpty");
+    let kernel = echo_guest(&dir);
+    let mut child = Command::new(vmm_bin())
+        .args(["--kernel", &kernel, "--memory", "64M", "--serial", "pty"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The pty's path is in the VMM's log.
+    let mut log = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let pty = loop {
+        line.clear();
+        assert_ne!(log.read_line(&mut line).unwrap(), 0, "no pty in the log");
+        if let Some(rest) = line.split("pty=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
+    let mut term = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pty)
+        .unwrap();
+    term.write_all(b"ping over a pty\n").unwrap();
+    let mut reader = BufReader::new(term);
+    let mut echoed = String::new();
+    while !echoed.contains("ping over a pty") {
+        echoed.clear();
+        assert_ne!(reader.read_line(&mut echoed).unwrap(), 0);
+    }
+    let out = wait_limit(child, LIMIT);
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn standard_input_reaches_the_guest_through_the_uart() {
+    let dir = scratch("stdin");
+    let kernel = echo_guest(&dir);
     let mut child = Command::new(vmm_bin())
         .args(["--kernel", &kernel, "--memory", "64M"])
         .stdin(Stdio::piped())

@@ -145,10 +145,13 @@ fn virtio_blk_data_survives_a_vmm_restart_and_readonly_is_enforced() {
         ("/payload/blk-writer.cpio", writer),
         ("/payload/blk-reader.cpio", reader),
     ];
-    let boot = |initramfs: &str| {
+    // The writer's disks use io_uring, the reader's the thread pool: both engines see
+    // the same data.
+    let boot = |initramfs: &str, aio: &str| {
         format!(
             "{VMM} --kernel {} --initramfs {initramfs} --memory 256M --rng off \
-             --disk path=/tmp/data.img,id=data --disk path=/tmp/ro.img,readonly=on,id=ro \
+             --disk path=/tmp/data.img,id=data,aio={aio} \
+             --disk path=/tmp/ro.img,readonly=on,id=ro,aio={aio} \
              --cmdline 'console=ttyS0 qx.action=script'",
             paths::GUEST_VMLINUZ
         )
@@ -162,8 +165,8 @@ fn virtio_blk_data_survives_a_vmm_restart_and_readonly_is_enforced() {
          {}\n\
          {}\n\
          echo \"QX-HOST ro-unchanged=$([ \"$(sha256sum /tmp/ro.img | cut -d' ' -f1)\" = \"$ro_before\" ] && echo yes || echo no)\"\n",
-        boot("/payload/blk-writer.cpio"),
-        boot("/payload/blk-reader.cpio"),
+        boot("/payload/blk-writer.cpio", "io_uring"),
+        boot("/payload/blk-reader.cpio", "threads"),
     );
     let job = Job::shell("blk", script).timeout(Duration::from_secs(300));
     let out = &run_job(&sandbox, images, job);
@@ -182,6 +185,19 @@ fn virtio_blk_data_survives_a_vmm_restart_and_readonly_is_enforced() {
     assert_eq!(field(out, "QX-BLK ro-content"), "READONLY-DISK-42", "{out}");
     assert_eq!(field(out, "QX-BLK ro-write"), "refused", "{out}");
     assert_eq!(field(out, "QX-HOST ro-unchanged"), "yes", "{out}");
+    let engines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("disk I/O engine") && l.contains("disk=data"))
+        .collect();
+    assert_eq!(engines.len(), 2, "{out}");
+    assert!(
+        engines[0].contains("io_uring"),
+        "the writer used io_uring: {out}"
+    );
+    assert!(
+        engines[1].contains("threads"),
+        "the reader used threads: {out}"
+    );
 }
 
 /// Two cards on two TAPs in the nested host: the guest pings the host through each, then
@@ -265,32 +281,54 @@ fn virtio_net_carries_ping_and_tcp_both_ways_through_a_tap() {
 
 /// The guest writes to `hvc0`; the line lands in the console's file, not on the serial port.
 #[test]
-fn virtio_console_output_reaches_its_file() {
+fn virtio_console_carries_output_and_input() {
     let sandbox = Sandbox::from_env().unwrap_or_else(|e| panic!("{e}"));
     let mut modules = VIRTIO_MODULES.to_vec();
     modules.push("kernel/drivers/char/virtio_console.ko");
+    // The guest writes to hvc0, then reads a line from it and reports it on the serial port.
     let guest = guest_initramfs(
         &sandbox,
         &modules,
         "for i in $(seq 50); do [ -c /dev/hvc0 ] && break; sleep 0.1; done\n\
-         echo 'QX-HVC hello from hvc0' > /dev/hvc0 && echo QX-HVC-WRITTEN\n",
+         exec 3<> /dev/hvc0\n\
+         stty -echo <&3\n\
+         echo 'QX-HVC hello from hvc0' >&3 && echo QX-HVC-WRITTEN\n\
+         echo QX-HVC-READY\n\
+         read -t 60 line <&3\n\
+         echo \"QX-HVC-GOT $line\"\n",
     );
     let images = vec![("/payload/hvc.cpio", guest)];
+    // The console is on the VMM's stdout and stdin (a FIFO); the serial port goes to a
+    // file. A tty drops input that arrives while nobody has it open, so the host writes
+    // only once the guest says it holds hvc0 open.
     let script = format!(
-        "{VMM} --kernel {} --initramfs /payload/hvc.cpio --memory 256M --rng off \
-           --console file=/tmp/hvc.log --cmdline 'console=ttyS0 qx.action=script'\n\
+        "mkfifo /tmp/hvc.in\n\
+         {VMM} --kernel {} --initramfs /payload/hvc.cpio \
+           --memory 256M --rng off --serial file=/tmp/serial.log --console stdout \
+           --cmdline 'console=ttyS0 qx.action=script' < /tmp/hvc.in > /tmp/hvc.log &\n\
+         vmm=$!\n\
+         exec 3> /tmp/hvc.in\n\
+         for i in $(seq 1200); do grep -q QX-HVC-READY /tmp/serial.log 2>/dev/null && break; sleep 0.1; done\n\
+         echo 'QX-IN ping over hvc0' >&3\n\
+         exec 3>&-\n\
+         wait $vmm\n\
          status=$?\n\
-         sed 's/^/HVC-FILE: /' /tmp/hvc.log\n\
+         sed 's/^/HVC-OUT: /' /tmp/hvc.log\n\
+         sed 's/^/SERIAL: /' /tmp/serial.log\n\
          exit $status\n",
         paths::GUEST_VMLINUZ
     );
     let job = Job::shell("hvc", script).timeout(Duration::from_secs(180));
     let out = &run_job(&sandbox, images, job);
-    assert!(out.contains("QX-HVC-WRITTEN"), "{out}");
-    assert!(out.contains("HVC-FILE: QX-HVC hello from hvc0"), "{out}");
-    let on_serial = out.lines().filter(|l| l.contains("QX-HVC hello")).count();
-    assert_eq!(
-        on_serial, 1,
-        "only in the console file, not on the serial port: {out}"
+    assert!(out.contains("SERIAL: QX-HVC-WRITTEN"), "{out}");
+    assert!(out.contains("HVC-OUT: QX-HVC hello from hvc0"), "{out}");
+    assert!(
+        !out.lines()
+            .any(|l| l.starts_with("SERIAL:") && l.contains("QX-HVC hello")),
+        "console output stays off the serial port: {out}"
+    );
+    assert!(
+        out.contains("SERIAL: QX-HVC-GOT QX-IN ping over hvc0"),
+        "host input reached the guest's hvc0: {out}"
     );
 }
