@@ -132,7 +132,9 @@ impl Console {
             let stream = match UnixStream::connect(&path).await {
                 Ok(s) => s,
                 Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    // The VMM binds its socket a few ms after it starts and drops output
+                    // while nobody is connected: retry quickly.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                     continue;
                 }
             };

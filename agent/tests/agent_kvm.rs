@@ -119,6 +119,45 @@ async fn lifecycle_console_events_pause_stop_delete() {
     assert!(body.contains("quantix_agent_request_seconds_count{method=\"GetVm\"}"), "{body}");
 }
 
+/// Sends `text` to the VM's console and returns what comes back until it is echoed.
+async fn console_roundtrip(
+    c: &mut quantix_proto::v1::vm_service_client::VmServiceClient<tonic::transport::Channel>,
+    id: &str,
+    text: &str,
+) -> String {
+    use quantix_proto::v1::{console_input, ConsoleAttach, ConsoleInput};
+    use tokio_stream::StreamExt;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(ConsoleInput {
+        input: Some(console_input::Input::Attach(ConsoleAttach { vm_id: id.into(), replay: false })),
+    })
+    .await
+    .unwrap();
+    let mut out = c
+        .attach_console(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let mut next_send = tokio::time::Instant::now();
+    while !String::from_utf8_lossy(&got).contains(text) {
+        // Resend until echoed: the console pump may still be connecting.
+        if tokio::time::Instant::now() >= next_send {
+            tx.send(ConsoleInput { input: Some(console_input::Input::Data(text.as_bytes().to_vec())) })
+                .await
+                .unwrap();
+            next_send = tokio::time::Instant::now() + Duration::from_millis(500);
+        }
+        match tokio::time::timeout(Duration::from_millis(100), out.next()).await {
+            Ok(Some(Ok(m))) => got.extend(m.data),
+            Ok(other) => panic!("console of {id} ended: {other:?}"),
+            Err(_) => assert!(tokio::time::Instant::now() < deadline, "{text:?} not echoed by {id}"),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 /// Whether `pid` runs (a zombie left to a parent that does not reap does not count).
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -349,10 +388,12 @@ async fn killed_agent_readopts_running_vms_and_reports_the_dead_one() {
     let mut c = agent.client().await;
     let mut pids = HashMap::new();
     for id in ["one", "two", "three"] {
-        let vm = create(&mut c, id, spec(id, &g.idle, RestartPolicy::Never), true).await;
+        let kernel = if id == "two" { &g.echo } else { &g.idle };
+        let vm = create(&mut c, id, spec(id, kernel, RestartPolicy::Never), true).await;
         assert_eq!(state(&vm), VmState::Running);
         pids.insert(id, pid(&vm));
     }
+    console_until(&mut c, "two", "echo ready", LIMIT).await;
     c.pause_vm(PauseVmRequest { vm_id: "two".into() }).await.unwrap();
 
     agent.kill();
@@ -381,8 +422,9 @@ async fn killed_agent_readopts_running_vms_and_reports_the_dead_one() {
     // Re-adopted VMs are fully controllable, and their exits are noticed.
     let mut events = watch(&mut c, "").await;
     c.resume_vm(ResumeVmRequest { vm_id: "two".into() }).await.unwrap();
-    let out = console_until(&mut c, "two", "hello from guest", LIMIT).await;
-    assert!(out.contains("hello"));
+    // The new agent is on the re-adopted VMM's console: what it sends comes back.
+    let echoed = console_roundtrip(&mut c, "two", "after-adoption").await;
+    assert!(echoed.contains("after-adoption"), "{echoed}");
     let vm = stop(&mut c, "one").await;
     assert_eq!(state(&vm), VmState::Stopped);
     assert!(!alive(pids["one"]), "the VMM still runs after stop");
@@ -502,4 +544,53 @@ async fn restart_policies() {
     wait_state(&mut c, "nv", VmState::Failed, LIMIT).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(state(&get(&mut c, "nv").await), VmState::Failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_input_reaches_the_guest_and_every_reader_sees_the_output() {
+    use quantix_proto::v1::{console_input, ConsoleAttach, ConsoleInput};
+    use tokio_stream::StreamExt;
+    require_kvm!();
+    let dir = scratch("echo");
+    let g = guests(&dir);
+    let agent = Agent::start(&dir.join("state"), "echo");
+    let mut c = agent.client().await;
+    create(&mut c, "e", spec("e", &g.echo, RestartPolicy::Never), true).await;
+    console_until(&mut c, "e", "echo ready", LIMIT).await;
+
+    let attach = |replay| ConsoleInput {
+        input: Some(console_input::Input::Attach(ConsoleAttach { vm_id: "e".into(), replay })),
+    };
+    // Reader A writes; reader B only listens (attached without replay).
+    let (tx_a, rx_a) = tokio::sync::mpsc::channel(4);
+    tx_a.send(attach(true)).await.unwrap();
+    let mut out_a = c
+        .attach_console(tokio_stream::wrappers::ReceiverStream::new(rx_a))
+        .await
+        .unwrap()
+        .into_inner();
+    let (tx_b, rx_b) = tokio::sync::mpsc::channel(4);
+    tx_b.send(attach(false)).await.unwrap();
+    let mut c2 = agent.client().await;
+    let mut out_b = c2
+        .attach_console(tokio_stream::wrappers::ReceiverStream::new(rx_b))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tx_a.send(ConsoleInput { input: Some(console_input::Input::Data(b"ping-42".to_vec())) })
+        .await
+        .unwrap();
+    for (name, out) in [("A", &mut out_a), ("B", &mut out_b)] {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        while !String::from_utf8_lossy(&got).contains("ping-42") {
+            match tokio::time::timeout_at(deadline, out.next()).await {
+                Ok(Some(Ok(m))) => got.extend(m.data),
+                other => panic!("reader {name}: no echo ({other:?}); got {:?}", String::from_utf8_lossy(&got)),
+            }
+        }
+    }
+    // B attached without replay: it never saw the banner printed before it attached.
+    delete(&mut c, "e", true).await;
 }

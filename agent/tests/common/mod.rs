@@ -120,22 +120,52 @@ pub struct Guests {
     pub poweroff: PathBuf,
     /// Prints "crash\n" and dies.
     pub crash: PathBuf,
+    /// Prints "echo ready\n", then echoes every byte it receives on COM1 (busy polling).
+    pub echo: PathBuf,
+}
+
+/// About 0.2 s of busy waiting on this host's KVM (PVM emulates each iteration at CPL0 in
+/// about 2 us; far less on hardware KVM). The VMM drops serial output while no client is on
+/// its socket, and the agent attaches a few ms after the VMM binds it: a guest that prints
+/// at its first instruction would print into the void (a real kernel takes longer).
+fn delay() -> Vec<u8> {
+    // mov ecx, 100000; dec ecx; jnz -4
+    let mut v = vec![0xb9];
+    v.extend_from_slice(&100_000u32.to_le_bytes());
+    v.extend([0xff, 0xc9, 0x75, 0xfc]);
+    v
 }
 
 pub fn guests(dir: &Path) -> Guests {
-    let mut idle = asm::print(b"hello from guest\n");
+    let mut idle = delay();
+    idle.extend(asm::print(b"hello from guest\n"));
     idle.extend(asm::HALT_LOOP);
-    let mut off = asm::print(b"bye\n");
+    let mut off = delay();
+    off.extend(asm::print(b"bye\n"));
     off.extend(asm::acpi_poweroff());
     off.extend(asm::HALT_LOOP);
-    let mut crash = asm::print(b"crash\n");
+    let mut crash = delay();
+    crash.extend(asm::print(b"crash\n"));
     crash.extend(asm::CRASH);
     let w = |name: &str, code: &[u8]| {
         let p = dir.join(name);
         std::fs::write(&p, elf64(code)).unwrap();
         p
     };
+    let mut echo = delay();
+    echo.extend(asm::print(b"echo ready\n"));
+    echo.extend([
+        0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd (line status)
+        0xec, // in al, dx
+        0xa8, 0x01, // test al, 1 (data ready)
+        0x74, 0xf7, // jz back to mov dx, 0x3fd
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xec, // in al, dx
+        0xee, // out dx, al
+        0xeb, 0xef, // jmp back to the start of the loop
+    ]);
     Guests {
+        echo: w("echo.elf", &echo),
         idle: w("idle.elf", &idle),
         poweroff: w("poweroff.elf", &off),
         crash: w("crash.elf", &crash),
