@@ -94,11 +94,7 @@ impl Console {
 
     /// Sends bytes to the guest; false when the console takes no input now.
     pub async fn write(&self, data: Vec<u8>) -> bool {
-        let tx = self
-            .input
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let tx = self.input.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match tx {
             Some(tx) => tx.send(data).await.is_ok(),
             None => false,

@@ -7,11 +7,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 /// Sends one request line and returns the parsed reply, within `limit`.
-pub async fn call(
-    socket: &Path,
-    op: &str,
-    limit: Duration,
-) -> Result<serde_json::Value, String> {
+pub async fn call(socket: &Path, op: &str, limit: Duration) -> Result<serde_json::Value, String> {
     let fut = async {
         let stream = UnixStream::connect(socket)
             .await

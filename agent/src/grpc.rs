@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use quantix_proto::v1::node_service_server::NodeService;
 use quantix_proto::v1::vm_service_server::VmService;
 use quantix_proto::v1::{
-    console_input, ConsoleInput, ConsoleOutput, CreateVmRequest, DeleteVmRequest,
-    DeleteVmResponse, EventKind, GetNodeRequest, GetVmRequest, ListVmsRequest, ListVmsResponse,
-    Node, PauseVmRequest, RebootVmRequest, ResumeVmRequest, StartVmRequest, StopVmRequest, Vm,
-    VmEvent, VmState, WatchVmsRequest,
+    console_input, ConsoleInput, ConsoleOutput, CreateVmRequest, DeleteVmRequest, DeleteVmResponse,
+    EventKind, GetNodeRequest, GetVmRequest, ListVmsRequest, ListVmsResponse, Node, PauseVmRequest,
+    RebootVmRequest, ResumeVmRequest, StartVmRequest, StopVmRequest, Vm, VmEvent, VmState,
+    WatchVmsRequest,
 };
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -249,7 +249,10 @@ impl VmService for Api {
                     "",
                     false,
                     t,
-                    Err(AgentError::invalid("attach", "the stream ended before an attach message")),
+                    Err(AgentError::invalid(
+                        "attach",
+                        "the stream ended before an attach message",
+                    )),
                 )
             }
         };
@@ -259,7 +262,10 @@ impl VmService for Api {
                 "",
                 false,
                 t,
-                Err(AgentError::invalid("attach", "the first message must be an attach message")),
+                Err(AgentError::invalid(
+                    "attach",
+                    "the first message must be an attach message",
+                )),
             );
         };
         let console = match self.manager.console(&attach.vm_id) {
@@ -271,7 +277,9 @@ impl VmService for Api {
             .and_then(|v| v.status)
             .map(|s| s.state)
             .unwrap_or_default();
-        if !crate::manager::is_active(VmState::try_from(state).unwrap_or_default()) && !attach.replay {
+        if !crate::manager::is_active(VmState::try_from(state).unwrap_or_default())
+            && !attach.replay
+        {
             return self.finish(
                 "AttachConsole",
                 &attach.vm_id,

@@ -161,44 +161,59 @@ async fn run(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot create {}: {e}", cfg.state_dir.display()))?;
     let host = quantix_agent::node::host_resources();
     let manager = Manager::open(cfg.clone(), host).map_err(|e| e.to_string())?;
-    manager.recover().await.map_err(|e| format!("recovery: {e}"))?;
+    manager
+        .recover()
+        .await
+        .map_err(|e| format!("recovery: {e}"))?;
     let api_metrics = Arc::new(ApiMetrics::default());
     let api = Api::new(manager.clone(), api_metrics.clone());
 
     let sock = cfg.socket_path();
     let _ = std::fs::remove_file(&sock);
-    let unix = UnixListener::bind(&sock).map_err(|e| format!("cannot bind {}: {e}", sock.display()))?;
+    let unix =
+        UnixListener::bind(&sock).map_err(|e| format!("cannot bind {}: {e}", sock.display()))?;
     info!(socket = %sock.display(), "gRPC listening on a Unix socket");
     let mut tasks = tokio::task::JoinSet::new();
-    let (vm, node) = (VmServiceServer::new(api.clone()), NodeServiceServer::new(api.clone()));
+    let (vm, node) = (
+        VmServiceServer::new(api.clone()),
+        NodeServiceServer::new(api.clone()),
+    );
     tasks.spawn(
         tonic::transport::Server::builder()
             .add_service(vm.clone())
             .add_service(node.clone())
             .serve_with_incoming(UnixListenerStream::new(unix)),
     );
+    // The Unix socket is the one endpoint the agent cannot do without; a TCP address that
+    // cannot be bound (no loopback in a minimal host, a port in use) is logged and skipped.
     if !cfg.listen.is_empty() {
-        let tcp = TcpListener::bind(&cfg.listen)
-            .await
-            .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
-        let addr = tcp.local_addr().map_err(|e| e.to_string())?;
-        let _ = std::fs::write(cfg.state_dir.join("tcp.addr"), addr.to_string());
-        info!(%addr, "gRPC listening on TCP");
-        tasks.spawn(
-            tonic::transport::Server::builder()
-                .add_service(vm)
-                .add_service(node)
-                .serve_with_incoming(TcpListenerStream::new(tcp)),
-        );
+        match TcpListener::bind(&cfg.listen).await {
+            Ok(tcp) => {
+                let addr = tcp.local_addr().map_err(|e| e.to_string())?;
+                let _ = std::fs::write(cfg.state_dir.join("tcp.addr"), addr.to_string());
+                info!(%addr, "gRPC listening on TCP");
+                tasks.spawn(
+                    tonic::transport::Server::builder()
+                        .add_service(vm)
+                        .add_service(node)
+                        .serve_with_incoming(TcpListenerStream::new(tcp)),
+                );
+            }
+            Err(e) => {
+                error!(addr = %cfg.listen, error = %e, "cannot listen for gRPC on TCP; serving on the Unix socket only")
+            }
+        }
     }
     if !cfg.metrics_listen.is_empty() {
-        let l = TcpListener::bind(&cfg.metrics_listen)
-            .await
-            .map_err(|e| format!("cannot listen on {}: {e}", cfg.metrics_listen))?;
-        if let Ok(a) = l.local_addr() {
-            let _ = std::fs::write(cfg.state_dir.join("metrics.addr"), a.to_string());
+        match TcpListener::bind(&cfg.metrics_listen).await {
+            Ok(l) => {
+                if let Ok(a) = l.local_addr() {
+                    let _ = std::fs::write(cfg.state_dir.join("metrics.addr"), a.to_string());
+                }
+                tokio::spawn(metrics::serve(l, manager.clone(), api_metrics));
+            }
+            Err(e) => error!(addr = %cfg.metrics_listen, error = %e, "cannot serve metrics"),
         }
-        tokio::spawn(metrics::serve(l, manager.clone(), api_metrics));
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;

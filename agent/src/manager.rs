@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quantix_proto::v1::{
-    EventKind, ExitInfo, RestartPolicy, Resources, Vm, VmSpec, VmState, VmStatus,
+    EventKind, ExitInfo, Resources, RestartPolicy, Vm, VmSpec, VmState, VmStatus,
 };
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -328,9 +328,9 @@ impl Manager {
                 "vm_id: VM {id:?} already exists with a different spec"
             )));
         }
-        let (taken, _) = self
-            .store
-            .scan(None, 1, |vm| vm.spec.as_ref().map(|s| &s.name) == Some(&spec.name))?;
+        let (taken, _) = self.store.scan(None, 1, |vm| {
+            vm.spec.as_ref().map(|s| &s.name) == Some(&spec.name)
+        })?;
         if let Some(other) = taken.first() {
             return Err(AgentError::AlreadyExists(format!(
                 "spec.name: {:?} is already the name of VM {:?}",
@@ -383,7 +383,8 @@ impl Manager {
         status_mut(&mut vm).state = VmState::Deleting as i32;
         self.store.put(&vm)?;
         if slot.running().is_some() {
-            self.stop_locked(&slot, &mut vm, Duration::ZERO, true).await?;
+            self.stop_locked(&slot, &mut vm, Duration::ZERO, true)
+                .await?;
         }
         self.finish_delete(id)?;
         Ok(())
@@ -405,8 +406,13 @@ impl Manager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
-        self.events
-            .emit(id, EventKind::Deleted, VmState::Deleting, None, "VM deleted");
+        self.events.emit(
+            id,
+            EventKind::Deleted,
+            VmState::Deleting,
+            None,
+            "VM deleted",
+        );
         Ok(())
     }
 
@@ -448,7 +454,10 @@ impl Manager {
                 format!("socket={}", paths.serial_socket().display()),
             );
         } else {
-            push("--serial", format!("file={}", paths.serial_file().display()));
+            push(
+                "--serial",
+                format!("file={}", paths.serial_file().display()),
+            );
         }
         for d in &spec.disks {
             let mut s = format!("path={}", d.path);
@@ -473,12 +482,13 @@ impl Manager {
         a
     }
 
-    async fn start_locked(self: &Arc<Self>, slot: &Arc<Slot>, vm: &mut Vm) -> Result<(), AgentError> {
+    async fn start_locked(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        vm: &mut Vm,
+    ) -> Result<(), AgentError> {
         let state = state_of(vm);
-        if !matches!(
-            state,
-            VmState::Created | VmState::Stopped | VmState::Failed
-        ) {
+        if !matches!(state, VmState::Created | VmState::Stopped | VmState::Failed) {
             return Err(AgentError::FailedPrecondition(format!(
                 "VM {:?} is {}; only a created, stopped or failed VM can start",
                 vm.id,
@@ -536,9 +546,7 @@ impl Manager {
                 return Err(AgentError::Internal(msg));
             }
         };
-        let cgroup = self
-            .cgroups
-            .place(&vm.id, pid, spec.vcpus, spec.memory_mib);
+        let cgroup = self.cgroups.place(&vm.id, pid, spec.vcpus, spec.memory_mib);
         {
             let st = status_mut(vm);
             st.pid = pid;
@@ -574,7 +582,10 @@ impl Manager {
                     VmState::Running,
                     EventKind::Started,
                     None,
-                    format!("VMM pid {pid} running after {} ms", started.elapsed().as_millis()),
+                    format!(
+                        "VMM pid {pid} running after {} ms",
+                        started.elapsed().as_millis()
+                    ),
                 )?;
                 Ok(())
             }
@@ -889,9 +900,21 @@ impl Manager {
         let mut vm = self.load(id)?;
         let state = state_of(&vm);
         let (from, to, sig, kind, want) = if pause {
-            (VmState::Running, VmState::Paused, libc::SIGSTOP, EventKind::Paused, 'T')
+            (
+                VmState::Running,
+                VmState::Paused,
+                libc::SIGSTOP,
+                EventKind::Paused,
+                'T',
+            )
         } else {
-            (VmState::Paused, VmState::Running, libc::SIGCONT, EventKind::Resumed, 'x')
+            (
+                VmState::Paused,
+                VmState::Running,
+                libc::SIGCONT,
+                EventKind::Resumed,
+                'x',
+            )
         };
         if state != from {
             return Err(AgentError::FailedPrecondition(format!(
@@ -980,11 +1003,8 @@ impl Manager {
                     )?;
                 }
                 None if is_active(state) => {
-                    let mut info = process::exit_info(
-                        WaitStatus::Unknown,
-                        &paths.exit_file(),
-                        now_ms(),
-                    );
+                    let mut info =
+                        process::exit_info(WaitStatus::Unknown, &paths.exit_file(), now_ms());
                     if info.reason == "killed" {
                         info.reason = "lost".into();
                         info.detail = "the VMM died while the agent was down and left no exit record (killed)".into();

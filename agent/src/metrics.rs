@@ -55,17 +55,46 @@ impl ApiMetrics {
 
     fn render(&self, out: &mut String) {
         out.push_str("# HELP quantix_agent_requests_total gRPC calls by method and status code.\n# TYPE quantix_agent_requests_total counter\n");
-        for ((m, c), n) in self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(out, "quantix_agent_requests_total{{method=\"{m}\",code=\"{c}\"}} {n}");
+        for ((m, c), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "quantix_agent_requests_total{{method=\"{m}\",code=\"{c}\"}} {n}"
+            );
         }
         out.push_str("# HELP quantix_agent_request_seconds gRPC call latency.\n# TYPE quantix_agent_request_seconds histogram\n");
-        for (m, h) in self.latency.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (m, h) in self
+            .latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(out, "quantix_agent_request_seconds_bucket{{method=\"{m}\",le=\"{b}\"}} {}", h.counts[i]);
+                let _ = writeln!(
+                    out,
+                    "quantix_agent_request_seconds_bucket{{method=\"{m}\",le=\"{b}\"}} {}",
+                    h.counts[i]
+                );
             }
-            let _ = writeln!(out, "quantix_agent_request_seconds_bucket{{method=\"{m}\",le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(out, "quantix_agent_request_seconds_sum{{method=\"{m}\"}} {}", h.sum);
-            let _ = writeln!(out, "quantix_agent_request_seconds_count{{method=\"{m}\"}} {}", h.count);
+            let _ = writeln!(
+                out,
+                "quantix_agent_request_seconds_bucket{{method=\"{m}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "quantix_agent_request_seconds_sum{{method=\"{m}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "quantix_agent_request_seconds_count{{method=\"{m}\"}} {}",
+                h.count
+            );
         }
     }
 }
@@ -75,25 +104,41 @@ pub async fn render(manager: &Arc<Manager>, api: &ApiMetrics) -> String {
     let mut out = String::new();
     api.render(&mut out);
     let vms = manager.all().unwrap_or_default();
-    out.push_str("# HELP quantix_vm_state 1 for the VM's current state.\n# TYPE quantix_vm_state gauge\n");
+    out.push_str(
+        "# HELP quantix_vm_state 1 for the VM's current state.\n# TYPE quantix_vm_state gauge\n",
+    );
     for vm in &vms {
         let state = vm.status.as_ref().map(|s| s.state).unwrap_or(0);
         let name = VmState::try_from(state)
             .map(crate::manager::state_name)
             .unwrap_or_default();
-        let _ = writeln!(out, "quantix_vm_state{{vm=\"{}\",state=\"{name}\"}} 1", vm.id);
+        let _ = writeln!(
+            out,
+            "quantix_vm_state{{vm=\"{}\",state=\"{name}\"}} 1",
+            vm.id
+        );
     }
     let mut per_vm = String::new();
     for vm in &vms {
-        let Some(st) = vm.status.as_ref() else { continue };
+        let Some(st) = vm.status.as_ref() else {
+            continue;
+        };
         if st.pid == 0 {
             continue;
         }
         if let Some(rss) = crate::process::rss_bytes(st.pid) {
-            let _ = writeln!(per_vm, "quantix_vmm_resident_bytes{{vm=\"{}\"}} {rss}", vm.id);
+            let _ = writeln!(
+                per_vm,
+                "quantix_vmm_resident_bytes{{vm=\"{}\"}} {rss}",
+                vm.id
+            );
         }
         if let Some(cpu) = crate::process::cpu_seconds(st.pid) {
-            let _ = writeln!(per_vm, "quantix_vmm_cpu_seconds_total{{vm=\"{}\"}} {cpu}", vm.id);
+            let _ = writeln!(
+                per_vm,
+                "quantix_vmm_cpu_seconds_total{{vm=\"{}\"}} {cpu}",
+                vm.id
+            );
         }
         // A paused VMM does not answer; skip its counters.
         if st.state != VmState::Running as i32 {
@@ -108,7 +153,11 @@ pub async fn render(manager: &Arc<Manager>, api: &ApiMetrics) -> String {
                 let idx = v["index"].as_u64().unwrap_or(0);
                 for key in ["exits", "io_exits", "mmio_exits", "unclaimed_accesses"] {
                     if let Some(n) = v[key].as_u64() {
-                        let _ = writeln!(per_vm, "quantix_vm_vcpu_{key}_total{{vm=\"{}\",vcpu=\"{idx}\"}} {n}", vm.id);
+                        let _ = writeln!(
+                            per_vm,
+                            "quantix_vm_vcpu_{key}_total{{vm=\"{}\",vcpu=\"{idx}\"}} {n}",
+                            vm.id
+                        );
                     }
                 }
             }
@@ -116,7 +165,11 @@ pub async fn render(manager: &Arc<Manager>, api: &ApiMetrics) -> String {
         if let Some(serial) = m["serial"].as_object() {
             for (key, v) in serial {
                 if let Some(n) = v.as_u64() {
-                    let _ = writeln!(per_vm, "quantix_vm_serial_{key}_total{{vm=\"{}\"}} {n}", vm.id);
+                    let _ = writeln!(
+                        per_vm,
+                        "quantix_vm_serial_{key}_total{{vm=\"{}\"}} {n}",
+                        vm.id
+                    );
                 }
             }
         }
@@ -147,7 +200,8 @@ pub async fn serve(listener: TcpListener, manager: Arc<Manager>, api: Arc<ApiMet
             let mut n = 0;
             // Read the request head (we answer every request the same way).
             while n < buf.len() {
-                match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[n..])).await {
+                match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[n..])).await
+                {
                     Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
                     Ok(Ok(k)) => n += k,
                 }
@@ -160,7 +214,9 @@ pub async fn serve(listener: TcpListener, manager: Arc<Manager>, api: Arc<ApiMet
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
-            if stream.write_all(head.as_bytes()).await.is_err() || stream.write_all(body.as_bytes()).await.is_err() {
+            if stream.write_all(head.as_bytes()).await.is_err()
+                || stream.write_all(body.as_bytes()).await.is_err()
+            {
                 warn!("metrics client went away");
             }
         });

@@ -1,9 +1,8 @@
 //! VMM processes: starting one detached from the agent, finding running ones again after an
 //! agent restart, noticing their exit at once (pidfd), and learning why they exited.
 
-use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -145,7 +144,11 @@ pub fn exit_info(status: WaitStatus, exit_file: &Path, now_ms: i64) -> ExitInfo 
 pub fn find_vmm(api_socket: &Path) -> Option<u32> {
     let want = api_socket.as_os_str().as_encoded_bytes();
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         if let Some(true) = cmdline_names(pid, want) {
@@ -216,14 +219,6 @@ pub fn signal(pid: u32, sig: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// Opens a file for append, creating it.
-pub fn open_log(path: &Path) -> io::Result<File> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-}
-
 /// The last `max` bytes of a text file, for error messages.
 pub fn tail(path: &Path, max: usize) -> String {
     let Ok(bytes) = std::fs::read(path) else {
@@ -231,11 +226,6 @@ pub fn tail(path: &Path, max: usize) -> String {
     };
     let start = bytes.len().saturating_sub(max);
     String::from_utf8_lossy(&bytes[start..]).trim().to_string()
-}
-
-/// The raw fd (for logs).
-pub fn raw(fd: &OwnedFd) -> i32 {
-    fd.as_raw_fd()
 }
 
 /// `quantix-vmm --version`, or an explanation.
@@ -309,7 +299,7 @@ mod tests {
         assert!(proc_state(pid).is_none());
 
         let pid = spawn_detached(Path::new("/bin/sleep"), &["30".into()], &log).unwrap();
-        assert_eq!(proc_state(pid), Some('S'));
+        assert!(proc_state(pid).is_some(), "sleep is not running");
         let fd = pidfd_open(pid).unwrap();
         signal(pid, libc::SIGKILL).unwrap();
         assert_eq!(wait_exit(pid, fd).await.unwrap(), WaitStatus::Signaled(9));
@@ -326,10 +316,20 @@ mod tests {
         let f = dir.join("exit.json");
         std::fs::write(&f, br#"{"code":0,"reason":"poweroff","detail":""}"#).unwrap();
         let i = exit_info(WaitStatus::Unknown, &f, 5);
-        assert_eq!((i.reason.as_str(), i.exit_code, i.failure), ("poweroff", 0, false));
-        std::fs::write(&f, br#"{"code":3,"reason":"triple-fault","detail":"vCPU 0"}"#).unwrap();
+        assert_eq!(
+            (i.reason.as_str(), i.exit_code, i.failure),
+            ("poweroff", 0, false)
+        );
+        std::fs::write(
+            &f,
+            br#"{"code":3,"reason":"triple-fault","detail":"vCPU 0"}"#,
+        )
+        .unwrap();
         let i = exit_info(WaitStatus::Exited(3), &f, 5);
-        assert_eq!((i.reason.as_str(), i.exit_code, i.failure), ("triple-fault", 3, true));
+        assert_eq!(
+            (i.reason.as_str(), i.exit_code, i.failure),
+            ("triple-fault", 3, true)
+        );
         let i = exit_info(WaitStatus::Unknown, &dir.join("missing"), 5);
         assert_eq!(i.reason, "killed");
         std::fs::remove_dir_all(dir).unwrap();

@@ -65,7 +65,9 @@ impl Store {
         let tx = self.db.begin_write().map_err(dberr)?;
         {
             let mut table = tx.open_table(VMS).map_err(dberr)?;
-            table.insert(vm.id.as_str(), bytes.as_slice()).map_err(dberr)?;
+            table
+                .insert(vm.id.as_str(), bytes.as_slice())
+                .map_err(dberr)?;
         }
         tx.commit().map_err(dberr)
     }
@@ -81,7 +83,9 @@ impl Store {
                 None => None,
             };
             if existing.is_none() {
-                table.insert(vm.id.as_str(), bytes.as_slice()).map_err(dberr)?;
+                table
+                    .insert(vm.id.as_str(), bytes.as_slice())
+                    .map_err(dberr)?;
             }
             existing
         };
@@ -180,10 +184,16 @@ mod tests {
             let again = store.insert_new(&vm("a")).unwrap();
             assert_eq!(again.unwrap().id, "a");
             let (page, more) = store.scan(None, 2, |_| true).unwrap();
-            assert_eq!(page.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+            assert_eq!(
+                page.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(),
+                ["a", "b"]
+            );
             assert!(more);
             let (page, more) = store.scan(Some("b"), 2, |_| true).unwrap();
-            assert_eq!(page.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(), ["c", "d"]);
+            assert_eq!(
+                page.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(),
+                ["c", "d"]
+            );
             assert!(!more);
             let (page, _) = store.scan(None, 10, |v| v.id != "b").unwrap();
             assert_eq!(page.len(), 3);

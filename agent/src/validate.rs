@@ -34,7 +34,10 @@ pub fn vm_id(field: &str, id: &str) -> Result<(), AgentError> {
         ));
     }
     if id == "." || id == ".." {
-        return Err(AgentError::invalid(field, format!("{id:?} is not a valid id")));
+        return Err(AgentError::invalid(
+            field,
+            format!("{id:?} is not a valid id"),
+        ));
     }
     Ok(())
 }
@@ -82,9 +85,7 @@ pub fn spec(spec: Option<&VmSpec>) -> Result<&VmSpec, AgentError> {
     {
         return Err(AgentError::invalid(
             "spec.name",
-            format!(
-                "{name:?} must be 1-63 characters of a-z, 0-9 and '-', starting with a letter"
-            ),
+            format!("{name:?} must be 1-63 characters of a-z, 0-9 and '-', starting with a letter"),
         ));
     }
     if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {

@@ -40,7 +40,19 @@ fn quantixctl_lifecycle_output_and_exit_statuses() {
         ),
     )
     .unwrap();
-    let v = json(&ctl(&agent, &["-o", "json", "create", "-f", spec.to_str().unwrap(), "--memory", "80", "--start"]));
+    let v = json(&ctl(
+        &agent,
+        &[
+            "-o",
+            "json",
+            "create",
+            "-f",
+            spec.to_str().unwrap(),
+            "--memory",
+            "80",
+            "--start",
+        ],
+    ));
     assert_eq!(v[0]["id"], "c1");
     assert_eq!(v[0]["spec"]["memory_mib"], 80);
     assert_eq!(v[0]["spec"]["restart_policy"], "on-failure");
@@ -51,28 +63,90 @@ fn quantixctl_lifecycle_output_and_exit_statuses() {
     assert!(out.status.success());
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.starts_with("ID "), "{table}");
-    assert!(table.lines().any(|l| l.starts_with("c1 ") && l.contains("ctl-vm") && l.contains("running")), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("c1 ") && l.contains("ctl-vm") && l.contains("running")),
+        "{table}"
+    );
     let v = json(&ctl(&agent, &["-o", "json", "list", "-l", "env=test"]));
     assert_eq!(v.as_array().unwrap().len(), 1);
     let v = json(&ctl(&agent, &["-o", "json", "list", "-l", "env=prod"]));
     assert_eq!(v.as_array().unwrap().len(), 0);
 
     // The console, for scripts: --until exits 0 once the text is seen.
-    let out = ctl(&agent, &["console", "c1", "--until", "hello from guest", "--timeout", "20"]);
+    let out = ctl(
+        &agent,
+        &[
+            "console",
+            "c1",
+            "--until",
+            "hello from guest",
+            "--timeout",
+            "20",
+        ],
+    );
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("hello from guest"));
-    let out = ctl(&agent, &["console", "c1", "--until", "never printed", "--timeout", "1"]);
+    let out = ctl(
+        &agent,
+        &[
+            "console",
+            "c1",
+            "--until",
+            "never printed",
+            "--timeout",
+            "1",
+        ],
+    );
     assert_eq!(out.status.code(), Some(9), "{out:?}");
 
     // Exit statuses by error.
     assert_eq!(ctl(&agent, &["get", "nope"]).status.code(), Some(3));
-    let dup = ctl(&agent, &["create", "--id", "c2", "--name", "ctl-vm", "--kernel", g.idle.to_str().unwrap()]);
+    let dup = ctl(
+        &agent,
+        &[
+            "create",
+            "--id",
+            "c2",
+            "--name",
+            "ctl-vm",
+            "--kernel",
+            g.idle.to_str().unwrap(),
+        ],
+    );
     assert_eq!(dup.status.code(), Some(4), "{dup:?}");
-    assert!(String::from_utf8_lossy(&dup.stderr).contains("spec.name"), "{dup:?}");
+    assert!(
+        String::from_utf8_lossy(&dup.stderr).contains("spec.name"),
+        "{dup:?}"
+    );
     assert_eq!(ctl(&agent, &["start", "c1"]).status.code(), Some(5));
-    let bad = ctl(&agent, &["create", "--name", "x", "--cpus", "0", "--kernel", g.idle.to_str().unwrap()]);
+    let bad = ctl(
+        &agent,
+        &[
+            "create",
+            "--name",
+            "x",
+            "--cpus",
+            "0",
+            "--kernel",
+            g.idle.to_str().unwrap(),
+        ],
+    );
     assert_eq!(bad.status.code(), Some(6), "{bad:?}");
-    let big = ctl(&agent, &["create", "--name", "big", "--cpus", "4", "--kernel", g.idle.to_str().unwrap(), "--start"]);
+    let big = ctl(
+        &agent,
+        &[
+            "create",
+            "--name",
+            "big",
+            "--cpus",
+            "4",
+            "--kernel",
+            g.idle.to_str().unwrap(),
+            "--start",
+        ],
+    );
     assert_eq!(big.status.code(), Some(7), "{big:?}");
     assert_eq!(ctl(&agent, &["bogus-command"]).status.code(), Some(2));
     let unreachable = Command::new(bin("quantixctl"))

@@ -73,8 +73,8 @@ fn agent_boots_debian_through_its_api_in_the_nested_sandbox() {
     };
     assert!(!r.timed_out, "{}", context());
     assert_eq!(r.status, Some(0), "{}", context());
-    let init = GuestInit::find(&r.output)
-        .unwrap_or_else(|| panic!("no guest init line: {}", context()));
+    let init =
+        GuestInit::find(&r.output).unwrap_or_else(|| panic!("no guest init line: {}", context()));
     assert_eq!(init.cpus, 2, "{}", context());
     for marker in [
         "QX-AGENT-SAW-LINUX-VERSION",

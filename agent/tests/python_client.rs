@@ -47,6 +47,9 @@ fn python_client_drives_a_vm_lifecycle() {
         "python client failed ({:?})\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status
     );
-    assert!(stdout.contains("python client: all steps passed"), "{stdout}");
+    assert!(
+        stdout.contains("python client: all steps passed"),
+        "{stdout}"
+    );
     assert!(stdout.contains("ok: console output"), "{stdout}");
 }

@@ -12,9 +12,9 @@ use clap::{Parser, Subcommand};
 use quantix_proto::v1::node_service_client::NodeServiceClient;
 use quantix_proto::v1::vm_service_client::VmServiceClient;
 use quantix_proto::v1::{
-    console_input, ConsoleAttach, ConsoleInput, CreateVmRequest, DeleteVmRequest,
-    GetNodeRequest, GetVmRequest, ListVmsRequest, PauseVmRequest, RebootVmRequest,
-    ResumeVmRequest, StartVmRequest, StopVmRequest, WatchVmsRequest,
+    console_input, ConsoleAttach, ConsoleInput, CreateVmRequest, DeleteVmRequest, GetNodeRequest,
+    GetVmRequest, ListVmsRequest, PauseVmRequest, RebootVmRequest, ResumeVmRequest, StartVmRequest,
+    StopVmRequest, WatchVmsRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
@@ -98,7 +98,8 @@ enum Cmd {
         /// Do not print the recent output first.
         #[arg(long)]
         no_replay: bool,
-        /// Exit (0) once the output contains this text; for scripts.
+        /// Exit (0) at the end of the first output line that contains this text (9 if the
+        /// console ends or --timeout passes first); for scripts.
         #[arg(long, value_name = "TEXT")]
         until: Option<String>,
         /// Give up after this many seconds (status 9 with --until).
@@ -166,13 +167,23 @@ async fn connect(addr: &str) -> Result<Channel, Failure> {
                 }
             }))
             .await
-            .map_err(|e| fail(status::UNAVAILABLE, format!("cannot reach the agent at unix:{display}: {e}")))
+            .map_err(|e| {
+                fail(
+                    status::UNAVAILABLE,
+                    format!("cannot reach the agent at unix:{display}: {e}"),
+                )
+            })
     } else {
         Endpoint::from_shared(addr.to_string())
             .map_err(|e| fail(status::USAGE, format!("--agent {addr:?}: {e}")))?
             .connect()
             .await
-            .map_err(|e| fail(status::UNAVAILABLE, format!("cannot reach the agent at {addr}: {e}")))
+            .map_err(|e| {
+                fail(
+                    status::UNAVAILABLE,
+                    format!("cannot reach the agent at {addr}: {e}"),
+                )
+            })
     }
 }
 
@@ -181,7 +192,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { status::USAGE } else { status::OK });
+            return ExitCode::from(if e.use_stderr() {
+                status::USAGE
+            } else {
+                status::OK
+            });
         }
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -232,9 +247,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let mut label_selector = std::collections::HashMap::new();
             for s in selector {
-                let (k, v) = s
-                    .split_once('=')
-                    .ok_or_else(|| fail(status::USAGE, format!("--selector {s:?}: expected KEY=VALUE")))?;
+                let (k, v) = s.split_once('=').ok_or_else(|| {
+                    fail(
+                        status::USAGE,
+                        format!("--selector {s:?}: expected KEY=VALUE"),
+                    )
+                })?;
                 label_selector.insert(k.to_string(), v.to_string());
             }
             let mut all = Vec::new();
@@ -265,7 +283,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Cmd::Start { id } => {
-            let vm = vms.start_vm(StartVmRequest { vm_id: id }).await?.into_inner();
+            let vm = vms
+                .start_vm(StartVmRequest { vm_id: id })
+                .await?
+                .into_inner();
             output::vms(&[vm], json);
         }
         Cmd::Stop { id, timeout, force } => {
@@ -280,15 +301,24 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             output::vms(&[vm], json);
         }
         Cmd::Reboot { id } => {
-            let vm = vms.reboot_vm(RebootVmRequest { vm_id: id }).await?.into_inner();
+            let vm = vms
+                .reboot_vm(RebootVmRequest { vm_id: id })
+                .await?
+                .into_inner();
             output::vms(&[vm], json);
         }
         Cmd::Pause { id } => {
-            let vm = vms.pause_vm(PauseVmRequest { vm_id: id }).await?.into_inner();
+            let vm = vms
+                .pause_vm(PauseVmRequest { vm_id: id })
+                .await?
+                .into_inner();
             output::vms(&[vm], json);
         }
         Cmd::Resume { id } => {
-            let vm = vms.resume_vm(ResumeVmRequest { vm_id: id }).await?.into_inner();
+            let vm = vms
+                .resume_vm(ResumeVmRequest { vm_id: id })
+                .await?
+                .into_inner();
             output::vms(&[vm], json);
         }
         Cmd::Delete { id, force } => {
@@ -451,18 +481,30 @@ async fn console(
                         None => Ok(()),
                     };
                 }
-                Some(None) => return Ok(()),
+                Some(None) => {
+                    return match until {
+                        Some(t) => Err(fail(status::TIMEOUT, format!("the console ended before {t:?} was seen"))),
+                        None => Ok(()),
+                    };
+                }
                 Some(Some(msg)) => {
                     let data = msg?.data;
                     let _ = stdout.write_all(&data);
                     let _ = stdout.flush();
                     if let Some(t) = &until {
                         seen.extend_from_slice(&data);
-                        if seen.windows(t.len().max(1)).any(|w| w == t.as_bytes()) {
-                            return Ok(());
+                        let t = t.as_bytes();
+                        match seen.windows(t.len().max(1)).position(|w| w == t) {
+                            // Done at the end of the line that holds the text.
+                            Some(p) if seen[p + t.len()..].contains(&b'\n') => return Ok(()),
+                            Some(p) => {
+                                seen.drain(..p);
+                            }
+                            None => {
+                                let keep = seen.len().saturating_sub(t.len());
+                                seen.drain(..keep);
+                            }
                         }
-                        let keep = seen.len().saturating_sub(t.len());
-                        seen.drain(..keep);
                     }
                 }
             }

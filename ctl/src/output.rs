@@ -5,7 +5,11 @@ use serde_json::{json, Value};
 
 fn state(s: i32) -> String {
     VmState::try_from(s)
-        .map(|s| s.as_str_name().trim_start_matches("VM_STATE_").to_ascii_lowercase())
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("VM_STATE_")
+                .to_ascii_lowercase()
+        })
         .unwrap_or_else(|_| s.to_string())
 }
 
@@ -60,7 +64,10 @@ pub fn vms(vms: &[Vm], json: bool) {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }
-    println!("{:<20} {:<20} {:<9} {:>5} {:>8} {:>8}  LAST EXIT", "ID", "NAME", "STATE", "CPUS", "MEM MiB", "PID");
+    println!(
+        "{:<20} {:<20} {:<9} {:>5} {:>8} {:>8}  LAST EXIT",
+        "ID", "NAME", "STATE", "CPUS", "MEM MiB", "PID"
+    );
     for vm in vms {
         let spec = vm.spec.clone().unwrap_or_default();
         let st = vm.status.clone().unwrap_or_default();
@@ -71,7 +78,11 @@ pub fn vms(vms: &[Vm], json: bool) {
             state(st.state),
             spec.vcpus,
             spec.memory_mib,
-            if st.pid == 0 { "-".into() } else { st.pid.to_string() },
+            if st.pid == 0 {
+                "-".into()
+            } else {
+                st.pid.to_string()
+            },
             st.last_exit.map(|e| e.reason).unwrap_or_else(|| "-".into())
         );
     }
@@ -84,7 +95,11 @@ pub fn vm_detail(vm: &Vm) {
         match v {
             Value::Object(m) => {
                 for (k, v) in m {
-                    let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
                     walk(&p, v);
                 }
             }
@@ -97,7 +112,11 @@ pub fn vm_detail(vm: &Vm) {
 /// One event per line.
 pub fn event(ev: &VmEvent, json: bool) {
     let kind = EventKind::try_from(ev.kind)
-        .map(|k| k.as_str_name().trim_start_matches("EVENT_KIND_").to_ascii_lowercase())
+        .map(|k| {
+            k.as_str_name()
+                .trim_start_matches("EVENT_KIND_")
+                .to_ascii_lowercase()
+        })
         .unwrap_or_default();
     if json {
         println!(
@@ -109,7 +128,14 @@ pub fn event(ev: &VmEvent, json: bool) {
             })
         );
     } else {
-        println!("{:>6} {:<20} {:<10} {:<9} {}", ev.sequence, ev.vm_id, kind, state(ev.state), ev.message);
+        println!(
+            "{:>6} {:<20} {:<10} {:<9} {}",
+            ev.sequence,
+            ev.vm_id,
+            kind,
+            state(ev.state),
+            ev.message
+        );
     }
 }
 
@@ -145,14 +171,26 @@ pub fn node(n: &Node, json: bool) {
     println!("capacity      {:>8} {:>12}", cap.vcpus, cap.memory_mib);
     println!("allocatable   {:>8} {:>12}", alloc.vcpus, alloc.memory_mib);
     println!("committed     {:>8} {:>12}", com.vcpus, com.memory_mib);
-    println!("VMs           {} total, {} running", n.vms_total, n.vms_running);
+    println!(
+        "VMs           {} total, {} running",
+        n.vms_total, n.vms_running
+    );
     println!(
         "KVM           {} (API {}, max {} vCPUs) {}",
-        if kvm.available { "available" } else { "unavailable" },
+        if kvm.available {
+            "available"
+        } else {
+            "unavailable"
+        },
         kvm.api_version,
         kvm.max_vcpus,
         kvm.detail
     );
     println!("KVM caps      {}", kvm.capabilities.join(" "));
-    println!("cgroups       {} {}: {}", if cg.available { "yes" } else { "no" }, cg.version, cg.detail);
+    println!(
+        "cgroups       {} {}: {}",
+        if cg.available { "yes" } else { "no" },
+        cg.version,
+        cg.detail
+    );
 }

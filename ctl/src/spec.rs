@@ -144,7 +144,10 @@ impl CreateArgs {
         let mut nics: Vec<Nic> = file
             .nics
             .into_iter()
-            .map(|n| Nic { tap: n.tap, mac: n.mac })
+            .map(|n| Nic {
+                tap: n.tap,
+                mac: n.mac,
+            })
             .collect();
         for n in self.nics {
             let (tap, mac) = match n.split_once(",mac=") {
@@ -175,7 +178,9 @@ impl CreateArgs {
             }),
             disks,
             nics,
-            console: file.console_ring_bytes.map(|ring_bytes| Console { ring_bytes }),
+            console: file
+                .console_ring_bytes
+                .map(|ring_bytes| Console { ring_bytes }),
             labels,
             restart_policy: restart as i32,
         };

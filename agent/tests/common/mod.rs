@@ -215,8 +215,18 @@ impl Agent {
             .args(["--listen", "", "--metrics-listen", "127.0.0.1:0"])
             .arg("--vmm")
             .arg(bin("quantix-vmm"))
-            .args(["--cgroup-name", &format!("qx-test-{}-{}", std::process::id(), self.name)])
-            .args(["--max-vcpus", "4", "--max-memory-mib", "1024", "--log-level", "debug"])
+            .args([
+                "--cgroup-name",
+                &format!("qx-test-{}-{}", std::process::id(), self.name),
+            ])
+            .args([
+                "--max-vcpus",
+                "4",
+                "--max-memory-mib",
+                "1024",
+                "--log-level",
+                "debug",
+            ])
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -226,7 +236,11 @@ impl Agent {
         self.child = Some(child);
         let start = Instant::now();
         while !self.socket().exists() {
-            assert!(start.elapsed() < Duration::from_secs(20), "the agent did not come up; see {}", self.log_path().display());
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the agent did not come up; see {}",
+                self.log_path().display()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -259,9 +273,14 @@ impl Drop for Agent {
             for e in entries.flatten() {
                 let sock = e.path().join("api.sock");
                 for p in std::fs::read_dir("/proc").unwrap().flatten() {
-                    let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else { continue };
+                    let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                        continue;
+                    };
                     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                    if cmd.split(|b| *b == 0).any(|a| a == sock.as_os_str().as_encoded_bytes()) {
+                    if cmd
+                        .split(|b| *b == 0)
+                        .any(|a| a == sock.as_os_str().as_encoded_bytes())
+                    {
                         // SAFETY: sending SIGKILL to a test VMM.
                         unsafe { libc::kill(pid, libc::SIGKILL) };
                     }
@@ -329,14 +348,23 @@ pub fn pid(vm: &Vm) -> u32 {
 }
 
 /// Polls until the VM is in `want` (or panics after `limit`).
-pub async fn wait_state(c: &mut VmServiceClient<Channel>, id: &str, want: VmState, limit: Duration) -> Vm {
+pub async fn wait_state(
+    c: &mut VmServiceClient<Channel>,
+    id: &str,
+    want: VmState,
+    limit: Duration,
+) -> Vm {
     let start = Instant::now();
     loop {
         let vm = get(c, id).await;
         if state(&vm) == want {
             return vm;
         }
-        assert!(start.elapsed() < limit, "{id} is {:?}, not {want:?}, after {limit:?}: {vm:?}", state(&vm));
+        assert!(
+            start.elapsed() < limit,
+            "{id} is {:?}, not {want:?}, after {limit:?}: {vm:?}",
+            state(&vm)
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -401,7 +429,12 @@ pub async fn delete(c: &mut VmServiceClient<Channel>, id: &str, force: bool) {
 }
 
 /// Reads the console (with replay) until `text` appears.
-pub async fn console_until(c: &mut VmServiceClient<Channel>, id: &str, text: &str, limit: Duration) -> String {
+pub async fn console_until(
+    c: &mut VmServiceClient<Channel>,
+    id: &str,
+    text: &str,
+    limit: Duration,
+) -> String {
     use quantix_proto::v1::{console_input, ConsoleAttach, ConsoleInput};
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(ConsoleInput {
@@ -422,7 +455,10 @@ pub async fn console_until(c: &mut VmServiceClient<Channel>, id: &str, text: &st
     while !String::from_utf8_lossy(&got).contains(text) {
         match tokio::time::timeout_at(deadline, out.next()).await {
             Ok(Some(Ok(m))) => got.extend(m.data),
-            other => panic!("console of {id}: {text:?} not seen ({other:?}); got {:?}", String::from_utf8_lossy(&got)),
+            other => panic!(
+                "console of {id}: {text:?} not seen ({other:?}); got {:?}",
+                String::from_utf8_lossy(&got)
+            ),
         }
     }
     drop(tx);
