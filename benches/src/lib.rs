@@ -5,10 +5,13 @@
 //!   inside that host by the static `qx-probe` binary ([`probe`], [`smaps`]).
 //! - [`first_insn`]: process start to the first guest instruction on this host's
 //!   /dev/kvm, with tiny hand-made guests ([`guest`]).
+//! - [`agent`]: the node agent's API latency (create-to-running, list, stop) under
+//!   concurrent clients, VMs started per second, and the agent's memory and CPU per VM.
 //!
 //! [`probe`], [`smaps`] and [`stats`] are pure logic with unit tests; [`probe`] and
 //! [`smaps`] use the standard library only, as `qx-probe` does.
 
+pub mod agent;
 pub mod boot;
 pub mod error;
 pub mod first_insn;

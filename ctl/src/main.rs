@@ -55,7 +55,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Create a VM from flags and/or a YAML or JSON spec file (flags win).
-    Create(spec::CreateArgs),
+    Create(Box<spec::CreateArgs>),
     /// List VMs.
     List {
         /// Only VMs with this label (KEY=VALUE; repeatable).
@@ -230,7 +230,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let json = cli.output == "json";
     match cli.cmd {
         Cmd::Create(args) => {
-            let (id, spec, start) = args.build().map_err(|e| fail(status::USAGE, e))?;
+            let (id, spec, start) = (*args).build().map_err(|e| fail(status::USAGE, e))?;
             let vm = vms
                 .create_vm(CreateVmRequest {
                     vm_id: id,
