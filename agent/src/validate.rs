@@ -238,7 +238,8 @@ mod tests {
 
     #[test]
     fn names_the_wrong_field() {
-        let cases: Vec<(fn(&mut VmSpec), &str)> = vec![
+        type Mutation = fn(&mut VmSpec);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|s| s.name = "Web".into(), "spec.name"),
             (|s| s.name.clear(), "spec.name"),
             (|s| s.vcpus = 0, "spec.vcpus"),
