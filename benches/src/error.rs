@@ -46,6 +46,10 @@ pub enum BenchError {
     #[error("{0}")]
     Unavailable(String),
 
+    /// The node agent under benchmark failed (a call returned an error, it did not start).
+    #[error("node agent: {0}")]
+    Agent(String),
+
     /// A VMM produced no usable sample at all: there is nothing to compare.
     #[error("no successful run of {vmm}: {detail}")]
     NoSamples {

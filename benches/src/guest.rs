@@ -40,9 +40,13 @@ pub fn code(long_mode: bool) -> Vec<u8> {
 /// point is [`code`] in 64-bit mode: quantix-vmm boots it through the Linux 64-bit
 /// boot protocol, so the vCPU's first instruction is the guest's.
 pub fn elf64() -> Vec<u8> {
+    elf64_code(&code(true))
+}
+
+/// The same ELF64 wrapper around any 64-bit `code`.
+pub fn elf64_code(code: &[u8]) -> Vec<u8> {
     const EHDR: usize = 64;
     const PHDR: usize = 56;
-    let code = code(true);
     let entry = ELF_LOAD + (EHDR + PHDR) as u64;
     let total = (EHDR + PHDR + code.len()) as u64;
     let mut v = Vec::with_capacity(EHDR + PHDR + code.len());
@@ -70,7 +74,7 @@ pub fn elf64() -> Vec<u8> {
     v.extend_from_slice(&total.to_le_bytes()); // p_filesz
     v.extend_from_slice(&total.to_le_bytes()); // p_memsz
     v.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
-    v.extend_from_slice(&code);
+    v.extend_from_slice(code);
     v
 }
 

@@ -5,6 +5,8 @@
 //!   inside that host by the static `qx-probe` binary ([`probe`], [`smaps`]).
 //! - [`first_insn`]: process start to the first guest instruction on this host's
 //!   /dev/kvm, with tiny hand-made guests ([`guest`]).
+//! - [`agent`]: the node agent's API latency (create-to-running, list, stop) under
+//!   concurrent clients, VMs started per second, and the agent's memory and CPU per VM.
 //!
 //! - [`block`], [`net`]: virtio-blk and virtio-net throughput, IOPS, latency and the
 //!   VMM's host CPU, quantix-vmm and QEMU microvm in the same nested host, driven by the
@@ -17,6 +19,7 @@
 //! [`smaps`] use the standard library only, as `qx-probe` does; so do the modules
 //! `qx-io` uses (libc aside).
 
+pub mod agent;
 pub mod block;
 pub mod blockio;
 pub mod boot;

@@ -140,6 +140,26 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
     },
+    /// The node agent on this host's /dev/kvm: Create-to-Running, List and Stop latency
+    /// under concurrent clients, VMs started per second, the agent's memory and CPU per VM.
+    Agent {
+        /// VMs to create, list and stop.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=2000))]
+        vms: u32,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+        clients: u32,
+        /// List calls per client.
+        #[arg(long, default_value_t = 200)]
+        lists: u32,
+        /// Directory with quantix-agent and quantix-vmm; default: build them
+        /// (`cargo build --release -p quantix-vmm -p quantix-agent`) and use target/release.
+        #[arg(long, value_name = "DIR")]
+        bin_dir: Option<PathBuf>,
+        /// Also write the figures as JSON to PATH.
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -261,6 +281,53 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                 println!("raw samples and summary written to {}", path.display());
             }
             first_insn::check(&results)
+        }
+        Cmd::Agent {
+            vms,
+            clients,
+            lists,
+            bin_dir,
+            json,
+        } => {
+            let bin_dir = match bin_dir {
+                Some(d) => d,
+                None => {
+                    let root = quantix_sandbox::build::workspace_root();
+                    let out = std::process::Command::new(
+                        std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
+                    )
+                    .current_dir(&root)
+                    .args([
+                        "build",
+                        "--release",
+                        "-p",
+                        "quantix-vmm",
+                        "-p",
+                        "quantix-agent",
+                    ])
+                    .output()
+                    .map_err(|e| BenchError::io("running cargo build", e))?;
+                    if !out.status.success() {
+                        return Err(BenchError::Command {
+                            command: "cargo build --release -p quantix-vmm -p quantix-agent".into(),
+                            reason: String::from_utf8_lossy(&out.stderr).into_owned(),
+                        });
+                    }
+                    root.join("target/release")
+                }
+            };
+            let report = quantix_bench::agent::run(&quantix_bench::agent::AgentOptions {
+                vms: vms as usize,
+                clients: clients as usize,
+                lists: lists as usize,
+                bin_dir,
+            })?;
+            println!("{}", quantix_bench::agent::format(&report));
+            if let Some(path) = json {
+                write_json(&path, &report)?;
+                println!("figures written to {}", path.display());
+            }
+            Ok(())
         }
     }
 }

@@ -88,6 +88,47 @@ impl ExitReason {
     }
 }
 
+/// The record `--exit-file` leaves behind: why the VMM exited, for a supervisor that is not
+/// its parent (one that re-adopted it after a restart cannot wait for its status).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExitRecord {
+    /// The process exit status.
+    pub code: i32,
+    /// [`ExitReason::name`], or "setup-error" when the VM could not be set up.
+    pub reason: String,
+    /// Human-readable detail.
+    pub detail: String,
+}
+
+impl ExitRecord {
+    /// The record for a VM that ran and stopped for `reason`.
+    pub fn stopped(reason: &ExitReason) -> Self {
+        let detail = match reason {
+            ExitReason::Signal(sig) => format!("signal {sig}"),
+            ExitReason::TripleFault { vcpu } => format!("vCPU {vcpu} triple-faulted"),
+            ExitReason::KvmError { vcpu, detail } => format!("vCPU {vcpu}: {detail}"),
+            ExitReason::Unhandled { vcpu, exit } => format!("vCPU {vcpu}: {exit}"),
+            ExitReason::VmmError(e) => e.clone(),
+            _ => String::new(),
+        };
+        Self {
+            code: reason.exit_code(),
+            reason: reason.name().to_string(),
+            detail,
+        }
+    }
+
+    /// Writes the record to `path` atomically (a temporary file renamed over it), so that
+    /// a reader sees either nothing or the whole record.
+    pub fn write(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let json = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
 /// The one place where every part of the VMM asks the VM to stop. The first reason wins;
 /// the eventfd wakes the main loop.
 pub struct ExitSignal {
@@ -179,5 +220,20 @@ mod tests {
         assert_eq!(sorted.len(), codes.len());
         assert_eq!(ExitReason::Signal(15).exit_code(), 143);
         assert_eq!(ExitReason::Reset.exit_code(), 0);
+    }
+
+    #[test]
+    fn exit_record_round_trips_through_a_file() {
+        let dir = std::env::temp_dir().join(format!("qx-exit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("exit.json");
+        let rec = ExitRecord::stopped(&ExitReason::TripleFault { vcpu: 1 });
+        rec.write(&path).unwrap();
+        let back: ExitRecord = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(back, rec);
+        assert_eq!(back.code, EXIT_TRIPLE_FAULT);
+        assert_eq!(back.reason, "triple-fault");
+        assert!(!dir.join("exit.json.tmp").exists());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -9,7 +9,7 @@ use quantix_vmm::config::{
     host_memory_mib, validate_vcpus, BootSource, DiskConfig, MemorySize, NetConfig, SerialMode,
     VmConfig, VsockConfig, DEFAULT_CMDLINE,
 };
-use quantix_vmm::exit::{EXIT_SETUP_ERROR, EXIT_USAGE};
+use quantix_vmm::exit::{ExitRecord, EXIT_SETUP_ERROR, EXIT_USAGE};
 use tracing_subscriber::EnvFilter;
 
 /// Run one virtual machine on KVM.
@@ -70,6 +70,10 @@ struct Cli {
     /// Control socket path (JSON lines; see docs/vmm.md).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Where to write, as the VMM exits, a JSON record of why ({"code":N,"reason":"...",
+    /// "detail":"..."}), for a supervisor that cannot wait for its status (see docs/vmm.md).
+    #[arg(long, value_name = "PATH")]
+    exit_file: Option<PathBuf>,
     /// Log level of the VMM's own logs on stderr: error, warn, info, debug, trace
     /// (or a tracing filter such as `quantix_vmm=debug`).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
@@ -133,19 +137,38 @@ fn main() -> ExitCode {
         console: cli.console,
         vsock: cli.vsock,
     };
+    let exit_file = cli.exit_file;
+    let record = |rec: ExitRecord| {
+        if let Some(path) = &exit_file {
+            if let Err(e) = rec.write(path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the exit record");
+            }
+        }
+    };
     if let Err(e) = config.validate(host_memory_mib()) {
         eprintln!("quantix-vmm: {e}");
+        record(ExitRecord {
+            code: EXIT_SETUP_ERROR,
+            reason: "setup-error".into(),
+            detail: e.to_string(),
+        });
         return ExitCode::from(EXIT_SETUP_ERROR as u8);
     }
     match quantix_vmm::runner::run(&config) {
         Ok(reason) => {
             let code = reason.exit_code();
             tracing::info!(reason = reason.name(), code, "VM stopped");
+            record(ExitRecord::stopped(&reason));
             ExitCode::from(code as u8)
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot run the VM");
             eprintln!("quantix-vmm: {e}");
+            record(ExitRecord {
+                code: EXIT_SETUP_ERROR,
+                reason: "setup-error".into(),
+                detail: e.to_string(),
+            });
             ExitCode::from(EXIT_SETUP_ERROR as u8)
         }
     }

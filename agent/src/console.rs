@@ -1,0 +1,233 @@
+//! A VM's serial console as the agent serves it: one connection to the VMM's serial socket
+//! (or a tail of its serial file), a ring buffer of recent output for late attachers, and a
+//! fan-out to every attached client; input from any client goes to the guest.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, mpsc};
+use tracing::debug;
+
+/// Default ring size.
+pub const DEFAULT_RING_BYTES: usize = 64 * 1024;
+
+/// Where the console's bytes come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The VMM's `--serial socket=PATH`: read and write.
+    Socket(PathBuf),
+    /// The VMM's `--serial file=PATH`: output only.
+    File(PathBuf),
+}
+
+struct Ring {
+    buf: VecDeque<u8>,
+    cap: usize,
+}
+
+impl Ring {
+    fn push(&mut self, data: &[u8]) {
+        let data = if data.len() > self.cap {
+            &data[data.len() - self.cap..]
+        } else {
+            data
+        };
+        let over = (self.buf.len() + data.len()).saturating_sub(self.cap);
+        self.buf.drain(..over);
+        self.buf.extend(data);
+    }
+}
+
+/// One VM's console hub. It outlives VMM restarts, so the ring spans them.
+pub struct Console {
+    ring: Mutex<Ring>,
+    out: broadcast::Sender<Arc<[u8]>>,
+    input: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
+}
+
+/// A client's view: the replay and the live stream, with no gap or overlap between them.
+pub struct Attachment {
+    /// Recent output (empty when not asked for).
+    pub replay: Vec<u8>,
+    /// Live output.
+    pub live: broadcast::Receiver<Arc<[u8]>>,
+}
+
+impl Console {
+    /// A console keeping `ring_bytes` of output.
+    pub fn new(ring_bytes: usize) -> Arc<Self> {
+        let (out, _) = broadcast::channel(1024);
+        Arc::new(Self {
+            ring: Mutex::new(Ring {
+                buf: VecDeque::new(),
+                cap: ring_bytes.max(1),
+            }),
+            out,
+            input: Mutex::new(None),
+        })
+    }
+
+    fn publish(&self, data: &[u8]) {
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        ring.push(data);
+        // Sent under the ring's lock, so an attacher sees each byte exactly once.
+        let _ = self.out.send(Arc::from(data));
+    }
+
+    /// Attaches a client.
+    pub fn attach(&self, replay: bool) -> Attachment {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let live = self.out.subscribe();
+        Attachment {
+            replay: if replay {
+                ring.buf.iter().copied().collect()
+            } else {
+                Vec::new()
+            },
+            live,
+        }
+    }
+
+    /// Sends bytes to the guest; false when the console takes no input now.
+    pub async fn write(&self, data: Vec<u8>) -> bool {
+        let tx = self.input.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match tx {
+            Some(tx) => tx.send(data).await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// Pumps one VMM process's console until `stop` fires or the source ends for good.
+    /// Started once per VMM process.
+    pub fn pump(self: &Arc<Self>, source: Source, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => {}
+                _ = me.run(source) => {}
+            }
+            *me.input.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        });
+    }
+
+    async fn run(self: &Arc<Self>, source: Source) {
+        match source {
+            Source::Socket(path) => self.run_socket(path).await,
+            Source::File(path) => self.run_file(path).await,
+        }
+    }
+
+    async fn run_socket(self: &Arc<Self>, path: PathBuf) {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
+        *self.input.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        loop {
+            let stream = match UnixStream::connect(&path).await {
+                Ok(s) => s,
+                Err(_) => {
+                    // The VMM binds its socket a few ms after it starts and drops output
+                    // while nobody is connected: retry quickly.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
+            };
+            debug!(path = %path.display(), "console connected");
+            let (mut r, mut w) = stream.into_split();
+            let mut buf = vec![0u8; 8192];
+            loop {
+                tokio::select! {
+                    n = r.read(&mut buf) => match n {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => self.publish(&buf[..n]),
+                    },
+                    Some(data) = rx.recv() => {
+                        if w.write_all(&data).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn run_file(self: &Arc<Self>, path: PathBuf) {
+        let mut pos = 0u64;
+        let mut buf = vec![0u8; 8192];
+        loop {
+            if let Ok(mut f) = tokio::fs::File::open(&path).await {
+                if f.seek(std::io::SeekFrom::Start(pos)).await.is_ok() {
+                    while let Ok(n) = f.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        pos += n as u64;
+                        self.publish(&buf[..n]);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    #[test]
+    fn ring_keeps_the_newest_bytes() {
+        let mut r = Ring {
+            buf: VecDeque::new(),
+            cap: 4,
+        };
+        r.push(b"ab");
+        r.push(b"cde");
+        assert_eq!(r.buf.iter().copied().collect::<Vec<_>>(), b"bcde");
+        r.push(b"0123456");
+        assert_eq!(r.buf.iter().copied().collect::<Vec<_>>(), b"3456");
+    }
+
+    #[tokio::test]
+    async fn fan_out_replay_and_input_through_a_fake_serial_socket() {
+        let dir = std::env::temp_dir().join(format!("qx-console-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("serial.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let console = Console::new(8);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        console.pump(Source::Socket(path.clone()), stop_rx);
+        let (mut guest, _) = listener.accept().await.unwrap();
+
+        let mut early = console.attach(false);
+        guest.write_all(b"hello world").await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 11 {
+            got.extend_from_slice(&early.live.recv().await.unwrap());
+        }
+        assert_eq!(got, b"hello world");
+
+        // A late attacher gets the last 8 bytes, then live output.
+        let mut late = console.attach(true);
+        assert_eq!(late.replay, b"lo world");
+        guest.write_all(b"!").await.unwrap();
+        assert_eq!(&*late.live.recv().await.unwrap(), b"!");
+        assert_eq!(&*early.live.recv().await.unwrap(), b"!");
+
+        // Input from a client reaches the guest.
+        assert!(console.write(b"ls\n".to_vec()).await);
+        let mut buf = [0u8; 3];
+        guest.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ls\n");
+
+        stop_tx.send(true).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!console.write(b"x".to_vec()).await);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,68 @@
+//! The agent's event bus: every state change and event, numbered, to every watcher.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use quantix_proto::v1::{EventKind, ExitInfo, VmEvent, VmState};
+use tokio::sync::broadcast;
+use tracing::info;
+
+/// Events buffered per slow watcher before it is told it lost some.
+const CAPACITY: usize = 4096;
+
+/// The bus.
+pub struct Events {
+    seq: AtomicU64,
+    tx: broadcast::Sender<VmEvent>,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Events {
+    /// An empty bus.
+    pub fn new() -> Self {
+        let (tx, _) = broadcast::channel(CAPACITY);
+        Self {
+            seq: AtomicU64::new(0),
+            tx,
+        }
+    }
+
+    /// Emits an event (and logs it).
+    pub fn emit(
+        &self,
+        vm_id: &str,
+        kind: EventKind,
+        state: VmState,
+        exit: Option<ExitInfo>,
+        message: impl Into<String>,
+    ) {
+        let message = message.into();
+        let sequence = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        info!(
+            vm = vm_id,
+            event = kind.as_str_name(),
+            state = state.as_str_name(),
+            reason = exit.as_ref().map(|e| e.reason.as_str()).unwrap_or(""),
+            sequence,
+            "{message}"
+        );
+        let _ = self.tx.send(VmEvent {
+            sequence,
+            vm_id: vm_id.to_string(),
+            kind: kind as i32,
+            state: state as i32,
+            exit,
+            message,
+            at_unix_ms: crate::now_ms(),
+        });
+    }
+
+    /// A receiver of every event from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
+        self.tx.subscribe()
+    }
+}

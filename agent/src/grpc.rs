@@ -1,0 +1,364 @@
+//! The gRPC services: request decoding, error mapping, audit log lines and API metrics around
+//! the manager's operations.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quantix_proto::v1::node_service_server::NodeService;
+use quantix_proto::v1::vm_service_server::VmService;
+use quantix_proto::v1::{
+    console_input, ConsoleInput, ConsoleOutput, CreateVmRequest, DeleteVmRequest, DeleteVmResponse,
+    EventKind, GetNodeRequest, GetVmRequest, ListVmsRequest, ListVmsResponse, Node, PauseVmRequest,
+    RebootVmRequest, ResumeVmRequest, StartVmRequest, StopVmRequest, Vm, VmEvent, VmState,
+    WatchVmsRequest,
+};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::info;
+
+use crate::error::AgentError;
+use crate::manager::Manager;
+use crate::metrics::ApiMetrics;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The services' shared state.
+#[derive(Clone)]
+pub struct Api {
+    manager: Arc<Manager>,
+    metrics: Arc<ApiMetrics>,
+    node: Arc<Node>,
+}
+
+impl Api {
+    /// Services over `manager`.
+    pub fn new(manager: Arc<Manager>, metrics: Arc<ApiMetrics>) -> Self {
+        let node = crate::node::describe(
+            &manager.cgroups,
+            manager.vmm_binary(),
+            manager.allocatable(),
+        );
+        Self {
+            manager,
+            metrics,
+            node: Arc::new(node),
+        }
+    }
+
+    /// Counts the call, writes the audit line for mutating calls, maps the error.
+    fn finish<T>(
+        &self,
+        method: &str,
+        vm_id: &str,
+        mutating: bool,
+        started: Instant,
+        result: Result<T, AgentError>,
+    ) -> Result<Response<T>, Status> {
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(e) => e.code(),
+        };
+        let elapsed = started.elapsed();
+        self.metrics.observe(method, code, elapsed);
+        if mutating {
+            info!(
+                target: "audit",
+                method,
+                vm = vm_id,
+                code = ?code,
+                elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                error = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
+                "audit"
+            );
+        }
+        result.map(Response::new).map_err(Status::from)
+    }
+}
+
+#[tonic::async_trait]
+impl VmService for Api {
+    async fn create_vm(&self, req: Request<CreateVmRequest>) -> Result<Response<Vm>, Status> {
+        let t = Instant::now();
+        let r = req.into_inner();
+        let res = self.manager.create(&r.vm_id, r.spec, r.start).await;
+        self.finish("CreateVm", &r.vm_id, true, t, res)
+    }
+
+    async fn start_vm(&self, req: Request<StartVmRequest>) -> Result<Response<Vm>, Status> {
+        let t = Instant::now();
+        let r = req.into_inner();
+        let res = self.manager.start(&r.vm_id).await;
+        self.finish("StartVm", &r.vm_id, true, t, res)
+    }
+
+    async fn stop_vm(&self, req: Request<StopVmRequest>) -> Result<Response<Vm>, Status> {
+        let t = Instant::now();
+        let r = req.into_inner();
+        let timeout = if r.timeout_ms == 0 {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_millis(r.timeout_ms.into())
+        };
+        let res = self.manager.stop(&r.vm_id, timeout, r.force).await;
+        self.finish("StopVm", &r.vm_id, true, t, res)
+    }
+
+    async fn reboot_vm(&self, req: Request<RebootVmRequest>) -> Result<Response<Vm>, Status> {
+        let t = Instant::now();
+        let r = req.into_inner();
+        let res = self.manager.reboot(&r.vm_id).await;
+        self.finish("RebootVm", &r.vm_id, true, t, res)
+    }
+
+    async fn pause_vm(&self, req: Request<PauseVmRequest>) -> Result<Response<Vm>, Status> {
+        let t = Instant::now();
+        let r = req.into_inner();
+        let res = self.manager.pause(&r.vm_id, true).await;
+        self.finish("PauseVm", &r.vm_id, true, t, res)
+    }
+
+    async fn resume_vm(&self, req: Request<ResumeVmRequest>) -> Result<Response<Vm>, Status> {
+        let t = Instant::now();
+        let r = req.into_inner();
+        let res = self.manager.pause(&r.vm_id, false).await;
+        self.finish("ResumeVm", &r.vm_id, true, t, res)
+    }
+
+    async fn delete_vm(
+        &self,
+        req: Request<DeleteVmRequest>,
+    ) -> Result<Response<DeleteVmResponse>, Status> {
+        let t = Instant::now();
+        let r = req.into_inner();
+        let res = self
+            .manager
+            .delete(&r.vm_id, r.force)
+            .await
+            .map(|_| DeleteVmResponse {});
+        self.finish("DeleteVm", &r.vm_id, true, t, res)
+    }
+
+    async fn get_vm(&self, req: Request<GetVmRequest>) -> Result<Response<Vm>, Status> {
+        let t = Instant::now();
+        let r = req.into_inner();
+        let res = self.manager.get(&r.vm_id);
+        self.finish("GetVm", &r.vm_id, false, t, res)
+    }
+
+    async fn list_vms(
+        &self,
+        req: Request<ListVmsRequest>,
+    ) -> Result<Response<ListVmsResponse>, Status> {
+        let t = Instant::now();
+        let r = req.into_inner();
+        let res = self
+            .manager
+            .list(&r.label_selector, r.page_size, &r.page_token)
+            .map(|(vms, next_page_token)| ListVmsResponse {
+                vms,
+                next_page_token,
+            });
+        self.finish("ListVms", "", false, t, res)
+    }
+
+    type WatchVmsStream = BoxStream<VmEvent>;
+
+    async fn watch_vms(
+        &self,
+        req: Request<WatchVmsRequest>,
+    ) -> Result<Response<Self::WatchVmsStream>, Status> {
+        let t = Instant::now();
+        let r = req.into_inner();
+        // Subscribe before reading the initial states, so nothing falls in between.
+        let mut rx = self.manager.events.subscribe();
+        let initial = if r.initial_state {
+            let vms = if r.vm_id.is_empty() {
+                self.manager.all()
+            } else {
+                self.manager.get(&r.vm_id).map(|v| vec![v])
+            };
+            match vms {
+                Ok(v) => v,
+                Err(e) => return self.finish("WatchVms", &r.vm_id, false, t, Err(e)),
+            }
+        } else {
+            if !r.vm_id.is_empty() {
+                if let Err(e) = self.manager.get(&r.vm_id) {
+                    return self.finish("WatchVms", &r.vm_id, false, t, Err(e));
+                }
+            }
+            Vec::new()
+        };
+        let filter = r.vm_id.clone();
+        let stream = async_stream(move |tx| async move {
+            for vm in initial {
+                let state = vm.status.as_ref().map(|s| s.state).unwrap_or(0);
+                let ev = VmEvent {
+                    sequence: 0,
+                    vm_id: vm.id.clone(),
+                    kind: EventKind::State as i32,
+                    state,
+                    exit: vm.status.and_then(|s| s.last_exit),
+                    message: "current state".into(),
+                    at_unix_ms: crate::now_ms(),
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => {
+                        if !filter.is_empty() && ev.vm_id != filter {
+                            continue;
+                        }
+                        if tx.send(Ok(ev)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "this watcher fell behind and lost {n} events; watch again with initial_state"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        self.finish("WatchVms", &r.vm_id, false, t, Ok(stream))
+    }
+
+    type AttachConsoleStream = BoxStream<ConsoleOutput>;
+
+    async fn attach_console(
+        &self,
+        req: Request<Streaming<ConsoleInput>>,
+    ) -> Result<Response<Self::AttachConsoleStream>, Status> {
+        let t = Instant::now();
+        let mut input = req.into_inner();
+        let first = match input.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(e),
+            None => {
+                return self.finish(
+                    "AttachConsole",
+                    "",
+                    false,
+                    t,
+                    Err(AgentError::invalid(
+                        "attach",
+                        "the stream ended before an attach message",
+                    )),
+                )
+            }
+        };
+        let Some(console_input::Input::Attach(attach)) = first.input else {
+            return self.finish(
+                "AttachConsole",
+                "",
+                false,
+                t,
+                Err(AgentError::invalid(
+                    "attach",
+                    "the first message must be an attach message",
+                )),
+            );
+        };
+        let console = match self.manager.console(&attach.vm_id) {
+            Ok(c) => c,
+            Err(e) => return self.finish("AttachConsole", &attach.vm_id, false, t, Err(e)),
+        };
+        let vm = self.manager.get(&attach.vm_id).ok();
+        let state = vm
+            .and_then(|v| v.status)
+            .map(|s| s.state)
+            .unwrap_or_default();
+        if !crate::manager::is_active(VmState::try_from(state).unwrap_or_default())
+            && !attach.replay
+        {
+            return self.finish(
+                "AttachConsole",
+                &attach.vm_id,
+                false,
+                t,
+                Err(AgentError::FailedPrecondition(format!(
+                    "VM {:?} is not running; attach with replay to read its last output",
+                    attach.vm_id
+                ))),
+            );
+        }
+        let mut view = console.attach(attach.replay);
+        let writer = console.clone();
+        let takes_input = self.manager.console_takes_input();
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = input.next().await {
+                if let Some(console_input::Input::Data(d)) = msg.input {
+                    if takes_input && !writer.write(d).await {
+                        break;
+                    }
+                }
+            }
+        });
+        let stream = async_stream(move |tx| async move {
+            if !view.replay.is_empty()
+                && tx
+                    .send(Ok(ConsoleOutput {
+                        data: std::mem::take(&mut view.replay),
+                    }))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            loop {
+                match view.live.recv().await {
+                    Ok(data) => {
+                        if tx
+                            .send(Ok(ConsoleOutput {
+                                data: data.to_vec(),
+                            }))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                }
+            }
+        });
+        self.finish("AttachConsole", &attach.vm_id, false, t, Ok(stream))
+    }
+}
+
+#[tonic::async_trait]
+impl NodeService for Api {
+    async fn get_node(&self, _req: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
+        let t = Instant::now();
+        let res = self.manager.committed().map(|(committed, total, running)| {
+            let mut node = (*self.node).clone();
+            node.committed = Some(committed);
+            node.vms_total = total;
+            node.vms_running = running;
+            node
+        });
+        self.finish("GetNode", "", false, t, res)
+    }
+}
+
+/// A stream fed by a task through a channel.
+fn async_stream<T, F, Fut>(f: F) -> BoxStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

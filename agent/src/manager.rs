@@ -1,0 +1,1064 @@
+//! The VM manager: the lifecycle of every VM, kept in the store, carried out on VMM
+//! processes, and recovered after an agent restart.
+//!
+//! Each VM has a slot with an async lock that serializes every operation on it (API calls,
+//! exit handling, policy restarts). Whoever holds the lock when a VMM exits records it; the
+//! exit watcher only records exits nobody else is waiting for.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quantix_proto::v1::{
+    EventKind, ExitInfo, Resources, RestartPolicy, Vm, VmSpec, VmState, VmStatus,
+};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::cgroup::Cgroups;
+use crate::config::Config;
+use crate::console::{Console, Source, DEFAULT_RING_BYTES};
+use crate::control;
+use crate::error::AgentError;
+use crate::events::Events;
+use crate::now_ms;
+use crate::process::{self, VmPaths, WaitStatus};
+use crate::store::Store;
+
+/// How long a started VMM may take to answer on its control socket.
+const START_PROBE_LIMIT: Duration = Duration::from_secs(10);
+
+/// A VMM process the agent watches.
+struct Running {
+    pid: u32,
+    /// Becomes `Some` when the process has exited.
+    exited: watch::Receiver<Option<ExitInfo>>,
+    /// Stops the console pump of this process.
+    stop_console: watch::Sender<bool>,
+}
+
+/// One VM's in-memory companion.
+pub struct Slot {
+    op: tokio::sync::Mutex<()>,
+    console: Arc<Console>,
+    run: Mutex<Option<Running>>,
+    /// A policy restart is waiting for its back-off; an API call cancels it.
+    pending_restart: AtomicBool,
+}
+
+impl Slot {
+    fn new(spec: &VmSpec) -> Arc<Self> {
+        let ring = spec
+            .console
+            .as_ref()
+            .map(|c| c.ring_bytes as usize)
+            .filter(|n| *n > 0)
+            .unwrap_or(DEFAULT_RING_BYTES);
+        Arc::new(Self {
+            op: tokio::sync::Mutex::new(()),
+            console: Console::new(ring),
+            run: Mutex::new(None),
+            pending_restart: AtomicBool::new(false),
+        })
+    }
+
+    fn running(&self) -> Option<(u32, watch::Receiver<Option<ExitInfo>>)> {
+        self.run
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|r| (r.pid, r.exited.clone()))
+    }
+
+    fn take_running(&self) -> Option<Running> {
+        self.run.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// States in which a VM holds a VMM process and commits resources.
+pub fn is_active(state: VmState) -> bool {
+    matches!(
+        state,
+        VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+    )
+}
+
+fn state_of(vm: &Vm) -> VmState {
+    vm.status
+        .as_ref()
+        .and_then(|s| VmState::try_from(s.state).ok())
+        .unwrap_or(VmState::Unspecified)
+}
+
+fn status_mut(vm: &mut Vm) -> &mut VmStatus {
+    vm.status.get_or_insert_with(VmStatus::default)
+}
+
+fn spec_of(vm: &Vm) -> Result<&VmSpec, AgentError> {
+    vm.spec
+        .as_ref()
+        .ok_or_else(|| AgentError::Internal(format!("VM {} has no spec in the store", vm.id)))
+}
+
+/// The manager.
+pub struct Manager {
+    cfg: Config,
+    vmm: PathBuf,
+    store: Store,
+    /// The event bus.
+    pub events: Events,
+    /// The cgroup setup.
+    pub cgroups: Cgroups,
+    console_socket: bool,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    create_lock: tokio::sync::Mutex<()>,
+    allocatable: Resources,
+}
+
+impl Manager {
+    /// Opens the store and prepares the directories; call [`Manager::recover`] next.
+    pub fn open(cfg: Config, host: Resources) -> Result<Arc<Self>, AgentError> {
+        let vms_dir = cfg.state_dir.join("vms");
+        std::fs::create_dir_all(&vms_dir).map_err(|e| {
+            AgentError::Internal(format!("cannot create {}: {e}", vms_dir.display()))
+        })?;
+        let store = Store::open(&cfg.state_dir.join("state.redb"))?;
+        let vmm = cfg.vmm_path();
+        let console_socket = match cfg.console {
+            crate::config::ConsoleMode::Socket => true,
+            crate::config::ConsoleMode::File => false,
+            crate::config::ConsoleMode::Auto => process::vmm_has_serial_socket(&vmm),
+        };
+        let allocatable = Resources {
+            vcpus: if cfg.max_vcpus > 0 {
+                cfg.max_vcpus
+            } else {
+                host.vcpus * 4
+            },
+            memory_mib: if cfg.max_memory_mib > 0 {
+                cfg.max_memory_mib
+            } else {
+                host.memory_mib.saturating_sub(512).max(256)
+            },
+        };
+        let cgroups = Cgroups::detect(&cfg.cgroup_name);
+        info!(
+            vmm = %vmm.display(),
+            console = if console_socket { "socket" } else { "file" },
+            cgroups = cgroups.describe().1,
+            max_vcpus = allocatable.vcpus,
+            max_memory_mib = allocatable.memory_mib,
+            "VM manager ready"
+        );
+        if let Cgroups::Unavailable(why) = &cgroups {
+            warn!("VMMs run without cgroup limits: {why}");
+        }
+        Ok(Arc::new(Self {
+            cfg,
+            vmm,
+            store,
+            events: Events::new(),
+            cgroups,
+            console_socket,
+            slots: Mutex::new(HashMap::new()),
+            create_lock: tokio::sync::Mutex::new(()),
+            allocatable,
+        }))
+    }
+
+    /// The VMM binary.
+    pub fn vmm_binary(&self) -> &std::path::Path {
+        &self.vmm
+    }
+
+    /// What VMs may commit in total.
+    pub fn allocatable(&self) -> Resources {
+        self.allocatable
+    }
+
+    fn paths(&self, id: &str) -> VmPaths {
+        VmPaths {
+            dir: self.cfg.state_dir.join("vms").join(id),
+        }
+    }
+
+    fn slot(&self, id: &str) -> Option<Arc<Slot>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn slot_for(&self, vm: &Vm) -> Result<Arc<Slot>, AgentError> {
+        if let Some(s) = self.slot(&vm.id) {
+            return Ok(s);
+        }
+        let slot = Slot::new(spec_of(vm)?);
+        Ok(self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(vm.id.clone())
+            .or_insert(slot)
+            .clone())
+    }
+
+    fn load(&self, id: &str) -> Result<Vm, AgentError> {
+        crate::validate::vm_id("vm_id", id)?;
+        self.store
+            .get(id)?
+            .ok_or_else(|| AgentError::NotFound(id.to_string()))
+    }
+
+    /// Writes the VM's new state and emits an event.
+    fn commit(
+        &self,
+        vm: &mut Vm,
+        state: VmState,
+        kind: EventKind,
+        exit: Option<ExitInfo>,
+        message: impl Into<String>,
+    ) -> Result<(), AgentError> {
+        status_mut(vm).state = state as i32;
+        self.store.put(vm)?;
+        self.events.emit(&vm.id, kind, state, exit, message);
+        Ok(())
+    }
+
+    /// The current record of a VM.
+    pub fn get(&self, id: &str) -> Result<Vm, AgentError> {
+        self.load(id)
+    }
+
+    /// A page of VMs.
+    pub fn list(
+        &self,
+        selector: &HashMap<String, String>,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<Vm>, String), AgentError> {
+        for (k, v) in selector {
+            crate::validate::label(&format!("label_selector[{k:?}]"), k, v)?;
+        }
+        if page_size > 1000 {
+            return Err(AgentError::invalid(
+                "page_size",
+                format!("must be at most 1000, got {page_size}"),
+            ));
+        }
+        let limit = if page_size == 0 { 100 } else { page_size } as usize;
+        let after = if page_token.is_empty() {
+            None
+        } else {
+            crate::validate::vm_id("page_token", page_token)?;
+            Some(page_token)
+        };
+        let (vms, more) = self.store.scan(after, limit, |vm| {
+            let labels = vm.spec.as_ref().map(|s| &s.labels);
+            selector
+                .iter()
+                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+        })?;
+        let next = if more {
+            vms.last().map(|v| v.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok((vms, next))
+    }
+
+    /// Every VM (for metrics and the node's totals).
+    pub fn all(&self) -> Result<Vec<Vm>, AgentError> {
+        Ok(self.store.all()?)
+    }
+
+    /// What active VMs commit now.
+    pub fn committed(&self) -> Result<(Resources, u32, u32), AgentError> {
+        let all = self.store.all()?;
+        let mut r = Resources::default();
+        let mut active = 0;
+        for vm in &all {
+            if is_active(state_of(vm)) {
+                let spec = spec_of(vm)?;
+                r.vcpus += spec.vcpus;
+                r.memory_mib += spec.memory_mib;
+                active += 1;
+            }
+        }
+        Ok((r, all.len() as u32, active))
+    }
+
+    /// The console of a VM.
+    pub fn console(&self, id: &str) -> Result<Arc<Console>, AgentError> {
+        let vm = self.load(id)?;
+        Ok(self.slot_for(&vm)?.console.clone())
+    }
+
+    /// Whether consoles take input.
+    pub fn console_takes_input(&self) -> bool {
+        self.console_socket
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Create and delete
+
+    /// Creates a VM (idempotent on its id); starts it when asked.
+    pub async fn create(
+        self: &Arc<Self>,
+        id: &str,
+        spec: Option<VmSpec>,
+        start: bool,
+    ) -> Result<Vm, AgentError> {
+        crate::validate::vm_id("vm_id", id)?;
+        let spec = crate::validate::spec(spec.as_ref())?.clone();
+        let guard = self.create_lock.lock().await;
+        if let Some(existing) = self.store.get(id)? {
+            drop(guard);
+            if existing.spec.as_ref() == Some(&spec) {
+                // A retried create-and-start whose start failed (or never happened) starts now.
+                if start && state_of(&existing) == VmState::Created {
+                    return self.start(id).await;
+                }
+                return Ok(existing);
+            }
+            return Err(AgentError::AlreadyExists(format!(
+                "vm_id: VM {id:?} already exists with a different spec"
+            )));
+        }
+        let (taken, _) = self.store.scan(None, 1, |vm| {
+            vm.spec.as_ref().map(|s| &s.name) == Some(&spec.name)
+        })?;
+        if let Some(other) = taken.first() {
+            return Err(AgentError::AlreadyExists(format!(
+                "spec.name: {:?} is already the name of VM {:?}",
+                spec.name, other.id
+            )));
+        }
+        // The directory first, then the record: a crash in between leaves a directory without
+        // a record, which recovery removes; a retried create reuses it.
+        let paths = self.paths(id);
+        std::fs::create_dir_all(&paths.dir).map_err(|e| {
+            AgentError::Internal(format!("cannot create {}: {e}", paths.dir.display()))
+        })?;
+        let vm = Vm {
+            id: id.to_string(),
+            spec: Some(spec),
+            status: Some(VmStatus {
+                state: VmState::Created as i32,
+                created_unix_ms: now_ms(),
+                directory: paths.dir.display().to_string(),
+                ..Default::default()
+            }),
+        };
+        if let Some(existing) = self.store.insert_new(&vm)? {
+            return Ok(existing);
+        }
+        drop(guard);
+        self.events
+            .emit(id, EventKind::Created, VmState::Created, None, "VM created");
+        if start {
+            return self.start(id).await;
+        }
+        Ok(vm)
+    }
+
+    /// Deletes a VM.
+    pub async fn delete(self: &Arc<Self>, id: &str, force: bool) -> Result<(), AgentError> {
+        let mut vm = self.load(id)?;
+        let slot = self.slot_for(&vm)?;
+        let _op = slot.op.lock().await;
+        vm = self.load(id)?;
+        slot.pending_restart.store(false, Ordering::SeqCst);
+        let state = state_of(&vm);
+        if is_active(state) && !force {
+            return Err(AgentError::FailedPrecondition(format!(
+                "VM {id:?} is {}; stop it first or delete with force",
+                state_name(state)
+            )));
+        }
+        // The intent first: a crash from here on is finished by recovery.
+        status_mut(&mut vm).state = VmState::Deleting as i32;
+        self.store.put(&vm)?;
+        if slot.running().is_some() {
+            self.stop_locked(&slot, &mut vm, Duration::ZERO, true)
+                .await?;
+        }
+        self.finish_delete(id)?;
+        Ok(())
+    }
+
+    fn finish_delete(&self, id: &str) -> Result<(), AgentError> {
+        let paths = self.paths(id);
+        if let Some(pid) = process::find_vmm(&paths.api_socket()) {
+            let _ = process::signal(pid, libc::SIGKILL);
+        }
+        self.cgroups.remove(id);
+        if paths.dir.exists() {
+            std::fs::remove_dir_all(&paths.dir).map_err(|e| {
+                AgentError::Internal(format!("cannot remove {}: {e}", paths.dir.display()))
+            })?;
+        }
+        self.store.remove(id)?;
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.events.emit(
+            id,
+            EventKind::Deleted,
+            VmState::Deleting,
+            None,
+            "VM deleted",
+        );
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Start
+
+    /// Starts a created or stopped VM.
+    pub async fn start(self: &Arc<Self>, id: &str) -> Result<Vm, AgentError> {
+        let vm = self.load(id)?;
+        let slot = self.slot_for(&vm)?;
+        let _op = slot.op.lock().await;
+        slot.pending_restart.store(false, Ordering::SeqCst);
+        let mut vm = self.load(id)?;
+        status_mut(&mut vm).restart_count = 0;
+        self.start_locked(&slot, &mut vm).await?;
+        Ok(vm)
+    }
+
+    fn vmm_args(&self, spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |k: &str, v: String| {
+            a.push(k.to_string());
+            a.push(v);
+        };
+        if let Some(boot) = &spec.boot {
+            push("--kernel", boot.kernel.clone());
+            if !boot.initramfs.is_empty() {
+                push("--initramfs", boot.initramfs.clone());
+            }
+            if !boot.cmdline.is_empty() {
+                push("--cmdline", boot.cmdline.clone());
+            }
+        }
+        push("--cpus", spec.vcpus.to_string());
+        push("--memory", format!("{}M", spec.memory_mib));
+        if self.console_socket {
+            push(
+                "--serial",
+                format!("socket={}", paths.serial_socket().display()),
+            );
+        } else {
+            push(
+                "--serial",
+                format!("file={}", paths.serial_file().display()),
+            );
+        }
+        for d in &spec.disks {
+            let mut s = format!("path={}", d.path);
+            if d.readonly {
+                s.push_str(",readonly=on");
+            }
+            if !d.id.is_empty() {
+                s.push_str(&format!(",id={}", d.id));
+            }
+            push("--disk", s);
+        }
+        for n in &spec.nics {
+            let mut s = format!("tap={}", n.tap);
+            if !n.mac.is_empty() {
+                s.push_str(&format!(",mac={}", n.mac));
+            }
+            push("--net", s);
+        }
+        push("--api-socket", paths.api_socket().display().to_string());
+        push("--exit-file", paths.exit_file().display().to_string());
+        push("--log-format", "json".into());
+        a
+    }
+
+    async fn start_locked(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        vm: &mut Vm,
+    ) -> Result<(), AgentError> {
+        let state = state_of(vm);
+        if !matches!(state, VmState::Created | VmState::Stopped | VmState::Failed) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "VM {:?} is {}; only a created, stopped or failed VM can start",
+                vm.id,
+                state_name(state)
+            )));
+        }
+        let spec = spec_of(vm)?.clone();
+        let (committed, _, _) = self.committed()?;
+        if committed.vcpus + spec.vcpus > self.allocatable.vcpus {
+            return Err(AgentError::ResourceExhausted(format!(
+                "spec.vcpus: starting {} vCPUs would commit {} of the node's {} (now {} in use)",
+                spec.vcpus,
+                committed.vcpus + spec.vcpus,
+                self.allocatable.vcpus,
+                committed.vcpus
+            )));
+        }
+        if committed.memory_mib + spec.memory_mib > self.allocatable.memory_mib {
+            return Err(AgentError::ResourceExhausted(format!(
+                "spec.memory_mib: starting {} MiB would commit {} MiB of the node's {} MiB (now {} MiB in use)",
+                spec.memory_mib,
+                committed.memory_mib + spec.memory_mib,
+                self.allocatable.memory_mib,
+                committed.memory_mib
+            )));
+        }
+        let paths = self.paths(&vm.id);
+        std::fs::create_dir_all(&paths.dir).map_err(|e| {
+            AgentError::Internal(format!("cannot create {}: {e}", paths.dir.display()))
+        })?;
+        for stale in [paths.api_socket(), paths.exit_file(), paths.serial_socket()] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let _ = std::fs::write(paths.serial_file(), b"");
+        status_mut(vm).state = VmState::Starting as i32;
+        status_mut(vm).last_exit = None;
+        self.store.put(vm)?;
+
+        let started = Instant::now();
+        let args = self.vmm_args(&spec, &paths);
+        let pid = match process::spawn_detached(&self.vmm, &args, &paths.vmm_log()) {
+            Ok(pid) => pid,
+            Err(e) => {
+                let msg = format!("cannot run {}: {e}", self.vmm.display());
+                let exit = ExitInfo {
+                    reason: "setup-error".into(),
+                    exit_code: -1,
+                    detail: msg.clone(),
+                    at_unix_ms: now_ms(),
+                    failure: true,
+                    ..Default::default()
+                };
+                status_mut(vm).last_exit = Some(exit.clone());
+                self.commit(vm, VmState::Failed, EventKind::Exited, Some(exit), &msg)?;
+                return Err(AgentError::Internal(msg));
+            }
+        };
+        let cgroup = self.cgroups.place(&vm.id, pid, spec.vcpus, spec.memory_mib);
+        {
+            let st = status_mut(vm);
+            st.pid = pid;
+            st.started_unix_ms = now_ms();
+            st.cgroup = cgroup;
+        }
+        self.store.put(vm)?;
+        let mut exited = self.watch(slot, &vm.id, pid, paths.clone())?;
+
+        // Ready once the control socket answers (the VMM binds it before the guest runs).
+        let probe = async {
+            loop {
+                if control::call(&paths.api_socket(), "state", Duration::from_millis(500))
+                    .await
+                    .is_ok()
+                {
+                    return Ok(());
+                }
+                if exited.borrow().is_some() {
+                    return Err(());
+                }
+                tokio::select! {
+                    _ = exited.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                }
+            }
+        };
+        let ready = tokio::time::timeout(START_PROBE_LIMIT, probe).await;
+        match ready {
+            Ok(Ok(())) => {
+                self.commit(
+                    vm,
+                    VmState::Running,
+                    EventKind::Started,
+                    None,
+                    format!(
+                        "VMM pid {pid} running after {} ms",
+                        started.elapsed().as_millis()
+                    ),
+                )?;
+                Ok(())
+            }
+            Ok(Err(())) if ran(exited.borrow().as_ref()) => {
+                // The guest ran and ended before the probe saw it (a guest that powers
+                // off at once): the start succeeded; the exit is recorded like any other.
+                let info = wait_for_exit(&mut exited).await;
+                self.commit(
+                    vm,
+                    VmState::Running,
+                    EventKind::Started,
+                    None,
+                    format!("VMM pid {pid} ran (and already exited)"),
+                )?;
+                self.record_exit(slot, vm, info.clone(), false)?;
+                self.apply_restart_policy(slot.clone(), vm.clone(), info);
+                Ok(())
+            }
+            other => {
+                if other.is_err() {
+                    let _ = process::signal(pid, libc::SIGKILL);
+                }
+                let info = wait_for_exit(&mut exited).await;
+                self.record_exit(slot, vm, info, false)?;
+                let log = process::tail(&paths.vmm_log(), 600);
+                let setup_error = vm
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.last_exit.as_ref())
+                    .is_some_and(|e| e.reason == "setup-error");
+                // The VMM refused the spec on this node (a kernel it cannot load, a TAP it
+                // cannot open): the VM cannot start as it is. Anything else is the agent's.
+                let make = if setup_error {
+                    AgentError::FailedPrecondition
+                } else {
+                    AgentError::Internal
+                };
+                Err(make(format!(
+                    "VM {:?}: the VMM did not come up (it exited: {}); its log ends with: {log}",
+                    vm.id,
+                    vm.status
+                        .as_ref()
+                        .and_then(|s| s.last_exit.as_ref())
+                        .map(|e| format!("{} {}", e.reason, e.detail))
+                        .unwrap_or_default()
+                )))
+            }
+        }
+    }
+
+    /// Watches a VMM process (started or re-adopted): its exit, and its console.
+    fn watch(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        id: &str,
+        pid: u32,
+        paths: VmPaths,
+    ) -> Result<watch::Receiver<Option<ExitInfo>>, AgentError> {
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let (stop_console, stop_rx) = watch::channel(false);
+        let source = if self.console_socket {
+            Source::Socket(paths.serial_socket())
+        } else {
+            Source::File(paths.serial_file())
+        };
+        slot.console.pump(source, stop_rx);
+        *slot.run.lock().unwrap_or_else(|p| p.into_inner()) = Some(Running {
+            pid,
+            exited: exit_rx.clone(),
+            stop_console,
+        });
+        let pidfd = process::pidfd_open(pid);
+        let me = Arc::clone(self);
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let status = match pidfd {
+                Ok(fd) => process::wait_exit(pid, fd).await.unwrap_or_else(|e| {
+                    warn!(vm = %id, pid, error = %e, "cannot wait for the VMM");
+                    WaitStatus::Unknown
+                }),
+                // Already gone (ESRCH).
+                Err(_) => WaitStatus::Unknown,
+            };
+            let info = process::exit_info(status, &paths.exit_file(), now_ms());
+            let _ = exit_tx.send(Some(info.clone()));
+            me.on_exit(&id, pid, info).await;
+        });
+        Ok(exit_rx)
+    }
+
+    /// Records how a VMM ended and clears the slot's process.
+    fn record_exit(
+        &self,
+        slot: &Slot,
+        vm: &mut Vm,
+        info: ExitInfo,
+        requested: bool,
+    ) -> Result<(), AgentError> {
+        if let Some(run) = slot.take_running() {
+            let _ = run.stop_console.send(true);
+        }
+        self.cgroups.remove(&vm.id);
+        let state = if requested || !info.failure {
+            VmState::Stopped
+        } else {
+            VmState::Failed
+        };
+        let msg = if requested {
+            format!("VMM stopped on request ({})", info.reason)
+        } else {
+            format!("VMM exited: {} {}", info.reason, info.detail)
+        };
+        let st = status_mut(vm);
+        st.pid = 0;
+        st.last_exit = Some(info.clone());
+        self.commit(vm, state, EventKind::Exited, Some(info), msg)
+    }
+
+    /// A VMM exited on its own (no API call was waiting for it).
+    async fn on_exit(self: &Arc<Self>, id: &str, pid: u32, info: ExitInfo) {
+        let Some(slot) = self.slot(id) else { return };
+        let op = slot.op.lock().await;
+        if slot.running().map(|(p, _)| p) != Some(pid) {
+            return; // An API call already recorded it.
+        }
+        let mut vm = match self.load(id) {
+            Ok(vm) => vm,
+            Err(e) => {
+                warn!(vm = id, error = %e, "VMM exited but its VM cannot be loaded");
+                return;
+            }
+        };
+        let stopping = state_of(&vm) == VmState::Stopping;
+        if let Err(e) = self.record_exit(&slot, &mut vm, info.clone(), stopping) {
+            warn!(vm = id, error = %e, "cannot record a VMM exit");
+            return;
+        }
+        drop(op);
+        if !stopping {
+            self.apply_restart_policy(slot, vm, info);
+        }
+    }
+
+    /// Restarts the VM after a back-off if its policy (or a guest reboot) says so.
+    fn apply_restart_policy(self: &Arc<Self>, slot: Arc<Slot>, vm: Vm, info: ExitInfo) {
+        let policy = vm
+            .spec
+            .as_ref()
+            .and_then(|s| RestartPolicy::try_from(s.restart_policy).ok())
+            .unwrap_or(RestartPolicy::Never);
+        let restart = info.reason == "reboot"
+            || match policy {
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure => info.failure,
+                RestartPolicy::Never | RestartPolicy::Unspecified => false,
+            };
+        if !restart {
+            return;
+        }
+        let count = vm.status.as_ref().map(|s| s.restart_count).unwrap_or(0);
+        let backoff = if info.reason == "reboot" {
+            Duration::ZERO
+        } else {
+            let ms = 200u64.saturating_mul(1 << count.min(10));
+            Duration::from_millis(ms).min(Duration::from_secs(self.cfg.restart_backoff_max_secs))
+        };
+        slot.pending_restart.store(true, Ordering::SeqCst);
+        self.events.emit(
+            &vm.id,
+            EventKind::Restarting,
+            state_of(&vm),
+            Some(info),
+            format!(
+                "restarting in {} ms (restart {})",
+                backoff.as_millis(),
+                count + 1
+            ),
+        );
+        let me = Arc::clone(self);
+        let id = vm.id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(backoff).await;
+            let _op = slot.op.lock().await;
+            if !slot.pending_restart.swap(false, Ordering::SeqCst) {
+                return; // Cancelled by an API call.
+            }
+            let mut vm = match me.load(&id) {
+                Ok(vm) => vm,
+                Err(_) => return,
+            };
+            status_mut(&mut vm).restart_count = count + 1;
+            if let Err(e) = me.start_locked(&slot, &mut vm).await {
+                warn!(vm = %id, error = %e, "policy restart failed");
+            }
+        });
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Stop, reboot, pause, resume
+
+    /// Stops a VM.
+    pub async fn stop(
+        self: &Arc<Self>,
+        id: &str,
+        timeout: Duration,
+        force: bool,
+    ) -> Result<Vm, AgentError> {
+        let vm = self.load(id)?;
+        let slot = self.slot_for(&vm)?;
+        let _op = slot.op.lock().await;
+        let mut vm = self.load(id)?;
+        if slot.pending_restart.swap(false, Ordering::SeqCst) {
+            self.events.emit(
+                id,
+                EventKind::Stopping,
+                state_of(&vm),
+                None,
+                "pending policy restart cancelled",
+            );
+            return Ok(vm);
+        }
+        self.stop_locked(&slot, &mut vm, timeout, force).await?;
+        Ok(vm)
+    }
+
+    async fn stop_locked(
+        &self,
+        slot: &Slot,
+        vm: &mut Vm,
+        timeout: Duration,
+        force: bool,
+    ) -> Result<(), AgentError> {
+        let state = state_of(vm);
+        let Some((pid, mut exited)) = slot.running() else {
+            return Err(AgentError::FailedPrecondition(format!(
+                "VM {:?} is {}; it is not running",
+                vm.id,
+                state_name(state)
+            )));
+        };
+        let was_paused = state == VmState::Paused;
+        if state != VmState::Deleting {
+            self.commit(
+                vm,
+                VmState::Stopping,
+                EventKind::Stopping,
+                None,
+                if force { "killing the VMM" } else { "stopping" },
+            )?;
+        }
+        if was_paused {
+            let _ = process::signal(pid, libc::SIGCONT);
+        }
+        let paths = self.paths(&vm.id);
+        if !force {
+            if let Err(e) =
+                control::call(&paths.api_socket(), "shutdown", Duration::from_secs(1)).await
+            {
+                warn!(vm = %vm.id, error = %e, "no orderly stop through the control socket; sending SIGTERM");
+                let _ = process::signal(pid, libc::SIGTERM);
+            }
+            if tokio::time::timeout(timeout, exited.wait_for(|e| e.is_some()))
+                .await
+                .is_err()
+            {
+                warn!(vm = %vm.id, pid, ?timeout, "the VMM did not stop in time; killing it");
+            }
+        }
+        if exited.borrow().is_none() {
+            let _ = process::signal(pid, libc::SIGKILL);
+        }
+        let info = wait_for_exit(&mut exited).await;
+        let deleting = state == VmState::Deleting;
+        if deleting {
+            if let Some(run) = slot.take_running() {
+                let _ = run.stop_console.send(true);
+            }
+            return Ok(());
+        }
+        self.record_exit(slot, vm, info, true)
+    }
+
+    /// Reboots a VM: a new VMM process with the same spec.
+    pub async fn reboot(self: &Arc<Self>, id: &str) -> Result<Vm, AgentError> {
+        let vm = self.load(id)?;
+        let slot = self.slot_for(&vm)?;
+        let _op = slot.op.lock().await;
+        let mut vm = self.load(id)?;
+        let state = state_of(&vm);
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "VM {id:?} is {}; only a running or paused VM can reboot",
+                state_name(state)
+            )));
+        }
+        self.stop_locked(
+            &slot,
+            &mut vm,
+            Duration::from_secs(self.cfg.stop_timeout_secs),
+            false,
+        )
+        .await?;
+        self.start_locked(&slot, &mut vm).await?;
+        Ok(vm)
+    }
+
+    /// Pauses (true) or resumes (false) a VM by stopping or continuing every VMM thread.
+    pub async fn pause(self: &Arc<Self>, id: &str, pause: bool) -> Result<Vm, AgentError> {
+        let vm = self.load(id)?;
+        let slot = self.slot_for(&vm)?;
+        let _op = slot.op.lock().await;
+        let mut vm = self.load(id)?;
+        let state = state_of(&vm);
+        let (from, to, sig, kind, want) = if pause {
+            (
+                VmState::Running,
+                VmState::Paused,
+                libc::SIGSTOP,
+                EventKind::Paused,
+                'T',
+            )
+        } else {
+            (
+                VmState::Paused,
+                VmState::Running,
+                libc::SIGCONT,
+                EventKind::Resumed,
+                'x',
+            )
+        };
+        if state != from {
+            return Err(AgentError::FailedPrecondition(format!(
+                "VM {id:?} is {}; {} needs a {} VM",
+                state_name(state),
+                if pause { "pause" } else { "resume" },
+                state_name(from)
+            )));
+        }
+        let Some((pid, _)) = slot.running() else {
+            return Err(AgentError::FailedPrecondition(format!(
+                "VM {id:?} has no VMM process"
+            )));
+        };
+        process::signal(pid, sig)
+            .map_err(|e| AgentError::Internal(format!("cannot signal VMM pid {pid}: {e}")))?;
+        // Wait until the kernel shows the new state, so that Get reflects a fact.
+        for _ in 0..200 {
+            let s = process::proc_state(pid);
+            if (pause && s == Some(want)) || (!pause && s != Some('T')) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        self.commit(
+            &mut vm,
+            to,
+            kind,
+            None,
+            if pause { "VM paused" } else { "VM resumed" },
+        )?;
+        Ok(vm)
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Recovery
+
+    /// Brings the agent back in line with the world after a (re)start: finishes interrupted
+    /// deletes, removes directories without a record, re-adopts running VMMs and reports the
+    /// ones that died meanwhile.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), AgentError> {
+        let vms = self.store.all()?;
+        let known: std::collections::HashSet<String> = vms.iter().map(|v| v.id.clone()).collect();
+        if let Ok(entries) = std::fs::read_dir(self.cfg.state_dir.join("vms")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if !known.contains(&name) {
+                    warn!(dir = %e.path().display(), "removing a VM directory without a record (interrupted create)");
+                    if let Some(pid) = process::find_vmm(&self.paths(&name).api_socket()) {
+                        let _ = process::signal(pid, libc::SIGKILL);
+                    }
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        for mut vm in vms {
+            let id = vm.id.clone();
+            let state = state_of(&vm);
+            if state == VmState::Deleting {
+                info!(vm = %id, "finishing an interrupted delete");
+                self.finish_delete(&id)?;
+                continue;
+            }
+            let slot = self.slot_for(&vm)?;
+            let _op = slot.op.lock().await;
+            let paths = self.paths(&id);
+            match process::find_vmm(&paths.api_socket()) {
+                Some(pid) => {
+                    self.watch(&slot, &id, pid, paths)?;
+                    let new_state = match (process::proc_state(pid), state) {
+                        (Some('T'), _) => VmState::Paused,
+                        (_, VmState::Stopping) => {
+                            // A stop was under way: finish it.
+                            let _ = process::signal(pid, libc::SIGKILL);
+                            VmState::Stopping
+                        }
+                        _ => VmState::Running,
+                    };
+                    status_mut(&mut vm).pid = pid;
+                    self.commit(
+                        &mut vm,
+                        new_state,
+                        EventKind::Adopted,
+                        None,
+                        format!("re-adopted VMM pid {pid}"),
+                    )?;
+                }
+                None if is_active(state) => {
+                    let mut info =
+                        process::exit_info(WaitStatus::Unknown, &paths.exit_file(), now_ms());
+                    if info.reason == "killed" {
+                        info.reason = "lost".into();
+                        info.detail = "the VMM died while the agent was down and left no exit record (killed)".into();
+                    }
+                    let requested = state == VmState::Stopping;
+                    let new_state = if requested || !info.failure {
+                        VmState::Stopped
+                    } else {
+                        VmState::Failed
+                    };
+                    let st = status_mut(&mut vm);
+                    st.pid = 0;
+                    st.last_exit = Some(info.clone());
+                    self.cgroups.remove(&id);
+                    self.commit(
+                        &mut vm,
+                        new_state,
+                        EventKind::Lost,
+                        Some(info.clone()),
+                        format!("the VMM is gone: {} {}", info.reason, info.detail),
+                    )?;
+                    if !requested {
+                        self.apply_restart_policy(slot.clone(), vm, info);
+                    }
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether an exit says the VM ran (as opposed to failing to set up).
+fn ran(info: Option<&ExitInfo>) -> bool {
+    info.is_some_and(|i| i.reason != "setup-error" && i.exit_code >= 0 && i.signal == 0)
+}
+
+async fn wait_for_exit(exited: &mut watch::Receiver<Option<ExitInfo>>) -> ExitInfo {
+    match exited.wait_for(|e| e.is_some()).await {
+        Ok(v) => v.clone().unwrap_or_default(),
+        Err(_) => ExitInfo {
+            reason: "lost".into(),
+            detail: "the exit watcher ended".into(),
+            exit_code: -1,
+            failure: true,
+            at_unix_ms: now_ms(),
+            ..Default::default()
+        },
+    }
+}
+
+/// A state's name for messages ("running").
+pub fn state_name(s: VmState) -> String {
+    s.as_str_name()
+        .trim_start_matches("VM_STATE_")
+        .to_ascii_lowercase()
+}

@@ -1,0 +1,337 @@
+//! VMM processes: starting one detached from the agent, finding running ones again after an
+//! agent restart, noticing their exit at once (pidfd), and learning why they exited.
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use quantix_proto::v1::ExitInfo;
+use serde::Deserialize;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+/// The exit record `quantix-vmm --exit-file` writes (see vmm/src/exit.rs).
+#[derive(Debug, Deserialize)]
+struct ExitRecord {
+    code: i32,
+    reason: String,
+    #[serde(default)]
+    detail: String,
+}
+
+/// Exit reasons that are not failures for the restart policy.
+pub fn is_clean_reason(reason: &str) -> bool {
+    matches!(reason, "poweroff" | "reboot" | "api-shutdown")
+}
+
+/// Starts `binary args...` in its own session (so that it outlives the agent and no
+/// terminal signal reaches it), stdin from /dev/null, stdout and stderr appended to `log`.
+/// The agent does not keep a `Child`: it reaps the process itself (see [`wait_exit`]).
+pub fn spawn_detached(binary: &Path, args: &[String], log: &Path) -> io::Result<u32> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(binary);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err));
+    // SAFETY: the closure runs in the child between fork and exec and only calls setsid(2),
+    // which is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    // Dropping a std Child neither kills nor waits for the process; wait_exit reaps it.
+    Ok(child.id())
+}
+
+/// A pidfd for `pid`: readable once the process exits.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is
+    // passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// How the process ended, as far as waitpid tells (only for the agent's own children).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitStatus {
+    /// Exited with this status.
+    Exited(i32),
+    /// Killed by this signal.
+    Signaled(i32),
+    /// Not our child (re-adopted): unknown.
+    Unknown,
+}
+
+/// Waits until the process behind `pidfd` exits, then reaps it if it is our child.
+pub async fn wait_exit(pid: u32, pidfd: OwnedFd) -> io::Result<WaitStatus> {
+    // SAFETY: `pidfd` is an OwnedFd moved into the AsyncFd, which keeps it open and
+    // unchanged until it is dropped at the end of this function.
+    let afd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    let _guard = afd.readable().await?;
+    let mut status: libc::c_int = 0;
+    // SAFETY: waitpid writes the status into a local integer; WNOHANG never blocks. A pid
+    // that is not our child yields ECHILD, handled below.
+    let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+    if r == pid as libc::pid_t {
+        if libc::WIFEXITED(status) {
+            return Ok(WaitStatus::Exited(libc::WEXITSTATUS(status)));
+        }
+        if libc::WIFSIGNALED(status) {
+            return Ok(WaitStatus::Signaled(libc::WTERMSIG(status)));
+        }
+    }
+    Ok(WaitStatus::Unknown)
+}
+
+/// Why a VMM exited, from its wait status and its exit record (either may be missing).
+pub fn exit_info(status: WaitStatus, exit_file: &Path, now_ms: i64) -> ExitInfo {
+    let record: Option<ExitRecord> = std::fs::read(exit_file)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let mut info = ExitInfo {
+        at_unix_ms: now_ms,
+        exit_code: -1,
+        ..Default::default()
+    };
+    match (status, record) {
+        (WaitStatus::Signaled(sig), _) => {
+            info.reason = "killed".into();
+            info.signal = sig;
+            info.detail = format!("the VMM was killed by signal {sig}");
+        }
+        (_, Some(rec)) => {
+            info.exit_code = rec.code;
+            info.detail = rec.detail;
+            if rec.reason == "signal" {
+                info.signal = rec.code - 128;
+            }
+            info.reason = rec.reason;
+        }
+        (WaitStatus::Exited(code), None) => {
+            info.exit_code = code;
+            info.reason = if code == 0 { "exited" } else { "vmm-error" }.into();
+            info.detail = format!("the VMM exited with status {code} and left no exit record");
+        }
+        (WaitStatus::Unknown, None) => {
+            info.reason = "killed".into();
+            info.detail =
+                "the VMM is gone and left no exit record (killed, or died without cleanup)".into();
+        }
+    }
+    info.failure = !is_clean_reason(&info.reason);
+    info
+}
+
+/// The pid of a live `quantix-vmm` whose command line names `api_socket`, if any (how a
+/// restarted agent finds the VMMs it started, whatever its store says about pids).
+pub fn find_vmm(api_socket: &Path) -> Option<u32> {
+    let want = api_socket.as_os_str().as_encoded_bytes();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(true) = cmdline_names(pid, want) {
+            if !is_zombie(pid) {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
+fn cmdline_names(pid: u32, want: &[u8]) -> Option<bool> {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args = cmd.split(|b| *b == 0);
+    let mut prev: &[u8] = b"";
+    let argv0 = args.next()?;
+    if !argv0.ends_with(b"quantix-vmm") {
+        return Some(false);
+    }
+    for a in args {
+        if prev == b"--api-socket" && a == want {
+            return Some(true);
+        }
+        prev = a;
+    }
+    Some(false)
+}
+
+/// The process state letter from /proc/PID/stat ('T' when stopped, 'Z' for a zombie).
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: the state follows the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.trim_start().chars().next()
+}
+
+fn is_zombie(pid: u32) -> bool {
+    matches!(proc_state(pid), Some('Z') | Some('X') | None)
+}
+
+/// Resident memory of a process in bytes (VmRSS), if it is alive.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// CPU time (user + system) of a process in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3 of the man page; utime 14 and stime 15.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf takes a constant and returns a value; no memory involved.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some((utime + stime) / hz.max(1) as f64)
+}
+
+/// Sends `sig` to `pid`.
+pub fn signal(pid: u32, sig: i32) -> io::Result<()> {
+    // SAFETY: kill(2) takes integers only.
+    if unsafe { libc::kill(pid as libc::pid_t, sig) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The last `max` bytes of a text file, for error messages.
+pub fn tail(path: &Path, max: usize) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let start = bytes.len().saturating_sub(max);
+    String::from_utf8_lossy(&bytes[start..]).trim().to_string()
+}
+
+/// `quantix-vmm --version`, or an explanation.
+pub fn vmm_version(binary: &Path) -> String {
+    match Command::new(binary).arg("--version").output() {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        Ok(o) => format!("unknown ({})", o.status),
+        Err(e) => format!("unavailable: {e}"),
+    }
+}
+
+/// Whether this `quantix-vmm` supports `--serial socket=PATH`.
+pub fn vmm_has_serial_socket(binary: &Path) -> bool {
+    Command::new(binary)
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("socket=PATH"))
+        .unwrap_or(false)
+}
+
+/// Paths of one VM's files in its directory.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+impl VmPaths {
+    /// The VMM's control socket.
+    pub fn api_socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+    /// The serial console socket (socket mode).
+    pub fn serial_socket(&self) -> PathBuf {
+        self.dir.join("serial.sock")
+    }
+    /// The serial console output file (file mode).
+    pub fn serial_file(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+    /// The VMM's exit record.
+    pub fn exit_file(&self) -> PathBuf {
+        self.dir.join("exit.json")
+    }
+    /// The VMM's stdout and stderr.
+    pub fn vmm_log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pidfd_notices_exit_and_reaps_our_child() {
+        let dir = std::env::temp_dir().join(format!("qx-proc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("log");
+        let pid = spawn_detached(
+            Path::new("/bin/sh"),
+            &["-c".into(), "echo hi; exit 3".into()],
+            &log,
+        )
+        .unwrap();
+        let fd = pidfd_open(pid).unwrap();
+        let st = wait_exit(pid, fd).await.unwrap();
+        assert_eq!(st, WaitStatus::Exited(3));
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "hi\n");
+        // Reaped: the pid is gone.
+        assert!(proc_state(pid).is_none());
+
+        let pid = spawn_detached(Path::new("/bin/sleep"), &["30".into()], &log).unwrap();
+        assert!(proc_state(pid).is_some(), "sleep is not running");
+        let fd = pidfd_open(pid).unwrap();
+        signal(pid, libc::SIGKILL).unwrap();
+        assert_eq!(wait_exit(pid, fd).await.unwrap(), WaitStatus::Signaled(9));
+        let info = exit_info(WaitStatus::Signaled(9), &dir.join("none"), 1);
+        assert_eq!(info.reason, "killed");
+        assert!(info.failure);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn exit_info_prefers_the_record() {
+        let dir = std::env::temp_dir().join(format!("qx-exitinfo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("exit.json");
+        std::fs::write(&f, br#"{"code":0,"reason":"poweroff","detail":""}"#).unwrap();
+        let i = exit_info(WaitStatus::Unknown, &f, 5);
+        assert_eq!(
+            (i.reason.as_str(), i.exit_code, i.failure),
+            ("poweroff", 0, false)
+        );
+        std::fs::write(
+            &f,
+            br#"{"code":3,"reason":"triple-fault","detail":"vCPU 0"}"#,
+        )
+        .unwrap();
+        let i = exit_info(WaitStatus::Exited(3), &f, 5);
+        assert_eq!(
+            (i.reason.as_str(), i.exit_code, i.failure),
+            ("triple-fault", 3, true)
+        );
+        let i = exit_info(WaitStatus::Unknown, &dir.join("missing"), 5);
+        assert_eq!(i.reason, "killed");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,289 @@
+//! Checks on client-supplied ids and specs; each failure names the field and says why.
+
+use std::path::Path;
+
+use quantix_proto::v1::{RestartPolicy, VmSpec};
+
+use crate::error::AgentError;
+
+/// Most vCPUs a VM may have (the VMM's limit).
+pub const MAX_VCPUS: u32 = 254;
+/// Least guest memory accepted.
+pub const MIN_MEMORY_MIB: u64 = 16;
+/// Largest console ring buffer.
+pub const MAX_RING_BYTES: u32 = 16 << 20;
+
+/// Checks a VM id: 1-64 characters of [A-Za-z0-9._-], not "." or "..".
+pub fn vm_id(field: &str, id: &str) -> Result<(), AgentError> {
+    if id.is_empty() {
+        return Err(AgentError::invalid(field, "is required"));
+    }
+    if id.len() > 64 {
+        return Err(AgentError::invalid(
+            field,
+            format!("is {} characters long; at most 64", id.len()),
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(AgentError::invalid(
+            field,
+            format!("{id:?} contains {c:?}; only letters, digits, '.', '_' and '-' are allowed"),
+        ));
+    }
+    if id == "." || id == ".." {
+        return Err(AgentError::invalid(
+            field,
+            format!("{id:?} is not a valid id"),
+        ));
+    }
+    Ok(())
+}
+
+fn absolute_file(field: &str, path: &str, required: bool) -> Result<(), AgentError> {
+    if path.is_empty() {
+        return if required {
+            Err(AgentError::invalid(field, "is required"))
+        } else {
+            Ok(())
+        };
+    }
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(AgentError::invalid(
+            field,
+            format!("{path:?} is not an absolute path"),
+        ));
+    }
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(AgentError::invalid(
+            field,
+            format!("{path:?} is not a regular file"),
+        )),
+        Err(e) => Err(AgentError::invalid(
+            field,
+            format!("{path:?} cannot be read on this node: {e}"),
+        )),
+    }
+}
+
+/// Checks a whole spec.
+pub fn spec(spec: Option<&VmSpec>) -> Result<&VmSpec, AgentError> {
+    let spec = spec.ok_or_else(|| AgentError::invalid("spec", "is required"))?;
+    let name = &spec.name;
+    if name.is_empty() {
+        return Err(AgentError::invalid("spec.name", "is required"));
+    }
+    if name.len() > 63
+        || !name.starts_with(|c: char| c.is_ascii_lowercase())
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(AgentError::invalid(
+            "spec.name",
+            format!("{name:?} must be 1-63 characters of a-z, 0-9 and '-', starting with a letter"),
+        ));
+    }
+    if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
+        return Err(AgentError::invalid(
+            "spec.vcpus",
+            format!("must be 1-{MAX_VCPUS}, got {}", spec.vcpus),
+        ));
+    }
+    if spec.memory_mib < MIN_MEMORY_MIB {
+        return Err(AgentError::invalid(
+            "spec.memory_mib",
+            format!("must be at least {MIN_MEMORY_MIB}, got {}", spec.memory_mib),
+        ));
+    }
+    if spec.memory_mib > (1 << 30) {
+        return Err(AgentError::invalid(
+            "spec.memory_mib",
+            format!("{} MiB is beyond any host", spec.memory_mib),
+        ));
+    }
+    let boot = spec
+        .boot
+        .as_ref()
+        .ok_or_else(|| AgentError::invalid("spec.boot", "is required"))?;
+    absolute_file("spec.boot.kernel", &boot.kernel, true)?;
+    absolute_file("spec.boot.initramfs", &boot.initramfs, false)?;
+    if boot.cmdline.len() > 2048 {
+        return Err(AgentError::invalid(
+            "spec.boot.cmdline",
+            format!("is {} bytes long; at most 2048", boot.cmdline.len()),
+        ));
+    }
+    if boot.cmdline.contains(['\0', '\n']) {
+        return Err(AgentError::invalid(
+            "spec.boot.cmdline",
+            "contains a NUL or newline character",
+        ));
+    }
+    for (i, d) in spec.disks.iter().enumerate() {
+        absolute_file(&format!("spec.disks[{i}].path"), &d.path, true)?;
+        if d.path.contains(',') {
+            return Err(AgentError::invalid(
+                format!("spec.disks[{i}].path"),
+                "contains a comma, which the VMM's --disk syntax cannot carry",
+            ));
+        }
+        if d.id.len() > 20 || d.id.contains([',', '=']) {
+            return Err(AgentError::invalid(
+                format!("spec.disks[{i}].id"),
+                "must be at most 20 bytes without ',' or '='",
+            ));
+        }
+    }
+    for (i, n) in spec.nics.iter().enumerate() {
+        if n.tap.is_empty() || n.tap.len() > 15 || n.tap.contains([',', '=', '/']) {
+            return Err(AgentError::invalid(
+                format!("spec.nics[{i}].tap"),
+                format!(
+                    "{:?} must be a TAP name of 1-15 characters without ',', '=' or '/'",
+                    n.tap
+                ),
+            ));
+        }
+        if !n.mac.is_empty() && !is_mac(&n.mac) {
+            return Err(AgentError::invalid(
+                format!("spec.nics[{i}].mac"),
+                format!("{:?} is not a MAC address like aa:bb:cc:dd:ee:ff", n.mac),
+            ));
+        }
+    }
+    if let Some(c) = &spec.console {
+        if c.ring_bytes > MAX_RING_BYTES {
+            return Err(AgentError::invalid(
+                "spec.console.ring_bytes",
+                format!("must be at most {MAX_RING_BYTES}, got {}", c.ring_bytes),
+            ));
+        }
+    }
+    for (k, v) in &spec.labels {
+        label(&format!("spec.labels[{k:?}]"), k, v)?;
+    }
+    if RestartPolicy::try_from(spec.restart_policy).is_err() {
+        return Err(AgentError::invalid(
+            "spec.restart_policy",
+            format!("{} is not a known policy", spec.restart_policy),
+        ));
+    }
+    Ok(spec)
+}
+
+/// Checks one label (also used for list selectors).
+pub fn label(field: &str, key: &str, value: &str) -> Result<(), AgentError> {
+    if key.is_empty()
+        || key.len() > 63
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
+    {
+        return Err(AgentError::invalid(
+            field,
+            format!("key {key:?} must be 1-63 characters of A-Z, a-z, 0-9, '.', '_', '-', '/'"),
+        ));
+    }
+    if value.len() > 255 {
+        return Err(AgentError::invalid(
+            field,
+            format!("value is {} bytes long; at most 255", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn is_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quantix_proto::v1::{BootSource, Nic};
+
+    fn good() -> VmSpec {
+        VmSpec {
+            name: "web-1".into(),
+            vcpus: 2,
+            memory_mib: 128,
+            boot: Some(BootSource {
+                kernel: std::env::current_exe().unwrap().display().to_string(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn field_of(e: AgentError) -> String {
+        match e {
+            AgentError::InvalidArgument { field, .. } => field,
+            other => panic!("not INVALID_ARGUMENT: {other}"),
+        }
+    }
+
+    #[test]
+    fn accepts_a_good_spec() {
+        spec(Some(&good())).unwrap();
+    }
+
+    #[test]
+    fn names_the_wrong_field() {
+        type Mutation = fn(&mut VmSpec);
+        let cases: Vec<(Mutation, &str)> = vec![
+            (|s| s.name = "Web".into(), "spec.name"),
+            (|s| s.name.clear(), "spec.name"),
+            (|s| s.vcpus = 0, "spec.vcpus"),
+            (|s| s.vcpus = 255, "spec.vcpus"),
+            (|s| s.memory_mib = 1, "spec.memory_mib"),
+            (|s| s.boot = None, "spec.boot"),
+            (
+                |s| s.boot.as_mut().unwrap().kernel = "relative".into(),
+                "spec.boot.kernel",
+            ),
+            (
+                |s| s.boot.as_mut().unwrap().kernel = "/nonexistent/x".into(),
+                "spec.boot.kernel",
+            ),
+            (
+                |s| {
+                    s.nics.push(Nic {
+                        tap: "tap0".into(),
+                        mac: "zz".into(),
+                    })
+                },
+                "spec.nics[0].mac",
+            ),
+            (
+                |s| {
+                    s.labels.insert("bad key".into(), "v".into());
+                },
+                "spec.labels[\"bad key\"]",
+            ),
+            (|s| s.restart_policy = 42, "spec.restart_policy"),
+        ];
+        for (mutate, field) in cases {
+            let mut s = good();
+            mutate(&mut s);
+            assert_eq!(field_of(spec(Some(&s)).unwrap_err()), field);
+        }
+        assert_eq!(field_of(spec(None).unwrap_err()), "spec");
+    }
+
+    #[test]
+    fn ids() {
+        vm_id("vm_id", "vm-1.a_b").unwrap();
+        for bad in ["", "..", "a/b", "a b", &"x".repeat(65)] {
+            assert_eq!(field_of(vm_id("vm_id", bad).unwrap_err()), "vm_id");
+        }
+    }
+}

@@ -1,0 +1,813 @@
+//! The agent end to end on this host's /dev/kvm: a real agent process, real quantix-vmm
+//! processes running hand-made guests, and a real gRPC client.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use quantix_proto::v1::{
+    CreateVmRequest, DeleteVmRequest, EventKind, GetNodeRequest, GetVmRequest, ListVmsRequest,
+    PauseVmRequest, RebootVmRequest, RestartPolicy, ResumeVmRequest, StartVmRequest, StopVmRequest,
+    VmState,
+};
+use tonic::Code;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+macro_rules! require_kvm {
+    () => {
+        if !have_kvm() {
+            eprintln!("SKIPPED: /dev/kvm is not available on this host");
+            return;
+        }
+    };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_console_events_pause_stop_delete() {
+    require_kvm!();
+    let dir = scratch("lifecycle");
+    let g = guests(&dir);
+    let agent = Agent::start(&dir.join("state"), "lifecycle");
+    let mut c = agent.client().await;
+    let mut events = watch(&mut c, "").await;
+
+    let mut s = spec("web-1", &g.idle, RestartPolicy::Never);
+    s.labels.insert("tier".into(), "web".into());
+    let vm = create(&mut c, "vm-1", s.clone(), false).await;
+    assert_eq!(state(&vm), VmState::Created);
+    assert_eq!(pid(&vm), 0);
+    // Idempotent: the same id and spec return the same VM.
+    let again = create(&mut c, "vm-1", s.clone(), false).await;
+    assert_eq!(
+        again.status.unwrap().created_unix_ms,
+        vm.status.unwrap().created_unix_ms
+    );
+
+    let vm = start(&mut c, "vm-1").await;
+    assert_eq!(state(&vm), VmState::Running);
+    let vmm_pid = pid(&vm);
+    assert!(vmm_pid > 0);
+    assert!(alive(vmm_pid));
+    let out = console_until(&mut c, "vm-1", "hello from guest", LIMIT).await;
+    assert!(out.contains("hello from guest"), "{out}");
+
+    let seen = wait_event(&mut events, LIMIT, |e| e.kind == EventKind::Started as i32).await;
+    assert!(seen
+        .iter()
+        .any(|e| e.kind == EventKind::Created as i32 && e.vm_id == "vm-1"));
+
+    let listed = c
+        .list_vms(ListVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.vms.len(), 1);
+    assert_eq!(listed.vms[0].spec.as_ref().unwrap().labels["tier"], "web");
+
+    // Pause freezes the VMM (the kernel shows it stopped); resume thaws it.
+    let vm = c
+        .pause_vm(PauseVmRequest {
+            vm_id: "vm-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&vm), VmState::Paused);
+    let stat = std::fs::read_to_string(format!("/proc/{vmm_pid}/stat")).unwrap();
+    assert!(stat.contains(") T "), "{stat}");
+    wait_event(&mut events, LIMIT, |e| e.kind == EventKind::Paused as i32).await;
+    let vm = c
+        .resume_vm(ResumeVmRequest {
+            vm_id: "vm-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&vm), VmState::Running);
+    let stat = std::fs::read_to_string(format!("/proc/{vmm_pid}/stat")).unwrap();
+    assert!(!stat.contains(") T "), "{stat}");
+
+    // Reboot: a new VMM process, the guest prints again.
+    let vm = c
+        .reboot_vm(RebootVmRequest {
+            vm_id: "vm-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&vm), VmState::Running);
+    assert_ne!(pid(&vm), vmm_pid);
+    let out = console_until(&mut c, "vm-1", "hello from guest\nhello from guest", LIMIT).await;
+    assert!(out.matches("hello from guest").count() >= 2);
+    let vmm_pid = pid(&vm);
+
+    let vm = stop(&mut c, "vm-1").await;
+    assert_eq!(state(&vm), VmState::Stopped);
+    assert_eq!(pid(&vm), 0);
+    let exit = vm.status.unwrap().last_exit.unwrap();
+    assert_eq!(exit.reason, "api-shutdown");
+    assert!(!exit.failure);
+    assert!(!alive(vmm_pid));
+    let seen = wait_event(&mut events, LIMIT, |e| e.kind == EventKind::Exited as i32).await;
+    assert!(seen.iter().any(|e| e.kind == EventKind::Stopping as i32));
+
+    delete(&mut c, "vm-1", false).await;
+    let err = c
+        .get_vm(GetVmRequest {
+            vm_id: "vm-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(!dir.join("state/vms/vm-1").exists());
+    wait_event(&mut events, LIMIT, |e| e.kind == EventKind::Deleted as i32).await;
+
+    // The metrics endpoint counted the calls.
+    let addr = std::fs::read_to_string(dir.join("state/metrics.addr")).unwrap();
+    let body = http_get(&addr).await;
+    assert!(
+        body.contains("quantix_agent_requests_total{method=\"StartVm\",code=\"Ok\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("quantix_agent_request_seconds_count{method=\"GetVm\"}"),
+        "{body}"
+    );
+}
+
+/// Sends `text` to the VM's console and returns what comes back until it is echoed.
+async fn console_roundtrip(
+    c: &mut quantix_proto::v1::vm_service_client::VmServiceClient<tonic::transport::Channel>,
+    id: &str,
+    text: &str,
+) -> String {
+    use quantix_proto::v1::{console_input, ConsoleAttach, ConsoleInput};
+    use tokio_stream::StreamExt;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(ConsoleInput {
+        input: Some(console_input::Input::Attach(ConsoleAttach {
+            vm_id: id.into(),
+            replay: false,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut out = c
+        .attach_console(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let mut next_send = tokio::time::Instant::now();
+    while !String::from_utf8_lossy(&got).contains(text) {
+        // Resend until echoed: the console pump may still be connecting.
+        if tokio::time::Instant::now() >= next_send {
+            tx.send(ConsoleInput {
+                input: Some(console_input::Input::Data(text.as_bytes().to_vec())),
+            })
+            .await
+            .unwrap();
+            next_send = tokio::time::Instant::now() + Duration::from_millis(500);
+        }
+        match tokio::time::timeout(Duration::from_millis(100), out.next()).await {
+            Ok(Some(Ok(m))) => got.extend(m.data),
+            Ok(other) => panic!("console of {id} ended: {other:?}"),
+            Err(_) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{text:?} not echoed by {id}"
+            ),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Whether `pid` runs (a zombie left to a parent that does not reap does not count).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.contains(") Z "),
+        Err(_) => false,
+    }
+}
+
+async fn http_get(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr.trim()).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_code_names_the_field() {
+    require_kvm!();
+    let dir = scratch("errors");
+    let g = guests(&dir);
+    let agent = Agent::start(&dir.join("state"), "errors");
+    let mut c = agent.client().await;
+
+    // INVALID_ARGUMENT, naming the field.
+    let mut bad = spec("bad", &g.idle, RestartPolicy::Never);
+    bad.vcpus = 0;
+    let e = c
+        .create_vm(CreateVmRequest {
+            vm_id: "bad".into(),
+            spec: Some(bad),
+            start: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("spec.vcpus:"), "{}", e.message());
+    let mut bad = spec("bad", &g.idle, RestartPolicy::Never);
+    bad.boot.as_mut().unwrap().kernel = "/no/such/kernel".into();
+    let e = c
+        .create_vm(CreateVmRequest {
+            vm_id: "bad".into(),
+            spec: Some(bad),
+            start: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().starts_with("spec.boot.kernel:"),
+        "{}",
+        e.message()
+    );
+    let e = c
+        .create_vm(CreateVmRequest {
+            vm_id: "a/b".into(),
+            spec: Some(spec("ok", &g.idle, RestartPolicy::Never)),
+            start: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("vm_id:"), "{}", e.message());
+    let e = c
+        .list_vms(ListVmsRequest {
+            page_size: 5000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("page_size:"), "{}", e.message());
+
+    // NOT_FOUND.
+    for e in [
+        c.get_vm(GetVmRequest {
+            vm_id: "nope".into(),
+        })
+        .await
+        .unwrap_err(),
+        c.start_vm(StartVmRequest {
+            vm_id: "nope".into(),
+        })
+        .await
+        .unwrap_err(),
+        c.delete_vm(DeleteVmRequest {
+            vm_id: "nope".into(),
+            force: true,
+        })
+        .await
+        .unwrap_err(),
+    ] {
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert!(e.message().contains("\"nope\""), "{}", e.message());
+    }
+
+    // ALREADY_EXISTS: the same id with another spec, or the same name under another id.
+    create(
+        &mut c,
+        "a",
+        spec("alpha", &g.idle, RestartPolicy::Never),
+        false,
+    )
+    .await;
+    let mut other = spec("alpha", &g.idle, RestartPolicy::Never);
+    other.vcpus = 2;
+    let e = c
+        .create_vm(CreateVmRequest {
+            vm_id: "a".into(),
+            spec: Some(other),
+            start: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    assert!(e.message().starts_with("vm_id:"), "{}", e.message());
+    let e = c
+        .create_vm(CreateVmRequest {
+            vm_id: "a2".into(),
+            spec: Some(spec("alpha", &g.idle, RestartPolicy::Never)),
+            start: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    assert!(e.message().starts_with("spec.name:"), "{}", e.message());
+
+    // FAILED_PRECONDITION: start a running VM, stop/pause a stopped one, delete a running one.
+    start(&mut c, "a").await;
+    let e = c
+        .start_vm(StartVmRequest { vm_id: "a".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("is running"), "{}", e.message());
+    let e = c
+        .delete_vm(DeleteVmRequest {
+            vm_id: "a".into(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let e = c
+        .resume_vm(ResumeVmRequest { vm_id: "a".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    create(
+        &mut c,
+        "b",
+        spec("beta", &g.idle, RestartPolicy::Never),
+        false,
+    )
+    .await;
+    let e = c
+        .stop_vm(StopVmRequest {
+            vm_id: "b".into(),
+            timeout_ms: 0,
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("created"), "{}", e.message());
+    let e = c
+        .pause_vm(PauseVmRequest { vm_id: "b".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+
+    // A kernel the VMM cannot load: FAILED_PRECONDITION with the VMM's reason; state FAILED.
+    let junk = dir.join("junk.bin");
+    std::fs::write(&junk, b"not a kernel").unwrap();
+    create(
+        &mut c,
+        "junk",
+        spec("junk", &junk, RestartPolicy::OnFailure),
+        false,
+    )
+    .await;
+    let e = c
+        .start_vm(StartVmRequest {
+            vm_id: "junk".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("setup-error") && e.message().contains("junk.bin"),
+        "{}",
+        e.message()
+    );
+    let vm = get(&mut c, "junk").await;
+    assert_eq!(state(&vm), VmState::Failed);
+    assert_eq!(vm.status.unwrap().last_exit.unwrap().reason, "setup-error");
+    c.delete_vm(DeleteVmRequest {
+        vm_id: "junk".into(),
+        force: false,
+    })
+    .await
+    .unwrap();
+
+    // RESOURCE_EXHAUSTED: the agent allows 4 vCPUs; "a" holds 1, this one wants 4.
+    let mut big = spec("big", &g.idle, RestartPolicy::Never);
+    big.vcpus = 4;
+    create(&mut c, "big", big, false).await;
+    let e = c
+        .start_vm(StartVmRequest {
+            vm_id: "big".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().starts_with("spec.vcpus:"), "{}", e.message());
+    let mut fat = spec("fat", &g.idle, RestartPolicy::Never);
+    fat.memory_mib = 2000;
+    create(&mut c, "fat", fat, false).await;
+    let e = c
+        .start_vm(StartVmRequest {
+            vm_id: "fat".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message().starts_with("spec.memory_mib:"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(state(&get(&mut c, "big").await), VmState::Created);
+
+    // The node reports what is committed against what is allowed.
+    let node = agent
+        .node_client()
+        .await
+        .get_node(GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node.committed.unwrap().vcpus, 1);
+    assert_eq!(node.committed.unwrap().memory_mib, 64);
+    assert_eq!(node.allocatable.unwrap().vcpus, 4);
+    assert_eq!(node.vms_total, 4);
+    assert_eq!(node.vms_running, 1);
+    assert!(node.kvm.as_ref().unwrap().available);
+    assert!(node
+        .kvm
+        .unwrap()
+        .capabilities
+        .iter()
+        .any(|c| c == "irqchip"));
+    assert!(
+        node.vmm_version.starts_with("quantix-vmm"),
+        "{}",
+        node.vmm_version
+    );
+
+    delete(&mut c, "a", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_and_label_filters() {
+    require_kvm!();
+    let dir = scratch("list");
+    let g = guests(&dir);
+    let agent = Agent::start(&dir.join("state"), "list");
+    let mut c = agent.client().await;
+    for i in 0..7 {
+        let mut s = spec(&format!("vm-{i}"), &g.idle, RestartPolicy::Never);
+        s.labels.insert(
+            "parity".into(),
+            if i % 2 == 0 { "even" } else { "odd" }.into(),
+        );
+        create(&mut c, &format!("id-{i}"), s, false).await;
+    }
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = c
+            .list_vms(ListVmsRequest {
+                page_size: 3,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.vms.len() <= 3);
+        ids.extend(page.vms.into_iter().map(|v| v.id));
+        pages += 1;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(ids, (0..7).map(|i| format!("id-{i}")).collect::<Vec<_>>());
+    let odd = c
+        .list_vms(ListVmsRequest {
+            label_selector: HashMap::from([("parity".into(), "odd".into())]),
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        odd.vms.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(),
+        ["id-1", "id-3"]
+    );
+    assert_eq!(odd.next_page_token, "id-3");
+    let rest = c
+        .list_vms(ListVmsRequest {
+            label_selector: HashMap::from([("parity".into(), "odd".into())]),
+            page_size: 2,
+            page_token: odd.next_page_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rest.vms.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(),
+        ["id-5"]
+    );
+    assert!(rest.next_page_token.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_agent_readopts_running_vms_and_reports_the_dead_one() {
+    require_kvm!();
+    let dir = scratch("readopt");
+    let g = guests(&dir);
+    let mut agent = Agent::start(&dir.join("state"), "readopt");
+    let mut c = agent.client().await;
+    let mut pids = HashMap::new();
+    for id in ["one", "two", "three"] {
+        let kernel = if id == "two" { &g.echo } else { &g.idle };
+        let vm = create(&mut c, id, spec(id, kernel, RestartPolicy::Never), true).await;
+        assert_eq!(state(&vm), VmState::Running);
+        pids.insert(id, pid(&vm));
+    }
+    console_until(&mut c, "two", "echo ready", LIMIT).await;
+    c.pause_vm(PauseVmRequest {
+        vm_id: "two".into(),
+    })
+    .await
+    .unwrap();
+
+    agent.kill();
+    // While the agent is down, "three"'s VMM dies.
+    // SAFETY: SIGKILL to the test's own VMM.
+    unsafe { libc::kill(pids["three"] as i32, libc::SIGKILL) };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for id in ["one", "two"] {
+        assert!(alive(pids[id]), "{id}'s VMM died with the agent");
+    }
+
+    agent.spawn();
+    let mut c = agent.client().await;
+    let one = get(&mut c, "one").await;
+    assert_eq!(state(&one), VmState::Running);
+    assert_eq!(pid(&one), pids["one"]);
+    let two = get(&mut c, "two").await;
+    assert_eq!(state(&two), VmState::Paused, "a paused VMM stays paused");
+    assert_eq!(pid(&two), pids["two"]);
+    let three = get(&mut c, "three").await;
+    assert_eq!(state(&three), VmState::Failed);
+    let exit = three.status.unwrap().last_exit.unwrap();
+    assert_eq!(exit.reason, "lost", "{exit:?}");
+    assert!(exit.failure);
+
+    // Re-adopted VMs are fully controllable, and their exits are noticed.
+    let mut events = watch(&mut c, "").await;
+    c.resume_vm(ResumeVmRequest {
+        vm_id: "two".into(),
+    })
+    .await
+    .unwrap();
+    // The new agent is on the re-adopted VMM's console: what it sends comes back.
+    let echoed = console_roundtrip(&mut c, "two", "after-adoption").await;
+    assert!(echoed.contains("after-adoption"), "{echoed}");
+    let vm = stop(&mut c, "one").await;
+    assert_eq!(state(&vm), VmState::Stopped);
+    assert!(!alive(pids["one"]), "the VMM still runs after stop");
+    // A re-adopted VMM is not the agent's child: its kill is seen through the pidfd.
+    // SAFETY: SIGKILL to the test's own VMM.
+    unsafe { libc::kill(pids["two"] as i32, libc::SIGKILL) };
+    let seen = wait_event(&mut events, LIMIT, |e| {
+        e.vm_id == "two" && e.kind == EventKind::Exited as i32
+    })
+    .await;
+    let ev = seen.last().unwrap();
+    assert_eq!(ev.state, VmState::Failed as i32);
+    assert_eq!(ev.exit.as_ref().unwrap().reason, "killed");
+    // And the restarted VM starts again.
+    let vm = start(&mut c, "three").await;
+    assert_eq!(state(&vm), VmState::Running);
+    delete(&mut c, "three", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmm_exits_are_seen_at_once_with_their_reason() {
+    require_kvm!();
+    let dir = scratch("exits");
+    let g = guests(&dir);
+    let agent = Agent::start(&dir.join("state"), "exits");
+    let mut c = agent.client().await;
+    let mut events = watch(&mut c, "").await;
+
+    // Killed VMM: FAILED, signal 9.
+    let vm = create(&mut c, "k", spec("k", &g.idle, RestartPolicy::Never), true).await;
+    // SAFETY: SIGKILL to the test's own VMM.
+    unsafe { libc::kill(pid(&vm) as i32, libc::SIGKILL) };
+    let seen = wait_event(&mut events, LIMIT, |e| {
+        e.vm_id == "k" && e.kind == EventKind::Exited as i32
+    })
+    .await;
+    let exit = seen.last().unwrap().exit.clone().unwrap();
+    assert_eq!(
+        (exit.reason.as_str(), exit.signal, exit.failure),
+        ("killed", 9, true)
+    );
+    assert_eq!(state(&get(&mut c, "k").await), VmState::Failed);
+
+    // The guest powers off: STOPPED, not a failure.
+    create(
+        &mut c,
+        "p",
+        spec("p", &g.poweroff, RestartPolicy::Never),
+        true,
+    )
+    .await;
+    let seen = wait_event(&mut events, LIMIT, |e| {
+        e.vm_id == "p" && e.kind == EventKind::Exited as i32
+    })
+    .await;
+    let exit = seen.last().unwrap().exit.clone().unwrap();
+    assert_eq!(
+        (exit.reason.as_str(), exit.exit_code, exit.failure),
+        ("poweroff", 0, false)
+    );
+    let vm = get(&mut c, "p").await;
+    assert_eq!(state(&vm), VmState::Stopped);
+    let out = console_until(&mut c, "p", "bye", LIMIT).await;
+    assert!(out.contains("bye"));
+
+    // The guest crashes: FAILED with the VMM's own reason from its exit record.
+    create(&mut c, "x", spec("x", &g.crash, RestartPolicy::Never), true).await;
+    let seen = wait_event(&mut events, LIMIT, |e| {
+        e.vm_id == "x" && e.kind == EventKind::Exited as i32
+    })
+    .await;
+    let exit = seen.last().unwrap().exit.clone().unwrap();
+    assert!(exit.failure, "{exit:?}");
+    assert!(
+        ["triple-fault", "kvm-error", "unhandled-exit"].contains(&exit.reason.as_str()),
+        "{exit:?}"
+    );
+    assert!(exit.exit_code > 0, "{exit:?}");
+    assert_eq!(state(&get(&mut c, "x").await), VmState::Failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_policies() {
+    require_kvm!();
+    let dir = scratch("restart");
+    let g = guests(&dir);
+    let agent = Agent::start(&dir.join("state"), "restart");
+    let mut c = agent.client().await;
+    let mut events = watch(&mut c, "").await;
+
+    // on-failure: a killed VMM is restarted with a new pid.
+    let vm = create(
+        &mut c,
+        "of",
+        spec("of", &g.idle, RestartPolicy::OnFailure),
+        true,
+    )
+    .await;
+    let first = pid(&vm);
+    // SAFETY: SIGKILL to the test's own VMM.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    let seen = wait_event(&mut events, LIMIT, |e| {
+        e.vm_id == "of" && e.kind == EventKind::Restarting as i32
+    })
+    .await;
+    assert_eq!(seen.last().unwrap().exit.as_ref().unwrap().reason, "killed");
+    wait_event(&mut events, LIMIT, |e| {
+        e.vm_id == "of" && e.kind == EventKind::Started as i32
+    })
+    .await;
+    let vm = get(&mut c, "of").await;
+    assert_eq!(state(&vm), VmState::Running);
+    assert_ne!(pid(&vm), first);
+    assert_eq!(vm.status.unwrap().restart_count, 1);
+    // ...but a clean guest poweroff under on-failure is not restarted.
+    create(
+        &mut c,
+        "ofp",
+        spec("ofp", &g.poweroff, RestartPolicy::OnFailure),
+        true,
+    )
+    .await;
+    wait_event(&mut events, LIMIT, |e| {
+        e.vm_id == "ofp" && e.kind == EventKind::Exited as i32
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let vm = get(&mut c, "ofp").await;
+    assert_eq!(state(&vm), VmState::Stopped);
+    assert_eq!(vm.status.unwrap().restart_count, 0);
+
+    // always: a guest that powers off keeps coming back, with a growing back-off.
+    create(
+        &mut c,
+        "al",
+        spec("al", &g.poweroff, RestartPolicy::Always),
+        true,
+    )
+    .await;
+    let mut starts = 0;
+    wait_event(&mut events, LIMIT, |e| {
+        if e.vm_id == "al" && e.kind == EventKind::Started as i32 {
+            starts += 1;
+        }
+        starts == 3
+    })
+    .await;
+    let vm = get(&mut c, "al").await;
+    assert!(vm.status.unwrap().restart_count >= 2);
+    // A stop cancels it for good (whether it is running or waiting to restart).
+    let _ = c
+        .stop_vm(StopVmRequest {
+            vm_id: "al".into(),
+            timeout_ms: 1000,
+            force: false,
+        })
+        .await;
+    let _ = c
+        .stop_vm(StopVmRequest {
+            vm_id: "al".into(),
+            timeout_ms: 1000,
+            force: false,
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let vm = get(&mut c, "al").await;
+    assert!(matches!(state(&vm), VmState::Stopped), "{vm:?}");
+
+    // never: stays failed.
+    let vm = create(
+        &mut c,
+        "nv",
+        spec("nv", &g.idle, RestartPolicy::Never),
+        true,
+    )
+    .await;
+    // SAFETY: SIGKILL to the test's own VMM.
+    unsafe { libc::kill(pid(&vm) as i32, libc::SIGKILL) };
+    wait_state(&mut c, "nv", VmState::Failed, LIMIT).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(state(&get(&mut c, "nv").await), VmState::Failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_input_reaches_the_guest_and_every_reader_sees_the_output() {
+    use quantix_proto::v1::{console_input, ConsoleAttach, ConsoleInput};
+    use tokio_stream::StreamExt;
+    require_kvm!();
+    let dir = scratch("echo");
+    let g = guests(&dir);
+    let agent = Agent::start(&dir.join("state"), "echo");
+    let mut c = agent.client().await;
+    create(&mut c, "e", spec("e", &g.echo, RestartPolicy::Never), true).await;
+    console_until(&mut c, "e", "echo ready", LIMIT).await;
+
+    let attach = |replay| ConsoleInput {
+        input: Some(console_input::Input::Attach(ConsoleAttach {
+            vm_id: "e".into(),
+            replay,
+        })),
+    };
+    // Reader A writes; reader B only listens (attached without replay).
+    let (tx_a, rx_a) = tokio::sync::mpsc::channel(4);
+    tx_a.send(attach(true)).await.unwrap();
+    let mut out_a = c
+        .attach_console(tokio_stream::wrappers::ReceiverStream::new(rx_a))
+        .await
+        .unwrap()
+        .into_inner();
+    let (tx_b, rx_b) = tokio::sync::mpsc::channel(4);
+    tx_b.send(attach(false)).await.unwrap();
+    let mut c2 = agent.client().await;
+    let mut out_b = c2
+        .attach_console(tokio_stream::wrappers::ReceiverStream::new(rx_b))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tx_a.send(ConsoleInput {
+        input: Some(console_input::Input::Data(b"ping-42".to_vec())),
+    })
+    .await
+    .unwrap();
+    for (name, out) in [("A", &mut out_a), ("B", &mut out_b)] {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        while !String::from_utf8_lossy(&got).contains("ping-42") {
+            match tokio::time::timeout_at(deadline, out.next()).await {
+                Ok(Some(Ok(m))) => got.extend(m.data),
+                other => panic!(
+                    "reader {name}: no echo ({other:?}); got {:?}",
+                    String::from_utf8_lossy(&got)
+                ),
+            }
+        }
+    }
+    // B attached without replay: it never saw the banner printed before it attached.
+    delete(&mut c, "e", true).await;
+}

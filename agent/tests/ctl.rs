@@ -1,0 +1,203 @@
+//! `quantixctl` against a real agent: tables, JSON, spec files and exit statuses.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+fn ctl(agent: &Agent, args: &[&str]) -> Output {
+    Command::new(bin("quantixctl"))
+        .arg("--agent")
+        .arg(format!("unix:{}", agent.socket().display()))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+#[test]
+fn quantixctl_lifecycle_output_and_exit_statuses() {
+    if !have_kvm() {
+        eprintln!("SKIPPED: /dev/kvm is not available on this host");
+        return;
+    }
+    let dir = scratch("ctl");
+    let g = guests(&dir);
+    let agent = Agent::start(&dir.join("state"), "ctl");
+
+    // A YAML spec file, with a flag overriding one field.
+    let spec = dir.join("vm.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "id: c1\nname: ctl-vm\nvcpus: 1\nmemory_mib: 64\nkernel: {}\nlabels:\n  env: test\nrestart_policy: on-failure\n",
+            g.idle.display()
+        ),
+    )
+    .unwrap();
+    let v = json(&ctl(
+        &agent,
+        &[
+            "-o",
+            "json",
+            "create",
+            "-f",
+            spec.to_str().unwrap(),
+            "--memory",
+            "80",
+            "--start",
+        ],
+    ));
+    assert_eq!(v[0]["id"], "c1");
+    assert_eq!(v[0]["spec"]["memory_mib"], 80);
+    assert_eq!(v[0]["spec"]["restart_policy"], "on-failure");
+    assert_eq!(v[0]["status"]["state"], "running");
+
+    // The table.
+    let out = ctl(&agent, &["list"]);
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("c1 ") && l.contains("ctl-vm") && l.contains("running")),
+        "{table}"
+    );
+    let v = json(&ctl(&agent, &["-o", "json", "list", "-l", "env=test"]));
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    let v = json(&ctl(&agent, &["-o", "json", "list", "-l", "env=prod"]));
+    assert_eq!(v.as_array().unwrap().len(), 0);
+
+    // The console, for scripts: --until exits 0 once the text is seen.
+    let out = ctl(
+        &agent,
+        &[
+            "console",
+            "c1",
+            "--until",
+            "hello from guest",
+            "--timeout",
+            "20",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello from guest"));
+    let out = ctl(
+        &agent,
+        &[
+            "console",
+            "c1",
+            "--until",
+            "never printed",
+            "--timeout",
+            "1",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(9), "{out:?}");
+
+    // Exit statuses by error.
+    assert_eq!(ctl(&agent, &["get", "nope"]).status.code(), Some(3));
+    let dup = ctl(
+        &agent,
+        &[
+            "create",
+            "--id",
+            "c2",
+            "--name",
+            "ctl-vm",
+            "--kernel",
+            g.idle.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(dup.status.code(), Some(4), "{dup:?}");
+    assert!(
+        String::from_utf8_lossy(&dup.stderr).contains("spec.name"),
+        "{dup:?}"
+    );
+    assert_eq!(ctl(&agent, &["start", "c1"]).status.code(), Some(5));
+    let bad = ctl(
+        &agent,
+        &[
+            "create",
+            "--name",
+            "x",
+            "--cpus",
+            "0",
+            "--kernel",
+            g.idle.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(6), "{bad:?}");
+    let big = ctl(
+        &agent,
+        &[
+            "create",
+            "--name",
+            "big",
+            "--cpus",
+            "4",
+            "--kernel",
+            g.idle.to_str().unwrap(),
+            "--start",
+        ],
+    );
+    assert_eq!(big.status.code(), Some(7), "{big:?}");
+    assert_eq!(ctl(&agent, &["bogus-command"]).status.code(), Some(2));
+    let unreachable = Command::new(bin("quantixctl"))
+        .args(["--agent", "unix:/nonexistent/agent.sock", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(8), "{unreachable:?}");
+
+    // Events: the stop shows up.
+    let mut events = Command::new(bin("quantixctl"))
+        .arg("--agent")
+        .arg(format!("unix:{}", agent.socket().display()))
+        .args(["-o", "json", "events", "c1", "--count", "2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let v = json(&ctl(&agent, &["-o", "json", "stop", "c1"]));
+    assert_eq!(v[0]["status"]["state"], "stopped");
+    let out = wait_limit(&mut events);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["kind"], "stopping");
+    assert_eq!(lines[1]["kind"], "exited");
+    assert_eq!(lines[1]["exit"]["reason"], "api-shutdown");
+
+    let node = json(&ctl(&agent, &["-o", "json", "node"]));
+    // "big" exists: created, its start refused.
+    assert_eq!(node["vms_total"], 2);
+    assert_eq!(node["vms_running"], 0);
+    assert!(node["capacity"]["vcpus"].as_u64().unwrap() >= 1);
+    let out = ctl(&agent, &["delete", "c1"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(ctl(&agent, &["get", "c1"]).status.code(), Some(3));
+}
+
+fn wait_limit(child: &mut std::process::Child) -> Vec<u8> {
+    let start = std::time::Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            let mut out = Vec::new();
+            use std::io::Read;
+            child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+            return out;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("quantixctl events did not end");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,108 @@
+//! End to end on a real KVM, in the nested sandbox: the agent (static binary) boots Debian's
+//! unmodified cloud kernel through its gRPC API, driven by quantixctl; the console carries
+//! the kernel's messages and the guest init's line; events show the lifecycle; stop and
+//! delete work. See docs/testing.md.
+
+use std::time::Duration;
+
+use quantix_sandbox::{build, paths, GuestInit, Job, Payload, Sandbox};
+
+const SCRIPT: &str = r#"
+set -u
+A=/payload/quantix-agent
+C="/payload/quantixctl --agent unix:/tmp/qa/agent.sock"
+$A --state-dir /tmp/qa --listen "" --metrics-listen 127.0.0.1:9700 --vmm /payload/quantix-vmm >/tmp/agent.log 2>&1 &
+i=0
+while [ ! -S /tmp/qa/agent.sock ]; do
+	i=$((i + 1))
+	if [ $i -gt 200 ]; then echo "QX-AGENT-NOT-UP"; cat /tmp/agent.log; exit 10; fi
+	sleep 0.1
+done
+$C node
+$C -o json events --count 5 >/tmp/events.json &
+ev=$!
+sleep 0.5
+printf '%s\n' 'id: deb' 'name: debian' 'vcpus: 2' 'memory_mib: 512' 'kernel: /guest/vmlinuz' \
+	'initramfs: /guest/initramfs.cpio' 'cmdline: console=ttyS0 qx.action=hold' \
+	'console_ring_bytes: 1048576' 'labels:' '  os: debian' >/tmp/vm.yaml
+$C create -f /tmp/vm.yaml --start || { echo "QX-AGENT-CREATE-FAILED"; cat /tmp/agent.log; exit 11; }
+if ! $C console deb --until QX-GUEST-INIT --timeout 200 >/tmp/console.txt; then
+	echo "QX-AGENT-CONSOLE-FAILED"; cat /tmp/console.txt; cat /tmp/agent.log; exit 12
+fi
+grep "QX-GUEST-INIT" /tmp/console.txt
+grep -q "Linux version" /tmp/console.txt && echo "QX-AGENT-SAW-LINUX-VERSION"
+$C list -l os=debian
+$C stop deb --timeout 10 || { echo "QX-AGENT-STOP-FAILED"; cat /tmp/agent.log; exit 13; }
+$C -o json get deb | grep -q '"state": "stopped"' && echo "QX-AGENT-STOPPED"
+$C delete deb && echo "QX-AGENT-DELETED"
+$C get deb
+echo "QX-AGENT-GET-AFTER-DELETE status=$?"
+wait $ev
+echo "QX-AGENT-EVENTS-BEGIN"
+cat /tmp/events.json
+echo "QX-AGENT-EVENTS-END"
+"#;
+
+#[test]
+fn agent_boots_debian_through_its_api_in_the_nested_sandbox() {
+    let sandbox = Sandbox::from_env().unwrap_or_else(|e| panic!("{e}"));
+    let mut payload = Payload::new();
+    for (package, bin) in [
+        ("quantix-vmm", "quantix-vmm"),
+        ("quantix-agent", "quantix-agent"),
+        ("quantix-ctl", "quantixctl"),
+    ] {
+        let path = build::static_binary(package, bin).unwrap_or_else(|e| panic!("{e}"));
+        payload
+            .add_file(&path, &format!("{}/{bin}", paths::PAYLOAD_DIR))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let jobs = [Job::shell("agent-debian", SCRIPT).timeout(Duration::from_secs(300))];
+    let report = sandbox
+        .run(&payload, &jobs)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = &report.jobs[0];
+    let context = || {
+        format!(
+            "status {:?}, timed out {}, log {}\n{}",
+            r.status,
+            r.timed_out,
+            report.log_path.display(),
+            r.output
+        )
+    };
+    assert!(!r.timed_out, "{}", context());
+    assert_eq!(r.status, Some(0), "{}", context());
+    let init =
+        GuestInit::find(&r.output).unwrap_or_else(|| panic!("no guest init line: {}", context()));
+    assert_eq!(init.cpus, 2, "{}", context());
+    for marker in [
+        "QX-AGENT-SAW-LINUX-VERSION",
+        "QX-AGENT-STOPPED",
+        "QX-AGENT-DELETED",
+        "QX-AGENT-GET-AFTER-DELETE status=3",
+    ] {
+        assert!(r.output.contains(marker), "{marker} missing: {}", context());
+    }
+    let events: Vec<serde_json::Value> = r
+        .output
+        .split("QX-AGENT-EVENTS-BEGIN")
+        .nth(1)
+        .and_then(|s| s.split("QX-AGENT-EVENTS-END").next())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l.trim()).ok())
+        .collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["created", "started", "stopping", "exited", "deleted"],
+        "{}",
+        context()
+    );
+    assert_eq!(events[3]["exit"]["reason"], "api-shutdown", "{}", context());
+    eprintln!(
+        "agent in the sandbox: guest init at {:.2} s uptime, job {:?}",
+        init.uptime_s, r.elapsed
+    );
+}

@@ -1,0 +1,513 @@
+//! `quantixctl`: the command-line client of the node agent.
+
+mod output;
+mod spec;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use quantix_proto::v1::node_service_client::NodeServiceClient;
+use quantix_proto::v1::vm_service_client::VmServiceClient;
+use quantix_proto::v1::{
+    console_input, ConsoleAttach, ConsoleInput, CreateVmRequest, DeleteVmRequest, GetNodeRequest,
+    GetVmRequest, ListVmsRequest, PauseVmRequest, RebootVmRequest, ResumeVmRequest, StartVmRequest,
+    StopVmRequest, WatchVmsRequest,
+};
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+/// Exit statuses scripts can rely on.
+mod status {
+    pub const OK: u8 = 0;
+    pub const ERROR: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const NOT_FOUND: u8 = 3;
+    pub const ALREADY_EXISTS: u8 = 4;
+    pub const FAILED_PRECONDITION: u8 = 5;
+    pub const INVALID_ARGUMENT: u8 = 6;
+    pub const RESOURCE_EXHAUSTED: u8 = 7;
+    pub const UNAVAILABLE: u8 = 8;
+    pub const TIMEOUT: u8 = 9;
+}
+
+/// Command-line client of the Quantix node agent.
+///
+/// Exit status: 0 success; 1 other error; 2 usage error; 3 not found; 4 already exists;
+/// 5 failed precondition (wrong state); 6 invalid argument; 7 resource exhausted;
+/// 8 agent unavailable; 9 `console --until` text not seen in time.
+#[derive(Debug, Parser)]
+#[command(name = "quantixctl", version, about, long_about = None)]
+struct Cli {
+    /// The agent: unix:PATH or http://HOST:PORT. Default: $QUANTIX_AGENT, else
+    /// unix:/var/lib/quantix-agent/agent.sock.
+    #[arg(long, global = true, value_name = "ADDR")]
+    agent: Option<String>,
+    /// Output format.
+    #[arg(long, short, global = true, default_value = "table", value_parser = ["table", "json"])]
+    output: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create a VM from flags and/or a YAML or JSON spec file (flags win).
+    Create(Box<spec::CreateArgs>),
+    /// List VMs.
+    List {
+        /// Only VMs with this label (KEY=VALUE; repeatable).
+        #[arg(long = "selector", short = 'l', value_name = "KEY=VALUE")]
+        selector: Vec<String>,
+        /// VMs per request page.
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+    },
+    /// Show one VM.
+    Get { id: String },
+    /// Start a VM.
+    Start { id: String },
+    /// Stop a VM (orderly, then killed after the timeout).
+    Stop {
+        id: String,
+        /// Seconds to wait for an orderly stop.
+        #[arg(long, default_value_t = 10)]
+        timeout: u32,
+        /// Kill at once.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Reboot a VM.
+    Reboot { id: String },
+    /// Pause a VM.
+    Pause { id: String },
+    /// Resume a paused VM.
+    Resume { id: String },
+    /// Delete a VM.
+    Delete {
+        id: String,
+        /// Stop it first if it runs.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Attach to a VM's serial console (Ctrl-] detaches on a terminal).
+    Console {
+        id: String,
+        /// Do not print the recent output first.
+        #[arg(long)]
+        no_replay: bool,
+        /// Exit (0) at the end of the first output line that contains this text (9 if the
+        /// console ends or --timeout passes first); for scripts.
+        #[arg(long, value_name = "TEXT")]
+        until: Option<String>,
+        /// Give up after this many seconds (status 9 with --until).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Stream VM events (all VMs, or one).
+    Events {
+        id: Option<String>,
+        /// First print each VM's current state.
+        #[arg(long)]
+        initial: bool,
+        /// Stop after this many events.
+        #[arg(long, value_name = "N")]
+        count: Option<usize>,
+    },
+    /// Show the node's capabilities, capacity and commitments.
+    Node,
+}
+
+/// A failure with its exit status.
+struct Failure {
+    status: u8,
+    message: String,
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        let status = match s.code() {
+            Code::NotFound => status::NOT_FOUND,
+            Code::AlreadyExists => status::ALREADY_EXISTS,
+            Code::FailedPrecondition => status::FAILED_PRECONDITION,
+            Code::InvalidArgument => status::INVALID_ARGUMENT,
+            Code::ResourceExhausted => status::RESOURCE_EXHAUSTED,
+            Code::Unavailable => status::UNAVAILABLE,
+            _ => status::ERROR,
+        };
+        Failure {
+            status,
+            message: format!("{:?}: {}", s.code(), s.message()),
+        }
+    }
+}
+
+fn fail(status: u8, message: impl Into<String>) -> Failure {
+    Failure {
+        status,
+        message: message.into(),
+    }
+}
+
+async fn connect(addr: &str) -> Result<Channel, Failure> {
+    if let Some(path) = addr.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        let display = path.display().to_string();
+        // The URI is not used for a Unix socket; the connector ignores it.
+        Endpoint::from_static("http://agent.invalid")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .map_err(|e| {
+                fail(
+                    status::UNAVAILABLE,
+                    format!("cannot reach the agent at unix:{display}: {e}"),
+                )
+            })
+    } else {
+        Endpoint::from_shared(addr.to_string())
+            .map_err(|e| fail(status::USAGE, format!("--agent {addr:?}: {e}")))?
+            .connect()
+            .await
+            .map_err(|e| {
+                fail(
+                    status::UNAVAILABLE,
+                    format!("cannot reach the agent at {addr}: {e}"),
+                )
+            })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                status::USAGE
+            } else {
+                status::OK
+            });
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("quantixctl: {e}");
+            return ExitCode::from(status::ERROR);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::from(status::OK),
+        Err(f) => {
+            eprintln!("quantixctl: {}", f.message);
+            ExitCode::from(f.status)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let addr = cli
+        .agent
+        .clone()
+        .or_else(|| std::env::var("QUANTIX_AGENT").ok())
+        .unwrap_or_else(|| "unix:/var/lib/quantix-agent/agent.sock".into());
+    let channel = connect(&addr).await?;
+    let mut vms = VmServiceClient::new(channel.clone());
+    let json = cli.output == "json";
+    match cli.cmd {
+        Cmd::Create(args) => {
+            let (id, spec, start) = (*args).build().map_err(|e| fail(status::USAGE, e))?;
+            let vm = vms
+                .create_vm(CreateVmRequest {
+                    vm_id: id,
+                    spec: Some(spec),
+                    start,
+                })
+                .await?
+                .into_inner();
+            output::vms(&[vm], json);
+        }
+        Cmd::List {
+            selector,
+            page_size,
+        } => {
+            let mut label_selector = std::collections::HashMap::new();
+            for s in selector {
+                let (k, v) = s.split_once('=').ok_or_else(|| {
+                    fail(
+                        status::USAGE,
+                        format!("--selector {s:?}: expected KEY=VALUE"),
+                    )
+                })?;
+                label_selector.insert(k.to_string(), v.to_string());
+            }
+            let mut all = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = vms
+                    .list_vms(ListVmsRequest {
+                        label_selector: label_selector.clone(),
+                        page_size,
+                        page_token: token,
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(page.vms);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            output::vms(&all, json);
+        }
+        Cmd::Get { id } => {
+            let vm = vms.get_vm(GetVmRequest { vm_id: id }).await?.into_inner();
+            if json {
+                output::vms(&[vm], true);
+            } else {
+                output::vm_detail(&vm);
+            }
+        }
+        Cmd::Start { id } => {
+            let vm = vms
+                .start_vm(StartVmRequest { vm_id: id })
+                .await?
+                .into_inner();
+            output::vms(&[vm], json);
+        }
+        Cmd::Stop { id, timeout, force } => {
+            let vm = vms
+                .stop_vm(StopVmRequest {
+                    vm_id: id,
+                    timeout_ms: timeout.saturating_mul(1000),
+                    force,
+                })
+                .await?
+                .into_inner();
+            output::vms(&[vm], json);
+        }
+        Cmd::Reboot { id } => {
+            let vm = vms
+                .reboot_vm(RebootVmRequest { vm_id: id })
+                .await?
+                .into_inner();
+            output::vms(&[vm], json);
+        }
+        Cmd::Pause { id } => {
+            let vm = vms
+                .pause_vm(PauseVmRequest { vm_id: id })
+                .await?
+                .into_inner();
+            output::vms(&[vm], json);
+        }
+        Cmd::Resume { id } => {
+            let vm = vms
+                .resume_vm(ResumeVmRequest { vm_id: id })
+                .await?
+                .into_inner();
+            output::vms(&[vm], json);
+        }
+        Cmd::Delete { id, force } => {
+            vms.delete_vm(DeleteVmRequest {
+                vm_id: id.clone(),
+                force,
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::json!({ "deleted": id }));
+            } else {
+                println!("deleted {id}");
+            }
+        }
+        Cmd::Console {
+            id,
+            no_replay,
+            until,
+            timeout,
+        } => console(&mut vms, id, !no_replay, until, timeout).await?,
+        Cmd::Events { id, initial, count } => {
+            let mut stream = vms
+                .watch_vms(WatchVmsRequest {
+                    vm_id: id.unwrap_or_default(),
+                    initial_state: initial,
+                })
+                .await?
+                .into_inner();
+            let mut seen = 0;
+            while let Some(ev) = stream.next().await {
+                output::event(&ev?, json);
+                seen += 1;
+                if count.is_some_and(|c| seen >= c) {
+                    break;
+                }
+            }
+        }
+        Cmd::Node => {
+            let node = NodeServiceClient::new(channel)
+                .get_node(GetNodeRequest {})
+                .await?
+                .into_inner();
+            output::node(&node, json);
+        }
+    }
+    Ok(())
+}
+
+/// Puts a terminal in raw mode and restores it on drop.
+struct RawTerminal(Option<libc::termios>);
+
+impl RawTerminal {
+    fn enter() -> Self {
+        if !std::io::stdin().is_terminal() {
+            return Self(None);
+        }
+        // SAFETY: tcgetattr fills a termios we own; a zeroed termios is a valid value.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd 0 is stdin and `t` is a valid termios to fill.
+        if unsafe { libc::tcgetattr(0, &mut t) } != 0 {
+            return Self(None);
+        }
+        let saved = t;
+        // SAFETY: cfmakeraw edits the termios we own.
+        unsafe { libc::cfmakeraw(&mut t) };
+        // SAFETY: applies a termios we own to stdin.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        Self(Some(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(t) = self.0 {
+            // SAFETY: restores the termios saved by `enter` on stdin.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        }
+    }
+}
+
+async fn console(
+    vms: &mut VmServiceClient<Channel>,
+    id: String,
+    replay: bool,
+    until: Option<String>,
+    timeout: Option<u64>,
+) -> Result<(), Failure> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<ConsoleInput>(64);
+    let _ = tx
+        .send(ConsoleInput {
+            input: Some(console_input::Input::Attach(ConsoleAttach {
+                vm_id: id,
+                replay,
+            })),
+        })
+        .await;
+    let mut output = vms
+        .attach_console(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let interactive = std::io::stdin().is_terminal() && until.is_none();
+    let _raw = if interactive {
+        eprintln!("[attached; Ctrl-] detaches]\r");
+        Some(RawTerminal::enter())
+    } else {
+        None
+    };
+    let (detach_tx, mut detach_rx) = tokio::sync::oneshot::channel::<()>();
+    if until.is_none() {
+        // Forward stdin; Ctrl-] (0x1d) detaches.
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 1024];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let data = &buf[..n];
+                        if let Some(p) = data.iter().position(|b| *b == 0x1d) {
+                            if p > 0 {
+                                let _ = tx.blocking_send(ConsoleInput {
+                                    input: Some(console_input::Input::Data(data[..p].to_vec())),
+                                });
+                            }
+                            let _ = detach_tx.send(());
+                            return;
+                        }
+                        if tx
+                            .blocking_send(ConsoleInput {
+                                input: Some(console_input::Input::Data(data.to_vec())),
+                            })
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+            // Keep the request stream open after stdin ends, so output still flows.
+            std::mem::forget(tx);
+        });
+    }
+    let deadline = timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let mut seen: Vec<u8> = Vec::new();
+    let mut stdout = std::io::stdout();
+    loop {
+        let next = async {
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, output.next()).await.ok(),
+                None => Some(output.next().await),
+            }
+        };
+        tokio::select! {
+            _ = &mut detach_rx => return Ok(()),
+            item = next => match item {
+                None => {
+                    return match until {
+                        Some(t) => Err(fail(status::TIMEOUT, format!("{t:?} not seen on the console in time"))),
+                        None => Ok(()),
+                    };
+                }
+                Some(None) => {
+                    return match until {
+                        Some(t) => Err(fail(status::TIMEOUT, format!("the console ended before {t:?} was seen"))),
+                        None => Ok(()),
+                    };
+                }
+                Some(Some(msg)) => {
+                    let data = msg?.data;
+                    let _ = stdout.write_all(&data);
+                    let _ = stdout.flush();
+                    if let Some(t) = &until {
+                        seen.extend_from_slice(&data);
+                        let t = t.as_bytes();
+                        match seen.windows(t.len().max(1)).position(|w| w == t) {
+                            // Done at the end of the line that holds the text.
+                            Some(p) if seen[p + t.len()..].contains(&b'\n') => return Ok(()),
+                            Some(p) => {
+                                seen.drain(..p);
+                            }
+                            None => {
+                                let keep = seen.len().saturating_sub(t.len());
+                                seen.drain(..keep);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! `quantixctl create`: a VM spec from flags and/or a YAML or JSON file.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use clap::Args;
+use quantix_proto::v1::{BootSource, Console, Disk, Nic, RestartPolicy, VmSpec};
+use serde::Deserialize;
+
+/// Flags of `create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// VM id (idempotency key); default: the name.
+    #[arg(long)]
+    id: Option<String>,
+    /// A YAML or JSON spec file (fields as in docs/agent.md).
+    #[arg(long, short = 'f', value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// VM name.
+    #[arg(long)]
+    name: Option<String>,
+    /// vCPUs.
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u64>,
+    /// Kernel path on the node.
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Initramfs path on the node.
+    #[arg(long)]
+    initramfs: Option<String>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Disk: PATH[,readonly][,id=ID] (repeatable).
+    #[arg(long = "disk", value_name = "SPEC")]
+    disks: Vec<String>,
+    /// NIC: TAP[,mac=MAC] (repeatable).
+    #[arg(long = "nic", value_name = "SPEC")]
+    nics: Vec<String>,
+    /// Label KEY=VALUE (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Restart policy: never, on-failure, always.
+    #[arg(long, value_parser = ["never", "on-failure", "always"])]
+    restart: Option<String>,
+    /// Start it once created.
+    #[arg(long)]
+    start: bool,
+}
+
+/// The spec file's shape.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecFile {
+    id: Option<String>,
+    name: Option<String>,
+    vcpus: Option<u32>,
+    memory_mib: Option<u64>,
+    kernel: Option<String>,
+    initramfs: Option<String>,
+    cmdline: Option<String>,
+    #[serde(default)]
+    disks: Vec<DiskFile>,
+    #[serde(default)]
+    nics: Vec<NicFile>,
+    #[serde(default)]
+    labels: HashMap<String, String>,
+    restart_policy: Option<String>,
+    console_ring_bytes: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskFile {
+    path: String,
+    #[serde(default)]
+    readonly: bool,
+    #[serde(default)]
+    id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NicFile {
+    tap: String,
+    #[serde(default)]
+    mac: String,
+}
+
+fn policy(s: &str) -> Result<RestartPolicy, String> {
+    match s {
+        "never" => Ok(RestartPolicy::Never),
+        "on-failure" => Ok(RestartPolicy::OnFailure),
+        "always" => Ok(RestartPolicy::Always),
+        other => Err(format!(
+            "restart policy {other:?}: expected never, on-failure or always"
+        )),
+    }
+}
+
+impl CreateArgs {
+    /// (id, spec, start).
+    pub fn build(self) -> Result<(String, VmSpec, bool), String> {
+        let file: SpecFile = match &self.file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+                // JSON is YAML too.
+                serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?
+            }
+            None => SpecFile::default(),
+        };
+        let name = self.name.or(file.name).unwrap_or_default();
+        let id = self.id.or(file.id).unwrap_or_else(|| name.clone());
+        let mut disks: Vec<Disk> = file
+            .disks
+            .into_iter()
+            .map(|d| Disk {
+                path: d.path,
+                readonly: d.readonly,
+                id: d.id,
+            })
+            .collect();
+        for d in self.disks {
+            let mut parts = d.split(',');
+            let mut disk = Disk {
+                path: parts.next().unwrap_or_default().to_string(),
+                ..Default::default()
+            };
+            for p in parts {
+                if p == "readonly" {
+                    disk.readonly = true;
+                } else if let Some(v) = p.strip_prefix("id=") {
+                    disk.id = v.to_string();
+                } else {
+                    return Err(format!("--disk {d:?}: unknown option {p:?}"));
+                }
+            }
+            disks.push(disk);
+        }
+        let mut nics: Vec<Nic> = file
+            .nics
+            .into_iter()
+            .map(|n| Nic {
+                tap: n.tap,
+                mac: n.mac,
+            })
+            .collect();
+        for n in self.nics {
+            let (tap, mac) = match n.split_once(",mac=") {
+                Some((t, m)) => (t.to_string(), m.to_string()),
+                None => (n.clone(), String::new()),
+            };
+            nics.push(Nic { tap, mac });
+        }
+        let mut labels = file.labels;
+        for l in self.labels {
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| format!("--label {l:?}: expected KEY=VALUE"))?;
+            labels.insert(k.to_string(), v.to_string());
+        }
+        let restart = match self.restart.or(file.restart_policy) {
+            Some(p) => policy(&p)?,
+            None => RestartPolicy::Never,
+        };
+        let spec = VmSpec {
+            name,
+            vcpus: self.cpus.or(file.vcpus).unwrap_or(1),
+            memory_mib: self.memory.or(file.memory_mib).unwrap_or(256),
+            boot: Some(BootSource {
+                kernel: self.kernel.or(file.kernel).unwrap_or_default(),
+                initramfs: self.initramfs.or(file.initramfs).unwrap_or_default(),
+                cmdline: self.cmdline.or(file.cmdline).unwrap_or_default(),
+            }),
+            disks,
+            nics,
+            console: file
+                .console_ring_bytes
+                .map(|ring_bytes| Console { ring_bytes }),
+            labels,
+            restart_policy: restart as i32,
+        };
+        Ok((id, spec, self.start))
+    }
+}

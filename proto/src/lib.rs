@@ -1,0 +1,13 @@
+//! The node agent's gRPC API, `quantixkvm.agent.v1`, generated from
+//! `proto/quantixkvm/agent/v1/agent.proto` by protox and tonic-prost-build.
+//! The agent (server) and `quantixctl` (client) share it.
+
+#![allow(clippy::all, missing_docs)]
+
+/// Version 1 of the agent API.
+pub mod v1 {
+    tonic::include_proto!("quantixkvm.agent.v1");
+}
+
+/// The `.proto` source, for tools that generate clients in other languages.
+pub const AGENT_PROTO: &str = include_str!("../quantixkvm/agent/v1/agent.proto");
