@@ -162,6 +162,37 @@ pub async fn render(manager: &Arc<Manager>, api: &ApiMetrics) -> String {
                 }
             }
         }
+        // Virtio devices: every counter the VMM reports, labelled by device and type.
+        if let Some(devices) = m["devices"].as_array() {
+            for d in devices {
+                let (Some(name), Some(kind)) = (d["name"].as_str(), d["type"].as_str()) else {
+                    continue;
+                };
+                let labels = format!(
+                    "vm=\"{}\",device=\"{}\",type=\"{}\"",
+                    vm.id,
+                    prometheus_label(name),
+                    prometheus_label(kind)
+                );
+                if let Some(n) = d["needs_reset_events"].as_u64() {
+                    let _ = writeln!(
+                        per_vm,
+                        "quantix_vm_device_needs_reset_total{{{labels}}} {n}"
+                    );
+                }
+                if let Some(counters) = d["counters"].as_object() {
+                    for (key, v) in counters {
+                        let (Some(n), true) = (
+                            v.as_u64(),
+                            key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+                        ) else {
+                            continue;
+                        };
+                        let _ = writeln!(per_vm, "quantix_vm_device_{key}_total{{{labels}}} {n}");
+                    }
+                }
+            }
+        }
         if let Some(serial) = m["serial"].as_object() {
             for (key, v) in serial {
                 if let Some(n) = v.as_u64() {
@@ -184,6 +215,14 @@ pub async fn render(manager: &Arc<Manager>, api: &ApiMetrics) -> String {
         let _ = writeln!(out, "quantix_agent_cpu_seconds_total {cpu}");
     }
     out
+}
+
+/// A label value with `\`, `"` and newlines escaped (Prometheus text format).
+fn prometheus_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Serves `GET /metrics` (any path, in fact) on `listener`.

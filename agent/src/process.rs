@@ -210,10 +210,21 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / hz.max(1) as f64)
 }
 
-/// Sends `sig` to `pid`.
+/// Sends `sig` to the process `pid`. Refuses 0 and values that kill(2) would read as a
+/// process group or "every process" (an unrecorded pid of 0 once made a stop signal the
+/// agent's own process group).
 pub fn signal(pid: u32, sig: i32) -> io::Result<()> {
-    // SAFETY: kill(2) takes integers only.
-    if unsafe { libc::kill(pid as libc::pid_t, sig) } < 0 {
+    let pid = match libc::pid_t::try_from(pid) {
+        Ok(p) if p > 0 => p,
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("refusing to signal pid {pid}: not a single process"),
+            ))
+        }
+    };
+    // SAFETY: kill(2) takes integers only; `pid` names one process (checked above).
+    if unsafe { libc::kill(pid, sig) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -333,5 +344,19 @@ mod tests {
         let i = exit_info(WaitStatus::Unknown, &dir.join("missing"), 5);
         assert_eq!(i.reason, "killed");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod signal_tests {
+    use super::signal;
+
+    #[test]
+    fn process_groups_and_everyone_are_never_signalled() {
+        for pid in [0u32, u32::MAX, 1 << 31] {
+            let e = signal(pid, 0).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{pid}");
+        }
+        signal(std::process::id(), 0).unwrap(); // signal 0: exists, nothing sent
     }
 }

@@ -54,6 +54,22 @@ async fn lifecycle_console_events_pause_stop_delete() {
     let out = console_until(&mut c, "vm-1", "hello from guest", LIMIT).await;
     assert!(out.contains("hello from guest"), "{out}");
 
+    // A running VM's virtio device counters reach the Prometheus endpoint.
+    let addr = std::fs::read_to_string(dir.join("state/metrics.addr")).unwrap();
+    let body = http_get(&addr).await;
+    assert!(
+        body.contains(
+            "quantix_vm_device_requests_total{vm=\"vm-1\",device=\"rng\",type=\"rng\"} 0"
+        ),
+        "{body}"
+    );
+    assert!(
+        body.contains(
+            "quantix_vm_device_needs_reset_total{vm=\"vm-1\",device=\"rng\",type=\"rng\"} 0"
+        ),
+        "{body}"
+    );
+
     let seen = wait_event(&mut events, LIMIT, |e| e.kind == EventKind::Started as i32).await;
     assert!(seen
         .iter()
