@@ -12,7 +12,8 @@
 //! | `off`         | discarded                     | none                               |
 //!
 //! Output to a pty or a socket never blocks the guest: when nobody reads, bytes are dropped
-//! and counted in [`ChardevCounters::dropped`]. The VMM keeps the pty's other end open, so
+//! and counted in [`ChardevCounters::dropped`]. While no socket client is attached, the
+//! newest 64 KiB of output are kept and replayed to the next client. The VMM keeps the pty's other end open, so
 //! that the pty stays usable when clients come and go. A socket accepts one client at a time;
 //! a new connection replaces the current one (a supervisor that restarts can always attach
 //! again). Input from a socket client passes through a pipe, so the device sees one stable fd
@@ -298,7 +299,7 @@ fn open_socket(
     let file = SocketFile(path.to_path_buf());
     let host = |what| move |source| ChardevError::Host { role, what, source };
     let (pipe_read, pipe_write) = pipe().map_err(host("an input pipe"))?;
-    let client: Arc<Mutex<Option<Arc<UnixStream>>>> = Arc::default();
+    let client: Arc<Mutex<Peer>> = Arc::default();
     let output = SocketOutput {
         client: client.clone(),
         counters: counters.clone(),
@@ -331,7 +332,7 @@ fn open_socket(
 struct Acceptor {
     role: &'static str,
     listener: UnixListener,
-    client: Arc<Mutex<Option<Arc<UnixStream>>>>,
+    client: Arc<Mutex<Peer>>,
     input: Arc<Mutex<std::fs::File>>,
     counters: Arc<ChardevCounters>,
 }
@@ -348,11 +349,16 @@ impl Acceptor {
                 }
             };
             self.counters.connections.fetch_add(1, Ordering::Relaxed);
-            let previous = self
-                .client
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .replace(stream.clone());
+            let previous = {
+                let mut peer = self.client.lock().unwrap_or_else(|p| p.into_inner());
+                // What the guest wrote while nobody was attached goes first, under the
+                // lock, so that it cannot interleave with new output.
+                let backlog: Vec<u8> = peer.backlog.drain(..).collect();
+                if !backlog.is_empty() {
+                    let _ = send_or_drop(stream.as_raw_fd(), &backlog, true, &self.counters);
+                }
+                peer.client.replace(stream.clone())
+            };
             if let Some(old) = previous {
                 // Its reader thread sees end-of-file and ends.
                 let _ = old.shutdown(std::net::Shutdown::Both);
@@ -376,7 +382,7 @@ fn forward_input(
     role: &'static str,
     stream: Arc<UnixStream>,
     input: Arc<Mutex<std::fs::File>>,
-    client: Arc<Mutex<Option<Arc<UnixStream>>>>,
+    client: Arc<Mutex<Peer>>,
 ) {
     let mut buf = [0u8; 4096];
     loop {
@@ -393,32 +399,55 @@ fn forward_input(
             break;
         }
     }
-    let mut current = client.lock().unwrap_or_else(|p| p.into_inner());
-    if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &stream)) {
-        *current = None;
+    let mut peer = client.lock().unwrap_or_else(|p| p.into_inner());
+    if peer
+        .client
+        .as_ref()
+        .is_some_and(|c| Arc::ptr_eq(c, &stream))
+    {
+        peer.client = None;
         debug!(device = role, "client detached");
     }
 }
 
-/// Output to the current socket client, dropped when there is none or it does not read.
+/// Output kept while no socket client is attached, replayed to the next one.
+pub const SOCKET_BACKLOG: usize = 64 * 1024;
+
+/// The socket's current client, and what the guest wrote while there was none.
+#[derive(Default)]
+struct Peer {
+    client: Option<Arc<UnixStream>>,
+    /// The newest output of a time without a client, at most [`SOCKET_BACKLOG`] bytes:
+    /// a supervisor that attaches after boot, or again after its own restart, misses none
+    /// of it (older bytes are dropped and counted).
+    backlog: std::collections::VecDeque<u8>,
+}
+
+/// Output to the current socket client; kept in the backlog when there is none, dropped
+/// when the client does not read.
 struct SocketOutput {
-    client: Arc<Mutex<Option<Arc<UnixStream>>>>,
+    client: Arc<Mutex<Peer>>,
     counters: Arc<ChardevCounters>,
 }
 
 impl Write for SocketOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut current = self.client.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(stream) = current.as_ref() else {
-            self.counters
-                .dropped
-                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        let mut peer = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(stream) = peer.client.clone() else {
+            peer.backlog.extend(buf);
+            let excess = peer.backlog.len().saturating_sub(SOCKET_BACKLOG);
+            if excess > 0 {
+                peer.backlog.drain(..excess);
+                self.counters
+                    .dropped
+                    .fetch_add(excess as u64, Ordering::Relaxed);
+            }
             return Ok(buf.len());
         };
         if let Err(e) = send_or_drop(stream.as_raw_fd(), buf, true, &self.counters) {
             debug!(error = %e, "socket client gone");
             let _ = stream.shutdown(std::net::Shutdown::Both);
-            *current = None;
+            peer.client = None;
         }
         Ok(buf.len())
     }
@@ -567,14 +596,18 @@ mod tests {
         let dir = scratch("sock");
         let path = dir.join("serial.sock");
         let mut dev = open(&SerialMode::Socket(path.clone()), "serial", false).unwrap();
-        // Nobody attached: output is dropped and counted, never blocks.
-        dev.output.write_all(b"lost").unwrap();
+        // Nobody attached: output is kept for the first client (the newest 64 KiB).
+        dev.output.write_all(&vec![b'x'; SOCKET_BACKLOG]).unwrap();
+        dev.output.write_all(b"kept").unwrap();
         assert_eq!(dev.counters.dropped.load(Ordering::Relaxed), 4);
 
         let mut first = UnixStream::connect(&path).unwrap();
         wait_for("first client", || {
             dev.counters.connections.load(Ordering::Relaxed) == 1
         });
+        let mut replay = vec![0u8; SOCKET_BACKLOG];
+        first.read_exact(&mut replay).unwrap();
+        assert!(replay.ends_with(b"kept"), "the newest output is replayed");
         dev.output.write_all(b"one").unwrap();
         let mut got = [0u8; 3];
         first.read_exact(&mut got).unwrap();
