@@ -4,9 +4,18 @@
 
 use std::time::Duration;
 
-use quantix_sandbox::{build, paths, GuestInitramfs, Job, Payload, Sandbox, SandboxConfig};
+use quantix_sandbox::{paths, Job, Sandbox, SandboxConfig};
 
-const VMM: &str = "/payload/quantix-vmm";
+mod common;
+use common::nested::{field, VMM};
+
+fn guest_initramfs(sandbox: &Sandbox, modules: &[&str], body: &str) -> Vec<u8> {
+    common::nested::guest_initramfs(sandbox, modules, Vec::new(), body)
+}
+
+fn run_job(sandbox: &Sandbox, images: Vec<(&str, Vec<u8>)>, job: Job) -> String {
+    common::nested::run_job(sandbox, &[], images, job)
+}
 
 /// The virtio modules of the guest kernel, in load order (each after its dependencies).
 const VIRTIO_MODULES: &[&str] = &[
@@ -14,55 +23,6 @@ const VIRTIO_MODULES: &[&str] = &[
     "kernel/drivers/virtio/virtio.ko",
     "kernel/drivers/virtio/virtio_mmio.ko",
 ];
-
-/// A guest initramfs with the given modules (at the root, as /qx-mod-N.ko) and a script
-/// that loads them in order and then runs `body`.
-fn guest_initramfs(sandbox: &Sandbox, modules: &[&str], body: &str) -> Vec<u8> {
-    let assets = sandbox.assets();
-    let mut image = GuestInitramfs::new(assets);
-    let mut script = String::from("#!/bin/sh\n");
-    for (i, m) in modules.iter().enumerate() {
-        let data = std::fs::read(assets.module(m)).unwrap_or_else(|e| panic!("module {m}: {e}"));
-        let dest = format!("/qx-mod-{i}.ko");
-        script.push_str(&format!("insmod {dest} || echo \"QX-FAIL insmod {m}\"\n"));
-        image = image.file(&dest, data, 0o644);
-    }
-    script.push_str(body);
-    image
-        .script(script)
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Runs `job` in `sandbox` with a static quantix-vmm at [`VMM`] and the guest initramfs
-/// `images` (destination, bytes) in the payload; checks that the job succeeded and that
-/// every module loaded; returns its output.
-fn run_job(sandbox: &Sandbox, images: Vec<(&str, Vec<u8>)>, job: Job) -> String {
-    let vmm = build::static_binary("quantix-vmm", "quantix-vmm").unwrap_or_else(|e| panic!("{e}"));
-    let mut payload = Payload::new();
-    payload
-        .add_file(&vmm, VMM)
-        .unwrap_or_else(|e| panic!("{e}"));
-    for (dest, bytes) in images {
-        payload
-            .add_bytes(dest, bytes, 0o644)
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-    let report = sandbox
-        .run(&payload, &[job])
-        .unwrap_or_else(|e| panic!("{e}"));
-    let job = &report.jobs[0];
-    let out = &job.output;
-    assert!(
-        job.success(),
-        "status {:?}, timed out {}\n{out}",
-        job.status,
-        job.timed_out
-    );
-    assert!(!out.contains("QX-FAIL"), "{out}");
-    eprintln!("job {} took {:?}", job.name, job.elapsed);
-    job.output.clone()
-}
 
 #[test]
 fn virtio_rng_feeds_the_guests_hwrng() {
@@ -103,17 +63,6 @@ fn virtio_rng_feeds_the_guests_hwrng() {
     let bytes = line("bytes");
     assert_eq!(bytes.len(), 64, "32 bytes in hex: {bytes}");
     assert_ne!(bytes, "0".repeat(64), "entropy, not zeros");
-}
-
-/// The value after `key=` on the first line that has it, up to the end of the line or the
-/// first `[` (a kernel message printed into the middle of a console line).
-fn field(out: &str, key: &str) -> String {
-    out.lines()
-        .find_map(|l| {
-            l.split_once(&format!("{key}="))
-                .map(|(_, v)| v.split('[').next().unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| panic!("no {key}= line:\n{out}"))
 }
 
 /// Two disks, one read-only: the guest makes a file system on the first, writes a file,

@@ -11,9 +11,16 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use quantix_sandbox::{build, paths, GuestInitramfs, Job, Payload, Sandbox};
+use quantix_sandbox::{build, paths, Job, Payload, Sandbox};
 
-const VMM: &str = "/payload/quantix-vmm";
+mod common;
+use common::nested::VMM;
+
+/// A guest initramfs with the virtio-blk modules, `qx-io` at [`QX_IO`], and `body`.
+fn guest_initramfs(sandbox: &Sandbox, qx_io: &[u8], body: &str) -> Vec<u8> {
+    common::nested::guest_initramfs(sandbox, MODULES, vec![(QX_IO, qx_io.to_vec(), 0o755)], body)
+}
+
 const QX_IO: &str = "/payload/qx-io";
 const IMAGE: &str = "/tmp/integrity.img";
 const DISK_MIB: u64 = 64;
@@ -28,25 +35,6 @@ const MODULES: &[&str] = &[
     "kernel/drivers/virtio/virtio_mmio.ko",
     "kernel/drivers/block/virtio_blk.ko",
 ];
-
-/// A guest initramfs with the virtio-blk modules, `qx-io` at [`QX_IO`], and a script that
-/// loads the modules and runs `body`.
-fn guest_initramfs(sandbox: &Sandbox, qx_io: &[u8], body: &str) -> Vec<u8> {
-    let assets = sandbox.assets();
-    let mut image = GuestInitramfs::new(assets).file(QX_IO, qx_io.to_vec(), 0o755);
-    let mut script = String::from("#!/bin/sh\n");
-    for (i, m) in MODULES.iter().enumerate() {
-        let data = std::fs::read(assets.module(m)).unwrap_or_else(|e| panic!("module {m}: {e}"));
-        let dest = format!("/qx-mod-{i}.ko");
-        script.push_str(&format!("insmod {dest} || echo \"QX-FAIL insmod {m}\"\n"));
-        image = image.file(&dest, data, 0o644);
-    }
-    script.push_str(body);
-    image
-        .script(script)
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// The `key=value` fields of the `QX-VERIFY` line whose `id` is `id` and whose phase is
 /// `phase` (a kernel message printed into the line ends it at its `[`).

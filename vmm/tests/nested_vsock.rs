@@ -5,9 +5,27 @@
 
 use std::time::Duration;
 
-use quantix_sandbox::{build, paths, GuestInitramfs, Job, Payload, Sandbox};
+use quantix_sandbox::{build, paths, Job, Sandbox};
 
-const VMM: &str = "/payload/quantix-vmm";
+mod common;
+use common::nested::{field, VMM};
+
+/// A guest initramfs with the vsock modules, qx-vsock at /bin/qx-vsock and `body`.
+fn guest_initramfs(sandbox: &Sandbox, qx_vsock: &[u8], body: &str) -> Vec<u8> {
+    let files = vec![("/bin/qx-vsock", qx_vsock.to_vec(), 0o755)];
+    common::nested::guest_initramfs(sandbox, MODULES, files, body)
+}
+
+/// Runs `job` with qx-vsock also in the nested host's payload.
+fn run_job(sandbox: &Sandbox, images: Vec<(&str, Vec<u8>)>, job: Job) -> String {
+    common::nested::run_job(
+        sandbox,
+        &[("quantix-sandbox", "qx-vsock", QX_VSOCK)],
+        images,
+        job,
+    )
+}
+
 const QX_VSOCK: &str = "/payload/qx-vsock";
 
 /// The guest modules, in load order (each after its dependencies).
@@ -19,67 +37,6 @@ const MODULES: &[&str] = &[
     "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
     "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
 ];
-
-/// A guest initramfs with the modules (loaded in order), qx-vsock at /bin/qx-vsock and
-/// a script that then runs `body`.
-fn guest_initramfs(sandbox: &Sandbox, qx_vsock: &[u8], body: &str) -> Vec<u8> {
-    let assets = sandbox.assets();
-    let mut image = GuestInitramfs::new(assets).file("/bin/qx-vsock", qx_vsock.to_vec(), 0o755);
-    let mut script = String::from("#!/bin/sh\n");
-    for (i, m) in MODULES.iter().enumerate() {
-        let data = std::fs::read(assets.module(m)).unwrap_or_else(|e| panic!("module {m}: {e}"));
-        let dest = format!("/qx-mod-{i}.ko");
-        script.push_str(&format!("insmod {dest} || echo \"QX-FAIL insmod {m}\"\n"));
-        image = image.file(&dest, data, 0o644);
-    }
-    script.push_str(body);
-    image
-        .script(script)
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Runs `job` with a static quantix-vmm and qx-vsock in the payload plus `images`;
-/// checks that it succeeded; returns its output.
-fn run_job(sandbox: &Sandbox, images: Vec<(&str, Vec<u8>)>, job: Job) -> String {
-    let vmm = build::static_binary("quantix-vmm", "quantix-vmm").unwrap_or_else(|e| panic!("{e}"));
-    let qx = build::static_binary("quantix-sandbox", "qx-vsock").unwrap_or_else(|e| panic!("{e}"));
-    let mut payload = Payload::new();
-    payload
-        .add_file(&vmm, VMM)
-        .and_then(|p| p.add_file(&qx, QX_VSOCK))
-        .unwrap_or_else(|e| panic!("{e}"));
-    for (dest, bytes) in images {
-        payload
-            .add_bytes(dest, bytes, 0o644)
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-    let report = sandbox
-        .run(&payload, &[job])
-        .unwrap_or_else(|e| panic!("{e}"));
-    let job = &report.jobs[0];
-    let out = &job.output;
-    assert!(
-        job.success(),
-        "status {:?}, timed out {}\n{out}",
-        job.status,
-        job.timed_out
-    );
-    assert!(!out.contains("QX-FAIL"), "{out}");
-    eprintln!("job {} took {:?}", job.name, job.elapsed);
-    job.output.clone()
-}
-
-/// The value after `key=` on the first line that has it, up to the end of the line or
-/// the first `[` (a kernel message printed into the middle of a console line).
-fn field(out: &str, key: &str) -> String {
-    out.lines()
-        .find_map(|l| {
-            l.split_once(&format!("{key}="))
-                .map(|(_, v)| v.split('[').next().unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| panic!("no {key}= line:\n{out}"))
-}
 
 /// (1) The guest connects to host port 1234, which reaches a host process listening on
 /// `<socket>_1234`; (2) a host process connects to `<socket>`, sends `CONNECT 5000` and
