@@ -160,22 +160,9 @@ async fn console_roundtrip(
     id: &str,
     text: &str,
 ) -> String {
-    use quantix_proto::v1::{console_input, ConsoleAttach, ConsoleInput};
+    use quantix_proto::v1::{console_input, ConsoleInput};
     use tokio_stream::StreamExt;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(ConsoleInput {
-        input: Some(console_input::Input::Attach(ConsoleAttach {
-            vm_id: id.into(),
-            replay: false,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut out = c
-        .attach_console(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut out) = common::attach_console(c, id, false).await;
     let mut got = Vec::new();
     let deadline = tokio::time::Instant::now() + LIMIT;
     let mut next_send = tokio::time::Instant::now();
@@ -773,7 +760,7 @@ async fn restart_policies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_input_reaches_the_guest_and_every_reader_sees_the_output() {
-    use quantix_proto::v1::{console_input, ConsoleAttach, ConsoleInput};
+    use quantix_proto::v1::{console_input, ConsoleInput};
     use tokio_stream::StreamExt;
     require_kvm!();
     let dir = scratch("echo");
@@ -783,28 +770,10 @@ async fn console_input_reaches_the_guest_and_every_reader_sees_the_output() {
     create(&mut c, "e", spec("e", &g.echo, RestartPolicy::Never), true).await;
     console_until(&mut c, "e", "echo ready", LIMIT).await;
 
-    let attach = |replay| ConsoleInput {
-        input: Some(console_input::Input::Attach(ConsoleAttach {
-            vm_id: "e".into(),
-            replay,
-        })),
-    };
     // Reader A writes; reader B only listens (attached without replay).
-    let (tx_a, rx_a) = tokio::sync::mpsc::channel(4);
-    tx_a.send(attach(true)).await.unwrap();
-    let mut out_a = c
-        .attach_console(tokio_stream::wrappers::ReceiverStream::new(rx_a))
-        .await
-        .unwrap()
-        .into_inner();
-    let (tx_b, rx_b) = tokio::sync::mpsc::channel(4);
-    tx_b.send(attach(false)).await.unwrap();
+    let (tx_a, mut out_a) = common::attach_console(&mut c, "e", true).await;
     let mut c2 = agent.client().await;
-    let mut out_b = c2
-        .attach_console(tokio_stream::wrappers::ReceiverStream::new(rx_b))
-        .await
-        .unwrap()
-        .into_inner();
+    let (_tx_b, mut out_b) = common::attach_console(&mut c2, "e", false).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     tx_a.send(ConsoleInput {
         input: Some(console_input::Input::Data(b"ping-42".to_vec())),

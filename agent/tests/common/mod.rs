@@ -428,6 +428,34 @@ pub async fn delete(c: &mut VmServiceClient<Channel>, id: &str, force: bool) {
     .unwrap_or_else(|e| panic!("delete {id}: {e}"));
 }
 
+/// Attaches to a VM's console (`replay`: the ring's content first); returns the input
+/// sender and the output stream.
+pub async fn attach_console(
+    c: &mut VmServiceClient<Channel>,
+    id: &str,
+    replay: bool,
+) -> (
+    tokio::sync::mpsc::Sender<quantix_proto::v1::ConsoleInput>,
+    tonic::Streaming<quantix_proto::v1::ConsoleOutput>,
+) {
+    use quantix_proto::v1::{console_input, ConsoleAttach, ConsoleInput};
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(ConsoleInput {
+        input: Some(console_input::Input::Attach(ConsoleAttach {
+            vm_id: id.into(),
+            replay,
+        })),
+    })
+    .await
+    .unwrap();
+    let out = c
+        .attach_console(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, out)
+}
+
 /// Reads the console (with replay) until `text` appears.
 pub async fn console_until(
     c: &mut VmServiceClient<Channel>,
@@ -435,21 +463,8 @@ pub async fn console_until(
     text: &str,
     limit: Duration,
 ) -> String {
-    use quantix_proto::v1::{console_input, ConsoleAttach, ConsoleInput};
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(ConsoleInput {
-        input: Some(console_input::Input::Attach(ConsoleAttach {
-            vm_id: id.into(),
-            replay: true,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut out = c
-        .attach_console(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    // The sender lives until the text is seen: dropping it would end the session.
+    let (tx, mut out) = attach_console(c, id, true).await;
     let mut got = Vec::new();
     let deadline = tokio::time::Instant::now() + limit;
     while !String::from_utf8_lossy(&got).contains(text) {
