@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use quantix_sandbox::{build, paths, GuestInitramfs, Job, Payload, Sandbox};
+use quantix_sandbox::{build, GuestInitramfs, Job, Payload, Sandbox};
 use serde::Serialize;
 
 use crate::boot::{shell_words, Vmm, VMM_PATH};
@@ -99,57 +99,20 @@ pub fn guest_initramfs(
 
 /// The VMM command line of a block run.
 pub fn vmm_argv(vmm: Vmm, o: &BlockOptions) -> Vec<String> {
-    let (cpus, mem) = (o.cpus.to_string(), o.memory_mib.to_string());
-    let v: Vec<&str> = match vmm {
-        Vmm::Quantix => vec![
-            VMM_PATH,
-            "--kernel",
-            paths::GUEST_VMLINUZ,
-            "--initramfs",
-            INITRAMFS,
-            "--cpus",
-            &cpus,
-            "--memory",
-            &mem,
-            "--rng",
-            "off",
-            "--disk",
-            "path=/tmp/bench.img,id=bench",
-            "--cmdline",
-            CMDLINE,
-            "--log-level",
-            "warn",
-        ],
-        Vmm::Qemu => vec![
-            paths::QEMU,
-            "-M",
-            "microvm,rtc=on",
-            "-enable-kvm",
-            "-cpu",
-            "host",
-            "-m",
-            &mem,
-            "-smp",
-            &cpus,
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-            "-kernel",
-            paths::GUEST_VMLINUZ,
-            "-initrd",
-            INITRAMFS,
-            "-append",
-            CMDLINE,
+    iobench::vmm_argv(
+        vmm,
+        INITRAMFS,
+        CMDLINE,
+        o.cpus,
+        o.memory_mib,
+        &["--disk", "path=/tmp/bench.img,id=bench"],
+        &[
             "-drive",
             "id=bench,file=/tmp/bench.img,format=raw,if=none",
             "-device",
             "virtio-blk-device,drive=bench",
         ],
-    };
-    v.into_iter().map(String::from).collect()
+    )
 }
 
 /// Everything `block` measured.

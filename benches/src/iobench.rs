@@ -498,6 +498,74 @@ pub fn format_report(
     s
 }
 
+/// The command line of `vmm` for an I/O benchmark: the same kernel, `initramfs`, vCPUs,
+/// memory and `cmdline` for both VMMs, no entropy device, the serial console on stdout,
+/// and then the benchmark's own `devices` (`quantix` for quantix-vmm, `qemu` for QEMU
+/// microvm).
+pub fn vmm_argv(
+    vmm: crate::boot::Vmm,
+    initramfs: &str,
+    cmdline: &str,
+    cpus: u32,
+    memory_mib: u32,
+    quantix: &[&str],
+    qemu: &[&str],
+) -> Vec<String> {
+    use quantix_sandbox::paths;
+    let (cpus, mem) = (cpus.to_string(), memory_mib.to_string());
+    let (base, devices): (Vec<&str>, &[&str]) = match vmm {
+        crate::boot::Vmm::Quantix => (
+            vec![
+                crate::boot::VMM_PATH,
+                "--kernel",
+                paths::GUEST_VMLINUZ,
+                "--initramfs",
+                initramfs,
+                "--cpus",
+                &cpus,
+                "--memory",
+                &mem,
+                "--rng",
+                "off",
+            ],
+            quantix,
+        ),
+        crate::boot::Vmm::Qemu => (
+            vec![
+                paths::QEMU,
+                "-M",
+                "microvm,rtc=on",
+                "-enable-kvm",
+                "-cpu",
+                "host",
+                "-m",
+                &mem,
+                "-smp",
+                &cpus,
+                "-nodefaults",
+                "-no-user-config",
+                "-nographic",
+                "-no-reboot",
+                "-serial",
+                "stdio",
+                "-kernel",
+                paths::GUEST_VMLINUZ,
+                "-initrd",
+                initramfs,
+                "-append",
+                cmdline,
+            ],
+            qemu,
+        ),
+    };
+    let mut argv: Vec<String> = base.into_iter().map(String::from).collect();
+    argv.extend(devices.iter().map(|a| a.to_string()));
+    if vmm == crate::boot::Vmm::Quantix {
+        argv.extend(["--cmdline", cmdline, "--log-level", "warn"].map(String::from));
+    }
+    argv
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

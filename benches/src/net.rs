@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use quantix_sandbox::{build, paths, Job, Payload, Sandbox, SandboxConfig};
+use quantix_sandbox::{build, Job, Payload, Sandbox, SandboxConfig};
 use serde::Serialize;
 
 use crate::block::{guest_initramfs, QX_IO_PATH};
@@ -73,60 +73,18 @@ fn kind_of(test: &str) -> Kind {
 
 /// The VMM command line of a network run.
 pub fn vmm_argv(vmm: Vmm, o: &NetOptions) -> Vec<String> {
-    let (cpus, mem) = (o.cpus.to_string(), o.memory_mib.to_string());
     let net = format!("tap={TAP},mac={MAC}");
     let netdev = format!("tap,id=net0,ifname={TAP},script=no,downscript=no,vhost=off");
     let device = format!("virtio-net-device,netdev=net0,mac={MAC}");
-    let v: Vec<&str> = match vmm {
-        Vmm::Quantix => vec![
-            VMM_PATH,
-            "--kernel",
-            paths::GUEST_VMLINUZ,
-            "--initramfs",
-            INITRAMFS,
-            "--cpus",
-            &cpus,
-            "--memory",
-            &mem,
-            "--rng",
-            "off",
-            "--net",
-            &net,
-            "--cmdline",
-            CMDLINE,
-            "--log-level",
-            "warn",
-        ],
-        Vmm::Qemu => vec![
-            paths::QEMU,
-            "-M",
-            "microvm,rtc=on",
-            "-enable-kvm",
-            "-cpu",
-            "host",
-            "-m",
-            &mem,
-            "-smp",
-            &cpus,
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-            "-kernel",
-            paths::GUEST_VMLINUZ,
-            "-initrd",
-            INITRAMFS,
-            "-append",
-            CMDLINE,
-            "-netdev",
-            &netdev,
-            "-device",
-            &device,
-        ],
-    };
-    v.into_iter().map(String::from).collect()
+    iobench::vmm_argv(
+        vmm,
+        INITRAMFS,
+        CMDLINE,
+        o.cpus,
+        o.memory_mib,
+        &["--net", &net],
+        &["-netdev", &netdev, "-device", &device],
+    )
 }
 
 /// The nested host's script of one VMM run: start the VMM in the background, put its
