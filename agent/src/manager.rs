@@ -29,6 +29,8 @@ use crate::store::Store;
 
 /// How long a started VMM may take to answer on its control socket.
 const START_PROBE_LIMIT: Duration = Duration::from_secs(10);
+/// How long a VMM has to stop in order after its `shutdown` request before it is killed.
+const VMM_STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// A VMM process the agent watches.
 struct Running {
@@ -693,7 +695,9 @@ impl Manager {
         } else {
             VmState::Failed
         };
-        let msg = if requested {
+        let msg = if requested && info.reason == "poweroff" {
+            "guest powered off on request (ACPI power button)".to_string()
+        } else if requested {
             format!("VMM stopped on request ({})", info.reason)
         } else {
             format!("VMM exited: {} {}", info.reason, info.detail)
@@ -841,17 +845,41 @@ impl Manager {
         }
         let paths = self.paths(&vm.id);
         if !force {
-            if let Err(e) =
-                control::call(&paths.api_socket(), "shutdown", Duration::from_secs(1)).await
-            {
-                warn!(vm = %vm.id, error = %e, "no orderly stop through the control socket; sending SIGTERM");
-                let _ = process::signal(pid, libc::SIGTERM);
+            // First ask the guest: press its ACPI power button and give it `timeout` to
+            // power itself off. A guest that never enabled the button (no ACPI) is not
+            // waited for.
+            let asked =
+                match control::call(&paths.api_socket(), "power-button", Duration::from_secs(1))
+                    .await
+                {
+                    Ok(reply) => reply["guest_enabled"] == serde_json::Value::Bool(true),
+                    Err(e) => {
+                        warn!(vm = %vm.id, error = %e, "cannot press the guest's power button");
+                        false
+                    }
+                };
+            let guest_stopped = asked
+                && tokio::time::timeout(timeout, exited.wait_for(|e| e.is_some()))
+                    .await
+                    .is_ok();
+            if asked && !guest_stopped {
+                warn!(vm = %vm.id, ?timeout, "the guest did not power off in time; stopping its VMM");
             }
-            if tokio::time::timeout(timeout, exited.wait_for(|e| e.is_some()))
-                .await
-                .is_err()
-            {
-                warn!(vm = %vm.id, pid, ?timeout, "the VMM did not stop in time; killing it");
+            // Then stop the VMM in order (its vCPUs stop, its devices flush), and kill it
+            // if even that does not end it.
+            if !guest_stopped {
+                if let Err(e) =
+                    control::call(&paths.api_socket(), "shutdown", Duration::from_secs(1)).await
+                {
+                    warn!(vm = %vm.id, error = %e, "no orderly stop through the control socket; sending SIGTERM");
+                    let _ = process::signal(pid, libc::SIGTERM);
+                }
+                if tokio::time::timeout(VMM_STOP_GRACE, exited.wait_for(|e| e.is_some()))
+                    .await
+                    .is_err()
+                {
+                    warn!(vm = %vm.id, pid, grace = ?VMM_STOP_GRACE, "the VMM did not stop in time; killing it");
+                }
             }
         }
         if exited.borrow().is_none() {

@@ -69,10 +69,10 @@ enum Cmd {
     Get { id: String },
     /// Start a VM.
     Start { id: String },
-    /// Stop a VM (orderly, then killed after the timeout).
+    /// Stop a VM: press its power button, then stop its VMM if the guest has not powered off.
     Stop {
         id: String,
-        /// Seconds to wait for an orderly stop.
+        /// Seconds the guest has to power off after the power button is pressed.
         #[arg(long, default_value_t = 10)]
         timeout: u32,
         /// Kill at once.

@@ -52,6 +52,15 @@ pub enum Request {
     Shutdown {},
     /// Report the VM's counters (vCPU exits, serial bytes).
     Metrics {},
+    /// Press the guest's ACPI power button: ask the guest to shut itself down.
+    PowerButton {},
+}
+
+/// The guest's power button, as the control socket presses it.
+pub trait PowerButtonControl: Send + Sync + std::fmt::Debug {
+    /// Presses the button; returns whether the guest has enabled the interrupt that
+    /// carries the press (an ACPI guest has; one without ACPI will never react).
+    fn press(&self) -> io::Result<bool>;
 }
 
 /// What the VM reports about itself.
@@ -70,6 +79,9 @@ pub struct VmInfo {
     /// The VM's counters (sampled by the `metrics` request).
     #[serde(skip)]
     pub metrics: crate::metrics::VmMetrics,
+    /// The guest's power button.
+    #[serde(skip)]
+    pub power_button: Option<Arc<dyn PowerButtonControl>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -118,6 +130,24 @@ pub fn respond(line: &[u8], info: &VmInfo, started: Instant, exit: &ExitSignal) 
             ok: true,
             metrics: info.metrics.sample(),
         }),
+        Ok(Request::PowerButton {}) => match &info.power_button {
+            Some(button) => match button.press() {
+                Ok(enabled) => {
+                    if !enabled {
+                        info!("power button pressed, but the guest has not enabled it (no ACPI?)");
+                    }
+                    Ok(format!(r#"{{"ok":true,"guest_enabled":{enabled}}}"#))
+                }
+                Err(e) => serde_json::to_string(&ErrorResponse {
+                    ok: false,
+                    error: format!("cannot press the power button: {e}"),
+                }),
+            },
+            None => serde_json::to_string(&ErrorResponse {
+                ok: false,
+                error: "this VM has no power button".to_string(),
+            }),
+        },
         Ok(Request::Shutdown {}) => {
             info!("shutdown requested on the control socket");
             exit.request(ExitReason::ApiShutdown);
@@ -315,7 +345,72 @@ mod tests {
                 vcpus: vec![Default::default(), Default::default()],
                 ..Default::default()
             },
+            power_button: None,
         }
+    }
+
+    /// A button whose guest has (or has not) enabled its interrupt, or that fails.
+    #[derive(Debug)]
+    struct FakeButton {
+        enabled: io::Result<bool>,
+        presses: std::sync::atomic::AtomicU32,
+    }
+
+    impl PowerButtonControl for FakeButton {
+        fn press(&self) -> io::Result<bool> {
+            self.presses
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match &self.enabled {
+                Ok(e) => Ok(*e),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            }
+        }
+    }
+
+    #[test]
+    fn power_button_reports_whether_the_guest_listens() {
+        let exit = ExitSignal::new().unwrap();
+        let press = |info: &VmInfo| -> serde_json::Value {
+            serde_json::from_str(&respond(
+                br#"{"op":"power-button"}"#,
+                info,
+                Instant::now(),
+                &exit,
+            ))
+            .unwrap()
+        };
+        for enabled in [true, false] {
+            let button = Arc::new(FakeButton {
+                enabled: Ok(enabled),
+                presses: Default::default(),
+            });
+            let info = VmInfo {
+                power_button: Some(button.clone()),
+                ..info()
+            };
+            let v = press(&info);
+            assert_eq!(v["ok"], true, "{v}");
+            assert_eq!(v["guest_enabled"], enabled, "{v}");
+            assert_eq!(button.presses.load(std::sync::atomic::Ordering::Relaxed), 1);
+        }
+        let failing = VmInfo {
+            power_button: Some(Arc::new(FakeButton {
+                enabled: Err(io::Error::from_raw_os_error(libc::EBADF)),
+                presses: Default::default(),
+            })),
+            ..info()
+        };
+        let v = press(&failing);
+        assert_eq!(v["ok"], false);
+        assert!(v["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("cannot press the power button"));
+        let v = press(&info());
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["error"], "this VM has no power button");
+        // Pressing the button never stops the VM by itself: that is the guest's decision.
+        assert_eq!(exit.reason(), None);
     }
 
     #[test]

@@ -67,8 +67,11 @@ pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
 /// First GSI (I/O APIC pin) for virtio devices; 0-4 are the legacy devices' (COM1 is 4).
 pub const VIRTIO_GSI_START: u32 = 5;
-/// Last usable GSI: KVM's in-kernel I/O APIC has 24 pins.
-pub const VIRTIO_GSI_END: u32 = 23;
+/// Last GSI for virtio devices; the one above it is the power button's.
+pub const VIRTIO_GSI_END: u32 = 22;
+/// The ACPI Generic Event Device's interrupt (the power button): the last pin of KVM's
+/// 24-pin in-kernel I/O APIC.
+pub const GED_GSI: u32 = 23;
 
 /// The I/O port of the ACPI sleep control/status and reset register.
 pub const ACPI_POWER_PORT: u16 = 0x600;

@@ -244,6 +244,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, RunError> {
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION"),
         metrics: vm.metrics(),
+        power_button: Some(vm.power_button()),
     };
     let api = match &config.api_socket {
         Some(path) => Some(ApiServer::bind(path, info, exit.clone())?),

@@ -31,6 +31,7 @@ use crate::cpu::cpuid::{self, CpuidConfig};
 use crate::cpu::{msrs, regs, Vcpu, VcpuHandle};
 use crate::exit::ExitSignal;
 use crate::layout::{self, ACPI_POWER_PORT};
+use crate::power_button::PowerButton;
 
 /// Errors while building or starting a VM.
 #[derive(Debug, Error)]
@@ -143,7 +144,7 @@ fn check_caps(kvm: &Kvm) -> Result<(), VmError> {
 /// A built VM, not yet running.
 pub struct Vm {
     _kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
     mem: Arc<GuestMemoryMmap>,
     vcpus: Vec<Vcpu>,
     exit: Arc<ExitSignal>,
@@ -152,6 +153,7 @@ pub struct Vm {
     serial_input: Option<OwnedFd>,
     chardevs: Vec<ChardevHandle>,
     device_metrics: Vec<crate::virtio::DeviceMetrics>,
+    power_button: Arc<PowerButton>,
     /// What was booted.
     pub boot: BootInfo,
     config: VmConfig,
@@ -159,7 +161,7 @@ pub struct Vm {
 
 /// A running VM.
 pub struct RunningVm {
-    _fd: VmFd,
+    _fd: Arc<VmFd>,
     _mem: Arc<GuestMemoryMmap>,
     handles: Vec<VcpuHandle>,
     stop: Arc<AtomicBool>,
@@ -190,7 +192,7 @@ impl Vm {
         let serial_input = serial_end.input.take();
         let mut chardevs = vec![serial_end];
 
-        let fd = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
+        let fd = Arc::new(kvm.create_vm().map_err(kvm_err("CREATE_VM"))?);
         // Intel VMX needs a TSS region below 4 GiB; other KVM flavours ignore or refuse it.
         if let Err(e) = fd.set_tss_address(0xfffb_d000) {
             warn!(error = %e, "KVM_SET_TSS_ADDR failed; continuing (only Intel VMX needs it)");
@@ -234,6 +236,7 @@ impl Vm {
             ..Default::default()
         })
         .map_err(kvm_err("CREATE_PIT2"))?;
+        let power_button = Arc::new(PowerButton::new(fd.clone(), layout::GED_GSI)?);
 
         // Devices on the port I/O bus.
         let mut pio = Bus::new();
@@ -314,6 +317,7 @@ impl Vm {
             &AcpiConfig {
                 vcpus: config.vcpus,
                 virtio_mmio,
+                ged_gsi: layout::GED_GSI,
             },
         )?;
         let boot = boot::load_linux(&mem, mem_size, &config.boot, rsdp)?;
@@ -392,6 +396,7 @@ impl Vm {
             serial_input,
             chardevs,
             device_metrics,
+            power_button,
             boot,
             config: config.clone(),
         })
@@ -415,6 +420,11 @@ impl Vm {
                 .map(|(c, role)| (role, c.counters.clone()))
                 .collect(),
         }
+    }
+
+    /// The guest's ACPI power button.
+    pub fn power_button(&self) -> Arc<PowerButton> {
+        self.power_button.clone()
     }
 
     /// The exit signal the VM reports to.

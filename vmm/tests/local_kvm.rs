@@ -159,16 +159,7 @@ fn control_socket_reports_state_and_shuts_down() {
         &["--api-socket", sock.to_str().unwrap(), "--disk", &disk],
     );
     await_output(&mut child, "hello from long mode");
-    let stream = UnixStream::connect(&sock).expect("control socket is listening");
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut w = stream;
-    let mut ask = |req: &str| {
-        w.write_all(req.as_bytes()).unwrap();
-        w.write_all(b"\n").unwrap();
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        serde_json::from_str::<serde_json::Value>(&line).unwrap()
-    };
+    let mut ask = control(&sock);
     let state = ask(r#"{"op":"state"}"#);
     assert_eq!(state["state"], "running", "{state}");
     assert_eq!(state["vcpus"], 2);
@@ -209,6 +200,65 @@ fn control_socket_reports_state_and_shuts_down() {
     let (code, _, stderr) = summary(&out);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(!sock.exists(), "the socket file is removed on exit");
+}
+
+/// Sends control-socket requests on one connection.
+fn control(sock: &std::path::Path) -> impl FnMut(&str) -> serde_json::Value {
+    let stream = UnixStream::connect(sock).expect("control socket is listening");
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut w = stream;
+    move |req: &str| {
+        w.write_all(req.as_bytes()).unwrap();
+        w.write_all(b"\n").unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    }
+}
+
+/// The power button's interrupt is I/O APIC pin 23. A guest that never unmasks it (no
+/// ACPI) is reported as not listening, and the press does not stop the VM; once the guest
+/// unmasks the pin, as Linux's GED driver does, the press reports it as listening.
+#[test]
+fn power_button_reports_whether_the_guest_enabled_its_interrupt() {
+    // mov eax, 0xfec00000 (I/O APIC); mov dword [rax], 0x3e (IOREGSEL: low half of
+    // redirection entry 23); mov dword [rax+0x10], 0x30 (IOWIN: vector 0x30, unmasked).
+    let unmask: &[u8] = &[
+        0xb8, 0x00, 0x00, 0xc0, 0xfe, 0xc7, 0x00, 0x3e, 0, 0, 0, 0xc7, 0x40, 0x10, 0x30, 0, 0, 0,
+    ];
+    for (name, tail) in [("deaf", Vec::new()), ("listening", unmask.to_vec())] {
+        let dir = scratch(&format!("button-{name}"));
+        let sock = dir.join("api.sock");
+        let mut code = tail;
+        code.extend(asm::print(b"ready\n", true));
+        code.extend_from_slice(&asm::SPIN);
+        let kernel = long_mode_guest(&dir, "k.elf", &code);
+        let mut child = Command::new(vmm_bin())
+            .args(["--kernel", &kernel, "--memory", "64M"])
+            .args(["--api-socket", sock.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        await_output(&mut child, "ready");
+        let mut ask = control(&sock);
+        let press = ask(r#"{"op":"power-button"}"#);
+        assert_eq!(press["ok"], true, "{name}: {press}");
+        assert_eq!(
+            press["guest_enabled"],
+            name == "listening",
+            "{name}: {press}"
+        );
+        // The press is the guest's to act on; this guest does not, so the VM runs on.
+        let state = ask(r#"{"op":"state"}"#);
+        assert_eq!(state["state"], "running", "{name}: {state}");
+        assert_eq!(ask(r#"{"op":"shutdown"}"#)["ok"], true);
+        let out = wait_limit(child, LIMIT);
+        let (code, _, stderr) = summary(&out);
+        assert_eq!(code, Some(0), "{name}: {stderr}");
+        assert!(stderr.contains("ACPI power button pressed"), "{stderr}");
+    }
 }
 
 #[test]

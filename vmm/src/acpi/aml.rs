@@ -129,6 +129,31 @@ pub fn mmio_irq_resources(base: u32, len: u32, gsi: u32) -> Vec<u8> {
     buffer(&r)
 }
 
+/// A resource template with one extended interrupt (consumer, edge-triggered, active
+/// high, exclusive).
+pub fn irq_resources(gsi: u32) -> Vec<u8> {
+    let mut r = vec![0x89, 0x06, 0x00, 0x03, 0x01];
+    r.extend_from_slice(&gsi.to_le_bytes());
+    r.extend_from_slice(&[0x79, 0x00]);
+    buffer(&r)
+}
+
+/// `Method (name, args, NotSerialized) { body }`.
+pub fn method(name: &[u8; 4], args: u8, body: &[u8]) -> Vec<u8> {
+    let mut inner = vec![args & 0x7];
+    inner.extend_from_slice(body);
+    with_pkg(&[0x14], name, &inner)
+}
+
+/// `Notify (\scope.device, value)`, for a device one level below the root scope.
+pub fn notify(scope: &[u8; 4], device: &[u8; 4], value: u8) -> Vec<u8> {
+    let mut v = vec![0x86, b'\\', 0x2e]; // NotifyOp, root prefix, DualNamePrefix
+    v.extend_from_slice(scope);
+    v.extend_from_slice(device);
+    v.extend_from_slice(&integer(value.into()));
+    v
+}
+
 /// A resource template: fixed 16-bit I/O ports and one ISA IRQ (edge, active high).
 pub fn io_irq_resources(port: u16, len: u8, irq: u8) -> Vec<u8> {
     let mut r = vec![0x47, 0x01];
@@ -186,6 +211,28 @@ mod tests {
             ]
         );
         assert_eq!(string("LNRO0005"), b"\x0dLNRO0005\x00");
+    }
+
+    #[test]
+    fn power_button_event_method_matches_the_reference_encoding() {
+        // iasl for: Method (_EVT, 1, NotSerialized) { Notify (\_SB.PWRB, 0x80) }
+        let evt = method(b"_EVT", 1, &notify(b"_SB_", b"PWRB", 0x80));
+        assert_eq!(
+            evt,
+            [
+                0x14, 0x13, b'_', b'E', b'V', b'T', 0x01, 0x86, b'\\', 0x2e, b'_', b'S', b'B',
+                b'_', b'P', b'W', b'R', b'B', 0x0a, 0x80
+            ]
+        );
+        // ResourceTemplate () { Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { 23 } }
+        assert_eq!(
+            irq_resources(23),
+            [
+                0x11, 0x0e, 0x0a, 0x0b, 0x89, 0x06, 0x00, 0x03, 0x01, 0x17, 0x00, 0x00, 0x00, 0x79,
+                0x00
+            ]
+        );
+        assert_eq!(eisa_id(b"PNP0C0C"), [0x0c, 0x41, 0xd0, 0x0c, 0x0c]);
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct AcpiConfig {
     pub vcpus: u8,
     /// virtio-mmio devices, found by Linux's virtio_mmio driver through `LNRO0005`.
     pub virtio_mmio: Vec<VirtioMmioDesc>,
+    /// The interrupt of the Generic Event Device that carries power button presses.
+    pub ged_gsi: u32,
 }
 
 /// An SDT: a 36-byte header and a body; the length and checksum are filled by `finish`.
@@ -85,7 +87,7 @@ fn gas_io_byte(port: u16) -> [u8; 12] {
     g
 }
 
-fn dsdt(virtio: &[VirtioMmioDesc]) -> Vec<u8> {
+fn dsdt(virtio: &[VirtioMmioDesc], ged_gsi: u32) -> Vec<u8> {
     let mut t = Sdt::new(b"DSDT", 6);
     // \_S5: the sleep type value for soft-off that the guest writes to the sleep control register.
     t.bytes(&aml::name(
@@ -101,6 +103,22 @@ fn dsdt(virtio: &[VirtioMmioDesc]) -> Vec<u8> {
         &aml::io_irq_resources(COM1_PORT_BASE as u16, COM1_PORT_LEN as u8, COM1_IRQ as u8),
     ));
     let mut sb = aml::device(b"COM1", &com1);
+    // The power button, a control-method button (FADT PWR_BUTTON flag): a hardware-reduced
+    // platform has no fixed one. Pressing it raises the Generic Event Device's interrupt,
+    // whose _EVT method notifies the button (0x80: pressed); the guest's button driver
+    // turns that into KEY_POWER, which its init (systemd-logind, acpid) acts on.
+    let mut pwrb = aml::name(b"_HID", &aml::eisa_id(b"PNP0C0C"));
+    pwrb.extend(aml::name(b"_UID", &aml::integer(0)));
+    sb.extend(aml::device(b"PWRB", &pwrb));
+    let mut ged = aml::name(b"_HID", &aml::string("ACPI0013"));
+    ged.extend(aml::name(b"_UID", &aml::integer(0)));
+    ged.extend(aml::name(b"_CRS", &aml::irq_resources(ged_gsi)));
+    ged.extend(aml::method(
+        b"_EVT",
+        1,
+        &aml::notify(b"_SB_", b"PWRB", 0x80),
+    ));
+    sb.extend(aml::device(b"GED_", &ged));
     for (i, dev) in virtio.iter().enumerate() {
         let mut body = aml::name(b"_HID", &aml::string("LNRO0005"));
         body.extend(aml::name(b"_UID", &aml::integer(i as u64)));
@@ -219,7 +237,7 @@ pub fn build(config: &AcpiConfig, base: u64) -> Vec<u8> {
         align16(blob);
         addr
     };
-    let dsdt_addr = place(dsdt(&config.virtio_mmio), &mut blob);
+    let dsdt_addr = place(dsdt(&config.virtio_mmio, config.ged_gsi), &mut blob);
     let fadt_addr = place(fadt(dsdt_addr), &mut blob);
     let madt_addr = place(madt(config.vcpus), &mut blob);
     let xsdt_addr = place(xsdt(&[fadt_addr, madt_addr]), &mut blob);
@@ -264,6 +282,7 @@ mod tests {
                     base: 0xd000_0000,
                     gsi: 5,
                 }],
+                ged_gsi: 23,
             },
             base,
         );
@@ -290,6 +309,12 @@ mod tests {
         assert!(dsdt.windows(8).any(|w| w == b"LNRO0005"));
         assert!(dsdt.windows(4).any(|w| w == b"VR00"));
         assert!(dsdt.windows(4).any(|w| w == 0xd000_0000u32.to_le_bytes()));
+        // The power button and the Generic Event Device whose _EVT notifies it.
+        assert!(dsdt.windows(4).any(|w| w == b"PWRB"));
+        assert!(dsdt.windows(8).any(|w| w == b"ACPI0013"));
+        assert!(dsdt.windows(4).any(|w| w == b"_EVT"));
+        let ged_crs = aml::irq_resources(23);
+        assert!(dsdt.windows(ged_crs.len()).any(|w| w == ged_crs));
         // One enabled local APIC per vCPU with APIC IDs 0..n.
         let mut off = HEADER_LEN + 8;
         let mut apic_ids = vec![];
@@ -310,12 +335,13 @@ mod tests {
         let blob = build(
             &AcpiConfig {
                 vcpus: crate::config::MAX_VCPUS,
-                virtio_mmio: (0..19u32)
+                virtio_mmio: (0..18u32)
                     .map(|i| VirtioMmioDesc {
                         base: 0xd000_0000 + u64::from(i) * 0x1000,
                         gsi: 5 + i,
                     })
                     .collect(),
+                ged_gsi: 23,
             },
             0xe0000,
         );
