@@ -29,6 +29,10 @@ use crate::store::Store;
 
 /// How long a started VMM may take to answer on its control socket.
 const START_PROBE_LIMIT: Duration = Duration::from_secs(10);
+/// How long a VMM may take to answer a control request.
+const CONTROL_LIMIT: Duration = Duration::from_secs(2);
+/// How long a VMM may take to pause or resume (it waits for every vCPU, up to 5 s).
+const PAUSE_LIMIT: Duration = Duration::from_secs(10);
 /// How long a VMM has to stop in order after its `shutdown` request before it is killed.
 const VMM_STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -840,10 +844,13 @@ impl Manager {
                 if force { "killing the VMM" } else { "stopping" },
             )?;
         }
-        if was_paused {
-            let _ = process::signal(pid, libc::SIGCONT);
-        }
         let paths = self.paths(&vm.id);
+        if was_paused && !force {
+            // The guest must run to hear the power button.
+            if let Err(e) = control::call(&paths.api_socket(), "resume", CONTROL_LIMIT).await {
+                warn!(vm = %vm.id, error = %e, "cannot resume the paused VM before stopping it");
+            }
+        }
         if !force {
             // First ask the guest: press its ACPI power button and give it `timeout` to
             // power itself off. A guest that never enabled the button (no ACPI) is not
@@ -920,53 +927,45 @@ impl Manager {
         Ok(vm)
     }
 
-    /// Pauses (true) or resumes (false) a VM by stopping or continuing every VMM thread.
+    /// Pauses (true) or resumes (false) a VM through its VMM's control socket: the VMM
+    /// parks its vCPUs and devices and keeps the guest's clock still while paused.
     pub async fn pause(self: &Arc<Self>, id: &str, pause: bool) -> Result<Vm, AgentError> {
         let vm = self.load(id)?;
         let slot = self.slot_for(&vm)?;
         let _op = slot.op.lock().await;
         let mut vm = self.load(id)?;
         let state = state_of(&vm);
-        let (from, to, sig, kind, want) = if pause {
+        let (from, to, op, kind) = if pause {
             (
                 VmState::Running,
                 VmState::Paused,
-                libc::SIGSTOP,
+                "pause",
                 EventKind::Paused,
-                'T',
             )
         } else {
             (
                 VmState::Paused,
                 VmState::Running,
-                libc::SIGCONT,
+                "resume",
                 EventKind::Resumed,
-                'x',
             )
         };
         if state != from {
             return Err(AgentError::FailedPrecondition(format!(
-                "VM {id:?} is {}; {} needs a {} VM",
+                "VM {id:?} is {}; {op} needs a {} VM",
                 state_name(state),
-                if pause { "pause" } else { "resume" },
                 state_name(from)
             )));
         }
-        let Some((pid, _)) = slot.running() else {
+        if slot.running().is_none() {
             return Err(AgentError::FailedPrecondition(format!(
                 "VM {id:?} has no VMM process"
             )));
-        };
-        process::signal(pid, sig)
-            .map_err(|e| AgentError::Internal(format!("cannot signal VMM pid {pid}: {e}")))?;
-        // Wait until the kernel shows the new state, so that Get reflects a fact.
-        for _ in 0..200 {
-            let s = process::proc_state(pid);
-            if (pause && s == Some(want)) || (!pause && s != Some('T')) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        // The VMM answers once every vCPU has stopped (or started again).
+        control::call(&self.paths(id).api_socket(), op, PAUSE_LIMIT)
+            .await
+            .map_err(|e| AgentError::Internal(format!("cannot {op} VM {id:?}: {e}")))?;
         self.commit(
             &mut vm,
             to,
@@ -1011,14 +1010,19 @@ impl Manager {
             let paths = self.paths(&id);
             match process::find_vmm(&paths.api_socket()) {
                 Some(pid) => {
+                    let api_socket = paths.api_socket();
                     self.watch(&slot, &id, pid, paths)?;
-                    let new_state = match (process::proc_state(pid), state) {
-                        (Some('T'), _) => VmState::Paused,
-                        (_, VmState::Stopping) => {
+                    let paused = matches!(
+                        control::call(&api_socket, "state", CONTROL_LIMIT).await,
+                        Ok(v) if v["state"] == "paused"
+                    );
+                    let new_state = match (state, paused) {
+                        (VmState::Stopping, _) => {
                             // A stop was under way: finish it.
                             let _ = process::signal(pid, libc::SIGKILL);
                             VmState::Stopping
                         }
+                        (_, true) => VmState::Paused,
                         _ => VmState::Running,
                     };
                     status_mut(&mut vm).pid = pid;

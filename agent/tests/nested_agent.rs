@@ -1,8 +1,8 @@
 //! End to end on a real KVM, in the nested sandbox: the agent (static binary) boots Debian's
 //! unmodified cloud kernel through its gRPC API, driven by quantixctl; the console carries
-//! the kernel's messages and the guest init's line; events show the lifecycle; a graceful
-//! stop presses the guest's ACPI power button and the guest powers itself off; delete
-//! works. See docs/testing.md.
+//! the kernel's messages and the guest init's line; events show the lifecycle; the VM is
+//! paused and resumed; a graceful stop presses the guest's ACPI power button and the
+//! resumed guest powers itself off; delete works. See docs/testing.md.
 
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ while [ ! -S /tmp/qa/agent.sock ]; do
 	sleep 0.1
 done
 $C node
-$C -o json events --count 5 >/tmp/events.json &
+$C -o json events --count 7 >/tmp/events.json &
 ev=$!
 sleep 0.5
 printf '%s\n' 'id: deb' 'name: debian' 'vcpus: 2' 'memory_mib: 512' 'kernel: /guest/vmlinuz' \
@@ -34,6 +34,10 @@ fi
 grep "QX-GUEST-INIT" /tmp/console.txt
 grep -q "Linux version" /tmp/console.txt && echo "QX-AGENT-SAW-LINUX-VERSION"
 $C list -l os=debian
+$C pause deb || { echo "QX-AGENT-PAUSE-FAILED"; cat /tmp/agent.log; exit 14; }
+$C -o json get deb | grep -q '"state": "paused"' && echo "QX-AGENT-PAUSED"
+sleep 2
+$C resume deb || { echo "QX-AGENT-RESUME-FAILED"; cat /tmp/agent.log; exit 15; }
 $C stop deb --timeout 60 || { echo "QX-AGENT-STOP-FAILED"; cat /tmp/agent.log; exit 13; }
 $C -o json get deb | grep -q '"state": "stopped"' && echo "QX-AGENT-STOPPED"
 $C delete deb && echo "QX-AGENT-DELETED"
@@ -80,6 +84,7 @@ fn agent_boots_debian_through_its_api_in_the_nested_sandbox() {
     assert_eq!(init.cpus, 2, "{}", context());
     for marker in [
         "QX-AGENT-SAW-LINUX-VERSION",
+        "QX-AGENT-PAUSED",
         "QX-AGENT-STOPPED",
         "QX-AGENT-DELETED",
         "QX-AGENT-GET-AFTER-DELETE status=3",
@@ -98,13 +103,13 @@ fn agent_boots_debian_through_its_api_in_the_nested_sandbox() {
     let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
     assert_eq!(
         kinds,
-        ["created", "started", "stopping", "exited", "deleted"],
+        ["created", "started", "paused", "resumed", "stopping", "exited", "deleted"],
         "{}",
         context()
     );
-    // The guest powered itself off (ACPI S5) on the power button press: the VMM was not
-    // stopped from outside, which would be "api-shutdown".
-    assert_eq!(events[3]["exit"]["reason"], "poweroff", "{}", context());
+    // The guest, paused and resumed, then powered itself off (ACPI S5) on the power button
+    // press: the VMM was not stopped from outside, which would be "api-shutdown".
+    assert_eq!(events[5]["exit"]["reason"], "poweroff", "{}", context());
     eprintln!(
         "agent in the sandbox: guest init at {:.2} s uptime, job {:?}",
         init.uptime_s, r.elapsed

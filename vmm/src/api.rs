@@ -54,6 +54,20 @@ pub enum Request {
     Metrics {},
     /// Press the guest's ACPI power button: ask the guest to shut itself down.
     PowerButton {},
+    /// Stop the vCPUs and devices; the process and its control socket stay up.
+    Pause {},
+    /// Run a paused VM again.
+    Resume {},
+}
+
+/// Pausing and resuming the VM, as the control socket does it.
+pub trait PauseControl: Send + Sync + std::fmt::Debug {
+    /// Stops every vCPU and device; an error leaves the VM running.
+    fn pause(&self) -> Result<(), String>;
+    /// Runs the VM again.
+    fn resume(&self);
+    /// Whether the VM is paused.
+    fn paused(&self) -> bool;
 }
 
 /// The guest's power button, as the control socket presses it.
@@ -82,6 +96,9 @@ pub struct VmInfo {
     /// The guest's power button.
     #[serde(skip)]
     pub power_button: Option<Arc<dyn PowerButtonControl>>,
+    /// Pause and resume.
+    #[serde(skip)]
+    pub pause: Option<Arc<dyn PauseControl>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -118,6 +135,8 @@ pub fn respond(line: &[u8], info: &VmInfo, started: Instant, exit: &ExitSignal) 
                 ok: true,
                 state: if reason.is_some() {
                     "stopping"
+                } else if info.pause.as_ref().is_some_and(|p| p.paused()) {
+                    "paused"
                 } else {
                     "running"
                 },
@@ -146,6 +165,35 @@ pub fn respond(line: &[u8], info: &VmInfo, started: Instant, exit: &ExitSignal) 
             None => serde_json::to_string(&ErrorResponse {
                 ok: false,
                 error: "this VM has no power button".to_string(),
+            }),
+        },
+        Ok(Request::Pause {}) | Ok(Request::Resume {}) if exit.reason().is_some() => {
+            serde_json::to_string(&ErrorResponse {
+                ok: false,
+                error: "the VM is stopping".to_string(),
+            })
+        }
+        Ok(Request::Pause {}) => match &info.pause {
+            Some(p) => match p.pause() {
+                Ok(()) => Ok(r#"{"ok":true,"state":"paused"}"#.to_string()),
+                Err(e) => serde_json::to_string(&ErrorResponse {
+                    ok: false,
+                    error: format!("cannot pause: {e}"),
+                }),
+            },
+            None => serde_json::to_string(&ErrorResponse {
+                ok: false,
+                error: "this VM cannot be paused".to_string(),
+            }),
+        },
+        Ok(Request::Resume {}) => match &info.pause {
+            Some(p) => {
+                p.resume();
+                Ok(r#"{"ok":true,"state":"running"}"#.to_string())
+            }
+            None => serde_json::to_string(&ErrorResponse {
+                ok: false,
+                error: "this VM cannot be paused".to_string(),
             }),
         },
         Ok(Request::Shutdown {}) => {
@@ -346,7 +394,66 @@ mod tests {
                 ..Default::default()
             },
             power_button: None,
+            pause: None,
         }
+    }
+
+    #[derive(Debug, Default)]
+    struct FakePause {
+        paused: std::sync::atomic::AtomicBool,
+        fail: bool,
+    }
+
+    impl PauseControl for FakePause {
+        fn pause(&self) -> Result<(), String> {
+            if self.fail {
+                return Err("vCPU 1 did not stop".into());
+            }
+            self.paused
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+        fn resume(&self) {
+            self.paused
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        fn paused(&self) -> bool {
+            self.paused.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn pause_and_resume_show_in_the_state() {
+        let exit = ExitSignal::new().unwrap();
+        let pausable = VmInfo {
+            pause: Some(Arc::new(FakePause::default())),
+            ..info()
+        };
+        let ask = |req: &[u8], info: &VmInfo| -> serde_json::Value {
+            serde_json::from_str(&respond(req, info, Instant::now(), &exit)).unwrap()
+        };
+        assert_eq!(ask(br#"{"op":"pause"}"#, &pausable)["state"], "paused");
+        assert_eq!(ask(br#"{"op":"state"}"#, &pausable)["state"], "paused");
+        assert_eq!(ask(br#"{"op":"resume"}"#, &pausable)["state"], "running");
+        assert_eq!(ask(br#"{"op":"state"}"#, &pausable)["state"], "running");
+        let failing = VmInfo {
+            pause: Some(Arc::new(FakePause {
+                fail: true,
+                ..Default::default()
+            })),
+            ..info()
+        };
+        let v = ask(br#"{"op":"pause"}"#, &failing);
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["error"], "cannot pause: vCPU 1 did not stop");
+        assert_eq!(ask(br#"{"op":"state"}"#, &failing)["state"], "running");
+        let v = ask(br#"{"op":"pause"}"#, &info());
+        assert_eq!(v["error"], "this VM cannot be paused");
+        // Once a stop is under way, neither is accepted.
+        exit.request(ExitReason::ApiShutdown);
+        let v = ask(br#"{"op":"pause"}"#, &pausable);
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["error"], "the VM is stopping");
     }
 
     /// A button whose guest has (or has not) enabled its interrupt, or that fails.

@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod exit;
 pub mod layout;
 pub mod metrics;
+pub mod pause;
 pub mod power_button;
 pub mod runner;
 pub mod virtio;

@@ -245,6 +245,7 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, RunError> {
         version: env!("CARGO_PKG_VERSION"),
         metrics: vm.metrics(),
         power_button: Some(vm.power_button()),
+        pause: Some(vm.pauser()),
     };
     let api = match &config.api_socket {
         Some(path) => Some(ApiServer::bind(path, info, exit.clone())?),

@@ -14,14 +14,23 @@ use crate::acpi::VirtioMmioDesc;
 use crate::layout::{VIRTIO_GSI_END, VIRTIO_GSI_START, VIRTIO_MMIO_START, VIRTIO_MMIO_STRIDE};
 use crate::vm::VmError;
 
-/// Attaches `devices` in order; returns what the DSDT must describe, and live handles on
-/// each device's counters for the metrics.
+/// The virtio devices of a VM, as attached.
+pub struct Attached {
+    /// What the DSDT must describe.
+    pub descs: Vec<VirtioMmioDesc>,
+    /// Live handles on each device's counters, for the metrics.
+    pub metrics: Vec<DeviceMetrics>,
+    /// The transports, to pause and resume the devices.
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+/// Attaches `devices` in order.
 pub fn attach(
     vm: &VmFd,
     mem: &Arc<GuestMemory>,
     mmio: &mut Bus,
     devices: Vec<Box<dyn VirtioDevice>>,
-) -> Result<(Vec<VirtioMmioDesc>, Vec<DeviceMetrics>), VmError> {
+) -> Result<Attached, VmError> {
     let available = (VIRTIO_GSI_END - VIRTIO_GSI_START + 1) as usize;
     if devices.len() > available {
         return Err(VmError::TooManyDevices {
@@ -31,6 +40,7 @@ pub fn attach(
     }
     let mut descs = Vec::with_capacity(devices.len());
     let mut metrics = Vec::with_capacity(devices.len());
+    let mut transports = Vec::with_capacity(devices.len());
     for (i, device) in devices.into_iter().enumerate() {
         let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_STRIDE;
         let gsi = VIRTIO_GSI_START + i as u32;
@@ -60,11 +70,17 @@ pub fn attach(
             counters,
             interrupt,
         });
-        mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_STRIDE)?;
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), base, VIRTIO_MMIO_STRIDE)?;
+        transports.push(transport);
         tracing::info!(device = %name, base = format_args!("{base:#x}"), gsi, "virtio-mmio device attached");
         descs.push(VirtioMmioDesc { base, gsi });
     }
-    Ok((descs, metrics))
+    Ok(Attached {
+        descs,
+        metrics,
+        transports,
+    })
 }
 
 /// Live handles on one virtio device's counters.

@@ -28,9 +28,10 @@ use crate::boot::{self, BootError, BootInfo};
 use crate::chardev::{self, ChardevHandle};
 use crate::config::{BootSource, SerialMode, VmConfig};
 use crate::cpu::cpuid::{self, CpuidConfig};
-use crate::cpu::{msrs, regs, Vcpu, VcpuHandle};
+use crate::cpu::{msrs, regs, PauseGate, Vcpu, VcpuHandle};
 use crate::exit::ExitSignal;
 use crate::layout::{self, ACPI_POWER_PORT};
+use crate::pause::Pauser;
 use crate::power_button::PowerButton;
 
 /// Errors while building or starting a VM.
@@ -154,6 +155,8 @@ pub struct Vm {
     chardevs: Vec<ChardevHandle>,
     device_metrics: Vec<crate::virtio::DeviceMetrics>,
     power_button: Arc<PowerButton>,
+    gate: Arc<PauseGate>,
+    pauser: Arc<Pauser>,
     /// What was booted.
     pub boot: BootInfo,
     config: VmConfig,
@@ -165,6 +168,7 @@ pub struct RunningVm {
     _mem: Arc<GuestMemoryMmap>,
     handles: Vec<VcpuHandle>,
     stop: Arc<AtomicBool>,
+    gate: Arc<PauseGate>,
     /// The serial port, for console input.
     pub serial: Arc<Mutex<SerialDevice>>,
     /// What the guest reads on its serial port (standard input, a pty, a socket client).
@@ -307,8 +311,10 @@ impl Vm {
             info!(cid = v.cid, socket = %v.socket.display(), "vsock attached");
             virtio_devices.push(Box::new(dev));
         }
-        let (virtio_mmio, device_metrics) =
-            crate::virtio::attach(&fd, &mem, &mut mmio, virtio_devices)?;
+        let attached = crate::virtio::attach(&fd, &mem, &mut mmio, virtio_devices)?;
+        let (virtio_mmio, device_metrics) = (attached.descs, attached.metrics);
+        let gate = Arc::new(PauseGate::new());
+        let pauser = Arc::new(Pauser::new(gate.clone(), attached.transports, fd.clone()));
         let mmio = Arc::new(mmio);
 
         // The boot payload and the tables that describe the machine.
@@ -375,6 +381,7 @@ impl Vm {
                 mmio.clone(),
                 exit.clone(),
                 stop.clone(),
+                gate.clone(),
             ));
         }
         info!(
@@ -397,6 +404,8 @@ impl Vm {
             chardevs,
             device_metrics,
             power_button,
+            gate,
+            pauser,
             boot,
             config: config.clone(),
         })
@@ -427,6 +436,11 @@ impl Vm {
         self.power_button.clone()
     }
 
+    /// Pause and resume of the VM.
+    pub fn pauser(&self) -> Arc<Pauser> {
+        self.pauser.clone()
+    }
+
     /// The exit signal the VM reports to.
     pub fn exit_signal(&self) -> Arc<ExitSignal> {
         self.exit.clone()
@@ -448,6 +462,7 @@ impl Vm {
                         _mem: self.mem,
                         handles,
                         stop: self.stop,
+                        gate: self.gate,
                         serial: self.serial,
                         serial_input: self.serial_input,
                         _chardevs: self.chardevs,
@@ -465,6 +480,7 @@ impl Vm {
             _mem: self.mem,
             handles,
             stop: self.stop,
+            gate: self.gate,
             serial: self.serial,
             serial_input: self.serial_input,
             _chardevs: self.chardevs,
@@ -476,6 +492,8 @@ impl RunningVm {
     /// Stops every vCPU and waits for its thread; no thread is left behind.
     pub fn stop(self) {
         self.stop.store(true, Ordering::Release);
+        // A paused VM stops too: parked vCPU threads go on to see the stop flag.
+        self.gate.release();
         for h in &self.handles {
             h.kick();
         }

@@ -261,6 +261,62 @@ fn power_button_reports_whether_the_guest_enabled_its_interrupt() {
     }
 }
 
+/// Pause parks every vCPU (the guest, which exits to the VMM on each loop round, makes
+/// no progress) and resume lets them run again; the control socket answers throughout,
+/// and a paused VM still stops in order.
+#[test]
+fn pause_stops_every_vcpu_and_resume_runs_them_again() {
+    let dir = scratch("pause");
+    let sock = dir.join("api.sock");
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    // L: out 0x80, al; jmp L (every round is a port I/O exit to the VMM).
+    let mut code = asm::print(b"ready\n", true);
+    code.extend_from_slice(&[0xe6, 0x80, 0xeb, 0xfc]);
+    let kernel = write(&dir, "k.elf", &elf64(&code)).display().to_string();
+    let disk = format!("path={}", image.display());
+    let mut child = Command::new(vmm_bin())
+        .args(["--kernel", &kernel, "--memory", "64M", "--cpus", "2"])
+        .args(["--disk", &disk, "--api-socket", sock.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    await_output(&mut child, "ready");
+    let mut ask = control(&sock);
+    let exits = |m: &serde_json::Value| m["vcpus"][0]["io_exits"].as_u64().unwrap();
+    let progress = |ask: &mut dyn FnMut(&str) -> serde_json::Value| {
+        let a = exits(&ask(r#"{"op":"metrics"}"#));
+        std::thread::sleep(Duration::from_millis(300));
+        exits(&ask(r#"{"op":"metrics"}"#)) - a
+    };
+    assert!(progress(&mut ask) > 0, "the guest does not run");
+    for round in 0..2 {
+        let p = ask(r#"{"op":"pause"}"#);
+        assert_eq!(p["ok"], true, "round {round}: {p}");
+        assert_eq!(ask(r#"{"op":"state"}"#)["state"], "paused");
+        assert_eq!(progress(&mut ask), 0, "round {round}: a paused vCPU ran");
+        // Pausing a paused VM is fine.
+        assert_eq!(ask(r#"{"op":"pause"}"#)["ok"], true);
+        let r = ask(r#"{"op":"resume"}"#);
+        assert_eq!(r["state"], "running", "round {round}: {r}");
+        assert!(
+            progress(&mut ask) > 0,
+            "round {round}: the guest did not resume"
+        );
+    }
+    assert_eq!(ask(r#"{"op":"pause"}"#)["ok"], true);
+    assert_eq!(ask(r#"{"op":"shutdown"}"#)["ok"], true);
+    let out = wait_limit(child, LIMIT);
+    let (code, _, stderr) = summary(&out);
+    assert_eq!(code, Some(0), "a paused VM must stop in order: {stderr}");
+    assert!(
+        stderr.contains("VM paused") && stderr.contains("VM resumed"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn serial_to_a_file_appends_and_off_discards() {
     let dir = scratch("serialmodes");

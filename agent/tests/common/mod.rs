@@ -34,6 +34,19 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The state a VM's own VMM reports on its control socket (`running`, `paused`...).
+pub fn vmm_state(state_dir: &Path, id: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let sock = state_dir.join("vms").join(id).join("api.sock");
+    let mut stream = std::os::unix::net::UnixStream::connect(&sock)
+        .unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+    stream.write_all(b"{\"op\":\"state\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    v["state"].as_str().unwrap_or_default().to_string()
+}
+
 /// Whether /dev/kvm can be used here.
 pub fn have_kvm() -> bool {
     std::fs::OpenOptions::new()

@@ -2,7 +2,9 @@
 
 pub mod cpuid;
 pub mod msrs;
+pub mod pause;
 pub mod regs;
 mod vcpu;
 
-pub use vcpu::{register_kick_handler, Vcpu, VcpuCounters, VcpuHandle};
+pub use pause::{PauseError, PauseGate};
+pub use vcpu::{kick_signal, register_kick_handler, Vcpu, VcpuCounters, VcpuHandle};

@@ -18,6 +18,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use quantix_devices::Bus;
 use tracing::{debug, error, warn};
 
+use super::pause::PauseGate;
 use crate::exit::{ExitReason, ExitSignal};
 
 thread_local! {
@@ -68,6 +69,7 @@ pub struct Vcpu {
     io: IoDispatch,
     exit: Arc<ExitSignal>,
     stop: Arc<AtomicBool>,
+    gate: Arc<PauseGate>,
     counters: Arc<VcpuCounters>,
 }
 
@@ -127,6 +129,7 @@ impl Vcpu {
         mmio: Arc<Bus>,
         exit: Arc<ExitSignal>,
         stop: Arc<AtomicBool>,
+        gate: Arc<PauseGate>,
     ) -> Self {
         let counters = Arc::<VcpuCounters>::default();
         Self {
@@ -141,6 +144,7 @@ impl Vcpu {
             },
             exit,
             stop,
+            gate,
             counters,
         }
     }
@@ -168,7 +172,19 @@ impl Vcpu {
         // Unblock the kick signal in this thread (the main thread blocks only SIGTERM/SIGINT).
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
         debug!(vcpu = self.index, "vCPU thread running");
+        self.gate.enter();
         while !self.stop.load(Ordering::Acquire) {
+            let (fd, index) = (&self.fd, self.index);
+            self.gate.park_if_requested(|| {
+                // Tells the guest's kvm-clock that the pause is the host's doing, so that
+                // its watchdogs do not report a lockup after the resume.
+                if let Err(e) = fd.kvmclock_ctrl() {
+                    debug!(vcpu = index, error = %e, "KVM_KVMCLOCK_CTRL not available");
+                }
+            });
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
             let outcome = self.run_once();
             match outcome {
                 Outcome::Continue => {}
@@ -183,6 +199,7 @@ impl Vcpu {
                 }
             }
         }
+        self.gate.leave();
         KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
         if let Ok(r) = self.fd.get_regs() {
             debug!(
