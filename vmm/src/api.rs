@@ -125,6 +125,14 @@ struct ErrorResponse {
     error: String,
 }
 
+/// An `{"ok":false,"error":...}` reply.
+fn error_reply(error: impl Into<String>) -> serde_json::Result<String> {
+    serde_json::to_string(&ErrorResponse {
+        ok: false,
+        error: error.into(),
+    })
+}
+
 /// Computes the response line for one request line.
 pub fn respond(line: &[u8], info: &VmInfo, started: Instant, exit: &ExitSignal) -> String {
     let request: Result<Request, _> = serde_json::from_slice(line);
@@ -157,54 +165,33 @@ pub fn respond(line: &[u8], info: &VmInfo, started: Instant, exit: &ExitSignal) 
                     }
                     Ok(format!(r#"{{"ok":true,"guest_enabled":{enabled}}}"#))
                 }
-                Err(e) => serde_json::to_string(&ErrorResponse {
-                    ok: false,
-                    error: format!("cannot press the power button: {e}"),
-                }),
+                Err(e) => error_reply(format!("cannot press the power button: {e}")),
             },
-            None => serde_json::to_string(&ErrorResponse {
-                ok: false,
-                error: "this VM has no power button".to_string(),
-            }),
+            None => error_reply("this VM has no power button"),
         },
         Ok(Request::Pause {}) | Ok(Request::Resume {}) if exit.reason().is_some() => {
-            serde_json::to_string(&ErrorResponse {
-                ok: false,
-                error: "the VM is stopping".to_string(),
-            })
+            error_reply("the VM is stopping")
         }
         Ok(Request::Pause {}) => match &info.pause {
             Some(p) => match p.pause() {
                 Ok(()) => Ok(r#"{"ok":true,"state":"paused"}"#.to_string()),
-                Err(e) => serde_json::to_string(&ErrorResponse {
-                    ok: false,
-                    error: format!("cannot pause: {e}"),
-                }),
+                Err(e) => error_reply(format!("cannot pause: {e}")),
             },
-            None => serde_json::to_string(&ErrorResponse {
-                ok: false,
-                error: "this VM cannot be paused".to_string(),
-            }),
+            None => error_reply("this VM cannot be paused"),
         },
         Ok(Request::Resume {}) => match &info.pause {
             Some(p) => {
                 p.resume();
                 Ok(r#"{"ok":true,"state":"running"}"#.to_string())
             }
-            None => serde_json::to_string(&ErrorResponse {
-                ok: false,
-                error: "this VM cannot be paused".to_string(),
-            }),
+            None => error_reply("this VM cannot be paused"),
         },
         Ok(Request::Shutdown {}) => {
             info!("shutdown requested on the control socket");
             exit.request(ExitReason::ApiShutdown);
             Ok(r#"{"ok":true,"state":"stopping"}"#.to_string())
         }
-        Err(e) => serde_json::to_string(&ErrorResponse {
-            ok: false,
-            error: format!("invalid request: {e}"),
-        }),
+        Err(e) => error_reply(format!("invalid request: {e}")),
     };
     reply.unwrap_or_else(|e| format!(r#"{{"ok":false,"error":"internal: {e}"}}"#))
 }

@@ -91,26 +91,24 @@ fn executing_from_unbacked_memory_is_a_kvm_error_exit_4() {
     );
 }
 
-fn spinning_vmm(cpus: &str, extra: &[&str]) -> (std::process::Child, std::path::PathBuf) {
-    let dir = scratch(&format!("spin-{cpus}-{}", extra.len()));
-    let kernel = long_mode_guest(&dir, "k.elf", &asm::SPIN);
-    let mut args = vec![
-        "--kernel",
-        kernel.as_str(),
-        "--memory",
-        "64M",
-        "--cpus",
-        cpus,
-    ];
-    args.extend_from_slice(extra);
-    let child = Command::new(vmm_bin())
-        .args(&args)
+/// A VMM process with 64 MiB running `kernel`, its output piped.
+fn vmm_process(kernel: &str, extra: &[&str]) -> std::process::Child {
+    Command::new(vmm_bin())
+        .args(["--kernel", kernel, "--memory", "64M"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
-    (child, dir)
+        .unwrap()
+}
+
+fn spinning_vmm(cpus: &str, extra: &[&str]) -> (std::process::Child, std::path::PathBuf) {
+    let dir = scratch(&format!("spin-{cpus}-{}", extra.len()));
+    let kernel = long_mode_guest(&dir, "k.elf", &asm::SPIN);
+    let mut args = vec!["--cpus", cpus];
+    args.extend_from_slice(extra);
+    (vmm_process(&kernel, &args), dir)
 }
 
 /// Reads the child's stdout until `needle` appears (the guest is running).
@@ -233,14 +231,7 @@ fn power_button_reports_whether_the_guest_enabled_its_interrupt() {
         code.extend(asm::print(b"ready\n", true));
         code.extend_from_slice(&asm::SPIN);
         let kernel = long_mode_guest(&dir, "k.elf", &code);
-        let mut child = Command::new(vmm_bin())
-            .args(["--kernel", &kernel, "--memory", "64M"])
-            .args(["--api-socket", sock.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = vmm_process(&kernel, &["--api-socket", sock.to_str().unwrap()]);
         await_output(&mut child, "ready");
         let mut ask = control(&sock);
         let press = ask(r#"{"op":"power-button"}"#);
@@ -275,14 +266,15 @@ fn pause_stops_every_vcpu_and_resume_runs_them_again() {
     code.extend_from_slice(&[0xe6, 0x80, 0xeb, 0xfc]);
     let kernel = write(&dir, "k.elf", &elf64(&code)).display().to_string();
     let disk = format!("path={}", image.display());
-    let mut child = Command::new(vmm_bin())
-        .args(["--kernel", &kernel, "--memory", "64M", "--cpus", "2"])
-        .args(["--disk", &disk, "--api-socket", sock.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let api = [
+        "--cpus",
+        "2",
+        "--disk",
+        &disk,
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ];
+    let mut child = vmm_process(&kernel, &api);
     await_output(&mut child, "ready");
     let mut ask = control(&sock);
     let exits = |m: &serde_json::Value| m["vcpus"][0]["io_exits"].as_u64().unwrap();
