@@ -49,7 +49,10 @@ pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// How long the guest has to answer a host-initiated REQUEST (Firecracker's value);
 /// then the guest gets an RST and the host socket is closed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often pending host-initiated connections are checked while there are some.
+/// How long a host socket has to send its `CONNECT` line; then it is closed, so that
+/// silent clients cannot hold the [`MAX_PENDING_HOST`] slots.
+pub const CONNECT_LINE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often pending host connections are checked while there are some.
 const CONNECT_CHECK: Duration = Duration::from_millis(250);
 
 const TOKEN_LISTENER: u64 = 0;
@@ -74,6 +77,7 @@ struct Entry {
 struct PendingHost {
     stream: UnixStream,
     line: Vec<u8>,
+    since: Instant,
 }
 
 enum Target {
@@ -507,11 +511,13 @@ impl Muxer {
                 continue;
             }
             self.tokens.insert(token, Target::Pending);
+            self.arm_timer();
             self.pending.insert(
                 token,
                 PendingHost {
                     stream,
                     line: Vec::new(),
+                    since: Instant::now(),
                 },
             );
         }
@@ -570,19 +576,41 @@ impl Muxer {
         self.count(&self.counters.conns_opened);
         let conn = Connection::host_initiated(self.guest_cid, local, port);
         self.insert((local, port), conn, stream);
-        if self.connecting.is_empty() {
+        self.arm_timer();
+        self.connecting.insert((local, port), Instant::now());
+    }
+
+    /// Starts the periodic check if nothing is waiting yet (call before adding).
+    fn arm_timer(&mut self) {
+        if self.connecting.is_empty() && self.pending.is_empty() {
             if let Err(e) = self.timer.reset(CONNECT_CHECK, Some(CONNECT_CHECK)) {
                 warn!(error = %e, "cannot arm the vsock connect timer");
             }
         }
-        self.connecting.insert((local, port), Instant::now());
     }
 
-    /// Resets host-initiated connections the guest left unanswered for
-    /// [`CONNECT_TIMEOUT`] (at `now`); stops the timer when none are left.
+    /// Host sockets still waiting for their `CONNECT` line.
+    pub fn pending_hosts(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Closes host sockets that sent no `CONNECT` line within [`CONNECT_LINE_TIMEOUT`] and
+    /// resets host-initiated connections the guest left unanswered for
+    /// [`CONNECT_TIMEOUT`] (at `now`); stops the timer when nothing is left waiting.
     pub fn expire_connecting(&mut self, now: Instant) {
         // Consume the expirations (the fd is non-blocking).
         let _ = self.timer.wait();
+        let silent: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now.saturating_duration_since(p.since) >= CONNECT_LINE_TIMEOUT)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in silent {
+            debug!("a host connection sent no CONNECT line in time; closing it");
+            self.drop_pending(token);
+            self.count(&self.counters.host_rejected);
+        }
         let expired: Vec<Key> = self
             .connecting
             .iter()
@@ -599,7 +627,7 @@ impl Muxer {
             self.count(&self.counters.connect_timeouts);
             self.reset(key);
         }
-        if self.connecting.is_empty() {
+        if self.connecting.is_empty() && self.pending.is_empty() {
             let _ = self.timer.clear();
         }
     }

@@ -530,6 +530,39 @@ fn hostile_packets_are_counted_and_answered_with_rst_where_due() {
 }
 
 #[test]
+fn a_host_socket_that_never_sends_its_connect_line_is_closed() {
+    use super::muxer::CONNECT_LINE_TIMEOUT;
+    let dir = temp_dir();
+    let path = dir.join("v.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let mut g = Guest::new(&path, Some(listener));
+    let mut silent = UnixStream::connect(&path).unwrap();
+    g.pump(|g, pkts| {
+        assert!(pkts.is_empty());
+        g.h.muxer.pending_hosts() == 1
+    });
+    // Not yet.
+    g.h.muxer.expire_connecting(Instant::now());
+    assert_eq!(g.h.muxer.pending_hosts(), 1);
+    g.h.muxer
+        .expire_connecting(Instant::now() + CONNECT_LINE_TIMEOUT + Duration::from_millis(1));
+    assert_eq!(g.h.muxer.pending_hosts(), 0);
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(silent.read_to_end(&mut rest).unwrap(), 0, "closed");
+    assert_eq!(g.counters().host_rejected.load(Ordering::Relaxed), 1);
+    assert!(g.received().is_empty(), "the guest heard nothing of it");
+    // The slot is free again: a well-behaved client still gets through.
+    let mut host = UnixStream::connect(&path).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    let (req, _) = g.expect_one();
+    assert_eq!((req.op, req.dst_port), (op::REQUEST, 52));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_host_connection_the_guest_does_not_answer_times_out() {
     use super::muxer::CONNECT_TIMEOUT;
     let dir = temp_dir();
