@@ -39,14 +39,14 @@ step "quantixctl create --start: Debian's kernel, 2 vCPUs, 512 MiB"
 ctl create --name demo --cpus 2 --memory 512 --kernel "$QX_KERNEL" --initramfs "$QX_INITRAMFS" \
 	--cmdline "console=ttyS0 qx.action=hold" --label app=demo --start
 
-step "quantixctl console demo (until the guest's init reports)"
-ctl console demo --until QX-GUEST-INIT --timeout 240
+step "quantixctl console demo (until the guest's init reports and listens to its power button)"
+ctl console demo --until "power button on" --timeout 240
 echo
 
 step "quantixctl list"
 ctl list
 
-step "quantixctl stop demo; quantixctl delete demo"
+step "quantixctl stop demo (presses the ACPI power button: the guest powers itself off); quantixctl delete demo"
 ctl stop demo
 ctl delete demo
 sleep 0.3
