@@ -856,9 +856,7 @@ impl Manager {
             // power itself off. A guest that never enabled the button (no ACPI) is not
             // waited for.
             let asked =
-                match control::call(&paths.api_socket(), "power-button", Duration::from_secs(1))
-                    .await
-                {
+                match control::call(&paths.api_socket(), "power-button", CONTROL_LIMIT).await {
                     Ok(reply) => reply["guest_enabled"] == serde_json::Value::Bool(true),
                     Err(e) => {
                         warn!(vm = %vm.id, error = %e, "cannot press the guest's power button");
@@ -875,8 +873,7 @@ impl Manager {
             // Then stop the VMM in order (its vCPUs stop, its devices flush), and kill it
             // if even that does not end it.
             if !guest_stopped {
-                if let Err(e) =
-                    control::call(&paths.api_socket(), "shutdown", Duration::from_secs(1)).await
+                if let Err(e) = control::call(&paths.api_socket(), "shutdown", CONTROL_LIMIT).await
                 {
                     warn!(vm = %vm.id, error = %e, "no orderly stop through the control socket; sending SIGTERM");
                     let _ = process::signal(pid, libc::SIGTERM);
