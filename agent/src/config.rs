@@ -65,7 +65,8 @@ pub struct Config {
     pub cgroup_name: String,
     /// How consoles are read.
     pub console: ConsoleMode,
-    /// Seconds a stop waits for an orderly exit before killing the VMM.
+    /// Seconds a reboot gives the guest to power off after its power button is pressed,
+    /// before its VMM is stopped (StopVm takes its own `timeout_ms`).
     pub stop_timeout_secs: u64,
     /// Longest pause between two policy restarts of a VM, in seconds.
     pub restart_backoff_max_secs: u64,

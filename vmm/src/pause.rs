@@ -15,7 +15,7 @@ use quantix_virtio::mmio::MmioTransport;
 use tracing::{info, warn};
 
 use crate::api::PauseControl;
-use crate::cpu::{kick_signal, PauseGate};
+use crate::cpu::{kick_thread, PauseGate};
 
 /// How long a pause waits for every vCPU to stop.
 pub const PAUSE_LIMIT: Duration = Duration::from_secs(5);
@@ -40,8 +40,7 @@ impl std::fmt::Debug for Pauser {
 fn kick(thread: libc::pthread_t) {
     // SAFETY: the gate hands out only threads that registered and have not yet
     // unregistered (they do so before ending), so the id is a live thread's.
-    let rc = unsafe { libc::pthread_kill(thread, kick_signal()) };
-    if rc != 0 && rc != libc::ESRCH {
+    if let Err(rc) = unsafe { kick_thread(thread) } {
         warn!(rc, "failed to kick a vCPU thread for a pause");
     }
 }
@@ -66,9 +65,12 @@ impl Pauser {
             t.lock().unwrap_or_else(|p| p.into_inner()).resume();
         }
     }
+}
 
-    /// Pauses the VM; pausing a paused VM succeeds.
-    pub fn pause(&self) -> Result<(), String> {
+impl PauseControl for Pauser {
+    /// Pauses the VM; pausing a paused VM succeeds (and keeps the clock saved at the
+    /// first pause).
+    fn pause(&self) -> Result<(), String> {
         if self.gate.is_paused() {
             return Ok(());
         }
@@ -93,7 +95,7 @@ impl Pauser {
     }
 
     /// Resumes a paused VM; resuming a running VM does nothing.
-    pub fn resume(&self) {
+    fn resume(&self) {
         if !self.gate.is_paused() {
             return;
         }
@@ -109,15 +111,7 @@ impl Pauser {
         self.gate.resume();
         info!("VM resumed");
     }
-}
 
-impl PauseControl for Pauser {
-    fn pause(&self) -> Result<(), String> {
-        Pauser::pause(self)
-    }
-    fn resume(&self) {
-        Pauser::resume(self)
-    }
     fn paused(&self) -> bool {
         self.gate.is_paused()
     }

@@ -79,9 +79,11 @@ impl PowerButton {
         let bits = unsafe { entry.bits };
         Ok(bits & IOAPIC_REDIR_MASKED == 0)
     }
+}
 
+impl PowerButtonControl for PowerButton {
     /// Presses (and releases) the button.
-    pub fn press(&self) -> io::Result<bool> {
+    fn press(&self) -> io::Result<bool> {
         let enabled = self.guest_enabled()?;
         self.irq.write(1)?;
         let n = self.presses.fetch_add(1, Ordering::Relaxed) + 1;
@@ -91,16 +93,5 @@ impl PowerButton {
             "ACPI power button pressed"
         );
         Ok(enabled)
-    }
-
-    /// Presses so far.
-    pub fn presses(&self) -> u64 {
-        self.presses.load(Ordering::Relaxed)
-    }
-}
-
-impl PowerButtonControl for PowerButton {
-    fn press(&self) -> io::Result<bool> {
-        PowerButton::press(self)
     }
 }

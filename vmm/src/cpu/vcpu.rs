@@ -43,6 +43,21 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
     });
 }
 
+/// Sends the kick signal to a vCPU thread. A thread that has already ended is not an
+/// error; any other failure returns pthread_kill's error number.
+///
+/// # Safety
+///
+/// `thread` must be a thread that has not been joined (it may have finished).
+pub unsafe fn kick_thread(thread: libc::pthread_t) -> Result<(), i32> {
+    // SAFETY: the caller guarantees the thread id is still valid to signal.
+    let rc = unsafe { libc::pthread_kill(thread, kick_signal()) };
+    match rc {
+        0 | libc::ESRCH => Ok(()),
+        rc => Err(rc),
+    }
+}
+
 /// Installs the process-wide handler of the kick signal (idempotent).
 pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
@@ -95,11 +110,9 @@ pub struct VcpuHandle {
 impl VcpuHandle {
     /// Sends the kick signal to the thread.
     pub fn kick(&self) {
-        let tid = self.thread.as_pthread_t();
         // SAFETY: the pthread_t comes from a JoinHandle that has not been joined, so the
         // thread (possibly finished but not reaped) is valid to signal.
-        let rc = unsafe { libc::pthread_kill(tid, kick_signal()) };
-        if rc != 0 && rc != libc::ESRCH {
+        if let Err(rc) = unsafe { kick_thread(self.thread.as_pthread_t()) } {
             warn!(vcpu = self.index, rc, "failed to kick vCPU thread");
         }
     }
