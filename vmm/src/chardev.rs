@@ -13,8 +13,9 @@
 //!
 //! Output to a pty or a socket never blocks the guest: when nobody reads, bytes are dropped
 //! and counted in [`ChardevCounters::dropped`]. While no socket client is attached, the
-//! newest 64 KiB of output are kept and replayed to the next client. The VMM keeps the pty's other end open, so
-//! that the pty stays usable when clients come and go. A socket accepts one client at a time;
+//! newest 64 KiB of output are kept and replayed to the next client. The VMM keeps the pty's
+//! other end open, so that the pty stays usable when clients come and go, and on exit gives
+//! the pty's reader a moment to take the last output (see [`PtyPeer`]). A socket accepts one client at a time;
 //! a new connection replaces the current one (a supervisor that restarts can always attach
 //! again). Input from a socket client passes through a pipe, so the device sees one stable fd
 //! and the pipe's capacity gives backpressure towards the client.
@@ -26,6 +27,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -138,8 +140,70 @@ impl Chardev {
 /// Resources that must live as long as the device: a pty's other end, a socket file.
 #[derive(Default)]
 struct Keep {
-    _pty_peer: Option<OwnedFd>,
+    _pty_peer: Option<PtyPeer>,
     _socket_file: Option<SocketFile>,
+}
+
+/// How long an exiting VMM waits for a pty reader that stopped taking bytes.
+const PTY_DRAIN_STALL: Duration = Duration::from_millis(500);
+/// The longest an exiting VMM waits for a pty reader in all.
+const PTY_DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// The pty's slave end (so the terminal stays usable while clients come and go) and a
+/// duplicate of its master.
+///
+/// When the last master descriptor closes, the kernel hangs the slave up and throws away
+/// whatever its reader has not read yet: the guest's last words (a panic, a poweroff
+/// message) would be lost whenever the VMM exits faster than the reader reads. On drop this
+/// waits, before any master descriptor can close, until the slave's input queue is empty,
+/// it stops shrinking for [`PTY_DRAIN_STALL`] (nobody reads), or [`PTY_DRAIN_LIMIT`] passes.
+struct PtyPeer {
+    slave: OwnedFd,
+    _master: OwnedFd,
+}
+
+impl PtyPeer {
+    /// Bytes written by the guest that the slave's reader has not read yet.
+    fn unread(&self) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int into `n`, which we own; the fd is ours.
+        let rc = unsafe { libc::ioctl(self.slave.as_raw_fd(), libc::FIONREAD, &mut n) };
+        if rc == 0 {
+            usize::try_from(n).unwrap_or(0)
+        } else {
+            0
+        }
+    }
+}
+
+impl Drop for PtyPeer {
+    fn drop(&mut self) {
+        let start = Instant::now();
+        let (mut last, mut since) = (usize::MAX, start);
+        let mut empty_checks = 0;
+        loop {
+            let unread = self.unread();
+            // A write may sit in the tty's flip buffer for a moment before FIONREAD shows
+            // it: call the queue drained only when two checks 20 ms apart agree.
+            if unread == 0 {
+                empty_checks += 1;
+                if empty_checks == 2 {
+                    return;
+                }
+            } else {
+                empty_checks = 0;
+            }
+            let now = Instant::now();
+            if unread < last {
+                (last, since) = (unread, now);
+            }
+            if unread > 0 && (now - since >= PTY_DRAIN_STALL || now - start >= PTY_DRAIN_LIMIT) {
+                debug!(unread, "nobody reads the pty; its last output is discarded");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// Opens the host end of `mode` for the device `role` ("serial" or "console").
@@ -230,6 +294,7 @@ fn open_pty(role: &'static str, counters: Arc<ChardevCounters>) -> Result<Charde
     }
     set_nonblocking(master.as_raw_fd()).map_err(err)?;
     let input = master.try_clone().map_err(err)?;
+    let master_dup = master.try_clone().map_err(err)?;
     info!(device = role, pty = %path, "{role} is on a pseudo-terminal");
     Ok(Chardev {
         output: Box::new(NonBlockingOutput {
@@ -241,7 +306,10 @@ fn open_pty(role: &'static str, counters: Arc<ChardevCounters>) -> Result<Charde
         endpoint: Some(path),
         counters,
         _keep: Keep {
-            _pty_peer: Some(slave),
+            _pty_peer: Some(PtyPeer {
+                slave,
+                _master: master_dup,
+            }),
             ..Keep::default()
         },
     })
@@ -697,6 +765,34 @@ mod tests {
             dev.output.write_all(&[b'y'; 4096]).unwrap();
         }
         assert!(dev.counters.dropped.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn the_last_pty_output_reaches_a_reader_that_is_late() {
+        let mut dev = open(&SerialMode::Pty, "serial", false).unwrap();
+        let path = dev.endpoint.clone().unwrap();
+        let mut peer = OpenOptions::new().read(true).open(&path).unwrap();
+        dev.output.write_all(b"last words\n").unwrap();
+        // The VMM ends (every master fd closes) before the reader gets to read.
+        let closing = std::thread::spawn(move || drop(dev));
+        std::thread::sleep(Duration::from_millis(100));
+        let mut got = [0u8; 11];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"last words\n");
+        closing.join().unwrap();
+        // Now the terminal is hung up.
+        assert!(peer.read(&mut got).map_or(true, |n| n == 0));
+    }
+
+    #[test]
+    fn an_unread_pty_delays_the_exit_only_briefly() {
+        let mut dev = open(&SerialMode::Pty, "serial", false).unwrap();
+        dev.output.write_all(b"nobody reads this\n").unwrap();
+        let start = Instant::now();
+        drop(dev);
+        let took = start.elapsed();
+        assert!(took >= PTY_DRAIN_STALL, "{took:?}");
+        assert!(took < PTY_DRAIN_LIMIT + Duration::from_secs(1), "{took:?}");
     }
 
     #[test]
