@@ -15,9 +15,9 @@
 //! and counted in [`ChardevCounters::dropped`]. While no socket client is attached, the
 //! newest 64 KiB of output are kept and replayed to the next client. The VMM keeps the pty's
 //! other end open, so that the pty stays usable when clients come and go, and on exit gives
-//! the pty's reader a moment to take the last output (see [`PtyPeer`]). A socket accepts one client at a time;
-//! a new connection replaces the current one (a supervisor that restarts can always attach
-//! again). Input from a socket client passes through a pipe, so the device sees one stable fd
+//! the pty's reader a moment to take the last output (see `PtyPeer`). A socket accepts one
+//! client at a time; a new connection replaces the current one (a supervisor that restarts
+//! can always attach again). Input from a socket client passes through a pipe, so the device sees one stable fd
 //! and the pipe's capacity gives backpressure towards the client.
 
 use std::fs::OpenOptions;
