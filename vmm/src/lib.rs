@@ -9,6 +9,7 @@ pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod chardev;
+pub mod coalesced;
 pub mod config;
 pub mod cpu;
 pub mod exit;

@@ -46,6 +46,8 @@ pub struct SerialSample {
     pub tx_lost_bytes: u64,
     /// Bytes the guest read.
     pub rx_bytes: u64,
+    /// Bytes of `tx_bytes` written without an exit (coalesced by KVM).
+    pub tx_coalesced_bytes: u64,
 }
 
 /// One virtio device's counters at one moment.
@@ -107,6 +109,7 @@ impl VmMetrics {
                 tx_bytes: load(&self.serial.tx_bytes),
                 tx_lost_bytes: load(&self.serial.tx_lost),
                 rx_bytes: load(&self.serial.rx_reads),
+                tx_coalesced_bytes: load(&self.serial.tx_coalesced),
             },
             devices: self
                 .devices

@@ -17,7 +17,7 @@ use quantix_devices::legacy::IrqTrigger;
 use quantix_devices::power::AcpiPowerDevice;
 use quantix_devices::{Bus, BusError};
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -26,9 +26,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::acpi::{self, AcpiConfig, AcpiError};
 use crate::boot::{self, BootError, BootInfo};
 use crate::chardev::{self, ChardevHandle};
+use crate::coalesced::SerialTxCoalescer;
 use crate::config::{BootSource, SerialMode, VmConfig};
 use crate::cpu::cpuid::{self, CpuidConfig};
-use crate::cpu::{msrs, regs, PauseGate, Vcpu, VcpuHandle};
+use crate::cpu::{msrs, regs, IoBuses, PauseGate, Vcpu, VcpuHandle};
 use crate::exit::ExitSignal;
 use crate::layout::{self, ACPI_POWER_PORT};
 use crate::pause::Pauser;
@@ -152,6 +153,7 @@ pub struct Vm {
     stop: Arc<AtomicBool>,
     serial: Arc<Mutex<SerialDevice>>,
     serial_input: Option<OwnedFd>,
+    serial_tx: Option<Arc<SerialTxCoalescer>>,
     chardevs: Vec<ChardevHandle>,
     device_metrics: Vec<crate::virtio::DeviceMetrics>,
     power_button: Arc<PowerButton>,
@@ -173,6 +175,9 @@ pub struct RunningVm {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// What the guest reads on its serial port (standard input, a pty, a socket client).
     pub serial_input: Option<OwnedFd>,
+    /// The serial port's coalesced transmit writes (None when KVM cannot coalesce).
+    serial_tx: Option<Arc<SerialTxCoalescer>>,
+    serial_flusher: Option<std::thread::JoinHandle<()>>,
     _chardevs: Vec<ChardevHandle>,
 }
 
@@ -342,6 +347,11 @@ impl Vm {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let mut vcpus = Vec::with_capacity(config.vcpus.into());
+        let mut buses = IoBuses {
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            serial_tx: None,
+        };
         for index in 0..config.vcpus {
             let vcpu = fd
                 .create_vcpu(u64::from(index))
@@ -368,6 +378,17 @@ impl Vm {
             regs::set_lint(&mut lapic);
             vcpu.set_lapic(&lapic).map_err(kvm_err("SET_LAPIC"))?;
             if index == 0 {
+                // The coalesced ring is per VM; any vCPU fd maps it.
+                let (thri, counters) = serial
+                    .lock()
+                    .map(|s| (s.thr_interrupt(), s.counters()))
+                    .map_err(|_| VmError::Host {
+                        what: "serial port",
+                        source: io::Error::other("lock poisoned"),
+                    })?;
+                buses.serial_tx =
+                    SerialTxCoalescer::new(fd.clone(), &vcpu, pio.clone(), thri, counters)
+                        .map(Arc::new);
                 let sregs = vcpu.get_sregs().map_err(kvm_err("GET_SREGS"))?;
                 if let Some((r, s)) = regs::boot_state(&mem, boot.entry, sregs)? {
                     vcpu.set_sregs(&s).map_err(kvm_err("SET_SREGS"))?;
@@ -377,8 +398,7 @@ impl Vm {
             vcpus.push(Vcpu::new(
                 index,
                 vcpu,
-                pio.clone(),
-                mmio.clone(),
+                buses.clone(),
                 exit.clone(),
                 stop.clone(),
                 gate.clone(),
@@ -401,6 +421,7 @@ impl Vm {
             stop,
             serial,
             serial_input,
+            serial_tx: buses.serial_tx,
             chardevs,
             device_metrics,
             power_button,
@@ -452,39 +473,35 @@ impl Vm {
             what: "vCPU kick signal handler",
             source: io::Error::from_raw_os_error(e.errno()),
         })?;
-        let mut handles = Vec::with_capacity(self.vcpus.len());
-        for vcpu in self.vcpus {
-            match vcpu.spawn() {
-                Ok(h) => handles.push(h),
-                Err(source) => {
-                    let running = RunningVm {
-                        _fd: self.fd,
-                        _mem: self.mem,
-                        handles,
-                        stop: self.stop,
-                        gate: self.gate,
-                        serial: self.serial,
-                        serial_input: self.serial_input,
-                        _chardevs: self.chardevs,
-                    };
-                    running.stop();
-                    return Err(VmError::Host {
-                        what: "vCPU thread",
-                        source,
-                    });
-                }
-            }
-        }
-        Ok(RunningVm {
+        let mut running = RunningVm {
             _fd: self.fd,
             _mem: self.mem,
-            handles,
+            handles: Vec::with_capacity(self.vcpus.len()),
             stop: self.stop,
             gate: self.gate,
             serial: self.serial,
             serial_input: self.serial_input,
+            serial_tx: self.serial_tx,
+            serial_flusher: None,
             _chardevs: self.chardevs,
-        })
+        };
+        let failed = |running: RunningVm, what, source| {
+            running.stop();
+            Err(VmError::Host { what, source })
+        };
+        for vcpu in self.vcpus {
+            match vcpu.spawn() {
+                Ok(h) => running.handles.push(h),
+                Err(source) => return failed(running, "vCPU thread", source),
+            }
+        }
+        if let Some(tx) = &running.serial_tx {
+            match tx.spawn_flusher(running.stop.clone()) {
+                Ok(h) => running.serial_flusher = Some(h),
+                Err(source) => return failed(running, "serial flush thread", source),
+            }
+        }
+        Ok(running)
     }
 }
 
@@ -499,6 +516,16 @@ impl RunningVm {
         }
         for h in self.handles {
             h.join();
+        }
+        if let Some(flusher) = self.serial_flusher {
+            flusher.thread().unpark();
+            if flusher.join().is_err() {
+                error!("serial flush thread panicked");
+            }
+        }
+        // What the guest wrote last without an exit (a panic message, say).
+        if let Some(tx) = &self.serial_tx {
+            tx.replay();
         }
         if let Ok(mut s) = self.serial.lock() {
             s.flush();

@@ -1,7 +1,7 @@
 //! A 16550A UART on the port I/O bus (COM1 at 0x3f8, IRQ 4), built on vm-superio.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tracing::warn;
@@ -27,6 +27,8 @@ pub struct SerialCounters {
     pub tx_lost: AtomicU64,
     /// Bytes the guest read from the input FIFO.
     pub rx_reads: AtomicU64,
+    /// Bytes of `tx_bytes` that KVM coalesced: written without an exit to the VMM.
+    pub tx_coalesced: AtomicU64,
 }
 
 /// `SerialEvents` that feed [`SerialCounters`].
@@ -54,7 +56,14 @@ pub struct SerialDevice {
     uart: Serial<IrqTrigger, CountingEvents, SerialSink>,
     counters: Arc<SerialCounters>,
     warned_output: bool,
+    thr_interrupt: Arc<AtomicBool>,
 }
+
+/// Register offsets whose writes can change the interrupt enable register's meaning.
+const IER_OFFSET: u8 = 1;
+const LCR_OFFSET: u8 = 3;
+/// IER bit: interrupt when the transmit holding register is empty.
+const IER_THR_EMPTY: u8 = 0b10;
 
 impl SerialDevice {
     /// A UART that writes to `sink` and raises its interrupt through `irq`.
@@ -65,7 +74,14 @@ impl SerialDevice {
             uart: Serial::with_events(irq, events, sink),
             counters,
             warned_output: false,
+            thr_interrupt: Arc::default(),
         }
+    }
+
+    /// Whether the guest has the THR-empty interrupt enabled, kept up to date as it writes
+    /// the IER (the VMM coalesces transmit writes only while it is disabled).
+    pub fn thr_interrupt(&self) -> Arc<AtomicBool> {
+        self.thr_interrupt.clone()
     }
 
     /// The port's counters.
@@ -117,6 +133,11 @@ impl BusDevice for SerialDevice {
                 self.warned_output = true;
             }
         }
+        if off == IER_OFFSET || off == LCR_OFFSET {
+            let ier = self.uart.state().interrupt_enable;
+            self.thr_interrupt
+                .store(ier & IER_THR_EMPTY != 0, Ordering::Release);
+        }
     }
 }
 
@@ -167,5 +188,22 @@ mod tests {
         let mut wide = [0u8; 2];
         dev.read(0, &mut wide);
         assert_eq!(wide, [0xff, 0xff]);
+    }
+
+    #[test]
+    fn follows_the_guests_thr_interrupt_enable() {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(IrqTrigger::new(evt), Box::new(std::io::sink()));
+        let thri = dev.thr_interrupt();
+        assert!(!thri.load(Ordering::Relaxed));
+        dev.write(1, &[0x03]); // IER: received data and THR empty
+        assert!(thri.load(Ordering::Relaxed));
+        // With the divisor latch open, offset 1 is the divisor's high byte, not IER.
+        dev.write(3, &[0x80]);
+        dev.write(1, &[0x00]);
+        assert!(thri.load(Ordering::Relaxed));
+        dev.write(3, &[0x03]);
+        dev.write(1, &[0x01]);
+        assert!(!thri.load(Ordering::Relaxed));
     }
 }

@@ -7,4 +7,6 @@ pub mod regs;
 mod vcpu;
 
 pub use pause::{PauseError, PauseGate};
-pub use vcpu::{kick_signal, kick_thread, register_kick_handler, Vcpu, VcpuCounters, VcpuHandle};
+pub use vcpu::{
+    kick_signal, kick_thread, register_kick_handler, IoBuses, Vcpu, VcpuCounters, VcpuHandle,
+};

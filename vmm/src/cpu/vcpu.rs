@@ -19,6 +19,7 @@ use quantix_devices::Bus;
 use tracing::{debug, error, warn};
 
 use super::pause::PauseGate;
+use crate::coalesced::SerialTxCoalescer;
 use crate::exit::{ExitReason, ExitSignal};
 
 thread_local! {
@@ -88,12 +89,22 @@ pub struct Vcpu {
     counters: Arc<VcpuCounters>,
 }
 
+/// Where a vCPU's I/O exits go.
+#[derive(Clone)]
+pub struct IoBuses {
+    /// The port I/O bus.
+    pub pio: Arc<Bus>,
+    /// The MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// The serial port's coalesced transmit writes, replayed before every I/O exit.
+    pub serial_tx: Option<Arc<SerialTxCoalescer>>,
+}
+
 /// The device buses a vCPU's I/O exits go to (kept apart from the vCPU fd, whose
 /// `kvm_run` page holds the exit's data while it is dispatched).
 struct IoDispatch {
     vcpu: u8,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
+    buses: IoBuses,
     counters: Arc<VcpuCounters>,
     seen_unclaimed: HashSet<(bool, u64)>,
 }
@@ -138,8 +149,7 @@ impl Vcpu {
     pub fn new(
         index: u8,
         fd: VcpuFd,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
+        buses: IoBuses,
         exit: Arc<ExitSignal>,
         stop: Arc<AtomicBool>,
         gate: Arc<PauseGate>,
@@ -150,8 +160,7 @@ impl Vcpu {
             fd,
             io: IoDispatch {
                 vcpu: index,
-                pio,
-                mmio,
+                buses,
                 counters: counters.clone(),
                 seen_unclaimed: HashSet::new(),
             },
@@ -280,10 +289,11 @@ impl Vcpu {
 impl IoDispatch {
     /// A guest read on the port I/O (`mmio` false) or MMIO bus; unclaimed reads see all-ones.
     fn read(&mut self, mmio: bool, addr: u64, data: &mut [u8]) -> Outcome {
+        self.replay_coalesced();
         let (bus, counter) = if mmio {
-            (&self.mmio, &self.counters.mmio)
+            (&self.buses.mmio, &self.counters.mmio)
         } else {
-            (&self.pio, &self.counters.io)
+            (&self.buses.pio, &self.counters.io)
         };
         counter.fetch_add(1, Ordering::Relaxed);
         if !bus.read(addr, data) {
@@ -302,10 +312,11 @@ impl IoDispatch {
 
     /// A guest write on the port I/O (`mmio` false) or MMIO bus; unclaimed writes are dropped.
     fn write(&mut self, mmio: bool, addr: u64, data: &[u8]) -> Outcome {
+        self.replay_coalesced();
         let (bus, counter) = if mmio {
-            (&self.mmio, &self.counters.mmio)
+            (&self.buses.mmio, &self.counters.mmio)
         } else {
-            (&self.pio, &self.counters.io)
+            (&self.buses.pio, &self.counters.io)
         };
         counter.fetch_add(1, Ordering::Relaxed);
         if !bus.write(addr, data) {
@@ -318,7 +329,18 @@ impl IoDispatch {
                 "write",
             );
         }
+        if let (false, Some(tx)) = (mmio, &self.buses.serial_tx) {
+            // The write may have changed the serial port's IER.
+            tx.follow_guest();
+        }
         Outcome::Continue
+    }
+
+    /// Plays the writes KVM coalesced before this access, so that none is overtaken.
+    fn replay_coalesced(&self) {
+        if let Some(tx) = &self.buses.serial_tx {
+            tx.replay();
+        }
     }
 }
 
