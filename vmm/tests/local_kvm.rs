@@ -103,6 +103,20 @@ fn vmm_process(kernel: &str, extra: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
+/// Kills the VMM when the test fails before stopping it: a spinning guest would otherwise
+/// outlive the test and burn a core.
+struct KillOnPanic(u32);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // SAFETY: kill(2) has no memory effects. The pid is our child's; a test that
+            // panics has normally not reaped it yet, so the pid is still the VMM's.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 fn spinning_vmm(cpus: &str, extra: &[&str]) -> (std::process::Child, std::path::PathBuf) {
     let dir = scratch(&format!("spin-{cpus}-{}", extra.len()));
     let kernel = long_mode_guest(&dir, "k.elf", &asm::SPIN);
@@ -135,6 +149,7 @@ fn await_output(child: &mut std::process::Child, needle: &str) {
 fn sigterm_and_sigint_stop_every_vcpu_in_order() {
     for (sig, expected) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
         let (mut child, _dir) = spinning_vmm("4", &[]);
+        let _reaper = KillOnPanic(child.id());
         await_output(&mut child, "hello from long mode");
         // SAFETY: signalling our own child process.
         assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
@@ -156,6 +171,7 @@ fn control_socket_reports_state_and_shuts_down() {
         "2",
         &["--api-socket", sock.to_str().unwrap(), "--disk", &disk],
     );
+    let _reaper = KillOnPanic(child.id());
     await_output(&mut child, "hello from long mode");
     let mut ask = control(&sock);
     let state = ask(r#"{"op":"state"}"#);
@@ -234,6 +250,7 @@ fn serial_writes_are_coalesced_while_the_guest_polls_the_port() {
         &kernel,
         &["--serial", &serial, "--api-socket", sock.to_str().unwrap()],
     );
+    let _reaper = KillOnPanic(child.id());
     let start = Instant::now();
     while !sock.exists() && start.elapsed() < LIMIT {
         std::thread::sleep(Duration::from_millis(10));
@@ -308,6 +325,7 @@ fn power_button_reports_whether_the_guest_enabled_its_interrupt() {
         code.extend_from_slice(&asm::SPIN);
         let kernel = long_mode_guest(&dir, "k.elf", &code);
         let mut child = vmm_process(&kernel, &["--api-socket", sock.to_str().unwrap()]);
+        let _reaper = KillOnPanic(child.id());
         await_output(&mut child, "ready");
         let mut ask = control(&sock);
         let press = ask(r#"{"op":"power-button"}"#);
@@ -351,6 +369,7 @@ fn pause_stops_every_vcpu_and_resume_runs_them_again() {
         sock.to_str().unwrap(),
     ];
     let mut child = vmm_process(&kernel, &api);
+    let _reaper = KillOnPanic(child.id());
     await_output(&mut child, "ready");
     let mut ask = control(&sock);
     let exits = |m: &serde_json::Value| m["vcpus"][0]["io_exits"].as_u64().unwrap();
