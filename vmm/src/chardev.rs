@@ -148,6 +148,10 @@ struct Keep {
 const PTY_DRAIN_STALL: Duration = Duration::from_millis(500);
 /// The longest an exiting VMM waits for a pty reader in all.
 const PTY_DRAIN_LIMIT: Duration = Duration::from_secs(2);
+/// How often the pty's input queue is looked at while draining.
+const PTY_DRAIN_POLL: Duration = Duration::from_millis(20);
+/// Empty readings in a row that count as drained (100 ms).
+const PTY_EMPTY_CHECKS: u32 = 5;
 
 /// The pty's slave end (so the terminal stays usable while clients come and go) and a
 /// duplicate of its master.
@@ -179,29 +183,37 @@ impl PtyPeer {
 impl Drop for PtyPeer {
     fn drop(&mut self) {
         let start = Instant::now();
-        let (mut last, mut since) = (usize::MAX, start);
+        let (mut previous, mut changed) = (usize::MAX, start);
         let mut empty_checks = 0;
         loop {
+            // FIONREAD counts the line discipline's buffer (up to 4 KiB), not bytes still
+            // in the tty's flip buffer, which a kernel worker moves over a little later;
+            // so the queue counts as drained only after PTY_EMPTY_CHECKS empty readings.
             let unread = self.unread();
-            // A write may sit in the tty's flip buffer for a moment before FIONREAD shows
-            // it: call the queue drained only when two checks 20 ms apart agree.
+            let now = Instant::now();
+            if unread != previous {
+                (previous, changed) = (unread, now);
+            }
             if unread == 0 {
                 empty_checks += 1;
-                if empty_checks == 2 {
+                if empty_checks == PTY_EMPTY_CHECKS {
                     return;
                 }
             } else {
                 empty_checks = 0;
+                if now - changed >= PTY_DRAIN_STALL {
+                    debug!(unread, "nobody reads the pty; its last output is discarded");
+                    return;
+                }
             }
-            let now = Instant::now();
-            if unread < last {
-                (last, since) = (unread, now);
-            }
-            if unread > 0 && (now - since >= PTY_DRAIN_STALL || now - start >= PTY_DRAIN_LIMIT) {
-                debug!(unread, "nobody reads the pty; its last output is discarded");
+            if now - start >= PTY_DRAIN_LIMIT {
+                debug!(
+                    unread,
+                    "the pty's reader is too slow; its last output is discarded"
+                );
                 return;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(PTY_DRAIN_POLL);
         }
     }
 }
@@ -775,7 +787,7 @@ mod tests {
         dev.output.write_all(b"last words\n").unwrap();
         // The VMM ends (every master fd closes) before the reader gets to read.
         let closing = std::thread::spawn(move || drop(dev));
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
         let mut got = [0u8; 11];
         peer.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"last words\n");
@@ -788,6 +800,9 @@ mod tests {
     fn an_unread_pty_delays_the_exit_only_briefly() {
         let mut dev = open(&SerialMode::Pty, "serial", false).unwrap();
         dev.output.write_all(b"nobody reads this\n").unwrap();
+        // Until the kernel has moved the bytes to where FIONREAD sees them.
+        let peer = dev._keep._pty_peer.as_ref().unwrap();
+        wait_for("the bytes in the pty's input queue", || peer.unread() > 0);
         let start = Instant::now();
         drop(dev);
         let took = start.elapsed();

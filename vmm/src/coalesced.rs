@@ -9,21 +9,27 @@
 //! THR write of each byte then costs nothing, and only the LSR read exits.
 //!
 //! The VMM replays the ring on the serial device, in order:
-//! - before it handles any other I/O exit of any vCPU, so that the guest never sees a
-//!   register access overtake an earlier write (a divisor latch write, a loopback byte);
-//!   when the ring is full KVM makes the next write an ordinary exit, which replays first;
+//! - before it handles any other access of any vCPU to the UART, so that the guest never
+//!   sees a register access overtake an earlier write (a divisor latch write, a loopback
+//!   byte); when the ring is full KVM makes the next write an ordinary exit, which replays
+//!   first;
 //! - every 50 ms on a `serial-flush` thread, so that the last line a quiet guest printed
 //!   (a panic, say) reaches the sink (a thread of its own: a sink that blocks, such as a
 //!   full stdout pipe, must not stall the main loop and its control socket);
 //! - when the VM stops.
 //!
-//! A delayed THR write is otherwise invisible to a guest, except through the
-//! THR-empty interrupt: a guest that enabled it (IER bit 1, interrupt-driven transmission
-//! by the Linux tty layer once a process writes to the terminal) waits for that interrupt
-//! after each burst, which would come only at the next replay. So the port is coalesced
-//! only while that interrupt is disabled; [`SerialTxCoalescer::follow_guest`], called after
-//! every port write, registers and unregisters the zone as the guest's IER changes. Linux
-//! polls the console (interrupt disabled) for every kernel message, boot included.
+//! A delayed THR write is otherwise invisible to a guest, except through an interrupt it
+//! may wait for: the THR-empty interrupt (IER bit 1, interrupt-driven transmission by the
+//! Linux tty layer once a process writes to the terminal), which the guest waits for after
+//! each burst, and in loopback mode (MCR bit 4) the received-data interrupt of the byte
+//! coming back. Either would come only at the next replay. So the port is coalesced only
+//! while neither applies; [`SerialTxCoalescer::follow_guest`], called after every write
+//! to the UART, registers and unregisters the zone as the guest's IER and MCR change.
+//! Linux polls the console (interrupts disabled) for every kernel message, boot included.
+//!
+//! Only the UART's own registers can observe the order of its writes, so the ring is
+//! replayed before exits to the UART's ports, not before every exit: a sink that blocks
+//! (a full stdout pipe) then stalls only the vCPUs that use the UART, as it did before.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -51,6 +57,8 @@ pub struct CoalescedWrite {
     pub len: usize,
     /// The data; only `len` bytes count.
     pub data: [u8; 8],
+    /// A port write (else MMIO).
+    pub pio: bool,
 }
 
 impl CoalescedWrite {
@@ -147,7 +155,7 @@ impl CoalescedRing {
 
     /// Whether KVM recorded nothing since the last drain (a hint: it may append any time).
     pub fn is_empty(&self) -> bool {
-        self.first().load(Ordering::Relaxed) == self.last().load(Ordering::Acquire)
+        self.first().load(Ordering::Acquire) == self.last().load(Ordering::Acquire)
     }
 
     /// Hands every recorded write to `replay`, oldest first, and frees its slot. Returns
@@ -189,6 +197,8 @@ impl CoalescedRing {
                 addr: entry.phys_addr,
                 len: (entry.len as usize).clamp(1, 8),
                 data: entry.data,
+                // SAFETY: `pad` and `pio` are both a u32 at the same place; any value is valid.
+                pio: unsafe { entry.__bindgen_anon_1.pio } != 0,
             });
             n += 1;
             // Release: we are done with the slot before KVM may reuse it.
@@ -211,17 +221,25 @@ impl Drop for CoalescedRing {
     }
 }
 
+/// The coalesced zone as KVM has it.
+#[derive(Default)]
+struct ZoneState {
+    registered: bool,
+    /// KVM refused a change; the zone is left as it is.
+    failed: bool,
+}
+
 /// Coalesces the guest's writes to COM1's transmit register while it polls the port.
 pub struct SerialTxCoalescer {
     ring: CoalescedRing,
     vm: Arc<VmFd>,
     pio: Arc<Bus>,
-    /// The guest's IER has the THR-empty interrupt enabled (kept by the serial device).
-    thr_interrupt: Arc<AtomicBool>,
+    /// A THR write has a guest-visible effect besides output (kept by the serial device).
+    tx_side_effects: Arc<AtomicBool>,
     /// The zone is registered with KVM (mirror of `zone`, for a lock-free check).
     active: AtomicBool,
-    /// Serialises (un)registration; holds whether the zone is registered.
-    zone: Mutex<bool>,
+    /// Serialises (un)registration.
+    zone: Mutex<ZoneState>,
     /// Counts the bytes that reached the device without an exit.
     counters: Arc<SerialCounters>,
 }
@@ -234,7 +252,7 @@ impl SerialTxCoalescer {
         vm: Arc<VmFd>,
         vcpu: &impl AsRawFd,
         pio: Arc<Bus>,
-        thr_interrupt: Arc<AtomicBool>,
+        tx_side_effects: Arc<AtomicBool>,
         counters: Arc<SerialCounters>,
     ) -> Option<Self> {
         if !vm.check_extension(Cap::CoalescedPio) {
@@ -252,9 +270,9 @@ impl SerialTxCoalescer {
             ring,
             vm,
             pio,
-            thr_interrupt,
+            tx_side_effects,
             active: AtomicBool::new(false),
-            zone: Mutex::new(false),
+            zone: Mutex::new(ZoneState::default()),
             counters,
         };
         this.follow_guest();
@@ -289,6 +307,9 @@ impl SerialTxCoalescer {
         }
         let mut bytes = 0;
         self.ring.drain(|w| {
+            if !w.pio {
+                return; // only a port zone is ever registered
+            }
             if w.addr == COM1_PORT_BASE && w.len == 1 {
                 bytes += 1;
             }
@@ -300,37 +321,43 @@ impl SerialTxCoalescer {
             .fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// Registers the zone while the guest polls the port and unregisters it while the
-    /// guest waits for THR-empty interrupts. Called after every port write the VMM handles.
+    /// Registers the zone while the guest polls the port and unregisters it while a THR
+    /// write has an effect the guest can wait for. Called after every write to the UART.
     pub fn follow_guest(&self) {
-        let want = !self.thr_interrupt.load(Ordering::Acquire);
-        if self.active.load(Ordering::Relaxed) == want {
+        // SeqCst here and in the UART's store: a vCPU that changed the IER either sees the
+        // zone state another vCPU set, or that vCPU (still under the lock) sees its IER.
+        let want = |this: &Self| !this.tx_side_effects.load(Ordering::SeqCst);
+        if self.active.load(Ordering::SeqCst) == want(self) {
             return;
         }
-        let mut registered = self.zone.lock().unwrap_or_else(|p| p.into_inner());
-        if *registered == want {
-            return;
-        }
-        let zone = IoEventAddress::Pio(COM1_PORT_BASE);
-        let result = if want {
-            self.vm.register_coalesced_mmio(zone, 1)
-        } else {
-            self.vm.unregister_coalesced_mmio(zone, 1)
-        };
-        match result {
-            Ok(()) => {
-                *registered = want;
-                self.active.store(want, Ordering::Relaxed);
-                debug!(
-                    coalescing = want,
-                    "serial transmit coalescing follows the guest's IER"
-                );
+        let mut zone = self.zone.lock().unwrap_or_else(|p| p.into_inner());
+        // Until the zone matches the IER as it is now, not as it was when we looked.
+        while !zone.failed && zone.registered != want(self) {
+            let wanted = want(self);
+            let addr = IoEventAddress::Pio(COM1_PORT_BASE);
+            let result = if wanted {
+                self.vm.register_coalesced_mmio(addr, 1)
+            } else {
+                self.vm.unregister_coalesced_mmio(addr, 1)
+            };
+            match result {
+                Ok(()) => {
+                    zone.registered = wanted;
+                    self.active.store(wanted, Ordering::SeqCst);
+                    debug!(
+                        coalescing = wanted,
+                        "serial transmit coalescing follows the guest's UART settings"
+                    );
+                }
+                Err(e) => {
+                    // Not retried on every write: a registered zone left behind still
+                    // works, only with interrupts delayed to the flush thread's tick.
+                    warn!(coalescing = wanted, error = %e, "cannot change the coalesced serial zone; coalescing stays as it is");
+                    zone.failed = true;
+                }
             }
-            Err(e) => {
-                warn!(coalescing = want, error = %e, "cannot change the coalesced serial zone")
-            }
         }
-        drop(registered);
+        drop(zone);
         // Writes another vCPU made while the zone was still registered.
         self.replay();
     }
@@ -359,6 +386,7 @@ mod tests {
             len: data.len() as u32,
             ..Default::default()
         };
+        e.__bindgen_anon_1.pio = 1;
         e.data[..data.len()].copy_from_slice(data);
         // SAFETY: test helper; `last` < capacity so the slot is inside the page.
         unsafe {
@@ -401,7 +429,7 @@ mod tests {
             }
             let got = drained(&ring);
             assert_eq!(got.len(), 100);
-            assert!(got.iter().all(|w| w.addr == 0x3f8 && w.len == 1));
+            assert!(got.iter().all(|w| w.addr == 0x3f8 && w.len == 1 && w.pio));
             let bytes: Vec<u8> = got.iter().map(|w| w.data[0]).collect();
             assert_eq!(bytes, expected[expected.len() - 100..]);
             assert!(ring.is_empty());

@@ -381,11 +381,11 @@ impl Vm {
                 // The coalesced ring is per VM; any vCPU fd maps it.
                 let (thri, counters) = serial
                     .lock()
-                    .map(|s| (s.thr_interrupt(), s.counters()))
+                    .map(|s| (s.tx_side_effects(), s.counters()))
                     .map_err(|_| VmError::Host {
-                        what: "serial port",
-                        source: io::Error::other("lock poisoned"),
-                    })?;
+                    what: "serial port",
+                    source: io::Error::other("lock poisoned"),
+                })?;
                 buses.serial_tx =
                     SerialTxCoalescer::new(fd.clone(), &vcpu, pio.clone(), thri, counters)
                         .map(Arc::new);

@@ -182,14 +182,7 @@ fn control_socket_reports_state_and_shuts_down() {
     // The UART counts a byte just after handing it to stdout, so the test can
     // see the newline before the counter does: poll briefly until they agree.
     let expected_tx = "hello from long mode\n".len() as u64;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let metrics = loop {
-        let m = ask(r#"{"op":"metrics"}"#);
-        if m["serial"]["tx_bytes"].as_u64() == Some(expected_tx) || Instant::now() > deadline {
-            break m;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let metrics = metrics_once_serial_sent(&mut ask, expected_tx);
     assert_eq!(metrics["ok"], true, "{metrics}");
     assert_eq!(metrics["vcpus"].as_array().unwrap().len(), 2, "{metrics}");
     assert_eq!(metrics["serial"]["tx_bytes"], expected_tx, "{metrics}");
@@ -236,12 +229,17 @@ fn serial_writes_are_coalesced_while_the_guest_polls_the_port() {
             .flat_map(|i| format!("{tag}{i:03}\n").into_bytes())
             .collect()
     };
-    // 400 polled bytes (more than the ring holds), 150 with the interrupt on, 150 polled.
+    // 400 polled bytes (more than the ring holds), 150 with the interrupt on, 5 in
+    // loopback mode (each exits too: the byte raises a received-data interrupt), 150 polled.
+    const LOOPED: &[u8] = b"loop!";
     let (polled, interrupt, quiet) = (lines('a', 80), lines('b', 30), lines('c', 30));
     let mut code = asm::print(&polled, true);
     code.extend(asm::outb(0x3f9, 0x02, true)); // IER: THR-empty interrupt on
     code.extend(asm::print(&interrupt, true));
     code.extend(asm::outb(0x3f9, 0x00, true)); // IER: off again
+    code.extend(asm::outb(0x3fc, 0x10, true)); // MCR: loopback, bytes come back as input
+    code.extend(asm::print(LOOPED, true));
+    code.extend(asm::outb(0x3fc, 0x00, true)); // MCR: loopback off
     code.extend(asm::print(&quiet, true));
     code.extend_from_slice(&asm::SPIN); // no exit ever again
     let kernel = write(&dir, "k.elf", &elf64(&code)).display().to_string();
@@ -258,14 +256,7 @@ fn serial_writes_are_coalesced_while_the_guest_polls_the_port() {
     let mut ask = control(&sock);
     let total = (polled.len() + interrupt.len() + quiet.len()) as u64;
     // The last 150 bytes reach the device only on the VMM's flush tick.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let metrics = loop {
-        let m = ask(r#"{"op":"metrics"}"#);
-        if m["serial"]["tx_bytes"].as_u64() == Some(total) || Instant::now() > deadline {
-            break m;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let metrics = metrics_once_serial_sent(&mut ask, total);
     assert_eq!(metrics["serial"]["tx_bytes"], total, "{metrics}");
     let coalesced = metrics["serial"]["tx_coalesced_bytes"].as_u64().unwrap();
     let exits = metrics["vcpus"][0]["io_exits"].as_u64().unwrap();
@@ -275,11 +266,10 @@ fn serial_writes_are_coalesced_while_the_guest_polls_the_port() {
         coalesced <= polled_bytes && coalesced >= polled_bytes - 10,
         "{metrics}"
     );
-    let interrupt_bytes = interrupt.len() as u64;
-    assert!(
-        exits >= interrupt_bytes && exits <= interrupt_bytes + 12,
-        "{metrics}"
-    );
+    // Plus the four IER and MCR writes.
+    let exiting = (interrupt.len() + LOOPED.len() + 4) as u64;
+    assert!(exits >= exiting && exits <= exiting + 12, "{metrics}");
+    assert_eq!(metrics["serial"]["rx_bytes"], 0, "{metrics}");
     assert_eq!(ask(r#"{"op":"shutdown"}"#)["ok"], true);
     let out = wait_limit(child, LIMIT);
     let (code, _, stderr) = summary(&out);
@@ -291,6 +281,21 @@ fn serial_writes_are_coalesced_while_the_guest_polls_the_port() {
         "serial output out of order or incomplete:\n{}",
         String::from_utf8_lossy(&written)
     );
+}
+
+/// The VMM's metrics once the UART counted `tx_bytes` bytes (or after 10 s).
+fn metrics_once_serial_sent(
+    ask: &mut impl FnMut(&str) -> serde_json::Value,
+    tx_bytes: u64,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = ask(r#"{"op":"metrics"}"#);
+        if m["serial"]["tx_bytes"].as_u64() == Some(tx_bytes) || Instant::now() > deadline {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Sends control-socket requests on one connection.

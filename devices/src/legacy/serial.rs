@@ -56,14 +56,18 @@ pub struct SerialDevice {
     uart: Serial<IrqTrigger, CountingEvents, SerialSink>,
     counters: Arc<SerialCounters>,
     warned_output: bool,
-    thr_interrupt: Arc<AtomicBool>,
+    tx_side_effects: Arc<AtomicBool>,
 }
 
-/// Register offsets whose writes can change the interrupt enable register's meaning.
+/// Registers whose writes decide what a THR write does besides output (LCR because its
+/// divisor latch bit decides whether offset 1 is the IER).
 const IER_OFFSET: u8 = 1;
 const LCR_OFFSET: u8 = 3;
+const MCR_OFFSET: u8 = 4;
 /// IER bit: interrupt when the transmit holding register is empty.
 const IER_THR_EMPTY: u8 = 0b10;
+/// MCR bit: loopback (transmitted bytes come back as received ones).
+const MCR_LOOP: u8 = 0b1_0000;
 
 impl SerialDevice {
     /// A UART that writes to `sink` and raises its interrupt through `irq`.
@@ -74,14 +78,16 @@ impl SerialDevice {
             uart: Serial::with_events(irq, events, sink),
             counters,
             warned_output: false,
-            thr_interrupt: Arc::default(),
+            tx_side_effects: Arc::default(),
         }
     }
 
-    /// Whether the guest has the THR-empty interrupt enabled, kept up to date as it writes
-    /// the IER (the VMM coalesces transmit writes only while it is disabled).
-    pub fn thr_interrupt(&self) -> Arc<AtomicBool> {
-        self.thr_interrupt.clone()
+    /// Whether a THR write does anything the guest can wait for besides output: raise the
+    /// THR-empty interrupt (enabled in the IER) or come back as input (loopback in the
+    /// MCR). Kept up to date as the guest writes those registers; the VMM coalesces
+    /// transmit writes only while it is false.
+    pub fn tx_side_effects(&self) -> Arc<AtomicBool> {
+        self.tx_side_effects.clone()
     }
 
     /// The port's counters.
@@ -133,10 +139,13 @@ impl BusDevice for SerialDevice {
                 self.warned_output = true;
             }
         }
-        if off == IER_OFFSET || off == LCR_OFFSET {
-            let ier = self.uart.state().interrupt_enable;
-            self.thr_interrupt
-                .store(ier & IER_THR_EMPTY != 0, Ordering::Release);
+        if matches!(off, IER_OFFSET | LCR_OFFSET | MCR_OFFSET) {
+            let state = self.uart.state();
+            let effects =
+                state.interrupt_enable & IER_THR_EMPTY != 0 || state.modem_control & MCR_LOOP != 0;
+            // SeqCst: pairs with the VMM's check of its coalescing zone (see quantix-vmm's
+            // coalesced module).
+            self.tx_side_effects.store(effects, Ordering::SeqCst);
         }
     }
 }
@@ -191,10 +200,10 @@ mod tests {
     }
 
     #[test]
-    fn follows_the_guests_thr_interrupt_enable() {
+    fn follows_the_guests_thr_interrupt_enable_and_loopback() {
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
         let mut dev = SerialDevice::new(IrqTrigger::new(evt), Box::new(std::io::sink()));
-        let thri = dev.thr_interrupt();
+        let thri = dev.tx_side_effects();
         assert!(!thri.load(Ordering::Relaxed));
         dev.write(1, &[0x03]); // IER: received data and THR empty
         assert!(thri.load(Ordering::Relaxed));
@@ -204,6 +213,10 @@ mod tests {
         assert!(thri.load(Ordering::Relaxed));
         dev.write(3, &[0x03]);
         dev.write(1, &[0x01]);
+        assert!(!thri.load(Ordering::Relaxed));
+        dev.write(4, &[0x10]); // MCR: loopback
+        assert!(thri.load(Ordering::Relaxed));
+        dev.write(4, &[0x03]);
         assert!(!thri.load(Ordering::Relaxed));
     }
 }

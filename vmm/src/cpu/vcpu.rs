@@ -15,6 +15,7 @@ use kvm_bindings::{
     kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use quantix_devices::legacy::serial::{COM1_PORT_BASE, COM1_PORT_LEN};
 use quantix_devices::Bus;
 use tracing::{debug, error, warn};
 
@@ -96,7 +97,7 @@ pub struct IoBuses {
     pub pio: Arc<Bus>,
     /// The MMIO bus.
     pub mmio: Arc<Bus>,
-    /// The serial port's coalesced transmit writes, replayed before every I/O exit.
+    /// The serial port's coalesced transmit writes, replayed before every access to it.
     pub serial_tx: Option<Arc<SerialTxCoalescer>>,
 }
 
@@ -289,7 +290,9 @@ impl Vcpu {
 impl IoDispatch {
     /// A guest read on the port I/O (`mmio` false) or MMIO bus; unclaimed reads see all-ones.
     fn read(&mut self, mmio: bool, addr: u64, data: &mut [u8]) -> Outcome {
-        self.replay_coalesced();
+        if let Some(tx) = self.serial_tx_at(mmio, addr) {
+            tx.replay();
+        }
         let (bus, counter) = if mmio {
             (&self.buses.mmio, &self.counters.mmio)
         } else {
@@ -312,7 +315,9 @@ impl IoDispatch {
 
     /// A guest write on the port I/O (`mmio` false) or MMIO bus; unclaimed writes are dropped.
     fn write(&mut self, mmio: bool, addr: u64, data: &[u8]) -> Outcome {
-        self.replay_coalesced();
+        if let Some(tx) = self.serial_tx_at(mmio, addr) {
+            tx.replay();
+        }
         let (bus, counter) = if mmio {
             (&self.buses.mmio, &self.counters.mmio)
         } else {
@@ -329,18 +334,21 @@ impl IoDispatch {
                 "write",
             );
         }
-        if let (false, Some(tx)) = (mmio, &self.buses.serial_tx) {
-            // The write may have changed the serial port's IER.
+        if let Some(tx) = self.serial_tx_at(mmio, addr) {
+            // The write may have changed the UART's IER or MCR.
             tx.follow_guest();
         }
         Outcome::Continue
     }
 
-    /// Plays the writes KVM coalesced before this access, so that none is overtaken.
-    fn replay_coalesced(&self) {
-        if let Some(tx) = &self.buses.serial_tx {
-            tx.replay();
-        }
+    /// The serial port's coalesced writes, when this access is to the serial port: they
+    /// are replayed first, so that no access to the UART overtakes an earlier write.
+    fn serial_tx_at(&self, mmio: bool, addr: u64) -> Option<&SerialTxCoalescer> {
+        let uart = COM1_PORT_BASE..COM1_PORT_BASE + COM1_PORT_LEN;
+        self.buses
+            .serial_tx
+            .as_deref()
+            .filter(|_| !mmio && uart.contains(&addr))
     }
 }
 
