@@ -9,11 +9,19 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tracing::debug;
 
 /// Default ring size.
 pub const DEFAULT_RING_BYTES: usize = 64 * 1024;
+
+/// After the VMM exited, how long the pump still reads what it wrote last.
+const FINAL_READ: Duration = Duration::from_secs(1);
+
+/// Resolves once `stop` is (or was) set; holds no borrow of the channel when it does.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
 
 /// Where the console's bytes come from.
 #[derive(Debug, Clone)]
@@ -101,27 +109,24 @@ impl Console {
         }
     }
 
-    /// Pumps one VMM process's console until `stop` fires or the source ends for good.
-    /// Started once per VMM process.
-    pub fn pump(self: &Arc<Self>, source: Source, mut stop: tokio::sync::watch::Receiver<bool>) {
+    /// Pumps one VMM process's console until `stop` fires (the VMM has exited) and what
+    /// the VMM wrote last is read. Started once per VMM process.
+    pub fn pump(self: &Arc<Self>, source: Source, stop: tokio::sync::watch::Receiver<bool>) {
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            tokio::select! {
-                _ = stop.wait_for(|s| *s) => {}
-                _ = me.run(source) => {}
+            match source {
+                Source::Socket(path) => me.run_socket(path, stop).await,
+                Source::File(path) => me.run_file(path, stop).await,
             }
-            *me.input.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            me.close_input();
         });
     }
 
-    async fn run(self: &Arc<Self>, source: Source) {
-        match source {
-            Source::Socket(path) => self.run_socket(path).await,
-            Source::File(path) => self.run_file(path).await,
-        }
+    fn close_input(&self) {
+        *self.input.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    async fn run_socket(self: &Arc<Self>, path: PathBuf) {
+    async fn run_socket(self: &Arc<Self>, path: PathBuf, mut stop: watch::Receiver<bool>) {
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
         *self.input.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         loop {
@@ -130,8 +135,10 @@ impl Console {
                 Err(_) => {
                     // The VMM binds its socket a few ms after it starts and drops output
                     // while nobody is connected: retry quickly.
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                    continue;
+                    tokio::select! {
+                        _ = stopped(&mut stop) => return,
+                        _ = tokio::time::sleep(Duration::from_millis(2)) => continue,
+                    }
                 }
             };
             debug!(path = %path.display(), "console connected");
@@ -148,16 +155,34 @@ impl Console {
                             break;
                         }
                     }
+                    _ = stopped(&mut stop) => {
+                        // The VMM has exited, but what it wrote last (the guest's last
+                        // line before a poweroff) may still be in the socket: read to its
+                        // end, never reconnecting (the path may be a new VMM's by now).
+                        self.close_input();
+                        let _ = tokio::time::timeout(FINAL_READ, async {
+                            while let Ok(n @ 1..) = r.read(&mut buf).await {
+                                self.publish(&buf[..n]);
+                            }
+                        })
+                        .await;
+                        return;
+                    }
                 }
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::select! {
+                _ = stopped(&mut stop) => return,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
         }
     }
 
-    async fn run_file(self: &Arc<Self>, path: PathBuf) {
+    async fn run_file(self: &Arc<Self>, path: PathBuf, mut stop: watch::Receiver<bool>) {
         let mut pos = 0u64;
         let mut buf = vec![0u8; 8192];
         loop {
+            // The pass that starts after the stop reads what the VMM wrote last.
+            let stopping = *stop.borrow();
             if let Ok(mut f) = tokio::fs::File::open(&path).await {
                 if f.seek(std::io::SeekFrom::Start(pos)).await.is_ok() {
                     while let Ok(n) = f.read(&mut buf).await {
@@ -169,7 +194,13 @@ impl Console {
                     }
                 }
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            if stopping {
+                return;
+            }
+            tokio::select! {
+                _ = stopped(&mut stop) => {}
+                _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+            }
         }
     }
 }
@@ -225,7 +256,19 @@ mod tests {
         guest.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"ls\n");
 
+        // The VMM writes its last bytes and exits; the agent stops the pump at once. The
+        // bytes still reach the console (the guest's last line before a poweroff).
+        guest.write_all(b" bye").await.unwrap();
+        drop(guest);
         stop_tx.send(true).unwrap();
+        let mut last = Vec::new();
+        while !last.ends_with(b" bye") {
+            let chunk = tokio::time::timeout(Duration::from_secs(5), early.live.recv())
+                .await
+                .expect("the last bytes never came")
+                .unwrap();
+            last.extend_from_slice(&chunk);
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!console.write(b"x".to_vec()).await);
         std::fs::remove_dir_all(dir).unwrap();

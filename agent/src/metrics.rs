@@ -140,8 +140,8 @@ pub async fn render(manager: &Arc<Manager>, api: &ApiMetrics) -> String {
                 vm.id
             );
         }
-        // A paused VMM does not answer; skip its counters.
-        if st.state != VmState::Running as i32 {
+        // Only a live VMM has counters (a paused one answers too: pause is inside the VMM).
+        if st.state != VmState::Running as i32 && st.state != VmState::Paused as i32 {
             continue;
         }
         let sock = std::path::Path::new(&st.directory).join("api.sock");

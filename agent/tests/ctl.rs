@@ -155,24 +155,32 @@ fn quantixctl_lifecycle_output_and_exit_statuses() {
         .unwrap();
     assert_eq!(unreachable.status.code(), Some(8), "{unreachable:?}");
 
-    // Events: the stop shows up.
+    // Events: the stop shows up. The agent keeps no event history, so stop only once the
+    // watcher is subscribed: its first line, the VM's current state, proves it.
     let mut events = Command::new(bin("quantixctl"))
         .arg("--agent")
         .arg(format!("unix:{}", agent.socket().display()))
-        .args(["-o", "json", "events", "c1", "--count", "2"])
+        .args(["-o", "json", "events", "c1", "--initial", "--count", "3"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut reader = std::io::BufReader::new(events.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut first).unwrap();
+    let initial: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(initial["vm_id"], "c1", "{first}");
     let v = json(&ctl(&agent, &["-o", "json", "stop", "c1"]));
     assert_eq!(v[0]["status"]["state"], "stopped");
-    let out = wait_limit(&mut events);
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out)
+    // Within the time limit, then what it printed after its first line.
+    wait_limit(&mut events);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+    let lines: Vec<serde_json::Value> = rest
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines[0]["kind"], "stopping");
-    assert_eq!(lines[1]["kind"], "exited");
+    assert_eq!(lines[0]["kind"], "stopping", "{rest}");
+    assert_eq!(lines[1]["kind"], "exited", "{rest}");
     assert_eq!(lines[1]["exit"]["reason"], "api-shutdown");
 
     let node = json(&ctl(&agent, &["-o", "json", "node"]));
@@ -191,7 +199,9 @@ fn wait_limit(child: &mut std::process::Child) -> Vec<u8> {
         if child.try_wait().unwrap().is_some() {
             let mut out = Vec::new();
             use std::io::Read;
-            child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+            if let Some(mut stdout) = child.stdout.take() {
+                stdout.read_to_end(&mut out).unwrap();
+            }
             return out;
         }
         if start.elapsed() > std::time::Duration::from_secs(20) {

@@ -22,7 +22,14 @@ done
 $C node
 $C -o json events --count 7 >/tmp/events.json &
 ev=$!
-sleep 0.5
+# The agent keeps no event history: create only once the watcher has subscribed (the
+# agent counts a WatchVms request once its subscription exists).
+i=0
+until wget -qO- http://127.0.0.1:9700/metrics 2>/dev/null | grep -q 'method="WatchVms"'; do
+	i=$((i + 1))
+	if [ $i -gt 300 ]; then echo "QX-AGENT-WATCH-NOT-UP"; cat /tmp/agent.log; exit 16; fi
+	sleep 0.1
+done
 printf '%s\n' 'id: deb' 'name: debian' 'vcpus: 2' 'memory_mib: 512' 'kernel: /guest/vmlinuz' \
 	'initramfs: /guest/initramfs.cpio' 'cmdline: console=ttyS0 qx.action=hold' \
 	'console_ring_bytes: 1048576' 'labels:' '  os: debian' >/tmp/vm.yaml
@@ -43,7 +50,12 @@ $C -o json get deb | grep -q '"state": "stopped"' && echo "QX-AGENT-STOPPED"
 $C delete deb && echo "QX-AGENT-DELETED"
 $C get deb
 echo "QX-AGENT-GET-AFTER-DELETE status=$?"
-wait $ev
+i=0
+while kill -0 $ev 2>/dev/null; do
+	i=$((i + 1))
+	if [ $i -gt 300 ]; then echo "QX-AGENT-EVENTS-INCOMPLETE"; kill $ev; break; fi
+	sleep 0.1
+done
 echo "QX-AGENT-EVENTS-BEGIN"
 cat /tmp/events.json
 echo "QX-AGENT-EVENTS-END"

@@ -249,8 +249,9 @@ fn serial_writes_are_coalesced_while_the_guest_polls_the_port() {
         &["--serial", &serial, "--api-socket", sock.to_str().unwrap()],
     );
     let _reaper = KillOnPanic(child.id());
+    // The socket file exists a moment before the VMM listens on it: retry the connect.
     let start = Instant::now();
-    while !sock.exists() && start.elapsed() < LIMIT {
+    while UnixStream::connect(&sock).is_err() && start.elapsed() < LIMIT {
         std::thread::sleep(Duration::from_millis(10));
     }
     let mut ask = control(&sock);
@@ -469,6 +470,7 @@ fn serial_on_a_unix_socket_echoes_through_the_guest() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let _reaper = KillOnPanic(child.id());
     let start = Instant::now();
     let mut stream = loop {
         match UnixStream::connect(&sock) {
@@ -504,6 +506,7 @@ fn serial_on_a_pty_echoes_through_the_guest() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let _reaper = KillOnPanic(child.id());
     // The pty's path is in the VMM's log.
     let mut log = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
@@ -542,6 +545,7 @@ fn standard_input_reaches_the_guest_through_the_uart() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let _reaper = KillOnPanic(child.id());
     child
         .stdin
         .take()

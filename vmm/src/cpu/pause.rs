@@ -241,13 +241,14 @@ mod tests {
         let (handles, rounds, stop) = spinners(&gate, 1);
         // This test thread registers and never parks, like a vCPU stuck in a device.
         gate.enter();
-        let err = gate.pause(Duration::from_millis(100), |_| {}).unwrap_err();
+        // A limit long enough for the spinner to park even on a loaded machine.
+        let err = gate.pause(Duration::from_secs(2), |_| {}).unwrap_err();
         assert_eq!(
             err,
             PauseError::Timeout {
                 parked: 1,
                 live: 2,
-                limit: Duration::from_millis(100)
+                limit: Duration::from_secs(2)
             }
         );
         assert!(!gate.is_paused());
