@@ -15,6 +15,7 @@ pub mod cpu;
 pub mod exit;
 pub mod layout;
 pub mod metrics;
+pub mod mptable;
 pub mod pause;
 pub mod power_button;
 pub mod runner;

@@ -73,6 +73,9 @@ pub enum VmError {
     /// Writing ACPI tables failed.
     #[error(transparent)]
     Acpi(#[from] AcpiError),
+    /// Writing the MP table failed.
+    #[error(transparent)]
+    MpTable(#[from] crate::mptable::MpTableError),
     /// Two devices claim one range.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
@@ -331,6 +334,7 @@ impl Vm {
                 ged_gsi: layout::GED_GSI,
             },
         )?;
+        crate::mptable::write(&mem, config.vcpus)?;
         let boot = boot::load_linux(&mem, mem_size, &config.boot, rsdp)?;
 
         // vCPUs.
