@@ -221,14 +221,6 @@ impl Drop for CoalescedRing {
     }
 }
 
-/// The coalesced zone as KVM has it.
-#[derive(Default)]
-struct ZoneState {
-    registered: bool,
-    /// KVM refused a change; the zone is left as it is.
-    failed: bool,
-}
-
 /// Coalesces the guest's writes to COM1's transmit register while it polls the port.
 pub struct SerialTxCoalescer {
     ring: CoalescedRing,
@@ -236,10 +228,10 @@ pub struct SerialTxCoalescer {
     pio: Arc<Bus>,
     /// A THR write has a guest-visible effect besides output (kept by the serial device).
     tx_side_effects: Arc<AtomicBool>,
-    /// The zone is registered with KVM (mirror of `zone`, for a lock-free check).
+    /// The zone is registered with KVM. Read without a lock; changed only under `zone`.
     active: AtomicBool,
-    /// Serialises (un)registration.
-    zone: Mutex<ZoneState>,
+    /// Serialises (un)registration; true once KVM refused a change (then left as it is).
+    zone: Mutex<bool>,
     /// Counts the bytes that reached the device without an exit.
     counters: Arc<SerialCounters>,
 }
@@ -272,7 +264,7 @@ impl SerialTxCoalescer {
             pio,
             tx_side_effects,
             active: AtomicBool::new(false),
-            zone: Mutex::new(ZoneState::default()),
+            zone: Mutex::new(false),
             counters,
         };
         this.follow_guest();
@@ -330,9 +322,9 @@ impl SerialTxCoalescer {
         if self.active.load(Ordering::SeqCst) == want(self) {
             return;
         }
-        let mut zone = self.zone.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failed = self.zone.lock().unwrap_or_else(|p| p.into_inner());
         // Until the zone matches the IER as it is now, not as it was when we looked.
-        while !zone.failed && zone.registered != want(self) {
+        while !*failed && self.active.load(Ordering::SeqCst) != want(self) {
             let wanted = want(self);
             let addr = IoEventAddress::Pio(COM1_PORT_BASE);
             let result = if wanted {
@@ -342,7 +334,6 @@ impl SerialTxCoalescer {
             };
             match result {
                 Ok(()) => {
-                    zone.registered = wanted;
                     self.active.store(wanted, Ordering::SeqCst);
                     debug!(
                         coalescing = wanted,
@@ -353,11 +344,11 @@ impl SerialTxCoalescer {
                     // Not retried on every write: a registered zone left behind still
                     // works, only with interrupts delayed to the flush thread's tick.
                     warn!(coalescing = wanted, error = %e, "cannot change the coalesced serial zone; coalescing stays as it is");
-                    zone.failed = true;
+                    *failed = true;
                 }
             }
         }
-        drop(zone);
+        drop(failed);
         // Writes another vCPU made while the zone was still registered.
         self.replay();
     }

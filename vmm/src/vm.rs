@@ -383,15 +383,15 @@ impl Vm {
             vcpu.set_lapic(&lapic).map_err(kvm_err("SET_LAPIC"))?;
             if index == 0 {
                 // The coalesced ring is per VM; any vCPU fd maps it.
-                let (thri, counters) = serial
+                let (side_effects, counters) = serial
                     .lock()
                     .map(|s| (s.tx_side_effects(), s.counters()))
                     .map_err(|_| VmError::Host {
-                    what: "serial port",
-                    source: io::Error::other("lock poisoned"),
-                })?;
+                        what: "serial port",
+                        source: io::Error::other("lock poisoned"),
+                    })?;
                 buses.serial_tx =
-                    SerialTxCoalescer::new(fd.clone(), &vcpu, pio.clone(), thri, counters)
+                    SerialTxCoalescer::new(fd.clone(), &vcpu, pio.clone(), side_effects, counters)
                         .map(Arc::new);
                 let sregs = vcpu.get_sregs().map_err(kvm_err("GET_SREGS"))?;
                 if let Some((r, s)) = regs::boot_state(&mem, boot.entry, sregs)? {

@@ -171,6 +171,15 @@ mod tests {
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
+    /// Asserts that the spinners' round count moves past `before` within 5 s.
+    fn assert_progress(rounds: &AtomicU64, before: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while rounds.load(Ordering::Relaxed) == before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(rounds.load(Ordering::Relaxed) > before, "{what}");
+    }
+
     /// Threads that count loop rounds and park at the gate like vCPU threads.
     fn spinners(
         gate: &Arc<PauseGate>,
@@ -220,14 +229,7 @@ mod tests {
         gate.pause(Duration::from_millis(1), |_| {}).unwrap();
         gate.resume();
         assert!(!gate.is_paused());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while rounds.load(Ordering::Relaxed) == before && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert!(
-            rounds.load(Ordering::Relaxed) > before,
-            "threads did not resume"
-        );
+        assert_progress(&rounds, before, "threads did not resume");
         stop.store(true, Ordering::Release);
         for h in handles {
             h.join().unwrap();
@@ -253,14 +255,7 @@ mod tests {
         );
         assert!(!gate.is_paused());
         let before = rounds.load(Ordering::Relaxed);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while rounds.load(Ordering::Relaxed) == before && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert!(
-            rounds.load(Ordering::Relaxed) > before,
-            "the parked thread was not let go"
-        );
+        assert_progress(&rounds, before, "the parked thread was not let go");
         gate.leave();
         stop.store(true, Ordering::Release);
         for h in handles {
