@@ -34,20 +34,34 @@ pub(crate) const NET_MODULES: [&str; 4] = [
 pub struct Assets {
     /// The manifest these were read from.
     pub manifest: PathBuf,
-    /// Kernel release, e.g. `6.1.0-56-cloud-amd64`.
+    /// Kernel release of the guest kernel, e.g. `6.1.0-56-cloud-amd64`.
     pub kernel_version: String,
-    /// The cloud kernel's bzImage (nested host kernel and guest kernel).
+    /// The guest's cloud kernel, its bzImage (`/guest/vmlinuz` in the nested host).
     pub vmlinuz: PathBuf,
     /// The ELF extracted from the bzImage (PVH-bootable guest kernel).
     pub vmlinux: PathBuf,
-    /// `lib/modules/<version>` of the same kernel.
+    /// `lib/modules/<version>` of the guest kernel.
     pub modules_dir: PathBuf,
+    /// Kernel release of the nested host's kernel (the guest's unless the manifest
+    /// names another: `QX_HOST_KERNEL_VERSION`).
+    pub host_kernel_version: String,
+    /// The nested host's bzImage (`QX_HOST_VMLINUZ`, else the guest's).
+    pub host_vmlinuz: PathBuf,
+    /// `lib/modules/<version>` of the nested host's kernel (`QX_HOST_MODULES_DIR`, else
+    /// the guest's): kvm, kvm-amd and the network modules come from here.
+    pub host_modules_dir: PathBuf,
     /// A static busybox.
     pub busybox: PathBuf,
     /// The nested guest's initramfs (newc cpio; `/init` is `sandbox/guest/init`).
     pub guest_initramfs: PathBuf,
-    /// The host's `qemu-system-x86_64` (runs the nested host; can be put inside it).
+    /// The host's `qemu-system-x86_64`, Debian stable's: the reference VMM put inside
+    /// the nested host (`Payload::add_qemu`).
     pub qemu: PathBuf,
+    /// The QEMU that emulates the nested host (`QX_HOST_QEMU`, else [`Assets::qemu`]).
+    pub host_qemu: PathBuf,
+    /// Its own firmware and option ROMs, searched first (`-L`), when it is not the
+    /// system's QEMU (`QX_HOST_QEMU_DATA_DIR`).
+    pub host_qemu_data_dir: Option<PathBuf>,
     /// The host's QEMU firmware directory.
     pub qemu_firmware_dir: PathBuf,
 }
@@ -108,15 +122,32 @@ impl Assets {
                 "manifest format {format}, this crate reads format {MANIFEST_FORMAT}"
             )));
         }
+        let kernel_version = get("QX_KERNEL_VERSION")?;
+        let vmlinuz: PathBuf = get("QX_VMLINUZ")?.into();
+        let modules_dir: PathBuf = get("QX_MODULES_DIR")?.into();
+        let optional = |key: &str| vars.get(key).filter(|v| !v.is_empty()).cloned();
         let assets = Assets {
             manifest: manifest.to_path_buf(),
-            kernel_version: get("QX_KERNEL_VERSION")?,
-            vmlinuz: get("QX_VMLINUZ")?.into(),
+            host_kernel_version: optional("QX_HOST_KERNEL_VERSION")
+                .unwrap_or_else(|| kernel_version.clone()),
+            host_vmlinuz: optional("QX_HOST_VMLINUZ")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| vmlinuz.clone()),
+            host_modules_dir: optional("QX_HOST_MODULES_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| modules_dir.clone()),
+            kernel_version,
+            vmlinuz,
             vmlinux: get("QX_VMLINUX")?.into(),
-            modules_dir: get("QX_MODULES_DIR")?.into(),
+            modules_dir,
             busybox: get("QX_BUSYBOX")?.into(),
             guest_initramfs: get("QX_GUEST_INITRAMFS")?.into(),
             qemu: get("QX_QEMU")?.into(),
+            host_qemu: optional("QX_HOST_QEMU")
+                .or_else(|| optional("QX_QEMU"))
+                .map(PathBuf::from)
+                .unwrap_or_default(),
+            host_qemu_data_dir: optional("QX_HOST_QEMU_DATA_DIR").map(PathBuf::from),
             qemu_firmware_dir: get("QX_QEMU_FIRMWARE_DIR")?.into(),
         };
         assets.validate().map_err(invalid)?;
@@ -128,14 +159,22 @@ impl Assets {
         let files = [
             ("QX_VMLINUZ", &self.vmlinuz),
             ("QX_VMLINUX", &self.vmlinux),
+            ("QX_HOST_VMLINUZ", &self.host_vmlinuz),
             ("QX_BUSYBOX", &self.busybox),
             ("QX_GUEST_INITRAMFS", &self.guest_initramfs),
             ("QX_QEMU", &self.qemu),
+            ("QX_HOST_QEMU", &self.host_qemu),
         ];
         for (key, path) in files {
             if !path.is_file() {
                 return Err(format!("{key}={} is not a file", path.display()));
             }
+        }
+        if let Some(dir) = self.host_qemu_data_dir.as_ref().filter(|d| !d.is_dir()) {
+            return Err(format!(
+                "QX_HOST_QEMU_DATA_DIR={} is not a directory",
+                dir.display()
+            ));
         }
         if !self.qemu_firmware_dir.is_dir() {
             return Err(format!(
@@ -144,7 +183,7 @@ impl Assets {
             ));
         }
         for module in KVM_MODULES.iter().chain(NET_MODULES.iter()) {
-            let path = self.modules_dir.join(module);
+            let path = self.host_modules_dir.join(module);
             if !path.is_file() {
                 return Err(format!("module {} is missing", path.display()));
             }
@@ -159,9 +198,14 @@ impl Assets {
         Ok(())
     }
 
-    /// Absolute path of one module of the kernel (relative to the module tree).
+    /// Absolute path of one module of the guest kernel (relative to the module tree).
     pub fn module(&self, relative: &str) -> PathBuf {
         self.modules_dir.join(relative)
+    }
+
+    /// Absolute path of one module of the nested host's kernel.
+    pub fn host_module(&self, relative: &str) -> PathBuf {
+        self.host_modules_dir.join(relative)
     }
 }
 

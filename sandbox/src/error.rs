@@ -9,6 +9,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::job::JobResult;
+
 /// Everything that can go wrong while preparing or running a sandbox.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -84,6 +86,55 @@ pub enum SandboxError {
         /// The last lines of that log, for a quick look.
         console_tail: String,
     },
+
+    /// The nested host died or hung after a job under test had begun. This is a product
+    /// failure until shown otherwise (the product may have crashed or wedged the nested
+    /// host's kernel), so it is never retried.
+    #[error("{0}")]
+    HostDied(Box<HostDeath>),
+}
+
+/// What is known of a nested host that died once a job under test had begun.
+#[derive(Debug, Clone)]
+pub struct HostDeath {
+    /// How the nested host failed (hung, QEMU exited).
+    pub failure: InfraFailure,
+    /// The job running when it failed, or the last one under test that ran.
+    pub job: String,
+    /// The jobs that ended before.
+    pub completed: Vec<JobResult>,
+    /// The last lines of the running job's output.
+    pub job_output_tail: String,
+    /// The nested host kernel's panic, oops and lockup lines from the whole console
+    /// ([`crate::death::death_lines`]).
+    pub death: String,
+    /// Attempts made (earlier ones failed as infrastructure, before any job under test).
+    pub attempts: u32,
+    /// The raw console log of the attempt.
+    pub log: PathBuf,
+    /// The last lines of that log.
+    pub console_tail: String,
+}
+
+impl std::fmt::Display for HostDeath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the nested host died while running job `{}` (under test): {}\n\
+             {} job(s) had ended before it. console log: {}\n\
+             --- the nested host's kernel said ---\n{}\n\
+             --- output of `{}` so far (last lines) ---\n{}\n\
+             --- last console lines ---\n{}",
+            self.job,
+            self.failure,
+            self.completed.len(),
+            self.log.display(),
+            self.death,
+            self.job,
+            self.job_output_tail,
+            self.console_tail
+        )
+    }
 }
 
 impl SandboxError {

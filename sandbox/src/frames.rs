@@ -194,6 +194,17 @@ impl Tracker {
         self.results
     }
 
+    /// The running job's name and its output so far.
+    pub fn running(&self) -> Option<(&str, &str)> {
+        match self.phase {
+            Phase::InJob { index } => self
+                .jobs
+                .get(index)
+                .map(|(name, _)| (name.as_str(), self.output.as_str())),
+            _ => None,
+        }
+    }
+
     /// The name and time limit of job `index`.
     pub fn job(&self, index: usize) -> Option<(&str, Duration)> {
         self.jobs.get(index).map(|(n, t)| (n.as_str(), *t))

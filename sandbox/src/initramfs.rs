@@ -59,7 +59,7 @@ pub(crate) fn write_host_initramfs(out: &Path, c: &HostContents<'_>) -> Result<u
         .map_err(|e| SandboxError::io(ctx(paths::JOBS_SCRIPT), e))?;
     for module in KVM_MODULES.iter().chain(NET_MODULES.iter()) {
         let dest = format!("{}/{}", paths::MODULES_DIR, module_file_name(module));
-        add_host_file(&mut w, &c.assets.module(module), &dest, 0o644, out)?;
+        add_host_file(&mut w, &c.assets.host_module(module), &dest, 0o644, out)?;
     }
     add_host_file(&mut w, &c.assets.vmlinuz, paths::GUEST_VMLINUZ, 0o644, out)?;
     add_host_file(&mut w, &c.assets.vmlinux, paths::GUEST_VMLINUX, 0o644, out)?;

@@ -18,6 +18,10 @@ pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(120);
 /// `timeout` of wall-clock time (nested host clock, whole seconds, rounded
 /// up): then SIGTERM, and SIGKILL 5 s later. The job ends when its main
 /// process exits; processes it left behind are killed.
+///
+/// A job is *under test* unless marked [`Job::reference`]: once a job under test has
+/// begun, a nested host that dies or hangs is a product failure
+/// ([`SandboxError::HostDied`]), never retried.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
     /// Name, unique in a run: `[A-Za-z0-9._-]`, at most 64 characters.
@@ -26,6 +30,20 @@ pub struct Job {
     pub argv: Vec<String>,
     /// Wall-clock limit.
     pub timeout: Duration,
+    /// What the job runs: the product (default) or only reference and setup software.
+    pub role: JobRole,
+}
+
+/// Whether a job runs the product under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobRole {
+    /// Runs this project's code (a `quantix-vmm`, the agent, a test that drives them).
+    #[default]
+    UnderTest,
+    /// Runs only reference software (QEMU as the guest's VMM) or setup commands: a
+    /// nested host that dies here, with no job under test before it, is infrastructure.
+    Reference,
 }
 
 impl Job {
@@ -39,7 +57,20 @@ impl Job {
             name: name.into(),
             argv: argv.into_iter().map(Into::into).collect(),
             timeout: DEFAULT_JOB_TIMEOUT,
+            role: JobRole::UnderTest,
         }
+    }
+
+    /// Marks the job as running only reference software or setup commands (see
+    /// [`JobRole::Reference`]).
+    pub fn reference(mut self) -> Self {
+        self.role = JobRole::Reference;
+        self
+    }
+
+    /// Whether the job runs the product under test.
+    pub fn under_test(&self) -> bool {
+        self.role == JobRole::UnderTest
     }
 
     /// A job running `sh -c script` (busybox sh).

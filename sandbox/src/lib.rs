@@ -35,6 +35,7 @@
 mod assets;
 pub mod build;
 mod cpio;
+pub mod death;
 mod error;
 pub mod frames;
 mod guest;
@@ -49,8 +50,10 @@ mod script;
 
 pub use assets::{default_assets_dir, Assets, ASSETS_ENV};
 pub use cpio::CpioWriter;
-pub use error::{InfraFailure, SandboxError};
+pub use error::{HostDeath, InfraFailure, SandboxError};
 pub use guest::{GuestInit, GuestInitramfs, GUEST_SCRIPT};
-pub use job::{Job, JobResult, DEFAULT_JOB_TIMEOUT};
+pub use job::{Job, JobResult, JobRole, DEFAULT_JOB_TIMEOUT};
 pub use payload::Payload;
-pub use sandbox::{default_work_dir, Report, Sandbox, SandboxConfig, KEEP_ENV, WORK_DIR_ENV};
+pub use sandbox::{
+    default_work_dir, Report, Sandbox, SandboxConfig, KEEP_ENV, RETRY_LEDGER, WORK_DIR_ENV,
+};

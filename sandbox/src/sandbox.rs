@@ -12,7 +12,7 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::assets::{repo_root, Assets, KVM_MODULES, NET_MODULES};
-use crate::error::{InfraFailure, SandboxError};
+use crate::error::{HostDeath, InfraFailure, SandboxError};
 use crate::frames::{Event, Phase, Tracker};
 use crate::initramfs::{module_file_name, write_host_initramfs, HostContents};
 use crate::job::{self, Job, JobResult};
@@ -126,11 +126,40 @@ pub struct Sandbox {
 
 /// Why one attempt failed.
 enum AttemptError {
+    /// Before any job under test began: the sandbox's own failure.
     Infra {
         failure: InfraFailure,
         console_tail: String,
     },
+    /// After a job under test began: a product failure until shown otherwise.
+    HostDied(Box<HostDeath>),
     Other(SandboxError),
+}
+
+/// The file in the work directory where every retried infrastructure failure is
+/// recorded, one line each, so that a test run can report how many it had
+/// (`scripts/test` prints it at the end).
+pub const RETRY_LEDGER: &str = "retries.log";
+
+fn record_retry(work_dir: &Path, line: &str) {
+    let path = work_dir.join(RETRY_LEDGER);
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let written = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| writeln!(f, "{secs} {}", line.replace('\n', " ")));
+    if let Err(e) = written {
+        warn!("recording the retry in {}: {e}", path.display());
+    }
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 impl Sandbox {
@@ -168,7 +197,10 @@ impl Sandbox {
     ///
     /// Infrastructure failures are retried `config.retries` times (once by
     /// default), except deterministic ones (QEMU cannot start, the KVM
-    /// modules do not load). Runs are serialised per work directory.
+    /// modules do not load), and each retry is recorded in the work directory's
+    /// [`RETRY_LEDGER`]. A nested host that dies or hangs once a job under test has
+    /// begun is [`SandboxError::HostDied`], never retried. Runs are serialised per
+    /// work directory.
     pub fn run(&self, payload: &Payload, jobs: &[Job]) -> Result<Report, SandboxError> {
         job::validate_all(jobs)?;
         let work_dir = &self.config.work_dir;
@@ -223,6 +255,17 @@ impl Sandbox {
                     break Ok(report);
                 }
                 Err(AttemptError::Other(e)) => break Err(e),
+                Err(AttemptError::HostDied(mut death)) => {
+                    eprintln!(
+                        "qx-sandbox: the nested host died in job `{}` (under test): {} \
+                         (log {}); not retried",
+                        death.job,
+                        death.failure,
+                        log_path.display()
+                    );
+                    death.attempts = attempt;
+                    break Err(SandboxError::HostDied(death));
+                }
                 Err(AttemptError::Infra {
                     failure,
                     console_tail,
@@ -234,7 +277,9 @@ impl Sandbox {
                              (log {}); retrying",
                             log_path.display()
                         );
-                        retried_after.push(format!("{failure} (log {})", log_path.display()));
+                        let entry = format!("{failure} (log {})", log_path.display());
+                        record_retry(work_dir, &entry);
+                        retried_after.push(entry);
                         continue;
                     }
                     break Err(SandboxError::Infrastructure {
@@ -280,15 +325,20 @@ impl Sandbox {
             "-serial",
             "stdio",
             "-kernel",
-            &self.assets.vmlinuz.to_string_lossy(),
+            &self.assets.host_vmlinuz.to_string_lossy(),
             "-initrd",
             &initramfs.to_string_lossy(),
             "-append",
             &append.join(" "),
         ];
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        if let Some(dir) = &self.assets.host_qemu_data_dir {
+            // Its own option ROMs first; Debian's build also searches /usr/share/seabios.
+            args.extend(["-L".to_string(), dir.to_string_lossy().into_owned()]);
+        }
         QemuCommand {
-            program: self.assets.qemu.clone(),
-            args: args.iter().map(|s| s.to_string()).collect(),
+            program: self.assets.host_qemu.clone(),
+            args,
         }
     }
 
@@ -342,6 +392,8 @@ impl Sandbox {
         let overall = started + overall_limit;
         let mut last_progress = started;
         let mut ready: Option<(Duration, Duration)> = None;
+        // The first job under test that began: from then on a dying host is a product failure.
+        let mut under_test_began: Option<String> = None;
 
         let outcome: Result<(), InfraFailure> = loop {
             let (reference, limit, during) = match tracker.phase() {
@@ -394,6 +446,11 @@ impl Sandbox {
                         }
                         Ok(Event::JobStarted { index }) => {
                             info!("job `{}` started", job_name(&tracker, index));
+                            if under_test_began.is_none()
+                                && jobs.get(index).is_some_and(Job::under_test)
+                            {
+                                under_test_began = Some(job_name(&tracker, index));
+                            }
                             last_progress = Instant::now();
                         }
                         Ok(Event::JobEnded { index }) => {
@@ -431,6 +488,9 @@ impl Sandbox {
             }
         };
 
+        let running = tracker
+            .running()
+            .map(|(name, output)| (name.to_string(), output.to_string()));
         // A host that failed to set up explains why on the console (module
         // errors, lsmod) before powering off: keep reading for a while.
         if let Err(InfraFailure::HostSetup { .. }) = &outcome {
@@ -477,6 +537,25 @@ impl Sandbox {
                     total,
                     initramfs_bytes: 0,
                 })
+            }
+            Err(failure) if under_test_began.is_some() => {
+                let (job, output) = match running {
+                    Some((name, output)) => (name, output),
+                    None => (under_test_began.unwrap_or_default(), String::new()),
+                };
+                log.note(&format!(
+                    "the nested host died in job `{job}` (a job under test had begun): {failure}"
+                ));
+                Err(AttemptError::HostDied(Box::new(HostDeath {
+                    failure,
+                    job,
+                    completed: tracker.into_results(),
+                    job_output_tail: last_lines(&output, 40),
+                    death: crate::death::death_lines(&log.console_text),
+                    attempts: 0,
+                    log: log_path.to_path_buf(),
+                    console_tail: log.tail(60),
+                })))
             }
             Err(failure) => {
                 log.note(&format!("infrastructure failure: {failure}"));

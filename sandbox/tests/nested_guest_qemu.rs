@@ -40,6 +40,7 @@ fn guest_qemu_job(name: &str, kernel: &str) -> Job {
         ],
     )
     .timeout(Duration::from_secs(240))
+    .reference()
 }
 
 #[test]

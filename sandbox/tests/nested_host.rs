@@ -175,3 +175,86 @@ fn processes_mentioning(needle: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+/// A nested host that dies once a job under test has begun is a product failure: not
+/// retried, with the job named, the jobs before it, and the host's panic on the console.
+#[test]
+fn a_host_that_dies_in_a_job_under_test_is_not_retried() {
+    let mut sandbox = sandbox();
+    sandbox.config_mut().retries = 1;
+    let ledger = sandbox
+        .config()
+        .work_dir
+        .join(quantix_sandbox::RETRY_LEDGER);
+    let retries_before = std::fs::read_to_string(&ledger).unwrap_or_default();
+    let jobs = [
+        Job::shell("setup", "echo setting up").reference(),
+        Job::shell("first", "echo first done"),
+        Job::shell(
+            "crash",
+            "echo crashing the host; echo c > /proc/sysrq-trigger; sleep 30",
+        ),
+        Job::shell("never", "echo never runs"),
+    ];
+    let err = sandbox
+        .run(&Payload::new(), &jobs)
+        .expect_err("the host panics in `crash`");
+    let SandboxError::HostDied(d) = &err else {
+        panic!("expected HostDied, got {err}");
+    };
+    let (failure, job, completed, job_output_tail, attempts, death) = (
+        &d.failure,
+        &d.job,
+        &d.completed,
+        &d.job_output_tail,
+        &d.attempts,
+        &d.death,
+    );
+    assert_eq!(job, "crash", "{err}");
+    assert_eq!(
+        *attempts, 1,
+        "a death in a job under test is never retried: {err}"
+    );
+    assert!(matches!(failure, InfraFailure::QemuExited { .. }), "{err}");
+    let names: Vec<&str> = completed.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["setup", "first"], "{err}");
+    assert!(job_output_tail.contains("crashing the host"), "{err}");
+    assert!(death.contains("Kernel panic"), "{err}");
+    assert!(!err.is_infrastructure());
+    // Nothing was recorded as a retry.
+    let retries_after = std::fs::read_to_string(&ledger).unwrap_or_default();
+    assert_eq!(retries_before, retries_after);
+}
+
+/// A nested host that dies while only reference jobs ran is infrastructure: retried
+/// (here it dies again), and each retry is written to the ledger that `scripts/test`
+/// reports.
+#[test]
+fn a_host_that_dies_in_a_reference_job_is_retried_and_recorded() {
+    let mut sandbox = sandbox();
+    sandbox.config_mut().retries = 1;
+    let ledger = sandbox
+        .config()
+        .work_dir
+        .join(quantix_sandbox::RETRY_LEDGER);
+    let before = std::fs::read_to_string(&ledger).unwrap_or_default();
+    let jobs = [
+        Job::shell("qemu-only", "echo c > /proc/sysrq-trigger; sleep 30").reference(),
+        Job::shell("product", "echo never runs"),
+    ];
+    let err = sandbox
+        .run(&Payload::new(), &jobs)
+        .expect_err("the host panics in `qemu-only`, twice");
+    let SandboxError::Infrastructure {
+        failure, attempts, ..
+    } = &err
+    else {
+        panic!("expected an infrastructure failure, got {err}");
+    };
+    assert!(matches!(failure, InfraFailure::QemuExited { .. }), "{err}");
+    assert_eq!(*attempts, 2, "{err}");
+    let after = std::fs::read_to_string(&ledger).unwrap_or_default();
+    let added = after.strip_prefix(before.as_str()).unwrap_or(&after);
+    assert_eq!(added.lines().count(), 1, "one retry recorded: {added}");
+    assert!(added.contains("QEMU exited"), "{added}");
+}
