@@ -75,6 +75,12 @@ fn triple_fault_exits_3_with_a_register_dump() {
         stderr.contains("TripleFault") && stderr.contains("rip="),
         "{stderr}"
     );
+    // The exits before the fault come with it (here only the shutdown itself: the
+    // guest's output went through the coalesced serial ring without exits).
+    assert!(
+        stderr.contains("last 1 exits to user space (of 1): #1 other"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -3,6 +3,7 @@
 pub mod cpuid;
 pub mod msrs;
 pub mod pause;
+pub mod recorder;
 pub mod regs;
 mod vcpu;
 

@@ -20,6 +20,7 @@ use quantix_devices::Bus;
 use tracing::{debug, error, warn};
 
 use super::pause::PauseGate;
+use super::recorder::{is_reset_state, ExitKind, ExitRecorder};
 use crate::coalesced::SerialTxCoalescer;
 use crate::exit::{ExitReason, ExitSignal};
 
@@ -108,6 +109,8 @@ struct IoDispatch {
     buses: IoBuses,
     counters: Arc<VcpuCounters>,
     seen_unclaimed: HashSet<(bool, u64)>,
+    /// The last exits, for the report of a fatal one.
+    recorder: ExitRecorder,
 }
 
 /// A running vCPU thread.
@@ -164,6 +167,7 @@ impl Vcpu {
                 buses,
                 counters: counters.clone(),
                 seen_unclaimed: HashSet::new(),
+                recorder: ExitRecorder::default(),
             },
             exit,
             stop,
@@ -238,6 +242,23 @@ impl Vcpu {
         let index = self.index;
         let result = self.fd.run();
         self.counters.exits.fetch_add(1, Ordering::Relaxed);
+        let recorder = &mut self.io.recorder;
+        match &result {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                recorder.record(ExitKind::PioRead, u64::from(*port), data.len())
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                recorder.record(ExitKind::PioWrite, u64::from(*port), data.len())
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                recorder.record(ExitKind::MmioRead, *addr, data.len())
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                recorder.record(ExitKind::MmioWrite, *addr, data.len())
+            }
+            Err(_) => recorder.record(ExitKind::Interrupted, 0, 0),
+            Ok(_) => recorder.record(ExitKind::Other, 0, 0),
+        }
         match result {
             Ok(VcpuExit::IoIn(port, data)) => self.io.read(false, port.into(), data),
             Ok(VcpuExit::IoOut(port, data)) => self.io.write(false, port.into(), data),
@@ -273,16 +294,31 @@ impl Vcpu {
     }
 
     fn dump_registers(&self, reason: &ExitReason) {
+        let recent = &self.io.recorder;
         match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s))
+                if matches!(reason, ExitReason::TripleFault { .. }) && is_reset_state(&r, &s) =>
+            {
+                // AMD: KVM INITs a vCPU on a shutdown intercept before reporting it.
+                error!(
+                    vcpu = self.index,
+                    reason = reason.name(),
+                    "vCPU stopped: {reason:?}. Its registers are lost: KVM reset the vCPU \
+                     before reporting the shutdown (as KVM on AMD SVM does), so they show the \
+                     INIT state (cs=0xf000 base 0xffff0000 rip=0xfff0 rdx={:#x}), not where the \
+                     guest faulted. {recent}",
+                    r.rdx
+                )
+            }
             (Ok(r), Ok(s)) => error!(
                 vcpu = self.index,
                 reason = reason.name(),
-                "vCPU stopped: {reason:?}\n  rip={:#018x} rsp={:#018x} rflags={:#x}\n  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n  rsi={:#018x} rdi={:#018x} rbp={:#018x}\n  r8={:#018x} r9={:#018x} r10={:#018x} r11={:#018x}\n  r12={:#018x} r13={:#018x} r14={:#018x} r15={:#018x}\n  cs={:#06x} (base {:#x}, l={} db={}) ss={:#06x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                "vCPU stopped: {reason:?}\n  {recent}\n  rip={:#018x} rsp={:#018x} rflags={:#x}\n  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n  rsi={:#018x} rdi={:#018x} rbp={:#018x}\n  r8={:#018x} r9={:#018x} r10={:#018x} r11={:#018x}\n  r12={:#018x} r13={:#018x} r14={:#018x} r15={:#018x}\n  cs={:#06x} (base {:#x}, l={} db={}) ss={:#06x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
                 r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp,
                 r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15,
                 s.cs.selector, s.cs.base, s.cs.l, s.cs.db, s.ss.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
             ),
-            (r, s) => error!(vcpu = self.index, ?reason, regs_error = ?r.err(), sregs_error = ?s.err(), "vCPU stopped; registers unavailable"),
+            (r, s) => error!(vcpu = self.index, ?reason, regs_error = ?r.err(), sregs_error = ?s.err(), "vCPU stopped; registers unavailable; {recent}"),
         }
     }
 }
