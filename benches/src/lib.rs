@@ -35,6 +35,7 @@ pub mod probe;
 pub mod procstat;
 pub mod report;
 pub mod smaps;
+pub mod smp;
 pub mod stats;
 
 pub use error::BenchError;
