@@ -95,6 +95,9 @@ enum Cmd {
         /// Limit of one boot, seconds.
         #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(30..=1800))]
         timeout: u64,
+        /// quantix-vmm's --log-level in the boots.
+        #[arg(long, value_name = "LEVEL", default_value = "warn")]
+        vmm_log_level: String,
         /// Also write every boot and the tallies as JSON to PATH.
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
@@ -258,6 +261,7 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
             host_args,
             trace,
             timeout,
+            vmm_log_level,
             json,
         } => {
             use quantix_bench::boot::Vmm;
@@ -272,6 +276,7 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                 host_args,
                 trace,
                 boot_timeout_s: timeout,
+                vmm_log_level,
             })?;
             println!("{}", quantix_bench::smp::format(&results));
             if let Some(path) = json {

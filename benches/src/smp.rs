@@ -54,6 +54,8 @@ pub struct SmpOptions {
     pub trace: bool,
     /// Limit of one boot, seconds.
     pub boot_timeout_s: u64,
+    /// quantix-vmm's `--log-level`.
+    pub vmm_log_level: String,
 }
 
 /// How one boot ended.
@@ -217,7 +219,7 @@ pub fn vmm_argv(vmm: Vmm, cpus: u32, o: &SmpOptions) -> Vec<String> {
             "--cmdline",
             GUEST_CMDLINE,
             "--log-level",
-            "warn",
+            &o.vmm_log_level,
         ]),
         Vmm::Qemu => s(&[
             quantix_sandbox::paths::QEMU,
@@ -284,10 +286,14 @@ fn plan(o: &SmpOptions) -> Vec<Planned> {
             boot: None,
         });
     }
-    for round in 1..=o.rounds {
+    // A vCPU count may be listed twice (`--cpus 4,4,8`): boots are numbered per VMM and count.
+    let mut seq: BTreeMap<(Vmm, u32), u32> = BTreeMap::new();
+    for _round in 1..=o.rounds {
         for &cpus in &o.cpus {
             for &vmm in &o.vmms {
-                let name = format!("{}-{cpus}cpu-{round}", vmm.name());
+                let n = seq.entry((vmm, cpus)).or_default();
+                *n += 1;
+                let name = format!("{}-{cpus}cpu-{n}", vmm.name());
                 let mut job = Job::new(&name, vmm_argv(vmm, cpus, o))
                     .timeout(Duration::from_secs(o.boot_timeout_s));
                 if vmm == Vmm::Qemu {
@@ -734,6 +740,7 @@ mod tests {
             host_args: Vec::new(),
             trace: true,
             boot_timeout_s: 300,
+            vmm_log_level: "warn".into(),
         };
         let p = plan(&o);
         let boots: Vec<&Planned> = p.iter().filter(|p| p.boot.is_some()).collect();
@@ -747,5 +754,24 @@ mod tests {
         assert_eq!(boots[2].boot, Some((Vmm::Quantix, 8)));
         // Each boot is followed by its trace dump.
         assert_eq!(p[2].job.name, "trace-quantix-4cpu-1");
+        // The second round numbers on.
+        assert_eq!(boots[4].job.name, "quantix-4cpu-2");
+        // A count listed twice gets distinct names.
+        let twice = plan(&SmpOptions {
+            cpus: vec![4, 4],
+            rounds: 1,
+            trace: false,
+            ..o
+        });
+        let names: Vec<&str> = twice.iter().map(|p| p.job.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "quantix-4cpu-1",
+                "qemu-4cpu-1",
+                "quantix-4cpu-2",
+                "qemu-4cpu-2"
+            ]
+        );
     }
 }
