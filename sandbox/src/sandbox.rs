@@ -34,10 +34,11 @@ const RUNS_KEPT: usize = 20;
 pub struct SandboxConfig {
     /// QEMU CPU model of the nested host (must have SVM for kvm-amd).
     pub cpu_model: String,
-    /// vCPUs of the nested host. Default 1: with 2 (multi-threaded TCG), nested guests
-    /// with several vCPUs triple-faulted or hung now and then, under quantix-vmm and under
-    /// QEMU alike (measured 2026-11-25: 4 failures in 12 four-vCPU boots with 2 host vCPUs,
-    /// QEMU's among them; none in 8 with 1).
+    /// vCPUs of the nested host. Default 1, and keep it: with 2 (multi-threaded TCG) the
+    /// nested host's kernel itself dies now and then, under QEMU 7.2 and 10.0 alike and
+    /// whichever VMM runs the guest (measured 2026-12-01: 2 of 6 nested hosts with 2
+    /// vCPUs died of a kernel stack overflow; none of 30 with 1; docs/testing.md).
+    /// More than 1 is logged as a warning.
     pub cpus: u32,
     /// Memory of the nested host, MiB.
     pub memory_mib: u32,
@@ -241,6 +242,13 @@ impl Sandbox {
             t.elapsed()
         );
 
+        if self.config.cpus > 1 {
+            warn!(
+                cpus = self.config.cpus,
+                "a nested host with more than one vCPU (multi-threaded TCG) is unstable: its \
+                 kernel died of stack overflows in 2 of 6 such hosts (docs/testing.md, section 9)"
+            );
+        }
         let cmd = self.qemu_command(&initramfs);
         let attempts_max = 1 + self.config.retries;
         let mut retried_after = Vec::new();
