@@ -99,8 +99,10 @@ pub enum SandboxError {
 pub struct HostDeath {
     /// How the nested host failed (hung, QEMU exited).
     pub failure: InfraFailure,
-    /// The job running when it failed, or the last one under test that ran.
+    /// The job running when it failed (`in_job`), else the last job under test that ran.
     pub job: String,
+    /// Whether `job` was running when the host failed (false: between jobs).
+    pub in_job: bool,
     /// The jobs that ended before.
     pub completed: Vec<JobResult>,
     /// The last lines of the running job's output.
@@ -120,11 +122,16 @@ impl std::fmt::Display for HostDeath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the nested host died while running job `{}` (under test): {}\n\
+            "the nested host died {} `{}` (a job under test had begun): {}\n\
              {} job(s) had ended before it. console log: {}\n\
              --- the nested host's kernel said ---\n{}\n\
              --- output of `{}` so far (last lines) ---\n{}\n\
              --- last console lines ---\n{}",
+            if self.in_job {
+                "while running job"
+            } else {
+                "after job"
+            },
             self.job,
             self.failure,
             self.completed.len(),

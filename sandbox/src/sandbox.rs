@@ -265,8 +265,8 @@ impl Sandbox {
                 Err(AttemptError::Other(e)) => break Err(e),
                 Err(AttemptError::HostDied(mut death)) => {
                     eprintln!(
-                        "qx-sandbox: the nested host died in job `{}` (under test): {} \
-                         (log {}); not retried",
+                        "qx-sandbox: the nested host died {} `{}`: {} (log {}); not retried",
+                        if death.in_job { "in job" } else { "after job" },
                         death.job,
                         death.failure,
                         log_path.display()
@@ -400,7 +400,8 @@ impl Sandbox {
         let overall = started + overall_limit;
         let mut last_progress = started;
         let mut ready: Option<(Duration, Duration)> = None;
-        // The first job under test that began: from then on a dying host is a product failure.
+        // The last job under test that began: from the first one on, a dying host is a
+        // product failure.
         let mut under_test_began: Option<String> = None;
 
         let outcome: Result<(), InfraFailure> = loop {
@@ -454,9 +455,7 @@ impl Sandbox {
                         }
                         Ok(Event::JobStarted { index }) => {
                             info!("job `{}` started", job_name(&tracker, index));
-                            if under_test_began.is_none()
-                                && jobs.get(index).is_some_and(Job::under_test)
-                            {
+                            if jobs.get(index).is_some_and(Job::under_test) {
                                 under_test_began = Some(job_name(&tracker, index));
                             }
                             last_progress = Instant::now();
@@ -547,6 +546,7 @@ impl Sandbox {
                 })
             }
             Err(failure) if under_test_began.is_some() => {
+                let in_job = running.is_some();
                 let (job, output) = match running {
                     Some((name, output)) => (name, output),
                     None => (under_test_began.unwrap_or_default(), String::new()),
@@ -557,6 +557,7 @@ impl Sandbox {
                 Err(AttemptError::HostDied(Box::new(HostDeath {
                     failure,
                     job,
+                    in_job,
                     completed: tracker.into_results(),
                     job_output_tail: last_lines(&output, 40),
                     death: crate::death::death_lines(&log.console_text),

@@ -256,7 +256,10 @@ impl Vcpu {
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 recorder.record(ExitKind::MmioWrite, *addr, data.len())
             }
-            Err(_) => recorder.record(ExitKind::Interrupted, 0, 0),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                recorder.record(ExitKind::Interrupted, 0, 0)
+            }
+            Err(_) => recorder.record(ExitKind::Other, 0, 0),
             Ok(_) => recorder.record(ExitKind::Other, 0, 0),
         }
         match result {
