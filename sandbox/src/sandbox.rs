@@ -36,8 +36,9 @@ pub struct SandboxConfig {
     pub cpu_model: String,
     /// vCPUs of the nested host. Default 1, and keep it: with 2 (multi-threaded TCG) the
     /// nested host's kernel itself dies now and then, under QEMU 7.2 and 10.0 alike and
-    /// whichever VMM runs the guest (measured 2026-12-01: 2 of 6 nested hosts with 2
-    /// vCPUs died of a kernel stack overflow; none of 30 with 1; docs/testing.md).
+    /// whichever VMM runs the guest (measured 2026-12-01: 5 of 9 nested hosts with 2
+    /// vCPUs died, of kernel stack overflows among others; none of 26 with 1;
+    /// docs/testing.md).
     /// More than 1 is logged as a warning.
     pub cpus: u32,
     /// Memory of the nested host, MiB.
@@ -246,7 +247,7 @@ impl Sandbox {
             warn!(
                 cpus = self.config.cpus,
                 "a nested host with more than one vCPU (multi-threaded TCG) is unstable: its \
-                 kernel died of stack overflows in 2 of 6 such hosts (docs/testing.md, section 9)"
+                 kernel died in 5 of 9 such hosts measured (docs/testing.md, section 9)"
             );
         }
         let cmd = self.qemu_command(&initramfs);
