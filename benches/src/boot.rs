@@ -107,9 +107,24 @@ impl Vmm {
     }
 }
 
-/// The VMM command line of a run.
-pub fn vmm_argv(vmm: Vmm, o: &BootOptions) -> Vec<String> {
-    let kernel = o.kernel.path();
+/// A guest that boots Debian's kernel with the guest initramfs, as either VMM runs it.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestBoot<'a> {
+    /// Guest kernel.
+    pub kernel: Kernel,
+    /// Guest vCPUs.
+    pub cpus: u32,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// Guest kernel command line.
+    pub cmdline: &'a str,
+    /// quantix-vmm's `--log-level`.
+    pub log_level: &'a str,
+}
+
+/// The command line of `vmm` booting `g` (`boot` and `smp` share it).
+pub fn guest_argv(vmm: Vmm, g: &GuestBoot) -> Vec<String> {
+    let kernel = g.kernel.path();
     let v: Vec<&str> = match vmm {
         Vmm::Quantix => vec![
             VMM_PATH,
@@ -124,7 +139,7 @@ pub fn vmm_argv(vmm: Vmm, o: &BootOptions) -> Vec<String> {
             "--cmdline",
             "{cmdline}",
             "--log-level",
-            "warn",
+            g.log_level,
         ],
         Vmm::Qemu => vec![
             paths::QEMU,
@@ -153,12 +168,26 @@ pub fn vmm_argv(vmm: Vmm, o: &BootOptions) -> Vec<String> {
     };
     v.into_iter()
         .map(|a| match a {
-            "{cpus}" => o.cpus.to_string(),
-            "{mem}" => o.memory_mib.to_string(),
-            "{cmdline}" => o.cmdline(),
+            "{cpus}" => g.cpus.to_string(),
+            "{mem}" => g.memory_mib.to_string(),
+            "{cmdline}" => g.cmdline.to_string(),
             a => a.to_string(),
         })
         .collect()
+}
+
+/// The VMM command line of a run.
+pub fn vmm_argv(vmm: Vmm, o: &BootOptions) -> Vec<String> {
+    guest_argv(
+        vmm,
+        &GuestBoot {
+            kernel: o.kernel,
+            cpus: o.cpus,
+            memory_mib: o.memory_mib,
+            cmdline: &o.cmdline(),
+            log_level: "warn",
+        },
+    )
 }
 
 /// Quotes an argv for display (single quotes where needed).
@@ -252,7 +281,7 @@ impl BootSample {
 }
 
 /// The last `n` lines of `text`.
-fn tail(text: &str, n: usize) -> String {
+pub(crate) fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }

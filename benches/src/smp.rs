@@ -17,21 +17,18 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use quantix_sandbox::{
-    build, GuestInit, HostDeath, InfraFailure, Job, JobResult, Payload, Sandbox, SandboxError,
+    build, kvm_trace, GuestInit, HostDeath, InfraFailure, Job, JobResult, Payload, Sandbox,
+    SandboxError,
 };
 use serde::Serialize;
 
-use crate::boot::{shell_words, Kernel, Vmm};
+use crate::boot::{guest_argv, shell_words, GuestBoot, Kernel, Vmm, GUEST_CMDLINE, VMM_PATH};
 use crate::error::BenchError;
 use crate::report;
 
-/// Where quantix-vmm goes in the nested host.
-///
-/// Note: every boot job is under test (QEMU's too), so any death of a nested host after
-/// the first boot began is a [`SandboxError::HostDied`], charged to the running boot.
-const VMM_PATH: &str = "/payload/quantix-vmm";
-/// The guest's command line: power off right after init reported.
-const GUEST_CMDLINE: &str = "console=ttyS0 qx.action=poweroff";
+// Every boot job is under test (QEMU's too), so any death of a nested host after the
+// first boot began is a `SandboxError::HostDied`, charged to the running boot. The guest
+// powers off right after its init reported (`boot::GUEST_CMDLINE`).
 
 /// The settings of one stress run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -204,74 +201,17 @@ pub struct Stack {
 
 /// The command line of one boot.
 pub fn vmm_argv(vmm: Vmm, cpus: u32, o: &SmpOptions) -> Vec<String> {
-    let kernel = o.kernel.path().to_string();
-    let cpus = cpus.to_string();
-    let mem = o.memory_mib.to_string();
-    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
-    match vmm {
-        Vmm::Quantix => s(&[
-            VMM_PATH,
-            "--kernel",
-            &kernel,
-            "--initramfs",
-            quantix_sandbox::paths::GUEST_INITRAMFS,
-            "--cpus",
-            &cpus,
-            "--memory",
-            &format!("{mem}M"),
-            "--cmdline",
-            GUEST_CMDLINE,
-            "--log-level",
-            &o.vmm_log_level,
-        ]),
-        Vmm::Qemu => s(&[
-            quantix_sandbox::paths::QEMU,
-            "-M",
-            "microvm,rtc=on",
-            "-enable-kvm",
-            "-cpu",
-            "host",
-            "-m",
-            &mem,
-            "-smp",
-            &cpus,
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-            "-kernel",
-            &kernel,
-            "-initrd",
-            quantix_sandbox::paths::GUEST_INITRAMFS,
-            "-append",
-            GUEST_CMDLINE,
-        ]),
-    }
+    guest_argv(
+        vmm,
+        &GuestBoot {
+            kernel: o.kernel,
+            cpus,
+            memory_mib: o.memory_mib,
+            cmdline: GUEST_CMDLINE,
+            log_level: &o.vmm_log_level,
+        },
+    )
 }
-
-/// Turns on the nested host's KVM trace events (a reference job: it runs no VMM).
-const TRACE_ON: &str = r#"
-T=/sys/kernel/tracing
-mount -t tracefs nodev $T 2>/dev/null || true
-[ -e $T/events/kvm ] || { echo "no KVM trace events in $T"; exit 1; }
-echo 8192 > $T/buffer_size_kb
-# SVM exit code 0x7f: SHUTDOWN (a triple fault); KVM resets the vCPU right after.
-echo 'exit_reason == 127' > $T/events/kvm/kvm_exit/filter
-echo 1 > $T/events/kvm/kvm_exit/enable
-echo 1 > $T/events/kvm/kvm_inj_exception/enable
-echo 'failed == 1' > $T/events/kvm/kvm_msr/filter
-echo 1 > $T/events/kvm/kvm_msr/enable
-echo "KVM tracing on"
-"#;
-
-/// Prints and clears the trace (a reference job).
-const TRACE_DUMP: &str = r#"
-T=/sys/kernel/tracing
-grep -v '^#' $T/trace | tail -n 200
-echo > $T/trace
-"#;
 
 /// One planned job.
 #[derive(Debug, Clone)]
@@ -285,7 +225,7 @@ fn plan(o: &SmpOptions) -> Vec<Planned> {
     let mut jobs = Vec::new();
     if o.trace {
         jobs.push(Planned {
-            job: Job::shell("trace-on", TRACE_ON).reference(),
+            job: kvm_trace::enable("trace-on", kvm_trace::Extra::ExceptionsAndMsrs),
             boot: None,
         });
     }
@@ -307,7 +247,7 @@ fn plan(o: &SmpOptions) -> Vec<Planned> {
                 });
                 if o.trace {
                     jobs.push(Planned {
-                        job: Job::shell(format!("trace-{name}"), TRACE_DUMP).reference(),
+                        job: kvm_trace::take(&format!("trace-{name}")),
                         boot: None,
                     });
                 }
@@ -340,9 +280,8 @@ fn interesting(output: &str) -> String {
         .filter(|l| MARKS.iter().any(|m| l.contains(m)))
         .collect();
     let mut text = lines[lines.len().saturating_sub(30)..].join("\n");
-    let all: Vec<&str> = output.lines().collect();
     text.push_str("\n--- last lines ---\n");
-    text.push_str(&all[all.len().saturating_sub(12)..].join("\n"));
+    text.push_str(&crate::boot::tail(output, 12));
     text
 }
 

@@ -41,6 +41,7 @@ pub mod frames;
 mod guest;
 mod initramfs;
 mod job;
+pub mod kvm_trace;
 mod lock;
 pub mod paths;
 mod payload;

@@ -630,12 +630,10 @@ impl ConsoleLog {
     }
 
     fn tail(&self, n: usize) -> String {
-        let lines: Vec<&str> = self.console_text.lines().collect();
-        let mut tail = lines[lines.len().saturating_sub(n)..].join("\n");
+        let mut tail = last_lines(&self.console_text, n);
         if !self.stderr_text.is_empty() {
             tail.push_str("\n--- QEMU stderr ---\n");
-            let err: Vec<&str> = self.stderr_text.lines().collect();
-            tail.push_str(&err[err.len().saturating_sub(10)..].join("\n"));
+            tail.push_str(&last_lines(&self.stderr_text, 10));
         }
         tail
     }

@@ -16,7 +16,7 @@ mod common;
 
 use std::time::Duration;
 
-use quantix_sandbox::{build, paths, GuestInit, Job, JobResult, Payload, Sandbox};
+use quantix_sandbox::{build, kvm_trace, paths, GuestInit, Job, JobResult, Payload, Sandbox};
 
 const VMM: &str = "/payload/quantix-vmm";
 
@@ -29,15 +29,6 @@ const BOOTS: &[(&str, &str, u32)] = &[
     ("vmlinux-8cpu-1", paths::GUEST_VMLINUX, 8),
     ("bzimage-8cpu-2", paths::GUEST_VMLINUZ, 8),
 ];
-
-/// Turns on the nested host's trace of SVM shutdown exits (exit code 0x7f).
-const TRACE_ON: &str = "T=/sys/kernel/tracing; mount -t tracefs nodev $T 2>/dev/null; \
-    echo 'exit_reason == 127' > $T/events/kvm/kvm_exit/filter && \
-    echo 1 > $T/events/kvm/kvm_exit/enable && echo tracing shutdown exits";
-
-/// Prints the shutdown exits traced so far, and clears them.
-const TRACE_SHOW: &str =
-    "grep kvm_exit /sys/kernel/tracing/trace; echo > /sys/kernel/tracing/trace; echo trace end";
 
 /// Where the triple-fault guest goes, and the address of its `ud2` (the ELF's entry).
 const FAULT_GUEST: &str = "/payload/ud2.elf";
@@ -104,9 +95,9 @@ fn multi_vcpu_guests_boot_again_and_again_without_a_fault() {
     payload
         .add_bytes(FAULT_GUEST, common::elf64(&[0x0f, 0x0b]), 0o644)
         .unwrap_or_else(|e| panic!("{e}"));
-    let mut jobs = vec![Job::shell("trace-on", TRACE_ON).reference()];
+    let mut jobs = vec![kvm_trace::enable("trace-on", kvm_trace::Extra::Nothing)];
     jobs.extend(BOOTS.iter().map(|(n, k, c)| boot_job(n, k, *c)));
-    jobs.push(Job::shell("trace-show", TRACE_SHOW));
+    jobs.push(kvm_trace::take("trace-show"));
     jobs.push(
         Job::new(
             "control-triple-fault",
@@ -114,7 +105,7 @@ fn multi_vcpu_guests_boot_again_and_again_without_a_fault() {
         )
         .timeout(Duration::from_secs(60)),
     );
-    jobs.push(Job::shell("trace-control", TRACE_SHOW));
+    jobs.push(kvm_trace::take("trace-control"));
     // A nested host that dies after the first boot began fails here with its console.
     let report = sandbox
         .run(&payload, &jobs)

@@ -85,34 +85,21 @@ impl fmt::Display for ExitRecorder {
             self.seq
         )?;
         for e in exits {
-            match e.kind {
-                ExitKind::PioRead | ExitKind::PioWrite => write!(
-                    f,
-                    " #{} pio {} {:#x}/{}",
-                    e.seq,
-                    if e.kind == ExitKind::PioRead {
-                        "in"
-                    } else {
-                        "out"
-                    },
-                    e.addr,
-                    e.len
-                )?,
-                ExitKind::MmioRead | ExitKind::MmioWrite => write!(
-                    f,
-                    " #{} mmio {} {:#x}/{}",
-                    e.seq,
-                    if e.kind == ExitKind::MmioRead {
-                        "read"
-                    } else {
-                        "write"
-                    },
-                    e.addr,
-                    e.len
-                )?,
-                ExitKind::Interrupted => write!(f, " #{} interrupted", e.seq)?,
-                ExitKind::Other => write!(f, " #{} other", e.seq)?,
-            }
+            let (bus, op) = match e.kind {
+                ExitKind::PioRead => ("pio", "in"),
+                ExitKind::PioWrite => ("pio", "out"),
+                ExitKind::MmioRead => ("mmio", "read"),
+                ExitKind::MmioWrite => ("mmio", "write"),
+                ExitKind::Interrupted => {
+                    write!(f, " #{} interrupted", e.seq)?;
+                    continue;
+                }
+                ExitKind::Other => {
+                    write!(f, " #{} other", e.seq)?;
+                    continue;
+                }
+            };
+            write!(f, " #{} {bus} {op} {:#x}/{}", e.seq, e.addr, e.len)?;
         }
         Ok(())
     }
