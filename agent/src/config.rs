@@ -49,10 +49,32 @@ pub enum ConsoleMode {
 pub struct Config {
     /// Where the store, VM directories and the Unix socket live.
     pub state_dir: PathBuf,
-    /// gRPC on TCP, "host:port"; empty to disable.
+    /// gRPC on TCP, "host:port"; empty (the default) for none. Needs the `tls_*` keys, or
+    /// `insecure_tcp` on a loopback address.
     pub listen: String,
     /// gRPC on a Unix socket; empty for `<state_dir>/agent.sock`.
     pub socket: String,
+    /// The Unix socket's group (mode 0660), by name or number. Unset: `quantix` when that
+    /// group exists, else root's group (root only).
+    pub socket_group: Option<String>,
+    /// Unix groups (names or numbers) whose members are admins. Unset: `quantix-admin`
+    /// when that group exists. Root and the agent's own uid are always admins.
+    pub admin_groups: Option<Vec<String>>,
+    /// Unix groups whose members are viewers. Unset: the socket's group.
+    pub viewer_groups: Option<Vec<String>>,
+    /// The agent's TLS certificate chain (PEM) for `listen`.
+    pub tls_cert: String,
+    /// Its private key (PEM).
+    pub tls_key: String,
+    /// The CA (PEM) that signs client certificates; clients without one are refused.
+    pub tls_client_ca: String,
+    /// Client certificates with one of these organizational units (OU) are admins.
+    pub tls_admin_ous: Vec<String>,
+    /// Client certificates with one of these OUs are viewers.
+    pub tls_viewer_ous: Vec<String>,
+    /// Plain TCP without TLS on `listen`: only on a loopback address, and every caller is an
+    /// admin. For debugging.
+    pub insecure_tcp: bool,
     /// Prometheus metrics over HTTP, "host:port"; empty to disable.
     pub metrics_listen: String,
     /// The `quantix-vmm` binary; empty for the one next to the agent's binary, else PATH.
@@ -76,8 +98,17 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             state_dir: PathBuf::from("/var/lib/quantix-agent"),
-            listen: "127.0.0.1:7700".into(),
+            listen: String::new(),
             socket: String::new(),
+            socket_group: None,
+            admin_groups: None,
+            viewer_groups: None,
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_client_ca: String::new(),
+            tls_admin_ous: vec!["admin".into()],
+            tls_viewer_ous: vec!["viewer".into()],
+            insecure_tcp: false,
             metrics_listen: "127.0.0.1:9700".into(),
             vmm_binary: String::new(),
             max_vcpus: 0,
@@ -141,8 +172,99 @@ impl Config {
                 self.cgroup_name
             )));
         }
+        if !self.listen.is_empty() {
+            let tls = [&self.tls_cert, &self.tls_key, &self.tls_client_ca];
+            let set = tls.iter().filter(|v| !v.is_empty()).count();
+            if self.insecure_tcp {
+                if set > 0 {
+                    return Err(ConfigError::Invalid(
+                        "insecure_tcp and the tls_* keys exclude each other".into(),
+                    ));
+                }
+                let addrs = std::net::ToSocketAddrs::to_socket_addrs(self.listen.as_str())
+                    .map_err(|e| ConfigError::Invalid(format!("listen {:?}: {e}", self.listen)))?
+                    .collect::<Vec<_>>();
+                if addrs.is_empty() || addrs.iter().any(|a| !a.ip().is_loopback()) {
+                    return Err(ConfigError::Invalid(format!(
+                        "listen {:?}: insecure_tcp is only allowed on a loopback address \
+                         (plain TCP lets every local user and every host that reaches the \
+                         address act as an admin); use tls_cert, tls_key and tls_client_ca",
+                        self.listen
+                    )));
+                }
+            } else if set != 3 {
+                return Err(ConfigError::Invalid(format!(
+                    "listen {:?} needs mutual TLS: tls_cert, tls_key and tls_client_ca \
+                     (--tls-cert, --tls-key, --tls-client-ca); plain TCP only with \
+                     insecure_tcp on a loopback address",
+                    self.listen
+                )));
+            }
+        }
         Ok(())
     }
+
+    /// The caller-to-role mapping, with group names resolved through `group_file`.
+    pub fn policy(&self, group_file: &Path) -> Result<crate::access::Policy, ConfigError> {
+        let resolve = |names: &Option<Vec<String>>, default: &[&str], key: &str| {
+            let mut gids = Vec::new();
+            match names {
+                Some(list) => {
+                    for n in list {
+                        gids.push(resolve(n, group_file)?.ok_or_else(|| {
+                            ConfigError::Invalid(format!(
+                                "{key}: no group {n:?} in {}",
+                                group_file.display()
+                            ))
+                        })?);
+                    }
+                }
+                None => {
+                    for n in default {
+                        gids.extend(resolve(n, group_file)?);
+                    }
+                }
+            }
+            Ok::<_, ConfigError>(gids)
+        };
+        let socket_gid = self.socket_gid(group_file)?;
+        let socket_name = socket_gid.map(|g| g.to_string());
+        let viewer_default: Vec<&str> = socket_name.iter().map(String::as_str).collect();
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        let mut admin_uids = vec![0];
+        if me != 0 {
+            admin_uids.push(me);
+        }
+        Ok(crate::access::Policy {
+            admin_uids,
+            admin_gids: resolve(&self.admin_groups, &["quantix-admin"], "admin_groups")?,
+            viewer_gids: resolve(&self.viewer_groups, &viewer_default, "viewer_groups")?,
+            tls_admin_ous: self.tls_admin_ous.clone(),
+            tls_viewer_ous: self.tls_viewer_ous.clone(),
+        })
+    }
+
+    /// The Unix socket's group: the configured one, else `quantix` if it exists, else none
+    /// (the socket stays root's).
+    pub fn socket_gid(&self, group_file: &Path) -> Result<Option<u32>, ConfigError> {
+        match &self.socket_group {
+            Some(n) => resolve(n, group_file)?.map(Some).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "socket_group: no group {n:?} in {}",
+                    group_file.display()
+                ))
+            }),
+            None => resolve("quantix", group_file),
+        }
+    }
+}
+
+fn resolve(name: &str, group_file: &Path) -> Result<Option<u32>, ConfigError> {
+    crate::access::resolve_group(name, group_file).map_err(|source| ConfigError::Read {
+        path: group_file.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -154,7 +276,7 @@ mod tests {
         let c: Config = toml::from_str("state_dir = \"/tmp/x\"\nmax_vcpus = 3\n").unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.max_vcpus, 3);
-        assert_eq!(c.listen, "127.0.0.1:7700");
+        assert_eq!(c.listen, "");
         assert!(toml::from_str::<Config>("nope = 1").is_err());
         let c: Config = toml::from_str("console = \"file\"").unwrap();
         assert_eq!(c.console, ConsoleMode::File);
@@ -164,5 +286,78 @@ mod tests {
         }
         .validate()
         .is_err());
+    }
+
+    #[test]
+    fn tcp_needs_tls_or_loopback_with_insecure_tcp() {
+        let with = |f: &dyn Fn(&mut Config)| {
+            let mut c = Config::default();
+            f(&mut c);
+            c.validate()
+        };
+        assert!(with(&|_| ()).is_ok());
+        let e = with(&|c| c.listen = "0.0.0.0:7700".into()).unwrap_err();
+        assert!(e.to_string().contains("needs mutual TLS"), "{e}");
+        let e = with(&|c| {
+            c.listen = "0.0.0.0:7700".into();
+            c.insecure_tcp = true;
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("only allowed on a loopback"), "{e}");
+        assert!(with(&|c| {
+            c.listen = "127.0.0.1:0".into();
+            c.insecure_tcp = true;
+        })
+        .is_ok());
+        assert!(with(&|c| {
+            c.listen = "[::1]:0".into();
+            c.insecure_tcp = true;
+        })
+        .is_ok());
+        assert!(with(&|c| {
+            c.listen = "0.0.0.0:7700".into();
+            c.tls_cert = "c".into();
+            c.tls_key = "k".into();
+            c.tls_client_ca = "ca".into();
+        })
+        .is_ok());
+        let e = with(&|c| {
+            c.listen = "0.0.0.0:7700".into();
+            c.tls_cert = "c".into();
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("tls_client_ca"), "{e}");
+    }
+
+    #[test]
+    fn roles_from_groups() {
+        let dir = std::env::temp_dir().join(format!("qx-cfg-groups-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("group");
+        std::fs::write(&f, "quantix:x:990:\nquantix-admin:x:991:\nops:x:992:\n").unwrap();
+        let p = Config::default().policy(&f).unwrap();
+        assert_eq!(p.admin_gids, vec![991]);
+        assert_eq!(p.viewer_gids, vec![990]);
+        assert!(p.admin_uids.contains(&0));
+        assert_eq!(Config::default().socket_gid(&f).unwrap(), Some(990));
+        let c: Config =
+            toml::from_str("socket_group = \"ops\"\nadmin_groups = [\"ops\", \"77\"]\n").unwrap();
+        let p = c.policy(&f).unwrap();
+        assert_eq!(p.admin_gids, vec![992, 77]);
+        assert_eq!(p.viewer_gids, vec![992]);
+        // Neither default group exists: root only.
+        let empty = dir.join("empty");
+        std::fs::write(&empty, "").unwrap();
+        let p = Config::default().policy(&empty).unwrap();
+        assert!(p.admin_gids.is_empty() && p.viewer_gids.is_empty());
+        assert_eq!(Config::default().socket_gid(&empty).unwrap(), None);
+        // A group named explicitly must exist.
+        let c: Config = toml::from_str("socket_group = \"nope\"").unwrap();
+        assert!(c
+            .socket_gid(&empty)
+            .unwrap_err()
+            .to_string()
+            .contains("no group \"nope\""));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

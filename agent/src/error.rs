@@ -25,6 +25,9 @@ pub enum AgentError {
     /// The node's limits would be exceeded.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The caller may not do this (its role, or a path outside the image directories).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The VMM cannot be reached now.
     #[error("{0}")]
     Unavailable(String),
@@ -53,6 +56,7 @@ impl AgentError {
             AgentError::AlreadyExists(_) => tonic::Code::AlreadyExists,
             AgentError::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             AgentError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
+            AgentError::PermissionDenied(_) => tonic::Code::PermissionDenied,
             AgentError::Unavailable(_) => tonic::Code::Unavailable,
             AgentError::Store(_) | AgentError::Internal(_) => tonic::Code::Internal,
         }

@@ -17,6 +17,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::info;
 
+use crate::access::{caller_of, Caller, Door, Policy, Role};
 use crate::error::AgentError;
 use crate::manager::Manager;
 use crate::metrics::ApiMetrics;
@@ -29,11 +30,14 @@ pub struct Api {
     manager: Arc<Manager>,
     metrics: Arc<ApiMetrics>,
     node: Arc<Node>,
+    policy: Arc<Policy>,
+    door: Door,
 }
 
 impl Api {
-    /// Services over `manager`.
-    pub fn new(manager: Arc<Manager>, metrics: Arc<ApiMetrics>) -> Self {
+    /// Services over `manager`, for callers on the Unix socket; [`Api::door`] makes the
+    /// services of another listener.
+    pub fn new(manager: Arc<Manager>, metrics: Arc<ApiMetrics>, policy: Policy) -> Self {
         let node = crate::node::describe(
             &manager.cgroups,
             manager.vmm_binary(),
@@ -43,6 +47,65 @@ impl Api {
             manager,
             metrics,
             node: Arc::new(node),
+            policy: Arc::new(policy),
+            door: Door::Unix,
+        }
+    }
+
+    /// The same services for callers that come through `door`.
+    pub fn door(&self, door: Door) -> Self {
+        Self {
+            door,
+            ..self.clone()
+        }
+    }
+
+    /// Identifies the caller and checks it holds `role`; a refusal is counted and audited.
+    #[allow(clippy::result_large_err)]
+    fn admit<T>(
+        &self,
+        req: &Request<T>,
+        method: &str,
+        role: Role,
+        started: Instant,
+    ) -> Result<Caller, Status> {
+        let caller = caller_of(&self.policy, self.door, req);
+        match caller.require(role) {
+            Ok(()) => Ok(caller),
+            Err(why) => {
+                let e = AgentError::PermissionDenied(why);
+                self.record(method, "", &caller, true, started, e.code(), &e.to_string());
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Counts a call and, for a mutating one, writes its audit line.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        method: &str,
+        vm_id: &str,
+        caller: &Caller,
+        mutating: bool,
+        started: Instant,
+        code: tonic::Code,
+        error: &str,
+    ) {
+        let elapsed = started.elapsed();
+        self.metrics.observe(method, code, elapsed);
+        if mutating {
+            info!(
+                target: "audit",
+                method,
+                vm = vm_id,
+                caller = %caller.who,
+                role = caller.role.map(|r| r.to_string()).unwrap_or_else(|| "none".into()),
+                code = ?code,
+                elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                error,
+                "audit"
+            );
         }
     }
 
@@ -51,27 +114,16 @@ impl Api {
         &self,
         method: &str,
         vm_id: &str,
+        caller: &Caller,
         mutating: bool,
         started: Instant,
         result: Result<T, AgentError>,
     ) -> Result<Response<T>, Status> {
-        let code = match &result {
-            Ok(_) => tonic::Code::Ok,
-            Err(e) => e.code(),
+        let (code, error) = match &result {
+            Ok(_) => (tonic::Code::Ok, String::new()),
+            Err(e) => (e.code(), e.to_string()),
         };
-        let elapsed = started.elapsed();
-        self.metrics.observe(method, code, elapsed);
-        if mutating {
-            info!(
-                target: "audit",
-                method,
-                vm = vm_id,
-                code = ?code,
-                elapsed_ms = elapsed.as_secs_f64() * 1e3,
-                error = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
-                "audit"
-            );
-        }
+        self.record(method, vm_id, caller, mutating, started, code, &error);
         result.map(Response::new).map_err(Status::from)
     }
 }
@@ -80,20 +132,23 @@ impl Api {
 impl VmService for Api {
     async fn create_vm(&self, req: Request<CreateVmRequest>) -> Result<Response<Vm>, Status> {
         let t = Instant::now();
+        let c = self.admit(&req, "CreateVm", Role::Admin, t)?;
         let r = req.into_inner();
         let res = self.manager.create(&r.vm_id, r.spec, r.start).await;
-        self.finish("CreateVm", &r.vm_id, true, t, res)
+        self.finish("CreateVm", &r.vm_id, &c, true, t, res)
     }
 
     async fn start_vm(&self, req: Request<StartVmRequest>) -> Result<Response<Vm>, Status> {
         let t = Instant::now();
+        let c = self.admit(&req, "StartVm", Role::Admin, t)?;
         let r = req.into_inner();
         let res = self.manager.start(&r.vm_id).await;
-        self.finish("StartVm", &r.vm_id, true, t, res)
+        self.finish("StartVm", &r.vm_id, &c, true, t, res)
     }
 
     async fn stop_vm(&self, req: Request<StopVmRequest>) -> Result<Response<Vm>, Status> {
         let t = Instant::now();
+        let c = self.admit(&req, "StopVm", Role::Admin, t)?;
         let r = req.into_inner();
         let timeout = if r.timeout_ms == 0 {
             Duration::from_secs(10)
@@ -101,28 +156,31 @@ impl VmService for Api {
             Duration::from_millis(r.timeout_ms.into())
         };
         let res = self.manager.stop(&r.vm_id, timeout, r.force).await;
-        self.finish("StopVm", &r.vm_id, true, t, res)
+        self.finish("StopVm", &r.vm_id, &c, true, t, res)
     }
 
     async fn reboot_vm(&self, req: Request<RebootVmRequest>) -> Result<Response<Vm>, Status> {
         let t = Instant::now();
+        let c = self.admit(&req, "RebootVm", Role::Admin, t)?;
         let r = req.into_inner();
         let res = self.manager.reboot(&r.vm_id).await;
-        self.finish("RebootVm", &r.vm_id, true, t, res)
+        self.finish("RebootVm", &r.vm_id, &c, true, t, res)
     }
 
     async fn pause_vm(&self, req: Request<PauseVmRequest>) -> Result<Response<Vm>, Status> {
         let t = Instant::now();
+        let c = self.admit(&req, "PauseVm", Role::Admin, t)?;
         let r = req.into_inner();
         let res = self.manager.pause(&r.vm_id, true).await;
-        self.finish("PauseVm", &r.vm_id, true, t, res)
+        self.finish("PauseVm", &r.vm_id, &c, true, t, res)
     }
 
     async fn resume_vm(&self, req: Request<ResumeVmRequest>) -> Result<Response<Vm>, Status> {
         let t = Instant::now();
+        let c = self.admit(&req, "ResumeVm", Role::Admin, t)?;
         let r = req.into_inner();
         let res = self.manager.pause(&r.vm_id, false).await;
-        self.finish("ResumeVm", &r.vm_id, true, t, res)
+        self.finish("ResumeVm", &r.vm_id, &c, true, t, res)
     }
 
     async fn delete_vm(
@@ -130,20 +188,22 @@ impl VmService for Api {
         req: Request<DeleteVmRequest>,
     ) -> Result<Response<DeleteVmResponse>, Status> {
         let t = Instant::now();
+        let c = self.admit(&req, "DeleteVm", Role::Admin, t)?;
         let r = req.into_inner();
         let res = self
             .manager
             .delete(&r.vm_id, r.force)
             .await
             .map(|_| DeleteVmResponse {});
-        self.finish("DeleteVm", &r.vm_id, true, t, res)
+        self.finish("DeleteVm", &r.vm_id, &c, true, t, res)
     }
 
     async fn get_vm(&self, req: Request<GetVmRequest>) -> Result<Response<Vm>, Status> {
         let t = Instant::now();
+        let c = self.admit(&req, "GetVm", Role::Viewer, t)?;
         let r = req.into_inner();
         let res = self.manager.get(&r.vm_id);
-        self.finish("GetVm", &r.vm_id, false, t, res)
+        self.finish("GetVm", &r.vm_id, &c, false, t, res)
     }
 
     async fn list_vms(
@@ -151,6 +211,7 @@ impl VmService for Api {
         req: Request<ListVmsRequest>,
     ) -> Result<Response<ListVmsResponse>, Status> {
         let t = Instant::now();
+        let c = self.admit(&req, "ListVms", Role::Viewer, t)?;
         let r = req.into_inner();
         let res = self
             .manager
@@ -159,7 +220,7 @@ impl VmService for Api {
                 vms,
                 next_page_token,
             });
-        self.finish("ListVms", "", false, t, res)
+        self.finish("ListVms", "", &c, false, t, res)
     }
 
     type WatchVmsStream = BoxStream<VmEvent>;
@@ -169,6 +230,7 @@ impl VmService for Api {
         req: Request<WatchVmsRequest>,
     ) -> Result<Response<Self::WatchVmsStream>, Status> {
         let t = Instant::now();
+        let c = self.admit(&req, "WatchVms", Role::Viewer, t)?;
         let r = req.into_inner();
         // Subscribe before reading the initial states, so nothing falls in between.
         let mut rx = self.manager.events.subscribe();
@@ -180,12 +242,12 @@ impl VmService for Api {
             };
             match vms {
                 Ok(v) => v,
-                Err(e) => return self.finish("WatchVms", &r.vm_id, false, t, Err(e)),
+                Err(e) => return self.finish("WatchVms", &r.vm_id, &c, false, t, Err(e)),
             }
         } else {
             if !r.vm_id.is_empty() {
                 if let Err(e) = self.manager.get(&r.vm_id) {
-                    return self.finish("WatchVms", &r.vm_id, false, t, Err(e));
+                    return self.finish("WatchVms", &r.vm_id, &c, false, t, Err(e));
                 }
             }
             Vec::new()
@@ -229,7 +291,7 @@ impl VmService for Api {
                 }
             }
         });
-        self.finish("WatchVms", &r.vm_id, false, t, Ok(stream))
+        self.finish("WatchVms", &r.vm_id, &c, false, t, Ok(stream))
     }
 
     type AttachConsoleStream = BoxStream<ConsoleOutput>;
@@ -239,6 +301,7 @@ impl VmService for Api {
         req: Request<Streaming<ConsoleInput>>,
     ) -> Result<Response<Self::AttachConsoleStream>, Status> {
         let t = Instant::now();
+        let c = self.admit(&req, "AttachConsole", Role::Viewer, t)?;
         let mut input = req.into_inner();
         let first = match input.next().await {
             Some(Ok(m)) => m,
@@ -247,6 +310,7 @@ impl VmService for Api {
                 return self.finish(
                     "AttachConsole",
                     "",
+                    &c,
                     false,
                     t,
                     Err(AgentError::invalid(
@@ -260,6 +324,7 @@ impl VmService for Api {
             return self.finish(
                 "AttachConsole",
                 "",
+                &c,
                 false,
                 t,
                 Err(AgentError::invalid(
@@ -269,8 +334,8 @@ impl VmService for Api {
             );
         };
         let console = match self.manager.console(&attach.vm_id) {
-            Ok(c) => c,
-            Err(e) => return self.finish("AttachConsole", &attach.vm_id, false, t, Err(e)),
+            Ok(con) => con,
+            Err(e) => return self.finish("AttachConsole", &attach.vm_id, &c, false, t, Err(e)),
         };
         let vm = self.manager.get(&attach.vm_id).ok();
         let state = vm
@@ -283,6 +348,7 @@ impl VmService for Api {
             return self.finish(
                 "AttachConsole",
                 &attach.vm_id,
+                &c,
                 false,
                 t,
                 Err(AgentError::FailedPrecondition(format!(
@@ -294,16 +360,34 @@ impl VmService for Api {
         let mut view = console.attach(attach.replay);
         let writer = console.clone();
         let takes_input = self.manager.console_takes_input();
+        let may_type = c.require(Role::Admin);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<ConsoleOutput, Status>>(64);
+        let refuse = tx.clone();
         tokio::spawn(async move {
+            let mut refused = false;
             while let Some(Ok(msg)) = input.next().await {
                 if let Some(console_input::Input::Data(d)) = msg.input {
+                    if let Err(why) = &may_type {
+                        // A viewer reads; typing ends its session with the reason. The input
+                        // stream is still drained: dropping it would reset the call before
+                        // the refusal reaches the client.
+                        if !refused {
+                            refused = true;
+                            let _ = refuse
+                                .send(Err(Status::permission_denied(format!(
+                                    "console input: {why}"
+                                ))))
+                                .await;
+                        }
+                        continue;
+                    }
                     if takes_input && !writer.write(d).await {
                         break;
                     }
                 }
             }
         });
-        let stream = async_stream(move |tx| async move {
+        tokio::spawn(async move {
             if !view.replay.is_empty()
                 && tx
                     .send(Ok(ConsoleOutput {
@@ -315,31 +399,39 @@ impl VmService for Api {
                 return;
             }
             loop {
-                match view.live.recv().await {
-                    Ok(data) => {
-                        if tx
-                            .send(Ok(ConsoleOutput {
-                                data: data.to_vec(),
-                            }))
-                            .await
-                            .is_err()
-                        {
-                            return;
+                tokio::select! {
+                    got = view.live.recv() => match got {
+                        Ok(data) => {
+                            if tx
+                                .send(Ok(ConsoleOutput {
+                                    data: data.to_vec(),
+                                }))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
                         }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return,
+                    },
+                    // The client went away (or a refusal was sent and the stream ended).
+                    _ = tx.closed() => return,
                 }
             }
         });
-        self.finish("AttachConsole", &attach.vm_id, false, t, Ok(stream))
+        let stream: BoxStream<ConsoleOutput> =
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
+        // Attaching is audited: a console is a door into the guest.
+        self.finish("AttachConsole", &attach.vm_id, &c, true, t, Ok(stream))
     }
 }
 
 #[tonic::async_trait]
 impl NodeService for Api {
-    async fn get_node(&self, _req: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
+    async fn get_node(&self, req: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
         let t = Instant::now();
+        let c = self.admit(&req, "GetNode", Role::Viewer, t)?;
         let res = self.manager.committed().map(|(committed, total, running)| {
             let mut node = (*self.node).clone();
             node.committed = Some(committed);
@@ -347,7 +439,7 @@ impl NodeService for Api {
             node.vms_running = running;
             node
         });
-        self.finish("GetNode", "", false, t, res)
+        self.finish("GetNode", "", &c, false, t, res)
     }
 }
 

@@ -2,6 +2,7 @@
 //! keeps specs and status in an embedded store, re-adopts running VMMs after a restart, and
 //! serves consoles, events and metrics. See docs/agent.md.
 
+pub mod access;
 pub mod cgroup;
 pub mod config;
 pub mod console;
@@ -9,6 +10,7 @@ pub mod control;
 pub mod error;
 pub mod events;
 pub mod grpc;
+pub mod listen;
 pub mod manager;
 pub mod metrics;
 pub mod node;

@@ -6,15 +6,18 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use quantix_agent::access::{Door, PeerStream};
 use quantix_agent::config::{Config, ConsoleMode};
 use quantix_agent::grpc::Api;
+use quantix_agent::listen;
 use quantix_agent::manager::Manager;
 use quantix_agent::metrics::{self, ApiMetrics};
 use quantix_proto::v1::node_service_server::NodeServiceServer;
 use quantix_proto::v1::vm_service_server::VmServiceServer;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tracing::{error, info};
+use tokio_stream::StreamExt;
+use tracing::{debug, error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// The Quantix node agent: runs VMs in quantix-vmm processes behind a gRPC API.
@@ -31,12 +34,34 @@ struct Cli {
     /// State directory (store, VM directories, Unix socket).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// gRPC on TCP, HOST:PORT ("" to disable; port 0 picks one, written to <state-dir>/tcp.addr).
+    /// gRPC on TCP, HOST:PORT, with mutual TLS (--tls-cert, --tls-key, --tls-client-ca);
+    /// none by default ("" disables; port 0 picks one, written to <state-dir>/tcp.addr).
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
+    /// The agent's TLS certificate chain (PEM) for --listen.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<String>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<String>,
+    /// The CA (PEM) whose certificates clients must present.
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<String>,
+    /// Plain TCP on --listen, only on a loopback address; every caller is then an admin.
+    #[arg(long)]
+    insecure_tcp: bool,
     /// gRPC on a Unix socket (default <state-dir>/agent.sock).
     #[arg(long, value_name = "PATH")]
     socket: Option<String>,
+    /// The Unix socket's group (name or number; default: quantix when it exists, else root).
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+    /// A group whose members are admins (repeatable; default: quantix-admin if it exists).
+    #[arg(long = "admin-group", value_name = "GROUP")]
+    admin_groups: Vec<String>,
+    /// A group whose members are viewers (repeatable; default: the socket's group).
+    #[arg(long = "viewer-group", value_name = "GROUP")]
+    viewer_groups: Vec<String>,
     /// Prometheus metrics, HOST:PORT ("" to disable; port 0 picks one, written to
     /// <state-dir>/metrics.addr).
     #[arg(long, value_name = "ADDR")]
@@ -78,6 +103,27 @@ fn config(cli: &Cli) -> Result<Config, String> {
     if let Some(v) = &cli.socket {
         c.socket = v.clone();
     }
+    if let Some(v) = &cli.tls_cert {
+        c.tls_cert = v.clone();
+    }
+    if let Some(v) = &cli.tls_key {
+        c.tls_key = v.clone();
+    }
+    if let Some(v) = &cli.tls_client_ca {
+        c.tls_client_ca = v.clone();
+    }
+    if cli.insecure_tcp {
+        c.insecure_tcp = true;
+    }
+    if let Some(v) = &cli.socket_group {
+        c.socket_group = Some(v.clone());
+    }
+    if !cli.admin_groups.is_empty() {
+        c.admin_groups = Some(cli.admin_groups.clone());
+    }
+    if !cli.viewer_groups.is_empty() {
+        c.viewer_groups = Some(cli.viewer_groups.clone());
+    }
     if let Some(v) = &cli.metrics_listen {
         c.metrics_listen = v.clone();
     }
@@ -105,6 +151,10 @@ fn config(cli: &Cli) -> Result<Config, String> {
 }
 
 fn main() -> ExitCode {
+    // Everything the agent creates is private unless it says otherwise (the socket is
+    // opened to its group explicitly); VMMs inherit this.
+    // SAFETY: umask cannot fail; no other thread exists yet.
+    unsafe { libc::umask(0o077) };
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -157,8 +207,23 @@ fn main() -> ExitCode {
 }
 
 async fn run(cfg: Config) -> Result<(), String> {
-    std::fs::create_dir_all(&cfg.state_dir)
-        .map_err(|e| format!("cannot create {}: {e}", cfg.state_dir.display()))?;
+    const GROUP_FILE: &str = "/etc/group";
+    listen::prepare_state_dir(&cfg.state_dir).map_err(|e| e.to_string())?;
+    let group_file = std::path::Path::new(GROUP_FILE);
+    let policy = cfg.policy(group_file).map_err(|e| e.to_string())?;
+    let socket_gid = cfg.socket_gid(group_file).map_err(|e| e.to_string())?;
+    let tls = if !cfg.listen.is_empty() && !cfg.insecure_tcp {
+        Some(
+            listen::server_tls(
+                cfg.tls_cert.as_ref(),
+                cfg.tls_key.as_ref(),
+                cfg.tls_client_ca.as_ref(),
+            )
+            .map_err(|e| e.to_string())?,
+        )
+    } else {
+        None
+    };
     let host = quantix_agent::node::host_resources();
     let manager = Manager::open(cfg.clone(), host).map_err(|e| e.to_string())?;
     manager
@@ -166,43 +231,65 @@ async fn run(cfg: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("recovery: {e}"))?;
     let api_metrics = Arc::new(ApiMetrics::default());
-    let api = Api::new(manager.clone(), api_metrics.clone());
+    info!(
+        admin_uids = ?policy.admin_uids,
+        admin_gids = ?policy.admin_gids,
+        viewer_gids = ?policy.viewer_gids,
+        "roles"
+    );
+    let api = Api::new(manager.clone(), api_metrics.clone(), policy);
 
     let sock = cfg.socket_path();
-    let _ = std::fs::remove_file(&sock);
-    let unix =
-        UnixListener::bind(&sock).map_err(|e| format!("cannot bind {}: {e}", sock.display()))?;
-    info!(socket = %sock.display(), "gRPC listening on a Unix socket");
-    let mut tasks = tokio::task::JoinSet::new();
-    let (vm, node) = (
-        VmServiceServer::new(api.clone()),
-        NodeServiceServer::new(api.clone()),
+    let unix = listen::bind_unix(&sock, socket_gid).map_err(|e| e.to_string())?;
+    info!(
+        socket = %sock.display(),
+        group = socket_gid.map(|g| g.to_string()).unwrap_or_else(|| "0 (root only)".into()),
+        "gRPC listening on a Unix socket (mode 0660)"
     );
+    let mut tasks = tokio::task::JoinSet::new();
+    let incoming = UnixListenerStream::new(unix).map(|conn| {
+        conn.and_then(|s| {
+            let p = PeerStream::new(s)?;
+            debug!(peer = %p.peer(), "connection on the Unix socket");
+            Ok(p)
+        })
+    });
     tasks.spawn(
         tonic::transport::Server::builder()
-            .add_service(vm.clone())
-            .add_service(node.clone())
-            .serve_with_incoming(UnixListenerStream::new(unix)),
+            .add_service(VmServiceServer::new(api.clone()))
+            .add_service(NodeServiceServer::new(api.clone()))
+            .serve_with_incoming(incoming),
     );
-    // The Unix socket is the one endpoint the agent cannot do without; a TCP address that
-    // cannot be bound (no loopback in a minimal host, a port in use) is logged and skipped.
     if !cfg.listen.is_empty() {
-        match TcpListener::bind(&cfg.listen).await {
-            Ok(tcp) => {
-                let addr = tcp.local_addr().map_err(|e| e.to_string())?;
-                let _ = std::fs::write(cfg.state_dir.join("tcp.addr"), addr.to_string());
-                info!(%addr, "gRPC listening on TCP");
-                tasks.spawn(
-                    tonic::transport::Server::builder()
-                        .add_service(vm)
-                        .add_service(node)
-                        .serve_with_incoming(TcpListenerStream::new(tcp)),
+        let tcp = TcpListener::bind(&cfg.listen)
+            .await
+            .map_err(|e| format!("cannot listen for gRPC on {}: {e}", cfg.listen))?;
+        let addr = tcp.local_addr().map_err(|e| e.to_string())?;
+        let _ = std::fs::write(cfg.state_dir.join("tcp.addr"), addr.to_string());
+        let mut server = tonic::transport::Server::builder();
+        let door = match tls {
+            Some(tls) => {
+                server = server
+                    .tls_config(tls)
+                    .map_err(|e| format!("tls_cert/tls_key/tls_client_ca: {e}"))?;
+                info!(%addr, "gRPC listening on TCP with mutual TLS");
+                Door::Tls
+            }
+            None => {
+                warn!(
+                    %addr,
+                    "gRPC listening on plain TCP (--insecure-tcp): every local user can act as an admin"
                 );
+                Door::InsecureTcp
             }
-            Err(e) => {
-                error!(addr = %cfg.listen, error = %e, "cannot listen for gRPC on TCP; serving on the Unix socket only")
-            }
-        }
+        };
+        let api = api.door(door);
+        tasks.spawn(
+            server
+                .add_service(VmServiceServer::new(api.clone()))
+                .add_service(NodeServiceServer::new(api))
+                .serve_with_incoming(TcpListenerStream::new(tcp)),
+        );
     }
     if !cfg.metrics_listen.is_empty() {
         match TcpListener::bind(&cfg.metrics_listen).await {

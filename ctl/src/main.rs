@@ -31,20 +31,36 @@ mod status {
     pub const RESOURCE_EXHAUSTED: u8 = 7;
     pub const UNAVAILABLE: u8 = 8;
     pub const TIMEOUT: u8 = 9;
+    pub const PERMISSION_DENIED: u8 = 10;
 }
 
 /// Command-line client of the Quantix node agent.
 ///
 /// Exit status: 0 success; 1 other error; 2 usage error; 3 not found; 4 already exists;
 /// 5 failed precondition (wrong state); 6 invalid argument; 7 resource exhausted;
-/// 8 agent unavailable; 9 `console --until` text not seen in time.
+/// 8 agent unavailable; 9 `console --until` text not seen in time; 10 permission denied (the
+/// caller's role, a path outside the agent's image directories, or the socket's mode).
 #[derive(Debug, Parser)]
 #[command(name = "quantixctl", version, about, long_about = None)]
 struct Cli {
-    /// The agent: unix:PATH or http://HOST:PORT. Default: $QUANTIX_AGENT, else
+    /// The agent: unix:PATH, https://HOST:PORT (mutual TLS) or http://HOST:PORT (an agent
+    /// run with --insecure-tcp). Default: $QUANTIX_AGENT, else
     /// unix:/var/lib/quantix-agent/agent.sock.
     #[arg(long, global = true, value_name = "ADDR")]
     agent: Option<String>,
+    /// CA certificate (PEM) that signed the agent's certificate [env: QUANTIX_TLS_CA].
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM) [env: QUANTIX_TLS_CERT].
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// This client's private key (PEM) [env: QUANTIX_TLS_KEY].
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The name the agent's certificate must carry, when it is not the host of --agent
+    /// [env: QUANTIX_TLS_SERVER_NAME].
+    #[arg(long, global = true, value_name = "NAME")]
+    tls_server_name: Option<String>,
     /// Output format.
     #[arg(long, short, global = true, default_value = "table", value_parser = ["table", "json"])]
     output: String,
@@ -136,6 +152,7 @@ impl From<tonic::Status> for Failure {
             Code::InvalidArgument => status::INVALID_ARGUMENT,
             Code::ResourceExhausted => status::RESOURCE_EXHAUSTED,
             Code::Unavailable => status::UNAVAILABLE,
+            Code::PermissionDenied | Code::Unauthenticated => status::PERMISSION_DENIED,
             _ => status::ERROR,
         };
         Failure {
@@ -152,7 +169,96 @@ fn fail(status: u8, message: impl Into<String>) -> Failure {
     }
 }
 
-async fn connect(addr: &str) -> Result<Channel, Failure> {
+/// The TLS files of a client, from flags or the environment.
+#[derive(Debug, Default)]
+struct TlsFiles {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    server_name: Option<String>,
+}
+
+impl TlsFiles {
+    fn from_cli(cli: &Cli) -> Self {
+        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+        Self {
+            ca: cli
+                .tls_ca
+                .clone()
+                .or_else(|| env("QUANTIX_TLS_CA").map(PathBuf::from)),
+            cert: cli
+                .tls_cert
+                .clone()
+                .or_else(|| env("QUANTIX_TLS_CERT").map(PathBuf::from)),
+            key: cli
+                .tls_key
+                .clone()
+                .or_else(|| env("QUANTIX_TLS_KEY").map(PathBuf::from)),
+            server_name: cli.tls_server_name.clone().or_else(|| {
+                env("QUANTIX_TLS_SERVER_NAME").map(|v| v.to_string_lossy().into_owned())
+            }),
+        }
+    }
+
+    fn config(&self) -> Result<tonic::transport::ClientTlsConfig, Failure> {
+        let read = |flag: &str, p: &PathBuf| {
+            std::fs::read(p)
+                .map_err(|e| fail(status::USAGE, format!("--{flag} {}: {e}", p.display())))
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        match &self.ca {
+            Some(ca) => {
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(
+                    "tls-ca", ca,
+                )?))
+            }
+            None => {
+                return Err(fail(
+                    status::USAGE,
+                    "an https:// agent needs --tls-ca (or QUANTIX_TLS_CA): the CA that signed its certificate",
+                ))
+            }
+        }
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    read("tls-cert", c)?,
+                    read("tls-key", k)?,
+                ))
+            }
+            (None, None) => {
+                return Err(fail(
+                    status::USAGE,
+                    "an https:// agent needs a client certificate: --tls-cert and --tls-key \
+                     (or QUANTIX_TLS_CERT and QUANTIX_TLS_KEY)",
+                ))
+            }
+            _ => return Err(fail(status::USAGE, "--tls-cert and --tls-key go together")),
+        }
+        if let Some(n) = &self.server_name {
+            tls = tls.domain_name(n.clone());
+        }
+        Ok(tls)
+    }
+}
+
+/// An error and every cause under it, on one line: tonic's transport errors say little at
+/// the top ("transport error") and the reason (a certificate problem) at the bottom.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+async fn connect(addr: &str, tls: &TlsFiles) -> Result<Channel, Failure> {
     if let Some(path) = addr.strip_prefix("unix:") {
         let path = PathBuf::from(path);
         let display = path.display().to_string();
@@ -168,22 +274,49 @@ async fn connect(addr: &str) -> Result<Channel, Failure> {
             }))
             .await
             .map_err(|e| {
-                fail(
-                    status::UNAVAILABLE,
-                    format!("cannot reach the agent at unix:{display}: {e}"),
-                )
+                let mut denied = false;
+                let mut cur: Option<&dyn std::error::Error> = Some(&e);
+                while let Some(c) = cur {
+                    denied |= c
+                        .downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied);
+                    cur = c.source();
+                }
+                if denied {
+                    fail(
+                        status::PERMISSION_DENIED,
+                        format!(
+                            "cannot reach the agent at unix:{display}: permission denied \
+                             (the socket is open to its group only: ask for membership, or \
+                             run as root)"
+                        ),
+                    )
+                } else {
+                    fail(
+                        status::UNAVAILABLE,
+                        format!("cannot reach the agent at unix:{display}: {}", chain(&e)),
+                    )
+                }
             })
     } else {
-        Endpoint::from_shared(addr.to_string())
-            .map_err(|e| fail(status::USAGE, format!("--agent {addr:?}: {e}")))?
-            .connect()
-            .await
-            .map_err(|e| {
-                fail(
-                    status::UNAVAILABLE,
-                    format!("cannot reach the agent at {addr}: {e}"),
-                )
-            })
+        let mut ep = Endpoint::from_shared(addr.to_string())
+            .map_err(|e| fail(status::USAGE, format!("--agent {addr:?}: {e}")))?;
+        if addr.starts_with("https://") {
+            ep = ep
+                .tls_config(tls.config()?)
+                .map_err(|e| fail(status::USAGE, format!("TLS: {}", chain(&e))))?;
+        } else if tls.cert.is_some() || tls.ca.is_some() {
+            return Err(fail(
+                status::USAGE,
+                format!("--agent {addr}: TLS files were given; use an https:// address"),
+            ));
+        }
+        ep.connect().await.map_err(|e| {
+            fail(
+                status::UNAVAILABLE,
+                format!("cannot reach the agent at {addr}: {}", chain(&e)),
+            )
+        })
     }
 }
 
@@ -225,7 +358,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .clone()
         .or_else(|| std::env::var("QUANTIX_AGENT").ok())
         .unwrap_or_else(|| "unix:/var/lib/quantix-agent/agent.sock".into());
-    let channel = connect(&addr).await?;
+    let channel = connect(&addr, &TlsFiles::from_cli(&cli)).await?;
     let mut vms = VmServiceClient::new(channel.clone());
     let json = cli.output == "json";
     match cli.cmd {
@@ -473,7 +606,8 @@ async fn console(
             }
         };
         tokio::select! {
-            _ = &mut detach_rx => return Ok(()),
+            // Ctrl-]; the sender dropped at the end of stdin is not a detach.
+            Ok(()) = &mut detach_rx => return Ok(()),
             item = next => match item {
                 None => {
                     return match until {

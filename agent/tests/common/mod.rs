@@ -225,7 +225,7 @@ impl Agent {
         let child = Command::new(bin("quantix-agent"))
             .arg("--state-dir")
             .arg(&self.state_dir)
-            .args(["--listen", "", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .arg("--vmm")
             .arg(bin("quantix-vmm"))
             .args([
