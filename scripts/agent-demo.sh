@@ -15,7 +15,10 @@ ctl() { "$bin/quantixctl" --agent "unix:$state/agent.sock" "$@"; }
 step() { printf '\n==> %s\n' "$*"; }
 
 step "starting quantix-agent (state in $state)"
+# The agent opens VM files only beneath its image directories: the kernel's and the
+# initramfs's.
 "$bin/quantix-agent" --state-dir "$state" --vmm "$bin/quantix-vmm" --log-level warn \
+	--image-dir "$(dirname "$QX_KERNEL")" --image-dir "$(dirname "$QX_INITRAMFS")" \
 	>"$state/agent.log" 2>&1 &
 agent=$!
 trap 'kill $agent 2>/dev/null || true' EXIT

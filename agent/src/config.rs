@@ -75,6 +75,9 @@ pub struct Config {
     /// Plain TCP without TLS on `listen`: only on a loopback address, and every caller is an
     /// admin. For debugging.
     pub insecure_tcp: bool,
+    /// Directories that kernels, initramfs and disk images may come from (regular files and
+    /// block devices beneath them). Empty: `<state_dir>/images`.
+    pub image_dirs: Vec<PathBuf>,
     /// Prometheus metrics over HTTP, "host:port"; empty to disable.
     pub metrics_listen: String,
     /// The `quantix-vmm` binary; empty for the one next to the agent's binary, else PATH.
@@ -109,6 +112,7 @@ impl Default for Config {
             tls_admin_ous: vec!["admin".into()],
             tls_viewer_ous: vec!["viewer".into()],
             insecure_tcp: false,
+            image_dirs: Vec::new(),
             metrics_listen: "127.0.0.1:9700".into(),
             vmm_binary: String::new(),
             max_vcpus: 0,
@@ -143,6 +147,15 @@ impl Config {
         }
     }
 
+    /// The image directories: the configured ones, else `<state_dir>/images`.
+    pub fn image_dirs(&self) -> Vec<PathBuf> {
+        if self.image_dirs.is_empty() {
+            vec![self.state_dir.join("images")]
+        } else {
+            self.image_dirs.clone()
+        }
+    }
+
     /// The VMM binary to run.
     pub fn vmm_path(&self) -> PathBuf {
         if !self.vmm_binary.is_empty() {
@@ -171,6 +184,27 @@ impl Config {
                 "cgroup_name {:?} must be a non-empty name without '/'",
                 self.cgroup_name
             )));
+        }
+        for d in &self.image_dirs {
+            if !d.is_absolute() {
+                return Err(ConfigError::Invalid(format!(
+                    "image_dirs: {d:?} must be an absolute path"
+                )));
+            }
+            // The store and every VM's sockets and logs must never be a VM's disk.
+            if self.state_dir.starts_with(d) {
+                return Err(ConfigError::Invalid(format!(
+                    "image_dirs: {d:?} holds the state directory {:?}; a VM could be given \
+                     the agent's own store as a disk",
+                    self.state_dir
+                )));
+            }
+            if d.starts_with(&self.state_dir) && !d.starts_with(self.state_dir.join("images")) {
+                return Err(ConfigError::Invalid(format!(
+                    "image_dirs: {d:?} is inside the state directory; only {:?} may be",
+                    self.state_dir.join("images")
+                )));
+            }
         }
         if !self.listen.is_empty() {
             let tls = [&self.tls_cert, &self.tls_key, &self.tls_client_ca];
@@ -327,6 +361,27 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("tls_client_ca"), "{e}");
+    }
+
+    #[test]
+    fn image_dirs_never_hold_the_state() {
+        let c = Config::default();
+        assert_eq!(c.image_dirs(), vec![c.state_dir.join("images")]);
+        for (dirs, ok) in [
+            (vec!["/srv/images"], true),
+            (vec!["/var/lib/quantix-agent/images/os"], true),
+            (vec!["/"], false),
+            (vec!["/var/lib"], false),
+            (vec!["/var/lib/quantix-agent"], false),
+            (vec!["/var/lib/quantix-agent/vms"], false),
+            (vec!["relative"], false),
+        ] {
+            let c = Config {
+                image_dirs: dirs.iter().map(PathBuf::from).collect(),
+                ..Config::default()
+            };
+            assert_eq!(c.validate().is_ok(), ok, "{dirs:?}: {:?}", c.validate());
+        }
     }
 
     #[test]

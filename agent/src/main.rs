@@ -62,6 +62,10 @@ struct Cli {
     /// A group whose members are viewers (repeatable; default: the socket's group).
     #[arg(long = "viewer-group", value_name = "GROUP")]
     viewer_groups: Vec<String>,
+    /// A directory that kernels, initramfs and disk images may come from (repeatable;
+    /// default <state-dir>/images).
+    #[arg(long = "image-dir", value_name = "DIR")]
+    image_dirs: Vec<PathBuf>,
     /// Prometheus metrics, HOST:PORT ("" to disable; port 0 picks one, written to
     /// <state-dir>/metrics.addr).
     #[arg(long, value_name = "ADDR")]
@@ -120,6 +124,9 @@ fn config(cli: &Cli) -> Result<Config, String> {
     }
     if !cli.admin_groups.is_empty() {
         c.admin_groups = Some(cli.admin_groups.clone());
+    }
+    if !cli.image_dirs.is_empty() {
+        c.image_dirs = cli.image_dirs.clone();
     }
     if !cli.viewer_groups.is_empty() {
         c.viewer_groups = Some(cli.viewer_groups.clone());

@@ -26,6 +26,75 @@ use crate::events::Events;
 use crate::now_ms;
 use crate::process::{self, VmPaths, WaitStatus};
 use crate::store::Store;
+use quantix_hostfs::beneath::ImageDirs;
+use quantix_hostfs::lock::LockError;
+use quantix_hostfs::Access;
+
+/// One file a VM's VMM inherits: which spec field names it, and how it is used.
+struct PlannedFile<'a> {
+    field: String,
+    path: &'a str,
+    access: Access,
+    /// A kernel or initramfs: a regular file, never a block device.
+    regular: bool,
+}
+
+/// The files a VM's VMM inherits, in the order it gets them (descriptors 3, 4, ...; its
+/// arguments name them `/dev/fd/N`): kernel, initramfs, disks.
+fn file_plan(spec: &VmSpec) -> Vec<PlannedFile<'_>> {
+    let mut plan = Vec::new();
+    if let Some(boot) = &spec.boot {
+        plan.push(PlannedFile {
+            field: "spec.boot.kernel".into(),
+            path: &boot.kernel,
+            access: Access::ReadOnly,
+            regular: true,
+        });
+        if !boot.initramfs.is_empty() {
+            plan.push(PlannedFile {
+                field: "spec.boot.initramfs".into(),
+                path: &boot.initramfs,
+                access: Access::ReadOnly,
+                regular: true,
+            });
+        }
+    }
+    for (i, d) in spec.disks.iter().enumerate() {
+        plan.push(PlannedFile {
+            field: format!("spec.disks[{i}].path"),
+            path: &d.path,
+            access: if d.readonly {
+                Access::ReadOnly
+            } else {
+                Access::ReadWrite
+            },
+            regular: false,
+        });
+    }
+    plan
+}
+
+/// The name the VMM knows the `i`th inherited file by.
+fn passed_name(i: usize) -> String {
+    format!("/dev/fd/{}", process::FIRST_PASSED_FD as usize + i)
+}
+
+/// `text` (a VMM's message) with every `/dev/fd/N` replaced by the path the spec gave, so
+/// that errors name the files the client knows.
+fn name_passed_files(spec: &VmSpec, text: &str) -> String {
+    let plan = file_plan(spec);
+    let mut out = text.to_string();
+    // Longest names first: /dev/fd/31 before /dev/fd/3.
+    for (i, f) in plan.iter().enumerate().rev() {
+        out = out.replace(&passed_name(i), f.path);
+    }
+    out
+}
+
+/// A VM's files, opened beneath the image directories and locked, in `file_plan` order.
+struct VmFiles {
+    files: Vec<std::fs::File>,
+}
 
 /// How long a started VMM may take to answer on its control socket.
 const START_PROBE_LIMIT: Duration = Duration::from_secs(10);
@@ -118,6 +187,8 @@ pub struct Manager {
     /// The cgroup setup.
     pub cgroups: Cgroups,
     console_socket: bool,
+    /// Where a VM's kernel, initramfs and disks may come from.
+    images: ImageDirs,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     create_lock: tokio::sync::Mutex<()>,
     allocatable: Resources,
@@ -131,6 +202,13 @@ impl Manager {
             AgentError::Internal(format!("cannot create {}: {e}", vms_dir.display()))
         })?;
         let store = Store::open(&cfg.state_dir.join("state.redb"))?;
+        if cfg.image_dirs.is_empty() {
+            let d = cfg.state_dir.join("images");
+            std::fs::create_dir_all(&d)
+                .map_err(|e| AgentError::Internal(format!("cannot create {}: {e}", d.display())))?;
+        }
+        let images = ImageDirs::new(&cfg.image_dirs())
+            .map_err(|e| AgentError::Internal(format!("image_dirs: {e}")))?;
         let vmm = cfg.vmm_path();
         let console_socket = match cfg.console {
             crate::config::ConsoleMode::Socket => true,
@@ -168,6 +246,7 @@ impl Manager {
             events: Events::new(),
             cgroups,
             console_socket,
+            images,
             slots: Mutex::new(HashMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
             allocatable,
@@ -319,7 +398,7 @@ impl Manager {
         start: bool,
     ) -> Result<Vm, AgentError> {
         crate::validate::vm_id("vm_id", id)?;
-        let spec = crate::validate::spec(spec.as_ref())?.clone();
+        let spec = crate::validate::spec(spec.as_ref(), &self.images)?.clone();
         let guard = self.create_lock.lock().await;
         if let Some(existing) = self.store.get(id)? {
             drop(guard);
@@ -437,16 +516,74 @@ impl Manager {
         Ok(vm)
     }
 
+    /// Opens the VM's kernel, initramfs and disks beneath the image directories and locks
+    /// the disks (exclusive when read-write, shared when read-only). The path is checked
+    /// again here, not only at create: the files beneath may have changed since.
+    fn open_files(&self, spec: &VmSpec) -> Result<VmFiles, AgentError> {
+        let mut files = Vec::new();
+        for p in file_plan(spec) {
+            let f = crate::validate::image(&self.images, &p.field, p.path, p.access, p.regular)?;
+            if !p.regular {
+                if let Err(e) = quantix_hostfs::lock::lock(&f, p.access) {
+                    return Err(match e {
+                        LockError::Held(holders) => AgentError::FailedPrecondition(format!(
+                            "{}: {:?} is in use by {}; a read-write disk needs the image to \
+                             itself, a read-only one shares it only with readers",
+                            p.field,
+                            p.path,
+                            self.describe_holders(&holders)
+                        )),
+                        LockError::Io(e) => AgentError::Internal(format!(
+                            "{}: cannot lock {:?}: {e}",
+                            p.field, p.path
+                        )),
+                    });
+                }
+            }
+            files.push(f);
+        }
+        Ok(VmFiles { files })
+    }
+
+    /// Names lock holders: the VM whose VMM it is, else the process.
+    fn describe_holders(&self, holders: &[quantix_hostfs::lock::Holder]) -> String {
+        if holders.is_empty() {
+            return "another process (not visible to the agent)".into();
+        }
+        let vms = self.store.all().unwrap_or_default();
+        holders
+            .iter()
+            .map(|h| {
+                match vms.iter().find(|v| {
+                    v.status
+                        .as_ref()
+                        .is_some_and(|s| s.pid == h.pid as u32 && s.pid != 0)
+                        && crate::manager::is_active(state_of(v))
+                }) {
+                    Some(vm) => format!("VM {:?} (pid {})", vm.id, h.pid),
+                    None => format!("pid {} ({})", h.pid, h.comm),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     fn vmm_args(&self, spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
+        // Names in file_plan order.
+        let mut next = 0;
+        let mut name = || {
+            next += 1;
+            passed_name(next - 1)
+        };
         let mut a: Vec<String> = Vec::new();
         let mut push = |k: &str, v: String| {
             a.push(k.to_string());
             a.push(v);
         };
         if let Some(boot) = &spec.boot {
-            push("--kernel", boot.kernel.clone());
+            push("--kernel", name());
             if !boot.initramfs.is_empty() {
-                push("--initramfs", boot.initramfs.clone());
+                push("--initramfs", name());
             }
             if !boot.cmdline.is_empty() {
                 push("--cmdline", boot.cmdline.clone());
@@ -466,7 +603,7 @@ impl Manager {
             );
         }
         for d in &spec.disks {
-            let mut s = format!("path={}", d.path);
+            let mut s = format!("path={}", name());
             if d.readonly {
                 s.push_str(",readonly=on");
             }
@@ -521,6 +658,8 @@ impl Manager {
                 committed.memory_mib
             )));
         }
+        // Opened and locked before anything changes: a refusal leaves the VM as it was.
+        let files = self.open_files(&spec)?;
         let paths = self.paths(&vm.id);
         std::fs::create_dir_all(&paths.dir).map_err(|e| {
             AgentError::Internal(format!("cannot create {}: {e}", paths.dir.display()))
@@ -535,7 +674,10 @@ impl Manager {
 
         let started = Instant::now();
         let args = self.vmm_args(&spec, &paths);
-        let pid = match process::spawn_detached(&self.vmm, &args, &paths.vmm_log()) {
+        let spawned = process::spawn_detached(&self.vmm, &args, &paths.vmm_log(), &files.files);
+        // The VMM holds its own descriptors (and with them the locks) from here on.
+        drop(files);
+        let pid = match spawned {
             Ok(pid) => pid,
             Err(e) => {
                 let msg = format!("cannot run {}: {e}", self.vmm.display());
@@ -616,7 +758,7 @@ impl Manager {
                 }
                 let info = wait_for_exit(&mut exited).await;
                 self.record_exit(slot, vm, info, false)?;
-                let log = process::tail(&paths.vmm_log(), 600);
+                let log = name_passed_files(&spec, &process::tail(&paths.vmm_log(), 600));
                 let setup_error = vm
                     .status
                     .as_ref()
@@ -690,6 +832,10 @@ impl Manager {
         info: ExitInfo,
         requested: bool,
     ) -> Result<(), AgentError> {
+        let mut info = info;
+        if let Some(spec) = &vm.spec {
+            info.detail = name_passed_files(spec, &info.detail);
+        }
         if let Some(run) = slot.take_running() {
             let _ = run.stop_console.send(true);
         }

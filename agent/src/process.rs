@@ -26,10 +26,35 @@ pub fn is_clean_reason(reason: &str) -> bool {
     matches!(reason, "poweroff" | "reboot" | "api-shutdown")
 }
 
+/// The first descriptor number a VMM inherits its files as.
+pub const FIRST_PASSED_FD: i32 = 3;
+
 /// Starts `binary args...` in its own session (so that it outlives the agent and no
-/// terminal signal reaches it), stdin from /dev/null, stdout and stderr appended to `log`.
-/// The agent does not keep a `Child`: it reaps the process itself (see [`wait_exit`]).
-pub fn spawn_detached(binary: &Path, args: &[String], log: &Path) -> io::Result<u32> {
+/// terminal signal reaches it), stdin from /dev/null, stdout and stderr appended to `log`,
+/// and `files` as descriptors 3, 4, ... (nothing else of the agent's is inherited: every
+/// other descriptor is close-on-exec). The agent does not keep a `Child`: it reaps the
+/// process itself (see [`wait_exit`]).
+pub fn spawn_detached(
+    binary: &Path,
+    args: &[String],
+    log: &Path,
+    files: &[std::fs::File],
+) -> io::Result<u32> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // Duplicates numbered above every target (3 .. 3+n), so that placing one never
+    // overwrites another that is still to be placed.
+    let n = files.len() as i32;
+    let mut sources = Vec::with_capacity(files.len());
+    for f in files {
+        // SAFETY: F_DUPFD_CLOEXEC on an open descriptor returns a new one or -1.
+        let fd = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_DUPFD_CLOEXEC, FIRST_PASSED_FD + n) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor nothing else owns; closed when `sources` drops.
+        sources.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    let raw: Vec<i32> = sources.iter().map(|f| f.as_raw_fd()).collect();
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -40,17 +65,50 @@ pub fn spawn_detached(binary: &Path, args: &[String], log: &Path) -> io::Result<
         .stdin(Stdio::null())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err));
-    // SAFETY: the closure runs in the child between fork and exec and only calls setsid(2),
-    // which is async-signal-safe and touches no memory of the parent.
+    // SAFETY: the closure runs in the child between fork and exec and only makes system
+    // calls that are async-signal-safe (setsid, dup2, close_range, getrlimit, fcntl),
+    // reading `raw`, which was built before the fork and is not modified.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
+            }
+            for (i, fd) in raw.iter().enumerate() {
+                // dup2 clears close-on-exec on the new descriptor.
+                if libc::dup2(*fd, FIRST_PASSED_FD + i as i32) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // Whatever the agent itself inherited without close-on-exec (a supervisor's
+            // pipe, a shell's descriptor) must not reach a VMM either. Marked close-on-exec
+            // rather than closed: std's own pipe that reports a failed exec must stay open.
+            const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+            let first_free = (FIRST_PASSED_FD + raw.len() as i32) as libc::c_uint;
+            if libc::syscall(
+                libc::SYS_close_range,
+                first_free,
+                libc::c_uint::MAX,
+                CLOSE_RANGE_CLOEXEC,
+            ) != 0
+            {
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                    lim.rlim_cur.min(1 << 20) as libc::c_int
+                } else {
+                    1024
+                };
+                for fd in first_free as libc::c_int..top {
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
             }
             Ok(())
         });
     }
     let child = cmd.spawn()?;
+    drop(sources);
     // Dropping a std Child neither kills nor waits for the process; wait_exit reaps it.
     Ok(child.id())
 }
@@ -300,6 +358,7 @@ mod tests {
             Path::new("/bin/sh"),
             &["-c".into(), "echo hi; exit 3".into()],
             &log,
+            &[],
         )
         .unwrap();
         let fd = pidfd_open(pid).unwrap();
@@ -309,7 +368,7 @@ mod tests {
         // Reaped: the pid is gone.
         assert!(proc_state(pid).is_none());
 
-        let pid = spawn_detached(Path::new("/bin/sleep"), &["30".into()], &log).unwrap();
+        let pid = spawn_detached(Path::new("/bin/sleep"), &["30".into()], &log, &[]).unwrap();
         assert!(proc_state(pid).is_some(), "sleep is not running");
         let fd = pidfd_open(pid).unwrap();
         signal(pid, libc::SIGKILL).unwrap();
@@ -317,6 +376,40 @@ mod tests {
         let info = exit_info(WaitStatus::Signaled(9), &dir.join("none"), 1);
         assert_eq!(info.reason, "killed");
         assert!(info.failure);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn files_are_passed_as_descriptors_3_and_up_and_nothing_else_leaks() {
+        let dir = std::env::temp_dir().join(format!("qx-passfd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        std::fs::write(&a, b"A").unwrap();
+        std::fs::write(&b, b"B").unwrap();
+        // Opened in reverse so that the agent-side numbers differ from the targets.
+        let fb = std::fs::File::open(&b).unwrap();
+        let fa = std::fs::File::open(&a).unwrap();
+        let log = dir.join("log");
+        let pid = spawn_detached(
+            Path::new("/bin/sh"),
+            &[
+                "-c".into(),
+                "cat <&3; cat <&4; echo; ls /proc/self/fd | wc -l".into(),
+            ],
+            &log,
+            &[fa, fb],
+        )
+        .unwrap();
+        let fd = pidfd_open(pid).unwrap();
+        assert_eq!(wait_exit(pid, fd).await.unwrap(), WaitStatus::Exited(0));
+        // A binary that cannot run is still an error of the spawn.
+        let e = spawn_detached(Path::new("/nonexistent/vmm"), &[], &log, &[]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        let out = std::fs::read_to_string(&log).unwrap();
+        let mut lines = out.lines();
+        assert_eq!(lines.next(), Some("AB"), "{out}");
+        // 0, 1, 2, 3, 4, and the one `ls` opens for /proc/self/fd.
+        assert_eq!(lines.next().map(str::trim), Some("6"), "{out}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -2,6 +2,9 @@
 
 use std::path::Path;
 
+use quantix_hostfs::beneath::ImageDirs;
+use quantix_hostfs::Access;
+
 use quantix_proto::v1::{RestartPolicy, VmSpec};
 
 use crate::error::AgentError;
@@ -42,7 +45,42 @@ pub fn vm_id(field: &str, id: &str) -> Result<(), AgentError> {
     Ok(())
 }
 
-fn absolute_file(field: &str, path: &str, required: bool) -> Result<(), AgentError> {
+/// Opens `path` beneath the image directories for `access`: `PERMISSION_DENIED` for a path
+/// outside them (or one that leads out), `INVALID_ARGUMENT` for one that is missing or of
+/// the wrong kind. `regular` refuses block devices (a kernel or initramfs).
+pub fn image(
+    dirs: &ImageDirs,
+    field: &str,
+    path: &str,
+    access: Access,
+    regular: bool,
+) -> Result<std::fs::File, AgentError> {
+    let f = dirs.open(Path::new(path), access).map_err(|e| {
+        if e.is_denied() {
+            AgentError::PermissionDenied(format!("{field}: {e}"))
+        } else {
+            AgentError::invalid(field, e.to_string())
+        }
+    })?;
+    if regular {
+        let is_file = f.metadata().map(|m| m.is_file()).unwrap_or(false);
+        if !is_file {
+            return Err(AgentError::invalid(
+                field,
+                format!("{path:?} is not a regular file"),
+            ));
+        }
+    }
+    Ok(f)
+}
+
+fn image_file(
+    dirs: &ImageDirs,
+    field: &str,
+    path: &str,
+    required: bool,
+    regular: bool,
+) -> Result<(), AgentError> {
     if path.is_empty() {
         return if required {
             Err(AgentError::invalid(field, "is required"))
@@ -50,28 +88,11 @@ fn absolute_file(field: &str, path: &str, required: bool) -> Result<(), AgentErr
             Ok(())
         };
     }
-    let p = Path::new(path);
-    if !p.is_absolute() {
-        return Err(AgentError::invalid(
-            field,
-            format!("{path:?} is not an absolute path"),
-        ));
-    }
-    match std::fs::metadata(p) {
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(AgentError::invalid(
-            field,
-            format!("{path:?} is not a regular file"),
-        )),
-        Err(e) => Err(AgentError::invalid(
-            field,
-            format!("{path:?} cannot be read on this node: {e}"),
-        )),
-    }
+    image(dirs, field, path, Access::ReadOnly, regular).map(drop)
 }
 
-/// Checks a whole spec.
-pub fn spec(spec: Option<&VmSpec>) -> Result<&VmSpec, AgentError> {
+/// Checks a whole spec; its files must lie beneath `dirs`.
+pub fn spec<'a>(spec: Option<&'a VmSpec>, dirs: &ImageDirs) -> Result<&'a VmSpec, AgentError> {
     let spec = spec.ok_or_else(|| AgentError::invalid("spec", "is required"))?;
     let name = &spec.name;
     if name.is_empty() {
@@ -110,8 +131,8 @@ pub fn spec(spec: Option<&VmSpec>) -> Result<&VmSpec, AgentError> {
         .boot
         .as_ref()
         .ok_or_else(|| AgentError::invalid("spec.boot", "is required"))?;
-    absolute_file("spec.boot.kernel", &boot.kernel, true)?;
-    absolute_file("spec.boot.initramfs", &boot.initramfs, false)?;
+    image_file(dirs, "spec.boot.kernel", &boot.kernel, true, true)?;
+    image_file(dirs, "spec.boot.initramfs", &boot.initramfs, false, true)?;
     if boot.cmdline.len() > 2048 {
         return Err(AgentError::invalid(
             "spec.boot.cmdline",
@@ -125,7 +146,7 @@ pub fn spec(spec: Option<&VmSpec>) -> Result<&VmSpec, AgentError> {
         ));
     }
     for (i, d) in spec.disks.iter().enumerate() {
-        absolute_file(&format!("spec.disks[{i}].path"), &d.path, true)?;
+        image_file(dirs, &format!("spec.disks[{i}].path"), &d.path, true, false)?;
         if d.path.contains(',') {
             return Err(AgentError::invalid(
                 format!("spec.disks[{i}].path"),
@@ -224,6 +245,20 @@ mod tests {
         }
     }
 
+    fn dirs() -> ImageDirs {
+        let exe = std::env::current_exe().unwrap();
+        ImageDirs::new(&[exe.parent().unwrap().to_path_buf()]).unwrap()
+    }
+
+    fn missing() -> String {
+        let exe = std::env::current_exe().unwrap();
+        exe.parent()
+            .unwrap()
+            .join("nonexistent")
+            .display()
+            .to_string()
+    }
+
     fn field_of(e: AgentError) -> String {
         match e {
             AgentError::InvalidArgument { field, .. } => field,
@@ -233,7 +268,33 @@ mod tests {
 
     #[test]
     fn accepts_a_good_spec() {
-        spec(Some(&good())).unwrap();
+        spec(Some(&good()), &dirs()).unwrap();
+    }
+
+    #[test]
+    fn files_outside_the_image_directories_are_denied() {
+        let mut s = good();
+        s.boot.as_mut().unwrap().kernel = "/etc/shadow".into();
+        match spec(Some(&s), &dirs()).unwrap_err() {
+            AgentError::PermissionDenied(m) => {
+                assert!(
+                    m.starts_with("spec.boot.kernel: ") && m.contains("outside"),
+                    "{m}"
+                )
+            }
+            other => panic!("{other}"),
+        }
+        let mut s = good();
+        s.disks.push(quantix_proto::v1::Disk {
+            path: "/etc/passwd".into(),
+            ..Default::default()
+        });
+        match spec(Some(&s), &dirs()).unwrap_err() {
+            AgentError::PermissionDenied(m) => {
+                assert!(m.starts_with("spec.disks[0].path: "), "{m}")
+            }
+            other => panic!("{other}"),
+        }
     }
 
     #[test]
@@ -251,7 +312,7 @@ mod tests {
                 "spec.boot.kernel",
             ),
             (
-                |s| s.boot.as_mut().unwrap().kernel = "/nonexistent/x".into(),
+                |s| s.boot.as_mut().unwrap().kernel = missing(),
                 "spec.boot.kernel",
             ),
             (
@@ -274,9 +335,9 @@ mod tests {
         for (mutate, field) in cases {
             let mut s = good();
             mutate(&mut s);
-            assert_eq!(field_of(spec(Some(&s)).unwrap_err()), field);
+            assert_eq!(field_of(spec(Some(&s), &dirs()).unwrap_err()), field);
         }
-        assert_eq!(field_of(spec(None).unwrap_err()), "spec");
+        assert_eq!(field_of(spec(None, &dirs()).unwrap_err()), "spec");
     }
 
     #[test]

@@ -264,7 +264,7 @@ async fn every_error_code_names_the_field() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("spec.vcpus:"), "{}", e.message());
     let mut bad = spec("bad", &g.idle, RestartPolicy::Never);
-    bad.boot.as_mut().unwrap().kernel = "/no/such/kernel".into();
+    bad.boot.as_mut().unwrap().kernel = dir.join("images/no-such-kernel").display().to_string();
     let e = c
         .create_vm(CreateVmRequest {
             vm_id: "bad".into(),
@@ -398,7 +398,7 @@ async fn every_error_code_names_the_field() {
     assert_eq!(e.code(), Code::FailedPrecondition);
 
     // A kernel the VMM cannot load: FAILED_PRECONDITION with the VMM's reason; state FAILED.
-    let junk = dir.join("junk.bin");
+    let junk = dir.join("images/junk.bin");
     std::fs::write(&junk, b"not a kernel").unwrap();
     create(
         &mut c,

@@ -12,7 +12,7 @@ const SCRIPT: &str = r#"
 set -u
 A=/payload/quantix-agent
 C="/payload/quantixctl --agent unix:/tmp/qa/agent.sock"
-$A --state-dir /tmp/qa --listen "" --metrics-listen 127.0.0.1:9700 --vmm /payload/quantix-vmm >/tmp/agent.log 2>&1 &
+$A --state-dir /tmp/qa --image-dir /guest --metrics-listen 127.0.0.1:9700 --vmm /payload/quantix-vmm >/tmp/agent.log 2>&1 &
 i=0
 while [ ! -S /tmp/qa/agent.sock ]; do
 	i=$((i + 1))

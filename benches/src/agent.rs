@@ -175,16 +175,11 @@ async fn run_async(opts: &AgentOptions) -> Result<AgentReport, BenchError> {
     let child = Command::new(&agent_bin)
         .arg("--state-dir")
         .arg(state.join("state"))
-        .args([
-            "--listen",
-            "",
-            "--metrics-listen",
-            "",
-            "--log-level",
-            "warn",
-        ])
+        .args(["--metrics-listen", "", "--log-level", "warn"])
         .arg("--vmm")
         .arg(opts.bin_dir.join("quantix-vmm"))
+        .arg("--image-dir")
+        .arg(&state)
         .args(["--max-vcpus", "100000", "--max-memory-mib", "100000000"])
         .args(["--cgroup-name", &format!("qx-bench-{}", std::process::id())])
         .stdin(Stdio::null())

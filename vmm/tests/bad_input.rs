@@ -460,3 +460,74 @@ fn a_stale_vsock_socket_is_replaced() {
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("vsock attached"), "{err}");
 }
+
+#[test]
+fn an_image_another_vmm_uses_is_refused_and_inherited_descriptors_work() {
+    let dir = scratch("locks");
+    // A guest that parks forever: the first VMM keeps its disk.
+    let idle = write(&dir, "idle.elf", &elf64(&asm::HALT_LOOP));
+    let img = dir.join("shared.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let api = dir.join("api.sock");
+    let mut first = Command::new(vmm_bin())
+        .args(["--kernel", idle.to_str().unwrap(), "--api-socket"])
+        .arg(&api)
+        .arg("--disk")
+        .arg(format!("path={}", img.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !api.exists() {
+        assert!(start.elapsed() < LIMIT, "the first VMM did not come up");
+        assert!(first.try_wait().unwrap().is_none(), "the first VMM exited");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let kernel = good_kernel(&dir);
+    for disk in [
+        format!("path={}", img.display()),
+        format!("path={},readonly=on", img.display()),
+    ] {
+        let (code, err) = fails(&["--kernel", &kernel, "--disk", &disk]);
+        assert_eq!(code, 1, "{disk}: {err}");
+        assert!(
+            err.contains("is in use: locked by pid")
+                && err.contains(&format!("pid {} (quantix-vmm)", first.id())),
+            "{disk}: {err}"
+        );
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+
+    // Files handed over as descriptors (as the agent does): /dev/fd/N is not reopened, so it
+    // works without /proc and keeps the descriptor's mode.
+    let script = format!(
+        "exec {vmm} --kernel /dev/fd/3 --disk path=/dev/fd/4 3<{kernel} 4<>{img}",
+        vmm = vmm_bin(),
+        img = img.display()
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let (code, _, err) = summary(&out);
+    assert_eq!(code, Some(0), "{err}");
+    // A read-only descriptor cannot be a read-write disk.
+    let script = format!(
+        "exec {vmm} --kernel /dev/fd/3 --disk path=/dev/fd/4 3<{kernel} 4<{img}",
+        vmm = vmm_bin(),
+        img = img.display()
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let (code, _, err) = summary(&out);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("descriptor 4 is not open for reading and writing"),
+        "{err}"
+    );
+    let (code, err) = fails(&["--kernel", "/dev/fd/987"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("descriptor 987 was not inherited"), "{err}");
+}

@@ -149,7 +149,17 @@ fn delay() -> Vec<u8> {
     v
 }
 
+/// The image directory of the agents these tests start: `images/` beside the state
+/// directory.
+pub fn images_of(state_dir: &Path) -> PathBuf {
+    state_dir.parent().unwrap().join("images")
+}
+
+/// Writes the guests into `dir/images` (the image directory of an agent whose state is in
+/// `dir/...`).
 pub fn guests(dir: &Path) -> Guests {
+    let dir = &dir.join("images");
+    std::fs::create_dir_all(dir).unwrap();
     let mut idle = delay();
     idle.extend(asm::print(b"hello from guest\n"));
     idle.extend(asm::HALT_LOOP);
@@ -217,6 +227,7 @@ impl Agent {
     /// (Re)starts the agent process.
     pub fn spawn(&mut self) {
         let _ = std::fs::remove_file(self.socket());
+        std::fs::create_dir_all(images_of(&self.state_dir)).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -226,6 +237,8 @@ impl Agent {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args(["--metrics-listen", "127.0.0.1:0"])
+            .arg("--image-dir")
+            .arg(images_of(&self.state_dir))
             .arg("--vmm")
             .arg(bin("quantix-vmm"))
             .args([

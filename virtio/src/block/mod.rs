@@ -9,7 +9,7 @@
 pub mod engine;
 mod request;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -66,6 +66,18 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
+    /// Another process (another VM) uses the image in a way that excludes this use.
+    #[error(
+        "disk image {path} is in use: {source}; a read-write disk needs the image to \
+         itself, a read-only one shares it only with other readers"
+    )]
+    Locked {
+        /// The image.
+        path: PathBuf,
+        /// Who holds it.
+        #[source]
+        source: quantix_hostfs::lock::LockError,
+    },
     /// The path is not a regular file or block device.
     #[error("disk image {0} is not a regular file or block device")]
     NotAFile(PathBuf),
@@ -112,17 +124,25 @@ pub struct Block {
 }
 
 impl Block {
-    /// Opens `path` (read-only if `readonly`) as disk `name`; `id` is its serial (GET_ID).
+    /// Opens `path` (read-only if `readonly`; `/dev/fd/N` is an inherited descriptor) as
+    /// disk `name`, and locks the image for that use (exclusive when read-write, shared when
+    /// read-only) for as long as the VMM runs; `id` is its serial (GET_ID).
     pub fn open(name: &str, path: &Path, readonly: bool, id: &str) -> Result<Self, BlockError> {
+        use quantix_hostfs::Access;
         let open_err = |source| BlockError::Open {
             path: path.to_path_buf(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(path)
-            .map_err(open_err)?;
+        let access = if readonly {
+            Access::ReadOnly
+        } else {
+            Access::ReadWrite
+        };
+        let file = quantix_hostfs::inherit::open(path, access).map_err(open_err)?;
+        quantix_hostfs::lock::lock(&file, access).map_err(|source| BlockError::Locked {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let meta = file.metadata().map_err(open_err)?;
         use std::os::unix::fs::FileTypeExt;
         let ft = meta.file_type();

@@ -10,16 +10,31 @@ use super::{BootError, FirmwareImage};
 pub const FIRMWARE_MAX_SIZE: u64 = 16 << 20;
 
 pub(super) fn read(path: &Path) -> Result<FirmwareImage, BootError> {
-    let bytes = std::fs::read(path).map_err(|source| BootError::Read {
+    use std::io::Read;
+    let read_err = |source| BootError::Read {
         what: "firmware",
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let file =
+        quantix_hostfs::inherit::open(path, quantix_hostfs::Access::ReadOnly).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    // Never read more than the limit, whatever the file claims or grows to meanwhile.
+    let mut bytes = Vec::new();
+    file.take(FIRMWARE_MAX_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
     let size = bytes.len() as u64;
     if size == 0 || !size.is_multiple_of(4096) || size > FIRMWARE_MAX_SIZE {
         return Err(BootError::FirmwareSize {
             path: path.to_path_buf(),
-            size,
+            size: meta.len().max(size),
             max: FIRMWARE_MAX_SIZE,
         });
     }

@@ -63,7 +63,9 @@ fn open(path: &Path, what: &'static str) -> Result<File, BootError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(read_err)?;
+    // `/dev/fd/N`: a file the agent opened beneath its image directories.
+    let file =
+        quantix_hostfs::inherit::open(path, quantix_hostfs::Access::ReadOnly).map_err(read_err)?;
     let meta = file.metadata().map_err(read_err)?;
     if !meta.is_file() {
         return Err(read_err(std::io::Error::new(
