@@ -432,6 +432,8 @@ pub struct VmConfig {
     pub console: SerialMode,
     /// A virtio-vsock device.
     pub vsock: Option<VsockConfig>,
+    /// The KVM device: `/dev/kvm`, or an inherited `/dev/fd/N` (in a jail).
+    pub kvm: PathBuf,
 }
 
 impl VmConfig {
@@ -556,6 +558,7 @@ mod tests {
 
     fn config() -> VmConfig {
         VmConfig {
+            kvm: "/dev/kvm".into(),
             boot: BootSource::Kernel {
                 kernel: "/k".into(),
                 initramfs: None,

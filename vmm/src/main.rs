@@ -74,6 +74,10 @@ struct Cli {
     /// "detail":"..."}), for a supervisor that cannot wait for its status (see docs/vmm.md).
     #[arg(long, value_name = "PATH")]
     exit_file: Option<PathBuf>,
+    /// The KVM device: a path, or `/dev/fd/N` for a descriptor opened by a supervisor (a
+    /// jailed VMM has no /dev).
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
+    kvm: PathBuf,
     /// Log level of the VMM's own logs on stderr: error, warn, info, debug, trace
     /// (or a tracing filter such as `quantix_vmm=debug`).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
@@ -136,6 +140,7 @@ fn main() -> ExitCode {
         nets: cli.nets,
         console: cli.console,
         vsock: cli.vsock,
+        kvm: cli.kvm,
     };
     let exit_file = cli.exit_file;
     let record = |rec: ExitRecord| {

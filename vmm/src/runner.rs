@@ -82,6 +82,14 @@ impl SignalWatcher {
                 source: io::Error::from_raw_os_error(rc),
             });
         }
+        // A handler that does nothing, though the signals stay blocked and are read from the
+        // signalfd: as the init of a PID namespace (in a jail), the kernel drops every
+        // signal whose disposition is the default, so without a handler SIGTERM would be lost.
+        extern "C" fn noop(_: libc::c_int) {}
+        for sig in [libc::SIGTERM, libc::SIGINT] {
+            // SAFETY: `noop` is async-signal-safe (it does nothing).
+            unsafe { libc::signal(sig, noop as *const () as libc::sighandler_t) };
+        }
         // SAFETY: `set` is valid; -1 asks for a new fd, which we own on success.
         let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
         if fd < 0 {

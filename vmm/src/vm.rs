@@ -117,9 +117,31 @@ fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { op, source }
 }
 
-/// Opens /dev/kvm, with errors that say what to do.
-pub fn open_kvm() -> Result<Kvm, VmError> {
-    match Kvm::new() {
+/// Opens the KVM device (`/dev/kvm`, or an inherited `/dev/fd/N` in a jail), with errors
+/// that say what to do.
+pub fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
+    if quantix_hostfs::inherit::fd_of(path).is_some() {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        let file = quantix_hostfs::inherit::open(path, quantix_hostfs::Access::ReadWrite)
+            .map_err(VmError::KvmOpen)?;
+        // SAFETY: `file` is an open descriptor we own; Kvm takes it over. A descriptor that
+        // is not KVM fails its first ioctl (the API version check below).
+        let kvm = unsafe { Kvm::from_raw_fd(file.into_raw_fd()) };
+        if kvm.get_api_version() != 12 {
+            return Err(VmError::KvmOpen(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not the KVM device", path.display()),
+            )));
+        }
+        return Ok(kvm);
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        VmError::KvmOpen(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a NUL byte in the path",
+        ))
+    })?;
+    match Kvm::new_with_path(&c) {
         Ok(kvm) => Ok(kvm),
         Err(e) if e.errno() == libc::ENOENT => Err(VmError::KvmMissing),
         Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => {
@@ -187,7 +209,7 @@ pub struct RunningVm {
 impl Vm {
     /// Builds the VM described by `config`, failing before any guest code runs on bad input.
     pub fn build(config: &VmConfig, exit: Arc<ExitSignal>) -> Result<Vm, VmError> {
-        let kvm = open_kvm()?;
+        let kvm = open_kvm(&config.kvm)?;
         check_caps(&kvm)?;
         // Read the firmware before allocating anything: a bad file is the likelier failure.
         let firmware = match &config.boot {
