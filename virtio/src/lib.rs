@@ -16,6 +16,7 @@ pub mod mmio;
 pub mod net;
 pub mod rng;
 pub mod state;
+pub mod threads;
 pub mod vsock;
 pub mod worker;
 

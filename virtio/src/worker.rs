@@ -2,9 +2,9 @@
 //! notification eventfds (registered with KVM as ioeventfds, so a guest notification never
 //! reaches a vCPU thread's user-space side) and on a stop eventfd.
 
+use crate::threads::Joiner;
 use std::io;
 use std::os::unix::io::AsRawFd;
-use std::thread::JoinHandle;
 
 use tracing::{debug, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -27,7 +27,7 @@ const HOST_TOKEN_BASE: u64 = 1 << 32;
 /// so that a paused device can be saved and served again.
 pub struct Worker<H> {
     stop: EventFd,
-    thread: Option<JoinHandle<H>>,
+    thread: Option<Joiner<H>>,
 }
 
 const STOP_TOKEN: u64 = u64::MAX;
@@ -71,7 +71,7 @@ impl<H: QueueHandler> Worker<H> {
         }
         let host_count = host_fds.len();
         let stop_evt = stop.try_clone()?;
-        let thread = std::thread::Builder::new().name(name.clone()).spawn(move || {
+        let thread = crate::threads::spawn(name.clone(), move || {
             // Buffers the driver made available before it notified are served at once.
             for i in 0..queue_evts.len() {
                 handler.process(i);
@@ -137,8 +137,8 @@ impl<H> Worker<H> {
         let thread = self.thread.take()?;
         let _ = self.stop.write(1);
         match thread.join() {
-            Ok(handler) => Some(handler),
-            Err(_) => {
+            Some(handler) => Some(handler),
+            None => {
                 warn!("device worker thread panicked");
                 None
             }

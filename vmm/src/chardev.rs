@@ -393,7 +393,14 @@ fn open_socket(
     };
     std::thread::Builder::new()
         .name(format!("{role}-socket"))
-        .spawn(move || acceptor.run())
+        .spawn(move || {
+            // A host-facing thread: the main thread's filter.
+            if let Err(e) = crate::seccomp::install(crate::seccomp::Kind::Vmm) {
+                warn!(device = role, error = %e, "cannot install the seccomp filter; the socket thread stops");
+                return;
+            }
+            acceptor.run()
+        })
         .map_err(host("the socket thread"))?;
     info!(device = role, socket = %path.display(), "{role} is on a Unix socket");
     Ok(Chardev {

@@ -434,6 +434,11 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// The KVM device: `/dev/kvm`, or an inherited `/dev/fd/N` (in a jail).
     pub kvm: PathBuf,
+    /// What the seccomp filters do with a call outside their lists.
+    pub seccomp: crate::seccomp::Mode,
+    /// A test hook: this kind of thread makes a forbidden call right after installing its
+    /// filter (proves that a refusal stops the VMM with the `seccomp` reason).
+    pub seccomp_probe: Option<crate::seccomp::Kind>,
 }
 
 impl VmConfig {
@@ -559,6 +564,8 @@ mod tests {
     fn config() -> VmConfig {
         VmConfig {
             kvm: "/dev/kvm".into(),
+            seccomp: crate::seccomp::Mode::Kill,
+            seccomp_probe: None,
             boot: BootSource::Kernel {
                 kernel: "/k".into(),
                 initramfs: None,

@@ -19,5 +19,6 @@ pub mod mptable;
 pub mod pause;
 pub mod power_button;
 pub mod runner;
+pub mod seccomp;
 pub mod virtio;
 pub mod vm;

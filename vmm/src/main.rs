@@ -78,6 +78,14 @@ struct Cli {
     /// jailed VMM has no /dev).
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     kvm: PathBuf,
+    /// Seccomp filters per thread: kill (a call outside the allow-list stops the VMM with
+    /// exit status 8 and reason `seccomp`), log (allowed, logged by the kernel; for
+    /// finding what a filter misses) or off.
+    #[arg(long, value_name = "MODE", default_value = "kill")]
+    seccomp: quantix_vmm::seccomp::Mode,
+    /// Test hook: this kind of thread (vmm, vcpu) makes a forbidden call once filtered.
+    #[arg(long, value_name = "KIND", hide = true)]
+    seccomp_probe: Option<quantix_vmm::seccomp::Kind>,
     /// Log level of the VMM's own logs on stderr: error, warn, info, debug, trace
     /// (or a tracing filter such as `quantix_vmm=debug`).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
@@ -141,6 +149,8 @@ fn main() -> ExitCode {
         console: cli.console,
         vsock: cli.vsock,
         kvm: cli.kvm,
+        seccomp: cli.seccomp,
+        seccomp_probe: cli.seccomp_probe,
     };
     let exit_file = cli.exit_file;
     let record = |rec: ExitRecord| {
@@ -158,6 +168,14 @@ fn main() -> ExitCode {
             detail: e.to_string(),
         });
         return ExitCode::from(EXIT_SETUP_ERROR as u8);
+    }
+    if config.seccomp == quantix_vmm::seccomp::Mode::Kill {
+        if let Some(path) = &exit_file {
+            // The SIGSYS handler cannot open files: it writes through this descriptor.
+            if let Err(e) = quantix_vmm::seccomp::trap::prepare_exit_record(path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot prepare the exit record");
+            }
+        }
     }
     match quantix_vmm::runner::run(&config) {
         Ok(reason) => {

@@ -244,6 +244,11 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, RunError> {
     let exit = Arc::new(ExitSignal::new().map_err(host_err("creating the exit eventfd"))?);
     // Before any thread exists, so that every thread inherits the blocked mask.
     let signals = SignalWatcher::new(exit.clone())?;
+    crate::seccomp::init(config.seccomp, config.seccomp_probe).map_err(|e| RunError::Host {
+        what: "seccomp",
+        source: io::Error::other(e),
+    })?;
+    crate::seccomp::launcher::start().map_err(host_err("starting the device thread launcher"))?;
     let vm = Vm::build(config, exit.clone())?;
     let info = VmInfo {
         vcpus: config.vcpus,
@@ -270,6 +275,13 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, RunError> {
         em.add_subscriber(Arc::new(Mutex::new(api)));
     }
 
+    // The main thread's filter, before any vCPU runs (vCPU threads start under it and add
+    // their own).
+    crate::seccomp::install(crate::seccomp::Kind::Vmm).map_err(|e| RunError::Host {
+        what: "seccomp",
+        source: io::Error::other(e),
+    })?;
+    crate::seccomp::probe(crate::seccomp::Kind::Vmm);
     let mut running = vm.start()?;
     // Standard input goes to the serial port or the console; either way, raw for the guest.
     let stdin_used = config.serial == SerialMode::Stdout || config.console == SerialMode::Stdout;

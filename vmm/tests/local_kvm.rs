@@ -563,3 +563,109 @@ fn standard_input_reaches_the_guest_through_the_uart() {
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout, "hello from long mode\nping from the host\n");
 }
+
+/// Every thread of a running VMM is under a seccomp filter, and NO_NEW_PRIVS is set.
+#[test]
+fn every_thread_runs_under_a_seccomp_filter() {
+    let dir = scratch("seccomp-threads");
+    let kernel = long_mode_guest(&dir, "k.elf", &asm::HALT_LOOP);
+    let sock = dir.join("api.sock");
+    let serial = format!("socket={}", dir.join("serial.sock").display());
+    let mut child = vmm_process(
+        &kernel,
+        &[
+            "--cpus",
+            "2",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--serial",
+            &serial,
+        ],
+    );
+    let _reaper = KillOnPanic(child.id());
+    let start = Instant::now();
+    while UnixStream::connect(&sock).is_err() && start.elapsed() < LIMIT {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The control socket is up before the vCPU threads start: wait for them.
+    let task_names = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            .unwrap()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+            .map(|n| n.trim().to_string())
+            .collect()
+    };
+    while !task_names().iter().any(|n| n == "vcpu1") && start.elapsed() < LIMIT {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut names = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}:")))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let name = field("Name");
+        assert_eq!(field("Seccomp"), "2", "thread {name} is not filtered");
+        assert_eq!(field("NoNewPrivs"), "1", "thread {name}");
+        names.push(name);
+    }
+    for want in ["vcpu0", "vcpu1", "launcher", "serial-socket"] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "no {want} thread in {names:?}"
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A call outside a thread's allow-list stops the VMM: exit status 8, an exit record
+/// with the reason `seccomp`, the syscall and the thread.
+#[test]
+fn a_forbidden_syscall_stops_the_vmm_with_the_seccomp_reason() {
+    let dir = scratch("seccomp-probe");
+    let kernel = long_mode_guest(&dir, "k.elf", &asm::HALT_LOOP);
+    for (kind, thread) in [("vcpu", "vcpu0"), ("vmm", "main")] {
+        let record = dir.join(format!("exit-{kind}.json"));
+        let child = vmm_process(
+            &kernel,
+            &[
+                "--seccomp-probe",
+                kind,
+                "--exit-file",
+                record.to_str().unwrap(),
+            ],
+        );
+        let out = wait_limit(child, LIMIT);
+        let (code, _, stderr) = summary(&out);
+        assert_eq!(code, Some(8), "{kind}: {stderr}");
+        let rec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+        assert_eq!(rec["reason"], "seccomp", "{rec}");
+        assert_eq!(rec["code"], 8, "{rec}");
+        let detail = rec["detail"].as_str().unwrap();
+        assert!(
+            detail.contains(&format!("syscall {} ", libc::SYS_getppid))
+                && detail.contains(&format!("on thread {thread} (filter {kind})")),
+            "{detail}"
+        );
+        assert!(stderr.contains("seccomp: refused syscall"), "{stderr}");
+    }
+    // `off` installs nothing: the same forbidden call passes, and the guest powers off.
+    let off = long_mode_guest(&dir, "off.elf", &asm::acpi_poweroff(true));
+    let out = wait_limit(
+        vmm_process(&off, &["--seccomp", "off", "--seccomp-probe", "vcpu"]),
+        LIMIT,
+    );
+    let (code, _, stderr) = summary(&out);
+    assert_eq!(code, Some(0), "{stderr}");
+}

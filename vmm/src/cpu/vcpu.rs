@@ -196,6 +196,15 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        // The vCPU's filter before its first KVM_RUN: the guest reaches the VMM through
+        // this thread first.
+        if let Err(e) = crate::seccomp::install(crate::seccomp::Kind::Vcpu) {
+            tracing::error!(vcpu = self.index, error = %e, "cannot install the vCPU's seccomp filter");
+            self.exit
+                .request(crate::exit::ExitReason::VmmError(e.to_string()));
+            return;
+        }
+        crate::seccomp::probe(crate::seccomp::Kind::Vcpu);
         // Unblock the kick signal in this thread (the main thread blocks only SIGTERM/SIGINT).
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
         debug!(vcpu = self.index, "vCPU thread running");
