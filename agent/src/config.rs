@@ -43,6 +43,16 @@ pub enum ConsoleMode {
     File,
 }
 
+/// Whether VMs need their cgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupMode {
+    /// A VM whose cgroups cannot be made does not start.
+    Required,
+    /// VMs run without cgroups (no CPU, memory or task limits).
+    Off,
+}
+
 /// The agent's settings. Every field has an embedded default.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -88,6 +98,17 @@ pub struct Config {
     pub max_memory_mib: u64,
     /// Name of the agent's parent cgroup.
     pub cgroup_name: String,
+    /// `required` (a VM whose cgroups cannot be made does not start) or `off`.
+    pub cgroups: CgroupMode,
+    /// Run every VMM in a jail (quantix-jailer: own uid, no capabilities, namespaces,
+    /// pivot_root, seccomp). `false` only for debugging.
+    pub jail: bool,
+    /// The quantix-jailer binary; empty for the one next to the agent's binary, else PATH.
+    pub jailer_binary: String,
+    /// The first uid (and gid) of the range jailed VMMs run as.
+    pub jail_uid_base: u32,
+    /// How many uids the range has (one per running VM).
+    pub jail_uid_count: u32,
     /// How consoles are read.
     pub console: ConsoleMode,
     /// Seconds a reboot gives the guest to power off after its power button is pressed,
@@ -118,6 +139,11 @@ impl Default for Config {
             max_vcpus: 0,
             max_memory_mib: 0,
             cgroup_name: "quantix-agent".into(),
+            cgroups: CgroupMode::Required,
+            jail: true,
+            jailer_binary: String::new(),
+            jail_uid_base: 2_100_000_000,
+            jail_uid_count: 65_536,
             console: ConsoleMode::Auto,
             stop_timeout_secs: 10,
             restart_backoff_max_secs: 30,
@@ -158,17 +184,12 @@ impl Config {
 
     /// The VMM binary to run.
     pub fn vmm_path(&self) -> PathBuf {
-        if !self.vmm_binary.is_empty() {
-            return PathBuf::from(&self.vmm_binary);
-        }
-        if let Some(sibling) = std::env::current_exe()
-            .ok()
-            .and_then(|e| e.parent().map(|d| d.join("quantix-vmm")))
-            .filter(|p| p.exists())
-        {
-            return sibling;
-        }
-        PathBuf::from("quantix-vmm")
+        binary(&self.vmm_binary, "quantix-vmm")
+    }
+
+    /// The jailer binary to run.
+    pub fn jailer_path(&self) -> PathBuf {
+        binary(&self.jailer_binary, "quantix-jailer")
     }
 
     /// Checks values that have no valid meaning.
@@ -183,6 +204,16 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "cgroup_name {:?} must be a non-empty name without '/'",
                 self.cgroup_name
+            )));
+        }
+        if self.jail_uid_base == 0
+            || self.jail_uid_count == 0
+            || u64::from(self.jail_uid_base) + u64::from(self.jail_uid_count) > u64::from(u32::MAX)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "jail_uid_base {} and jail_uid_count {}: a non-empty range of uids above 0 \
+                 and below 2^32-1",
+                self.jail_uid_base, self.jail_uid_count
             )));
         }
         for d in &self.image_dirs {
@@ -292,6 +323,21 @@ impl Config {
             None => resolve("quantix", group_file),
         }
     }
+}
+
+/// `configured`, else `name` next to the agent's binary, else `name` (from PATH).
+fn binary(configured: &str, name: &str) -> PathBuf {
+    if !configured.is_empty() {
+        return PathBuf::from(configured);
+    }
+    if let Some(sibling) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(name)))
+        .filter(|p| p.exists())
+    {
+        return sibling;
+    }
+    PathBuf::from(name)
 }
 
 fn resolve(name: &str, group_file: &Path) -> Result<Option<u32>, ConfigError> {

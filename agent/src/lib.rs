@@ -10,6 +10,7 @@ pub mod control;
 pub mod error;
 pub mod events;
 pub mod grpc;
+pub mod jail;
 pub mod listen;
 pub mod manager;
 pub mod metrics;

@@ -82,6 +82,15 @@ struct Cli {
     /// Name of the agent's parent cgroup.
     #[arg(long, value_name = "NAME")]
     cgroup_name: Option<String>,
+    /// Whether VMs need their cgroups: required (default) or off.
+    #[arg(long, value_name = "MODE", value_parser = ["required", "off"])]
+    cgroups: Option<String>,
+    /// Run VMMs without a jail (own uid, namespaces, pivot_root). For debugging only.
+    #[arg(long)]
+    no_jail: bool,
+    /// The quantix-jailer binary.
+    #[arg(long, value_name = "PATH")]
+    jailer: Option<String>,
     /// How consoles are read: auto, socket or file.
     #[arg(long, value_name = "MODE", value_parser = ["auto", "socket", "file"])]
     console: Option<String>,
@@ -145,6 +154,19 @@ fn config(cli: &Cli) -> Result<Config, String> {
     }
     if let Some(v) = &cli.cgroup_name {
         c.cgroup_name = v.clone();
+    }
+    if let Some(v) = &cli.cgroups {
+        c.cgroups = if v == "off" {
+            quantix_agent::config::CgroupMode::Off
+        } else {
+            quantix_agent::config::CgroupMode::Required
+        };
+    }
+    if cli.no_jail {
+        c.jail = false;
+    }
+    if let Some(v) = &cli.jailer {
+        c.jailer_binary = v.clone();
     }
     if let Some(v) = &cli.console {
         c.console = match v.as_str() {

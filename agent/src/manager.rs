@@ -91,9 +91,14 @@ fn name_passed_files(spec: &VmSpec, text: &str) -> String {
     out
 }
 
-/// A VM's files, opened beneath the image directories and locked, in `file_plan` order.
+/// A VM's descriptors for its VMM: the files of `file_plan` (opened beneath the image
+/// directories and locked), then the KVM device, then the TAPs, in that order.
 struct VmFiles {
     files: Vec<std::fs::File>,
+    /// The VMM's name of the KVM device.
+    kvm: String,
+    /// The VMM's names of the TAPs, in `spec.nics` order.
+    taps: Vec<String>,
 }
 
 /// How long a started VMM may take to answer on its control socket.
@@ -189,6 +194,12 @@ pub struct Manager {
     console_socket: bool,
     /// Where a VM's kernel, initramfs and disks may come from.
     images: ImageDirs,
+    /// The jailer.
+    jailer: PathBuf,
+    /// Uids for jailed VMMs.
+    uids: crate::jail::UidPool,
+    /// The uid each jailed VMM runs as.
+    vm_uids: Mutex<HashMap<String, u32>>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     create_lock: tokio::sync::Mutex<()>,
     allocatable: Resources,
@@ -210,6 +221,8 @@ impl Manager {
         let images = ImageDirs::new(&cfg.image_dirs())
             .map_err(|e| AgentError::Internal(format!("image_dirs: {e}")))?;
         let vmm = cfg.vmm_path();
+        let jailer = cfg.jailer_path();
+        let uids = crate::jail::UidPool::new(cfg.jail_uid_base, cfg.jail_uid_count);
         let console_socket = match cfg.console {
             crate::config::ConsoleMode::Socket => true,
             crate::config::ConsoleMode::File => false,
@@ -247,6 +260,9 @@ impl Manager {
             cgroups,
             console_socket,
             images,
+            jailer,
+            uids,
+            vm_uids: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
             allocatable,
@@ -542,7 +558,33 @@ impl Manager {
             }
             files.push(f);
         }
-        Ok(VmFiles { files })
+        let kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map_err(|e| AgentError::FailedPrecondition(format!("cannot open /dev/kvm: {e}")))?;
+        files.push(kvm);
+        let kvm = passed_name(files.len() - 1);
+        let mut taps = Vec::new();
+        for (i, n) in spec.nics.iter().enumerate() {
+            let (tap, _) = quantix_hostfs::tap::open(&n.tap)
+                .map_err(|e| AgentError::FailedPrecondition(format!("spec.nics[{i}].tap: {e}")))?;
+            files.push(tap);
+            taps.push(passed_name(files.len() - 1));
+        }
+        Ok(VmFiles { files, kvm, taps })
+    }
+
+    /// Gives a stopped VM's uid back to the pool.
+    fn release_uid(&self, id: &str) {
+        let uid = self
+            .vm_uids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some(u) = uid {
+            self.uids.release(u);
+        }
     }
 
     /// Names lock holders: the VM whose VMM it is, else the process.
@@ -568,7 +610,8 @@ impl Manager {
             .join(", ")
     }
 
-    fn vmm_args(&self, spec: &VmSpec, paths: &VmPaths) -> Vec<String> {
+    fn vmm_args(&self, spec: &VmSpec, paths: &VmPaths, files: &VmFiles) -> Vec<String> {
+        let jailed = self.cfg.jail;
         // Names in file_plan order.
         let mut next = 0;
         let mut name = || {
@@ -594,12 +637,12 @@ impl Manager {
         if self.console_socket {
             push(
                 "--serial",
-                format!("socket={}", paths.serial_socket().display()),
+                format!("socket={}", paths.for_vmm(&paths.serial_socket(), jailed)),
             );
         } else {
             push(
                 "--serial",
-                format!("file={}", paths.serial_file().display()),
+                format!("file={}", paths.for_vmm(&paths.serial_file(), jailed)),
             );
         }
         for d in &spec.disks {
@@ -612,15 +655,19 @@ impl Manager {
             }
             push("--disk", s);
         }
-        for n in &spec.nics {
-            let mut s = format!("tap={}", n.tap);
+        for (n, fd) in spec.nics.iter().zip(&files.taps) {
+            // The agent opened the TAP; the VMM (in its own network namespace when jailed)
+            // gets the descriptor.
+            let fd = fd.trim_start_matches("/dev/fd/");
+            let mut s = format!("fd={fd}");
             if !n.mac.is_empty() {
                 s.push_str(&format!(",mac={}", n.mac));
             }
             push("--net", s);
         }
-        push("--api-socket", paths.api_socket().display().to_string());
-        push("--exit-file", paths.exit_file().display().to_string());
+        push("--kvm", files.kvm.clone());
+        push("--api-socket", paths.for_vmm(&paths.api_socket(), jailed));
+        push("--exit-file", paths.for_vmm(&paths.exit_file(), jailed));
         push("--log-format", "json".into());
         a
     }
@@ -664,23 +711,74 @@ impl Manager {
         std::fs::create_dir_all(&paths.dir).map_err(|e| {
             AgentError::Internal(format!("cannot create {}: {e}", paths.dir.display()))
         })?;
-        for stale in [paths.api_socket(), paths.exit_file(), paths.serial_socket()] {
-            let _ = std::fs::remove_file(stale);
+        let max_pids = 64 + 2 * u64::from(spec.vcpus);
+        let cgroup_dirs = match self.cfg.cgroups {
+            crate::config::CgroupMode::Required => self
+                .cgroups
+                .prepare(&vm.id, spec.vcpus, spec.memory_mib, max_pids)
+                .map_err(|why| {
+                    AgentError::FailedPrecondition(format!(
+                        "cannot give the VM its cgroups ({why}); set cgroups = \"off\" to \
+                         run VMs without CPU, memory and task limits"
+                    ))
+                })?,
+            crate::config::CgroupMode::Off => Vec::new(),
+        };
+        let uid = if self.cfg.jail {
+            Some(self.uids.take()?)
+        } else {
+            None
+        };
+        if let Err(e) = crate::jail::prepare_root(&paths.root(), uid.unwrap_or(0)) {
+            if let Some(u) = uid {
+                self.uids.release(u);
+            }
+            return Err(e);
         }
-        let _ = std::fs::write(paths.serial_file(), b"");
         status_mut(vm).state = VmState::Starting as i32;
         status_mut(vm).last_exit = None;
         self.store.put(vm)?;
 
         let started = Instant::now();
-        let args = self.vmm_args(&spec, &paths);
-        let spawned = process::spawn_detached(&self.vmm, &args, &paths.vmm_log(), &files.files);
+        let args = self.vmm_args(&spec, &paths, &files);
+        let spawned = match uid {
+            Some(uid) => {
+                let req = crate::jail::JailRequest {
+                    id: &vm.id,
+                    jailer: &self.jailer,
+                    vmm: &self.vmm,
+                    root: &paths.root(),
+                    uid,
+                    cgroups: cgroup_dirs.clone(),
+                    vcpus: spec.vcpus,
+                    pid_file: &paths.pid_file(),
+                };
+                crate::jail::spawn(req, &args, &paths.vmm_log(), files.files).await
+            }
+            None => {
+                let r = process::spawn_detached(&self.vmm, &args, &paths.vmm_log(), &files.files)
+                    .map_err(|e| {
+                        AgentError::Internal(format!("cannot run {}: {e}", self.vmm.display()))
+                    });
+                drop(files);
+                if let Ok(pid) = &r {
+                    if let Err(why) = crate::cgroup::Cgroups::join(&cgroup_dirs, *pid) {
+                        let _ = process::signal(*pid, libc::SIGKILL);
+                        warn!(vm = %vm.id, error = %why, "cannot place the VMM in its cgroups");
+                    }
+                }
+                r
+            }
+        };
         // The VMM holds its own descriptors (and with them the locks) from here on.
-        drop(files);
         let pid = match spawned {
             Ok(pid) => pid,
             Err(e) => {
-                let msg = format!("cannot run {}: {e}", self.vmm.display());
+                if let Some(u) = uid {
+                    self.uids.release(u);
+                }
+                self.cgroups.remove(&vm.id);
+                let msg = e.to_string();
                 let exit = ExitInfo {
                     reason: "setup-error".into(),
                     exit_code: -1,
@@ -694,12 +792,21 @@ impl Manager {
                 return Err(AgentError::Internal(msg));
             }
         };
-        let cgroup = self.cgroups.place(&vm.id, pid, spec.vcpus, spec.memory_mib);
+        if let Some(u) = uid {
+            self.vm_uids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(vm.id.clone(), u);
+        }
         {
             let st = status_mut(vm);
             st.pid = pid;
             st.started_unix_ms = now_ms();
-            st.cgroup = cgroup;
+            st.cgroup = cgroup_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(",");
         }
         self.store.put(vm)?;
         let mut exited = self.watch(slot, &vm.id, pid, paths.clone())?;
@@ -840,6 +947,7 @@ impl Manager {
             let _ = run.stop_console.send(true);
         }
         self.cgroups.remove(&vm.id);
+        self.release_uid(&vm.id);
         let state = if requested || !info.failure {
             VmState::Stopped
         } else {
@@ -1153,6 +1261,13 @@ impl Manager {
             let paths = self.paths(&id);
             match process::find_vmm(&paths.api_socket()) {
                 Some(pid) => {
+                    if let Some(uid) = crate::jail::uid_of(pid).filter(|u| *u != 0) {
+                        self.uids.hold(uid);
+                        self.vm_uids
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(id.clone(), uid);
+                    }
                     let api_socket = paths.api_socket();
                     self.watch(&slot, &id, pid, paths)?;
                     let paused = matches!(

@@ -144,7 +144,10 @@ pub async fn render(manager: &Arc<Manager>, api: &ApiMetrics) -> String {
         if st.state != VmState::Running as i32 && st.state != VmState::Paused as i32 {
             continue;
         }
-        let sock = std::path::Path::new(&st.directory).join("api.sock");
+        let sock = crate::process::VmPaths {
+            dir: std::path::PathBuf::from(&st.directory),
+        }
+        .api_socket();
         let Ok(m) = crate::control::call(&sock, "metrics", Duration::from_millis(200)).await else {
             continue;
         };

@@ -40,6 +40,18 @@ pub fn spawn_detached(
     log: &Path,
     files: &[std::fs::File],
 ) -> io::Result<u32> {
+    // Dropping a std Child neither kills nor waits for the process; wait_exit reaps it.
+    Ok(spawn_child(binary, args, log, files)?.id())
+}
+
+/// [`spawn_detached`], keeping the `Child` (for a short-lived process the caller waits for,
+/// such as the jailer).
+pub fn spawn_child(
+    binary: &Path,
+    args: &[String],
+    log: &Path,
+    files: &[std::fs::File],
+) -> io::Result<std::process::Child> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     // Duplicates numbered above every target (3 .. 3+n), so that placing one never
     // overwrites another that is still to be placed.
@@ -109,8 +121,7 @@ pub fn spawn_detached(
     }
     let child = cmd.spawn()?;
     drop(sources);
-    // Dropping a std Child neither kills nor waits for the process; wait_exit reaps it.
-    Ok(child.id())
+    Ok(child)
 }
 
 /// A pidfd for `pid`: readable once the process exits.
@@ -197,42 +208,31 @@ pub fn exit_info(status: WaitStatus, exit_file: &Path, now_ms: i64) -> ExitInfo 
     info
 }
 
-/// The pid of a live `quantix-vmm` whose command line names `api_socket`, if any (how a
-/// restarted agent finds the VMMs it started, whatever its store says about pids).
+/// The pid of the live `quantix-vmm` serving the control socket `api_socket`, if any (how
+/// a restarted agent finds the VMMs it started, whatever its store says about pids). The
+/// kernel names the process that listens on the socket (`SO_PEERCRED` of a connection to
+/// it), and that process's executable must be a `quantix-vmm`: neither a command line (which
+/// any process can fake) nor a stale pid file decides. The socket lives in the VM's private
+/// directory, which only root and the VM's own uid can reach.
 pub fn find_vmm(api_socket: &Path) -> Option<u32> {
-    let want = api_socket.as_os_str().as_encoded_bytes();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Some(true) = cmdline_names(pid, want) {
-            if !is_zombie(pid) {
-                return Some(pid);
-            }
-        }
+    use std::os::fd::AsRawFd;
+    let stream = std::os::unix::net::UnixStream::connect(api_socket).ok()?;
+    let peer = crate::access::UnixPeer::of(stream.as_raw_fd()).ok()?;
+    drop(stream);
+    let pid = u32::try_from(peer.pid).ok().filter(|p| *p > 0)?;
+    if is_zombie(pid) || !is_vmm_executable(pid) {
+        return None;
     }
-    None
+    Some(pid)
 }
 
-fn cmdline_names(pid: u32, want: &[u8]) -> Option<bool> {
-    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let mut args = cmd.split(|b| *b == 0);
-    let mut prev: &[u8] = b"";
-    let argv0 = args.next()?;
-    if !argv0.ends_with(b"quantix-vmm") {
-        return Some(false);
-    }
-    for a in args {
-        if prev == b"--api-socket" && a == want {
-            return Some(true);
-        }
-        prev = a;
-    }
-    Some(false)
+/// Whether `/proc/PID/exe` is a `quantix-vmm` (also one replaced on disk since it started:
+/// "quantix-vmm (deleted)").
+fn is_vmm_executable(pid: u32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .is_some_and(|n| n.starts_with("quantix-vmm"))
 }
 
 /// The process state letter from /proc/PID/stat ('T' when stopped, 'Z' for a zombie).
@@ -323,25 +323,45 @@ pub struct VmPaths {
 }
 
 impl VmPaths {
+    /// The VMM's jail root (also the root of an unjailed VMM's files): `dir/root`.
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+    /// Its private directory (mode 0700, the VMM's): sockets, exit record, serial log.
+    pub fn run(&self) -> PathBuf {
+        self.root().join("run")
+    }
     /// The VMM's control socket.
     pub fn api_socket(&self) -> PathBuf {
-        self.dir.join("api.sock")
+        self.run().join("api.sock")
     }
     /// The serial console socket (socket mode).
     pub fn serial_socket(&self) -> PathBuf {
-        self.dir.join("serial.sock")
+        self.run().join("serial.sock")
     }
     /// The serial console output file (file mode).
     pub fn serial_file(&self) -> PathBuf {
-        self.dir.join("serial.log")
+        self.run().join("serial.log")
     }
     /// The VMM's exit record.
     pub fn exit_file(&self) -> PathBuf {
-        self.dir.join("exit.json")
+        self.run().join("exit.json")
     }
-    /// The VMM's stdout and stderr.
+    /// The VMM's stdout and stderr (the agent's file, outside the jail).
     pub fn vmm_log(&self) -> PathBuf {
         self.dir.join("vmm.log")
+    }
+    /// Where the jailer writes the VMM's pid.
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.join("vmm.pid")
+    }
+    /// How the VMM names `path` (one of the files in [`VmPaths::run`]): `/run/NAME` inside
+    /// its jail, else the path itself.
+    pub fn for_vmm(&self, path: &Path, jailed: bool) -> String {
+        match (jailed, path.strip_prefix(self.root())) {
+            (true, Ok(rel)) => Path::new("/").join(rel).display().to_string(),
+            _ => path.display().to_string(),
+        }
     }
 }
 

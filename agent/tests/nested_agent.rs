@@ -68,6 +68,7 @@ fn agent_boots_debian_through_its_api_in_the_nested_sandbox() {
     for (package, bin) in [
         ("quantix-vmm", "quantix-vmm"),
         ("quantix-agent", "quantix-agent"),
+        ("quantix-jailer", "quantix-jailer"),
         ("quantix-ctl", "quantixctl"),
     ] {
         let path = build::static_binary(package, bin).unwrap_or_else(|e| panic!("{e}"));

@@ -35,7 +35,7 @@ pub struct AgentOptions {
     pub clients: usize,
     /// List calls per client.
     pub lists: usize,
-    /// Directory holding release builds of quantix-agent and quantix-vmm.
+    /// Directory holding release builds of quantix-agent, quantix-jailer and quantix-vmm.
     pub bin_dir: PathBuf,
 }
 

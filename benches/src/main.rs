@@ -195,8 +195,9 @@ enum Cmd {
         /// List calls per client.
         #[arg(long, default_value_t = 200)]
         lists: u32,
-        /// Directory with quantix-agent and quantix-vmm; default: build them
-        /// (`cargo build --release -p quantix-vmm -p quantix-agent`) and use target/release.
+        /// Directory with quantix-agent, quantix-jailer and quantix-vmm; default: build them
+        /// (`cargo build --release -p quantix-vmm -p quantix-agent -p quantix-jailer`) and
+        /// use target/release.
         #[arg(long, value_name = "DIR")]
         bin_dir: Option<PathBuf>,
         /// Also write the figures as JSON to PATH.
@@ -382,12 +383,15 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                         "quantix-vmm",
                         "-p",
                         "quantix-agent",
+                        "-p",
+                        "quantix-jailer",
                     ])
                     .output()
                     .map_err(|e| BenchError::io("running cargo build", e))?;
                     if !out.status.success() {
                         return Err(BenchError::Command {
-                            command: "cargo build --release -p quantix-vmm -p quantix-agent".into(),
+                            command: "cargo build --release -p quantix-vmm -p quantix-agent -p quantix-jailer"
+                                .into(),
                             reason: String::from_utf8_lossy(&out.stderr).into_owned(),
                         });
                     }

@@ -12,6 +12,7 @@
 pub mod beneath;
 pub mod inherit;
 pub mod lock;
+pub mod tap;
 
 /// How a file is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

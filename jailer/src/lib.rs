@@ -135,7 +135,10 @@ pub fn run(spec: &JailSpec, argv: &[OsString]) -> Result<Outcome, JailError> {
 
     // The child reports a failure before exec on this pipe; exec closes it (close-on-exec).
     let (report_r, report_w) = sys::pipe().map_err(step("pipe"))?;
-    let mut flags = libc::CLONE_NEWPID as libc::c_ulong;
+    // A mount namespace of its own for the child too (a copy of the one prepared above):
+    // pivot_root moves every process of a namespace whose root is the old one, and the
+    // jailer must keep the host's view (it writes the pid file after the clone).
+    let mut flags = (libc::CLONE_NEWPID | libc::CLONE_NEWNS) as libc::c_ulong;
     if spec.detach {
         flags |= libc::CLONE_PARENT as libc::c_ulong;
     }
@@ -156,6 +159,10 @@ pub fn run(spec: &JailSpec, argv: &[OsString]) -> Result<Outcome, JailError> {
             let _ = sys::wait(pid);
         }
         return Err(JailError::Child(report));
+    }
+    if let Some(p) = &spec.pid_file {
+        std::fs::write(p, format!("{pid}\n"))
+            .map_err(step(format!("--pid-file {}", p.display())))?;
     }
     if spec.detach {
         return Ok(Outcome::Detached(pid));
@@ -229,7 +236,7 @@ fn bind_libraries(root: &Path) -> Result<(), JailError> {
         if !meta.is_dir() {
             continue;
         }
-        std::fs::create_dir_all(&target).map_err(step(format!("mkdir {}", target.display())))?;
+        mkdirs_0755(root, &target)?;
         sys::mount(Some(src), &target, None, libc::MS_BIND | libc::MS_REC, None)
             .map_err(step(format!("bind-mounting {dir}")))?;
         sys::mount(
@@ -240,6 +247,22 @@ fn bind_libraries(root: &Path) -> Result<(), JailError> {
             None,
         )
         .map_err(step(format!("remounting {dir} read-only")))?;
+    }
+    Ok(())
+}
+
+/// Creates `dir` and its missing parents below `root` with mode 0755, whatever the umask:
+/// the jailed program must be able to pass through them.
+fn mkdirs_0755(root: &Path, dir: &Path) -> Result<(), JailError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut cur = root.to_path_buf();
+    for c in dir.strip_prefix(root).unwrap_or(dir).components() {
+        cur.push(c);
+        if !cur.exists() {
+            std::fs::create_dir(&cur).map_err(step(format!("mkdir {}", cur.display())))?;
+            std::fs::set_permissions(&cur, std::fs::Permissions::from_mode(0o755))
+                .map_err(step(format!("chmod {}", cur.display())))?;
+        }
     }
     Ok(())
 }

@@ -85,6 +85,14 @@ pub struct JailSpec {
     /// jailer's parent. Without it, the jailer waits and exits with its status.
     #[arg(long)]
     pub detach: bool,
+    /// Also write the program's pid (as the host sees it) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+}
+
+fn push_pair(a: &mut Vec<OsString>, k: &str, v: OsString) {
+    a.push(k.into());
+    a.push(v);
 }
 
 impl JailSpec {
@@ -173,6 +181,9 @@ impl JailSpec {
         if self.detach {
             a.push("--detach".into());
         }
+        if let Some(p) = &self.pid_file {
+            push_pair(&mut a, "--pid-file", p.clone().into());
+        }
         a
     }
 }
@@ -203,6 +214,7 @@ mod tests {
             rlimit_fsize: None,
             env: vec!["A=b".into()],
             detach: true,
+            pid_file: Some("/var/lib/q/vms/vm-1/vmm.pid".into()),
         }
     }
 
@@ -216,6 +228,7 @@ mod tests {
         let mut h = s.clone();
         h.netns = NetNs::Path("/run/netns/x".into());
         h.detach = false;
+        h.pid_file = None;
         let mut argv: Vec<OsString> = vec!["quantix-jailer".into()];
         argv.extend(h.to_args());
         assert_eq!(Cli::try_parse_from(argv).unwrap().spec, h);

@@ -90,6 +90,8 @@ mount -t tmpfs tmpfs /run
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
+# cgroup v2, as a systemd host has it (the agent gives every VM its cgroup).
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 hostname qx-host
 ip link set lo up 2>/dev/null
 

@@ -252,9 +252,12 @@ pub fn open(
         }
         SerialMode::Off => Ok(plain(Box::new(io::sink()), None)),
         SerialMode::File(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            // O_NOFOLLOW: a symlink planted at the log's path is not written through.
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(path)
                 .map_err(|source| ChardevError::File {
                     role,

@@ -37,7 +37,7 @@ pub fn bin(name: &str) -> PathBuf {
 /// The state a VM's own VMM reports on its control socket (`running`, `paused`...).
 pub fn vmm_state(state_dir: &Path, id: &str) -> String {
     use std::io::{BufRead, BufReader, Write};
-    let sock = state_dir.join("vms").join(id).join("api.sock");
+    let sock = api_socket(state_dir, id);
     let mut stream = std::os::unix::net::UnixStream::connect(&sock)
         .unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
     stream.write_all(b"{\"op\":\"state\"}\n").unwrap();
@@ -45,6 +45,34 @@ pub fn vmm_state(state_dir: &Path, id: &str) -> String {
     BufReader::new(stream).read_line(&mut line).unwrap();
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     v["state"].as_str().unwrap_or_default().to_string()
+}
+
+/// A VM's control socket (in its jail's private directory).
+pub fn api_socket(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("vms").join(id).join("root/run/api.sock")
+}
+
+/// The pid of the process listening on `sock` (the kernel's peer credentials).
+pub fn listener_pid(sock: &Path) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a writable ucred of `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid)
 }
 
 /// Whether /dev/kvm can be used here.
@@ -297,19 +325,10 @@ impl Drop for Agent {
         // Kill every VMM this agent's state directory names, then the agent.
         if let Ok(entries) = std::fs::read_dir(self.state_dir.join("vms")) {
             for e in entries.flatten() {
-                let sock = e.path().join("api.sock");
-                for p in std::fs::read_dir("/proc").unwrap().flatten() {
-                    let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-                        continue;
-                    };
-                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                    if cmd
-                        .split(|b| *b == 0)
-                        .any(|a| a == sock.as_os_str().as_encoded_bytes())
-                    {
-                        // SAFETY: sending SIGKILL to a test VMM.
-                        unsafe { libc::kill(pid, libc::SIGKILL) };
-                    }
+                let sock = e.path().join("root/run/api.sock");
+                if let Some(pid) = listener_pid(&sock) {
+                    // SAFETY: sending SIGKILL to a test VMM.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
             }
         }

@@ -2,17 +2,14 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 
 use thiserror::Error;
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+use quantix_hostfs::tap::{ioctl_ptr, IfReq, IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNGETIFF};
+
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
 
 /// TAP offload: the guest accepts partial checksums.
 pub const TUN_F_CSUM: u32 = 0x01;
@@ -63,33 +60,6 @@ pub enum TapError {
     },
 }
 
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-impl IfReq {
-    fn new(name: &str) -> Self {
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: 0,
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        req
-    }
-    fn name(&self) -> String {
-        let end = self
-            .name
-            .iter()
-            .position(|b| *b == 0)
-            .unwrap_or(self.name.len());
-        String::from_utf8_lossy(&self.name[..end]).into_owned()
-    }
-}
-
 /// An open TAP queue.
 #[derive(Debug)]
 pub struct Tap {
@@ -97,50 +67,22 @@ pub struct Tap {
     name: String,
 }
 
-fn ioctl_ptr<T>(fd: RawFd, req: libc::c_ulong, arg: *mut T) -> io::Result<()> {
-    // SAFETY: the callers pass a request number whose argument is exactly `T`, and `arg`
-    // points to a live, properly sized `T`.
-    let rc = unsafe { libc::ioctl(fd, req, arg) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 impl Tap {
     /// Opens TAP `name`, creating it if it does not exist, with a virtio-net header.
     pub fn open(name: &str) -> Result<Tap, TapError> {
-        if name.is_empty()
-            || name.len() >= libc::IFNAMSIZ
-            || name
-                .bytes()
-                .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
-        {
-            return Err(TapError::Name(name.to_string()));
-        }
-        // SAFETY: a NUL-terminated path literal; the returned fd is checked and owned below.
-        let fd = unsafe {
-            libc::open(
-                c"/dev/net/tun".as_ptr(),
-                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(TapError::OpenTun(io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just opened and nothing else owns it.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut req = IfReq::new(name);
-        req.flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
-        ioctl_ptr(owned.as_raw_fd(), TUNSETIFF, &mut req).map_err(|source| TapError::Attach {
-            name: name.to_string(),
-            source,
+        let (file, name) = quantix_hostfs::tap::open(name).map_err(|e| match e {
+            quantix_hostfs::tap::TapError::Name(n) => TapError::Name(n),
+            quantix_hostfs::tap::TapError::OpenTun(e) => TapError::OpenTun(e),
+            quantix_hostfs::tap::TapError::Attach { name, source } => {
+                TapError::Attach { name, source }
+            }
+            quantix_hostfs::tap::TapError::Up { name, source } => TapError::Configure {
+                name,
+                op: "SIOCSIFFLAGS (up)",
+                source,
+            },
         })?;
-        let tap = Tap {
-            file: File::from(owned),
-            name: req.name(),
-        };
+        let tap = Tap { file, name };
         tap.setup()?;
         Ok(tap)
     }
@@ -149,7 +91,8 @@ impl Tap {
     pub fn from_fd(fd: RawFd) -> Result<Tap, TapError> {
         let bad = |reason: String| TapError::BadFd { fd, reason };
         let mut req = IfReq::new("");
-        ioctl_ptr(fd, TUNGETIFF, &mut req).map_err(|e| bad(e.to_string()))?;
+        // SAFETY: TUNGETIFF fills a struct ifreq, which `req` is.
+        unsafe { ioctl_ptr(fd, TUNGETIFF, &mut req) }.map_err(|e| bad(e.to_string()))?;
         if req.flags & IFF_TAP == 0 || req.flags & IFF_VNET_HDR == 0 || req.flags & IFF_NO_PI == 0 {
             return Err(bad(format!("its flags are {:#x}", req.flags)));
         }
@@ -167,6 +110,11 @@ impl Tap {
             name: req.name(),
         };
         tap.setup()?;
+        // Bringing the link up is its creator's job; done here too when the interface is
+        // in this network namespace (in a jail it is not: ENODEV).
+        if let Err(e) = quantix_hostfs::tap::set_up(&tap.name) {
+            tracing::debug!(tap = %tap.name, error = %e, "cannot bring the passed TAP up here; its creator does");
+        }
         Ok(tap)
     }
 
@@ -179,10 +127,10 @@ impl Tap {
             }
         };
         let mut hdr_len = VNET_HDR_LEN as libc::c_int;
-        ioctl_ptr(self.file.as_raw_fd(), TUNSETVNETHDRSZ, &mut hdr_len)
+        // SAFETY: TUNSETVNETHDRSZ takes an int, which `hdr_len` is.
+        unsafe { ioctl_ptr(self.file.as_raw_fd(), TUNSETVNETHDRSZ, &mut hdr_len) }
             .map_err(cfg("TUNSETVNETHDRSZ"))?;
-        self.set_offload(0).map_err(cfg("TUNSETOFFLOAD"))?;
-        self.set_up().map_err(cfg("SIOCSIFFLAGS (up)"))
+        self.set_offload(0).map_err(cfg("TUNSETOFFLOAD"))
     }
 
     /// Tells the TAP which offloads the guest accepts on received frames.
@@ -195,21 +143,6 @@ impl Tap {
         } else {
             Ok(())
         }
-    }
-
-    /// Brings the interface up (the host's network configuration is not our business).
-    fn set_up(&self) -> io::Result<()> {
-        // SAFETY: a datagram socket used only for the interface-flags ioctls, closed below.
-        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if sock < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `sock` is ours.
-        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
-        let mut req = IfReq::new(&self.name);
-        ioctl_ptr(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req)?;
-        req.flags |= libc::IFF_UP as libc::c_short;
-        ioctl_ptr(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req)
     }
 
     /// The interface name.
@@ -272,7 +205,6 @@ mod tests {
         for bad in ["", "a/b", "sixteen-chars-xx", "has space", "a:b"] {
             assert!(matches!(Tap::open(bad), Err(TapError::Name(_))), "{bad:?}");
         }
-        assert_eq!(std::mem::size_of::<IfReq>(), 40);
     }
 
     #[test]

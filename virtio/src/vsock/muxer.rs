@@ -714,13 +714,20 @@ pub fn parse_connect(line: &[u8]) -> Option<u32> {
 pub const MAX_SOCKET_PATH: usize = 107;
 
 /// Connects to a Unix stream socket without blocking (a full backlog fails at once
-/// instead of stalling the device).
+/// instead of stalling the device). A symlink is refused: a guest's connection to port P
+/// reaches `PATH_P` and nothing a symlink there points at (another daemon's socket).
 pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     let bytes = path.as_os_str().as_bytes();
     if bytes.len() > MAX_SOCKET_PATH || bytes.contains(&0) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "socket path too long",
+        ));
+    }
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the socket path is a symlink; it is not followed",
         ));
     }
     // SAFETY: socket(2) with constant arguments; the result is checked.
@@ -773,5 +780,25 @@ fn send_nosignal(fd: RawFd, data: &[u8]) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod connect_tests {
+    use super::*;
+
+    #[test]
+    fn a_symlinked_port_socket_is_not_followed() {
+        let dir = std::env::temp_dir().join(format!("qx-vsock-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let real = dir.join("daemon.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&real).unwrap();
+        let link = dir.join("v.sock_1234");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = connect_nonblocking(&link).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        connect_nonblocking(&real).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -79,12 +79,31 @@ pub enum SeccompError {
 
 static MODE: OnceLock<Mode> = OnceLock::new();
 static PROBE: OnceLock<Option<Kind>> = OnceLock::new();
+/// Every kind's programs, built once by [`init`]: a thread that installs its filter then
+/// allocates nothing (a new thread's first allocation can make glibc read
+/// /sys/devices/system/cpu, under a filter that forbids it).
+static PROGRAMS: OnceLock<Vec<(Kind, Vec<BpfProgram>)>> = OnceLock::new();
 
 /// Sets the process's mode (once, before any thread starts) and, for `kill`, the SIGSYS
 /// handler; `probe` is the test hook of [`probe`].
 pub fn init(mode: Mode, probe: Option<Kind>) -> Result<(), SeccompError> {
     let _ = MODE.set(mode);
     let _ = PROBE.set(probe);
+    // glibc sizes its malloc arenas from the CPU count, which it reads from /sys the first
+    // time a thread needs a new arena past 8: a bound set here means it never asks.
+    // SAFETY: mallopt takes two integers.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 8) };
+    if mode != Mode::Off {
+        let mismatch = match mode {
+            Mode::Kill => SeccompAction::Trap,
+            _ => SeccompAction::Log,
+        };
+        let mut all = Vec::new();
+        for kind in [Kind::Vmm, Kind::Vcpu, Kind::Launcher, Kind::Device] {
+            all.push((kind, filters::build(kind, mismatch.clone())?));
+        }
+        let _ = PROGRAMS.set(all);
+    }
     if mode == Mode::Kill {
         trap::install_handler().map_err(|e| SeccompError::Install {
             kind: Kind::Vmm,
@@ -113,11 +132,7 @@ pub fn install(kind: Kind) -> Result<(), SeccompError> {
     if mode == Mode::Off {
         return Ok(());
     }
-    let mismatch = match mode {
-        Mode::Kill => SeccompAction::Trap,
-        _ => SeccompAction::Log,
-    };
-    let progs: Vec<BpfProgram> = filters::build(kind, mismatch)?;
+    // The thread's identity first, for a refusal from here on.
     let mut name = [0u8; 16];
     if let Some(n) = std::thread::current().name() {
         let n = n.as_bytes();
@@ -126,7 +141,15 @@ pub fn install(kind: Kind) -> Result<(), SeccompError> {
     }
     NAME.with(|c| c.set(name));
     KIND.with(|c| c.set(Some(kind)));
-    for p in &progs {
+    let progs = PROGRAMS
+        .get()
+        .and_then(|all| all.iter().find(|(k, _)| *k == kind))
+        .map(|(_, p)| p)
+        .ok_or_else(|| SeccompError::Install {
+            kind,
+            reason: "the filters were not built (seccomp::init was not called)".into(),
+        })?;
+    for p in progs {
         seccompiler::apply_filter(p).map_err(|e| SeccompError::Install {
             kind,
             reason: e.to_string(),
