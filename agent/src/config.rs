@@ -88,6 +88,9 @@ pub struct Config {
     /// Directories that kernels, initramfs and disk images may come from (regular files and
     /// block devices beneath them). Empty: `<state_dir>/images`.
     pub image_dirs: Vec<PathBuf>,
+    /// The prefixes a VM's TAP names must start with (the agent opens the TAP, creating it
+    /// if needed, and hands it to the VMM); other interfaces are refused.
+    pub tap_prefixes: Vec<String>,
     /// Prometheus metrics over HTTP, "host:port"; empty to disable.
     pub metrics_listen: String,
     /// The `quantix-vmm` binary; empty for the one next to the agent's binary, else PATH.
@@ -134,6 +137,7 @@ impl Default for Config {
             tls_viewer_ous: vec!["viewer".into()],
             insecure_tcp: false,
             image_dirs: Vec::new(),
+            tap_prefixes: vec!["qx".into()],
             metrics_listen: "127.0.0.1:9700".into(),
             vmm_binary: String::new(),
             max_vcpus: 0,

@@ -414,7 +414,11 @@ impl Manager {
         start: bool,
     ) -> Result<Vm, AgentError> {
         crate::validate::vm_id("vm_id", id)?;
-        let spec = crate::validate::spec(spec.as_ref(), &self.images)?.clone();
+        let allowed = crate::validate::Allowed {
+            images: &self.images,
+            tap_prefixes: &self.cfg.tap_prefixes,
+        };
+        let spec = crate::validate::spec(spec.as_ref(), &allowed)?.clone();
         let guard = self.create_lock.lock().await;
         if let Some(existing) = self.store.get(id)? {
             drop(guard);

@@ -91,8 +91,17 @@ fn image_file(
     image(dirs, field, path, Access::ReadOnly, regular).map(drop)
 }
 
-/// Checks a whole spec; its files must lie beneath `dirs`.
-pub fn spec<'a>(spec: Option<&'a VmSpec>, dirs: &ImageDirs) -> Result<&'a VmSpec, AgentError> {
+/// What a VM may be given on this node.
+pub struct Allowed<'a> {
+    /// Where its kernel, initramfs and disks may come from.
+    pub images: &'a ImageDirs,
+    /// The prefixes its TAP names must start with.
+    pub tap_prefixes: &'a [String],
+}
+
+/// Checks a whole spec against the node's rules.
+pub fn spec<'a>(spec: Option<&'a VmSpec>, allowed: &Allowed) -> Result<&'a VmSpec, AgentError> {
+    let dirs = allowed.images;
     let spec = spec.ok_or_else(|| AgentError::invalid("spec", "is required"))?;
     let name = &spec.name;
     if name.is_empty() {
@@ -169,6 +178,18 @@ pub fn spec<'a>(spec: Option<&'a VmSpec>, dirs: &ImageDirs) -> Result<&'a VmSpec
                     n.tap
                 ),
             ));
+        }
+        if !allowed
+            .tap_prefixes
+            .iter()
+            .any(|p| n.tap.starts_with(p.as_str()))
+        {
+            return Err(AgentError::PermissionDenied(format!(
+                "spec.nics[{i}].tap: {:?} does not start with a TAP prefix this agent allows \
+                 ({}); an interface of another program is never handed to a VM (tap_prefixes)",
+                n.tap,
+                allowed.tap_prefixes.join(", ")
+            )));
         }
         if !n.mac.is_empty() && !is_mac(&n.mac) {
             return Err(AgentError::invalid(
@@ -250,6 +271,20 @@ mod tests {
         ImageDirs::new(&[exe.parent().unwrap().to_path_buf()]).unwrap()
     }
 
+    fn check(s: Option<&VmSpec>) -> Result<&VmSpec, AgentError> {
+        let d = dirs();
+        let prefixes = ["qx".to_string()];
+        // The reference only lives as long as `s`.
+        let r = spec(
+            s,
+            &Allowed {
+                images: &d,
+                tap_prefixes: &prefixes,
+            },
+        );
+        r
+    }
+
     fn missing() -> String {
         let exe = std::env::current_exe().unwrap();
         exe.parent()
@@ -268,14 +303,34 @@ mod tests {
 
     #[test]
     fn accepts_a_good_spec() {
-        spec(Some(&good()), &dirs()).unwrap();
+        check(Some(&good())).unwrap();
+    }
+
+    #[test]
+    fn taps_need_an_allowed_prefix() {
+        let mut s = good();
+        s.nics.push(Nic {
+            tap: "eth0".into(),
+            mac: String::new(),
+        });
+        match check(Some(&s)).unwrap_err() {
+            AgentError::PermissionDenied(m) => {
+                assert!(
+                    m.starts_with("spec.nics[0].tap: ") && m.contains("(qx)"),
+                    "{m}"
+                )
+            }
+            other => panic!("{other}"),
+        }
+        s.nics[0].tap = "qx-web-0".into();
+        check(Some(&s)).unwrap();
     }
 
     #[test]
     fn files_outside_the_image_directories_are_denied() {
         let mut s = good();
         s.boot.as_mut().unwrap().kernel = "/etc/shadow".into();
-        match spec(Some(&s), &dirs()).unwrap_err() {
+        match check(Some(&s)).unwrap_err() {
             AgentError::PermissionDenied(m) => {
                 assert!(
                     m.starts_with("spec.boot.kernel: ") && m.contains("outside"),
@@ -289,7 +344,7 @@ mod tests {
             path: "/etc/passwd".into(),
             ..Default::default()
         });
-        match spec(Some(&s), &dirs()).unwrap_err() {
+        match check(Some(&s)).unwrap_err() {
             AgentError::PermissionDenied(m) => {
                 assert!(m.starts_with("spec.disks[0].path: "), "{m}")
             }
@@ -318,7 +373,7 @@ mod tests {
             (
                 |s| {
                     s.nics.push(Nic {
-                        tap: "tap0".into(),
+                        tap: "qxtap0".into(),
                         mac: "zz".into(),
                     })
                 },
@@ -335,9 +390,9 @@ mod tests {
         for (mutate, field) in cases {
             let mut s = good();
             mutate(&mut s);
-            assert_eq!(field_of(spec(Some(&s), &dirs()).unwrap_err()), field);
+            assert_eq!(field_of(check(Some(&s)).unwrap_err()), field);
         }
-        assert_eq!(field_of(spec(None, &dirs()).unwrap_err()), "spec");
+        assert_eq!(field_of(check(None).unwrap_err()), "spec");
     }
 
     #[test]

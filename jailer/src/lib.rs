@@ -184,8 +184,27 @@ fn child(
         std::env::set_current_dir(root).map_err(step(format!("chdir {}", root.display())))?;
         // pivot_root(".", "."): the old root ends up on top of the new one, and is then
         // detached; no directory for it is needed in the jail.
-        sys::pivot_root(Path::new("."), Path::new(".")).map_err(step("pivot_root"))?;
-        sys::umount2(Path::new("."), libc::MNT_DETACH).map_err(step("detaching the old root"))?;
+        match sys::pivot_root(Path::new("."), Path::new(".")) {
+            Ok(()) => {
+                sys::umount2(Path::new("."), libc::MNT_DETACH)
+                    .map_err(step("detaching the old root"))?;
+            }
+            // A host whose root is the initramfs (rootfs) cannot pivot away from it. As
+            // container runtimes do there, the jail is moved over / and chrooted into;
+            // with no capabilities and NO_NEW_PRIVS, the program cannot chroot back out.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                sys::mount(
+                    Some(Path::new(".")),
+                    Path::new("/"),
+                    None,
+                    libc::MS_MOVE,
+                    None,
+                )
+                .map_err(step("moving the jail over / (rootfs host)"))?;
+                sys::chroot(Path::new(".")).map_err(step("chroot (rootfs host)"))?;
+            }
+            Err(e) => return Err(step("pivot_root")(e)),
+        }
         std::env::set_current_dir("/").map_err(step("chdir /"))?;
         sys::setrlimit(libc::RLIMIT_NOFILE, spec.rlimit_nofile).map_err(step("RLIMIT_NOFILE"))?;
         if let Some(n) = spec.rlimit_nproc {

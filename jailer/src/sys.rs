@@ -69,6 +69,12 @@ pub fn pivot_root(new_root: &Path, put_old: &Path) -> io::Result<()> {
     check(r as libc::c_int)
 }
 
+pub fn chroot(dir: &Path) -> io::Result<()> {
+    let d = cpath(dir)?;
+    // SAFETY: a NUL-terminated path.
+    check(unsafe { libc::chroot(d.as_ptr()) })
+}
+
 pub fn setrlimit(resource: libc::__rlimit_resource_t, n: u64) -> io::Result<()> {
     let lim = libc::rlimit {
         rlim_cur: n,

@@ -294,9 +294,16 @@ impl ApiServer {
             return false;
         };
         let mut chunk = [0u8; 4096];
+        // A client that sends its request and half-closes at once (`printf ... | socat`)
+        // still gets its answer: the end of its input ends the last line, and the
+        // connection closes only after the requests read so far are answered.
+        let mut eof = false;
         loop {
             match conn.stream.read(&mut chunk) {
-                Ok(0) => return false,
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
                 Ok(n) => conn.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -305,6 +312,9 @@ impl ApiServer {
             if conn.buf.len() > MAX_REQUEST_BYTES {
                 break;
             }
+        }
+        if eof && !conn.buf.is_empty() && !conn.buf.ends_with(b"\n") {
+            conn.buf.push(b'\n');
         }
         while let Some(pos) = conn.buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = conn.buf.drain(..=pos).collect();
@@ -332,7 +342,7 @@ impl ApiServer {
             let _ = conn.stream.write_all(msg.as_bytes());
             return false;
         }
-        true
+        !eof
     }
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -666,6 +666,38 @@ fn a_forbidden_syscall_stops_the_vmm_with_the_seccomp_reason() {
         vmm_process(&off, &["--seccomp", "off", "--seccomp-probe", "vcpu"]),
         LIMIT,
     );
+    let (code, _, stderr) = summary(&out);
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+/// A client that half-closes right after its request still gets the answer (20 of 20), and
+/// a `shutdown` sent that way, without its newline, stops the VM.
+#[test]
+fn half_closed_control_requests_are_answered() {
+    let dir = scratch("half-close");
+    let kernel = long_mode_guest(&dir, "k.elf", &asm::HALT_LOOP);
+    let sock = dir.join("api.sock");
+    let child = vmm_process(&kernel, &["--api-socket", sock.to_str().unwrap()]);
+    let _reaper = KillOnPanic(child.id());
+    let start = Instant::now();
+    while UnixStream::connect(&sock).is_err() && start.elapsed() < LIMIT {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ask = |req: &[u8]| -> String {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.write_all(req).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        reply
+    };
+    let answered = (0..20)
+        .filter(|_| ask(b"{\"op\":\"state\"}\n").contains("\"state\""))
+        .count();
+    assert_eq!(answered, 20);
+    let reply = ask(b"{\"op\":\"shutdown\"}");
+    assert!(reply.contains("\"ok\":true"), "{reply}");
+    let out = wait_limit(child, LIMIT);
     let (code, _, stderr) = summary(&out);
     assert_eq!(code, Some(0), "{stderr}");
 }

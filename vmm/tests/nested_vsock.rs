@@ -68,12 +68,13 @@ fn virtio_vsock_carries_streams_both_ways_in_both_directions() {
         "sum() {{ sha256sum \"$1\" | cut -d' ' -f1; }}\n\
          dd if=/dev/urandom of=/tmp/h2g bs=1024 count=1536 2>/dev/null\n\
          echo \"QX-HOST h2g=$(sum /tmp/h2g)\"\n\
-         {QX_VSOCK} unix-listen /tmp/v.sock_1234 </tmp/h2g >/tmp/out1 2>/tmp/ul.log &\n\
+         timeout 150 {QX_VSOCK} unix-listen /tmp/v.sock_1234 </tmp/h2g >/tmp/out1 2>/tmp/ul.log &\n\
          ul=$!\n\
          {VMM} --kernel {} --initramfs /payload/vsock.cpio --memory 256M --rng off \
            --vsock cid=3,socket=/tmp/v.sock --cmdline 'console=ttyS0 loglevel=4 qx.action=script' >/tmp/vmm.log 2>&1 &\n\
          vmm=$!\n\
          wait $ul; echo \"QX-HOST listen-status=$?\"\n\
+         if ! kill -0 $vmm 2>/dev/null; then echo 'QX-HOST the VMM is gone:'; cat /tmp/vmm.log; fi\n\
          cat /tmp/ul.log\n\
          echo \"QX-HOST out1=$(sum /tmp/out1)\"\n\
          ok=no; i=0\n\

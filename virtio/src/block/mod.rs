@@ -33,6 +33,10 @@ pub use request::{RequestType, Status, CHUNK, SECTOR_SIZE};
 pub const QUEUE_SIZE: u16 = 256;
 /// Most data segments per request the driver may use.
 pub const SEG_MAX: u32 = (QUEUE_SIZE as u32) - 2;
+/// Most bytes of guest data a disk has in flight: past it, the disk takes no new request
+/// until some complete (with SEG_MAX, this bounds what a guest pins of host memory for
+/// iovecs and of its own for I/O in flight).
+pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
 /// Most discard / write-zeroes segments per request.
 pub const MAX_DISCARD_SEG: u32 = 32;
 /// Length of the serial number returned by GET_ID.
@@ -241,6 +245,7 @@ pub(crate) fn fuzz_disk(file: File, sectors: u64, readonly: bool) -> request::Di
         readonly,
         id: *b"fuzz-disk\0\0\0\0\0\0\0\0\0\0\0",
         counters: Arc::default(),
+        write_failed: Default::default(),
     }
 }
 
@@ -320,6 +325,7 @@ impl VirtioDevice for Block {
                 readonly: self.readonly,
                 id: self.id,
                 counters: self.counters.clone(),
+                write_failed: Default::default(),
             },
             in_flight: Slots::default(),
             engine,
@@ -382,11 +388,14 @@ struct Slots {
     slots: Vec<Option<(u16, IoRequest)>>,
     free: Vec<usize>,
     used: usize,
+    /// Data bytes of the requests in the slots.
+    bytes: usize,
 }
 
 impl Slots {
     fn insert(&mut self, head: u16, req: IoRequest) -> usize {
         self.used += 1;
+        self.bytes += req.len;
         match self.free.pop() {
             Some(i) => {
                 self.slots[i] = Some((head, req));
@@ -406,6 +415,7 @@ impl Slots {
         let entry = self.slots.get_mut(i)?.take()?;
         self.free.push(i);
         self.used -= 1;
+        self.bytes = self.bytes.saturating_sub(entry.1.len);
         Some(entry)
     }
 }
@@ -435,7 +445,7 @@ impl BlockHandler {
             &mut self.engine,
         );
         serve_queue_deferred(&mut self.queue, mem, &self.interrupt, |chain| {
-            if slots.used >= limit {
+            if slots.used >= limit || slots.bytes >= MAX_IN_FLIGHT_BYTES {
                 return Served::Busy;
             }
             let head = chain.head_index();
@@ -617,6 +627,7 @@ mod tests {
                 readonly: false,
                 id: [0; ID_BYTES],
                 counters: Arc::default(),
+                write_failed: Default::default(),
             },
             in_flight: Slots::default(),
             completions: Vec::new(),

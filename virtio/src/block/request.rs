@@ -163,6 +163,11 @@ pub(crate) struct Disk {
     pub readonly: bool,
     pub id: [u8; ID_BYTES],
     pub counters: Arc<BlockCounters>,
+    /// A write or flush failed since the driver activated the device. The kernel may have
+    /// dropped the dirty data with the error ("fsyncgate"): a later flush that succeeds
+    /// would tell the guest its data is safe when it is not. Every flush fails until the
+    /// device is reset (a new activation makes a new `Disk`).
+    pub write_failed: std::sync::atomic::AtomicBool,
 }
 
 /// Why a request failed, for counting.
@@ -209,6 +214,9 @@ impl Disk {
             }
             Err(Failure::Io(e)) => {
                 tracing::warn!(error = %e, "disk I/O error");
+                // Discard and write-zeroes change the image: a failure counts as a failed
+                // write for the flushes after it.
+                self.write_failed.store(true, Ordering::Relaxed);
                 self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
                 Status::IoErr
             }
@@ -222,6 +230,26 @@ impl Disk {
     /// anything else (other types, and every malformed request, whose error handling lives
     /// in [`Disk::execute`]) at once.
     pub fn prepare(&self, mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>) -> Prepared {
+        // The device advertises SEG_MAX data segments: a longer chain (an indirect table
+        // holds up to 65535) is refused before anything is collected from it, so that a
+        // guest cannot make the VMM allocate per descriptor.
+        let mut count = 0usize;
+        let mut last = None;
+        for d in chain.clone() {
+            count += 1;
+            last = Some(d);
+        }
+        if count > super::SEG_MAX as usize + 2 {
+            self.counters.invalid.fetch_add(1, Ordering::Relaxed);
+            if let Some(d) = last.filter(|d| d.is_write_only() && d.len() > 0) {
+                if let Some(at) = d.addr().checked_add(u64::from(d.len()) - 1) {
+                    if mem.write_obj(Status::IoErr as u8, at).is_ok() {
+                        return Prepared::Done(1);
+                    }
+                }
+            }
+            return Prepared::Done(0);
+        }
         match self.prepare_io(mem, chain.clone()) {
             Some(io) => Prepared::Io(io),
             None => Prepared::Done(self.execute(mem, chain)),
@@ -291,6 +319,20 @@ impl Disk {
         req: &IoRequest,
         result: Result<(), std::io::Error>,
     ) -> u32 {
+        if result.is_err() && matches!(req.job.op, Op::Write | Op::Flush) {
+            if !self.write_failed.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "a disk write or flush failed: every flush fails from now on, until the \
+                     guest resets the device"
+                );
+            }
+        }
+        let result = match result {
+            Ok(()) if req.job.op == Op::Flush && self.write_failed.load(Ordering::Relaxed) => Err(
+                std::io::Error::other("an earlier write or flush failed since the last reset"),
+            ),
+            other => other,
+        };
         let status = match result {
             Ok(()) => {
                 let len = req.len as u64;
@@ -516,6 +558,7 @@ mod tests {
                 readonly,
                 id,
                 counters: Arc::default(),
+                write_failed: Default::default(),
             },
             path,
         )
@@ -573,6 +616,7 @@ mod tests {
             readonly: disk.readonly,
             id: disk.id,
             counters: Arc::default(), // the test counts the asynchronous pass only
+            write_failed: Default::default(),
         };
         let sync = shadow.execute(mem, chain.clone());
         let sync_status: u8 = mem.read_obj(GuestAddress(STATUS)).unwrap();
@@ -660,6 +704,83 @@ mod tests {
         assert_eq!(d.execute(&m, chain), 0);
         assert_eq!(d.counters.invalid.load(Ordering::Relaxed), 2);
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_chain_longer_than_seg_max_is_refused_without_being_collected() {
+        let (d, path) = disk(false, 1024);
+        let m = mem();
+        header(&m, 0, 0); // a read
+        let vq = MockSplitQueue::new(&m, 512);
+        let data = super::super::SEG_MAX as usize + 1;
+        let mut descs = vec![RawDescriptor::from(SplitDescriptor::new(HDR, 16, 0, 0))];
+        for i in 0..data {
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                DATA + (i as u64) * 512,
+                512,
+                WRITE,
+                0,
+            )));
+        }
+        descs.push(RawDescriptor::from(SplitDescriptor::new(
+            STATUS, 1, WRITE, 0,
+        )));
+        m.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let chain = vq.build_desc_chain(&descs).unwrap();
+        match d.prepare(&m, chain) {
+            Prepared::Done(used) => assert_eq!(used, 1),
+            Prepared::Io(_) => panic!("a chain of {data} data segments was accepted"),
+        }
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            Status::IoErr as u8
+        );
+        assert_eq!(d.counters.invalid.load(Ordering::Relaxed), 1);
+        // SEG_MAX itself is fine.
+        let vq = MockSplitQueue::new(&m, 512);
+        descs.remove(1);
+        let chain = vq.build_desc_chain(&descs).unwrap();
+        assert!(matches!(d.prepare(&m, chain), Prepared::Io(_)));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn after_a_failed_write_every_flush_fails_until_reset() {
+        let (d, path) = disk(false, 8);
+        let m = mem();
+        let req = |op| IoRequest {
+            job: Job {
+                op,
+                offset: 0,
+                iovecs: IoVecs(Vec::new()),
+            },
+            len: 0,
+            moved: 0,
+            status: GuestAddress(DATA),
+        };
+        let status = |m: &GuestMemory| m.read_obj::<u8>(GuestAddress(DATA)).unwrap();
+        d.complete(&m, &req(Op::Flush), Ok(()));
+        assert_eq!(status(&m), Status::Ok as u8);
+        d.complete(
+            &m,
+            &req(Op::Write),
+            Err(std::io::Error::from_raw_os_error(libc::EIO)),
+        );
+        assert_eq!(status(&m), Status::IoErr as u8);
+        // The retried flush succeeds on the host, and is still reported failed.
+        for _ in 0..3 {
+            d.complete(&m, &req(Op::Flush), Ok(()));
+            assert_eq!(status(&m), Status::IoErr as u8);
+        }
+        // Reads are not affected.
+        d.complete(&m, &req(Op::Read), Ok(()));
+        assert_eq!(status(&m), Status::Ok as u8);
+        // A reset makes a new Disk: flushes work again.
+        let (fresh, path2) = disk(false, 8);
+        fresh.complete(&m, &req(Op::Flush), Ok(()));
+        assert_eq!(status(&m), Status::Ok as u8);
+        std::fs::remove_file(path).unwrap();
+        std::fs::remove_file(path2).unwrap();
     }
 
     #[test]
