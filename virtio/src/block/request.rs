@@ -319,13 +319,14 @@ impl Disk {
         req: &IoRequest,
         result: Result<(), std::io::Error>,
     ) -> u32 {
-        if result.is_err() && matches!(req.job.op, Op::Write | Op::Flush) {
-            if !self.write_failed.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    "a disk write or flush failed: every flush fails from now on, until the \
-                     guest resets the device"
-                );
-            }
+        if result.is_err()
+            && matches!(req.job.op, Op::Write | Op::Flush)
+            && !self.write_failed.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "a disk write or flush failed: every flush fails from now on, until the \
+                 guest resets the device"
+            );
         }
         let result = match result {
             Ok(()) if req.job.op == Op::Flush && self.write_failed.load(Ordering::Relaxed) => Err(
