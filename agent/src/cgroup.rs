@@ -22,6 +22,10 @@ pub enum Cgroups {
         memory: PathBuf,
         /// Under the pids controller.
         pids: Option<PathBuf>,
+        /// On a hybrid host, the cgroup v2 directory (no controllers) where each VMM also
+        /// gets a group: membership only, so that killing the agent's own group (what
+        /// systemd does) does not reach the VMMs.
+        unified: Option<PathBuf>,
     },
     /// None; why.
     Unavailable(String),
@@ -31,29 +35,93 @@ const CFS_PERIOD_US: u64 = 100_000;
 /// Memory the VMM needs beyond guest RAM (page tables, device buffers, its own heap).
 pub const VMM_OVERHEAD_MIB: u64 = 64;
 
+/// The cgroup v2 path of this process, from /proc/self/cgroup (`0::/PATH`).
+fn own_cgroup() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| PathBuf::from(p.trim_start_matches('/')))
+}
+
+/// The cgroup v2 directory (under `root`, the hierarchy's mount) whose subtree is the
+/// agent's, with the agent itself in its `agent` leaf:
+///
+/// - run by systemd with `Delegate=yes` and `DelegateSubgroup=agent`: the agent is already
+///   in `<unit>/agent`, and the base is `<unit>`;
+/// - delegated without `DelegateSubgroup` (older systemd, another supervisor): the agent
+///   moves itself into `<own>/agent` and the base is `<own>`;
+/// - in the root group (run by hand, in a container): `<root>/<name>`, as before.
+///
+/// VM groups go to `<base>/vms/<id>`: never inside the agent's own group, so that killing
+/// every process of that group (systemd's stop, `cgroup.kill`) leaves the VMs running.
+pub fn delegated_base(root: &Path, name: &str) -> PathBuf {
+    let Some(own) = own_cgroup() else {
+        return root.join(name);
+    };
+    if own.as_os_str().is_empty() {
+        return root.join(name);
+    }
+    if own.file_name().is_some_and(|n| n == "agent") {
+        return root.join(own.parent().unwrap_or(Path::new("")));
+    }
+    let base = root.join(&own);
+    let leaf = base.join("agent");
+    let moved = std::fs::create_dir_all(&leaf).is_ok()
+        && std::fs::write(leaf.join("cgroup.procs"), "0").is_ok();
+    if moved {
+        tracing::info!(base = %base.display(), "the agent moved itself into its own cgroup leaf; VM groups go beside it");
+        base
+    } else {
+        warn!(
+            cgroup = %base.display(),
+            "the agent's cgroup is not delegated to it (systemd: Delegate=yes); VM groups go under the hierarchy's root"
+        );
+        root.join(name)
+    }
+}
+
 impl Cgroups {
-    /// Probes the host and prepares the agent's parent group named `name`.
+    /// Probes the host and prepares where VM groups go: under the cgroup v2 subtree the
+    /// agent was given (see [`delegated_base`]), in `vms/`, beside the agent's own group.
     pub fn detect(name: &str) -> Self {
-        let v2 = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        let unified = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
             .into_iter()
             .map(Path::new)
-            .find(|p| {
-                std::fs::read_to_string(p.join("cgroup.controllers"))
-                    .map(|c| c.split_whitespace().any(|x| x == "memory"))
-                    .unwrap_or(false)
-            });
-        if let Some(root) = v2 {
-            let dir = root.join(name);
-            let ok = std::fs::create_dir_all(&dir).is_ok()
-                && std::fs::write(root.join("cgroup.subtree_control"), "+cpu +memory").is_ok()
-                && std::fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory").is_ok();
-            if ok {
-                // pids where the kernel has it (a fork bomb in a VMM stops at pids.max).
-                let _ = std::fs::write(root.join("cgroup.subtree_control"), "+pids");
-                let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+pids");
-                return Cgroups::V2(dir);
+            .find(|p| p.join("cgroup.controllers").exists());
+        let base = unified.map(|root| delegated_base(root, name));
+        if let (Some(root), Some(base)) = (unified, &base) {
+            let has_memory = std::fs::read_to_string(root.join("cgroup.controllers"))
+                .map(|c| c.split_whitespace().any(|x| x == "memory"))
+                .unwrap_or(false);
+            if has_memory {
+                let vms = base.join("vms");
+                // Controllers are enabled top-down (only a group without processes may
+                // pass them on; the agent lives in its own leaf): from the hierarchy's root
+                // when the base is the agent's own top-level group, else from the
+                // delegated base, whose parent systemd set up.
+                let mut ok = std::fs::create_dir_all(&vms).is_ok();
+                let mut chain = Vec::new();
+                if base.parent() == Some(root) {
+                    chain.push(root.to_path_buf());
+                }
+                chain.push(base.clone());
+                chain.push(vms.clone());
+                for dir in &chain {
+                    ok = ok
+                        && std::fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory")
+                            .is_ok();
+                    // pids where the kernel has it (a fork bomb in a VMM stops at pids.max).
+                    let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+pids");
+                }
+                if ok {
+                    return Cgroups::V2(vms);
+                }
+                warn!(dir = %vms.display(), "cannot enable the cpu and memory controllers for VM groups");
             }
         }
+        let unified_vms = base
+            .map(|b| b.join("vms"))
+            .filter(|d| std::fs::create_dir_all(d).is_ok());
         let cpu = Path::new("/sys/fs/cgroup/cpu");
         let memory = Path::new("/sys/fs/cgroup/memory");
         if cpu.join("cgroup.procs").exists() && memory.join("cgroup.procs").exists() {
@@ -65,7 +133,12 @@ impl Cgroups {
                 .then(|| Path::new("/sys/fs/cgroup/pids").join(name))
                 .filter(|p| std::fs::create_dir_all(p).is_ok());
             if std::fs::create_dir_all(&cpu).is_ok() && std::fs::create_dir_all(&memory).is_ok() {
-                return Cgroups::V1 { cpu, memory, pids };
+                return Cgroups::V1 {
+                    cpu,
+                    memory,
+                    pids,
+                    unified: unified_vms,
+                };
             }
         }
         Cgroups::Unavailable(
@@ -121,7 +194,12 @@ impl Cgroups {
                 }
                 Ok(vec![dir])
             }
-            Cgroups::V1 { cpu, memory, pids } => {
+            Cgroups::V1 {
+                cpu,
+                memory,
+                pids,
+                unified,
+            } => {
                 let (c, m) = (cpu.join(vm_id), memory.join(vm_id));
                 mkdir(&c)?;
                 mkdir(&m)?;
@@ -134,6 +212,11 @@ impl Cgroups {
                     mkdir(&p)?;
                     write(&p, "pids.max", max_pids.to_string())?;
                     dirs.push(p);
+                }
+                if let Some(u) = unified {
+                    let u = u.join(vm_id);
+                    mkdir(&u)?;
+                    dirs.push(u);
                 }
                 Ok(dirs)
             }
@@ -154,9 +237,15 @@ impl Cgroups {
     pub fn remove(&self, vm_id: &str) {
         let dirs = match self {
             Cgroups::V2(root) => vec![root.join(vm_id)],
-            Cgroups::V1 { cpu, memory, pids } => {
+            Cgroups::V1 {
+                cpu,
+                memory,
+                pids,
+                unified,
+            } => {
                 let mut v = vec![cpu.join(vm_id), memory.join(vm_id)];
                 v.extend(pids.iter().map(|p| p.join(vm_id)));
+                v.extend(unified.iter().map(|u| u.join(vm_id)));
                 v
             }
             Cgroups::Unavailable(_) => vec![],

@@ -229,6 +229,8 @@ pub struct Agent {
     pub state_dir: PathBuf,
     pub extra: Vec<String>,
     pub name: String,
+    /// A cgroup v2 directory the agent starts in (as a systemd unit's would be).
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Agent {
@@ -243,6 +245,7 @@ impl Agent {
             state_dir: state_dir.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             name: name.to_string(),
+            cgroup: None,
         };
         a.spawn();
         a
@@ -261,7 +264,26 @@ impl Agent {
             .append(true)
             .open(self.state_dir.with_extension("agent.log"))
             .unwrap();
-        let child = Command::new(bin("quantix-agent"))
+        let mut cmd = Command::new(bin("quantix-agent"));
+        if let Some(cg) = &self.cgroup {
+            use std::os::unix::process::CommandExt;
+            let procs =
+                std::ffi::CString::new(cg.join("cgroup.procs").as_os_str().as_encoded_bytes())
+                    .unwrap();
+            // SAFETY: open, write and close are async-signal-safe; `procs` was built
+            // before the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args(["--metrics-listen", "127.0.0.1:0"])
