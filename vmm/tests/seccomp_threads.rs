@@ -8,6 +8,10 @@ fn child_main() {
     use quantix_virtio::block::engine::{Engine, EngineKind, IoVecs, Job, Op};
     use quantix_vmm::seccomp::{self, Kind, Mode};
     use std::sync::Arc;
+    // Files the test needs, before any filter (the main thread's forbids mkdir).
+    let dir = std::env::temp_dir().join(format!("qx-seccomp-vsock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("v.sock");
     seccomp::init(Mode::Kill, None).unwrap();
     seccomp::launcher::start().unwrap();
     seccomp::install(Kind::Vmm).unwrap();
@@ -62,6 +66,18 @@ fn child_main() {
         .unwrap();
     vcpu.join().unwrap();
     println!("all engines ok");
+    // A vsock activation (on the vCPU that writes DRIVER_OK) makes the muxer: its epoll,
+    // eventfd and timer.
+    let vcpu = std::thread::Builder::new()
+        .name("vcpu1".into())
+        .spawn(move || {
+            seccomp::install(Kind::Vcpu).unwrap();
+            let m = quantix_virtio::vsock::muxer::Muxer::new(3, &sock, None, Arc::default());
+            assert!(m.is_ok(), "{:?}", m.err());
+        })
+        .unwrap();
+    vcpu.join().unwrap();
+    println!("vsock activation ok");
 }
 
 #[test]
@@ -86,7 +102,7 @@ fn disk_io_threads_run_under_the_device_filter() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let _ = std::fs::remove_file(&img);
     assert!(
-        out.status.success() && stdout.contains("all engines ok"),
+        out.status.success() && stdout.contains("vsock activation ok"),
         "{:?}\nstdout: {stdout}\nstderr: {stderr}",
         out.status
     );

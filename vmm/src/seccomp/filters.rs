@@ -224,6 +224,10 @@ fn device(r: &mut Rules) -> Result<(), String> {
             SYS_shutdown,
             SYS_getsockopt,
             SYS_dup,
+            // vsock's deadlines (connection setup, credit updates).
+            SYS_timerfd_create,
+            SYS_timerfd_settime,
+            SYS_timerfd_gettime,
         ],
     );
     // vsock connects to host Unix sockets, nothing else.
@@ -249,6 +253,10 @@ fn rules(kind: Kind) -> Result<Rules, String> {
                     libc::SYS_io_uring_register,
                     libc::SYS_io_uring_enter,
                     libc::SYS_dup,
+                    // vsock's muxer (made at activation) keeps a timer for its deadlines.
+                    libc::SYS_timerfd_create,
+                    libc::SYS_timerfd_settime,
+                    libc::SYS_timerfd_gettime,
                     // The UART's output goes to its socket client from the vCPU that writes
                     // the transmit register.
                     libc::SYS_sendto,
