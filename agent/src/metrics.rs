@@ -196,6 +196,25 @@ pub async fn render(manager: &Arc<Manager>, api: &ApiMetrics) -> String {
                 }
             }
         }
+        // Guest-triggered log lines: how often the guest tripped each, how many the VMM's
+        // rate limit left out of its log.
+        if let Some(kinds) = m["guest_log"].as_array() {
+            for k in kinds {
+                let Some(kind) = k["kind"].as_str() else {
+                    continue;
+                };
+                for key in ["events", "suppressed"] {
+                    if let Some(n) = k[key].as_u64() {
+                        let _ = writeln!(
+                            per_vm,
+                            "quantix_vm_guest_log_{key}_total{{vm=\"{}\",kind=\"{}\"}} {n}",
+                            vm.id,
+                            prometheus_label(kind)
+                        );
+                    }
+                }
+            }
+        }
         if let Some(serial) = m["serial"].as_object() {
             for (key, v) in serial {
                 if let Some(n) = v.as_u64() {

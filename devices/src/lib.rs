@@ -7,6 +7,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod power;
+pub mod ratelimit;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use power::{PowerAction, PowerControl};

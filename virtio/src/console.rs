@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tracing::{debug, warn};
+use tracing::debug;
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 
 use crate::state::{self, DeviceState, QueueSnapshot, StateError};
@@ -340,7 +340,7 @@ impl ConsoleHandler {
 
     fn guard(&mut self, r: Result<(), QueueError>) {
         if let Err(e) = r {
-            warn!(error = %e, "virtio-console queue is broken; the device needs a reset");
+            quantix_devices::guest_warn!("virtio-queue-broken", error = %e, "virtio-console queue is broken; the device needs a reset");
             self.broken = true;
             self.interrupt.signal_needs_reset();
         }

@@ -148,7 +148,8 @@ impl MmioTransport {
             let ok = self.driver_features & !offered == 0
                 && self.driver_features & crate::features::VERSION_1 != 0;
             if !ok {
-                warn!(
+                quantix_devices::guest_warn!(
+                    "virtio-features",
                     device = self.device.name(),
                     offered,
                     accepted = self.driver_features,
@@ -168,7 +169,7 @@ impl MmioTransport {
     fn activate(&mut self) {
         let name = self.device.name().to_string();
         if self.status & status::FEATURES_OK == 0 {
-            warn!(device = %name, "DRIVER_OK without FEATURES_OK");
+            quantix_devices::guest_warn!("virtio-status", device = %name, "DRIVER_OK without FEATURES_OK");
             self.needs_reset();
             return;
         }
@@ -176,7 +177,7 @@ impl MmioTransport {
         for (i, q) in self.queues.iter_mut().enumerate() {
             q.set_event_idx(event_idx);
             if q.ready() && !q.is_valid(self.mem.as_ref()) {
-                warn!(device = %name, queue = i, "driver configured an invalid queue");
+                quantix_devices::guest_warn!("virtio-queue-config", device = %name, queue = i, "driver configured an invalid queue");
                 self.needs_reset();
                 return;
             }
@@ -216,7 +217,7 @@ impl MmioTransport {
                 info!(device = %name, features = format_args!("{:#x}", self.driver_features), "virtio device activated");
             }
             Err(e) => {
-                warn!(device = %name, error = %e, "virtio device activation failed");
+                quantix_devices::guest_warn!("virtio-activate", device = %name, error = %e, "virtio device activation failed");
                 self.needs_reset();
             }
         }

@@ -191,7 +191,7 @@ impl QueueHandler for RngHandler {
         }
         if let Err(e) = self.process_queue() {
             // A queue the guest corrupted: stop serving it until the driver resets the device.
-            warn!(error = ?e, "virtio-rng queue is broken; the device needs a reset");
+            quantix_devices::guest_warn!("virtio-queue-broken", error = ?e, "virtio-rng queue is broken; the device needs a reset");
             self.counters.invalid.fetch_add(1, Ordering::Relaxed);
             self.broken = true;
             self.interrupt.signal_needs_reset();

@@ -86,6 +86,19 @@ pub struct MetricsSample {
     pub devices: Vec<DeviceSample>,
     /// Per character device endpoint.
     pub endpoints: Vec<EndpointSample>,
+    /// Log lines the guest triggered, per kind: events and lines left out by the rate limit.
+    pub guest_log: Vec<GuestLogSample>,
+}
+
+/// One kind of guest-triggered log line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GuestLogSample {
+    /// The kind (virtio-features, disk-io-error...).
+    pub kind: &'static str,
+    /// Events seen.
+    pub events: u64,
+    /// Events whose line was not logged.
+    pub suppressed: u64,
 }
 
 impl VmMetrics {
@@ -128,6 +141,14 @@ impl VmMetrics {
                     device,
                     dropped_bytes: load(&c.dropped),
                     connections: load(&c.connections),
+                })
+                .collect(),
+            guest_log: quantix_devices::ratelimit::counts()
+                .into_iter()
+                .map(|(kind, events, suppressed)| GuestLogSample {
+                    kind,
+                    events,
+                    suppressed,
                 })
                 .collect(),
         }

@@ -701,3 +701,64 @@ fn half_closed_control_requests_are_answered() {
     let (code, _, stderr) = summary(&out);
     assert_eq!(code, Some(0), "{stderr}");
 }
+
+/// A guest that repeats a mistake in a loop (here: accepting a virtio feature it was not
+/// offered, thousands of times a second) leaves a few log lines and a rising counter, not
+/// megabytes of log.
+#[test]
+fn a_guest_hammering_a_bad_register_is_rate_limited_in_the_log() {
+    let dir = scratch("log-flood");
+    // mov ebx, 0xd0000000 (the first virtio-mmio device: rng)
+    let mut code = vec![0xbb, 0x00, 0x00, 0x00, 0xd0];
+    code.extend([
+        0xc7, 0x43, 0x24, 0x01, 0x00, 0x00, 0x00, // DriverFeaturesSel = 1
+        0xc7, 0x43, 0x20, 0x00, 0x00, 0x00, 0x80, // DriverFeatures: bit 63, never offered
+        0xc7, 0x43, 0x70, 0x0b, 0x00, 0x00, 0x00, // Status = ACK | DRIVER | FEATURES_OK
+        0xeb, 0xe9, // jmp back to DriverFeaturesSel
+    ]);
+    let kernel = long_mode_guest(&dir, "k.elf", &code);
+    let sock = dir.join("api.sock");
+    let child = vmm_process(&kernel, &["--api-socket", sock.to_str().unwrap()]);
+    let _reaper = KillOnPanic(child.id());
+    let start = Instant::now();
+    while UnixStream::connect(&sock).is_err() && start.elapsed() < LIMIT {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut ask = control(&sock);
+    let events = |m: &serde_json::Value| {
+        m["guest_log"]
+            .as_array()
+            .and_then(|a| a.iter().find(|k| k["kind"] == "virtio-features"))
+            .map(|k| {
+                (
+                    k["events"].as_u64().unwrap(),
+                    k["suppressed"].as_u64().unwrap(),
+                )
+            })
+            .unwrap_or((0, 0))
+    };
+    // Until the guest has tripped it a few hundred times.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut ev, mut sup) = (0, 0);
+    while ev < 500 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        (ev, sup) = events(&ask(r#"{"op":"metrics"}"#));
+    }
+    assert!(ev >= 500, "the guest tripped the check {ev} times");
+    std::thread::sleep(Duration::from_millis(200));
+    let (ev2, sup2) = events(&ask(r#"{"op":"metrics"}"#));
+    assert!(
+        ev2 > ev && sup2 > sup,
+        "the counters keep rising: {ev}/{sup} then {ev2}/{sup2}"
+    );
+    assert_eq!(ask(r#"{"op":"shutdown"}"#)["ok"], true);
+    let out = wait_limit(child, LIMIT);
+    let (_, _, stderr) = summary(&out);
+    let lines = stderr.matches("driver accepted features").count() as u64;
+    // The first, then 5 a minute: at most two minutes' worth in this test.
+    assert!(
+        (1..=12).contains(&lines),
+        "{lines} log lines for {ev2} events:\n{stderr}"
+    );
+    assert!(stderr.contains("suppressed="), "{stderr}");
+}

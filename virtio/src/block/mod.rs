@@ -531,7 +531,7 @@ impl BlockHandler {
 
     fn guard(&mut self, r: Result<(), QueueError>) {
         if let Err(e) = r {
-            warn!(disk = %self.name, error = %e, "virtio-blk queue is broken; the device needs a reset");
+            quantix_devices::guest_warn!("virtio-queue-broken", disk = %self.name, error = %e, "virtio-blk queue is broken; the device needs a reset");
             self.disk.counters.invalid.fetch_add(1, Ordering::Relaxed);
             self.broken = true;
             self.interrupt.signal_needs_reset();

@@ -213,7 +213,7 @@ impl Disk {
                 Status::IoErr
             }
             Err(Failure::Io(e)) => {
-                tracing::warn!(error = %e, "disk I/O error");
+                quantix_devices::guest_warn!("disk-io-error", error = %e, "disk I/O error");
                 // Discard and write-zeroes change the image: a failure counts as a failed
                 // write for the flushes after it.
                 self.write_failed.store(true, Ordering::Relaxed);
@@ -353,7 +353,7 @@ impl Disk {
                 Status::Ok
             }
             Err(e) => {
-                tracing::warn!(error = %e, op = ?req.job.op, offset = req.job.offset, "disk I/O error");
+                quantix_devices::guest_warn!("disk-io-error", error = %e, op = ?req.job.op, offset = req.job.offset, "disk I/O error");
                 self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
                 Status::IoErr
             }

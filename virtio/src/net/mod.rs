@@ -379,7 +379,7 @@ impl NetHandler {
 
     fn guard(&mut self, result: Result<(), QueueError>) {
         if let Err(e) = result {
-            warn!(device = %self.name, error = %e, "virtio-net queue is broken; the device needs a reset");
+            quantix_devices::guest_warn!("virtio-queue-broken", device = %self.name, error = %e, "virtio-net queue is broken; the device needs a reset");
             self.broken = true;
             self.interrupt.signal_needs_reset();
         }

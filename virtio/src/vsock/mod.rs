@@ -453,7 +453,7 @@ impl VsockHandler {
                     (HDR_LEN + pkt.len) as u32
                 }
                 Err(e) => {
-                    warn!(error = %e, "cannot write a vsock packet into guest memory");
+                    quantix_devices::guest_warn!("vsock-guest-memory", error = %e, "cannot write a vsock packet into guest memory");
                     self.muxer.rx_failed(key);
                     0
                 }
@@ -482,7 +482,7 @@ impl VsockHandler {
 
     fn guard(&mut self, r: Result<(), QueueError>) {
         if let Err(e) = r {
-            warn!(error = %e, "virtio-vsock queue is broken; the device needs a reset");
+            quantix_devices::guest_warn!("virtio-queue-broken", error = %e, "virtio-vsock queue is broken; the device needs a reset");
             self.counters.queue_errors.fetch_add(1, Ordering::Relaxed);
             self.broken = true;
             self.interrupt.signal_needs_reset();
