@@ -212,7 +212,21 @@ impl Manager {
         std::fs::create_dir_all(&vms_dir).map_err(|e| {
             AgentError::Internal(format!("cannot create {}: {e}", vms_dir.display()))
         })?;
-        let store = Store::open(&cfg.state_dir.join("state.redb"))?;
+        let store_path = cfg.state_dir.join("state.redb");
+        let store = Store::open(&store_path).map_err(|e| {
+            AgentError::Internal(format!(
+                "the state store {} cannot be opened: {e}. If the file is damaged: stop the \
+                 agent, move the file aside (mv {0} {0}.broken) and start the agent again; it \
+                 rebuilds the records of the VMs from their directories (vms/<id>/vm.pb) and \
+                 re-adopts the VMMs that run",
+                store_path.display()
+            ))
+        })?;
+        if let Ok(q) = store.quarantined() {
+            if !q.is_empty() {
+                warn!(records = ?q, "the state store holds quarantined records (table quarantine); their VMs are restored from their directories where they can be");
+            }
+        }
         if cfg.image_dirs.is_empty() {
             let d = cfg.state_dir.join("images");
             std::fs::create_dir_all(&d)
@@ -460,6 +474,11 @@ impl Manager {
         };
         if let Some(existing) = self.store.insert_new(&vm)? {
             return Ok(existing);
+        }
+        // A copy of the record in the VM's directory: a store lost or damaged can be
+        // rebuilt from the directories (recovery does).
+        if let Err(e) = paths.write_record(&vm) {
+            warn!(vm = %id, error = %e, "cannot write the VM's record into its directory");
         }
         drop(guard);
         self.events
@@ -1011,8 +1030,19 @@ impl Manager {
         if !restart {
             return;
         }
-        let count = vm.status.as_ref().map(|s| s.restart_count).unwrap_or(0);
-        let backoff = if info.reason == "reboot" {
+        let started = vm.status.as_ref().map(|s| s.started_unix_ms).unwrap_or(0);
+        let ran_ms = info.at_unix_ms.saturating_sub(started);
+        // A run this long counts as healthy: the back-off starts over.
+        const HEALTHY_RUN_MS: i64 = 30_000;
+        let count = if ran_ms >= HEALTHY_RUN_MS {
+            0
+        } else {
+            vm.status.as_ref().map(|s| s.restart_count).unwrap_or(0)
+        };
+        // A guest's reboot restarts it at once, unless it reboots in a loop: a run shorter
+        // than HEALTHY_RUN_MS backs off like a crash, so that a guest cannot make the node
+        // spawn VMMs as fast as it can reboot.
+        let backoff = if info.reason == "reboot" && (ran_ms >= HEALTHY_RUN_MS || count == 0) {
             Duration::ZERO
         } else {
             let ms = 200u64.saturating_mul(1 << count.min(10));
@@ -1238,12 +1268,22 @@ impl Manager {
     /// deletes, removes directories without a record, re-adopts running VMMs and reports the
     /// ones that died meanwhile.
     pub async fn recover(self: &Arc<Self>) -> Result<(), AgentError> {
-        let vms = self.store.all()?;
-        let known: std::collections::HashSet<String> = vms.iter().map(|v| v.id.clone()).collect();
+        let known: std::collections::HashSet<String> =
+            self.store.all()?.iter().map(|v| v.id.clone()).collect();
         if let Ok(entries) = std::fs::read_dir(self.cfg.state_dir.join("vms")) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
                 if !known.contains(&name) {
+                    // A record lost with the store (or quarantined): rebuilt from the copy in
+                    // the directory, and its VMM re-adopted below.
+                    if let Some(mut vm) = self.paths(&name).read_record().filter(|v| v.id == name) {
+                        let st = status_mut(&mut vm);
+                        st.state = VmState::Stopped as i32;
+                        st.pid = 0;
+                        self.store.put(&vm)?;
+                        warn!(vm = %name, "restored a VM's record from its directory (the store had none)");
+                        continue;
+                    }
                     warn!(dir = %e.path().display(), "removing a VM directory without a record (interrupted create)");
                     if let Some(pid) = process::find_vmm(&self.paths(&name).api_socket()) {
                         let _ = process::signal(pid, libc::SIGKILL);
@@ -1252,7 +1292,7 @@ impl Manager {
                 }
             }
         }
-        for mut vm in vms {
+        for mut vm in self.store.all()? {
             let id = vm.id.clone();
             let state = state_of(&vm);
             if state == VmState::Deleting {

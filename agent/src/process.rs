@@ -351,6 +351,29 @@ impl VmPaths {
     pub fn vmm_log(&self) -> PathBuf {
         self.dir.join("vmm.log")
     }
+    /// The copy of the VM's record (spec) in its directory.
+    pub fn record_file(&self) -> PathBuf {
+        self.dir.join("vm.pb")
+    }
+    /// Writes `vm` there (atomically).
+    pub fn write_record(&self, vm: &quantix_proto::v1::Vm) -> io::Result<()> {
+        use prost::Message;
+        let tmp = self.dir.join("vm.pb.tmp");
+        std::fs::write(&tmp, vm.encode_to_vec())?;
+        std::fs::rename(&tmp, self.record_file())
+    }
+    /// Reads it back (None if missing or undecodable; at most 1 MiB is read).
+    pub fn read_record(&self) -> Option<quantix_proto::v1::Vm> {
+        use prost::Message;
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        std::fs::File::open(self.record_file())
+            .ok()?
+            .take(1 << 20)
+            .read_to_end(&mut bytes)
+            .ok()?;
+        quantix_proto::v1::Vm::decode(bytes.as_slice()).ok()
+    }
     /// Where the jailer writes the VMM's pid.
     pub fn pid_file(&self) -> PathBuf {
         self.dir.join("vmm.pid")

@@ -835,3 +835,52 @@ async fn console_input_reaches_the_guest_and_every_reader_sees_the_output() {
     // B attached without replay: it never saw the banner printed before it attached.
     delete(&mut c, "e", true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_reboots_in_a_loop_is_restarted_with_a_growing_back_off() {
+    require_kvm!();
+    let dir = scratch("reboot-loop");
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    // mov al, 0xfe; out 0x64, al: the i8042 reset line, at once.
+    let kernel = images.join("reboot.elf");
+    std::fs::write(&kernel, elf64(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4])).unwrap();
+    let agent = Agent::start(&dir.join("state"), "reboot-loop");
+    let mut c = agent.client().await;
+    let mut events = watch(&mut c, "").await;
+    create(
+        &mut c,
+        "rl",
+        spec("rl", &kernel, RestartPolicy::Never),
+        true,
+    )
+    .await;
+    let mut delays = Vec::new();
+    while delays.len() < 4 {
+        let seen = wait_event(&mut events, Duration::from_secs(30), |e| {
+            e.kind == EventKind::Restarting as i32
+        })
+        .await;
+        let msg = &seen.last().unwrap().message;
+        let ms: u64 = msg
+            .strip_prefix("restarting in ")
+            .and_then(|m| m.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{msg}"));
+        delays.push(ms);
+    }
+    // A reboot restarts at once; a guest that keeps rebooting right away waits longer
+    // each time.
+    assert_eq!(delays[0], 0, "{delays:?}");
+    assert!(
+        delays[1] > 0 && delays[2] > delays[1] && delays[3] > delays[2],
+        "{delays:?}"
+    );
+    c.stop_vm(quantix_proto::v1::StopVmRequest {
+        vm_id: "rl".into(),
+        timeout_ms: 1000,
+        force: true,
+    })
+    .await
+    .unwrap();
+}
