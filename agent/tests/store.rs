@@ -51,7 +51,7 @@ async fn a_lost_store_is_rebuilt_from_the_vm_directories() {
         .into_inner();
     let ids: Vec<&str> = list.vms.iter().map(|v| v.id.as_str()).collect();
     assert_eq!(ids, ["s1", "s2"]);
-    assert_eq!(state(&list.vms[1]), VmState::Stopped);
+    assert_eq!(common::state(&list.vms[1]), VmState::Stopped);
     stop(&mut c, "s1").await;
 }
 
