@@ -119,6 +119,8 @@ pub struct Config {
     pub stop_timeout_secs: u64,
     /// Longest pause between two policy restarts of a VM, in seconds.
     pub restart_backoff_max_secs: u64,
+    /// A VM's vmm.log and serial.log are rotated past this size (one old copy, `.1`, kept).
+    pub log_max_bytes: u64,
 }
 
 impl Default for Config {
@@ -151,6 +153,7 @@ impl Default for Config {
             console: ConsoleMode::Auto,
             stop_timeout_secs: 10,
             restart_backoff_max_secs: 30,
+            log_max_bytes: 8 << 20,
         }
     }
 }

@@ -260,6 +260,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("recovery: {e}"))?;
     let api_metrics = Arc::new(ApiMetrics::default());
+    tokio::spawn(manager.clone().rotate_logs_forever());
     info!(
         admin_uids = ?policy.admin_uids,
         admin_gids = ?policy.admin_gids,

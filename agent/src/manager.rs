@@ -1264,6 +1264,30 @@ impl Manager {
     // -----------------------------------------------------------------------------------
     // Recovery
 
+    /// Every 10 s, rotates the logs of active VMs that grew past `log_max_bytes` (a guest
+    /// that fills its serial log, or a VMM that logs too much, fills no disk).
+    pub async fn rotate_logs_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            let Ok(vms) = self.store.all() else {
+                continue;
+            };
+            for vm in vms.iter().filter(|v| is_active(state_of(v))) {
+                let paths = self.paths(&vm.id);
+                for log in [paths.vmm_log(), paths.serial_file()] {
+                    match process::rotate_if_larger(&log, self.cfg.log_max_bytes) {
+                        Ok(true) => info!(vm = %vm.id, log = %log.display(), "log rotated"),
+                        Ok(false) => {}
+                        Err(e) => {
+                            warn!(vm = %vm.id, log = %log.display(), error = %e, "cannot rotate a log")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Brings the agent back in line with the world after a (re)start: finishes interrupted
     /// deletes, removes directories without a record, re-adopts running VMMs and reports the
     /// ones that died meanwhile.

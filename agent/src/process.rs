@@ -288,6 +288,30 @@ pub fn signal(pid: u32, sig: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Rotates a log that a VMM appends to (`O_APPEND`) once it is larger than `max` bytes:
+/// its content goes to `<path>.1` (replacing the previous one) and the file is truncated,
+/// so that the writer's next write lands at its start (as logrotate's copytruncate; lines
+/// written between the copy and the truncation are lost). True if it rotated.
+pub fn rotate_if_larger(path: &Path, max: u64) -> io::Result<bool> {
+    let len = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => m.len(),
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if len <= max {
+        return Ok(false);
+    }
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    std::fs::copy(path, &old)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(0)?;
+    Ok(true)
+}
+
 /// The last `max` bytes of a text file, for error messages.
 pub fn tail(path: &Path, max: usize) -> String {
     let Ok(bytes) = std::fs::read(path) else {
@@ -453,6 +477,33 @@ mod tests {
         assert_eq!(lines.next(), Some("AB"), "{out}");
         // 0, 1, 2, 3, 4, and the one `ls` opens for /proc/self/fd.
         assert_eq!(lines.next().map(str::trim), Some("6"), "{out}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn logs_rotate_past_their_cap_and_the_writer_goes_on() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("qx-rotate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("vmm.log");
+        let _ = std::fs::remove_file(&log);
+        let mut w = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        w.write_all(&[b'a'; 100]).unwrap();
+        assert!(!rotate_if_larger(&log, 100).unwrap(), "not past the cap");
+        w.write_all(b"b").unwrap();
+        assert!(rotate_if_larger(&log, 100).unwrap());
+        assert_eq!(std::fs::read(dir.join("vmm.log.1")).unwrap().len(), 101);
+        w.write_all(b"after").unwrap();
+        assert_eq!(
+            std::fs::read(&log).unwrap(),
+            b"after",
+            "the writer starts over"
+        );
+        assert!(!rotate_if_larger(&dir.join("none"), 1).unwrap());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

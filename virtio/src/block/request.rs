@@ -468,7 +468,13 @@ impl Disk {
                         if seg.flags & !WRITE_ZEROES_UNMAP != 0 {
                             return Err(Failure::Unsupported);
                         }
-                        self.write_zeroes(offset, len)?;
+                        if seg.flags & WRITE_ZEROES_UNMAP != 0 {
+                            // The guest lets the space go: a hole reads as zeros and
+                            // frees the host's blocks, where allocating them would fill it.
+                            self.punch_or_zero(offset, len)?;
+                        } else {
+                            self.write_zeroes(offset, len)?;
+                        }
                     }
                 }
                 Ok(())
@@ -499,6 +505,20 @@ impl Disk {
         ) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(Failure::Io(e)),
+        }
+    }
+
+    /// Zeroes a range by punching a hole where the file system can (it reads as zeros),
+    /// else as [`Disk::write_zeroes`] does. A block device has no holes: zeroed in place.
+    fn punch_or_zero(&self, offset: u64, len: u64) -> Result<(), Failure> {
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.write_zeroes(offset, len),
             Err(e) => Err(Failure::Io(e)),
         }
     }
@@ -821,6 +841,31 @@ mod tests {
         .unwrap();
         header(&m, 11, 0);
         assert_eq!(run(&d, &m, 16, false, DATA).1, Status::IoErr as u8);
+        // WRITE_ZEROES with UNMAP on a written range frees it: the blocks go away and the
+        // range reads as zeros.
+        use std::os::unix::fs::MetadataExt;
+        d.file.write_all_at(&[7u8; 4096], 0).unwrap();
+        d.file.sync_all().unwrap();
+        let before = d.file.metadata().unwrap().blocks();
+        m.write_obj(
+            DiscardSegment {
+                sector: 0,
+                num_sectors: 8,
+                flags: WRITE_ZEROES_UNMAP,
+            },
+            GuestAddress(DATA),
+        )
+        .unwrap();
+        header(&m, 13, 0);
+        assert_eq!(run(&d, &m, 16, false, DATA).1, Status::Ok as u8);
+        let mut back = [0xffu8; 4096];
+        d.file.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(back, [0u8; 4096]);
+        let after = d.file.metadata().unwrap().blocks();
+        assert!(
+            after < before,
+            "a hole was punched: {before} blocks, then {after}"
+        );
         std::fs::remove_file(path).unwrap();
     }
 }
