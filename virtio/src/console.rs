@@ -180,7 +180,7 @@ struct ConsoleState {
 }
 
 /// The receive side: host input waiting for the guest's buffers.
-struct Input {
+pub(crate) struct Input {
     rx: Queue,
     fd: Arc<OwnedFd>,
     /// Read from the host, not yet in a guest buffer.
@@ -190,6 +190,17 @@ struct Input {
 }
 
 impl Input {
+    /// Input from `fd` into the receive queue `rx`.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn new(rx: Queue, fd: Arc<OwnedFd>) -> Self {
+        Self {
+            rx,
+            fd,
+            pending: Vec::new(),
+            closed: false,
+        }
+    }
+
     /// Reads what the host fd has now, without blocking (the fd may be a blocking one:
     /// standard input). `false` when there is nothing to read.
     fn fill(&mut self) -> bool {
@@ -226,7 +237,7 @@ impl Input {
     }
 
     /// Moves host input into the guest's receive buffers until either runs out.
-    fn receive(
+    pub(crate) fn receive(
         &mut self,
         mem: &GuestMemory,
         interrupt: &Interrupt,
@@ -284,7 +295,7 @@ struct ConsoleHandler {
 }
 
 /// Copies one transmit request to the sink.
-fn transmit_request(
+pub(crate) fn transmit_request(
     mem: &GuestMemory,
     sink: &Mutex<ConsoleSink>,
     counters: &ConsoleCounters,

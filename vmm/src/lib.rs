@@ -13,6 +13,8 @@ pub mod coalesced;
 pub mod config;
 pub mod cpu;
 pub mod exit;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod layout;
 pub mod metrics;
 pub mod mptable;
