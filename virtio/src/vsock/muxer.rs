@@ -35,8 +35,14 @@ use super::connection::{Connection, Effect, RxPacket};
 use super::packet::{op, Header};
 use super::VsockCounters;
 
-/// Most connections at once; more REQUESTs get RST, more host connections are closed.
-pub const MAX_CONNECTIONS: usize = 1024;
+/// The most a device buffers for host sockets that do not read (each connection may hold
+/// its credit, `CONN_BUF_SIZE`, of the guest's data): what one guest can pin of host memory
+/// through vsock.
+pub const DEVICE_BUFFER_BUDGET: usize = 64 << 20;
+/// Most connections at once (the budget over each connection's credit); more REQUESTs get
+/// RST, more host connections are closed.
+pub const MAX_CONNECTIONS: usize =
+    DEVICE_BUFFER_BUDGET / super::connection::CONN_BUF_SIZE as usize;
 /// Most host sockets accepted but still waiting for their `CONNECT` line.
 pub const MAX_PENDING_HOST: usize = 64;
 /// Longest `CONNECT <port>\n` line.
