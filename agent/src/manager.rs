@@ -676,6 +676,18 @@ impl Manager {
             if !d.id.is_empty() {
                 s.push_str(&format!(",id={}", d.id));
             }
+            if let Some(rl) = &d.rate_limit {
+                for (k, v) in [
+                    ("bw", rl.bytes_per_sec),
+                    ("bw_burst", rl.bytes_burst),
+                    ("iops", rl.ops_per_sec),
+                    ("iops_burst", rl.ops_burst),
+                ] {
+                    if v > 0 {
+                        s.push_str(&format!(",{k}={v}"));
+                    }
+                }
+            }
             push("--disk", s);
         }
         for (n, fd) in spec.nics.iter().zip(&files.taps) {

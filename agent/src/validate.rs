@@ -162,6 +162,16 @@ pub fn spec<'a>(spec: Option<&'a VmSpec>, allowed: &Allowed) -> Result<&'a VmSpe
                 "contains a comma, which the VMM's --disk syntax cannot carry",
             ));
         }
+        if let Some(rl) = &d.rate_limit {
+            if (rl.bytes_burst > 0 && rl.bytes_per_sec == 0)
+                || (rl.ops_burst > 0 && rl.ops_per_sec == 0)
+            {
+                return Err(AgentError::invalid(
+                    format!("spec.disks[{i}].rate_limit"),
+                    "a burst needs its rate (bytes_burst with bytes_per_sec, ops_burst with ops_per_sec)",
+                ));
+            }
+        }
         if d.id.len() > 20 || d.id.contains([',', '=']) {
             return Err(AgentError::invalid(
                 format!("spec.disks[{i}].id"),

@@ -95,6 +95,11 @@ async fn files_come_only_from_the_image_directories() {
     // A symlink that stays inside is fine; the VMM gets the file as an inherited descriptor.
     let mut s = spec("in", &g.idle, RestartPolicy::Never);
     s.disks = vec![disk(&images.join("alias.img"), false)];
+    s.disks[0].rate_limit = Some(quantix_proto::v1::RateLimit {
+        bytes_per_sec: 1 << 20,
+        ops_per_sec: 100,
+        ..Default::default()
+    });
     create(&mut c, "in", s, true).await;
     let vm = wait_state(&mut c, "in", VmState::Running, Duration::from_secs(20)).await;
     let pid = pid(&vm);

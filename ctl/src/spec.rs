@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use clap::Args;
-use quantix_proto::v1::{BootSource, Console, Disk, Nic, RestartPolicy, VmSpec};
+use quantix_proto::v1::{BootSource, Console, Disk, Nic, RateLimit, RestartPolicy, VmSpec};
 use serde::Deserialize;
 
 /// Flags of `create`.
@@ -34,7 +34,8 @@ pub struct CreateArgs {
     /// Kernel command line.
     #[arg(long)]
     cmdline: Option<String>,
-    /// Disk: PATH[,readonly][,id=ID] (repeatable).
+    /// Disk: PATH[,readonly][,id=ID][,bw=BYTES/S][,bw_burst=BYTES][,iops=N][,iops_burst=N]
+    /// (repeatable; counts take K, M, G).
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<String>,
     /// NIC: TAP[,mac=MAC] (repeatable).
@@ -80,6 +81,32 @@ struct DiskFile {
     readonly: bool,
     #[serde(default)]
     id: String,
+    #[serde(default)]
+    rate_limit: Option<RateLimitFile>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RateLimitFile {
+    #[serde(default)]
+    bytes_per_sec: u64,
+    #[serde(default)]
+    bytes_burst: u64,
+    #[serde(default)]
+    ops_per_sec: u64,
+    #[serde(default)]
+    ops_burst: u64,
+}
+
+/// A count with an optional K, M or G suffix (powers of 1024).
+fn count(v: &str) -> Option<u64> {
+    let (num, mul) = match v.as_bytes().last()? {
+        b'K' | b'k' => (&v[..v.len() - 1], 1u64 << 10),
+        b'M' | b'm' => (&v[..v.len() - 1], 1 << 20),
+        b'G' | b'g' => (&v[..v.len() - 1], 1 << 30),
+        _ => (v, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mul)
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,6 +149,12 @@ impl CreateArgs {
                 path: d.path,
                 readonly: d.readonly,
                 id: d.id,
+                rate_limit: d.rate_limit.map(|r| RateLimit {
+                    bytes_per_sec: r.bytes_per_sec,
+                    bytes_burst: r.bytes_burst,
+                    ops_per_sec: r.ops_per_sec,
+                    ops_burst: r.ops_burst,
+                }),
             })
             .collect();
         for d in self.disks {
@@ -135,6 +168,18 @@ impl CreateArgs {
                     disk.readonly = true;
                 } else if let Some(v) = p.strip_prefix("id=") {
                     disk.id = v.to_string();
+                } else if let Some((k @ ("bw" | "bw_burst" | "iops" | "iops_burst"), v)) =
+                    p.split_once('=')
+                {
+                    let n = count(v)
+                        .ok_or_else(|| format!("--disk {d:?}: {k} takes a count such as 100M"))?;
+                    let rl = disk.rate_limit.get_or_insert_with(RateLimit::default);
+                    match k {
+                        "bw" => rl.bytes_per_sec = n,
+                        "bw_burst" => rl.bytes_burst = n,
+                        "iops" => rl.ops_per_sec = n,
+                        _ => rl.ops_burst = n,
+                    }
                 } else {
                     return Err(format!("--disk {d:?}: unknown option {p:?}"));
                 }

@@ -19,8 +19,12 @@ mod fuzz_smoke {
     #[test]
     fn the_legacy_fuzz_entry_takes_any_input() {
         crate::fuzzing::legacy(&[]);
-        crate::fuzzing::legacy(&[0, 0, 0x80, b'x', 1, 4, 0x80, 0xfe, 2, 0, 0x81, 0x34, 0, 5, 2, 0]);
-        let all: Vec<u8> = (0..=255u8).flat_map(|b| [b % 3, b, b, b.wrapping_mul(7)]).collect();
+        crate::fuzzing::legacy(&[
+            0, 0, 0x80, b'x', 1, 4, 0x80, 0xfe, 2, 0, 0x81, 0x34, 0, 5, 2, 0,
+        ]);
+        let all: Vec<u8> = (0..=255u8)
+            .flat_map(|b| [b % 3, b, b, b.wrapping_mul(7)])
+            .collect();
         crate::fuzzing::legacy(&all);
     }
 }

@@ -14,6 +14,7 @@ pub mod console;
 pub mod fuzzing;
 pub mod mmio;
 pub mod net;
+pub mod ratelimit;
 pub mod rng;
 pub mod state;
 pub mod threads;

@@ -165,6 +165,19 @@ pub struct DiskConfig {
     pub id: Option<String>,
     /// The I/O engine: io_uring (the default; threads when the host lacks it) or threads.
     pub aio: quantix_virtio::block::engine::EngineKind,
+    /// Limits of the guest's I/O on the disk.
+    pub rate_limit: quantix_virtio::ratelimit::RateLimit,
+}
+
+/// A count with an optional K, M or G suffix (powers of 1024): `10M` is 10485760.
+fn parse_count(v: &str) -> Option<u64> {
+    let (num, mul) = match v.as_bytes().last()? {
+        b'K' | b'k' => (&v[..v.len() - 1], 1u64 << 10),
+        b'M' | b'm' => (&v[..v.len() - 1], 1 << 20),
+        b'G' | b'g' => (&v[..v.len() - 1], 1 << 30),
+        _ => (v, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mul)
 }
 
 impl FromStr for DiskConfig {
@@ -178,6 +191,7 @@ impl FromStr for DiskConfig {
         use quantix_virtio::block::engine::EngineKind;
         let (mut path, mut readonly, mut id) = (None, false, None);
         let mut aio = EngineKind::IoUring;
+        let mut rate_limit = quantix_virtio::ratelimit::RateLimit::default();
         for part in s.split(',') {
             let (key, value) = part
                 .split_once('=')
@@ -210,14 +224,33 @@ impl FromStr for DiskConfig {
                         _ => return Err(err("aio takes io_uring or threads")),
                     }
                 }
+                "bw" | "bw_burst" | "iops" | "iops_burst" => {
+                    let n = parse_count(value).ok_or_else(|| {
+                        err(&format!("{key} takes a count such as 100M, 5000 or 1G"))
+                    })?;
+                    match key {
+                        "bw" => rate_limit.bytes_per_sec = n,
+                        "bw_burst" => rate_limit.bytes_burst = n,
+                        "iops" => rate_limit.ops_per_sec = n,
+                        _ => rate_limit.ops_burst = n,
+                    }
+                }
                 other => return Err(err(&format!("unknown key {other:?}"))),
             }
+        }
+        if (rate_limit.bytes_burst > 0 && rate_limit.bytes_per_sec == 0)
+            || (rate_limit.ops_burst > 0 && rate_limit.ops_per_sec == 0)
+        {
+            return Err(err(
+                "a burst needs its rate (bw_burst with bw, iops_burst with iops)",
+            ));
         }
         Ok(DiskConfig {
             path: path.ok_or_else(|| err("path= is required"))?,
             readonly,
             id,
             aio,
+            rate_limit,
         })
     }
 }
@@ -633,6 +666,7 @@ mod tests {
                 readonly: true,
                 id: Some("root-1".into()),
                 aio: quantix_virtio::block::engine::EngineKind::IoUring,
+                rate_limit: Default::default(),
             }
         );
         let d: DiskConfig = "path=/img/b.raw,aio=threads".parse().unwrap();
@@ -734,5 +768,26 @@ mod tests {
         ));
         assert_eq!(validate_vcpus(1000), Err(ConfigError::Vcpus(1000)));
         assert_eq!(validate_vcpus(16), Ok(16));
+    }
+
+    #[test]
+    fn disk_rate_limits_parse_with_suffixes() {
+        let d: DiskConfig = "path=/d,bw=100M,bw_burst=1G,iops=5000,iops_burst=10K"
+            .parse()
+            .unwrap();
+        assert_eq!(d.rate_limit.bytes_per_sec, 100 << 20);
+        assert_eq!(d.rate_limit.bytes_burst, 1 << 30);
+        assert_eq!(d.rate_limit.ops_per_sec, 5000);
+        assert_eq!(d.rate_limit.ops_burst, 10 << 10);
+        for bad in [
+            "path=/d,bw=fast",
+            "path=/d,iops=-1",
+            "path=/d,bw_burst=1M",
+            "path=/d,bw=99999999999G",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
+        }
+        let d: DiskConfig = "path=/d".parse().unwrap();
+        assert!(!d.rate_limit.is_limited());
     }
 }

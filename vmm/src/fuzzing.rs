@@ -83,8 +83,7 @@ pub fn loaders(data: &[u8]) {
             let _ = crate::boot::load_linux(mem, MEM, &src, GuestAddress(0xe0000));
         }
         1 => {
-            let (Some((_k, kernel)), Some((_i, initrd))) = (memfd(&tiny_elf()), memfd(rest))
-            else {
+            let (Some((_k, kernel)), Some((_i, initrd))) = (memfd(&tiny_elf()), memfd(rest)) else {
                 return;
             };
             let src = BootSource::Kernel {

@@ -303,7 +303,8 @@ impl Vm {
             let name = disk.id.clone().unwrap_or_else(|| format!("disk{i}"));
             let block =
                 quantix_virtio::block::Block::open(&name, &disk.path, disk.readonly, &name)?
-                    .with_engine(disk.aio);
+                    .with_engine(disk.aio)
+                    .with_rate_limit(disk.rate_limit);
             info!(disk = %name, path = %disk.path.display(), readonly = disk.readonly, aio = disk.aio.name(), sectors = block.capacity_sectors(), "disk attached");
             virtio_devices.push(Box::new(block));
         }

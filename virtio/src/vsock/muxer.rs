@@ -41,8 +41,7 @@ use super::VsockCounters;
 pub const DEVICE_BUFFER_BUDGET: usize = 64 << 20;
 /// Most connections at once (the budget over each connection's credit); more REQUESTs get
 /// RST, more host connections are closed.
-pub const MAX_CONNECTIONS: usize =
-    DEVICE_BUFFER_BUDGET / super::connection::CONN_BUF_SIZE as usize;
+pub const MAX_CONNECTIONS: usize = DEVICE_BUFFER_BUDGET / super::connection::CONN_BUF_SIZE as usize;
 /// Most host sockets accepted but still waiting for their `CONNECT` line.
 pub const MAX_PENDING_HOST: usize = 64;
 /// Longest `CONNECT <port>\n` line.
