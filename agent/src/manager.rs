@@ -698,6 +698,18 @@ impl Manager {
             if !n.mac.is_empty() {
                 s.push_str(&format!(",mac={}", n.mac));
             }
+            if let Some(rl) = &n.rate_limit {
+                for (k, v) in [
+                    ("bw", rl.bytes_per_sec),
+                    ("bw_burst", rl.bytes_burst),
+                    ("pps", rl.ops_per_sec),
+                    ("pps_burst", rl.ops_burst),
+                ] {
+                    if v > 0 {
+                        s.push_str(&format!(",{k}={v}"));
+                    }
+                }
+            }
             push("--net", s);
         }
         push("--kvm", files.kvm.clone());

@@ -321,7 +321,7 @@ mod tests {
         let mut s = good();
         s.nics.push(Nic {
             tap: "eth0".into(),
-            mac: String::new(),
+            ..Default::default()
         });
         match check(Some(&s)).unwrap_err() {
             AgentError::PermissionDenied(m) => {
@@ -385,6 +385,7 @@ mod tests {
                     s.nics.push(Nic {
                         tap: "qxtap0".into(),
                         mac: "zz".into(),
+                        ..Default::default()
                     })
                 },
                 "spec.nics[0].mac",

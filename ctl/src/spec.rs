@@ -38,7 +38,8 @@ pub struct CreateArgs {
     /// (repeatable; counts take K, M, G).
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<String>,
-    /// NIC: TAP[,mac=MAC] (repeatable).
+    /// NIC: TAP[,mac=MAC][,bw=BYTES/S][,bw_burst=BYTES][,pps=N][,pps_burst=N] (repeatable;
+    /// the limits apply to each direction).
     #[arg(long = "nic", value_name = "SPEC")]
     nics: Vec<String>,
     /// Label KEY=VALUE (repeatable).
@@ -98,6 +99,17 @@ struct RateLimitFile {
     ops_burst: u64,
 }
 
+impl RateLimitFile {
+    fn into_proto(self) -> RateLimit {
+        RateLimit {
+            bytes_per_sec: self.bytes_per_sec,
+            bytes_burst: self.bytes_burst,
+            ops_per_sec: self.ops_per_sec,
+            ops_burst: self.ops_burst,
+        }
+    }
+}
+
 /// A count with an optional K, M or G suffix (powers of 1024).
 fn count(v: &str) -> Option<u64> {
     let (num, mul) = match v.as_bytes().last()? {
@@ -115,6 +127,8 @@ struct NicFile {
     tap: String,
     #[serde(default)]
     mac: String,
+    #[serde(default)]
+    rate_limit: Option<RateLimitFile>,
 }
 
 fn policy(s: &str) -> Result<RestartPolicy, String> {
@@ -149,12 +163,7 @@ impl CreateArgs {
                 path: d.path,
                 readonly: d.readonly,
                 id: d.id,
-                rate_limit: d.rate_limit.map(|r| RateLimit {
-                    bytes_per_sec: r.bytes_per_sec,
-                    bytes_burst: r.bytes_burst,
-                    ops_per_sec: r.ops_per_sec,
-                    ops_burst: r.ops_burst,
-                }),
+                rate_limit: d.rate_limit.map(RateLimitFile::into_proto),
             })
             .collect();
         for d in self.disks {
@@ -192,14 +201,35 @@ impl CreateArgs {
             .map(|n| Nic {
                 tap: n.tap,
                 mac: n.mac,
+                rate_limit: n.rate_limit.map(RateLimitFile::into_proto),
             })
             .collect();
         for n in self.nics {
-            let (tap, mac) = match n.split_once(",mac=") {
-                Some((t, m)) => (t.to_string(), m.to_string()),
-                None => (n.clone(), String::new()),
+            let mut parts = n.split(',');
+            let mut nic = Nic {
+                tap: parts.next().unwrap_or_default().to_string(),
+                ..Default::default()
             };
-            nics.push(Nic { tap, mac });
+            for p in parts {
+                let Some((k, v)) = p.split_once('=') else {
+                    return Err(format!("--nic {n:?}: unknown option {p:?}"));
+                };
+                if k == "mac" {
+                    nic.mac = v.to_string();
+                    continue;
+                }
+                let n_ = count(v)
+                    .ok_or_else(|| format!("--nic {n:?}: {k} takes a count such as 100M"))?;
+                let rl = nic.rate_limit.get_or_insert_with(RateLimit::default);
+                match k {
+                    "bw" => rl.bytes_per_sec = n_,
+                    "bw_burst" => rl.bytes_burst = n_,
+                    "pps" => rl.ops_per_sec = n_,
+                    "pps_burst" => rl.ops_burst = n_,
+                    _ => return Err(format!("--nic {n:?}: unknown option {p:?}")),
+                }
+            }
+            nics.push(nic);
         }
         let mut labels = file.labels;
         for l in self.labels {

@@ -271,6 +271,8 @@ pub struct NetConfig {
     pub backend: NetBackend,
     /// The guest's MAC address; random (52:54:00:xx:xx:xx) when not given.
     pub mac: Option<[u8; 6]>,
+    /// Limits of each direction of the card's traffic.
+    pub rate_limit: quantix_virtio::ratelimit::RateLimit,
 }
 
 impl FromStr for NetConfig {
@@ -282,11 +284,24 @@ impl FromStr for NetConfig {
             reason: reason.to_string(),
         };
         let (mut backend, mut mac) = (None, None);
+        let mut rate_limit = quantix_virtio::ratelimit::RateLimit::default();
         for part in s.split(',') {
             let (key, value) = part
                 .split_once('=')
                 .ok_or_else(|| err("each part must be key=value"))?;
             let new = match key {
+                "bw" | "bw_burst" | "pps" | "pps_burst" => {
+                    let n = parse_count(value).ok_or_else(|| {
+                        err(&format!("{key} takes a count such as 100M, 5000 or 1G"))
+                    })?;
+                    match key {
+                        "bw" => rate_limit.bytes_per_sec = n,
+                        "bw_burst" => rate_limit.bytes_burst = n,
+                        "pps" => rate_limit.ops_per_sec = n,
+                        _ => rate_limit.ops_burst = n,
+                    }
+                    None
+                }
                 "tap" if !value.is_empty() && value.len() < 16 => {
                     Some(NetBackend::Tap(value.to_string()))
                 }
@@ -312,9 +327,17 @@ impl FromStr for NetConfig {
                 }
             }
         }
+        if (rate_limit.bytes_burst > 0 && rate_limit.bytes_per_sec == 0)
+            || (rate_limit.ops_burst > 0 && rate_limit.ops_per_sec == 0)
+        {
+            return Err(err(
+                "a burst needs its rate (bw_burst with bw, pps_burst with pps)",
+            ));
+        }
         Ok(NetConfig {
             backend: backend.ok_or_else(|| err("tap= or fd= is required"))?,
             mac,
+            rate_limit,
         })
     }
 }
@@ -704,12 +727,17 @@ mod tests {
 
     #[test]
     fn net_specs() {
+        let n: NetConfig = "tap=qx0,bw=10M,pps=1000".parse().unwrap();
+        assert_eq!(n.rate_limit.bytes_per_sec, 10 << 20);
+        assert_eq!(n.rate_limit.ops_per_sec, 1000);
+        assert!("tap=qx0,pps_burst=5".parse::<NetConfig>().is_err());
         let n: NetConfig = "tap=qx0,mac=52:54:00:00:00:01".parse().unwrap();
         assert_eq!(
             n,
             NetConfig {
                 backend: NetBackend::Tap("qx0".into()),
-                mac: Some([0x52, 0x54, 0, 0, 0, 1])
+                mac: Some([0x52, 0x54, 0, 0, 0, 1]),
+                rate_limit: Default::default(),
             }
         );
         let n: NetConfig = "fd=7".parse().unwrap();

@@ -315,7 +315,7 @@ impl Vm {
                 crate::config::NetBackend::Fd(fd) => Tap::from_fd(*fd)?,
             };
             let mac = net.mac.unwrap_or_else(random_mac);
-            let card = Net::new(&format!("net{i}"), tap, mac);
+            let card = Net::new(&format!("net{i}"), tap, mac).with_rate_limit(net.rate_limit);
             info!(
                 device = format_args!("net{i}"),
                 tap = card.tap_name(),

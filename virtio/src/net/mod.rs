@@ -19,8 +19,8 @@ use virtio_queue::{Queue, QueueT, Reader, Writer};
 use crate::state::{self, DeviceState, QueueSnapshot, StateError};
 use crate::worker::{stop_worker, QueueHandler, Worker};
 use crate::{
-    device_type, features, pending_buffers, serve_queue, ActivateContext, ActivateError,
-    GuestMemory, Interrupt, QueueError, VirtioDevice,
+    device_type, features, pending_buffers, ActivateContext, ActivateError, GuestMemory, Interrupt,
+    QueueError, VirtioDevice,
 };
 pub use tap::{FrameIo, Tap, TapError, VNET_HDR_LEN};
 
@@ -66,6 +66,8 @@ pub struct NetCounters {
     pub tx_bytes: AtomicU64,
     /// Frames dropped on transmit (malformed, too large, TAP refused).
     pub tx_dropped: AtomicU64,
+    /// Times a direction waited for its rate limit.
+    pub throttled: AtomicU64,
 }
 
 /// A network card.
@@ -77,9 +79,17 @@ pub struct Net {
     worker: Option<Worker<NetHandler>>,
     /// A frame read from the TAP but not delivered when the device was paused.
     pending_frame: Option<Vec<u8>>,
+    /// Limits of each direction (the same limits, one set of buckets each).
+    rate_limit: crate::ratelimit::RateLimit,
 }
 
 impl Net {
+    /// Limits each direction of the card's traffic (bytes and frames per second).
+    pub fn with_rate_limit(mut self, limit: crate::ratelimit::RateLimit) -> Self {
+        self.rate_limit = limit;
+        self
+    }
+
     /// A card named `name` on `tap` with MAC address `mac`.
     pub fn new(name: &str, tap: Tap, mac: [u8; 6]) -> Self {
         let mut config = [0u8; 10];
@@ -93,6 +103,7 @@ impl Net {
             counters: Arc::default(),
             worker: None,
             pending_frame: None,
+            rate_limit: Default::default(),
         }
     }
 
@@ -117,6 +128,7 @@ impl crate::CounterSet for NetCounters {
             ("tx_frames", load(&self.tx_frames)),
             ("tx_bytes", load(&self.tx_bytes)),
             ("tx_dropped", load(&self.tx_dropped)),
+            ("throttled", load(&self.throttled)),
         ]
     }
 }
@@ -182,8 +194,13 @@ impl VirtioDevice for Net {
             frame_len,
             broken: false,
             name: self.name.clone(),
+            tx_limit: limiter(self.rate_limit)?,
+            rx_limit: limiter(self.rate_limit)?,
         };
-        let fds = [self.tap.as_raw_fd()];
+        // Host events: 0 the TAP, then the timers of the transmit and receive limits.
+        let mut fds = vec![self.tap.as_raw_fd()];
+        fds.extend(handler.tx_limit.as_ref().map(|l| l.fd()));
+        fds.extend(handler.rx_limit.as_ref().map(|l| l.fd()));
         self.worker = Some(Worker::spawn_with_fds(
             format!("virtio-{}", self.name),
             ctx.queue_evts,
@@ -259,6 +276,17 @@ pub(crate) struct NetHandler {
     frame_len: Option<usize>,
     broken: bool,
     name: String,
+    tx_limit: Option<crate::ratelimit::RateLimiter>,
+    rx_limit: Option<crate::ratelimit::RateLimiter>,
+}
+
+fn limiter(
+    limit: crate::ratelimit::RateLimit,
+) -> std::io::Result<Option<crate::ratelimit::RateLimiter>> {
+    limit
+        .is_limited()
+        .then(|| crate::ratelimit::RateLimiter::new(limit))
+        .transpose()
 }
 
 impl NetHandler {
@@ -282,6 +310,8 @@ impl NetHandler {
             frame_len: None,
             broken: false,
             name: "fuzz".into(),
+            tx_limit: None,
+            rx_limit: None,
         }
     }
 
@@ -312,6 +342,13 @@ impl NetHandler {
                     }
                 },
             };
+            if let Some(l) = self.rx_limit.as_mut() {
+                // The frame waits (read from the TAP, not delivered) for the rx timer.
+                if !l.consume(len as u64) {
+                    self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
             if pending_buffers(&self.rx, mem.as_ref())? == 0 {
                 // Ask to be told when buffers arrive; they may have arrived meanwhile.
                 if self.rx.enable_notification(mem.as_ref())? {
@@ -351,11 +388,23 @@ impl NetHandler {
         Ok(())
     }
 
-    /// Sends every frame the guest queued.
+    /// Sends every frame the guest queued (that its rate limit lets through now).
     fn transmit(&mut self) -> Result<(), QueueError> {
-        let (mem, tap, counters) = (self.mem.as_ref(), &self.tap, &self.counters);
+        let (mem, tap, counters, limit) = (
+            self.mem.as_ref(),
+            &self.tap,
+            &self.counters,
+            &mut self.tx_limit,
+        );
         let mut buf = Vec::with_capacity(MAX_FRAME);
-        serve_queue(&mut self.tx, mem, &self.interrupt, |chain| {
+        crate::serve_queue_deferred(&mut self.tx, mem, &self.interrupt, |chain| {
+            if let Some(l) = limit.as_mut() {
+                let bytes: u64 = chain.clone().take(256).map(|d| u64::from(d.len())).sum();
+                if !l.consume(bytes) {
+                    counters.throttled.fetch_add(1, Ordering::Relaxed);
+                    return crate::Served::Busy;
+                }
+            }
             buf.clear();
             let ok = match Reader::new(mem, chain) {
                 Ok(mut r) if (VNET_HDR_LEN..=MAX_FRAME).contains(&r.available_bytes()) => {
@@ -373,7 +422,7 @@ impl NetHandler {
                 counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
             }
             // Transmit buffers are only read; nothing is written into them.
-            0
+            crate::Served::Done(0)
         })
     }
 
@@ -399,9 +448,28 @@ impl QueueHandler for NetHandler {
         self.guard(r);
     }
 
-    fn host_event(&mut self, _index: usize) {
+    fn host_event(&mut self, index: usize) {
         if self.broken {
             return;
+        }
+        // 0: the TAP; then the tx limit's timer (if any), then the rx limit's.
+        let tx_timer = self.tx_limit.as_ref().map(|_| 1);
+        let rx_timer = self
+            .rx_limit
+            .as_ref()
+            .map(|_| 1 + usize::from(tx_timer.is_some()));
+        if Some(index) == tx_timer {
+            if let Some(l) = self.tx_limit.as_mut() {
+                l.on_timer();
+            }
+            let r = self.transmit();
+            self.guard(r);
+            return;
+        }
+        if Some(index) == rx_timer {
+            if let Some(l) = self.rx_limit.as_mut() {
+                l.on_timer();
+            }
         }
         let r = self.receive();
         self.guard(r);
@@ -440,6 +508,71 @@ pub fn random_mac() -> [u8; 6] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Counting(std::sync::atomic::AtomicUsize);
+    impl FrameIo for Counting {
+        fn read_frame(&self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        fn write_frame(&self, f: &[u8]) -> io::Result<usize> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Ok(f.len())
+        }
+    }
+
+    #[test]
+    fn a_transmit_rate_limit_holds_frames_in_the_ring() {
+        use crate::worker::QueueHandler;
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::GuestAddress;
+        let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+        let vq = MockSplitQueue::new(mem.as_ref(), 16);
+        for i in 0..6u64 {
+            let chain = [RawDescriptor::from(SplitDescriptor::new(
+                0x8_0000 + i * 0x1000,
+                (VNET_HDR_LEN + 60) as u32,
+                0,
+                0,
+            ))];
+            vq.add_desc_chains(&chain, i as u16).unwrap();
+        }
+        let io = Arc::new(Counting(Default::default()));
+        let interrupt = Arc::new(Interrupt::new(
+            vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
+        ));
+        let mut h = NetHandler::for_fuzzing(
+            mem.clone(),
+            Queue::new(16).unwrap(),
+            vq.create_queue().unwrap(),
+            interrupt,
+            io.clone(),
+        );
+        // Two frames at once, then 50 a second.
+        h.tx_limit = limiter(crate::ratelimit::RateLimit {
+            ops_per_sec: 50,
+            ops_burst: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        h.process(TX);
+        assert_eq!(io.0.load(Ordering::Relaxed), 2, "the burst, and no more");
+        assert!(h.counters.throttled.load(Ordering::Relaxed) >= 1);
+        // The tx limiter's timer (host event 1) lets the rest through as it refills.
+        let start = std::time::Instant::now();
+        while io.0.load(Ordering::Relaxed) < 6 {
+            let mut p = libc::pollfd {
+                fd: h.tx_limit.as_ref().unwrap().fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd we own.
+            unsafe { libc::poll(&mut p, 1, 200) };
+            h.host_event(1);
+            assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        }
+        assert!(start.elapsed() >= std::time::Duration::from_millis(60));
+    }
 
     #[test]
     fn mac_addresses() {
