@@ -237,6 +237,15 @@ fn main() -> ExitCode {
 
 async fn run(cfg: Config) -> Result<(), String> {
     const GROUP_FILE: &str = "/etc/group";
+    // SAFETY: geteuid cannot fail.
+    if cfg.jail && unsafe { libc::geteuid() } != 0 {
+        return Err(
+            "every VMM runs in a jail (its own uid, namespaces and root), which needs \
+                    root: run the agent as root, or set jail = false (--no-jail) to run VMMs \
+                    unjailed as the agent's user"
+                .into(),
+        );
+    }
     listen::prepare_state_dir(&cfg.state_dir).map_err(|e| e.to_string())?;
     let group_file = std::path::Path::new(GROUP_FILE);
     let policy = cfg.policy(group_file).map_err(|e| e.to_string())?;
@@ -261,6 +270,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("recovery: {e}"))?;
     let api_metrics = Arc::new(ApiMetrics::default());
     tokio::spawn(manager.clone().rotate_logs_forever());
+    tokio::spawn(manager.clone().retry_pending_forever());
     info!(
         admin_uids = ?policy.admin_uids,
         admin_gids = ?policy.admin_gids,

@@ -200,6 +200,9 @@ pub struct Manager {
     uids: crate::jail::UidPool,
     /// The uid each jailed VMM runs as.
     vm_uids: Mutex<HashMap<String, u32>>,
+    /// Records that changed after a side effect (a VMM started or exited) but could not be
+    /// written (a full disk): they are the truth until a retry writes them.
+    pending: Mutex<HashMap<String, Vm>>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     create_lock: tokio::sync::Mutex<()>,
     allocatable: Resources,
@@ -277,6 +280,7 @@ impl Manager {
             jailer,
             uids,
             vm_uids: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
             allocatable,
@@ -323,9 +327,80 @@ impl Manager {
 
     fn load(&self, id: &str) -> Result<Vm, AgentError> {
         crate::validate::vm_id("vm_id", id)?;
+        if let Some(vm) = self.pending_record(id) {
+            return Ok(vm);
+        }
         self.store
             .get(id)?
             .ok_or_else(|| AgentError::NotFound(id.to_string()))
+    }
+
+    fn pending_record(&self, id: &str) -> Option<Vm> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// `vms` with the records still waiting to be written in place of the stored ones.
+    fn with_pending(&self, mut vms: Vec<Vm>) -> Vec<Vm> {
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if !pending.is_empty() {
+            for vm in &mut vms {
+                if let Some(p) = pending.get(&vm.id) {
+                    *vm = p.clone();
+                }
+            }
+        }
+        vms
+    }
+
+    /// Writes a record whose change already happened (a VMM that started or exited): if the
+    /// store cannot take it now (a full disk), the record is kept in memory, served as the
+    /// truth, and written by [`Manager::retry_pending_forever`] as soon as the store can.
+    fn persist(&self, vm: &Vm) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match self.store.put(vm) {
+            Ok(()) => {
+                pending.remove(&vm.id);
+            }
+            Err(e) => {
+                if !pending.contains_key(&vm.id) {
+                    tracing::error!(vm = %vm.id, error = %e, "cannot write the VM's record (a full disk?); it is kept in memory and written again every 2 s");
+                }
+                pending.insert(vm.id.clone(), vm.clone());
+            }
+        }
+    }
+
+    /// Every 2 s, writes the records [`Manager::persist`] could not.
+    pub async fn retry_pending_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            self.retry_pending();
+        }
+    }
+
+    /// Writes what it can of the pending records.
+    fn retry_pending(&self) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let ids: Vec<String> = pending.keys().cloned().collect();
+        for id in ids {
+            let Some(vm) = pending.get(&id).cloned() else {
+                continue;
+            };
+            if self.store.put(&vm).is_ok() {
+                info!(vm = %id, "the VM's record is written again");
+                pending.remove(&id);
+            }
+        }
+    }
+
+    /// How many records wait to be written.
+    pub fn pending_records(&self) -> usize {
+        self.pending.lock().map(|p| p.len()).unwrap_or(0)
     }
 
     /// Writes the VM's new state and emits an event.
@@ -338,7 +413,7 @@ impl Manager {
         message: impl Into<String>,
     ) -> Result<(), AgentError> {
         status_mut(vm).state = state as i32;
-        self.store.put(vm)?;
+        self.persist(vm);
         self.events.emit(&vm.id, kind, state, exit, message);
         Ok(())
     }
@@ -382,17 +457,17 @@ impl Manager {
         } else {
             String::new()
         };
-        Ok((vms, next))
+        Ok((self.with_pending(vms), next))
     }
 
     /// Every VM (for metrics and the node's totals).
     pub fn all(&self) -> Result<Vec<Vm>, AgentError> {
-        Ok(self.store.all()?)
+        Ok(self.with_pending(self.store.all()?))
     }
 
     /// What active VMs commit now.
     pub fn committed(&self) -> Result<(Resources, u32, u32), AgentError> {
-        let all = self.store.all()?;
+        let all = self.with_pending(self.store.all()?);
         let mut r = Resources::default();
         let mut active = 0;
         for vm in &all {
@@ -855,7 +930,8 @@ impl Manager {
                 .collect::<Vec<_>>()
                 .join(",");
         }
-        self.store.put(vm)?;
+        // The VMM runs: whatever the store says now, it is watched.
+        self.persist(vm);
         let mut exited = self.watch(slot, &vm.id, pid, paths.clone())?;
 
         // Ready once the control socket answers (the VMM binds it before the guest runs).
@@ -1443,4 +1519,67 @@ pub fn state_name(s: VmState) -> String {
     s.as_str_name()
         .trim_start_matches("VM_STATE_")
         .to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_the_store_cannot_take_stay_the_truth_until_written() {
+        let dir = std::env::temp_dir().join(format!("qx-pending-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = Config {
+            state_dir: dir.clone(),
+            cgroups: crate::config::CgroupMode::Off,
+            vmm_binary: "/bin/true".into(),
+            ..Config::default()
+        };
+        let m = Manager::open(
+            cfg,
+            Resources {
+                vcpus: 4,
+                memory_mib: 1024,
+            },
+        )
+        .unwrap();
+        let mut vm = Vm {
+            id: "p1".into(),
+            spec: Some(VmSpec {
+                name: "p1".into(),
+                ..Default::default()
+            }),
+            status: Some(VmStatus {
+                state: VmState::Running as i32,
+                ..Default::default()
+            }),
+        };
+        m.store.put(&vm).unwrap();
+        // The VMM exits while the disk is full.
+        m.store.fail_writes.store(true, Ordering::Relaxed);
+        status_mut(&mut vm).state = VmState::Stopped as i32;
+        m.persist(&vm);
+        assert_eq!(m.pending_records(), 1);
+        assert_eq!(
+            state_of(&m.load("p1").unwrap()),
+            VmState::Stopped,
+            "memory is the truth"
+        );
+        assert_eq!(state_of(&m.all().unwrap()[0]), VmState::Stopped);
+        assert_eq!(
+            state_of(&m.store.get("p1").unwrap().unwrap()),
+            VmState::Running,
+            "the store is behind"
+        );
+        m.retry_pending();
+        assert_eq!(m.pending_records(), 1, "still full");
+        m.store.fail_writes.store(false, Ordering::Relaxed);
+        m.retry_pending();
+        assert_eq!(m.pending_records(), 0);
+        assert_eq!(
+            state_of(&m.store.get("p1").unwrap().unwrap()),
+            VmState::Stopped
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -230,6 +230,12 @@ pub async fn render(manager: &Arc<Manager>, api: &ApiMetrics) -> String {
     out.push_str("# HELP quantix_vmm_resident_bytes and per-VM counters from each VMM.\n");
     out.push_str(&per_vm);
     let me = std::process::id();
+    out.push_str("# HELP quantix_agent_store_pending_records VM records the store could not take yet (a full disk); retried every 2 s.\n# TYPE quantix_agent_store_pending_records gauge\n");
+    let _ = writeln!(
+        out,
+        "quantix_agent_store_pending_records {}",
+        manager.pending_records()
+    );
     if let Some(rss) = crate::process::rss_bytes(me) {
         let _ = writeln!(out, "quantix_agent_resident_bytes {rss}");
     }

@@ -40,6 +40,9 @@ fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
 /// The VM store.
 pub struct Store {
     db: Database,
+    /// Tests: every write fails, as on a full disk.
+    #[cfg(test)]
+    pub fail_writes: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
@@ -50,7 +53,11 @@ impl Store {
         tx.open_table(VMS).map_err(dberr)?;
         tx.open_table(QUARANTINE).map_err(dberr)?;
         tx.commit().map_err(dberr)?;
-        let store = Self { db };
+        let store = Self {
+            db,
+            #[cfg(test)]
+            fail_writes: Default::default(),
+        };
         store.quarantine_bad_records()?;
         Ok(store)
     }
@@ -127,6 +134,12 @@ impl Store {
 
     /// Writes `vm` (insert or replace), durably.
     pub fn put(&self, vm: &Vm) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self.fail_writes.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StoreError::Db(redb::Error::Io(
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            )));
+        }
         let bytes = vm.encode_to_vec();
         let tx = self.db.begin_write().map_err(dberr)?;
         {

@@ -28,7 +28,7 @@ pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(
         p.exists(),
-        "{} is missing: build it first (cargo build -p quantix-vmm -p quantix-agent -p quantix-ctl)",
+        "{} is missing: build it first (cargo build -p quantix-vmm -p quantix-jailer -p quantix-agent -p quantix-ctl)",
         p.display()
     );
     p
