@@ -122,9 +122,19 @@ impl ExitRecord {
     /// a reader sees either nothing or the whole record.
     pub fn write(&self, path: &std::path::Path) -> std::io::Result<()> {
         let json = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
-        std::fs::write(&tmp, json)?;
+        // O_NOFOLLOW: a symlink planted at the temporary name is not written through.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.write_all(&json)?;
+        drop(f);
         std::fs::rename(&tmp, path)
     }
 }
