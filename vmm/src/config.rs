@@ -169,6 +169,24 @@ pub struct DiskConfig {
     pub rate_limit: quantix_virtio::ratelimit::RateLimit,
 }
 
+/// Sets the rate-limit key `key` (`bw`, `bw_burst`, `<ops>`, `<ops>_burst`) from `value`.
+fn set_rate(
+    rl: &mut quantix_virtio::ratelimit::RateLimit,
+    key: &str,
+    value: &str,
+    ops: &str,
+) -> Result<(), String> {
+    let n = parse_count(value)
+        .ok_or_else(|| format!("{key} takes a count such as 100M, 5000 or 1G"))?;
+    match key.strip_prefix(ops) {
+        Some("") => rl.ops_per_sec = n,
+        Some("_burst") => rl.ops_burst = n,
+        _ if key == "bw" => rl.bytes_per_sec = n,
+        _ => rl.bytes_burst = n,
+    }
+    Ok(())
+}
+
 /// A count with an optional K, M or G suffix (powers of 1024): `10M` is 10485760.
 fn parse_count(v: &str) -> Option<u64> {
     let (num, mul) = match v.as_bytes().last()? {
@@ -225,15 +243,7 @@ impl FromStr for DiskConfig {
                     }
                 }
                 "bw" | "bw_burst" | "iops" | "iops_burst" => {
-                    let n = parse_count(value).ok_or_else(|| {
-                        err(&format!("{key} takes a count such as 100M, 5000 or 1G"))
-                    })?;
-                    match key {
-                        "bw" => rate_limit.bytes_per_sec = n,
-                        "bw_burst" => rate_limit.bytes_burst = n,
-                        "iops" => rate_limit.ops_per_sec = n,
-                        _ => rate_limit.ops_burst = n,
-                    }
+                    set_rate(&mut rate_limit, key, value, "iops").map_err(|e| err(&e))?
                 }
                 other => return Err(err(&format!("unknown key {other:?}"))),
             }
@@ -291,15 +301,7 @@ impl FromStr for NetConfig {
                 .ok_or_else(|| err("each part must be key=value"))?;
             let new = match key {
                 "bw" | "bw_burst" | "pps" | "pps_burst" => {
-                    let n = parse_count(value).ok_or_else(|| {
-                        err(&format!("{key} takes a count such as 100M, 5000 or 1G"))
-                    })?;
-                    match key {
-                        "bw" => rate_limit.bytes_per_sec = n,
-                        "bw_burst" => rate_limit.bytes_burst = n,
-                        "pps" => rate_limit.ops_per_sec = n,
-                        _ => rate_limit.ops_burst = n,
-                    }
+                    set_rate(&mut rate_limit, key, value, "pps").map_err(|e| err(&e))?;
                     None
                 }
                 "tap" if !value.is_empty() && value.len() < 16 => {

@@ -24,21 +24,9 @@ pub const VNET_HDR_LEN: usize = 12;
 /// Errors opening a TAP device.
 #[derive(Debug, Error)]
 pub enum TapError {
-    /// The name is not a valid interface name.
-    #[error("invalid TAP name {0:?}: 1 to 15 characters, no '/', whitespace or ':'")]
-    Name(String),
-    /// /dev/net/tun cannot be opened.
-    #[error("cannot open /dev/net/tun (is the tun module loaded, and may this user use it?): {0}")]
-    OpenTun(#[source] io::Error),
-    /// The kernel refused to create or attach the interface.
-    #[error("cannot attach TAP {name}: {source}")]
-    Attach {
-        /// The interface.
-        name: String,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+    /// Opening it by name (the name, /dev/net/tun, attaching, bringing it up).
+    #[error(transparent)]
+    Open(#[from] quantix_hostfs::tap::TapError),
     /// An fd passed by a supervisor is not a usable TAP.
     #[error("fd {fd} is not a TAP opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR: {reason}")]
     BadFd {
@@ -70,18 +58,7 @@ pub struct Tap {
 impl Tap {
     /// Opens TAP `name`, creating it if it does not exist, with a virtio-net header.
     pub fn open(name: &str) -> Result<Tap, TapError> {
-        let (file, name) = quantix_hostfs::tap::open(name).map_err(|e| match e {
-            quantix_hostfs::tap::TapError::Name(n) => TapError::Name(n),
-            quantix_hostfs::tap::TapError::OpenTun(e) => TapError::OpenTun(e),
-            quantix_hostfs::tap::TapError::Attach { name, source } => {
-                TapError::Attach { name, source }
-            }
-            quantix_hostfs::tap::TapError::Up { name, source } => TapError::Configure {
-                name,
-                op: "SIOCSIFFLAGS (up)",
-                source,
-            },
-        })?;
+        let (file, name) = quantix_hostfs::tap::open(name)?;
         let tap = Tap { file, name };
         tap.setup()?;
         Ok(tap)
@@ -203,7 +180,13 @@ mod tests {
     #[test]
     fn names_are_checked() {
         for bad in ["", "a/b", "sixteen-chars-xx", "has space", "a:b"] {
-            assert!(matches!(Tap::open(bad), Err(TapError::Name(_))), "{bad:?}");
+            assert!(
+                matches!(
+                    Tap::open(bad),
+                    Err(TapError::Open(quantix_hostfs::tap::TapError::Name(_)))
+                ),
+                "{bad:?}"
+            );
         }
     }
 
