@@ -56,23 +56,8 @@ pub fn api_socket(state_dir: &Path, id: &str) -> PathBuf {
 pub fn listener_pid(sock: &Path) -> Option<i32> {
     use std::os::fd::AsRawFd;
     let s = std::os::unix::net::UnixStream::connect(sock).ok()?;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` is a writable ucred of `len` bytes.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (r == 0 && cred.pid > 0).then_some(cred.pid)
+    let peer = quantix_agent::access::UnixPeer::of(s.as_raw_fd()).ok()?;
+    (peer.pid > 0).then_some(peer.pid)
 }
 
 /// Whether /dev/kvm can be used here.

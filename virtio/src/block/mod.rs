@@ -682,10 +682,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_rate_limit_holds_requests_in_the_ring_until_its_bucket_refills() {
-        let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap());
-        let path = std::env::temp_dir().join(format!("qx-blk-rl-{}", std::process::id()));
+    /// An unlinked image of `8 * REQUESTS` sectors.
+    fn scratch_image(name: &str) -> File {
+        let path = std::env::temp_dir().join(format!("qx-blk-{name}-{}", std::process::id()));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -695,6 +694,13 @@ mod tests {
             .unwrap();
         file.set_len(8 * REQUESTS * 512).unwrap();
         let _ = std::fs::remove_file(&path);
+        file
+    }
+
+    #[test]
+    fn a_rate_limit_holds_requests_in_the_ring_until_its_bucket_refills() {
+        let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap());
+        let file = scratch_image("rl");
         let vq = MockSplitQueue::new(mem.as_ref(), 256);
         chains(&mem, &vq, 0);
         let mut h = handler(
@@ -846,16 +852,7 @@ mod tests {
     #[test]
     fn drain_completes_everything_in_flight() {
         let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap());
-        let path = std::env::temp_dir().join(format!("qx-blk-drain-{}", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(8 * REQUESTS * 512).unwrap();
-        let _ = std::fs::remove_file(&path);
+        let file = scratch_image("drain");
         let vq = MockSplitQueue::new(mem.as_ref(), 256);
         chains(&mem, &vq, 1);
         let mut h = handler(
