@@ -74,6 +74,23 @@ fn file_plan(spec: &VmSpec) -> Vec<PlannedFile<'_>> {
     plan
 }
 
+/// `,bw=..,bw_burst=..,OPS=..,OPS_burst=..` for the limits `rl` sets (the VMM's `--disk`
+/// and `--net` keys; `ops` is `iops` or `pps`).
+fn rate_limit_args(rl: &quantix_proto::v1::RateLimit, ops: &str) -> String {
+    let mut s = String::new();
+    for (k, v) in [
+        ("bw".to_string(), rl.bytes_per_sec),
+        ("bw_burst".to_string(), rl.bytes_burst),
+        (ops.to_string(), rl.ops_per_sec),
+        (format!("{ops}_burst"), rl.ops_burst),
+    ] {
+        if v > 0 {
+            s.push_str(&format!(",{k}={v}"));
+        }
+    }
+    s
+}
+
 /// The name the VMM knows the `i`th inherited file by.
 fn passed_name(i: usize) -> String {
     format!("/dev/fd/{}", process::FIRST_PASSED_FD as usize + i)
@@ -752,16 +769,7 @@ impl Manager {
                 s.push_str(&format!(",id={}", d.id));
             }
             if let Some(rl) = &d.rate_limit {
-                for (k, v) in [
-                    ("bw", rl.bytes_per_sec),
-                    ("bw_burst", rl.bytes_burst),
-                    ("iops", rl.ops_per_sec),
-                    ("iops_burst", rl.ops_burst),
-                ] {
-                    if v > 0 {
-                        s.push_str(&format!(",{k}={v}"));
-                    }
-                }
+                s.push_str(&rate_limit_args(rl, "iops"));
             }
             push("--disk", s);
         }
@@ -774,16 +782,7 @@ impl Manager {
                 s.push_str(&format!(",mac={}", n.mac));
             }
             if let Some(rl) = &n.rate_limit {
-                for (k, v) in [
-                    ("bw", rl.bytes_per_sec),
-                    ("bw_burst", rl.bytes_burst),
-                    ("pps", rl.ops_per_sec),
-                    ("pps_burst", rl.ops_burst),
-                ] {
-                    if v > 0 {
-                        s.push_str(&format!(",{k}={v}"));
-                    }
-                }
+                s.push_str(&rate_limit_args(rl, "pps"));
             }
             push("--net", s);
         }
