@@ -75,26 +75,42 @@ fn check_not_world_writable(dir: &Path) -> Result<(), ListenError> {
 
 /// Binds the agent's Unix socket at `path`: its directory must not be world-writable, a
 /// stale socket is replaced, and the socket gets mode 0660 and group `gid` (root's when
-/// `None`) before anything accepts on it. The process's umask (0077, set at start) keeps the
-/// socket private between `bind` and `chmod`.
+/// `None`) before it appears at `path`. It is bound under a temporary name beside `path`,
+/// given its owner and mode there, and renamed into place, so that no client (nor a
+/// starter waiting for the path to exist) ever sees it with the wrong permissions; the
+/// process's umask (0077, set at start) keeps it private until then.
 pub fn bind_unix(path: &Path, gid: Option<u32>) -> Result<UnixListener, ListenError> {
     let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     check_not_world_writable(parent)?;
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_dir() => {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if m.file_type().is_dir() {
             return Err(ListenError::Io {
                 what: "cannot bind",
                 path: path.to_path_buf(),
                 source: io::Error::new(io::ErrorKind::IsADirectory, "a directory is in the way"),
-            })
+            });
         }
-        Ok(_) => std::fs::remove_file(path).map_err(io_err("cannot remove stale", path))?,
-        Err(_) => {}
     }
-    let listener = UnixListener::bind(path).map_err(io_err("cannot bind", path))?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let staged = parent.join(format!(".{name}.{}.new", std::process::id()));
+    // A leftover of this pid's earlier life (pids are reused) is ours to remove.
+    let _ = std::fs::remove_file(&staged);
+    let listener = UnixListener::bind(&staged).map_err(io_err("cannot bind", &staged))?;
+    let placed = give_mode(&staged, gid).and_then(|()| {
+        std::fs::rename(&staged, path).map_err(io_err("cannot move the socket to", path))
+    });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+/// Group `gid` (root's when `None`) and mode 0660 for the socket at `path`.
+fn give_mode(path: &Path, gid: Option<u32>) -> Result<(), ListenError> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
         ListenError::Io {
             what: "cannot bind",
@@ -109,8 +125,7 @@ pub fn bind_unix(path: &Path, gid: Option<u32>) -> Result<UnixListener, ListenEr
         return Err(io_err("cannot chown", path)(io::Error::last_os_error()));
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(io_err("cannot chmod", path))?;
-    Ok(listener)
+        .map_err(io_err("cannot chmod", path))
 }
 
 /// The server side of mutual TLS from PEM files.
@@ -164,6 +179,11 @@ mod tests {
         assert!(meta.file_type().is_socket());
         assert_eq!(meta.mode() & 0o777, 0o660);
         assert_eq!(meta.gid(), gid);
+        let names: Vec<_> = std::fs::read_dir(dir.join("state"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["agent.sock"], "the staged name is gone");
 
         let open = dir.join("open");
         std::fs::create_dir(&open).unwrap();
