@@ -58,6 +58,28 @@ fn quantixctl_lifecycle_output_and_exit_statuses() {
     assert_eq!(v[0]["spec"]["restart_policy"], "on-failure");
     assert_eq!(v[0]["status"]["state"], "running");
 
+    // Output into a pipe closed by its reader (`| grep -q`) ends quantixctl quietly.
+    let mut child = Command::new(bin("quantixctl"))
+        .arg("--agent")
+        .arg(format!("unix:{}", agent.socket().display()))
+        .args(["-o", "json", "get", "c1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            out.status.signal() == Some(libc::SIGPIPE) || out.status.success(),
+            "{:?}: {stderr}",
+            out.status
+        );
+    }
+
     // The table.
     let out = ctl(&agent, &["list"]);
     assert!(out.status.success());

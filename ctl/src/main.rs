@@ -321,6 +321,12 @@ async fn connect(addr: &str, tls: &TlsFiles) -> Result<Channel, Failure> {
 }
 
 fn main() -> ExitCode {
+    // Output into a closed pipe (`quantixctl ... | grep -q`, `| head`) ends the process
+    // quietly, as for any Unix tool, instead of a panic from println!.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
