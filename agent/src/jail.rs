@@ -3,7 +3,7 @@
 //! (`quantix-jailer`, see docs/security.md).
 
 use std::collections::HashSet;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -103,8 +103,9 @@ pub fn uid_of(pid: u32) -> Option<u32> {
 
 /// Prepares the jail's directories: `root` (root's, 0711: the VMM may pass through it) and
 /// `root/run` (the VMM's, 0700: its sockets, exit record and serial log), emptied of what a
-/// previous run left.
-pub fn prepare_root(root: &Path, uid: u32) -> Result<PathBuf, AgentError> {
+/// previous run left; `root/vsock` as [`prepare_vsock_dir`] makes it. `uid` and `gid` are
+/// the VMM's.
+pub fn prepare_root(root: &Path, uid: u32, gid: u32) -> Result<PathBuf, AgentError> {
     let io = |what: &str, p: &Path, e: std::io::Error| {
         AgentError::Internal(format!("jail: cannot {what} {}: {e}", p.display()))
     };
@@ -116,10 +117,47 @@ pub fn prepare_root(root: &Path, uid: u32) -> Result<PathBuf, AgentError> {
         std::fs::remove_dir_all(&run).map_err(|e| io("clean", &run, e))?;
     }
     std::fs::create_dir(&run).map_err(|e| io("create", &run, e))?;
-    std::os::unix::fs::chown(&run, Some(uid), Some(uid)).map_err(|e| io("chown", &run, e))?;
+    let m = std::fs::symlink_metadata(&run).map_err(|e| io("inspect", &run, e))?;
+    if (m.uid(), m.gid()) != (uid, gid) {
+        std::os::unix::fs::chown(&run, Some(uid), Some(gid)).map_err(|e| io("chown", &run, e))?;
+    }
     std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| io("chmod", &run, e))?;
+    prepare_vsock_dir(root, gid)?;
     Ok(run)
+}
+
+/// Makes `root/vsock` (and `root`, 0711) if missing and gives it to the VMM's group `gid`,
+/// mode 0770. The directory outlives a run: host services keep their `vsock.sock_PORT`
+/// listeners there, bound as soon as the VM exists. Its group is this run's VMM (uids change
+/// between runs), which may create its socket and connect to theirs; nobody else may enter.
+pub fn prepare_vsock_dir(root: &Path, gid: u32) -> Result<PathBuf, AgentError> {
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        AgentError::Internal(format!("jail: cannot {what} {}: {e}", p.display()))
+    };
+    if !root.exists() {
+        std::fs::create_dir_all(root).map_err(|e| io("create", root, e))?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| io("chmod", root, e))?;
+    }
+    let vsock = root.join("vsock");
+    match std::fs::symlink_metadata(&vsock) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(AgentError::Internal(format!(
+                "jail: {} is not a directory",
+                vsock.display()
+            )))
+        }
+        Err(_) => std::fs::create_dir(&vsock).map_err(|e| io("create", &vsock, e))?,
+    }
+    let m = std::fs::symlink_metadata(&vsock).map_err(|e| io("inspect", &vsock, e))?;
+    if m.gid() != gid {
+        std::os::unix::fs::chown(&vsock, None, Some(gid)).map_err(|e| io("chown", &vsock, e))?;
+    }
+    std::fs::set_permissions(&vsock, std::fs::Permissions::from_mode(0o770))
+        .map_err(|e| io("chmod", &vsock, e))?;
+    Ok(vsock)
 }
 
 /// What to jail a VMM with.

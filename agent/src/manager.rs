@@ -554,6 +554,16 @@ impl Manager {
         std::fs::create_dir_all(&paths.dir).map_err(|e| {
             AgentError::Internal(format!("cannot create {}: {e}", paths.dir.display()))
         })?;
+        // Host services may bind their listeners for the guest's vsock connections as soon
+        // as the VM exists.
+        let vsock_socket = match spec.vsock {
+            Some(_) => {
+                // SAFETY: getegid cannot fail.
+                crate::jail::prepare_vsock_dir(&paths.root(), unsafe { libc::getegid() })?;
+                paths.vsock_socket().display().to_string()
+            }
+            None => String::new(),
+        };
         let vm = Vm {
             id: id.to_string(),
             spec: Some(spec),
@@ -561,6 +571,7 @@ impl Manager {
                 state: VmState::Created as i32,
                 created_unix_ms: now_ms(),
                 directory: paths.dir.display().to_string(),
+                vsock_socket,
                 ..Default::default()
             }),
         };
@@ -786,6 +797,16 @@ impl Manager {
             }
             push("--net", s);
         }
+        if let Some(v) = &spec.vsock {
+            push(
+                "--vsock",
+                format!(
+                    "cid={},socket={}",
+                    v.guest_cid,
+                    paths.for_vmm(&paths.vsock_socket(), jailed)
+                ),
+            );
+        }
         push("--kvm", files.kvm.clone());
         push("--api-socket", paths.for_vmm(&paths.api_socket(), jailed));
         push("--exit-file", paths.for_vmm(&paths.exit_file(), jailed));
@@ -850,7 +871,12 @@ impl Manager {
         } else {
             None
         };
-        if let Err(e) = crate::jail::prepare_root(&paths.root(), uid.unwrap_or(0)) {
+        if let Err(e) = crate::jail::prepare_root(
+            &paths.root(),
+            // SAFETY: geteuid and getegid cannot fail.
+            uid.unwrap_or_else(|| unsafe { libc::geteuid() }),
+            uid.unwrap_or_else(|| unsafe { libc::getegid() }),
+        ) {
             if let Some(u) = uid {
                 self.uids.release(u);
             }

@@ -367,6 +367,15 @@ impl VmPaths {
     pub fn serial_file(&self) -> PathBuf {
         self.run().join("serial.log")
     }
+    /// The directory of the vsock device's host sockets: root's with the VMM's group, 0770,
+    /// kept across restarts (host services bind their `vsock.sock_PORT` listeners there).
+    pub fn vsock_dir(&self) -> PathBuf {
+        self.root().join("vsock")
+    }
+    /// The vsock device's own socket (host-initiated connections).
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.vsock_dir().join("vsock.sock")
+    }
     /// The VMM's exit record.
     pub fn exit_file(&self) -> PathBuf {
         self.run().join("exit.json")

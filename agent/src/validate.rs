@@ -208,6 +208,15 @@ pub fn spec<'a>(spec: Option<&'a VmSpec>, allowed: &Allowed) -> Result<&'a VmSpe
             ));
         }
     }
+    if let Some(v) = &spec.vsock {
+        // 0-2 are the hypervisor's, the local and the host's CIDs; u32::MAX is "any".
+        if v.guest_cid < 3 || v.guest_cid == u32::MAX {
+            return Err(AgentError::invalid(
+                "spec.vsock.guest_cid",
+                format!("must be 3 to {}, got {}", u32::MAX - 1, v.guest_cid),
+            ));
+        }
+    }
     if let Some(c) = &spec.console {
         if c.ring_bytes > MAX_RING_BYTES {
             return Err(AgentError::invalid(
@@ -314,6 +323,22 @@ mod tests {
     #[test]
     fn accepts_a_good_spec() {
         check(Some(&good())).unwrap();
+    }
+
+    #[test]
+    fn a_vsock_cid_must_be_a_guest_cid() {
+        let mut s = good();
+        for bad in [0, 1, 2, u32::MAX] {
+            s.vsock = Some(quantix_proto::v1::Vsock { guest_cid: bad });
+            assert_eq!(
+                field_of(check(Some(&s)).unwrap_err()),
+                "spec.vsock.guest_cid"
+            );
+        }
+        for ok in [3, u32::MAX - 1] {
+            s.vsock = Some(quantix_proto::v1::Vsock { guest_cid: ok });
+            check(Some(&s)).unwrap();
+        }
     }
 
     #[test]

@@ -31,6 +31,7 @@ async fn a_vmm_runs_unprivileged_filtered_and_alone() {
     let mut c = agent.client().await;
     let mut s = spec("j1", &g.idle, RestartPolicy::Never);
     s.vcpus = 2;
+    s.vsock = Some(quantix_proto::v1::Vsock { guest_cid: 7 });
     create(&mut c, "j1", s, true).await;
     let vm = wait_state(&mut c, "j1", VmState::Running, Duration::from_secs(20)).await;
     let pid = pid(&vm);
@@ -103,6 +104,24 @@ async fn a_vmm_runs_unprivileged_filtered_and_alone() {
             "{absent} in {entries:?}"
         );
     }
+    // Its vsock socket is in the VM's vsock directory, which host services share with this
+    // VMM (its group) and nobody else.
+    let vsock_dir = std::fs::metadata(state.join("vms/j1/root/vsock")).unwrap();
+    assert_eq!(vsock_dir.mode() & 0o7777, 0o770, "vsock directory mode");
+    assert_eq!(vsock_dir.gid(), uids[0], "vsock directory group");
+    let vsock = state.join("vms/j1/root/vsock/vsock.sock");
+    assert_eq!(
+        vm.status.as_ref().unwrap().vsock_socket,
+        vsock.display().to_string()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !vsock.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sock = std::fs::symlink_metadata(&vsock).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_socket(&sock.file_type()));
+    assert_eq!(sock.uid(), uids[0], "the VMM bound its vsock socket");
+
     // It is in its own cgroup(s), named after the VM, and so is each of its threads.
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     assert!(

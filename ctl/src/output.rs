@@ -39,6 +39,7 @@ pub fn vm_json(vm: &Vm) -> Value {
             "cmdline": boot.cmdline,
             "disks": spec.disks.iter().map(|d| json!({"path": d.path, "readonly": d.readonly, "id": d.id})).collect::<Vec<_>>(),
             "nics": spec.nics.iter().map(|n| json!({"tap": n.tap, "mac": n.mac})).collect::<Vec<_>>(),
+            "vsock": spec.vsock.as_ref().map(|v| json!({"guest_cid": v.guest_cid})),
             "labels": spec.labels,
             "restart_policy": RestartPolicy::try_from(spec.restart_policy)
                 .map(|p| p.as_str_name().trim_start_matches("RESTART_POLICY_").to_ascii_lowercase().replace('_', "-"))
@@ -53,6 +54,7 @@ pub fn vm_json(vm: &Vm) -> Value {
             "started_unix_ms": st.started_unix_ms,
             "cgroup": st.cgroup,
             "directory": st.directory,
+            "vsock_socket": st.vsock_socket,
         }
     })
 }

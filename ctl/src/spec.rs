@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use clap::Args;
-use quantix_proto::v1::{BootSource, Console, Disk, Nic, RateLimit, RestartPolicy, VmSpec};
+use quantix_proto::v1::{BootSource, Console, Disk, Nic, RateLimit, RestartPolicy, VmSpec, Vsock};
 use serde::Deserialize;
 
 /// Flags of `create`.
@@ -42,6 +42,10 @@ pub struct CreateArgs {
     /// the limits apply to each direction).
     #[arg(long = "nic", value_name = "SPEC")]
     nics: Vec<String>,
+    /// A virtio-vsock device with this guest CID (3 or more); its host socket is shown by
+    /// `get` (status.vsock_socket).
+    #[arg(long, value_name = "CID")]
+    vsock_cid: Option<u32>,
     /// Label KEY=VALUE (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
@@ -72,6 +76,13 @@ struct SpecFile {
     labels: HashMap<String, String>,
     restart_policy: Option<String>,
     console_ring_bytes: Option<u32>,
+    vsock: Option<VsockFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VsockFile {
+    guest_cid: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -258,6 +269,10 @@ impl CreateArgs {
                 .map(|ring_bytes| Console { ring_bytes }),
             labels,
             restart_policy: restart as i32,
+            vsock: self
+                .vsock_cid
+                .or(file.vsock.map(|v| v.guest_cid))
+                .map(|guest_cid| Vsock { guest_cid }),
         };
         Ok((id, spec, self.start))
     }
