@@ -227,20 +227,13 @@ pub(crate) fn fuzz_execute(
     match disk.prepare(mem, chain) {
         Prepared::Done(used) => used,
         Prepared::Io(mut req) => {
-            let mut job = Some(&req.job);
-            let mut outcome = Ok(());
-            while let Some(j) = job {
-                let n = engine::run_blocking(&disk.file, j);
-                if n < 0 {
-                    outcome = Err(std::io::Error::from_raw_os_error(-n));
-                    break;
+            let outcome = loop {
+                let n = engine::run_blocking(&disk.file, &req.job);
+                match req.next(n) {
+                    request::Next::Submit => continue,
+                    request::Next::Done(outcome) => break outcome,
                 }
-                if n == 0 && j.op != engine::Op::Flush {
-                    outcome = Err(std::io::ErrorKind::UnexpectedEof.into());
-                    break;
-                }
-                job = req.advance(n as usize);
-            }
+            };
             disk.complete(mem, &req, outcome)
         }
     }
@@ -520,20 +513,12 @@ impl BlockHandler {
                 warn!(disk = %self.name, token, "completion for no request");
                 continue;
             };
-            let outcome = if result < 0 {
-                Err(std::io::Error::from_raw_os_error(-result))
-            } else if result == 0 && req.job.op != engine::Op::Flush && req.len > req.moved {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the image ended (was it truncated?)",
-                ))
-            } else if let Some(rest) = req.advance(result as usize) {
-                match self.engine.submit(token, rest) {
+            let outcome = match req.next(result) {
+                request::Next::Submit => match self.engine.submit(token, &req.job) {
                     Ok(()) => continue,
                     Err(e) => Err(e),
-                }
-            } else {
-                Ok(())
+                },
+                request::Next::Done(outcome) => outcome,
             };
             if let Some((head, req)) = self.in_flight.remove(token) {
                 let used = self.disk.complete(&self.mem, &req, outcome);

@@ -1,5 +1,6 @@
 //! Parsing and executing one virtio-blk request.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -95,9 +96,11 @@ pub(crate) enum Prepared {
     Io(IoRequest),
 }
 
-/// A read, write or flush on its way through the I/O engine.
+/// A read, write, flush, discard or write-zeroes on its way through the I/O engine.
 pub(crate) struct IoRequest {
-    /// The operation; its iovecs point into guest memory.
+    /// What the guest asked for.
+    pub request: RequestType,
+    /// The current operation; the iovecs of a read or write point into guest memory.
     pub job: Job,
     /// Data bytes the request moves.
     pub len: usize,
@@ -105,14 +108,145 @@ pub(crate) struct IoRequest {
     pub moved: usize,
     /// Where the status byte goes.
     pub status: GuestAddress,
+    /// Discard and write-zeroes: the ranges still to do, the current one first.
+    fills: VecDeque<Fill>,
+}
+
+/// What a discard or write-zeroes range needs next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FillStep {
+    /// Punch a hole for a discard; advisory: where the file system cannot, it is done.
+    Discard,
+    /// Punch a hole that must read as zeros (write-zeroes with unmap: the guest lets the
+    /// space go); where the file system cannot, zero the range instead.
+    Punch,
+    /// `FALLOC_FL_ZERO_RANGE`; where the file system cannot, write zeros.
+    ZeroRange,
+    /// Write zeros (from a static buffer).
+    WriteZeros,
+}
+
+/// One range of a discard or write-zeroes request.
+#[derive(Debug, Clone, Copy)]
+struct Fill {
+    step: FillStep,
+    offset: u64,
+    len: u64,
+}
+
+/// Zeros that write-zeroes writes where the file system cannot zero a range itself.
+static ZEROS: [u8; CHUNK] = [0; CHUNK];
+/// Zero bytes one write job moves at most (iovecs of [`ZEROS`]).
+const ZEROS_PER_JOB: u64 = 16 * CHUNK as u64;
+
+/// What to do after the engine finished the current job.
+pub(crate) enum Next {
+    /// Submit [`IoRequest::job`] again: it now holds the next operation.
+    Submit,
+    /// The request is over, with this outcome.
+    Done(Result<(), std::io::Error>),
+}
+
+impl Fill {
+    /// The engine job for this range's current step.
+    fn job(&self) -> Job {
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        let (op, iovecs) = match self.step {
+            FillStep::Discard | FillStep::Punch => (
+                Op::Fallocate {
+                    mode: libc::FALLOC_FL_PUNCH_HOLE | keep,
+                    len: self.len,
+                },
+                Vec::new(),
+            ),
+            FillStep::ZeroRange => (
+                Op::Fallocate {
+                    mode: libc::FALLOC_FL_ZERO_RANGE | keep,
+                    len: self.len,
+                },
+                Vec::new(),
+            ),
+            FillStep::WriteZeros => {
+                let mut left = self.len.min(ZEROS_PER_JOB);
+                let mut iov = Vec::new();
+                while left > 0 {
+                    let n = left.min(CHUNK as u64) as usize;
+                    // The kernel only reads from it: a write's iovec is never written to.
+                    iov.push(libc::iovec {
+                        iov_base: ZEROS.as_ptr().cast_mut().cast(),
+                        iov_len: n,
+                    });
+                    left -= n as u64;
+                }
+                (Op::Write, iov)
+            }
+        };
+        Job {
+            op,
+            offset: self.offset,
+            iovecs: IoVecs(iovecs),
+        }
+    }
 }
 
 impl IoRequest {
+    /// Takes the engine's result for the current job (bytes moved, or a negative errno)
+    /// and says what comes next.
+    pub fn next(&mut self, result: i32) -> Next {
+        let Some(fill) = self.fills.front_mut() else {
+            return if result < 0 {
+                Next::Done(Err(std::io::Error::from_raw_os_error(-result)))
+            } else if result == 0 && self.job.op.moves_data() && self.len > self.moved {
+                Next::Done(Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the image ended (was it truncated?)",
+                )))
+            } else if self.advance(result as usize).is_some() {
+                Next::Submit
+            } else {
+                Next::Done(Ok(()))
+            };
+        };
+        let unsupported = result == -libc::EOPNOTSUPP;
+        match fill.step {
+            FillStep::WriteZeros if result > 0 => {
+                let n = (result as u64).min(fill.len);
+                fill.offset += n;
+                fill.len -= n;
+                if fill.len == 0 {
+                    self.fills.pop_front();
+                }
+            }
+            FillStep::WriteZeros if result == 0 => {
+                return Next::Done(Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the image ended (was it truncated?)",
+                )))
+            }
+            FillStep::Discard if result >= 0 || unsupported => {
+                self.fills.pop_front();
+            }
+            FillStep::Punch if unsupported => fill.step = FillStep::ZeroRange,
+            FillStep::ZeroRange if unsupported => fill.step = FillStep::WriteZeros,
+            _ if result >= 0 => {
+                self.fills.pop_front();
+            }
+            _ => return Next::Done(Err(std::io::Error::from_raw_os_error(-result))),
+        }
+        match self.fills.front() {
+            Some(f) => {
+                self.job = f.job();
+                Next::Submit
+            }
+            None => Next::Done(Ok(())),
+        }
+    }
+
     /// Accounts `n` more bytes moved; returns the job for the rest, or `None` when all
     /// is done.
-    pub fn advance(&mut self, n: usize) -> Option<&Job> {
+    fn advance(&mut self, n: usize) -> Option<&Job> {
         self.moved += n;
-        if self.job.op == Op::Flush || self.moved >= self.len {
+        if !self.job.op.moves_data() || self.moved >= self.len {
             return None;
         }
         self.job.offset += n as u64;
@@ -261,11 +395,14 @@ impl Disk {
         mem: &GuestMemory,
         chain: DescriptorChain<&GuestMemory>,
     ) -> Option<IoRequest> {
-        let header: Header = Reader::new(mem, chain.clone()).ok()?.read_obj().ok()?;
-        let op = match RequestType::from(header.request_type) {
+        let mut reader = Reader::new(mem, chain.clone()).ok()?;
+        let header: Header = reader.read_obj().ok()?;
+        let request = RequestType::from(header.request_type);
+        let op = match request {
             RequestType::In => Op::Read,
             RequestType::Out if !self.readonly => Op::Write,
             RequestType::Flush if !self.readonly => Op::Flush,
+            RequestType::Discard | RequestType::WriteZeroes if !self.readonly => Op::Flush,
             _ => return None,
         };
         // Device-readable descriptors first, then device-writable ones (virtio 2.7.4.2).
@@ -280,10 +417,26 @@ impl Disk {
         let (last_addr, last_len, _) = *writable.iter().rev().find(|d| d.1 > 0)?;
         let status = last_addr.checked_add(last_len as u64 - 1)?;
         mem.get_slice(status, 1).ok()?;
+        if matches!(request, RequestType::Discard | RequestType::WriteZeroes) {
+            let fills = self.fills(request, &mut reader)?;
+            let job = match fills.front() {
+                Some(f) => f.job(),
+                // Nothing to do (every range empty): a flush-less no-op completes at once.
+                None => return None,
+            };
+            return Some(IoRequest {
+                request,
+                job,
+                len: 0,
+                moved: 0,
+                status,
+                fills,
+            });
+        }
         let segments = match op {
             Op::Read => segments(writable, 0, 1)?,
             Op::Write => segments(readable, std::mem::size_of::<Header>(), 0)?,
-            Op::Flush => Vec::new(),
+            _ => Vec::new(),
         };
         let mut iovecs = Vec::with_capacity(segments.len());
         let mut len = 0usize;
@@ -296,10 +449,11 @@ impl Disk {
             len = len.checked_add(n)?;
         }
         let offset = match op {
-            Op::Flush => 0,
-            _ => self.range(header.sector, len as u64).ok()?,
+            Op::Read | Op::Write => self.range(header.sector, len as u64).ok()?,
+            _ => 0,
         };
         Some(IoRequest {
+            request,
             job: Job {
                 op,
                 offset,
@@ -308,7 +462,59 @@ impl Disk {
             len,
             moved: 0,
             status,
+            fills: VecDeque::new(),
         })
+    }
+
+    /// The ranges of a well-formed discard or write-zeroes request (its segments follow
+    /// the header in `reader`), or `None` for a malformed one, which [`Disk::execute`]
+    /// answers with the right status. Empty ranges are left out.
+    fn fills(&self, request: RequestType, reader: &mut Reader) -> Option<VecDeque<Fill>> {
+        let segments = self.discard_segments(request, reader).ok()?;
+        Some(
+            segments
+                .into_iter()
+                .filter(|f| f.len > 0)
+                .collect::<VecDeque<Fill>>(),
+        )
+    }
+
+    /// Reads and checks every segment of a discard or write-zeroes request.
+    fn discard_segments(
+        &self,
+        request: RequestType,
+        reader: &mut Reader,
+    ) -> Result<Vec<Fill>, Failure> {
+        let size = std::mem::size_of::<DiscardSegment>();
+        let count = reader.available_bytes() / size;
+        if count == 0
+            || count > MAX_DISCARD_SEG as usize
+            || !reader.available_bytes().is_multiple_of(size)
+        {
+            return Err(Failure::Invalid);
+        }
+        let mut out = Vec::with_capacity(count);
+        for _ in 0..count {
+            let seg: DiscardSegment = reader.read_obj().map_err(|_| Failure::Invalid)?;
+            let len = u64::from(seg.num_sectors) * SECTOR_SIZE;
+            let offset = self.range(seg.sector, len)?;
+            let step = if request == RequestType::Discard {
+                if seg.flags != 0 {
+                    return Err(Failure::Unsupported);
+                }
+                FillStep::Discard
+            } else if seg.flags & !WRITE_ZEROES_UNMAP != 0 {
+                return Err(Failure::Unsupported);
+            } else if seg.flags & WRITE_ZEROES_UNMAP != 0 {
+                // The guest lets the space go: a hole reads as zeros and frees the host's
+                // blocks, where allocating them would fill it.
+                FillStep::Punch
+            } else {
+                FillStep::ZeroRange
+            };
+            out.push(Fill { step, offset, len });
+        }
+        Ok(out)
     }
 
     /// Records a finished asynchronous request and writes its status; returns the used
@@ -319,36 +525,45 @@ impl Disk {
         req: &IoRequest,
         result: Result<(), std::io::Error>,
     ) -> u32 {
-        if result.is_err()
-            && matches!(req.job.op, Op::Write | Op::Flush)
-            && !self.write_failed.swap(true, Ordering::Relaxed)
-        {
+        // Discard and write-zeroes change the image: a failure counts as a failed write
+        // for the flushes after it.
+        let changes_image = matches!(
+            req.request,
+            RequestType::Out | RequestType::Flush | RequestType::Discard | RequestType::WriteZeroes
+        );
+        if result.is_err() && changes_image && !self.write_failed.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 "a disk write or flush failed: every flush fails from now on, until the \
                  guest resets the device"
             );
         }
         let result = match result {
-            Ok(()) if req.job.op == Op::Flush && self.write_failed.load(Ordering::Relaxed) => Err(
-                std::io::Error::other("an earlier write or flush failed since the last reset"),
-            ),
+            Ok(())
+                if req.request == RequestType::Flush
+                    && self.write_failed.load(Ordering::Relaxed) =>
+            {
+                Err(std::io::Error::other(
+                    "an earlier write or flush failed since the last reset",
+                ))
+            }
             other => other,
         };
         let status = match result {
             Ok(()) => {
                 let len = req.len as u64;
-                match req.job.op {
-                    Op::Read => {
+                match req.request {
+                    RequestType::In => {
                         self.counters.reads.fetch_add(1, Ordering::Relaxed);
                         self.counters.read_bytes.fetch_add(len, Ordering::Relaxed);
                     }
-                    Op::Write => {
+                    RequestType::Out => {
                         self.counters.writes.fetch_add(1, Ordering::Relaxed);
                         self.counters.write_bytes.fetch_add(len, Ordering::Relaxed);
                     }
-                    Op::Flush => {
+                    RequestType::Flush => {
                         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
                     }
+                    _ => {}
                 }
                 Status::Ok
             }
@@ -359,9 +574,9 @@ impl Disk {
             }
         };
         let _ = mem.write_obj(status as u8, req.status);
-        match req.job.op {
-            Op::Read => req.len as u32 + 1,
-            Op::Write | Op::Flush => 1,
+        match req.request {
+            RequestType::In => req.len as u32 + 1,
+            _ => 1,
         }
     }
 
@@ -444,37 +659,20 @@ impl Disk {
                     .map_err(|_| Failure::Invalid)
             }
             kind @ (RequestType::Discard | RequestType::WriteZeroes) => {
+                // Well-formed requests go through the I/O engine (`prepare`); this is the
+                // answer to a malformed one (every segment is checked before any is done)
+                // and the synchronous reference the tests compare the engine's path with.
                 if self.readonly {
                     return Err(Failure::Invalid);
                 }
-                let size = std::mem::size_of::<DiscardSegment>();
-                let count = reader.available_bytes() / size;
-                if count == 0
-                    || count > MAX_DISCARD_SEG as usize
-                    || !reader.available_bytes().is_multiple_of(size)
-                {
-                    return Err(Failure::Invalid);
-                }
-                for _ in 0..count {
-                    let seg: DiscardSegment = reader.read_obj().map_err(|_| Failure::Invalid)?;
-                    let len = u64::from(seg.num_sectors) * SECTOR_SIZE;
-                    let offset = self.range(seg.sector, len)?;
-                    if kind == RequestType::Discard {
-                        if seg.flags != 0 {
-                            return Err(Failure::Unsupported);
-                        }
-                        self.discard(offset, len)?;
-                    } else {
-                        if seg.flags & !WRITE_ZEROES_UNMAP != 0 {
-                            return Err(Failure::Unsupported);
-                        }
-                        if seg.flags & WRITE_ZEROES_UNMAP != 0 {
-                            // The guest lets the space go: a hole reads as zeros and
-                            // frees the host's blocks, where allocating them would fill it.
-                            self.punch_or_zero(offset, len)?;
-                        } else {
-                            self.write_zeroes(offset, len)?;
-                        }
+                for fill in self.discard_segments(kind, reader)? {
+                    if fill.len == 0 {
+                        continue;
+                    }
+                    match fill.step {
+                        FillStep::Discard => self.discard(fill.offset, fill.len)?,
+                        FillStep::Punch => self.punch_or_zero(fill.offset, fill.len)?,
+                        _ => self.write_zeroes(fill.offset, fill.len)?,
                     }
                 }
                 Ok(())
@@ -770,6 +968,11 @@ mod tests {
         let (d, path) = disk(false, 8);
         let m = mem();
         let req = |op| IoRequest {
+            request: match op {
+                Op::Read => RequestType::In,
+                Op::Write => RequestType::Out,
+                _ => RequestType::Flush,
+            },
             job: Job {
                 op,
                 offset: 0,
@@ -778,6 +981,7 @@ mod tests {
             len: 0,
             moved: 0,
             status: GuestAddress(DATA),
+            fills: VecDeque::new(),
         };
         let status = |m: &GuestMemory| m.read_obj::<u8>(GuestAddress(DATA)).unwrap();
         d.complete(&m, &req(Op::Flush), Ok(()));
@@ -802,6 +1006,128 @@ mod tests {
         assert_eq!(status(&m), Status::Ok as u8);
         std::fs::remove_file(path).unwrap();
         std::fs::remove_file(path2).unwrap();
+    }
+
+    /// A write-zeroes request of one range, as `prepare` makes it.
+    fn fill_request(step: FillStep, len: u64) -> IoRequest {
+        let fill = Fill {
+            step,
+            offset: 4096,
+            len,
+        };
+        IoRequest {
+            request: RequestType::WriteZeroes,
+            job: fill.job(),
+            len: 0,
+            moved: 0,
+            status: GuestAddress(STATUS),
+            fills: VecDeque::from([fill]),
+        }
+    }
+
+    #[test]
+    fn write_zeroes_falls_back_step_by_step_where_the_file_system_cannot() {
+        let unsupported = -libc::EOPNOTSUPP;
+        // Punch a hole; not supported: zero the range; not supported: write zeros.
+        let mut r = fill_request(FillStep::Punch, 40 << 20);
+        assert!(matches!(r.job.op, Op::Fallocate { mode, len: 41943040 }
+            if mode == libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE));
+        assert!(matches!(r.next(unsupported), Next::Submit));
+        assert!(matches!(r.job.op, Op::Fallocate { mode, .. }
+            if mode == libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE));
+        assert!(matches!(r.next(unsupported), Next::Submit));
+        assert_eq!(r.job.op, Op::Write);
+        let bytes: usize = r.job.iovecs.0.iter().map(|v| v.iov_len).sum();
+        assert_eq!(bytes as u64, ZEROS_PER_JOB, "at most 16 MiB per write job");
+        assert_eq!(r.job.offset, 4096);
+        // A short write continues where it stopped, then the rest, then it is done.
+        assert!(matches!(r.next(1 << 20), Next::Submit));
+        assert_eq!(r.job.offset, 4096 + (1 << 20));
+        assert!(matches!(r.next(ZEROS_PER_JOB as i32), Next::Submit));
+        assert!(matches!(r.next(ZEROS_PER_JOB as i32), Next::Submit));
+        let rest: usize = r.job.iovecs.0.iter().map(|v| v.iov_len).sum();
+        assert_eq!(rest as u64, (40 << 20) - (1 << 20) - 2 * ZEROS_PER_JOB);
+        assert!(matches!(r.next(rest as i32), Next::Done(Ok(()))));
+
+        // A discard the file system cannot do is done (it is advisory).
+        let mut d = fill_request(FillStep::Discard, 4096);
+        assert!(matches!(d.next(unsupported), Next::Done(Ok(()))));
+        // Any other error ends the request with it; an image that ends is an error.
+        let mut e = fill_request(FillStep::ZeroRange, 4096);
+        assert!(
+            matches!(e.next(-libc::EIO), Next::Done(Err(err)) if err.raw_os_error() == Some(libc::EIO))
+        );
+        let mut w = fill_request(FillStep::WriteZeros, 4096);
+        assert!(matches!(w.next(0), Next::Done(Err(_))));
+        // Success of a fallocate step ends the range.
+        let mut ok = fill_request(FillStep::Punch, 4096);
+        assert!(matches!(ok.next(0), Next::Done(Ok(()))));
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_go_through_the_engine() {
+        let (d, path) = disk(false, 64);
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        // Two segments: write-zeroes over sectors 2-3, and (with unmap) sectors 8-15.
+        d.file.write_all_at(&[9u8; 32 * 512], 0).unwrap();
+        let segs = [
+            DiscardSegment {
+                sector: 2,
+                num_sectors: 2,
+                flags: 0,
+            },
+            DiscardSegment {
+                sector: 8,
+                num_sectors: 8,
+                flags: WRITE_ZEROES_UNMAP,
+            },
+        ];
+        m.write_obj(segs[0], GuestAddress(DATA)).unwrap();
+        m.write_obj(segs[1], GuestAddress(DATA + 16)).unwrap();
+        header(&m, 13, 0);
+        let chain = vq
+            .build_desc_chain(&[
+                RawDescriptor::from(SplitDescriptor::new(HDR, 16, 0, 0)),
+                RawDescriptor::from(SplitDescriptor::new(DATA, 32, 0, 0)),
+                RawDescriptor::from(SplitDescriptor::new(STATUS, 1, WRITE, 0)),
+            ])
+            .unwrap();
+        let Prepared::Io(req) = d.prepare(&m, chain.clone()) else {
+            panic!("a well-formed write-zeroes is not run inline");
+        };
+        assert_eq!(req.fills.len(), 2);
+        assert!(matches!(req.job.op, Op::Fallocate { len: 1024, .. }));
+        assert_eq!(req.job.offset, 1024);
+        m.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        assert_eq!(super::super::fuzz_execute(&d, &m, chain), 1);
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            Status::Ok as u8
+        );
+        let mut back = [0xffu8; 32 * 512];
+        d.file.read_exact_at(&mut back, 0).unwrap();
+        for (i, b) in back.iter().enumerate() {
+            let sector = i / 512;
+            let zeroed = (2..4).contains(&sector) || (8..16).contains(&sector);
+            assert_eq!(*b, if zeroed { 0 } else { 9 }, "byte {i}");
+        }
+        // A malformed one (bad flags on the second segment) is answered at once, and its
+        // first segment is not done.
+        d.file.write_all_at(&[9u8; 32 * 512], 0).unwrap();
+        let bad = [
+            segs[0],
+            DiscardSegment {
+                flags: 4,
+                ..segs[1]
+            },
+        ];
+        m.write_obj(bad[0], GuestAddress(DATA)).unwrap();
+        m.write_obj(bad[1], GuestAddress(DATA + 16)).unwrap();
+        assert_eq!(run(&d, &m, 32, false, DATA), (1, Status::Unsupp as u8));
+        d.file.read_exact_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|b| *b == 9), "nothing was zeroed");
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
