@@ -9,7 +9,7 @@ use std::time::Duration;
 use quantix_sandbox::{build, GuestInitramfs, Job, Payload, Sandbox};
 use serde::Serialize;
 
-use crate::boot::{shell_words, Vmm, VMM_PATH};
+use crate::boot::{shell_words, Vmm};
 use crate::error::BenchError;
 use crate::iobench::{self, IoSample, Kind, NestedHost, RunOutcome, TestSummary};
 use crate::report;
@@ -138,19 +138,31 @@ pub struct BlockResults {
     pub tests: Vec<TestSummary>,
 }
 
-/// Runs the benchmark.
-pub fn run(o: &BlockOptions) -> Result<BlockResults, BenchError> {
+/// A benchmark's nested host, payload, jobs and plan (VMM, iteration, job name), ready to
+/// run (`block` and `jail` share it).
+pub struct Planned {
+    /// The nested host.
+    pub sandbox: Sandbox,
+    /// What goes into it.
+    pub payload: Payload,
+    /// The jobs, in order.
+    pub jobs: Vec<Job>,
+    /// The VMM runs among them.
+    pub plan: Vec<(Vmm, u32, String)>,
+}
+
+/// The block runs of `vmms`, alternating, `o.iterations` each, after a setup job that makes
+/// the image.
+pub fn prepare(o: &BlockOptions, vmms: &[Vmm]) -> Result<Planned, BenchError> {
     let mut sandbox = Sandbox::from_env()?;
     sandbox.config_mut().cpus = o.host_cpus;
-    eprintln!("quantix-bench: building static quantix-vmm and qx-io for the nested host");
-    let vmm = build::static_binary("quantix-vmm", "quantix-vmm")?;
+    eprintln!("quantix-bench: building the static binaries for the nested host");
     let qx_io = build::static_binary("quantix-bench", "qx-io")?;
     let qx_io_bytes = std::fs::read(&qx_io)
         .map_err(|e| BenchError::io(format!("reading {}", qx_io.display()), e))?;
     let mut payload = Payload::new();
-    payload.add_file(&vmm, VMM_PATH)?;
+    crate::boot::add_vmms(&mut payload, &sandbox, vmms)?;
     payload.add_file(&qx_io, QX_IO_PATH)?;
-    payload.add_qemu(sandbox.assets())?;
     payload.add_bytes(
         INITRAMFS,
         guest_initramfs(&sandbox, BLK_MODULES, qx_io_bytes, &guest_body(o))?,
@@ -167,15 +179,19 @@ pub fn run(o: &BlockOptions) -> Result<BlockResults, BenchError> {
     .reference()];
     let mut plan = Vec::new();
     for i in 1..=o.iterations {
-        for v in [Vmm::Quantix, Vmm::Qemu] {
+        for &v in vmms {
             let name = format!("{}-{i}", v.name());
             let mut argv = vec![
                 QX_IO_PATH.to_string(),
                 "monitor".into(),
                 "--timeout-s".into(),
                 per_run.as_secs().to_string(),
-                "--".into(),
             ];
+            if v == Vmm::QuantixJailed {
+                // The jailer's child is the VMM whose CPU counts.
+                argv.extend(["--pid-file".into(), crate::boot::JAIL_PID_FILE.into()]);
+            }
+            argv.push("--".into());
             argv.extend(vmm_argv(v, o));
             let job = Job::new(&name, argv).timeout(per_run + Duration::from_secs(20));
             // A nested host that dies while only QEMU ran is the sandbox's failure.
@@ -189,23 +205,29 @@ pub fn run(o: &BlockOptions) -> Result<BlockResults, BenchError> {
         tests().len(),
         o.seconds
     );
-    let report = sandbox.run(&payload, &jobs)?;
+    Ok(Planned {
+        sandbox,
+        payload,
+        jobs,
+        plan,
+    })
+}
+
+/// Runs the benchmark.
+pub fn run(o: &BlockOptions) -> Result<BlockResults, BenchError> {
+    let vmms = [Vmm::Quantix, Vmm::Qemu];
+    let p = prepare(o, &vmms)?;
+    let report = p.sandbox.run(&p.payload, &p.jobs)?;
     let expected: Vec<String> = tests().into_iter().map(|t| t.0).collect();
-    let mut samples = Vec::new();
-    let mut runs = Vec::new();
-    for (v, i, name) in &plan {
-        let (run, s) = iobench::judge_job(*v, *i, report.job(name), name, &expected);
-        runs.push(run);
-        samples.extend(s);
-    }
+    let (runs, samples) = iobench::judge_all(&report, &p.plan, &expected);
     let tests = iobench::summarize(&samples, |_| Kind::Throughput);
     Ok(BlockResults {
         benchmark: "block",
         date: report::now_utc(),
         options: o.clone(),
-        nested_host: NestedHost::of(&sandbox, &report),
+        nested_host: NestedHost::of(&p.sandbox, &report),
         revision: report::git_revision(),
-        commands: [Vmm::Quantix, Vmm::Qemu]
+        commands: vmms
             .iter()
             .map(|v| (v.name().to_string(), shell_words(&vmm_argv(*v, o))))
             .collect(),

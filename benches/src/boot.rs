@@ -79,14 +79,21 @@ impl BootOptions {
     }
 }
 
-/// The two VMMs.
+/// The VMMs, and quantix-vmm jailed as the agent runs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Vmm {
     /// This project's VMM.
     Quantix,
     /// Debian's QEMU, `-M microvm`.
     Qemu,
+    /// quantix-vmm through `qx-jail` and `quantix-jailer`: its files and TAPs passed as
+    /// descriptors, its own uid, namespaces, root and cgroup, seccomp filters (the agent's
+    /// jail; `quantix-bench jail`).
+    QuantixJailed,
+    /// quantix-vmm with neither jail nor seccomp filters (`--seccomp off`): the baseline of
+    /// `quantix-bench jail`.
+    QuantixUnconfined,
 }
 
 impl Vmm {
@@ -95,6 +102,8 @@ impl Vmm {
         match self {
             Vmm::Quantix => "quantix",
             Vmm::Qemu => "qemu",
+            Vmm::QuantixJailed => "quantix-jailed",
+            Vmm::QuantixUnconfined => "quantix-unconfined",
         }
     }
 
@@ -103,8 +112,77 @@ impl Vmm {
         match self {
             Vmm::Quantix => "quantix-vmm",
             Vmm::Qemu => "QEMU microvm",
+            Vmm::QuantixJailed => "quantix-vmm jailed",
+            Vmm::QuantixUnconfined => "quantix-vmm unconfined",
         }
     }
+
+    /// quantix-vmm, jailed or not.
+    pub fn is_quantix(self) -> bool {
+        matches!(
+            self,
+            Vmm::Quantix | Vmm::QuantixJailed | Vmm::QuantixUnconfined
+        )
+    }
+}
+
+/// `qx-jail` in the nested host (jailed runs).
+pub const QX_JAIL_PATH: &str = "/payload/qx-jail";
+/// `quantix-jailer` in the nested host.
+pub const JAILER_PATH: &str = "/payload/quantix-jailer";
+/// Where a jailed VMM's pid is written (the process to measure; one run at a time).
+pub const JAIL_PID_FILE: &str = "/tmp/qx-jail.pid";
+/// The jailed VMM's uid (the first of the agent's default range).
+pub const JAIL_UID: u32 = 2_100_000_000;
+
+/// The jail in front of a jailed run's quantix-vmm command line: the agent's jail, with
+/// its cgroup limits for `cpus` vCPUs and `memory_mib` of guest memory.
+pub fn jail_prefix(cpus: u32, memory_mib: u32) -> Vec<String> {
+    [
+        QX_JAIL_PATH,
+        "--jailer",
+        JAILER_PATH,
+        "--root",
+        "/tmp/qx-jail",
+        "--uid",
+        &JAIL_UID.to_string(),
+        "--cgroup",
+        "/sys/fs/cgroup/qx-bench/vm",
+        "--guest-mib",
+        &memory_mib.to_string(),
+        "--vcpus",
+        &cpus.to_string(),
+        "--pid-file",
+        JAIL_PID_FILE,
+        "--",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Adds the static binaries of `vmms` to `payload`: quantix-vmm, and for jailed runs
+/// `qx-jail` and `quantix-jailer`; QEMU when asked for.
+pub fn add_vmms(payload: &mut Payload, sandbox: &Sandbox, vmms: &[Vmm]) -> Result<(), BenchError> {
+    if vmms.iter().any(|v| v.is_quantix()) {
+        payload.add_file(
+            &build::static_binary("quantix-vmm", "quantix-vmm")?,
+            VMM_PATH,
+        )?;
+    }
+    if vmms.contains(&Vmm::QuantixJailed) {
+        payload.add_file(
+            &build::static_binary("quantix-bench", "qx-jail")?,
+            QX_JAIL_PATH,
+        )?;
+        payload.add_file(
+            &build::static_binary("quantix-jailer", "quantix-jailer")?,
+            JAILER_PATH,
+        )?;
+    }
+    if vmms.contains(&Vmm::Qemu) {
+        payload.add_qemu(sandbox.assets())?;
+    }
+    Ok(())
 }
 
 /// A guest that boots Debian's kernel with the guest initramfs, as either VMM runs it.
@@ -126,7 +204,7 @@ pub struct GuestBoot<'a> {
 pub fn guest_argv(vmm: Vmm, g: &GuestBoot) -> Vec<String> {
     let kernel = g.kernel.path();
     let v: Vec<&str> = match vmm {
-        Vmm::Quantix => vec![
+        Vmm::Quantix | Vmm::QuantixJailed | Vmm::QuantixUnconfined => vec![
             VMM_PATH,
             "--kernel",
             kernel,
@@ -166,14 +244,22 @@ pub fn guest_argv(vmm: Vmm, g: &GuestBoot) -> Vec<String> {
             "{cmdline}",
         ],
     };
-    v.into_iter()
-        .map(|a| match a {
-            "{cpus}" => g.cpus.to_string(),
-            "{mem}" => g.memory_mib.to_string(),
-            "{cmdline}" => g.cmdline.to_string(),
-            a => a.to_string(),
-        })
-        .collect()
+    let argv = v.into_iter().map(|a| match a {
+        "{cpus}" => g.cpus.to_string(),
+        "{mem}" => g.memory_mib.to_string(),
+        "{cmdline}" => g.cmdline.to_string(),
+        a => a.to_string(),
+    });
+    match vmm {
+        Vmm::QuantixJailed => jail_prefix(g.cpus, g.memory_mib)
+            .into_iter()
+            .chain(argv)
+            .collect(),
+        Vmm::QuantixUnconfined => argv
+            .chain(["--seccomp".to_string(), "off".to_string()])
+            .collect(),
+        _ => argv.collect(),
+    }
 }
 
 /// The VMM command line of a run.

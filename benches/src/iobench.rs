@@ -121,7 +121,8 @@ pub struct VmmStats {
     pub own_cpu_per_unit: Option<Summary>,
 }
 
-fn vmm_stats(kind: Kind, s: &[&IoSample]) -> VmmStats {
+/// The statistics of `s` (one VMM's samples of one test).
+pub fn vmm_stats(kind: Kind, s: &[&IoSample]) -> VmmStats {
     let col = |f: &dyn Fn(&IoSample) -> Option<f64>| -> Option<Summary> {
         stats::summarize(&s.iter().filter_map(|x| f(x)).collect::<Vec<_>>())
     };
@@ -234,6 +235,22 @@ pub struct RunOutcome {
     pub output_tail: Option<String>,
 }
 
+/// Judges every run of `plan` (VMM, iteration, job name) in `report`.
+pub fn judge_all(
+    report: &quantix_sandbox::Report,
+    plan: &[(Vmm, u32, String)],
+    expected: &[String],
+) -> (Vec<RunOutcome>, Vec<IoSample>) {
+    let mut samples = Vec::new();
+    let mut runs = Vec::new();
+    for (v, i, name) in plan {
+        let (run, s) = judge_job(*v, *i, report.job(name), name, expected);
+        runs.push(run);
+        samples.extend(s);
+    }
+    (runs, samples)
+}
+
 /// Judges one job: its samples, and a failure if it did not succeed or some test is
 /// missing.
 pub fn judge_job(
@@ -315,6 +332,20 @@ pub struct NestedHost {
 }
 
 impl NestedHost {
+    /// One line for a report.
+    pub fn summary(&self) -> String {
+        format!(
+            "nested host Linux {} under QEMU TCG (-cpu {}, {} vCPU, {} MiB), {:.0} s, attempt(s) {}; log {}",
+            self.kernel,
+            self.cpu_model,
+            self.cpus,
+            self.memory_mib,
+            self.total_s,
+            self.attempts,
+            self.log.display()
+        )
+    }
+
     /// From the sandbox and its report.
     pub fn of(sandbox: &Sandbox, report: &Report) -> Self {
         let c = sandbox.config();
@@ -512,9 +543,15 @@ pub fn vmm_argv(
     qemu: &[&str],
 ) -> Vec<String> {
     use quantix_sandbox::paths;
+    let mut argv = match vmm {
+        crate::boot::Vmm::QuantixJailed => crate::boot::jail_prefix(cpus, memory_mib),
+        _ => Vec::new(),
+    };
     let (cpus, mem) = (cpus.to_string(), memory_mib.to_string());
     let (base, devices): (Vec<&str>, &[&str]) = match vmm {
-        crate::boot::Vmm::Quantix => (
+        crate::boot::Vmm::Quantix
+        | crate::boot::Vmm::QuantixJailed
+        | crate::boot::Vmm::QuantixUnconfined => (
             vec![
                 crate::boot::VMM_PATH,
                 "--kernel",
@@ -558,10 +595,13 @@ pub fn vmm_argv(
             qemu,
         ),
     };
-    let mut argv: Vec<String> = base.into_iter().map(String::from).collect();
+    argv.extend(base.into_iter().map(String::from));
     argv.extend(devices.iter().map(|a| a.to_string()));
-    if vmm == crate::boot::Vmm::Quantix {
+    if vmm.is_quantix() {
         argv.extend(["--cmdline", cmdline, "--log-level", "warn"].map(String::from));
+    }
+    if vmm == crate::boot::Vmm::QuantixUnconfined {
+        argv.extend(["--seccomp", "off"].map(String::from));
     }
     argv
 }

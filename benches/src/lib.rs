@@ -15,6 +15,10 @@
 //!   [`pattern`] and [`blockio`] are also the data-integrity writer/verifier of
 //!   `vmm/tests/nested_integrity.rs`.
 //!
+//! - `jail` ([`jail`]): what the agent's jail and the seccomp filters cost: boot, block and
+//!   network, quantix-vmm jailed (the static `qx-jail` in front of `quantix-jailer`) and
+//!   unconfined, alternating.
+//!
 //! [`probe`], [`smaps`] and [`stats`] are pure logic with unit tests; [`probe`] and
 //! [`smaps`] use the standard library only, as `qx-probe` does; so do the modules
 //! `qx-io` uses (libc aside).
@@ -28,6 +32,7 @@ pub mod first_insn;
 pub mod guest;
 pub mod iobench;
 pub mod iorecord;
+pub mod jail;
 pub mod net;
 pub mod netio;
 pub mod pattern;

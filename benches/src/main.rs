@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use quantix_bench::block::{self, BlockOptions};
 use quantix_bench::boot::{self, BootOptions, Kernel};
 use quantix_bench::first_insn::{self, FirstInsnOptions};
+use quantix_bench::jail::{self, JailOptions, Part};
 use quantix_bench::net::{self, NetOptions};
 use quantix_bench::report::write_json;
 use quantix_bench::BenchError;
@@ -160,6 +161,29 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
     },
+    /// What the agent's jail and the seccomp filters cost: boot, block and network,
+    /// quantix-vmm jailed and unconfined alternating, one nested host per part (about
+    /// 25 min with the defaults).
+    Jail {
+        /// Parts to run (comma-separated).
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Part::Boot, Part::Block, Part::Net])]
+        parts: Vec<Part>,
+        /// Boots per side.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+        boot_iterations: u32,
+        /// Block and network runs per side.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+        io_iterations: u32,
+        /// Seconds per block test.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=60))]
+        block_seconds: u32,
+        /// Times each network test runs within one VMM run.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=20))]
+        net_repeat: u32,
+        /// Also write all raw samples and the comparison as JSON to PATH.
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
     /// Process start to first guest instruction on this host's /dev/kvm, with a tiny
     /// guest that writes one byte to COM1 and powers off.
     FirstInsn {
@@ -285,6 +309,52 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                 println!("every boot and the tallies written to {}", path.display());
             }
             quantix_bench::smp::check(&results)
+        }
+        Cmd::Jail {
+            parts,
+            boot_iterations,
+            io_iterations,
+            block_seconds,
+            net_repeat,
+            json,
+        } => {
+            // The other benchmarks' defaults, but for the iteration counts.
+            let results = jail::run(&JailOptions {
+                parts,
+                boot: BootOptions {
+                    iterations: boot_iterations,
+                    cpus: 1,
+                    memory_mib: 256,
+                    kernel: Kernel::Vmlinuz,
+                    run_timeout_s: 300,
+                    quiet: false,
+                    console: false,
+                },
+                block: BlockOptions {
+                    iterations: io_iterations,
+                    seconds: block_seconds,
+                    threads: 4,
+                    cpus: 1,
+                    memory_mib: 256,
+                    disk_mib: 256,
+                    host_cpus: 1,
+                },
+                net: NetOptions {
+                    iterations: io_iterations,
+                    repeat: net_repeat,
+                    bytes: 8 << 20,
+                    round_trips: 500,
+                    cpus: 1,
+                    memory_mib: 256,
+                    host_cpus: 1,
+                },
+            })?;
+            println!("{}", jail::format(&results));
+            if let Some(path) = json {
+                write_json(&path, &results)?;
+                println!("raw samples and comparison written to {}", path.display());
+            }
+            jail::check(&results)
         }
         Cmd::Block {
             iterations,

@@ -9,8 +9,8 @@ use std::time::Duration;
 use quantix_sandbox::{build, Job, Payload, Sandbox, SandboxConfig};
 use serde::Serialize;
 
-use crate::block::{guest_initramfs, QX_IO_PATH};
-use crate::boot::{shell_words, Vmm, VMM_PATH};
+use crate::block::{guest_initramfs, Planned, QX_IO_PATH};
+use crate::boot::{shell_words, Vmm, JAIL_PID_FILE};
 use crate::error::BenchError;
 use crate::iobench::{self, IoSample, Kind, NestedHost, RunOutcome, TestSummary};
 use crate::report;
@@ -64,7 +64,8 @@ pub const TESTS: &[(&str, &str, Kind)] = &[
     ("rr-guest-first", "ping", Kind::Latency),
 ];
 
-fn kind_of(test: &str) -> Kind {
+/// Throughput or latency, by test id.
+pub fn kind_of(test: &str) -> Kind {
     TESTS
         .iter()
         .find(|t| t.0 == test)
@@ -92,14 +93,28 @@ pub fn vmm_argv(vmm: Vmm, o: &NetOptions) -> Vec<String> {
 /// for the VMM.
 pub fn host_script(vmm: Vmm, label: &str, o: &NetOptions) -> String {
     let mut s = format!(
-        "{} >/tmp/{label}.console 2>&1 &\n\
-         pid=$!\n\
+        "{}{} >/tmp/{label}.console 2>&1 &\n\
+         job=$!; pid=$job\n\
+         {}\
          i=0; while ! ip link show {TAP} >/dev/null 2>&1; do i=$((i+1)); if [ $i -ge 600 ]; then echo 'QX-FAIL no TAP'; break; fi; sleep 0.1; done\n\
          brctl addif {BRIDGE} {TAP} && ip link set {TAP} up || echo 'QX-FAIL bridge'\n\
          C=\"{QX_IO_PATH} net-client --connect {GUEST_ADDR} --cpu-pid $pid\"\n\
          $C --test echo --amount 10 --wait-s 240 --id warmup >/dev/null || echo 'QX-FAIL guest server unreachable'\n\
          for r in $(seq {}); do\n",
+        if vmm == Vmm::QuantixJailed {
+            format!("rm -f {JAIL_PID_FILE}; ")
+        } else {
+            String::new()
+        },
         shell_words(&vmm_argv(vmm, o)),
+        // A jailed VMM is the jailer's child: its pid is the one to measure.
+        if vmm == Vmm::QuantixJailed {
+            format!(
+                "i=0; while [ ! -s {JAIL_PID_FILE} ]; do i=$((i+1)); if [ $i -ge 600 ]; then echo 'QX-FAIL no pid file'; break; fi; sleep 0.1; done; pid=$(cat {JAIL_PID_FILE})\n"
+            )
+        } else {
+            String::new()
+        },
         o.repeat
     );
     for (id, test, kind) in TESTS {
@@ -113,8 +128,8 @@ pub fn host_script(vmm: Vmm, label: &str, o: &NetOptions) -> String {
     }
     s.push_str(&format!(
         "done\n\
-         $C --test quit || kill $pid\n\
-         wait $pid; status=$?\n\
+         $C --test quit || kill $job\n\
+         wait $job; status=$?\n\
          echo \"QX-HOST vmm-status=$status\"\n\
          if [ $status -ne 0 ]; then tail -n 40 /tmp/{label}.console; exit 1; fi\n"
     ));
@@ -144,8 +159,9 @@ pub struct NetResults {
     pub tests: Vec<TestSummary>,
 }
 
-/// Runs the benchmark.
-pub fn run(o: &NetOptions) -> Result<NetResults, BenchError> {
+/// The network runs of `vmms`, alternating, `o.iterations` each, after a setup job that
+/// makes the bridge (`net` and `jail` share it).
+pub fn prepare(o: &NetOptions, vmms: &[Vmm]) -> Result<Planned, BenchError> {
     let assets = quantix_sandbox::Assets::from_env()?;
     let sandbox = Sandbox::with_config(
         assets,
@@ -155,8 +171,7 @@ pub fn run(o: &NetOptions) -> Result<NetResults, BenchError> {
             ..SandboxConfig::default()
         },
     );
-    eprintln!("quantix-bench: building static quantix-vmm and qx-io for the nested host");
-    let vmm = build::static_binary("quantix-vmm", "quantix-vmm")?;
+    eprintln!("quantix-bench: building the static binaries for the nested host");
     let qx_io = build::static_binary("quantix-bench", "qx-io")?;
     let qx_io_bytes = std::fs::read(&qx_io)
         .map_err(|e| BenchError::io(format!("reading {}", qx_io.display()), e))?;
@@ -165,9 +180,8 @@ pub fn run(o: &NetOptions) -> Result<NetResults, BenchError> {
          {QX_IO_PATH} net-server --listen 0.0.0.0:5201 || echo 'QX-FAIL net-server'\n"
     );
     let mut payload = Payload::new();
-    payload.add_file(&vmm, VMM_PATH)?;
+    crate::boot::add_vmms(&mut payload, &sandbox, vmms)?;
     payload.add_file(&qx_io, QX_IO_PATH)?;
-    payload.add_qemu(sandbox.assets())?;
     payload.add_bytes(
         INITRAMFS,
         guest_initramfs(&sandbox, NET_MODULES, qx_io_bytes, &body)?,
@@ -183,7 +197,7 @@ pub fn run(o: &NetOptions) -> Result<NetResults, BenchError> {
     .reference()];
     let mut plan = Vec::new();
     for i in 1..=o.iterations {
-        for v in [Vmm::Quantix, Vmm::Qemu] {
+        for &v in vmms {
             let name = format!("{}-{i}", v.name());
             let job = Job::shell(&name, host_script(v, &name, o)).timeout(per_run);
             // A nested host that dies while only QEMU ran is the sandbox's failure.
@@ -197,7 +211,16 @@ pub fn run(o: &NetOptions) -> Result<NetResults, BenchError> {
         TESTS.len(),
         o.repeat
     );
-    let report = sandbox.run(&payload, &jobs)?;
+    Ok(Planned {
+        sandbox,
+        payload,
+        jobs,
+        plan,
+    })
+}
+
+/// Checks the setup job made the bridge.
+pub fn check_setup(report: &quantix_sandbox::Report) -> Result<(), BenchError> {
     if !report.job("setup").is_some_and(|j| j.success()) {
         return Err(BenchError::Unavailable(format!(
             "the bridge could not be set up in the nested host: {}",
@@ -206,22 +229,29 @@ pub fn run(o: &NetOptions) -> Result<NetResults, BenchError> {
                 .map_or("no result", |j| j.output.as_str())
         )));
     }
-    let expected: Vec<String> = TESTS.iter().map(|t| t.0.to_string()).collect();
-    let mut samples = Vec::new();
-    let mut runs = Vec::new();
-    for (v, i, name) in &plan {
-        let (run, s) = iobench::judge_job(*v, *i, report.job(name), name, &expected);
-        runs.push(run);
-        samples.extend(s);
-    }
+    Ok(())
+}
+
+/// The test ids, in order.
+pub fn expected() -> Vec<String> {
+    TESTS.iter().map(|t| t.0.to_string()).collect()
+}
+
+/// Runs the benchmark.
+pub fn run(o: &NetOptions) -> Result<NetResults, BenchError> {
+    let vmms = [Vmm::Quantix, Vmm::Qemu];
+    let p = prepare(o, &vmms)?;
+    let report = p.sandbox.run(&p.payload, &p.jobs)?;
+    check_setup(&report)?;
+    let (runs, samples) = iobench::judge_all(&report, &p.plan, &expected());
     let tests = iobench::summarize(&samples, kind_of);
     Ok(NetResults {
         benchmark: "net",
         date: report::now_utc(),
         options: o.clone(),
-        nested_host: NestedHost::of(&sandbox, &report),
+        nested_host: NestedHost::of(&p.sandbox, &report),
         revision: report::git_revision(),
-        commands: [Vmm::Quantix, Vmm::Qemu]
+        commands: vmms
             .iter()
             .map(|v| (v.name().to_string(), shell_words(&vmm_argv(*v, o))))
             .collect(),

@@ -17,12 +17,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use quantix_sandbox::{
-    build, kvm_trace, GuestInit, HostDeath, InfraFailure, Job, JobResult, Payload, Sandbox,
-    SandboxError,
+    kvm_trace, GuestInit, HostDeath, InfraFailure, Job, JobResult, Payload, Sandbox, SandboxError,
 };
 use serde::Serialize;
 
-use crate::boot::{guest_argv, shell_words, GuestBoot, Kernel, Vmm, GUEST_CMDLINE, VMM_PATH};
+use crate::boot::{guest_argv, shell_words, GuestBoot, Kernel, Vmm, GUEST_CMDLINE};
 use crate::error::BenchError;
 use crate::report;
 
@@ -297,7 +296,7 @@ pub fn classify(vmm: Vmm, cpus: u32, r: &JobResult) -> Outcome {
     let init = GuestInit::find(out);
     let powered_off = out.contains("reboot: Power down");
     match vmm {
-        Vmm::Quantix => {
+        Vmm::Quantix | Vmm::QuantixJailed | Vmm::QuantixUnconfined => {
             if r.status == Some(3) || out.contains("reason=\"triple-fault\"") {
                 return Outcome::TripleFault;
             }
@@ -332,14 +331,8 @@ pub fn run(o: &SmpOptions) -> Result<SmpResults, BenchError> {
         c.retries = 0;
     }
     let mut payload = Payload::new();
-    if o.vmms.contains(&Vmm::Quantix) {
-        eprintln!("quantix-bench: building a static quantix-vmm for the nested host");
-        let vmm = build::static_binary("quantix-vmm", "quantix-vmm")?;
-        payload.add_file(&vmm, VMM_PATH)?;
-    }
-    if o.vmms.contains(&Vmm::Qemu) {
-        payload.add_qemu(sandbox.assets())?;
-    }
+    eprintln!("quantix-bench: building the static binaries for the nested host");
+    crate::boot::add_vmms(&mut payload, &sandbox, &o.vmms)?;
     let planned = plan(o);
     let jobs: Vec<Job> = planned.iter().map(|p| p.job.clone()).collect();
     let boots_per_host = planned.iter().filter(|p| p.boot.is_some()).count();

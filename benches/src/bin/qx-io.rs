@@ -11,7 +11,7 @@
 //! qx-io net-server --listen ADDR:PORT
 //! qx-io net-client --connect ADDR:PORT --test send|recv|echo|ping|quit [--amount N]
 //!           [--wait-s S] [--cpu-pid PID] [--id ID]
-//! qx-io monitor --timeout-s S -- CMD [ARGS...]
+//! qx-io monitor --timeout-s S [--pid-file FILE] -- CMD [ARGS...]
 //! ```
 //!
 //! Each workload prints `QX-IO-BEGIN id=...` before it starts and one line
@@ -19,7 +19,9 @@
 //! `QX-VERIFY ...` per phase and `QX-VERIFY-BAD ...` for the first mismatching blocks,
 //! and exits 1 if any block does not match. `monitor` runs a VMM, passes its output
 //! through, and after each guest `QX-IO` line prints `QX-CPU id=... cpu_ms=...` with the
-//! VMM's CPU time (all threads, `/proc/PID/stat`) since the matching `QX-IO-BEGIN`.
+//! VMM's CPU time (all threads, `/proc/PID/stat`) since the matching `QX-IO-BEGIN`; the
+//! VMM is CMD's process, or with `--pid-file` the one whose pid FILE holds (a VMM that a
+//! jailer started).
 //! Exit status: 0 success, 1 failure, 2 usage error.
 
 use std::collections::HashMap;
@@ -343,9 +345,13 @@ fn monitor(o: &Opts) -> Result<(), Failure> {
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| failed(format!("spawning {prog}: {e}")))?;
-    let pid = child.id();
+    let child_pid = child.id();
     let started = Instant::now();
-    say(Line::new("QX-VMM-START").kv("pid", pid).finish());
+    say(Line::new("QX-VMM-START").kv("pid", child_pid).finish());
+    // The process whose CPU is sampled: the child, or (`--pid-file`, a VMM that a jailer
+    // started and waits for) the pid the file names once it exists.
+    let pid_file = o.values.get("--pid-file").cloned();
+    let mut measured: Option<u32> = pid_file.is_none().then_some(child_pid);
     let stdout = child
         .stdout
         .take()
@@ -376,7 +382,13 @@ fn monitor(o: &Opts) -> Result<(), Failure> {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
-                let now = CpuTicks::read(pid);
+                if measured.is_none() {
+                    measured = pid_file
+                        .as_deref()
+                        .and_then(|f| std::fs::read_to_string(f).ok())
+                        .and_then(|s| s.trim().parse().ok());
+                }
+                let now = measured.and_then(CpuTicks::read);
                 say(line.clone());
                 if let Some(r) = iorecord::parse_line(&line, BEGIN_MARKER) {
                     if let (Some(id), Some(t)) = (r.get("id"), now) {
