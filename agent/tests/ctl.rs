@@ -122,6 +122,50 @@ fn quantixctl_lifecycle_output_and_exit_statuses() {
         ],
     );
     assert_eq!(out.status.code(), Some(9), "{out:?}");
+    // Input, then the end of stdin (a script's `echo ... | quantixctl console`): the ended
+    // stdin is not a detach, and the output after it (the guest's echo) still comes.
+    let out = ctl(
+        &agent,
+        &[
+            "create",
+            "--id",
+            "c3",
+            "--name",
+            "ctl-echo",
+            "--memory",
+            "64",
+            "--kernel",
+            g.echo.to_str().unwrap(),
+            "--start",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let ready = ctl(
+        &agent,
+        &["console", "c3", "--until", "echo ready", "--timeout", "20"],
+    );
+    assert!(ready.status.success(), "{ready:?}");
+    let mut child = Command::new(bin("quantixctl"))
+        .arg("--agent")
+        .arg(format!("unix:{}", agent.socket().display()))
+        .args(["console", "c3", "--no-replay", "--timeout", "3"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"ping-123\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ping-123"),
+        "{out:?}"
+    );
+    assert!(ctl(&agent, &["delete", "c3", "--force"]).status.success());
 
     // Exit statuses by error.
     assert_eq!(ctl(&agent, &["get", "nope"]).status.code(), Some(3));

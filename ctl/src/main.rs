@@ -604,6 +604,9 @@ async fn console(
     let deadline = timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
     let mut seen: Vec<u8> = Vec::new();
     let mut stdout = std::io::stdout();
+    // Whether the detach channel can still fire: once it resolved (a detach, or the stdin
+    // thread ended without one) it must not be polled again.
+    let mut detach_open = true;
     loop {
         let next = async {
             match deadline {
@@ -613,7 +616,10 @@ async fn console(
         };
         tokio::select! {
             // Ctrl-]; the sender dropped at the end of stdin is not a detach.
-            Ok(()) = &mut detach_rx => return Ok(()),
+            r = &mut detach_rx, if detach_open => match r {
+                Ok(()) => return Ok(()),
+                Err(_) => detach_open = false,
+            },
             item = next => match item {
                 None => {
                     return match until {
