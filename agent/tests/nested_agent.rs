@@ -202,18 +202,10 @@ fn payload(assets: &Assets) -> Payload {
         build::static_binary("quantix-sandbox", "qx-vsock").unwrap_or_else(|e| panic!("{e}"));
     let qx_vsock =
         std::fs::read(&qx_vsock).unwrap_or_else(|e| panic!("{}: {e}", qx_vsock.display()));
-    let mut image = GuestInitramfs::new(assets).file("/bin/qx-vsock", qx_vsock, 0o755);
-    let mut script = String::from("#!/bin/sh\n");
-    for (i, m) in DEVICE_MODULES.iter().enumerate() {
-        let data = std::fs::read(assets.module(m)).unwrap_or_else(|e| panic!("module {m}: {e}"));
-        let dest = format!("/qx-mod-{i}.ko");
-        script.push_str(&format!("insmod {dest} || echo \"QX-FAIL insmod {m}\"\n"));
-        image = image.file(&dest, data, 0o644);
-    }
-    script.push_str(DEVICES_GUEST);
-    let cpio = image
-        .script(script)
-        .build()
+    let cpio = GuestInitramfs::new(assets)
+        .file("/bin/qx-vsock", qx_vsock, 0o755)
+        .script_after_modules(assets, DEVICE_MODULES, DEVICES_GUEST)
+        .and_then(|i| i.build())
         .unwrap_or_else(|e| panic!("{e}"));
     payload
         .add_bytes("/payload/devices.cpio", cpio, 0o644)
@@ -221,15 +213,10 @@ fn payload(assets: &Assets) -> Payload {
     payload
 }
 
-/// The value after `key=` on the first line that has it (to the end of the line, or the
-/// first `[` of a kernel message printed into it).
+/// [`quantix_sandbox::console_field`], empty when no line has it (the assertions then
+/// show the whole output).
 fn field(out: &str, key: &str) -> String {
-    out.lines()
-        .find_map(|l| {
-            l.split_once(&format!("{key}="))
-                .map(|(_, v)| v.split('[').next().unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default()
+    quantix_sandbox::console_field(out, key).unwrap_or_default()
 }
 
 #[test]

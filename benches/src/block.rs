@@ -83,18 +83,10 @@ pub fn guest_initramfs(
     body: &str,
 ) -> Result<Vec<u8>, BenchError> {
     let assets = sandbox.assets();
-    let mut image = GuestInitramfs::new(assets).file(QX_IO_PATH, qx_io, 0o755);
-    let mut script = String::from("#!/bin/sh\n");
-    for (i, m) in modules.iter().enumerate() {
-        let path = assets.module(m);
-        let data = std::fs::read(&path)
-            .map_err(|e| BenchError::io(format!("reading module {}", path.display()), e))?;
-        let dest = format!("/qx-mod-{i}.ko");
-        script.push_str(&format!("insmod {dest} || echo \"QX-FAIL insmod {m}\"\n"));
-        image = image.file(&dest, data, 0o644);
-    }
-    script.push_str(body);
-    Ok(image.script(script).build()?)
+    Ok(GuestInitramfs::new(assets)
+        .file(QX_IO_PATH, qx_io, 0o755)
+        .script_after_modules(assets, modules, body)?
+        .build()?)
 }
 
 /// The VMM command line of a block run.

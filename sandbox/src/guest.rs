@@ -64,6 +64,15 @@ impl GuestInit {
     }
 }
 
+/// The value after `key=` on the first line of `out` that has it, up to the end of the
+/// line or the first `[` (a kernel message printed into the middle of a console line).
+pub fn console_field(out: &str, key: &str) -> Option<String> {
+    out.lines().find_map(|l| {
+        l.split_once(&format!("{key}="))
+            .map(|(_, v)| v.split('[').next().unwrap_or("").trim().to_string())
+    })
+}
+
 /// Path of the script the guest's `/init` runs with `qx.action=script`.
 pub const GUEST_SCRIPT: &str = "/qx-script";
 
@@ -94,6 +103,28 @@ impl GuestInitramfs {
         self.file(GUEST_SCRIPT, script, 0o755)
     }
 
+    /// Adds the guest kernel's `modules` (paths under its module directory, in load order:
+    /// each after its dependencies) as `/qx-mod-N.ko`, and a [`GUEST_SCRIPT`] that loads
+    /// them in order (a failure prints `QX-FAIL insmod <module>`) and then runs `body`.
+    pub fn script_after_modules(
+        mut self,
+        assets: &Assets,
+        modules: &[&str],
+        body: &str,
+    ) -> Result<Self, SandboxError> {
+        let mut script = String::from("#!/bin/sh\n");
+        for (i, m) in modules.iter().enumerate() {
+            let path = assets.module(m);
+            let data = fs::read(&path)
+                .map_err(|e| SandboxError::io(format!("reading module {}", path.display()), e))?;
+            let dest = format!("/qx-mod-{i}.ko");
+            script.push_str(&format!("insmod {dest} || echo \"QX-FAIL insmod {m}\"\n"));
+            self = self.file(&dest, data, 0o644);
+        }
+        script.push_str(body);
+        Ok(self.script(script))
+    }
+
     /// The image: base archive followed by the overlay archive.
     pub fn build(&self) -> Result<Vec<u8>, SandboxError> {
         let mut image = fs::read(&self.base)
@@ -122,6 +153,14 @@ impl GuestInitramfs {
 mod tests {
     use super::*;
     use crate::cpio;
+
+    #[test]
+    fn console_fields_stop_at_a_kernel_message() {
+        let out = "x\nQX-DEV ping=yes[   12.5] virtio_net\nQX-DEV ping=no\nQX-DEV mac= 52:54 \n";
+        assert_eq!(console_field(out, "QX-DEV ping").as_deref(), Some("yes"));
+        assert_eq!(console_field(out, "QX-DEV mac").as_deref(), Some("52:54"));
+        assert_eq!(console_field(out, "QX-DEV serial"), None);
+    }
 
     #[test]
     fn a_kernel_message_at_the_end_of_the_line_is_cut_off() {

@@ -52,7 +52,7 @@ mod script;
 pub use assets::{default_assets_dir, Assets, ASSETS_ENV};
 pub use cpio::CpioWriter;
 pub use error::{HostDeath, InfraFailure, SandboxError};
-pub use guest::{GuestInit, GuestInitramfs, GUEST_SCRIPT};
+pub use guest::{console_field, GuestInit, GuestInitramfs, GUEST_SCRIPT};
 pub use job::{Job, JobResult, JobRole, DEFAULT_JOB_TIMEOUT};
 pub use payload::Payload;
 pub use sandbox::{

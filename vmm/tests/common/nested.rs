@@ -20,17 +20,9 @@ pub fn guest_initramfs(
     for (path, bytes, mode) in files {
         image = image.file(path, bytes, mode);
     }
-    let mut script = String::from("#!/bin/sh\n");
-    for (i, m) in modules.iter().enumerate() {
-        let data = std::fs::read(assets.module(m)).unwrap_or_else(|e| panic!("module {m}: {e}"));
-        let dest = format!("/qx-mod-{i}.ko");
-        script.push_str(&format!("insmod {dest} || echo \"QX-FAIL insmod {m}\"\n"));
-        image = image.file(&dest, data, 0o644);
-    }
-    script.push_str(body);
     image
-        .script(script)
-        .build()
+        .script_after_modules(assets, modules, body)
+        .and_then(|i| i.build())
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -74,10 +66,5 @@ pub fn run_job(
 /// The value after `key=` on the first line that has it, up to the end of the line or
 /// the first `[` (a kernel message printed into the middle of a console line).
 pub fn field(out: &str, key: &str) -> String {
-    out.lines()
-        .find_map(|l| {
-            l.split_once(&format!("{key}="))
-                .map(|(_, v)| v.split('[').next().unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| panic!("no {key}= line:\n{out}"))
+    quantix_sandbox::console_field(out, key).unwrap_or_else(|| panic!("no {key}= line:\n{out}"))
 }
