@@ -75,8 +75,12 @@ impl Buf {
     }
 }
 
-/// `syscall N [request 0xR] on thread NAME (filter KIND)`.
-fn describe(out: &mut Buf, nr: i32, arg1: u64) {
+/// The longest part of a refused call's path that the report shows.
+const PATH_SHOWN: usize = 96;
+
+/// `syscall N [(ioctl request 0xR) | (path "P")] on thread NAME (filter KIND)`. `path` is
+/// what an open or openat call named (already copied out of the caller's memory).
+fn describe(out: &mut Buf, nr: i32, arg1: u64, path: &[u8]) {
     let (kind, name) = super::current();
     out.push(b"syscall ");
     out.push_num(nr as u64);
@@ -84,6 +88,19 @@ fn describe(out: &mut Buf, nr: i32, arg1: u64) {
         // Which ioctl: the request is what the lists filter on.
         out.push(b" (ioctl request 0x");
         out.push_hex(arg1);
+        out.push(b")");
+    }
+    if !path.is_empty() {
+        // Which file: the path says which library or part of the VMM asked. Kept
+        // JSON-safe (the record is JSON): anything outside a plain set becomes '?'.
+        out.push(b" (path ");
+        for b in path {
+            if b.is_ascii_alphanumeric() || b"/-_.:+@ ".contains(b) {
+                out.push(&[*b]);
+            } else {
+                out.push(b"?");
+            }
+        }
         out.push(b")");
     }
     out.push(b" on thread ");
@@ -105,20 +122,32 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     // SAFETY: the kernel passes a valid siginfo_t for a SA_SIGINFO handler; the syscall
     // number is the int at offset 24 of it (x86_64).
     let nr = unsafe { *(info as *const u8).add(24).cast::<i32>() };
-    // The second argument (rsi) as the thread made the call, from the saved context.
-    let arg1 = if ctx.is_null() {
-        0
+    // The first two arguments (rdi, rsi) as the thread made the call, from the saved context.
+    let (arg0, arg1) = if ctx.is_null() {
+        (0, 0)
     } else {
         // SAFETY: for a SA_SIGINFO handler the third argument is the thread's ucontext_t.
-        unsafe {
-            (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RSI as usize] as u64
-        }
+        let regs = unsafe { &(*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs };
+        (
+            regs[libc::REG_RDI as usize] as u64,
+            regs[libc::REG_RSI as usize] as u64,
+        )
     };
+    let path_ptr = match i64::from(nr) {
+        libc::SYS_openat => arg1,
+        libc::SYS_open => arg0,
+        _ => 0,
+    };
+    let mut path = [0u8; PATH_SHOWN];
+    // SAFETY: the pointer is what the thread passed to the kernel as a path: a
+    // NUL-terminated string in its own memory, which this copy reads no further than
+    // PATH_SHOWN bytes or its NUL (a null pointer is skipped).
+    let path_len = unsafe { copy_c_string(path_ptr as *const u8, &mut path) };
     let mut detail = Buf {
         data: [0; 256],
         len: 0,
     };
-    describe(&mut detail, nr, arg1);
+    describe(&mut detail, nr, arg1, &path[..path_len]);
     let mut line = Buf {
         data: [0; 256],
         len: 0,
@@ -148,6 +177,28 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     }
 }
 
+/// Copies the NUL-terminated string at `src` into `out` (at most its length, without the
+/// NUL) and returns how many bytes it copied; nothing for a null pointer.
+///
+/// # Safety
+/// `src` is null or points to readable memory up to its NUL or `out.len()` bytes.
+unsafe fn copy_c_string(src: *const u8, out: &mut [u8]) -> usize {
+    if src.is_null() {
+        return 0;
+    }
+    let mut n = 0;
+    while n < out.len() {
+        // SAFETY: within the bound the caller promises.
+        let b = unsafe { *src.add(n) };
+        if b == 0 {
+            break;
+        }
+        out[n] = b;
+        n += 1;
+    }
+    n
+}
+
 /// Installs the SIGSYS handler (process-wide).
 pub fn install_handler() -> io::Result<()> {
     // SAFETY: a zeroed sigaction is valid; the fields that matter are set below.
@@ -173,18 +224,49 @@ mod tests {
             data: [0; 256],
             len: 0,
         };
-        describe(&mut b, 41, 0);
+        describe(&mut b, 41, 0, b"");
         // This test thread installed no filter: no name, no kind.
         assert_eq!(b.bytes(), b"syscall 41 on thread  (filter none)");
         let mut b = Buf {
             data: [0; 256],
             len: 0,
         };
-        describe(&mut b, libc::SYS_ioctl as i32, 0xAE80);
+        describe(&mut b, libc::SYS_ioctl as i32, 0xAE80, b"");
         assert_eq!(
             b.bytes(),
             b"syscall 16 (ioctl request 0xae80) on thread  (filter none)"
         );
+        let mut b = Buf {
+            data: [0; 256],
+            len: 0,
+        };
+        let c = c"/sys/devices/system/cpu/online";
+        let mut path = [0u8; PATH_SHOWN];
+        // SAFETY: a C string literal, NUL-terminated.
+        let n = unsafe { copy_c_string(c.as_ptr().cast(), &mut path) };
+        describe(&mut b, libc::SYS_openat as i32, 0, &path[..n]);
+        assert_eq!(
+            b.bytes(),
+            &b"syscall 257 (path /sys/devices/system/cpu/online) on thread  (filter none)"[..]
+        );
+        // A quote or backslash cannot break the JSON record; a long path is cut.
+        let mut b = Buf {
+            data: [0; 256],
+            len: 0,
+        };
+        describe(&mut b, libc::SYS_openat as i32, 0, br#"a\"b"#);
+        assert_eq!(
+            b.bytes(),
+            b"syscall 257 (path a??b) on thread  (filter none)"
+        );
+        let long = [b'x'; 200];
+        let mut path = [0u8; PATH_SHOWN];
+        let mut c = long.to_vec();
+        c.push(0);
+        // SAFETY: NUL-terminated above.
+        assert_eq!(unsafe { copy_c_string(c.as_ptr(), &mut path) }, PATH_SHOWN);
+        // SAFETY: null is allowed.
+        assert_eq!(unsafe { copy_c_string(std::ptr::null(), &mut path) }, 0);
         let mut n = Buf {
             data: [0; 256],
             len: 0,
