@@ -18,6 +18,7 @@
 //! installs nothing. See docs/security.md.
 
 mod filters;
+mod glibc;
 pub mod launcher;
 pub mod trap;
 
@@ -89,10 +90,9 @@ static PROGRAMS: OnceLock<Vec<(Kind, Vec<BpfProgram>)>> = OnceLock::new();
 pub fn init(mode: Mode, probe: Option<Kind>) -> Result<(), SeccompError> {
     let _ = MODE.set(mode);
     let _ = PROBE.set(probe);
-    // glibc sizes its malloc arenas from the CPU count, which it reads from /sys the first
-    // time a thread needs a new arena past 8: a bound set here means it never asks.
-    // SAFETY: mallopt takes two integers.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 8) };
+    // glibc's malloc reads kernel files lazily from any thread: answered here, before any
+    // filter could refuse the read.
+    glibc::settle();
     if mode != Mode::Off {
         let mismatch = match mode {
             Mode::Kill => SeccompAction::Trap,
