@@ -9,25 +9,8 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::timerfd::TimerFd;
 
-/// A device's limits; 0 means no limit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RateLimit {
-    /// Bytes per second.
-    pub bytes_per_sec: u64,
-    /// Bytes that may go at once after a quiet spell (default: one second's worth).
-    pub bytes_burst: u64,
-    /// Operations (requests, frames) per second.
-    pub ops_per_sec: u64,
-    /// Operations that may go at once (default: one second's worth).
-    pub ops_burst: u64,
-}
-
-impl RateLimit {
-    /// Whether any limit is set.
-    pub fn is_limited(&self) -> bool {
-        self.bytes_per_sec > 0 || self.ops_per_sec > 0
-    }
-}
+/// A device's limits (the configuration's type); 0 means no limit.
+pub use quantix_vmm_api::RateLimit;
 
 /// One bucket.
 #[derive(Debug)]

@@ -5,22 +5,7 @@ use std::sync::Mutex;
 use quantix_devices::{PowerAction, PowerControl};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// Exit status: the guest powered off or rebooted, or a stop was requested through the API.
-pub const EXIT_OK: i32 = 0;
-/// Exit status: the VM could not be set up (bad input, KVM unavailable, ...).
-pub const EXIT_SETUP_ERROR: i32 = 1;
-/// Exit status: the command line could not be parsed.
-pub const EXIT_USAGE: i32 = 2;
-/// Exit status: a vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
-pub const EXIT_TRIPLE_FAULT: i32 = 3;
-/// Exit status: KVM reported an internal error or a failed VM entry.
-pub const EXIT_KVM_ERROR: i32 = 4;
-/// Exit status: a vCPU exited for a reason the VMM does not handle.
-pub const EXIT_UNHANDLED: i32 = 5;
-/// Exit status: the guest reported a crash (KVM system event).
-pub const EXIT_GUEST_CRASH: i32 = 6;
-/// Exit status: the VMM failed while the VM ran.
-pub const EXIT_VMM_ERROR: i32 = 7;
+pub use quantix_vmm_api::exit::*;
 
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,55 +73,41 @@ impl ExitReason {
     }
 }
 
-/// The record `--exit-file` leaves behind: why the VMM exited, for a supervisor that is not
-/// its parent (one that re-adopted it after a restart cannot wait for its status).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ExitRecord {
-    /// The process exit status.
-    pub code: i32,
-    /// [`ExitReason::name`], or "setup-error" when the VM could not be set up.
-    pub reason: String,
-    /// Human-readable detail.
-    pub detail: String,
+/// The record for a VM that ran and stopped for `reason`.
+pub fn record_of(reason: &ExitReason) -> ExitRecord {
+    let detail = match reason {
+        ExitReason::Signal(sig) => format!("signal {sig}"),
+        ExitReason::TripleFault { vcpu } => format!("vCPU {vcpu} triple-faulted"),
+        ExitReason::KvmError { vcpu, detail } => format!("vCPU {vcpu}: {detail}"),
+        ExitReason::Unhandled { vcpu, exit } => format!("vCPU {vcpu}: {exit}"),
+        ExitReason::VmmError(e) => e.clone(),
+        _ => String::new(),
+    };
+    ExitRecord {
+        code: reason.exit_code(),
+        reason: reason.name().to_string(),
+        detail,
+    }
 }
 
-impl ExitRecord {
-    /// The record for a VM that ran and stopped for `reason`.
-    pub fn stopped(reason: &ExitReason) -> Self {
-        let detail = match reason {
-            ExitReason::Signal(sig) => format!("signal {sig}"),
-            ExitReason::TripleFault { vcpu } => format!("vCPU {vcpu} triple-faulted"),
-            ExitReason::KvmError { vcpu, detail } => format!("vCPU {vcpu}: {detail}"),
-            ExitReason::Unhandled { vcpu, exit } => format!("vCPU {vcpu}: {exit}"),
-            ExitReason::VmmError(e) => e.clone(),
-            _ => String::new(),
-        };
-        Self {
-            code: reason.exit_code(),
-            reason: reason.name().to_string(),
-            detail,
-        }
-    }
-
-    /// Writes the record to `path` atomically (a temporary file renamed over it), so that
-    /// a reader sees either nothing or the whole record.
-    pub fn write(&self, path: &std::path::Path) -> std::io::Result<()> {
-        let json = serde_json::to_vec(self).map_err(std::io::Error::other)?;
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        // O_NOFOLLOW: a symlink planted at the temporary name is not written through.
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)?;
-        f.write_all(&json)?;
-        drop(f);
-        std::fs::rename(&tmp, path)
-    }
+/// Writes `record` to `path` atomically (a temporary file renamed over it), so that a
+/// reader sees either nothing or the whole record.
+pub fn write_record(record: &ExitRecord, path: &std::path::Path) -> std::io::Result<()> {
+    let json = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    // O_NOFOLLOW: a symlink planted at the temporary name is not written through.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    f.write_all(&json)?;
+    drop(f);
+    std::fs::rename(&tmp, path)
 }
 
 /// The one place where every part of the VMM asks the VM to stop. The first reason wins;
@@ -237,8 +208,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("qx-exit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("exit.json");
-        let rec = ExitRecord::stopped(&ExitReason::TripleFault { vcpu: 1 });
-        rec.write(&path).unwrap();
+        let rec = record_of(&ExitReason::TripleFault { vcpu: 1 });
+        write_record(&rec, &path).unwrap();
         let back: ExitRecord = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(back, rec);
         assert_eq!(back.code, EXIT_TRIPLE_FAULT);

@@ -40,7 +40,7 @@ pub const PDE_START: GuestAddress = GuestAddress(0xb000);
 /// Kernel command line.
 pub const CMDLINE_START: GuestAddress = GuestAddress(0x20000);
 /// Largest command line we accept (Linux's COMMAND_LINE_SIZE on x86 is 2048).
-pub const CMDLINE_MAX_SIZE: usize = 2048;
+pub use quantix_vmm_api::limits::CMDLINE_MAX_SIZE;
 /// Start of the Extended BIOS Data Area; RAM below it is usable by the guest.
 pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables (RSDP first); inside the BIOS area Linux scans for the RSDP.

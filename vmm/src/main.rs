@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use quantix_vmm::config::{
-    host_memory_mib, validate_vcpus, BootSource, DiskConfig, MemorySize, NetConfig, SerialMode,
+    validate_on_host, validate_vcpus, BootSource, DiskConfig, MemorySize, NetConfig, SerialMode,
     VmConfig, VsockConfig, DEFAULT_CMDLINE,
 };
-use quantix_vmm::exit::{ExitRecord, EXIT_SETUP_ERROR, EXIT_USAGE};
+use quantix_vmm::exit::{record_of, write_record, ExitRecord, EXIT_SETUP_ERROR, EXIT_USAGE};
 use tracing_subscriber::EnvFilter;
 
 /// Run one virtual machine on KVM.
@@ -21,11 +21,15 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "quantix-vmm", version, about, long_about = None)]
 struct Cli {
+    /// The whole VM configuration as a JSON file (quantix-vmm-api's VmConfig; see
+    /// docs/vmm.md), instead of the VM flags below. `-` reads standard input.
+    #[arg(long, value_name = "FILE", conflicts_with_all = VM_FLAGS)]
+    config: Option<PathBuf>,
     /// Linux kernel to boot: an ELF vmlinux (PVH entry used when present) or a bzImage.
     #[arg(
         long,
         value_name = "PATH",
-        required_unless_present = "firmware",
+        required_unless_present_any = ["firmware", "config"],
         conflicts_with = "firmware"
     )]
     kernel: Option<PathBuf>,
@@ -95,6 +99,40 @@ struct Cli {
     log_format: String,
 }
 
+/// The flags that describe the VM (everything a configuration file holds).
+const VM_FLAGS: [&str; 15] = [
+    "kernel",
+    "initramfs",
+    "cmdline",
+    "firmware",
+    "cpus",
+    "memory",
+    "serial",
+    "rng",
+    "disks",
+    "nets",
+    "console",
+    "vsock",
+    "api_socket",
+    "kvm",
+    "seccomp",
+];
+
+/// Reads `--config FILE` (`-`: standard input), at most the contract's size cap.
+fn read_config(path: &std::path::Path) -> Result<VmConfig, String> {
+    use std::io::Read;
+    let max = quantix_vmm_api::config::CONFIG_FILE_MAX as u64;
+    let mut bytes = Vec::new();
+    let what = path.display();
+    let read = if path == std::path::Path::new("-") {
+        std::io::stdin().take(max + 1).read_to_end(&mut bytes)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
+    };
+    read.map_err(|e| format!("cannot read --config {what}: {e}"))?;
+    VmConfig::from_json(&bytes).map_err(|e| format!("--config {what}: {e}"))
+}
+
 fn parse_vcpus(s: &str) -> Result<u8, String> {
     let n: u64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     validate_vcpus(n).map_err(|e| e.to_string())
@@ -127,46 +165,55 @@ fn main() -> ExitCode {
         eprintln!("quantix-vmm: {e}");
         return ExitCode::from(EXIT_USAGE as u8);
     }
-    let boot = match (cli.kernel, cli.firmware) {
-        (Some(kernel), None) => BootSource::Kernel {
-            kernel,
-            initramfs: cli.initramfs,
-            cmdline: cli.cmdline,
+    let config = match &cli.config {
+        Some(path) => match read_config(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("quantix-vmm: {e}");
+                if let Some(exit_file) = &cli.exit_file {
+                    let _ = write_record(&ExitRecord::setup_error(e), exit_file);
+                }
+                return ExitCode::from(EXIT_SETUP_ERROR as u8);
+            }
         },
-        (None, Some(fw)) => BootSource::Firmware(fw),
-        // clap enforces exactly one of the two.
-        _ => return ExitCode::from(EXIT_USAGE as u8),
-    };
-    let config = VmConfig {
-        boot,
-        vcpus: cli.cpus,
-        memory: cli.memory,
-        serial: cli.serial,
-        api_socket: cli.api_socket,
-        rng: cli.rng == "on",
-        disks: cli.disks,
-        nets: cli.nets,
-        console: cli.console,
-        vsock: cli.vsock,
-        kvm: cli.kvm,
-        seccomp: cli.seccomp,
-        seccomp_probe: cli.seccomp_probe,
+        None => {
+            let boot = match (cli.kernel, cli.firmware) {
+                (Some(kernel), None) => BootSource::Kernel {
+                    kernel,
+                    initramfs: cli.initramfs,
+                    cmdline: cli.cmdline,
+                },
+                (None, Some(fw)) => BootSource::Firmware(fw),
+                // clap enforces exactly one of the two.
+                _ => return ExitCode::from(EXIT_USAGE as u8),
+            };
+            VmConfig {
+                boot,
+                vcpus: cli.cpus,
+                memory: cli.memory,
+                serial: cli.serial,
+                api_socket: cli.api_socket,
+                rng: cli.rng == "on",
+                disks: cli.disks,
+                nets: cli.nets,
+                console: cli.console,
+                vsock: cli.vsock,
+                kvm: cli.kvm,
+                seccomp: cli.seccomp,
+            }
+        }
     };
     let exit_file = cli.exit_file;
     let record = |rec: ExitRecord| {
         if let Some(path) = &exit_file {
-            if let Err(e) = rec.write(path) {
+            if let Err(e) = write_record(&rec, path) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot write the exit record");
             }
         }
     };
-    if let Err(e) = config.validate(host_memory_mib()) {
+    if let Err(e) = validate_on_host(&config) {
         eprintln!("quantix-vmm: {e}");
-        record(ExitRecord {
-            code: EXIT_SETUP_ERROR,
-            reason: "setup-error".into(),
-            detail: e.to_string(),
-        });
+        record(ExitRecord::setup_error(e.to_string()));
         return ExitCode::from(EXIT_SETUP_ERROR as u8);
     }
     if config.seccomp == quantix_vmm::seccomp::Mode::Kill {
@@ -177,21 +224,17 @@ fn main() -> ExitCode {
             }
         }
     }
-    match quantix_vmm::runner::run(&config) {
+    match quantix_vmm::runner::run(&config, cli.seccomp_probe) {
         Ok(reason) => {
             let code = reason.exit_code();
             tracing::info!(reason = reason.name(), code, "VM stopped");
-            record(ExitRecord::stopped(&reason));
+            record(record_of(&reason));
             ExitCode::from(code as u8)
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot run the VM");
             eprintln!("quantix-vmm: {e}");
-            record(ExitRecord {
-                code: EXIT_SETUP_ERROR,
-                reason: "setup-error".into(),
-                detail: e.to_string(),
-            });
+            record(ExitRecord::setup_error(e.to_string()));
             ExitCode::from(EXIT_SETUP_ERROR as u8)
         }
     }

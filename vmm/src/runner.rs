@@ -238,13 +238,17 @@ fn boot_name(config: &VmConfig, format: Option<KernelFormat>) -> &'static str {
     }
 }
 
-/// Builds and runs the VM until it stops; returns why it stopped.
-pub fn run(config: &VmConfig) -> Result<ExitReason, RunError> {
+/// Builds and runs the VM until it stops; returns why it stopped. `seccomp_probe` is the
+/// test hook of [`crate::seccomp::probe`] (a thread of that kind makes a forbidden call).
+pub fn run(
+    config: &VmConfig,
+    seccomp_probe: Option<crate::seccomp::Kind>,
+) -> Result<ExitReason, RunError> {
     let host_err = |what| move |source| RunError::Host { what, source };
     let exit = Arc::new(ExitSignal::new().map_err(host_err("creating the exit eventfd"))?);
     // Before any thread exists, so that every thread inherits the blocked mask.
     let signals = SignalWatcher::new(exit.clone())?;
-    crate::seccomp::init(config.seccomp, config.seccomp_probe).map_err(|e| RunError::Host {
+    crate::seccomp::init(config.seccomp, seccomp_probe).map_err(|e| RunError::Host {
         what: "seccomp",
         source: io::Error::other(e),
     })?;

@@ -61,24 +61,8 @@ pub struct Job {
     pub iovecs: IoVecs,
 }
 
-/// Which engine serves a disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EngineKind {
-    /// io_uring.
-    IoUring,
-    /// A pool of threads doing `preadv`/`pwritev`.
-    Threads,
-}
-
-impl EngineKind {
-    /// Its name in logs and metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            EngineKind::IoUring => "io_uring",
-            EngineKind::Threads => "threads",
-        }
-    }
-}
+/// Which engine serves a disk (the configuration's type).
+pub use quantix_vmm_api::EngineKind;
 
 /// An I/O engine bound to one image file.
 pub enum Engine {

@@ -476,21 +476,8 @@ impl QueueHandler for NetHandler {
     }
 }
 
-/// Parses `52:54:00:12:34:56`; refuses multicast addresses (lowest bit of the first octet).
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return None;
-    }
-    let mut mac = [0u8; 6];
-    for (b, p) in mac.iter_mut().zip(&parts) {
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    (mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
-}
+/// Parses a unicast MAC address (the configuration's parser).
+pub use quantix_vmm_api::mac::parse as parse_mac;
 
 /// A random locally administered unicast MAC address in QEMU's 52:54:00 style prefix.
 pub fn random_mac() -> [u8; 6] {

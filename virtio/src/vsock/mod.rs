@@ -41,10 +41,9 @@ pub const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 const EVT: usize = 2;
-/// Lowest CID a guest may have (0-2 are the hypervisor, local and host).
-pub const MIN_GUEST_CID: u64 = 3;
-/// Highest CID a guest may have (`u32::MAX` is `VMADDR_CID_ANY`; Linux keeps CIDs in 32 bits).
-pub const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
+/// The guest CID range (0-2 are the hypervisor, local and host; `u32::MAX` is
+/// `VMADDR_CID_ANY`).
+pub use quantix_vmm_api::limits::{MAX_GUEST_CID, MIN_GUEST_CID};
 /// Rounds of host events and rx filling per wake-up before the worker yields to its
 /// other events (it kicks itself to come back).
 const MAX_ROUNDS: usize = 64;

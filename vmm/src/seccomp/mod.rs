@@ -31,31 +31,9 @@ use thiserror::Error;
 pub use filters::Kind;
 
 /// The exit status (and record code) of a VMM that a filter stopped.
-pub const EXIT_SECCOMP: i32 = 8;
-
-/// What a call outside the list does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Mode {
-    /// SIGSYS: the VMM records the syscall and exits ([`EXIT_SECCOMP`]).
-    #[default]
-    Kill,
-    /// Allowed, and logged by the kernel.
-    Log,
-    /// No filters.
-    Off,
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "kill" => Ok(Mode::Kill),
-            "log" => Ok(Mode::Log),
-            "off" => Ok(Mode::Off),
-            other => Err(format!("{other:?}: expected kill, log or off")),
-        }
-    }
-}
+pub use quantix_vmm_api::exit::EXIT_SECCOMP;
+/// What a call outside the list does (the configuration's type).
+pub use quantix_vmm_api::SeccompMode as Mode;
 
 /// A filter that cannot be built or installed.
 #[derive(Debug, Error)]
