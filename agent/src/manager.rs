@@ -74,21 +74,38 @@ fn file_plan(spec: &VmSpec) -> Vec<PlannedFile<'_>> {
     plan
 }
 
-/// `,bw=..,bw_burst=..,OPS=..,OPS_burst=..` for the limits `rl` sets (the VMM's `--disk`
-/// and `--net` keys; `ops` is `iops` or `pps`).
-fn rate_limit_args(rl: &quantix_proto::v1::RateLimit, ops: &str) -> String {
-    let mut s = String::new();
-    for (k, v) in [
-        ("bw".to_string(), rl.bytes_per_sec),
-        ("bw_burst".to_string(), rl.bytes_burst),
-        (ops.to_string(), rl.ops_per_sec),
-        (format!("{ops}_burst"), rl.ops_burst),
-    ] {
-        if v > 0 {
-            s.push_str(&format!(",{k}={v}"));
-        }
+/// The contract's rate limit for a spec's.
+fn rate_limit(rl: Option<&quantix_proto::v1::RateLimit>) -> quantix_vmm_api::RateLimit {
+    rl.map(|rl| quantix_vmm_api::RateLimit {
+        bytes_per_sec: rl.bytes_per_sec,
+        bytes_burst: rl.bytes_burst,
+        ops_per_sec: rl.ops_per_sec,
+        ops_burst: rl.ops_burst,
+    })
+    .unwrap_or_default()
+}
+
+/// A sealed, read-only memfd holding `bytes`, positioned at its start: how the VMM gets its
+/// configuration (no file to race on or to rewrite, inside or outside the jail).
+fn sealed_memfd(name: &std::ffi::CStr, bytes: &[u8]) -> std::io::Result<std::fs::File> {
+    use std::io::{Seek, Write};
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    s
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.write_all(bytes)?;
+    f.seek(std::io::SeekFrom::Start(0))?;
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on a memfd we own, with seal flags.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
 }
 
 /// The name the VMM knows the `i`th inherited file by.
@@ -736,82 +753,86 @@ impl Manager {
             .join(", ")
     }
 
-    fn vmm_args(&self, spec: &VmSpec, paths: &VmPaths, files: &VmFiles) -> Vec<String> {
+    /// The VMM's configuration for `spec`: every file, the KVM device and the TAPs by the
+    /// descriptors the VMM inherits, its sockets in its run directory.
+    fn vmm_config(
+        &self,
+        spec: &VmSpec,
+        paths: &VmPaths,
+        files: &VmFiles,
+    ) -> quantix_vmm_api::VmConfig {
+        use quantix_vmm_api::{BootSource, DiskConfig, NetBackend, NetConfig, SerialMode};
         let jailed = self.cfg.jail;
+        let for_vmm = |p: &std::path::Path| std::path::PathBuf::from(paths.for_vmm(p, jailed));
         // Names in file_plan order.
         let mut next = 0;
         let mut name = || {
             next += 1;
-            passed_name(next - 1)
+            std::path::PathBuf::from(passed_name(next - 1))
         };
-        let mut a: Vec<String> = Vec::new();
-        let mut push = |k: &str, v: String| {
-            a.push(k.to_string());
-            a.push(v);
-        };
+        let mut c = quantix_vmm_api::VmConfig::with_kernel("");
         if let Some(boot) = &spec.boot {
-            push("--kernel", name());
-            if !boot.initramfs.is_empty() {
-                push("--initramfs", name());
-            }
-            if !boot.cmdline.is_empty() {
-                push("--cmdline", boot.cmdline.clone());
-            }
+            let kernel = name();
+            let initramfs = (!boot.initramfs.is_empty()).then(&mut name);
+            c.boot = BootSource::Kernel {
+                kernel,
+                initramfs,
+                cmdline: if boot.cmdline.is_empty() {
+                    quantix_vmm_api::limits::DEFAULT_CMDLINE.to_string()
+                } else {
+                    boot.cmdline.clone()
+                },
+            };
         }
-        push("--cpus", spec.vcpus.to_string());
-        push("--memory", format!("{}M", spec.memory_mib));
-        if self.console_socket {
-            push(
-                "--serial",
-                format!("socket={}", paths.for_vmm(&paths.serial_socket(), jailed)),
-            );
+        c.vcpus = u8::try_from(spec.vcpus).unwrap_or(u8::MAX);
+        c.memory = quantix_vmm_api::MemorySize(spec.memory_mib);
+        c.serial = if self.console_socket {
+            SerialMode::Socket(for_vmm(&paths.serial_socket()))
         } else {
-            push(
-                "--serial",
-                format!("file={}", paths.for_vmm(&paths.serial_file(), jailed)),
-            );
-        }
-        for d in &spec.disks {
-            let mut s = format!("path={}", name());
-            if d.readonly {
-                s.push_str(",readonly=on");
-            }
-            if !d.id.is_empty() {
-                s.push_str(&format!(",id={}", d.id));
-            }
-            if let Some(rl) = &d.rate_limit {
-                s.push_str(&rate_limit_args(rl, "iops"));
-            }
-            push("--disk", s);
-        }
-        for (n, fd) in spec.nics.iter().zip(&files.taps) {
-            // The agent opened the TAP; the VMM (in its own network namespace when jailed)
-            // gets the descriptor.
-            let fd = fd.trim_start_matches("/dev/fd/");
-            let mut s = format!("fd={fd}");
-            if !n.mac.is_empty() {
-                s.push_str(&format!(",mac={}", n.mac));
-            }
-            if let Some(rl) = &n.rate_limit {
-                s.push_str(&rate_limit_args(rl, "pps"));
-            }
-            push("--net", s);
-        }
-        if let Some(v) = &spec.vsock {
-            push(
-                "--vsock",
-                format!(
-                    "cid={},socket={}",
-                    v.guest_cid,
-                    paths.for_vmm(&paths.vsock_socket(), jailed)
-                ),
-            );
-        }
-        push("--kvm", files.kvm.clone());
-        push("--api-socket", paths.for_vmm(&paths.api_socket(), jailed));
-        push("--exit-file", paths.for_vmm(&paths.exit_file(), jailed));
-        push("--log-format", "json".into());
-        a
+            SerialMode::File(for_vmm(&paths.serial_file()))
+        };
+        c.disks = spec
+            .disks
+            .iter()
+            .map(|d| DiskConfig {
+                path: name(),
+                readonly: d.readonly,
+                id: (!d.id.is_empty()).then(|| d.id.clone()),
+                aio: Default::default(),
+                rate_limit: rate_limit(d.rate_limit.as_ref()),
+            })
+            .collect();
+        c.nets = spec
+            .nics
+            .iter()
+            .zip(&files.taps)
+            .map(|(n, fd)| NetConfig {
+                // The agent opened the TAP; the VMM (in its own network namespace when
+                // jailed) gets the descriptor.
+                backend: NetBackend::Fd(quantix_hostfs::inherit::fd_of(fd.as_ref()).unwrap_or(-1)),
+                mac: quantix_vmm_api::mac::parse(&n.mac),
+                rate_limit: rate_limit(n.rate_limit.as_ref()),
+            })
+            .collect();
+        c.vsock = spec.vsock.as_ref().map(|v| quantix_vmm_api::VsockConfig {
+            cid: u64::from(v.guest_cid),
+            socket: for_vmm(&paths.vsock_socket()),
+        });
+        c.kvm = files.kvm.clone().into();
+        c.api_socket = Some(for_vmm(&paths.api_socket()));
+        c
+    }
+
+    /// The VMM's arguments: its configuration is the descriptor `config_fd` names.
+    fn vmm_args(&self, paths: &VmPaths, config_fd: &str) -> Vec<String> {
+        vec![
+            "--config".into(),
+            config_fd.into(),
+            "--exit-file".into(),
+            paths.for_vmm(&paths.exit_file(), self.cfg.jail),
+            "--log-format".into(),
+            "json".into(),
+        ]
     }
 
     async fn start_locked(
@@ -853,6 +874,22 @@ impl Manager {
         std::fs::create_dir_all(&paths.dir).map_err(|e| {
             AgentError::Internal(format!("cannot create {}: {e}", paths.dir.display()))
         })?;
+        let config = self.vmm_config(&spec, &paths, &files);
+        let json = config.to_json();
+        // A copy for people; the VMM reads the sealed one.
+        if let Err(e) = std::fs::write(paths.vmm_config_file(), &json) {
+            warn!(vm = %vm.id, error = %e, "cannot write the VMM configuration's copy");
+        }
+        let sealed = match sealed_memfd(c"quantix-vmm-config", json.as_bytes()) {
+            Ok(f) => f,
+            Err(e) => {
+                return Err(AgentError::Internal(format!(
+                    "cannot hand the VMM its configuration: {e}"
+                )))
+            }
+        };
+        let mut files = files;
+        files.files.push(sealed);
         let max_pids = 64 + 2 * u64::from(spec.vcpus);
         let cgroup_dirs = match self.cfg.cgroups {
             crate::config::CgroupMode::Required => self
@@ -887,7 +924,7 @@ impl Manager {
         self.store.put(vm)?;
 
         let started = Instant::now();
-        let args = self.vmm_args(&spec, &paths, &files);
+        let args = self.vmm_args(&paths, &passed_name(files.files.len() - 1));
         let spawned = match uid {
             Some(uid) => {
                 let req = crate::jail::JailRequest {

@@ -8,18 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use quantix_proto::v1::ExitInfo;
-use serde::Deserialize;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-/// The exit record `quantix-vmm --exit-file` writes (see vmm/src/exit.rs).
-#[derive(Debug, Deserialize)]
-struct ExitRecord {
-    code: i32,
-    reason: String,
-    #[serde(default)]
-    detail: String,
-}
+/// The exit record `quantix-vmm --exit-file` writes (the contract's type).
+use quantix_vmm_api::ExitRecord;
 
 /// Exit reasons that are not failures for the restart policy.
 pub fn is_clean_reason(reason: &str) -> bool {
@@ -406,6 +399,11 @@ impl VmPaths {
             .read_to_end(&mut bytes)
             .ok()?;
         quantix_proto::v1::Vm::decode(bytes.as_slice()).ok()
+    }
+    /// The configuration the VMM was last started with (JSON, for people: the VMM reads its
+    /// own sealed copy).
+    pub fn vmm_config_file(&self) -> PathBuf {
+        self.dir.join("vmm-config.json")
     }
     /// Where the jailer writes the VMM's pid.
     pub fn pid_file(&self) -> PathBuf {

@@ -9,10 +9,14 @@ use quantix_proto::v1::{RestartPolicy, VmSpec};
 
 use crate::error::AgentError;
 
+use quantix_vmm_api::limits::{
+    CMDLINE_MAX_SIZE, MAX_DISKS, MAX_GUEST_CID, MAX_NICS, MIN_GUEST_CID, TAP_NAME_MAX,
+};
+
 /// Most vCPUs a VM may have (the VMM's limit).
-pub const MAX_VCPUS: u32 = 254;
-/// Least guest memory accepted.
-pub const MIN_MEMORY_MIB: u64 = 16;
+pub const MAX_VCPUS: u32 = quantix_vmm_api::limits::MAX_VCPUS as u32;
+/// Least guest memory accepted (the VMM's limit).
+pub const MIN_MEMORY_MIB: u64 = quantix_vmm_api::limits::MIN_MEMORY_MIB;
 /// Largest console ring buffer.
 pub const MAX_RING_BYTES: u32 = 16 << 20;
 
@@ -142,10 +146,15 @@ pub fn spec<'a>(spec: Option<&'a VmSpec>, allowed: &Allowed) -> Result<&'a VmSpe
         .ok_or_else(|| AgentError::invalid("spec.boot", "is required"))?;
     image_file(dirs, "spec.boot.kernel", &boot.kernel, true, true)?;
     image_file(dirs, "spec.boot.initramfs", &boot.initramfs, false, true)?;
-    if boot.cmdline.len() > 2048 {
+    // The guest's room holds the command line and its NUL.
+    if boot.cmdline.len() >= CMDLINE_MAX_SIZE {
         return Err(AgentError::invalid(
             "spec.boot.cmdline",
-            format!("is {} bytes long; at most 2048", boot.cmdline.len()),
+            format!(
+                "is {} bytes long; at most {}",
+                boot.cmdline.len(),
+                CMDLINE_MAX_SIZE - 1
+            ),
         ));
     }
     if boot.cmdline.contains(['\0', '\n']) {
@@ -154,14 +163,19 @@ pub fn spec<'a>(spec: Option<&'a VmSpec>, allowed: &Allowed) -> Result<&'a VmSpe
             "contains a NUL or newline character",
         ));
     }
-    for (i, d) in spec.disks.iter().enumerate() {
-        image_file(dirs, &format!("spec.disks[{i}].path"), &d.path, true, false)?;
-        if d.path.contains(',') {
+    for (what, field, count, max) in [
+        ("disks", "spec.disks", spec.disks.len(), MAX_DISKS),
+        ("network cards", "spec.nics", spec.nics.len(), MAX_NICS),
+    ] {
+        if count > max {
             return Err(AgentError::invalid(
-                format!("spec.disks[{i}].path"),
-                "contains a comma, which the VMM's --disk syntax cannot carry",
+                field,
+                format!("{count} {what}; a VM has at most {max}"),
             ));
         }
+    }
+    for (i, d) in spec.disks.iter().enumerate() {
+        image_file(dirs, &format!("spec.disks[{i}].path"), &d.path, true, false)?;
         if let Some(rl) = &d.rate_limit {
             if (rl.bytes_burst > 0 && rl.bytes_per_sec == 0)
                 || (rl.ops_burst > 0 && rl.ops_per_sec == 0)
@@ -172,19 +186,27 @@ pub fn spec<'a>(spec: Option<&'a VmSpec>, allowed: &Allowed) -> Result<&'a VmSpe
                 ));
             }
         }
-        if d.id.len() > 20 || d.id.contains([',', '=']) {
+        if !d.id.is_empty() && !quantix_vmm_api::config::valid_disk_id(&d.id) {
             return Err(AgentError::invalid(
                 format!("spec.disks[{i}].id"),
-                "must be at most 20 bytes without ',' or '='",
+                format!(
+                    "{:?} must be 1-{} characters of A-Z, a-z, 0-9, - and _",
+                    d.id,
+                    quantix_vmm_api::limits::DISK_ID_MAX
+                ),
             ));
         }
     }
     for (i, n) in spec.nics.iter().enumerate() {
-        if n.tap.is_empty() || n.tap.len() > 15 || n.tap.contains([',', '=', '/']) {
+        if n.tap.is_empty()
+            || n.tap.len() > TAP_NAME_MAX
+            || !quantix_hostfs::tap::valid_name(&n.tap)
+        {
             return Err(AgentError::invalid(
                 format!("spec.nics[{i}].tap"),
                 format!(
-                    "{:?} must be a TAP name of 1-15 characters without ',', '=' or '/'",
+                    "{:?} must be an interface name of 1-{TAP_NAME_MAX} characters without \
+                     '/', ':' or white space",
                     n.tap
                 ),
             ));
@@ -201,19 +223,25 @@ pub fn spec<'a>(spec: Option<&'a VmSpec>, allowed: &Allowed) -> Result<&'a VmSpe
                 allowed.tap_prefixes.join(", ")
             )));
         }
-        if !n.mac.is_empty() && !is_mac(&n.mac) {
+        if !n.mac.is_empty() && quantix_vmm_api::mac::parse(&n.mac).is_none() {
             return Err(AgentError::invalid(
                 format!("spec.nics[{i}].mac"),
-                format!("{:?} is not a MAC address like aa:bb:cc:dd:ee:ff", n.mac),
+                format!(
+                    "{:?} is not a unicast MAC address like 52:54:00:12:34:56",
+                    n.mac
+                ),
             ));
         }
     }
     if let Some(v) = &spec.vsock {
         // 0-2 are the hypervisor's, the local and the host's CIDs; u32::MAX is "any".
-        if v.guest_cid < 3 || v.guest_cid == u32::MAX {
+        if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&u64::from(v.guest_cid)) {
             return Err(AgentError::invalid(
                 "spec.vsock.guest_cid",
-                format!("must be 3 to {}, got {}", u32::MAX - 1, v.guest_cid),
+                format!(
+                    "must be {MIN_GUEST_CID} to {MAX_GUEST_CID}, got {}",
+                    v.guest_cid
+                ),
             ));
         }
     }
@@ -257,14 +285,6 @@ pub fn label(field: &str, key: &str, value: &str) -> Result<(), AgentError> {
         ));
     }
     Ok(())
-}
-
-fn is_mac(s: &str) -> bool {
-    let parts: Vec<&str> = s.split(':').collect();
-    parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]

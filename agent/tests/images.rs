@@ -108,17 +108,39 @@ async fn files_come_only_from_the_image_directories() {
         .split(|b| *b == 0)
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
+    // No rendered flags: the VMM's whole configuration is one sealed descriptor.
+    let at = args.iter().position(|a| a == "--config").expect("--config");
+    let fd = quantix_hostfs::inherit::fd_of(args[at + 1].as_ref()).expect("--config /dev/fd/N");
+    for flag in ["--kernel", "--disk", "--net", "--memory", "--cpus", "--serial"] {
+        assert!(!args.contains(&flag.to_string()), "{flag} rendered: {args:?}");
+    }
+    let fd_path = format!("/proc/{pid}/fd/{fd}");
+    let json = std::fs::read(&fd_path).unwrap();
+    let config = quantix_vmm_api::VmConfig::from_json(&json).unwrap();
+    match &config.boot {
+        quantix_vmm_api::BootSource::Kernel { kernel, .. } => {
+            assert_eq!(kernel, std::path::Path::new("/dev/fd/3"), "kernel by descriptor")
+        }
+        other => panic!("{other:?}"),
+    }
     assert!(
-        args.iter().any(|a| a == "/dev/fd/3"),
-        "kernel by descriptor: {args:?}"
+        config.disks[0].path.starts_with("/dev/fd/"),
+        "disk by descriptor: {config:?}"
     );
+    assert_eq!(config.disks[0].rate_limit.bytes_per_sec, 1 << 20);
+    assert_eq!(config.disks[0].rate_limit.ops_per_sec, 100);
+    let text = String::from_utf8_lossy(&json);
     assert!(
-        args.iter().any(|a| a.starts_with("path=/dev/fd/")),
-        "disk by descriptor: {args:?}"
+        !text.contains("/images/") && !args.iter().any(|a| a.contains("/images/")),
+        "no image path reaches the VMM: {args:?} {text}"
     );
+    // Sealed: nobody, the VMM included, rewrites it.
+    let f = std::fs::File::open(&fd_path).unwrap();
+    // SAFETY: F_GET_SEALS on a descriptor we own.
+    let seals = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), libc::F_GET_SEALS) };
     assert!(
-        !args.iter().any(|a| a.contains("/images/")),
-        "no image path reaches the VMM: {args:?}"
+        seals >= 0 && seals & libc::F_SEAL_WRITE != 0 && seals & libc::F_SEAL_SEAL != 0,
+        "seals {seals:#x}"
     );
     let fd3 = std::fs::read_link(format!("/proc/{pid}/fd/3")).unwrap();
     assert_eq!(fd3, g.idle, "descriptor 3 is the kernel");

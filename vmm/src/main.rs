@@ -127,7 +127,10 @@ fn read_config(path: &std::path::Path) -> Result<VmConfig, String> {
     let read = if path == std::path::Path::new("-") {
         std::io::stdin().take(max + 1).read_to_end(&mut bytes)
     } else {
-        std::fs::File::open(path).and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
+        // An inherited /dev/fd/N (how the agent hands it over, into a jail without /dev) is
+        // used as it is; anything else is opened.
+        quantix_hostfs::inherit::open(path, quantix_hostfs::Access::ReadOnly)
+            .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
     };
     read.map_err(|e| format!("cannot read --config {what}: {e}"))?;
     VmConfig::from_json(&bytes).map_err(|e| format!("--config {what}: {e}"))
