@@ -133,7 +133,7 @@ fn quantixctl_lifecycle_output_and_exit_statuses() {
             "--name",
             "ctl-echo",
             "--memory",
-            "64",
+            "64M", // the VMM's size syntax works here too
             "--kernel",
             g.echo.to_str().unwrap(),
             "--start",

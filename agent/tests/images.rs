@@ -111,15 +111,24 @@ async fn files_come_only_from_the_image_directories() {
     // No rendered flags: the VMM's whole configuration is one sealed descriptor.
     let at = args.iter().position(|a| a == "--config").expect("--config");
     let fd = quantix_hostfs::inherit::fd_of(args[at + 1].as_ref()).expect("--config /dev/fd/N");
-    for flag in ["--kernel", "--disk", "--net", "--memory", "--cpus", "--serial"] {
-        assert!(!args.contains(&flag.to_string()), "{flag} rendered: {args:?}");
+    for flag in [
+        "--kernel", "--disk", "--net", "--memory", "--cpus", "--serial",
+    ] {
+        assert!(
+            !args.contains(&flag.to_string()),
+            "{flag} rendered: {args:?}"
+        );
     }
     let fd_path = format!("/proc/{pid}/fd/{fd}");
     let json = std::fs::read(&fd_path).unwrap();
     let config = quantix_vmm_api::VmConfig::from_json(&json).unwrap();
     match &config.boot {
         quantix_vmm_api::BootSource::Kernel { kernel, .. } => {
-            assert_eq!(kernel, std::path::Path::new("/dev/fd/3"), "kernel by descriptor")
+            assert_eq!(
+                kernel,
+                std::path::Path::new("/dev/fd/3"),
+                "kernel by descriptor"
+            )
         }
         other => panic!("{other:?}"),
     }

@@ -22,9 +22,9 @@ pub struct CreateArgs {
     /// vCPUs.
     #[arg(long)]
     cpus: Option<u32>,
-    /// Memory in MiB.
-    #[arg(long, value_name = "MIB")]
-    memory: Option<u64>,
+    /// Memory: a number of MiB, or with a unit: 512M, 2G (the VMM's syntax).
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<quantix_vmm_api::MemorySize>,
     /// Kernel path on the node.
     #[arg(long)]
     kernel: Option<String>,
@@ -121,16 +121,8 @@ impl RateLimitFile {
     }
 }
 
-/// A count with an optional K, M or G suffix (powers of 1024).
-fn count(v: &str) -> Option<u64> {
-    let (num, mul) = match v.as_bytes().last()? {
-        b'K' | b'k' => (&v[..v.len() - 1], 1u64 << 10),
-        b'M' | b'm' => (&v[..v.len() - 1], 1 << 20),
-        b'G' | b'g' => (&v[..v.len() - 1], 1 << 30),
-        _ => (v, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mul)
-}
+/// A count with an optional K, M or G suffix (powers of 1024), as the VMM reads them.
+use quantix_vmm_api::size::parse_count as count;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -256,7 +248,7 @@ impl CreateArgs {
         let spec = VmSpec {
             name,
             vcpus: self.cpus.or(file.vcpus).unwrap_or(1),
-            memory_mib: self.memory.or(file.memory_mib).unwrap_or(256),
+            memory_mib: self.memory.map(|m| m.0).or(file.memory_mib).unwrap_or(256),
             boot: Some(BootSource {
                 kernel: self.kernel.or(file.kernel).unwrap_or_default(),
                 initramfs: self.initramfs.or(file.initramfs).unwrap_or_default(),
