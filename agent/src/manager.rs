@@ -43,7 +43,14 @@ struct PlannedFile<'a> {
 /// arguments name them `/dev/fd/N`): kernel, initramfs, disks.
 fn file_plan(spec: &VmSpec) -> Vec<PlannedFile<'_>> {
     let mut plan = Vec::new();
-    if let Some(boot) = &spec.boot {
+    if let Some(boot) = spec.boot.as_ref().filter(|b| !b.firmware.is_empty()) {
+        plan.push(PlannedFile {
+            field: "spec.boot.firmware".into(),
+            path: &boot.firmware,
+            access: Access::ReadOnly,
+            regular: true,
+        });
+    } else if let Some(boot) = &spec.boot {
         plan.push(PlannedFile {
             field: "spec.boot.kernel".into(),
             path: &boot.kernel,
@@ -106,6 +113,73 @@ fn sealed_memfd(name: &std::ffi::CStr, bytes: &[u8]) -> std::io::Result<std::fs:
         return Err(std::io::Error::last_os_error());
     }
     Ok(f)
+}
+
+/// Each card's MAC address: the spec's, or one derived from the VM id and the card's index
+/// (the same on every start, so that DHCP leases and firewall rules survive a restart).
+fn nic_macs(id: &str, spec: &VmSpec) -> Vec<[u8; 6]> {
+    spec.nics
+        .iter()
+        .enumerate()
+        .map(|(i, n)| quantix_vmm_api::mac::parse(&n.mac).unwrap_or_else(|| derived_mac(id, i)))
+        .collect()
+}
+
+#[cfg(test)]
+mod mac_tests {
+    use super::*;
+
+    #[test]
+    fn derived_macs_are_stable_unicast_and_distinct() {
+        let a = derived_mac("vm-1", 0);
+        assert_eq!(a, derived_mac("vm-1", 0), "the same on every call");
+        // The function is fixed: this value must never change (leases and rules hang on it).
+        assert_eq!(quantix_vmm_api::mac::format(&a), "ea:63:ed:4e:3e:a8");
+        let mut seen = std::collections::HashSet::new();
+        for id in ["vm-1", "vm-2", "vm-10", "a", "b"] {
+            for i in 0..4 {
+                let m = derived_mac(id, i);
+                assert_eq!(m[0] & 0x03, 0x02, "locally administered unicast: {m:02x?}");
+                assert!(quantix_vmm_api::mac::parse(&quantix_vmm_api::mac::format(&m)).is_some());
+                assert!(seen.insert(m), "{id}/{i} collides");
+            }
+        }
+        let spec = VmSpec {
+            nics: vec![
+                quantix_proto::v1::Nic {
+                    tap: "qx0".into(),
+                    mac: "52:54:00:00:00:07".into(),
+                    ..Default::default()
+                },
+                quantix_proto::v1::Nic {
+                    tap: "qx1".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let macs = nic_macs("vm-1", &spec);
+        assert_eq!(macs[0], [0x52, 0x54, 0, 0, 0, 7], "the spec's wins");
+        assert_eq!(macs[1], derived_mac("vm-1", 1));
+    }
+}
+
+/// A locally administered unicast MAC from the VM id and card index: 46 bits of a hash
+/// (FNV-1a 64; a fixed, documented function, so the address never changes with a build).
+fn derived_mac(id: &str, index: usize) -> [u8; 6] {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in "quantix-nic\0"
+        .bytes()
+        .chain(id.bytes())
+        .chain([0])
+        .chain((index as u32).to_le_bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    // Locally administered (bit 1), unicast (bit 0 clear).
+    [(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]]
 }
 
 /// The name the VMM knows the `i`th inherited file by.
@@ -581,6 +655,10 @@ impl Manager {
             }
             None => String::new(),
         };
+        let macs = nic_macs(id, &spec)
+            .iter()
+            .map(quantix_vmm_api::mac::format)
+            .collect();
         let vm = Vm {
             id: id.to_string(),
             spec: Some(spec),
@@ -589,6 +667,7 @@ impl Manager {
                 created_unix_ms: now_ms(),
                 directory: paths.dir.display().to_string(),
                 vsock_socket,
+                nic_macs: macs,
                 ..Default::default()
             }),
         };
@@ -757,11 +836,14 @@ impl Manager {
     /// descriptors the VMM inherits, its sockets in its run directory.
     fn vmm_config(
         &self,
+        id: &str,
         spec: &VmSpec,
         paths: &VmPaths,
         files: &VmFiles,
     ) -> quantix_vmm_api::VmConfig {
-        use quantix_vmm_api::{BootSource, DiskConfig, NetBackend, NetConfig, SerialMode};
+        use quantix_vmm_api::{
+            BootSource, DiskConfig, EngineKind, NetBackend, NetConfig, SerialMode,
+        };
         let jailed = self.cfg.jail;
         let for_vmm = |p: &std::path::Path| std::path::PathBuf::from(paths.for_vmm(p, jailed));
         // Names in file_plan order.
@@ -771,7 +853,9 @@ impl Manager {
             std::path::PathBuf::from(passed_name(next - 1))
         };
         let mut c = quantix_vmm_api::VmConfig::with_kernel("");
-        if let Some(boot) = &spec.boot {
+        if spec.boot.as_ref().is_some_and(|b| !b.firmware.is_empty()) {
+            c.boot = BootSource::Firmware(name());
+        } else if let Some(boot) = &spec.boot {
             let kernel = name();
             let initramfs = (!boot.initramfs.is_empty()).then(&mut name);
             c.boot = BootSource::Kernel {
@@ -798,19 +882,24 @@ impl Manager {
                 path: name(),
                 readonly: d.readonly,
                 id: (!d.id.is_empty()).then(|| d.id.clone()),
-                aio: Default::default(),
+                aio: match quantix_proto::v1::DiskEngine::try_from(d.engine) {
+                    Ok(quantix_proto::v1::DiskEngine::Threads) => EngineKind::Threads,
+                    _ => EngineKind::IoUring,
+                },
                 rate_limit: rate_limit(d.rate_limit.as_ref()),
             })
             .collect();
+        let macs = nic_macs(id, spec);
         c.nets = spec
             .nics
             .iter()
             .zip(&files.taps)
-            .map(|(n, fd)| NetConfig {
+            .zip(macs)
+            .map(|((n, fd), mac)| NetConfig {
                 // The agent opened the TAP; the VMM (in its own network namespace when
                 // jailed) gets the descriptor.
                 backend: NetBackend::Fd(quantix_hostfs::inherit::fd_of(fd.as_ref()).unwrap_or(-1)),
-                mac: quantix_vmm_api::mac::parse(&n.mac),
+                mac: Some(mac),
                 rate_limit: rate_limit(n.rate_limit.as_ref()),
             })
             .collect();
@@ -818,6 +907,7 @@ impl Manager {
             cid: u64::from(v.guest_cid),
             socket: for_vmm(&paths.vsock_socket()),
         });
+        c.rng = spec.rng.unwrap_or(true);
         c.kvm = files.kvm.clone().into();
         c.api_socket = Some(for_vmm(&paths.api_socket()));
         c
@@ -874,7 +964,7 @@ impl Manager {
         std::fs::create_dir_all(&paths.dir).map_err(|e| {
             AgentError::Internal(format!("cannot create {}: {e}", paths.dir.display()))
         })?;
-        let config = self.vmm_config(&spec, &paths, &files);
+        let config = self.vmm_config(&vm.id, &spec, &paths, &files);
         let json = config.to_json();
         // A copy for people; the VMM reads the sealed one.
         if let Err(e) = std::fs::write(paths.vmm_config_file(), &json) {

@@ -144,8 +144,25 @@ pub fn spec<'a>(spec: Option<&'a VmSpec>, allowed: &Allowed) -> Result<&'a VmSpe
         .boot
         .as_ref()
         .ok_or_else(|| AgentError::invalid("spec.boot", "is required"))?;
-    image_file(dirs, "spec.boot.kernel", &boot.kernel, true, true)?;
-    image_file(dirs, "spec.boot.initramfs", &boot.initramfs, false, true)?;
+    if boot.firmware.is_empty() {
+        image_file(dirs, "spec.boot.kernel", &boot.kernel, true, true)?;
+        image_file(dirs, "spec.boot.initramfs", &boot.initramfs, false, true)?;
+    } else {
+        // Firmware boots from the reset vector: there is no kernel to hand anything to.
+        for (field, value) in [
+            ("spec.boot.kernel", &boot.kernel),
+            ("spec.boot.initramfs", &boot.initramfs),
+            ("spec.boot.cmdline", &boot.cmdline),
+        ] {
+            if !value.is_empty() {
+                return Err(AgentError::invalid(
+                    field,
+                    "cannot be given with spec.boot.firmware (a firmware boot has no kernel)",
+                ));
+            }
+        }
+        image_file(dirs, "spec.boot.firmware", &boot.firmware, true, true)?;
+    }
     // The guest's room holds the command line and its NUL.
     if boot.cmdline.len() >= CMDLINE_MAX_SIZE {
         return Err(AgentError::invalid(
@@ -185,6 +202,12 @@ pub fn spec<'a>(spec: Option<&'a VmSpec>, allowed: &Allowed) -> Result<&'a VmSpe
                     "a burst needs its rate (bytes_burst with bytes_per_sec, ops_burst with ops_per_sec)",
                 ));
             }
+        }
+        if quantix_proto::v1::DiskEngine::try_from(d.engine).is_err() {
+            return Err(AgentError::invalid(
+                format!("spec.disks[{i}].engine"),
+                format!("{} is not a known engine", d.engine),
+            ));
         }
         if !d.id.is_empty() && !quantix_vmm_api::config::valid_disk_id(&d.id) {
             return Err(AgentError::invalid(

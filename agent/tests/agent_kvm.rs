@@ -884,3 +884,92 @@ async fn a_guest_that_reboots_in_a_loop_is_restarted_with_a_growing_back_off() {
     .await
     .unwrap();
 }
+
+/// The configuration a running VMM was started with, read back from its sealed descriptor.
+fn running_config(vm: &quantix_proto::v1::Vm) -> quantix_vmm_api::VmConfig {
+    let pid = pid(vm);
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let at = args.iter().position(|a| a == "--config").expect("--config");
+    let fd = quantix_hostfs::inherit::fd_of(args[at + 1].as_ref()).expect("/dev/fd/N");
+    quantix_vmm_api::VmConfig::from_json(&std::fs::read(format!("/proc/{pid}/fd/{fd}")).unwrap())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spec_reaches_the_vmm_and_a_derived_mac_stays_across_starts() {
+    require_kvm!();
+    let dir = scratch("spec-devices");
+    let g = guests(&dir);
+    let img = images_of(&dir.join("state")).join("data.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let agent = Agent::start(&dir.join("state"), "spec-devices");
+    let mut c = agent.client().await;
+    let tap = format!("qxs{}", std::process::id() % 100_000);
+    let mut s = spec("devices", &g.idle, RestartPolicy::Never);
+    s.rng = Some(false);
+    s.disks = vec![quantix_proto::v1::Disk {
+        path: img.display().to_string(),
+        engine: quantix_proto::v1::DiskEngine::Threads as i32,
+        ..Default::default()
+    }];
+    s.nics = vec![quantix_proto::v1::Nic {
+        tap: tap.clone(),
+        ..Default::default()
+    }];
+    let vm = create(&mut c, "dev-1", s, false).await;
+    let macs = vm.status.as_ref().unwrap().nic_macs.clone();
+    assert_eq!(macs.len(), 1, "{vm:?}");
+    let mac = quantix_vmm_api::mac::parse(&macs[0]).expect("a unicast MAC");
+    assert_eq!(mac[0] & 0x03, 0x02, "locally administered: {}", macs[0]);
+
+    for round in 0..2 {
+        start(&mut c, "dev-1").await;
+        let vm = wait_state(&mut c, "dev-1", VmState::Running, LIMIT).await;
+        let config = running_config(&vm);
+        assert!(!config.rng, "rng off reached the VMM");
+        assert_eq!(config.disks[0].aio, quantix_vmm_api::EngineKind::Threads);
+        assert_eq!(config.nets[0].mac, Some(mac), "round {round}: the same MAC");
+        assert_eq!(vm.status.as_ref().unwrap().nic_macs, macs);
+        stop(&mut c, "dev-1").await;
+    }
+
+    // A firmware image instead of a kernel: real-mode code at the reset vector.
+    let mut fw = vec![0xf4u8; 4096];
+    // mov dx, 0x3f8; mov al, 'F'; out dx, al; then hlt forever (the filler).
+    fw[..6].copy_from_slice(&[0xba, 0xf8, 0x03, 0xb0, b'F', 0xee]);
+    let rel = 0xf000u16.wrapping_sub(0xfff3); // jmp near 0xf000 from the reset vector
+    fw[0xff0] = 0xe9;
+    fw[0xff1..0xff3].copy_from_slice(&rel.to_le_bytes());
+    let fw_path = images_of(&dir.join("state")).join("fw.bin");
+    std::fs::write(&fw_path, &fw).unwrap();
+    let mut s = spec("firmware", &g.idle, RestartPolicy::Never);
+    let boot = s.boot.as_mut().unwrap();
+    boot.kernel.clear();
+    boot.firmware = fw_path.display().to_string();
+    create(&mut c, "fw-1", s.clone(), true).await;
+    let vm = wait_state(&mut c, "fw-1", VmState::Running, LIMIT).await;
+    assert_eq!(
+        running_config(&vm).boot,
+        quantix_vmm_api::BootSource::Firmware("/dev/fd/3".into())
+    );
+    let out = console_until(&mut c, "fw-1", "F", LIMIT).await;
+    assert!(out.contains('F'), "{out}");
+    stop(&mut c, "fw-1").await;
+    // A kernel and a firmware together are refused, naming the field.
+    let mut both = s;
+    both.boot.as_mut().unwrap().kernel = g.idle.display().to_string();
+    let e = c
+        .create_vm(CreateVmRequest {
+            vm_id: "fw-2".into(),
+            spec: Some(both),
+            start: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("spec.boot.kernel"), "{}", e.message());
+}

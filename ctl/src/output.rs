@@ -37,7 +37,15 @@ pub fn vm_json(vm: &Vm) -> Value {
             "kernel": boot.kernel,
             "initramfs": boot.initramfs,
             "cmdline": boot.cmdline,
-            "disks": spec.disks.iter().map(|d| json!({"path": d.path, "readonly": d.readonly, "id": d.id})).collect::<Vec<_>>(),
+            "firmware": boot.firmware,
+            "rng": spec.rng.unwrap_or(true),
+            "disks": spec.disks.iter().map(|d| json!({
+                "path": d.path, "readonly": d.readonly, "id": d.id,
+                "aio": match quantix_proto::v1::DiskEngine::try_from(d.engine) {
+                    Ok(quantix_proto::v1::DiskEngine::Threads) => "threads",
+                    _ => "io_uring",
+                },
+            })).collect::<Vec<_>>(),
             "nics": spec.nics.iter().map(|n| json!({"tap": n.tap, "mac": n.mac})).collect::<Vec<_>>(),
             "vsock": spec.vsock.as_ref().map(|v| json!({"guest_cid": v.guest_cid})),
             "labels": spec.labels,
@@ -55,6 +63,7 @@ pub fn vm_json(vm: &Vm) -> Value {
             "cgroup": st.cgroup,
             "directory": st.directory,
             "vsock_socket": st.vsock_socket,
+            "nic_macs": st.nic_macs,
         }
     })
 }

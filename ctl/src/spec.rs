@@ -34,8 +34,14 @@ pub struct CreateArgs {
     /// Kernel command line.
     #[arg(long)]
     cmdline: Option<String>,
-    /// Disk: PATH[,readonly][,id=ID][,bw=BYTES/S][,bw_burst=BYTES][,iops=N][,iops_burst=N]
-    /// (repeatable; counts take K, M, G).
+    /// Firmware image path on the node, booted from the reset vector instead of a kernel.
+    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline"])]
+    firmware: Option<String>,
+    /// The virtio entropy device: on (the default) or off.
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    rng: Option<String>,
+    /// Disk: PATH[,readonly][,id=ID][,aio=io_uring|threads][,bw=BYTES/S][,bw_burst=BYTES]
+    /// [,iops=N][,iops_burst=N] (repeatable; counts take K, M, G).
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<String>,
     /// NIC: TAP[,mac=MAC][,bw=BYTES/S][,bw_burst=BYTES][,pps=N][,pps_burst=N] (repeatable;
@@ -68,6 +74,8 @@ struct SpecFile {
     kernel: Option<String>,
     initramfs: Option<String>,
     cmdline: Option<String>,
+    firmware: Option<String>,
+    rng: Option<bool>,
     #[serde(default)]
     disks: Vec<DiskFile>,
     #[serde(default)]
@@ -95,6 +103,19 @@ struct DiskFile {
     id: String,
     #[serde(default)]
     rate_limit: Option<RateLimitFile>,
+    /// `io_uring` or `threads`.
+    #[serde(default)]
+    aio: Option<String>,
+}
+
+/// The spec's engine for the VMM's `aio=` names.
+fn engine(v: &str) -> Result<i32, String> {
+    use quantix_proto::v1::DiskEngine;
+    match v {
+        "io_uring" => Ok(DiskEngine::IoUring as i32),
+        "threads" => Ok(DiskEngine::Threads as i32),
+        other => Err(format!("aio {other:?}: expected io_uring or threads")),
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -162,13 +183,16 @@ impl CreateArgs {
         let mut disks: Vec<Disk> = file
             .disks
             .into_iter()
-            .map(|d| Disk {
-                path: d.path,
-                readonly: d.readonly,
-                id: d.id,
-                rate_limit: d.rate_limit.map(RateLimitFile::into_proto),
+            .map(|d| {
+                Ok(Disk {
+                    engine: d.aio.as_deref().map(engine).transpose()?.unwrap_or(0),
+                    path: d.path,
+                    readonly: d.readonly,
+                    id: d.id,
+                    rate_limit: d.rate_limit.map(RateLimitFile::into_proto),
+                })
             })
-            .collect();
+            .collect::<Result<_, String>>()?;
         for d in self.disks {
             let mut parts = d.split(',');
             let mut disk = Disk {
@@ -180,6 +204,8 @@ impl CreateArgs {
                     disk.readonly = true;
                 } else if let Some(v) = p.strip_prefix("id=") {
                     disk.id = v.to_string();
+                } else if let Some(v) = p.strip_prefix("aio=") {
+                    disk.engine = engine(v).map_err(|e| format!("--disk {d:?}: {e}"))?;
                 } else if let Some((k @ ("bw" | "bw_burst" | "iops" | "iops_burst"), v)) =
                     p.split_once('=')
                 {
@@ -253,7 +279,9 @@ impl CreateArgs {
                 kernel: self.kernel.or(file.kernel).unwrap_or_default(),
                 initramfs: self.initramfs.or(file.initramfs).unwrap_or_default(),
                 cmdline: self.cmdline.or(file.cmdline).unwrap_or_default(),
+                firmware: self.firmware.or(file.firmware).unwrap_or_default(),
             }),
+            rng: self.rng.map(|r| r == "on").or(file.rng),
             disks,
             nics,
             console: file
