@@ -10,7 +10,7 @@ use quantix_proto::v1::{RestartPolicy, VmSpec};
 use crate::error::AgentError;
 
 use quantix_vmm_api::limits::{
-    CMDLINE_MAX_SIZE, MAX_DISKS, MAX_GUEST_CID, MAX_NICS, MIN_GUEST_CID, TAP_NAME_MAX,
+    CMDLINE_MAX_SIZE, MAX_GUEST_CID, MAX_VIRTIO_DEVICES, MIN_GUEST_CID, TAP_NAME_MAX,
 };
 
 /// Most vCPUs a VM may have (the VMM's limit).
@@ -180,16 +180,21 @@ pub fn spec<'a>(spec: Option<&'a VmSpec>, allowed: &Allowed) -> Result<&'a VmSpe
             "contains a NUL or newline character",
         ));
     }
-    for (what, field, count, max) in [
-        ("disks", "spec.disks", spec.disks.len(), MAX_DISKS),
-        ("network cards", "spec.nics", spec.nics.len(), MAX_NICS),
-    ] {
-        if count > max {
-            return Err(AgentError::invalid(
-                field,
-                format!("{count} {what}; a VM has at most {max}"),
-            ));
-        }
+    // The VMM's devices for this spec: disks, cards, rng (on unless turned off), vsock.
+    let devices = spec.disks.len()
+        + spec.nics.len()
+        + usize::from(spec.rng.unwrap_or(true))
+        + usize::from(spec.vsock.is_some());
+    if devices > MAX_VIRTIO_DEVICES {
+        return Err(AgentError::invalid(
+            "spec.disks",
+            format!(
+                "{} disks, {} cards and the rng and vsock devices make {devices} virtio \
+                 devices; a VM has at most {MAX_VIRTIO_DEVICES}",
+                spec.disks.len(),
+                spec.nics.len()
+            ),
+        ));
     }
     for (i, d) in spec.disks.iter().enumerate() {
         image_file(dirs, &format!("spec.disks[{i}].path"), &d.path, true, false)?;
@@ -366,6 +371,25 @@ mod tests {
     #[test]
     fn accepts_a_good_spec() {
         check(Some(&good())).unwrap();
+    }
+
+    #[test]
+    fn the_virtio_devices_must_fit_the_vmm() {
+        // 17 disks and the default rng fill the VMM's 18 slots; vsock is one too many.
+        let mut s = good();
+        let exe = std::env::current_exe().unwrap().display().to_string();
+        s.disks = (0..MAX_VIRTIO_DEVICES - 1)
+            .map(|_| quantix_proto::v1::Disk {
+                path: exe.clone(),
+                readonly: true,
+                ..Default::default()
+            })
+            .collect();
+        check(Some(&s)).unwrap();
+        s.vsock = Some(quantix_proto::v1::Vsock { guest_cid: 3 });
+        assert_eq!(field_of(check(Some(&s)).unwrap_err()), "spec.disks");
+        s.rng = Some(false);
+        check(Some(&s)).unwrap();
     }
 
     #[test]

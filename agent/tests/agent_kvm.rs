@@ -885,20 +885,6 @@ async fn a_guest_that_reboots_in_a_loop_is_restarted_with_a_growing_back_off() {
     .unwrap();
 }
 
-/// The configuration a running VMM was started with, read back from its sealed descriptor.
-fn running_config(vm: &quantix_proto::v1::Vm) -> quantix_vmm_api::VmConfig {
-    let pid = pid(vm);
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    let args: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    let at = args.iter().position(|a| a == "--config").expect("--config");
-    let fd = quantix_hostfs::inherit::fd_of(args[at + 1].as_ref()).expect("/dev/fd/N");
-    quantix_vmm_api::VmConfig::from_json(&std::fs::read(format!("/proc/{pid}/fd/{fd}")).unwrap())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_spec_reaches_the_vmm_and_a_derived_mac_stays_across_starts() {
     require_kvm!();
@@ -929,7 +915,7 @@ async fn the_spec_reaches_the_vmm_and_a_derived_mac_stays_across_starts() {
     for round in 0..2 {
         start(&mut c, "dev-1").await;
         let vm = wait_state(&mut c, "dev-1", VmState::Running, LIMIT).await;
-        let config = running_config(&vm);
+        let (_, _, config) = vmm_config(pid(&vm));
         assert!(!config.rng, "rng off reached the VMM");
         assert_eq!(config.disks[0].aio, quantix_vmm_api::EngineKind::Threads);
         assert_eq!(config.nets[0].mac, Some(mac), "round {round}: the same MAC");
@@ -953,7 +939,7 @@ async fn the_spec_reaches_the_vmm_and_a_derived_mac_stays_across_starts() {
     create(&mut c, "fw-1", s.clone(), true).await;
     let vm = wait_state(&mut c, "fw-1", VmState::Running, LIMIT).await;
     assert_eq!(
-        running_config(&vm).boot,
+        vmm_config(pid(&vm)).2.boot,
         quantix_vmm_api::BootSource::Firmware("/dev/fd/3".into())
     );
     let out = console_until(&mut c, "fw-1", "F", LIMIT).await;

@@ -103,14 +103,8 @@ async fn files_come_only_from_the_image_directories() {
     create(&mut c, "in", s, true).await;
     let vm = wait_state(&mut c, "in", VmState::Running, Duration::from_secs(20)).await;
     let pid = pid(&vm);
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    let args: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
     // No rendered flags: the VMM's whole configuration is one sealed descriptor.
-    let at = args.iter().position(|a| a == "--config").expect("--config");
-    let fd = quantix_hostfs::inherit::fd_of(args[at + 1].as_ref()).expect("--config /dev/fd/N");
+    let (args, fd_path, config) = vmm_config(pid);
     for flag in [
         "--kernel", "--disk", "--net", "--memory", "--cpus", "--serial",
     ] {
@@ -119,9 +113,7 @@ async fn files_come_only_from_the_image_directories() {
             "{flag} rendered: {args:?}"
         );
     }
-    let fd_path = format!("/proc/{pid}/fd/{fd}");
     let json = std::fs::read(&fd_path).unwrap();
-    let config = quantix_vmm_api::VmConfig::from_json(&json).unwrap();
     match &config.boot {
         quantix_vmm_api::BootSource::Kernel { kernel, .. } => {
             assert_eq!(

@@ -64,7 +64,7 @@ pub enum ConfigError {
     /// Two devices that would share one resource (disk id or image, TAP, MAC address).
     #[error("{0}")]
     Conflict(String),
-    /// Too many devices of one kind.
+    /// More devices than the VM has room for.
     #[error("{what}: {count} given, at most {max}")]
     TooMany {
         /// Which devices.
@@ -622,13 +622,13 @@ impl VmConfig {
         if self.memory.0 > MAX_MEMORY_MIB {
             return Err(ConfigError::MemorySyntax(format!("{} MiB", self.memory.0)));
         }
-        for (what, count, max) in [
-            ("disks", self.disks.len(), MAX_DISKS),
-            ("network cards", self.nets.len(), MAX_NICS),
-        ] {
-            if count > max {
-                return Err(ConfigError::TooMany { what, count, max });
-            }
+        let count = self.virtio_devices();
+        if count > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooMany {
+                what: "virtio devices (disks, cards, rng, console, vsock)",
+                count,
+                max: MAX_VIRTIO_DEVICES,
+            });
         }
         self.validate_devices()?;
         validate_disks(&self.disks)?;
@@ -647,6 +647,15 @@ impl VmConfig {
 }
 
 impl VmConfig {
+    /// How many virtio devices the VM has (each takes a virtio-mmio window and a GSI).
+    pub fn virtio_devices(&self) -> usize {
+        self.disks.len()
+            + self.nets.len()
+            + usize::from(self.rng)
+            + usize::from(self.console != SerialMode::Off)
+            + usize::from(self.vsock.is_some())
+    }
+
     /// Checks each device's values as its flag parser does (a file is held to the same
     /// rules as the flags).
     fn validate_devices(&self) -> Result<(), ConfigError> {
@@ -1022,8 +1031,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("limit"));
+        // 17 disks fit with rng off, not beside the default rng.
         let mut c = config();
-        for i in 0..=MAX_DISKS {
+        c.rng = false;
+        for i in 0..MAX_VIRTIO_DEVICES - 1 {
             c.disks.push(DiskConfig {
                 path: format!("/d{i}").into(),
                 readonly: false,
@@ -1032,6 +1043,17 @@ mod tests {
                 rate_limit: RateLimit::default(),
             });
         }
-        assert!(matches!(c.validate(None), Err(ConfigError::TooMany { .. })));
+        assert_eq!(c.validate(None), Ok(()));
+        c.rng = true;
+        assert_eq!(c.validate(None), Ok(()));
+        c.vsock = Some("cid=3,socket=/v".parse().unwrap());
+        assert!(matches!(
+            c.validate(None),
+            Err(ConfigError::TooMany {
+                count: 19,
+                max: 18,
+                ..
+            })
+        ));
     }
 }

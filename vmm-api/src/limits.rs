@@ -25,7 +25,7 @@ pub const TAP_NAME_MAX: usize = 15;
 pub const MIN_GUEST_CID: u64 = 3;
 /// Highest guest CID (u32::MAX is VMADDR_CID_ANY).
 pub const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
-/// Most disks a VM can have (one virtio-mmio slot and GSI each, shared with the cards).
-pub const MAX_DISKS: usize = 16;
-/// Most network cards a VM can have.
-pub const MAX_NICS: usize = 8;
+/// Most virtio devices a VM can have, all kinds together (disks, cards, rng, console,
+/// vsock): one virtio-mmio window and one I/O APIC pin each, GSIs 5 to 22 (the VMM's
+/// layout asserts that it has exactly this many).
+pub const MAX_VIRTIO_DEVICES: usize = 18;

@@ -10,19 +10,21 @@ pub use quantix_vmm_api::limits::*;
 /// host's RAM, no image attached twice under two paths, and a usable vsock socket path.
 pub fn validate_on_host(config: &VmConfig) -> Result<(), ConfigError> {
     config.validate(host_memory_mib())?;
-    for (i, a) in config.disks.iter().enumerate() {
-        for b in &config.disks[i + 1..] {
-            if let (Ok(x), Ok(y)) = (
-                std::fs::canonicalize(&a.path),
-                std::fs::canonicalize(&b.path),
-            ) {
-                if x == y {
-                    return Err(ConfigError::Conflict(format!(
-                        "disk image {} is given twice (as {}); two devices on one image would corrupt it",
-                        a.path.display(),
-                        b.path.display()
-                    )));
-                }
+    // Each image's real path once (one that cannot be resolved is opened later, and fails
+    // there with its own error).
+    let real: Vec<_> = config
+        .disks
+        .iter()
+        .map(|d| std::fs::canonicalize(&d.path).ok())
+        .collect();
+    for (i, a) in real.iter().enumerate() {
+        for (j, b) in real.iter().enumerate().skip(i + 1) {
+            if a.is_some() && a == b {
+                return Err(ConfigError::Conflict(format!(
+                    "disk image {} is given twice (as {}); two devices on one image would corrupt it",
+                    config.disks[i].path.display(),
+                    config.disks[j].path.display()
+                )));
             }
         }
     }

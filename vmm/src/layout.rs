@@ -69,6 +69,10 @@ pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
 pub const VIRTIO_GSI_START: u32 = 5;
 /// Last GSI for virtio devices; the one above it is the power button's.
 pub const VIRTIO_GSI_END: u32 = 22;
+// The configuration's device limit is this range's size.
+const _: () = assert!(
+    (VIRTIO_GSI_END - VIRTIO_GSI_START + 1) as usize == quantix_vmm_api::limits::MAX_VIRTIO_DEVICES
+);
 /// The ACPI Generic Event Device's interrupt (the power button): the last pin of KVM's
 /// 24-pin in-kernel I/O APIC.
 pub const GED_GSI: u32 = 23;

@@ -531,3 +531,18 @@ pub async fn console_until(
     drop(tx);
     String::from_utf8_lossy(&got).into_owned()
 }
+
+/// What a running VMM was started with: its arguments, the `/proc` path of its
+/// `--config /dev/fd/N` descriptor, and the configuration read back from it.
+pub fn vmm_config(pid: u32) -> (Vec<String>, PathBuf, quantix_vmm_api::VmConfig) {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let at = args.iter().position(|a| a == "--config").expect("--config");
+    let fd = quantix_hostfs::inherit::fd_of(args[at + 1].as_ref()).expect("--config /dev/fd/N");
+    let fd_path = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
+    let config = quantix_vmm_api::VmConfig::from_json(&std::fs::read(&fd_path).unwrap()).unwrap();
+    (args, fd_path, config)
+}
