@@ -168,14 +168,20 @@ fn main() -> ExitCode {
         eprintln!("quantix-vmm: {e}");
         return ExitCode::from(EXIT_USAGE as u8);
     }
+    let exit_file = cli.exit_file;
+    let record = |rec: ExitRecord| {
+        if let Some(path) = &exit_file {
+            if let Err(e) = write_record(&rec, path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the exit record");
+            }
+        }
+    };
     let config = match &cli.config {
         Some(path) => match read_config(path) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("quantix-vmm: {e}");
-                if let Some(exit_file) = &cli.exit_file {
-                    let _ = write_record(&ExitRecord::setup_error(e), exit_file);
-                }
+                record(ExitRecord::setup_error(e));
                 return ExitCode::from(EXIT_SETUP_ERROR as u8);
             }
         },
@@ -203,14 +209,6 @@ fn main() -> ExitCode {
                 vsock: cli.vsock,
                 kvm: cli.kvm,
                 seccomp: cli.seccomp,
-            }
-        }
-    };
-    let exit_file = cli.exit_file;
-    let record = |rec: ExitRecord| {
-        if let Some(path) = &exit_file {
-            if let Err(e) = write_record(&rec, path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot write the exit record");
             }
         }
     };
