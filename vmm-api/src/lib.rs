@@ -5,6 +5,8 @@
 //! - [`config`]: the whole VM configuration ([`config::VmConfig`]), which
 //!   `quantix-vmm --config vm.json` reads and the command-line flags build; the flag
 //!   syntax of disks, cards, vsock and consoles, parsed here for every client.
+//! - [`control`]: the control socket's requests and replies, and its protocol version.
+//! - [`metrics`]: the counters sample the `metrics` op returns.
 //! - [`exit`]: the exit statuses and the record `--exit-file` leaves behind.
 //! - [`limits`]: vCPUs, memory, ids, command line, CIDs.
 //! - [`size`]: sizes and counts with K/M/G suffixes.
@@ -15,9 +17,11 @@
 //! VMM does not know would otherwise be silently ignored). See docs/vmm.md.
 
 pub mod config;
+pub mod control;
 pub mod exit;
 pub mod limits;
 pub mod mac;
+pub mod metrics;
 pub mod size;
 
 pub use config::{

@@ -11,14 +11,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
 use crate::exit::{ExitReason, ExitSignal};
 
-/// Longest request line accepted.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+use quantix_vmm_api::control::{
+    error_line, ok_line, ErrorCode, ErrorReply, PowerButtonReply, RunState, StateChange,
+    StateReply, VersionReply, PROTOCOL_VERSION,
+};
+pub use quantix_vmm_api::control::{Request, MAX_REQUEST_BYTES};
+
 /// Most simultaneous client connections.
 pub const MAX_CONNECTIONS: usize = 64;
 
@@ -42,24 +45,6 @@ pub enum ApiError {
     },
 }
 
-/// A request on the control socket.
-#[derive(Debug, Deserialize, PartialEq, Eq)]
-#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Request {
-    /// Report the VM's state.
-    State {},
-    /// Stop the VM in order: vCPUs stop, the process exits with status 0.
-    Shutdown {},
-    /// Report the VM's counters (vCPU exits, serial bytes).
-    Metrics {},
-    /// Press the guest's ACPI power button: ask the guest to shut itself down.
-    PowerButton {},
-    /// Stop the vCPUs and devices; the process and its control socket stay up.
-    Pause {},
-    /// Run a paused VM again.
-    Resume {},
-}
-
 /// Pausing and resuming the VM, as the control socket does it.
 pub trait PauseControl: Send + Sync + std::fmt::Debug {
     /// Stops every vCPU and device; an error leaves the VM running.
@@ -78,7 +63,7 @@ pub trait PowerButtonControl: Send + Sync + std::fmt::Debug {
 }
 
 /// What the VM reports about itself.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct VmInfo {
     /// vCPU count.
     pub vcpus: u8,
@@ -91,109 +76,112 @@ pub struct VmInfo {
     /// The VMM's version.
     pub version: &'static str,
     /// The VM's counters (sampled by the `metrics` request).
-    #[serde(skip)]
     pub metrics: crate::metrics::VmMetrics,
     /// The guest's power button.
-    #[serde(skip)]
     pub power_button: Option<Arc<dyn PowerButtonControl>>,
     /// Pause and resume.
-    #[serde(skip)]
     pub pause: Option<Arc<dyn PauseControl>>,
-}
-
-#[derive(Debug, Serialize)]
-struct StateResponse<'a> {
-    ok: bool,
-    state: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stop_reason: Option<&'static str>,
-    uptime_ms: u128,
-    #[serde(flatten)]
-    info: &'a VmInfo,
-}
-
-#[derive(Debug, Serialize)]
-struct MetricsResponse {
-    ok: bool,
-    #[serde(flatten)]
-    metrics: crate::metrics::MetricsSample,
-}
-
-#[derive(Debug, Serialize)]
-struct ErrorResponse {
-    ok: bool,
-    error: String,
-}
-
-/// An `{"ok":false,"error":...}` reply.
-fn error_reply(error: impl Into<String>) -> serde_json::Result<String> {
-    serde_json::to_string(&ErrorResponse {
-        ok: false,
-        error: error.into(),
-    })
 }
 
 /// Computes the response line for one request line.
 pub fn respond(line: &[u8], info: &VmInfo, started: Instant, exit: &ExitSignal) -> String {
-    let request: Result<Request, _> = serde_json::from_slice(line);
-    let reply = match request {
-        Ok(Request::State {}) => {
+    let request: Request = match serde_json::from_slice(line) {
+        Ok(r) => r,
+        Err(e) => {
+            return error_line(&ErrorReply::new(
+                ErrorCode::InvalidRequest,
+                format!("invalid request: {e}"),
+            ))
+        }
+    };
+    match answer(&request, info, started, exit) {
+        Ok(line) => line,
+        Err(refusal) => error_line(&refusal),
+    }
+}
+
+fn answer(
+    request: &Request,
+    info: &VmInfo,
+    started: Instant,
+    exit: &ExitSignal,
+) -> Result<String, ErrorReply> {
+    let unsupported = |what: &str| ErrorReply::new(ErrorCode::Unsupported, what);
+    Ok(match request {
+        Request::Version {} => ok_line(&VersionReply {
+            protocol: PROTOCOL_VERSION,
+            vmm_version: info.version.to_string(),
+            ops: Request::ALL.iter().map(|r| r.op().to_string()).collect(),
+        }),
+        Request::State {} => {
             let reason = exit.reason();
-            serde_json::to_string(&StateResponse {
-                ok: true,
+            ok_line(&StateReply {
                 state: if reason.is_some() {
-                    "stopping"
+                    RunState::Stopping
                 } else if info.pause.as_ref().is_some_and(|p| p.paused()) {
-                    "paused"
+                    RunState::Paused
                 } else {
-                    "running"
+                    RunState::Running
                 },
-                stop_reason: reason.as_ref().map(ExitReason::name),
-                uptime_ms: started.elapsed().as_millis(),
-                info,
+                stop_reason: reason.as_ref().map(|r| r.name().to_string()),
+                uptime_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                vcpus: info.vcpus,
+                memory_mib: info.memory_mib,
+                boot: info.boot.to_string(),
+                pid: info.pid,
+                version: info.version.to_string(),
+                protocol: PROTOCOL_VERSION,
             })
         }
-        Ok(Request::Metrics {}) => serde_json::to_string(&MetricsResponse {
-            ok: true,
-            metrics: info.metrics.sample(),
-        }),
-        Ok(Request::PowerButton {}) => match &info.power_button {
-            Some(button) => match button.press() {
-                Ok(enabled) => {
-                    if !enabled {
-                        info!("power button pressed, but the guest has not enabled it (no ACPI?)");
-                    }
-                    Ok(format!(r#"{{"ok":true,"guest_enabled":{enabled}}}"#))
-                }
-                Err(e) => error_reply(format!("cannot press the power button: {e}")),
-            },
-            None => error_reply("this VM has no power button"),
-        },
-        Ok(Request::Pause {}) | Ok(Request::Resume {}) if exit.reason().is_some() => {
-            error_reply("the VM is stopping")
-        }
-        Ok(Request::Pause {}) => match &info.pause {
-            Some(p) => match p.pause() {
-                Ok(()) => Ok(r#"{"ok":true,"state":"paused"}"#.to_string()),
-                Err(e) => error_reply(format!("cannot pause: {e}")),
-            },
-            None => error_reply("this VM cannot be paused"),
-        },
-        Ok(Request::Resume {}) => match &info.pause {
-            Some(p) => {
-                p.resume();
-                Ok(r#"{"ok":true,"state":"running"}"#.to_string())
+        Request::Metrics {} => ok_line(&info.metrics.sample()),
+        Request::PowerButton {} => {
+            let button = info
+                .power_button
+                .as_ref()
+                .ok_or_else(|| unsupported("this VM has no power button"))?;
+            let guest_enabled = button.press().map_err(|e| {
+                ErrorReply::new(
+                    ErrorCode::Failed,
+                    format!("cannot press the power button: {e}"),
+                )
+            })?;
+            if !guest_enabled {
+                info!("power button pressed, but the guest has not enabled it (no ACPI?)");
             }
-            None => error_reply("this VM cannot be paused"),
-        },
-        Ok(Request::Shutdown {}) => {
+            ok_line(&PowerButtonReply { guest_enabled })
+        }
+        Request::Pause {} | Request::Resume {} if exit.reason().is_some() => {
+            return Err(ErrorReply::new(ErrorCode::Conflict, "the VM is stopping"))
+        }
+        Request::Pause {} => {
+            let p = info
+                .pause
+                .as_ref()
+                .ok_or_else(|| unsupported("this VM cannot be paused"))?;
+            p.pause()
+                .map_err(|e| ErrorReply::new(ErrorCode::Failed, format!("cannot pause: {e}")))?;
+            ok_line(&StateChange {
+                state: RunState::Paused,
+            })
+        }
+        Request::Resume {} => {
+            let p = info
+                .pause
+                .as_ref()
+                .ok_or_else(|| unsupported("this VM cannot be paused"))?;
+            p.resume();
+            ok_line(&StateChange {
+                state: RunState::Running,
+            })
+        }
+        Request::Shutdown {} => {
             info!("shutdown requested on the control socket");
             exit.request(ExitReason::ApiShutdown);
-            Ok(r#"{"ok":true,"state":"stopping"}"#.to_string())
+            ok_line(&StateChange {
+                state: RunState::Stopping,
+            })
         }
-        Err(e) => error_reply(format!("invalid request: {e}")),
-    };
-    reply.unwrap_or_else(|e| format!(r#"{{"ok":false,"error":"internal: {e}"}}"#))
+    })
 }
 
 fn bind(path: &Path) -> Result<UnixListener, ApiError> {
@@ -336,9 +324,11 @@ impl ApiServer {
             }
         }
         if conn.buf.len() > MAX_REQUEST_BYTES {
-            let msg = format!(
-                "{{\"ok\":false,\"error\":\"request longer than {MAX_REQUEST_BYTES} bytes\"}}\n"
-            );
+            let mut msg = error_line(&ErrorReply::new(
+                ErrorCode::TooLong,
+                format!("request longer than {MAX_REQUEST_BYTES} bytes"),
+            ));
+            msg.push('\n');
             let _ = conn.stream.write_all(msg.as_bytes());
             return false;
         }
@@ -444,13 +434,16 @@ mod tests {
         assert_eq!(v["ok"], false);
         assert_eq!(v["error"], "cannot pause: vCPU 1 did not stop");
         assert_eq!(ask(br#"{"op":"state"}"#, &failing)["state"], "running");
+        assert_eq!(v["code"], "failed");
         let v = ask(br#"{"op":"pause"}"#, &info());
         assert_eq!(v["error"], "this VM cannot be paused");
+        assert_eq!(v["code"], "unsupported");
         // Once a stop is under way, neither is accepted.
         exit.request(ExitReason::ApiShutdown);
         let v = ask(br#"{"op":"pause"}"#, &pausable);
         assert_eq!(v["ok"], false);
         assert_eq!(v["error"], "the VM is stopping");
+        assert_eq!(v["code"], "conflict");
     }
 
     /// A button whose guest has (or has not) enabled its interrupt, or that fails.
@@ -518,6 +511,39 @@ mod tests {
     }
 
     #[test]
+    fn version_lists_every_op_and_the_typed_client_reads_it() {
+        use quantix_vmm_api::control::{parse_reply, GetState, GetVersion, Op};
+        let exit = ExitSignal::new().unwrap();
+        let ask = |r: &Request| {
+            respond(
+                r.to_line().trim_end().as_bytes(),
+                &info(),
+                Instant::now(),
+                &exit,
+            )
+        };
+        let v: VersionReply =
+            parse_reply(&GetVersion::REQUEST, &ask(&GetVersion::REQUEST)).unwrap();
+        assert_eq!(v.protocol, PROTOCOL_VERSION);
+        assert_eq!(v.ops.len(), Request::ALL.len());
+        // Every op the VMM lists is one it answers (not with "invalid request").
+        for op in &v.ops {
+            let line = respond(
+                format!(r#"{{"op":"{op}"}}"#).as_bytes(),
+                &info(),
+                Instant::now(),
+                &ExitSignal::new().unwrap(),
+            );
+            assert!(!line.contains("invalid-request"), "{op}: {line}");
+        }
+        let s: StateReply = parse_reply(&GetState::REQUEST, &ask(&GetState::REQUEST)).unwrap();
+        assert_eq!(
+            (s.state, s.vcpus, s.protocol),
+            (RunState::Running, 2, PROTOCOL_VERSION)
+        );
+    }
+
+    #[test]
     fn state_then_shutdown() {
         let exit = ExitSignal::new().unwrap();
         let started = Instant::now();
@@ -567,6 +593,7 @@ mod tests {
             let v: serde_json::Value =
                 serde_json::from_str(&respond(bad, &info(), Instant::now(), &exit)).unwrap();
             assert_eq!(v["ok"], false, "{bad:?}");
+            assert_eq!(v["code"], "invalid-request", "{bad:?}");
             assert!(v["error"].as_str().unwrap().starts_with("invalid request"));
         }
         assert_eq!(exit.reason(), None);

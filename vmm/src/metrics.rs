@@ -5,7 +5,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use quantix_devices::legacy::serial::SerialCounters;
-use serde::Serialize;
+pub use quantix_vmm_api::metrics::{
+    DeviceSample, EndpointSample, GuestLogSample, MetricsSample, SerialSample, VcpuSample,
+};
 
 use crate::cpu::VcpuCounters;
 
@@ -20,85 +22,6 @@ pub struct VmMetrics {
     pub devices: Vec<crate::virtio::DeviceMetrics>,
     /// The host ends of the serial port and the console (pty or socket drops).
     pub endpoints: Vec<(&'static str, Arc<crate::chardev::ChardevCounters>)>,
-}
-
-/// One vCPU's counters at one moment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct VcpuSample {
-    /// vCPU index.
-    pub index: usize,
-    /// Exits to user space.
-    pub exits: u64,
-    /// Port I/O exits.
-    pub io_exits: u64,
-    /// MMIO exits.
-    pub mmio_exits: u64,
-    /// Accesses no device claimed.
-    pub unclaimed_accesses: u64,
-}
-
-/// The serial port's counters at one moment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SerialSample {
-    /// Bytes the guest wrote that reached the sink.
-    pub tx_bytes: u64,
-    /// Bytes the sink failed to take.
-    pub tx_lost_bytes: u64,
-    /// Bytes the guest read.
-    pub rx_bytes: u64,
-    /// Bytes of `tx_bytes` written without an exit (coalesced by KVM).
-    pub tx_coalesced_bytes: u64,
-}
-
-/// One virtio device's counters at one moment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DeviceSample {
-    /// Its name (blk0, net0, console, rng).
-    pub name: String,
-    /// Its kind (block, net, console, rng, vsock).
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    /// How often it found a queue unusable and asked the driver for a reset.
-    pub needs_reset_events: u64,
-    /// Its own counters, by name (see docs/devices.md).
-    pub counters: std::collections::BTreeMap<&'static str, u64>,
-}
-
-/// A serial or console endpoint's counters at one moment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct EndpointSample {
-    /// serial or console.
-    pub device: &'static str,
-    /// Output bytes nobody read (pty, socket).
-    pub dropped_bytes: u64,
-    /// Socket clients accepted.
-    pub connections: u64,
-}
-
-/// All counters at one moment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct MetricsSample {
-    /// Per vCPU.
-    pub vcpus: Vec<VcpuSample>,
-    /// COM1.
-    pub serial: SerialSample,
-    /// Per virtio device.
-    pub devices: Vec<DeviceSample>,
-    /// Per character device endpoint.
-    pub endpoints: Vec<EndpointSample>,
-    /// Log lines the guest triggered, per kind: events and lines left out by the rate limit.
-    pub guest_log: Vec<GuestLogSample>,
-}
-
-/// One kind of guest-triggered log line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct GuestLogSample {
-    /// The kind (virtio-features, disk-io-error...).
-    pub kind: &'static str,
-    /// Events seen.
-    pub events: u64,
-    /// Events whose line was not logged.
-    pub suppressed: u64,
 }
 
 impl VmMetrics {
@@ -129,16 +52,21 @@ impl VmMetrics {
                 .iter()
                 .map(|d| DeviceSample {
                     name: d.name.clone(),
-                    kind: d.kind,
+                    kind: d.kind.to_string(),
                     needs_reset_events: d.interrupt.needs_reset_events(),
-                    counters: d.counters.sample().into_iter().collect(),
+                    counters: d
+                        .counters
+                        .sample()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
                 })
                 .collect(),
             endpoints: self
                 .endpoints
                 .iter()
                 .map(|(device, c)| EndpointSample {
-                    device,
+                    device: device.to_string(),
                     dropped_bytes: load(&c.dropped),
                     connections: load(&c.connections),
                 })
@@ -146,7 +74,7 @@ impl VmMetrics {
             guest_log: quantix_devices::ratelimit::counts()
                 .into_iter()
                 .map(|(kind, events, suppressed)| GuestLogSample {
-                    kind,
+                    kind: kind.to_string(),
                     events,
                     suppressed,
                 })
