@@ -1,34 +1,82 @@
-//! A client of one VMM's control socket (JSON lines; see docs/vmm.md).
+//! A client of one VMM's control socket: the typed requests and replies of
+//! `quantix_vmm_api::control` (JSON lines; see docs/vmm.md).
 
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use quantix_vmm_api::control::{parse_reply, Op, ReplyError, MAX_REPLY_BYTES};
+use thiserror::Error;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-/// Sends one request line and returns the parsed reply, within `limit`.
-pub async fn call(socket: &Path, op: &str, limit: Duration) -> Result<serde_json::Value, String> {
+/// Why a control call failed.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// The socket could not be reached (no VMM, or not yet listening).
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        /// The socket.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection failed mid-call.
+    #[error("{op}: {source}")]
+    Io {
+        /// The op asked.
+        op: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM closed the connection without a reply.
+    #[error("{op}: the VMM closed the connection without a reply")]
+    NoReply {
+        /// The op asked.
+        op: &'static str,
+    },
+    /// The VMM refused the request, or its reply was malformed.
+    #[error(transparent)]
+    Reply(#[from] ReplyError),
+    /// No reply in time.
+    #[error("no reply to {op} within {limit:?}")]
+    Timeout {
+        /// The op asked.
+        op: &'static str,
+        /// The limit.
+        limit: Duration,
+    },
+}
+
+/// Sends `O`'s request and returns its typed reply, within `limit`.
+pub async fn call<O: Op>(socket: &Path, limit: Duration) -> Result<O::Reply, ControlError> {
+    let request = O::REQUEST;
+    let op = request.op();
     let fut = async {
         let stream = UnixStream::connect(socket)
             .await
-            .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+            .map_err(|source| ControlError::Connect {
+                path: socket.display().to_string(),
+                source,
+            })?;
         let (r, mut w) = stream.into_split();
-        w.write_all(format!("{{\"op\":\"{op}\"}}\n").as_bytes())
+        w.write_all(request.to_line().as_bytes())
             .await
-            .map_err(|e| format!("write: {e}"))?;
+            .map_err(|source| ControlError::Io { op, source })?;
+        // A reply longer than the protocol's cap is cut there and then refused as malformed.
         let mut line = String::new();
-        BufReader::new(r)
+        let cap = u64::try_from(MAX_REPLY_BYTES + 1).unwrap_or(u64::MAX);
+        let n = BufReader::new(r.take(cap))
             .read_line(&mut line)
             .await
-            .map_err(|e| format!("read: {e}"))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&line).map_err(|e| format!("bad reply {line:?}: {e}"))?;
-        if v["ok"] != serde_json::Value::Bool(true) {
-            return Err(format!("VMM refused {op}: {}", v["error"]));
+            .map_err(|source| ControlError::Io { op, source })?;
+        if n == 0 {
+            return Err(ControlError::NoReply { op });
         }
-        Ok(v)
+        Ok(parse_reply::<O::Reply>(&request, line.trim_end())?)
     };
     tokio::time::timeout(limit, fut)
         .await
-        .map_err(|_| format!("no reply to {op} within {limit:?}"))?
+        .map_err(|_| ControlError::Timeout { op, limit })?
 }

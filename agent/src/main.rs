@@ -337,7 +337,12 @@ async fn run(cfg: Config) -> Result<(), String> {
                 if let Ok(a) = l.local_addr() {
                     let _ = std::fs::write(cfg.state_dir.join("metrics.addr"), a.to_string());
                 }
-                tokio::spawn(metrics::serve(l, manager.clone(), api_metrics));
+                let exporter = metrics::Exporter::new(
+                    manager.clone(),
+                    (*api_metrics).clone(),
+                    quantix_agent::process::vmm_version(manager.vmm_binary()),
+                );
+                tokio::spawn(metrics::serve(l, Arc::new(exporter)));
             }
             Err(e) => error!(addr = %cfg.metrics_listen, error = %e, "cannot serve metrics"),
         }

@@ -29,6 +29,7 @@ use crate::store::Store;
 use quantix_hostfs::beneath::ImageDirs;
 use quantix_hostfs::lock::LockError;
 use quantix_hostfs::Access;
+use quantix_vmm_api::control as ctl;
 
 /// One file a VM's VMM inherits: which spec field names it, and how it is used.
 struct PlannedFile<'a> {
@@ -1089,7 +1090,7 @@ impl Manager {
         // Ready once the control socket answers (the VMM binds it before the guest runs).
         let probe = async {
             loop {
-                if control::call(&paths.api_socket(), "state", Duration::from_millis(500))
+                if control::call::<ctl::GetState>(&paths.api_socket(), Duration::from_millis(500))
                     .await
                     .is_ok()
                 {
@@ -1387,7 +1388,7 @@ impl Manager {
         let paths = self.paths(&vm.id);
         if was_paused && !force {
             // The guest must run to hear the power button.
-            if let Err(e) = control::call(&paths.api_socket(), "resume", CONTROL_LIMIT).await {
+            if let Err(e) = control::call::<ctl::Resume>(&paths.api_socket(), CONTROL_LIMIT).await {
                 warn!(vm = %vm.id, error = %e, "cannot resume the paused VM before stopping it");
             }
         }
@@ -1396,8 +1397,10 @@ impl Manager {
             // power itself off. A guest that never enabled the button (no ACPI) is not
             // waited for.
             let asked =
-                match control::call(&paths.api_socket(), "power-button", CONTROL_LIMIT).await {
-                    Ok(reply) => reply["guest_enabled"] == serde_json::Value::Bool(true),
+                match control::call::<ctl::PressPowerButton>(&paths.api_socket(), CONTROL_LIMIT)
+                    .await
+                {
+                    Ok(reply) => reply.guest_enabled,
                     Err(e) => {
                         warn!(vm = %vm.id, error = %e, "cannot press the guest's power button");
                         false
@@ -1413,7 +1416,8 @@ impl Manager {
             // Then stop the VMM in order (its vCPUs stop, its devices flush), and kill it
             // if even that does not end it.
             if !guest_stopped {
-                if let Err(e) = control::call(&paths.api_socket(), "shutdown", CONTROL_LIMIT).await
+                if let Err(e) =
+                    control::call::<ctl::Shutdown>(&paths.api_socket(), CONTROL_LIMIT).await
                 {
                     warn!(vm = %vm.id, error = %e, "no orderly stop through the control socket; sending SIGTERM");
                     let _ = process::signal(pid, libc::SIGTERM);
@@ -1500,9 +1504,13 @@ impl Manager {
             )));
         }
         // The VMM answers once every vCPU has stopped (or started again).
-        control::call(&self.paths(id).api_socket(), op, PAUSE_LIMIT)
-            .await
-            .map_err(|e| AgentError::Internal(format!("cannot {op} VM {id:?}: {e}")))?;
+        let socket = self.paths(id).api_socket();
+        let reply = if pause {
+            control::call::<ctl::Pause>(&socket, PAUSE_LIMIT).await
+        } else {
+            control::call::<ctl::Resume>(&socket, PAUSE_LIMIT).await
+        };
+        reply.map_err(|e| AgentError::Internal(format!("cannot {op} VM {id:?}: {e}")))?;
         self.commit(
             &mut vm,
             to,
@@ -1591,8 +1599,8 @@ impl Manager {
                     let api_socket = paths.api_socket();
                     self.watch(&slot, &id, pid, paths)?;
                     let paused = matches!(
-                        control::call(&api_socket, "state", CONTROL_LIMIT).await,
-                        Ok(v) if v["state"] == "paused"
+                        control::call::<ctl::GetState>(&api_socket, CONTROL_LIMIT).await,
+                        Ok(v) if v.state == ctl::RunState::Paused
                     );
                     let new_state = match (state, paused) {
                         (VmState::Stopping, _) => {

@@ -240,25 +240,68 @@ fn is_zombie(pid: u32) -> bool {
     matches!(proc_state(pid), Some('Z') | Some('X') | None)
 }
 
-/// Resident memory of a process in bytes (VmRSS), if it is alive.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+/// A process's figures from /proc, as the standard `process_*` metrics name them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcStats {
+    /// User and system CPU time, seconds.
+    pub cpu_seconds: f64,
+    /// Resident memory (VmRSS), bytes.
+    pub resident_bytes: u64,
+    /// Virtual memory (VmSize), bytes.
+    pub virtual_bytes: u64,
+    /// Start time, seconds since the Unix epoch.
+    pub start_time_seconds: f64,
+    /// Open file descriptors (0 when /proc/PID/fd is not readable).
+    pub open_fds: u64,
+    /// Its soft limit on open files (0 when not readable).
+    pub max_fds: u64,
 }
 
-/// CPU time (user + system) of a process in seconds.
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
+/// Reads `pid`'s figures, if it is alive.
+pub fn stats(pid: u32) -> Option<ProcStats> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields follow the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the command: state is field 3 of the man page; utime 14 and stime 15.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // Index 0 is field 3 (state) of proc(5): utime 14, stime 15, starttime 22.
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
     // SAFETY: sysconf takes a constant and returns a value; no memory involved.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Some((utime + stime) / hz.max(1) as f64)
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            .saturating_mul(1024)
+    };
+    let boot_time = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count() as u64)
+        .unwrap_or(0);
+    let max_fds = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Max open files"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    Some(ProcStats {
+        cpu_seconds: (field(14)? + field(15)?) / hz,
+        resident_bytes: kib("VmRSS:"),
+        virtual_bytes: kib("VmSize:"),
+        start_time_seconds: boot_time.unwrap_or(0.0) + field(22)? / hz,
+        open_fds,
+        max_fds,
+    })
 }
 
 /// Sends `sig` to the process `pid`. Refuses 0 and values that kill(2) would read as a

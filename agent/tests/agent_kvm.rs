@@ -231,15 +231,183 @@ fn alive(pid: u32) -> bool {
 }
 
 async fn http_get(addr: &str) -> String {
+    let (head, body) = http_request(addr, "/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body
+}
+
+/// One `GET path` on its own connection: the response's head and body.
+async fn http_request(addr: &str, path: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr.trim()).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (head.to_string(), body.to_string())
+}
+
+/// The exposition parsed by prometheus_client's strict OpenMetrics parser
+/// (tests/support/openmetrics_check.py): family name -> {type, help, samples}, or the
+/// parser's complaint.
+fn parse_openmetrics(text: &str) -> Result<serde_json::Value, String> {
+    use std::io::Write;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/support/openmetrics_check.py"
+    );
+    let mut child = std::process::Command::new("python3")
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (scripts/test installs prometheus_client)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("ModuleNotFoundError"),
+        "prometheus_client is missing: {stderr}"
+    );
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(stderr.into_owned())
+    }
+}
+
+/// The samples of one family whose labels include every `(key, value)` in `want`.
+fn samples_of<'a>(
+    families: &'a serde_json::Value,
+    family: &str,
+    want: &[(&str, &str)],
+) -> Vec<&'a serde_json::Value> {
+    families[family]["samples"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no family {family}"))
+        .iter()
+        .filter(|s| want.iter().all(|(k, v)| s[1][*k] == *v))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_of_two_vms_pass_the_openmetrics_parser() {
+    require_kvm!();
+    // The parser is strict enough to fail: one family split around another, as the
+    // hand-written exporter printed it when two VMs ran.
+    let split = "# TYPE a counter\na_total{vm=\"1\"} 1\n# TYPE b gauge\nb 1\n\
+                 a_total{vm=\"2\"} 1\n# EOF\n";
+    assert!(parse_openmetrics(split).is_err());
+
+    let dir = scratch("metrics");
+    let g = guests(&dir);
+    let agent = Agent::start(&dir.join("state"), "metrics");
+    let mut c = agent.client().await;
+    for id in ["vm-a", "vm-b"] {
+        create(&mut c, id, spec(id, &g.idle, RestartPolicy::Never), true).await;
+    }
+    create(
+        &mut c,
+        "vm-c",
+        spec("vm-c", &g.idle, RestartPolicy::Never),
+        false,
+    )
+    .await;
+    let addr = std::fs::read_to_string(dir.join("state/metrics.addr")).unwrap();
+
+    // A VMM that misses the 200 ms scrape limit is left out of that scrape: ask again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (text, families) = loop {
+        let text = http_get(&addr).await;
+        let families = parse_openmetrics(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let both = ["vm-a", "vm-b"].iter().all(|vm| {
+            families["quantix_vm_device_requests"]["samples"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s[1]["vm"] == *vm))
+        });
+        if both {
+            break (text, families);
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(text.ends_with("# EOF\n"), "{text}");
+
+    // Every family has its help and type once; counters keep their _total samples.
+    for (name, family) in families.as_object().unwrap() {
+        assert!(
+            !family["help"].as_str().unwrap().is_empty(),
+            "{name} has no help"
+        );
+    }
+    assert_eq!(families["quantix_vm_device_requests"]["type"], "counter");
+    for vm in ["vm-a", "vm-b"] {
+        let rng = samples_of(
+            &families,
+            "quantix_vm_device_requests",
+            &[("vm", vm), ("device", "rng"), ("type", "rng")],
+        );
+        assert_eq!(rng.len(), 1, "{vm}: {rng:?}");
+        assert_eq!(rng[0][0], "quantix_vm_device_requests_total");
+        let running = samples_of(
+            &families,
+            "quantix_vm_state",
+            &[("vm", vm), ("state", "running")],
+        );
+        assert_eq!(running.len(), 1, "{vm}");
+        assert_eq!(running[0][2], 1.0, "{vm}");
+        let rss = samples_of(&families, "quantix_vmm_resident_bytes", &[("vm", vm)]);
+        assert!(rss[0][2].as_f64().unwrap() > 0.0, "{vm}: {rss:?}");
+    }
+    // A created VM has a state but no VMM to ask.
+    let created = samples_of(
+        &families,
+        "quantix_vm_state",
+        &[("vm", "vm-c"), ("state", "created")],
+    );
+    assert_eq!(created[0][2], 1.0);
+    assert!(samples_of(&families, "quantix_vmm_resident_bytes", &[("vm", "vm-c")]).is_empty());
+
+    // The standard process metrics, build info, node capacity and commitment.
+    let rss = samples_of(&families, "process_resident_memory_bytes", &[]);
+    assert!(rss[0][2].as_f64().unwrap() > 1e6, "{rss:?}");
+    assert!(
+        samples_of(&families, "process_open_fds", &[])[0][2]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    let build = samples_of(&families, "quantix_agent_build", &[]);
+    assert_eq!(build[0][0], "quantix_agent_build_info");
+    assert_eq!(build[0][1]["version"], env!("CARGO_PKG_VERSION"));
+    let committed = samples_of(&families, "quantix_node_committed_vcpus", &[]);
+    let one = spec("x", &g.idle, RestartPolicy::Never).vcpus as f64;
+    assert_eq!(
+        committed[0][2].as_f64().unwrap(),
+        2.0 * one,
+        "running VMs commit vCPUs"
+    );
+    let capacity = samples_of(&families, "quantix_node_capacity_memory_bytes", &[]);
+    assert!(capacity[0][2].as_f64().unwrap() > 0.0);
+
+    // Other paths are not the exporter's.
+    let (head, _) = http_request(&addr, "/").await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    let (head, _) = http_request(&addr, "/metrics/x").await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    let (head, _) = http_request(&addr, "/metrics").await;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
