@@ -64,8 +64,19 @@ impl AgentError {
 }
 
 impl From<AgentError> for tonic::Status {
+    /// The code and a message naming the field; an INVALID_ARGUMENT also carries the
+    /// standard `google.rpc.BadRequest` detail (field path and description), which gRPC
+    /// clients in every language decode from the `grpc-status-details-bin` trailer.
     fn from(e: AgentError) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
+        use tonic_types::{ErrorDetails, StatusExt};
+        match &e {
+            AgentError::InvalidArgument { field, why } => tonic::Status::with_error_details(
+                e.code(),
+                e.to_string(),
+                ErrorDetails::with_bad_request_violation(field.clone(), why.clone()),
+            ),
+            _ => tonic::Status::new(e.code(), e.to_string()),
+        }
     }
 }
 
@@ -78,8 +89,14 @@ mod tests {
         let s: tonic::Status = AgentError::invalid("spec.vcpus", "must be 1-254, got 0").into();
         assert_eq!(s.code(), tonic::Code::InvalidArgument);
         assert_eq!(s.message(), "spec.vcpus: must be 1-254, got 0");
+        use tonic_types::StatusExt;
+        let bad = s.get_details_bad_request().expect("a BadRequest detail");
+        assert_eq!(bad.field_violations.len(), 1);
+        assert_eq!(bad.field_violations[0].field, "spec.vcpus");
+        assert_eq!(bad.field_violations[0].description, "must be 1-254, got 0");
         let s: tonic::Status = AgentError::NotFound("x".into()).into();
         assert_eq!(s.code(), tonic::Code::NotFound);
+        assert!(s.get_details_bad_request().is_none());
         assert!(s.message().contains("\"x\""));
         let s: tonic::Status = AgentError::ResourceExhausted("vcpus".into()).into();
         assert_eq!(s.code(), tonic::Code::ResourceExhausted);

@@ -16,6 +16,7 @@ pub mod manager;
 pub mod metrics;
 pub mod node;
 pub mod process;
+pub mod services;
 pub mod store;
 pub mod validate;
 

@@ -12,8 +12,7 @@ use quantix_agent::grpc::Api;
 use quantix_agent::listen;
 use quantix_agent::manager::Manager;
 use quantix_agent::metrics::{self, ApiMetrics};
-use quantix_proto::v1::node_service_server::NodeServiceServer;
-use quantix_proto::v1::vm_service_server::VmServiceServer;
+use quantix_agent::services;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_stream::StreamExt;
@@ -278,6 +277,7 @@ async fn run(cfg: Config) -> Result<(), String> {
         "roles"
     );
     let api = Api::new(manager.clone(), api_metrics.clone(), policy);
+    let health = services::Health::new().await;
 
     let sock = cfg.socket_path();
     let unix = listen::bind_unix(&sock, socket_gid).map_err(|e| e.to_string())?;
@@ -294,10 +294,10 @@ async fn run(cfg: Config) -> Result<(), String> {
             Ok(p)
         })
     });
+    let routes = services::routes(api.clone(), &health).map_err(|e| e.to_string())?;
     tasks.spawn(
         tonic::transport::Server::builder()
-            .add_service(VmServiceServer::new(api.clone()))
-            .add_service(NodeServiceServer::new(api.clone()))
+            .add_routes(routes)
             .serve_with_incoming(incoming),
     );
     if !cfg.listen.is_empty() {
@@ -323,11 +323,10 @@ async fn run(cfg: Config) -> Result<(), String> {
                 Door::InsecureTcp
             }
         };
-        let api = api.door(door);
+        let routes = services::routes(api.door(door), &health).map_err(|e| e.to_string())?;
         tasks.spawn(
             server
-                .add_service(VmServiceServer::new(api.clone()))
-                .add_service(NodeServiceServer::new(api))
+                .add_routes(routes)
                 .serve_with_incoming(TcpListenerStream::new(tcp)),
         );
     }
@@ -347,6 +346,7 @@ async fn run(cfg: Config) -> Result<(), String> {
             Err(e) => error!(addr = %cfg.metrics_listen, error = %e, "cannot serve metrics"),
         }
     }
+    health.serving().await;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
     tokio::select! {
@@ -356,5 +356,6 @@ async fn run(cfg: Config) -> Result<(), String> {
             return Err(format!("a server ended: {r:?}"));
         }
     }
+    health.not_serving().await;
     Ok(())
 }

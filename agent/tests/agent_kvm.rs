@@ -431,6 +431,10 @@ async fn every_error_code_names_the_field() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("spec.vcpus:"), "{}", e.message());
+    // The same field in the standard google.rpc.BadRequest detail.
+    let bad = tonic_types::StatusExt::get_details_bad_request(&e).expect("BadRequest");
+    assert_eq!(bad.field_violations[0].field, "spec.vcpus");
+    assert!(!bad.field_violations[0].description.is_empty());
     let mut bad = spec("bad", &g.idle, RestartPolicy::Never);
     bad.boot.as_mut().unwrap().kernel = dir.join("images/no-such-kernel").display().to_string();
     let e = c

@@ -9,5 +9,11 @@ pub mod v1 {
     tonic::include_proto!("quantixkvm.agent.v1");
 }
 
+/// The encoded `FileDescriptorSet` of the API, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(
+    env!("OUT_DIR"),
+    "/quantixkvm_agent_v1_descriptor.bin"
+));
+
 /// The `.proto` source, for tools that generate clients in other languages.
 pub const AGENT_PROTO: &str = include_str!("../quantixkvm/agent/v1/agent.proto");
