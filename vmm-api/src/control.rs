@@ -17,7 +17,9 @@ use crate::metrics::MetricsSample;
 /// field or a reply field is added; nothing is ever removed or changes meaning.
 ///
 /// - 1: `version`, `state`, `metrics`, `shutdown`, `pause`, `resume`, `power-button`.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// - 2: `metrics` endpoints carry `client` (how the newest socket client's stream begins:
+///   each socket client is first sent the endpoint's 64 KiB output history).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Longest request line the VMM reads.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;

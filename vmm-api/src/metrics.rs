@@ -57,7 +57,28 @@ pub struct EndpointSample {
     pub dropped_bytes: u64,
     /// Socket clients accepted.
     pub connections: u64,
+    /// What the newest socket client was sent first (absent from a VMM before protocol 2,
+    /// and until a client connects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<ClientReplay>,
 }
+
+/// How the newest socket client's byte stream begins: every client first gets the
+/// endpoint's history (the newest [`HISTORY_BYTES`] of output), then the live output.
+/// Offsets count every byte the device ever wrote, so a client that reconnects can tell
+/// which of the replayed bytes it has already seen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientReplay {
+    /// Which accepted connection this is (1 for the first), to match `connections`.
+    pub connection: u64,
+    /// The offset in the device's output of the client's first byte.
+    pub start_offset: u64,
+    /// How many of the client's first bytes are history (written before it connected).
+    pub replayed_bytes: u64,
+}
+
+/// The output history a serial or console socket keeps and replays to each new client.
+pub const HISTORY_BYTES: usize = 64 * 1024;
 
 /// All counters at one moment. A part an older VMM does not report reads as empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

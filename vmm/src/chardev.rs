@@ -12,14 +12,20 @@
 //! | `off`         | discarded                     | none                               |
 //!
 //! Output to a pty or a socket never blocks the guest: when nobody reads, bytes are dropped
-//! and counted in [`ChardevCounters::dropped`]. While no socket client is attached, the
-//! newest 64 KiB of output are kept and replayed to the next client. The VMM keeps the pty's
+//! and counted in [`ChardevCounters::dropped`]. A socket keeps the newest 64 KiB of output
+//! (its history) and sends it to every new client before the live output, so that a
+//! supervisor that attaches late, or again after its own restart, gets the console's recent
+//! history; [`ChardevCounters::client`] tells where that client's stream begins (reported in
+//! the control socket's `metrics`), so a client that reconnects can skip what it already
+//! has. Output written while no client is attached is lost only when it falls out of the
+//! history (counted as dropped). The VMM keeps the pty's
 //! other end open, so that the pty stays usable when clients come and go, and on exit gives
 //! the pty's reader a moment to take the last output (see `PtyPeer`). A socket accepts one
 //! client at a time; a new connection replaces the current one (a supervisor that restarts
 //! can always attach again). Input from a socket client passes through a pipe, so the device sees one stable fd
 //! and the pipe's capacity gives backpressure towards the client.
 
+use std::collections::VecDeque;
 use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -28,6 +34,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use quantix_vmm_api::metrics::{ClientReplay, HISTORY_BYTES};
 
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -96,6 +104,8 @@ pub struct ChardevCounters {
     pub dropped: AtomicU64,
     /// Socket clients accepted so far.
     pub connections: AtomicU64,
+    /// How the newest socket client's stream began (set under the socket's lock).
+    pub client: Mutex<Option<ClientReplay>>,
 }
 
 /// The host end of one character device.
@@ -438,15 +448,28 @@ impl Acceptor {
                     return;
                 }
             };
-            self.counters.connections.fetch_add(1, Ordering::Relaxed);
             let previous = {
                 let mut peer = self.client.lock().unwrap_or_else(|p| p.into_inner());
-                // What the guest wrote while nobody was attached goes first, under the
-                // lock, so that it cannot interleave with new output.
-                let backlog: Vec<u8> = peer.backlog.drain(..).collect();
-                if !backlog.is_empty() {
-                    let _ = send_or_drop(stream.as_raw_fd(), &backlog, true, &self.counters);
+                // The history goes first, under the lock, so that it cannot interleave
+                // with new output, and the client can learn where its stream begins.
+                let connection = self.counters.connections.fetch_add(1, Ordering::Relaxed) + 1;
+                let (front, back) = peer.history.as_slices();
+                for part in [front, back] {
+                    if !part.is_empty() {
+                        let _ = send_or_drop(stream.as_raw_fd(), part, true, &self.counters);
+                    }
                 }
+                let replayed = peer.history.len() as u64;
+                *self
+                    .counters
+                    .client
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(ClientReplay {
+                    connection,
+                    start_offset: peer.written - replayed,
+                    replayed_bytes: replayed,
+                });
+                peer.unsent = 0;
                 peer.client.replace(stream.clone())
             };
             if let Some(old) = previous {
@@ -500,20 +523,25 @@ fn forward_input(
     }
 }
 
-/// Output kept while no socket client is attached, replayed to the next one.
-pub const SOCKET_BACKLOG: usize = 64 * 1024;
+/// Output a socket keeps and replays to every new client.
+pub const SOCKET_BACKLOG: usize = HISTORY_BYTES;
 
-/// The socket's current client, and what the guest wrote while there was none.
+/// The socket's current client, and the newest output.
 #[derive(Default)]
 struct Peer {
     client: Option<Arc<UnixStream>>,
-    /// The newest output of a time without a client, at most [`SOCKET_BACKLOG`] bytes:
-    /// a supervisor that attaches after boot, or again after its own restart, misses none
-    /// of it (older bytes are dropped and counted).
-    backlog: std::collections::VecDeque<u8>,
+    /// The newest output, at most [`SOCKET_BACKLOG`] bytes, whether or not a client was
+    /// attached: every new client gets it first, so that a supervisor that attaches after
+    /// boot, or again after its own restart, has the console's recent history.
+    history: VecDeque<u8>,
+    /// Every byte ever written: the offset just past `history`'s last byte.
+    written: u64,
+    /// How many of `history`'s newest bytes no client was sent (written while none was
+    /// attached); those that fall out of the history are lost, and counted as dropped.
+    unsent: usize,
 }
 
-/// Output to the current socket client; kept in the backlog when there is none, dropped
+/// Output to the current socket client, and into the history; dropped (and counted)
 /// when the client does not read.
 struct SocketOutput {
     client: Arc<Mutex<Peer>>,
@@ -523,21 +551,31 @@ struct SocketOutput {
 impl Write for SocketOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut peer = self.client.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(stream) = peer.client.clone() else {
-            peer.backlog.extend(buf);
-            let excess = peer.backlog.len().saturating_sub(SOCKET_BACKLOG);
-            if excess > 0 {
-                peer.backlog.drain(..excess);
-                self.counters
-                    .dropped
-                    .fetch_add(excess as u64, Ordering::Relaxed);
+        let peer = &mut *peer;
+        // The newest SOCKET_BACKLOG bytes of `buf` are all the history can hold of it.
+        let kept = &buf[buf.len().saturating_sub(SOCKET_BACKLOG)..];
+        peer.history.extend(kept);
+        let excess = peer.history.len().saturating_sub(SOCKET_BACKLOG);
+        peer.history.drain(..excess);
+        peer.written += buf.len() as u64;
+        match peer.client.clone() {
+            None => {
+                peer.unsent = peer.unsent.saturating_add(buf.len());
+                let lost = peer.unsent.saturating_sub(peer.history.len());
+                if lost > 0 {
+                    peer.unsent = peer.history.len();
+                    self.counters
+                        .dropped
+                        .fetch_add(lost as u64, Ordering::Relaxed);
+                }
             }
-            return Ok(buf.len());
-        };
-        if let Err(e) = send_or_drop(stream.as_raw_fd(), buf, true, &self.counters) {
-            debug!(error = %e, "socket client gone");
-            let _ = stream.shutdown(std::net::Shutdown::Both);
-            peer.client = None;
+            Some(stream) => {
+                if let Err(e) = send_or_drop(stream.as_raw_fd(), buf, true, &self.counters) {
+                    debug!(error = %e, "socket client gone");
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    peer.client = None;
+                }
+            }
         }
         Ok(buf.len())
     }
@@ -698,6 +736,18 @@ mod tests {
         let mut replay = vec![0u8; SOCKET_BACKLOG];
         first.read_exact(&mut replay).unwrap();
         assert!(replay.ends_with(b"kept"), "the newest output is replayed");
+        let client = || dev.counters.client.lock().unwrap().unwrap();
+        wait_for("first client's replay", || {
+            dev.counters.client.lock().unwrap().is_some()
+        });
+        assert_eq!(
+            client(),
+            ClientReplay {
+                connection: 1,
+                start_offset: 4,
+                replayed_bytes: SOCKET_BACKLOG as u64,
+            }
+        );
         dev.output.write_all(b"one").unwrap();
         let mut got = [0u8; 3];
         first.read_exact(&mut got).unwrap();
@@ -713,6 +763,15 @@ mod tests {
         let mut rest = Vec::new();
         first.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty());
+        // It too gets the history first, although the first client saw all of it: the
+        // newest 64 KiB, ending with what the first client was sent live.
+        second.read_exact(&mut replay).unwrap();
+        assert!(replay.ends_with(b"keptone"), "the history spans clients");
+        wait_for("second client's replay", || client().connection == 2);
+        assert_eq!(client().start_offset, 7);
+        assert_eq!(client().replayed_bytes, SOCKET_BACKLOG as u64);
+        // Nothing was lost meanwhile: a client was attached.
+        assert_eq!(dev.counters.dropped.load(Ordering::Relaxed), 4);
         dev.output.write_all(b"two").unwrap();
         second.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"two");

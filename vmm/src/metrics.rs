@@ -69,6 +69,7 @@ impl VmMetrics {
                     device: device.to_string(),
                     dropped_bytes: load(&c.dropped),
                     connections: load(&c.connections),
+                    client: *c.client.lock().unwrap_or_else(|p| p.into_inner()),
                 })
                 .collect(),
             guest_log: quantix_devices::ratelimit::counts()
