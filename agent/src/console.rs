@@ -26,8 +26,14 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// Where the console's bytes come from.
 #[derive(Debug, Clone)]
 pub enum Source {
-    /// The VMM's `--serial socket=PATH`: read and write.
-    Socket(PathBuf),
+    /// The VMM's `--serial socket=PATH`: read and write. With the VMM's control socket,
+    /// a reconnection skips the part of the VMM's history replay already published.
+    Socket {
+        /// The serial socket.
+        serial: PathBuf,
+        /// The VMM's control socket, to learn where each connection's stream begins.
+        control: Option<PathBuf>,
+    },
     /// The VMM's `--serial file=PATH`: output only.
     File(PathBuf),
 }
@@ -48,6 +54,93 @@ impl Ring {
         self.buf.drain(..over);
         self.buf.extend(data);
     }
+}
+
+/// Bytes of one serial connection on their way to the hub.
+struct Feed {
+    /// How many of the connection's first bytes to drop, once known.
+    skip: Option<u64>,
+    /// Bytes held until `skip` is known (a reconnection), else `None`.
+    held: Option<Vec<u8>>,
+    /// Bytes received on this connection.
+    received: u64,
+}
+
+/// The most a reconnection holds while it waits for the VMM (its history, and more).
+const MAX_HELD: usize = 4 * 64 * 1024;
+
+impl Feed {
+    fn push(&mut self, console: &Console, data: &[u8]) {
+        let at = self.received;
+        self.received += data.len() as u64;
+        match (&mut self.held, self.skip) {
+            (Some(held), None) => {
+                held.extend_from_slice(data);
+                if held.len() > MAX_HELD {
+                    // The VMM does not say: publish rather than hold without end.
+                    self.skip = Some(0);
+                    self.release(console);
+                }
+            }
+            (_, skip) => {
+                let drop = skip.unwrap_or(0).saturating_sub(at).min(data.len() as u64);
+                if (drop as usize) < data.len() {
+                    console.publish(&data[drop as usize..]);
+                }
+            }
+        }
+    }
+
+    /// Publishes what was held, past `skip`.
+    fn release(&mut self, console: &Console) {
+        if let (Some(held), Some(skip)) = (self.held.take(), self.skip) {
+            let drop = usize::try_from(skip).unwrap_or(usize::MAX).min(held.len());
+            if drop < held.len() {
+                console.publish(&held[drop..]);
+            }
+        }
+    }
+}
+
+/// The serial socket's accepted connections so far, from the VMM; `Some(0)` when the VMM
+/// has no control socket yet (it is starting, so nobody connected before), `None` when it
+/// cannot say (an older VMM, no answer in time).
+async fn connections_before(control: &std::path::Path) -> Option<u64> {
+    if !control.exists() {
+        return Some(0);
+    }
+    serial_endpoint(control).await.map(|e| e.connections)
+}
+
+/// The offset at which the connection accepted after `before` others begins, once the VMM
+/// reports it; `None` when it does not (an older VMM, a newer client came meanwhile, no
+/// answer within a second).
+async fn stream_start(control: &std::path::Path, before: u64) -> Option<u64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while tokio::time::Instant::now() < deadline {
+        if let Some(e) = serial_endpoint(control).await {
+            match e.client {
+                Some(c) if c.connection == before + 1 => return Some(c.start_offset),
+                Some(c) if c.connection > before + 1 => return None,
+                None if e.connections > before => return None,
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+async fn serial_endpoint(
+    control: &std::path::Path,
+) -> Option<quantix_vmm_api::metrics::EndpointSample> {
+    let sample = crate::control::call::<quantix_vmm_api::control::GetMetrics>(
+        control,
+        Duration::from_millis(500),
+    )
+    .await
+    .ok()?;
+    sample.endpoints.into_iter().find(|e| e.device == "serial")
 }
 
 /// One VM's console hub. It outlives VMM restarts, so the ring spans them.
@@ -115,7 +208,7 @@ impl Console {
         let me = Arc::clone(self);
         tokio::spawn(async move {
             match source {
-                Source::Socket(path) => me.run_socket(path, stop).await,
+                Source::Socket { serial, control } => me.run_socket(serial, control, stop).await,
                 Source::File(path) => me.run_file(path, stop).await,
             }
             me.close_input();
@@ -126,15 +219,32 @@ impl Console {
         *self.input.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    async fn run_socket(self: &Arc<Self>, path: PathBuf, mut stop: watch::Receiver<bool>) {
+    /// Every connection to the VMM's serial socket begins with the VMM's history (its
+    /// newest 64 KiB of output) and goes on with the live output. The first connection to
+    /// a VMM publishes all of it: after an agent restart, that is how the console's history
+    /// comes back. A later connection (the VMM dropped this one for a newer client) would
+    /// repeat what was published: it holds its bytes until the VMM says where its stream
+    /// begins, then skips what was already published.
+    async fn run_socket(
+        self: &Arc<Self>,
+        path: PathBuf,
+        control: Option<PathBuf>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
         *self.input.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        // The offset in the VMM's output just past the last byte published, when known.
+        let mut seen_end: Option<u64> = None;
         loop {
+            let before = match &control {
+                Some(c) => connections_before(c).await,
+                None => None,
+            };
             let stream = match UnixStream::connect(&path).await {
                 Ok(s) => s,
                 Err(_) => {
-                    // The VMM binds its socket a few ms after it starts and drops output
-                    // while nobody is connected: retry quickly.
+                    // The VMM binds its socket a few ms after it starts (it keeps what the
+                    // guest writes meanwhile): retry quickly.
                     tokio::select! {
                         _ = stopped(&mut stop) => return,
                         _ = tokio::time::sleep(Duration::from_millis(2)) => continue,
@@ -144,11 +254,31 @@ impl Console {
             debug!(path = %path.display(), "console connected");
             let (mut r, mut w) = stream.into_split();
             let mut buf = vec![0u8; 8192];
+            let mut start = Box::pin(async {
+                match (&control, before) {
+                    (Some(c), Some(n)) => stream_start(c, n).await,
+                    _ => None,
+                }
+            });
+            let mut start_known: Option<Option<u64>> = None;
+            let mut feed = Feed {
+                skip: None,
+                held: seen_end.map(|_| Vec::new()),
+                received: 0,
+            };
             loop {
                 tokio::select! {
+                    s = &mut start, if start_known.is_none() => {
+                        start_known = Some(s);
+                        feed.skip = match (s, seen_end) {
+                            (Some(s), Some(end)) => Some(end.saturating_sub(s)),
+                            _ => Some(0),
+                        };
+                        feed.release(self);
+                    }
                     n = r.read(&mut buf) => match n {
                         Ok(0) | Err(_) => break,
-                        Ok(n) => self.publish(&buf[..n]),
+                        Ok(n) => feed.push(self, &buf[..n]),
                     },
                     Some(data) = rx.recv() => {
                         if w.write_all(&data).await.is_err() {
@@ -162,13 +292,24 @@ impl Console {
                         self.close_input();
                         let _ = tokio::time::timeout(FINAL_READ, async {
                             while let Ok(n @ 1..) = r.read(&mut buf).await {
-                                self.publish(&buf[..n]);
+                                feed.push(self, &buf[..n]);
                             }
                         })
                         .await;
+                        feed.skip.get_or_insert(0);
+                        feed.release(self);
                         return;
                     }
                 }
+            }
+            // What this connection published ends at its start plus what it received.
+            seen_end = match start_known {
+                Some(Some(s)) => Some(s + feed.received),
+                _ => None,
+            };
+            if feed.held.is_some() {
+                feed.skip.get_or_insert(0);
+                feed.release(self);
             }
             tokio::select! {
                 _ = stopped(&mut stop) => return,
@@ -232,7 +373,13 @@ mod tests {
         let listener = UnixListener::bind(&path).unwrap();
         let console = Console::new(8);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        console.pump(Source::Socket(path.clone()), stop_rx);
+        console.pump(
+            Source::Socket {
+                serial: path.clone(),
+                control: None,
+            },
+            stop_rx,
+        );
         let (mut guest, _) = listener.accept().await.unwrap();
 
         let mut early = console.attach(false);

@@ -83,7 +83,7 @@ fn file_plan(spec: &VmSpec) -> Vec<PlannedFile<'_>> {
 }
 
 /// The contract's rate limit for a spec's.
-fn rate_limit(rl: Option<&quantix_proto::v1::RateLimit>) -> quantix_vmm_api::RateLimit {
+pub(crate) fn rate_limit(rl: Option<&quantix_proto::v1::RateLimit>) -> quantix_vmm_api::RateLimit {
     rl.map(|rl| quantix_vmm_api::RateLimit {
         bytes_per_sec: rl.bytes_per_sec,
         bytes_burst: rl.bytes_burst,
@@ -1178,7 +1178,10 @@ impl Manager {
         let (exit_tx, exit_rx) = watch::channel(None);
         let (stop_console, stop_rx) = watch::channel(false);
         let source = if self.console_socket {
-            Source::Socket(paths.serial_socket())
+            Source::Socket {
+                serial: paths.serial_socket(),
+                control: Some(paths.api_socket()),
+            }
         } else {
             Source::File(paths.serial_file())
         };
@@ -1510,7 +1513,17 @@ impl Manager {
         } else {
             control::call::<ctl::Resume>(&socket, PAUSE_LIMIT).await
         };
-        reply.map_err(|e| AgentError::Internal(format!("cannot {op} VM {id:?}: {e}")))?;
+        reply.map_err(|e| {
+            let why = format!("cannot {op} VM {id:?}: {e}");
+            match e {
+                // Not reached or no answer in time: the VMM may be busy; a retry may pass.
+                control::ControlError::Connect { .. }
+                | control::ControlError::Timeout { .. }
+                | control::ControlError::NoReply { .. } => AgentError::Unavailable(why),
+                // The VMM refused or failed it: its reason is in the message.
+                _ => AgentError::Internal(why),
+            }
+        })?;
         self.commit(
             &mut vm,
             to,

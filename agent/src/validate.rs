@@ -198,16 +198,10 @@ pub fn spec<'a>(spec: Option<&'a VmSpec>, allowed: &Allowed) -> Result<&'a VmSpe
     }
     for (i, d) in spec.disks.iter().enumerate() {
         image_file(dirs, &format!("spec.disks[{i}].path"), &d.path, true, false)?;
-        if let Some(rl) = &d.rate_limit {
-            if (rl.bytes_burst > 0 && rl.bytes_per_sec == 0)
-                || (rl.ops_burst > 0 && rl.ops_per_sec == 0)
-            {
-                return Err(AgentError::invalid(
-                    format!("spec.disks[{i}].rate_limit"),
-                    "a burst needs its rate (bytes_burst with bytes_per_sec, ops_burst with ops_per_sec)",
-                ));
-            }
-        }
+        rate_limit(
+            &format!("spec.disks[{i}].rate_limit"),
+            d.rate_limit.as_ref(),
+        )?;
         if quantix_proto::v1::DiskEngine::try_from(d.engine).is_err() {
             return Err(AgentError::invalid(
                 format!("spec.disks[{i}].engine"),
@@ -226,6 +220,7 @@ pub fn spec<'a>(spec: Option<&'a VmSpec>, allowed: &Allowed) -> Result<&'a VmSpe
         }
     }
     for (i, n) in spec.nics.iter().enumerate() {
+        rate_limit(&format!("spec.nics[{i}].rate_limit"), n.rate_limit.as_ref())?;
         if n.tap.is_empty()
             || n.tap.len() > TAP_NAME_MAX
             || !quantix_hostfs::tap::valid_name(&n.tap)
@@ -315,6 +310,17 @@ pub fn label(field: &str, key: &str, value: &str) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// A disk's or card's rate limit, by the VMM's own rule.
+fn rate_limit(field: &str, rl: Option<&quantix_proto::v1::RateLimit>) -> Result<(), AgentError> {
+    if crate::manager::rate_limit(rl).burst_without_rate() {
+        return Err(AgentError::invalid(
+            field,
+            "a burst needs its rate (bytes_burst with bytes_per_sec, ops_burst with ops_per_sec)",
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,6 +396,43 @@ mod tests {
         assert_eq!(field_of(check(Some(&s)).unwrap_err()), "spec.disks");
         s.rng = Some(false);
         check(Some(&s)).unwrap();
+    }
+
+    #[test]
+    fn a_burst_needs_its_rate_on_disks_and_cards() {
+        use quantix_proto::v1::RateLimit;
+        let burst_only = RateLimit {
+            bytes_burst: 1 << 20,
+            ..Default::default()
+        };
+        let mut s = good();
+        s.disks = vec![quantix_proto::v1::Disk {
+            path: std::env::current_exe().unwrap().display().to_string(),
+            readonly: true,
+            rate_limit: Some(burst_only),
+            ..Default::default()
+        }];
+        assert_eq!(
+            field_of(check(Some(&s)).unwrap_err()),
+            "spec.disks[0].rate_limit"
+        );
+        s.disks[0].rate_limit = Some(RateLimit {
+            bytes_per_sec: 1 << 20,
+            ..burst_only
+        });
+        check(Some(&s)).unwrap();
+        s.nics = vec![Nic {
+            tap: "qx0".into(),
+            rate_limit: Some(RateLimit {
+                ops_burst: 100,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+        assert_eq!(
+            field_of(check(Some(&s)).unwrap_err()),
+            "spec.nics[0].rate_limit"
+        );
     }
 
     #[test]

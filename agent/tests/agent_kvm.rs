@@ -774,6 +774,60 @@ async fn killed_agent_readopts_running_vms_and_reports_the_dead_one() {
     assert_eq!(state(&three), VmState::Failed);
     let exit = three.status.unwrap().last_exit.unwrap();
     assert_eq!(exit.reason, "lost", "{exit:?}");
+    // The console history from before the agent's restart is back (the VMM replays its
+    // newest 64 KiB to the new agent), once: the guest printed it once, at boot.
+    let history = console_until(&mut c, "one", "hello from guest", LIMIT).await;
+    assert_eq!(history.matches("hello from guest").count(), 1, "{history}");
+    let history = console_until(&mut c, "two", "echo ready", LIMIT).await;
+    assert_eq!(history.matches("echo ready").count(), 1, "{history}");
+    // Another client takes the serial socket (as an operator's socat would) and gets the
+    // same history; the agent, displaced, reconnects and skips what it has already.
+    use tokio_stream::StreamExt;
+    let serial = api_socket(&dir.join("state"), "one").with_file_name("serial.sock");
+    let before = serial_connections(&dir.join("state"), "one");
+    {
+        use std::io::Read;
+        let mut other = std::os::unix::net::UnixStream::connect(&serial).unwrap();
+        other
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("hello from guest") {
+            let n = other.read(&mut buf).unwrap();
+            assert!(n > 0, "the serial socket closed before its history");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    // The agent reconnects 20 ms after it is displaced: the VMM has counted that once it
+    // has accepted two connections more than before ours.
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let (_tx, mut out) = common::attach_console(&mut c, "one", true).await;
+        let replay = tokio::time::timeout(Duration::from_secs(1), out.next()).await;
+        let replay = match replay {
+            Ok(Some(Ok(m))) => String::from_utf8_lossy(&m.data).into_owned(),
+            _ => String::new(),
+        };
+        assert_eq!(replay.matches("hello from guest").count(), 1, "{replay}");
+        if serial_connections(&dir.join("state"), "one") >= before + 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Once reconnected, still once.
+    let (_tx, mut out) = common::attach_console(&mut c, "one", true).await;
+    let m = tokio::time::timeout(LIMIT, out.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let replay = String::from_utf8_lossy(&m.data).into_owned();
+    assert_eq!(replay.matches("hello from guest").count(), 1, "{replay}");
     assert!(exit.failure);
 
     // Re-adopted VMs are fully controllable, and their exits are noticed.

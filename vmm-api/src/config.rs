@@ -145,8 +145,8 @@ impl RateLimit {
         self.bytes_per_sec > 0 || self.ops_per_sec > 0
     }
 
-    /// Whether a burst is given without its rate.
-    fn burst_without_rate(&self) -> bool {
+    /// Whether a burst is given without its rate (refused: a burst refills at its rate).
+    pub fn burst_without_rate(&self) -> bool {
         (self.bytes_burst > 0 && self.bytes_per_sec == 0)
             || (self.ops_burst > 0 && self.ops_per_sec == 0)
     }

@@ -47,6 +47,23 @@ pub fn vmm_state(state_dir: &Path, id: &str) -> String {
     v["state"].as_str().unwrap_or_default().to_string()
 }
 
+/// The connections a VM's serial socket has accepted, from its VMM's control socket.
+pub fn serial_connections(state_dir: &Path, id: &str) -> u64 {
+    use std::io::{BufRead, BufReader, Write};
+    let sock = api_socket(state_dir, id);
+    let mut stream = std::os::unix::net::UnixStream::connect(&sock)
+        .unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+    stream.write_all(b"{\"op\":\"metrics\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    v["endpoints"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["device"] == "serial"))
+        .and_then(|e| e["connections"].as_u64())
+        .unwrap_or_default()
+}
+
 /// A VM's control socket (in its jail's private directory).
 pub fn api_socket(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join("vms").join(id).join("root/run/api.sock")
