@@ -25,6 +25,10 @@ use crate::metrics::ApiMetrics;
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The services' shared state.
+/// The largest console output message: well under the 4 MiB that gRPC clients accept by
+/// default.
+pub const REPLAY_CHUNK_BYTES: usize = 256 * 1024;
+
 #[derive(Clone)]
 pub struct Api {
     manager: Arc<Manager>,
@@ -388,16 +392,21 @@ impl VmService for Api {
             }
         });
         tokio::spawn(async move {
-            if !view.replay.is_empty()
-                && tx
+            // The ring may hold up to 16 MiB; gRPC clients refuse messages over 4 MiB by
+            // default: the replay goes in chunks.
+            let replay = std::mem::take(&mut view.replay);
+            for chunk in replay.chunks(REPLAY_CHUNK_BYTES) {
+                if tx
                     .send(Ok(ConsoleOutput {
-                        data: std::mem::take(&mut view.replay),
+                        data: chunk.to_vec(),
                     }))
                     .await
                     .is_err()
-            {
-                return;
+                {
+                    return;
+                }
             }
+            drop(replay);
             loop {
                 tokio::select! {
                     got = view.live.recv() => match got {
