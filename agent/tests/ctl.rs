@@ -220,6 +220,18 @@ fn quantixctl_lifecycle_output_and_exit_statuses() {
         .output()
         .unwrap();
     assert_eq!(unreachable.status.code(), Some(8), "{unreachable:?}");
+    let said = String::from_utf8_lossy(&unreachable.stderr);
+    assert!(said.contains("no such socket"), "{said}");
+    // A socket file nobody listens on (an agent that died): refused, and said so.
+    let stale = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let refused = Command::new(bin("quantixctl"))
+        .args(["--agent", &format!("unix:{}", stale.display()), "list"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(8), "{refused:?}");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("connection refused"), "{said}");
 
     // Events: the stop shows up. The agent keeps no event history, so stop only once the
     // watcher is subscribed: its first line, the VM's current state, proves it.

@@ -258,6 +258,18 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The kind of the first I/O error among `e`'s causes.
+fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        cur = c.source();
+    }
+    None
+}
+
 async fn connect(addr: &str, tls: &TlsFiles) -> Result<Channel, Failure> {
     if let Some(path) = addr.strip_prefix("unix:") {
         let path = PathBuf::from(path);
@@ -274,15 +286,8 @@ async fn connect(addr: &str, tls: &TlsFiles) -> Result<Channel, Failure> {
             }))
             .await
             .map_err(|e| {
-                let mut denied = false;
-                let mut cur: Option<&dyn std::error::Error> = Some(&e);
-                while let Some(c) = cur {
-                    denied |= c
-                        .downcast_ref::<std::io::Error>()
-                        .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied);
-                    cur = c.source();
-                }
-                if denied {
+                let kind = io_kind(&e);
+                if kind == Some(std::io::ErrorKind::PermissionDenied) {
                     fail(
                         status::PERMISSION_DENIED,
                         format!(
@@ -292,9 +297,22 @@ async fn connect(addr: &str, tls: &TlsFiles) -> Result<Channel, Failure> {
                         ),
                     )
                 } else {
+                    let why = match kind {
+                        Some(std::io::ErrorKind::NotFound) => {
+                            "no such socket (is quantix-agent running, with this state \
+                             directory? --agent or $QUANTIX_AGENT choose another)"
+                                .to_string()
+                        }
+                        Some(std::io::ErrorKind::ConnectionRefused) => {
+                            "connection refused (the socket file is there but no agent \
+                             listens: it is not running, or is restarting)"
+                                .to_string()
+                        }
+                        _ => chain(&e),
+                    };
                     fail(
                         status::UNAVAILABLE,
-                        format!("cannot reach the agent at unix:{display}: {}", chain(&e)),
+                        format!("cannot reach the agent at unix:{display}: {why}"),
                     )
                 }
             })
