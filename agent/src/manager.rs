@@ -1001,8 +1001,9 @@ impl Manager {
         };
         if let Err(e) = crate::jail::prepare_root(
             &paths.root(),
-            // SAFETY: geteuid and getegid cannot fail.
+            // SAFETY: geteuid cannot fail and touches no memory.
             uid.unwrap_or_else(|| unsafe { libc::geteuid() }),
+            // SAFETY: getegid cannot fail and touches no memory.
             uid.unwrap_or_else(|| unsafe { libc::getegid() }),
         ) {
             if let Some(u) = uid {

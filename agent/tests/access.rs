@@ -1,6 +1,9 @@
 //! Who may call the agent: real agent processes, real `quantixctl` processes run as other
 //! users, real certificates for mutual TLS.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -1,6 +1,9 @@
 //! The agent end to end on this host's /dev/kvm: a real agent process, real quantix-vmm
 //! processes running hand-made guests, and a real gRPC client.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashMap;

@@ -2,6 +2,9 @@
 //! the agent starts in a delegated cgroup v2 group, and killing every process of the
 //! agent's own group (`cgroup.kill`) leaves its VMs running; the next agent re-adopts them.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -1,5 +1,8 @@
 //! `quantixctl` against a real agent: tables, JSON, spec files and exit statuses.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::{Command, Output};

@@ -2,6 +2,9 @@
 //! agent and inherited by the VMM; images locked while a VM uses them. A real agent, real
 //! VMMs with hand-made guests on this host's /dev/kvm, a real gRPC client.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;

@@ -1,6 +1,9 @@
 //! Every VMM the agent starts is jailed: checked from outside through /proc, on a real agent
 //! with a hand-made guest on this host's /dev/kvm.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::unix::fs::MetadataExt;

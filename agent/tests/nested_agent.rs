@@ -8,6 +8,9 @@
 //! both connection directions, all checked with SHA-256 at both ends; the VMM meanwhile runs
 //! as an unprivileged uid under seccomp. See docs/testing.md.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use quantix_sandbox::{

@@ -1,6 +1,9 @@
 //! The proto is usable from another language: a Python client generated from proto/ by
 //! grpcio-tools drives a VM's lifecycle through a real agent.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;

@@ -2,6 +2,9 @@
 //! `grpc_health_probe` ask) and server reflection (what `grpcurl` uses), through real
 //! gRPC clients on the agent's Unix socket.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

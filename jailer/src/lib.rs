@@ -222,9 +222,11 @@ fn child(
         )))?;
         sys::no_new_privs().map_err(step("PR_SET_NO_NEW_PRIVS"))?;
         sys::check_no_caps().map_err(step("capabilities left after the uid change"))?;
-        Err(sys::execveat(exec.as_raw_fd(), argv, envp)
-            .map_err(step(format!("executing {}", spec.exec.display())))
-            .unwrap_err())
+        // execveat returns only when it failed.
+        match sys::execveat(exec.as_raw_fd(), argv, envp) {
+            Err(e) => Err(step(format!("executing {}", spec.exec.display()))(e)),
+            Ok(()) => Err(JailError::Invalid("exec returned".into())),
+        }
     })();
     match r {
         Err(e) => e,

@@ -1,6 +1,9 @@
 //! The jail as the kernel reports it: a real `quantix-jailer` running a real program, checked
 //! through /proc from outside.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

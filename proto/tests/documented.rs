@@ -2,6 +2,9 @@
 //! comment: the `.proto` is the reference a control-plane author reads (and what
 //! `grpcurl describe` shows).
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 

@@ -3,6 +3,9 @@
 //! guest initramfs, whose `QX-GUEST-INIT` line comes back through the
 //! frames. Benchmarks reuse this setup (`guest_qemu_job`).
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use quantix_sandbox::{paths, GuestInit, Job, Payload, Sandbox};

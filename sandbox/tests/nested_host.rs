@@ -2,6 +2,9 @@
 //! and checks the job protocol end to end. Needs the assets of
 //! `scripts/sandbox-assets`; without them these tests fail and say so.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use quantix_sandbox::{InfraFailure, Job, Payload, Sandbox, SandboxError};

@@ -98,8 +98,8 @@ impl SignalWatcher {
                 source: io::Error::last_os_error(),
             });
         }
-        // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
         Ok(Self {
+            // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             exit,
         })

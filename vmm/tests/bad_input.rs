@@ -1,5 +1,8 @@
 //! Bad input gets a clear message and a non-zero exit status, never a panic.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;

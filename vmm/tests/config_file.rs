@@ -1,6 +1,9 @@
 //! `quantix-vmm --config FILE`: the shared configuration type boots the same VM as the
 //! flags, and a bad file is refused with the reason, on this host's /dev/kvm.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::Write;

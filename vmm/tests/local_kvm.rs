@@ -1,6 +1,9 @@
 //! The real `quantix-vmm` process on this host's /dev/kvm with small hand-made guests:
 //! the vCPU run loop, port I/O exits, the serial port and every way a VM ends.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -4,6 +4,9 @@
 //! the VMM with status 0. 16 vCPUs is the least the MADT must bring online.
 //! See docs/testing.md.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use quantix_sandbox::{build, paths, GuestInit, Job, JobResult, Payload, Sandbox};

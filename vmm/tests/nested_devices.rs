@@ -2,6 +2,9 @@
 //! devices through ACPI (`LNRO0005`, loaded from its initramfs as modules) and uses them.
 //! See docs/devices.md and docs/testing.md.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use quantix_sandbox::{paths, Job, Sandbox, SandboxConfig};

@@ -9,6 +9,9 @@
 //! naming that block: the verifier can fail (its unit tests in `benches/src/pattern.rs`
 //! and `benches/src/blockio.rs` cover each kind of corruption).
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use quantix_sandbox::{build, paths, Job, Payload, Sandbox};

@@ -12,6 +12,9 @@
 //! registers are lost (AMD), and the trace must hold exactly that shutdown with the
 //! guest RIP of the `ud2`: proof that the checks above can see a triple fault.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -3,6 +3,9 @@
 //! connection directions, more than 1 MiB each way on each connection, checked with
 //! SHA-256 at both ends. See docs/devices.md (vsock) and docs/testing.md.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use quantix_sandbox::{build, paths, Job, Sandbox};

@@ -2,6 +2,9 @@
 //! the launcher) run under the device filter, and disk I/O works under it with both engines.
 //! Runs in a child process of its own: a refusal ends the whole process.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 
 fn child_main() {

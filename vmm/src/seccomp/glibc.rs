@@ -87,10 +87,8 @@ mod tests {
         sa.sa_sigaction = count as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO;
         // SAFETY: a valid sigaction; the old one is not kept.
-        assert_eq!(
-            unsafe { libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) },
-            0
-        );
+        let installed = unsafe { libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) };
+        assert_eq!(installed, 0);
         let mut rules = BTreeMap::new();
         rules.insert(libc::SYS_openat, Vec::<SeccompRule>::new());
         let filter = SeccompFilter::new(
