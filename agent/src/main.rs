@@ -278,6 +278,9 @@ async fn run(cfg: Config) -> Result<(), String> {
     );
     let api = Api::new(manager.clone(), api_metrics.clone(), policy);
     let health = services::Health::new().await;
+    // The VMs are recovered: the agent takes calls from its first connection on (a probe
+    // that saw NOT_SERVING between listening and this point would be wrong).
+    health.serving().await;
 
     let sock = cfg.socket_path();
     let unix = listen::bind_unix(&sock, socket_gid).map_err(|e| e.to_string())?;
@@ -346,7 +349,6 @@ async fn run(cfg: Config) -> Result<(), String> {
             Err(e) => error!(addr = %cfg.metrics_listen, error = %e, "cannot serve metrics"),
         }
     }
-    health.serving().await;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
     tokio::select! {
