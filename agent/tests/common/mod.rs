@@ -34,29 +34,31 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// The state a VM's own VMM reports on its control socket (`running`, `paused`...).
-pub fn vmm_state(state_dir: &Path, id: &str) -> String {
+/// One request to a VM's VMM on its control socket, and its reply line as JSON.
+pub fn vmm_reply(
+    state_dir: &Path,
+    id: &str,
+    request: quantix_vmm_api::control::Request,
+) -> serde_json::Value {
     use std::io::{BufRead, BufReader, Write};
     let sock = api_socket(state_dir, id);
     let mut stream = std::os::unix::net::UnixStream::connect(&sock)
         .unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
-    stream.write_all(b"{\"op\":\"state\"}\n").unwrap();
+    stream.write_all(request.to_line().as_bytes()).unwrap();
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+/// The state a VM's own VMM reports on its control socket (`running`, `paused`...).
+pub fn vmm_state(state_dir: &Path, id: &str) -> String {
+    let v = vmm_reply(state_dir, id, quantix_vmm_api::control::Request::State {});
     v["state"].as_str().unwrap_or_default().to_string()
 }
 
 /// The connections a VM's serial socket has accepted, from its VMM's control socket.
 pub fn serial_connections(state_dir: &Path, id: &str) -> u64 {
-    use std::io::{BufRead, BufReader, Write};
-    let sock = api_socket(state_dir, id);
-    let mut stream = std::os::unix::net::UnixStream::connect(&sock)
-        .unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
-    stream.write_all(b"{\"op\":\"metrics\"}\n").unwrap();
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let v = vmm_reply(state_dir, id, quantix_vmm_api::control::Request::Metrics {});
     v["endpoints"]
         .as_array()
         .and_then(|e| e.iter().find(|e| e["device"] == "serial"))
