@@ -4,8 +4,9 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use tracing::warn;
-use vm_superio::serial::{Error as SerialError, SerialEvents};
+use vm_superio::serial::{Error as SerialError, SerialEvents, SerialState};
 use vm_superio::Serial;
 
 use super::IrqTrigger;
@@ -46,6 +47,46 @@ impl SerialEvents for CountingEvents {
         self.0.tx_lost.fetch_add(1, Ordering::Relaxed);
     }
     fn in_buffer_empty(&self) {}
+}
+
+/// The UART's registers and receive FIFO, as saved in a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+    /// Received bytes the guest has not read yet (at most [`FIFO_SIZE`]).
+    pub in_buffer: Vec<u8>,
+}
+
+/// Size of the UART's receive FIFO.
+pub const FIFO_SIZE: usize = 64;
+
+/// Why a saved UART state was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SerialStateError {
+    /// More received bytes than the FIFO holds.
+    #[error("saved serial state holds {0} received bytes; the FIFO holds {FIFO_SIZE}")]
+    FifoOverflow(usize),
+    /// The interrupt line could not be re-raised or its eventfd duplicated.
+    #[error("serial interrupt: {0}")]
+    Interrupt(String),
 }
 
 /// Where the guest's serial output goes.
@@ -117,6 +158,66 @@ impl SerialDevice {
     pub fn flush(&mut self) {
         let _ = self.uart.writer_mut().flush();
     }
+
+    /// The registers and the receive FIFO (the guest must not be running).
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Puts the UART in a saved state, keeping its sink, interrupt and counters; a
+    /// pending interrupt is raised again. A refused state leaves the UART as it was.
+    pub fn restore(&mut self, saved: &SerialSnapshot) -> Result<(), SerialStateError> {
+        if saved.in_buffer.len() > FIFO_SIZE {
+            return Err(SerialStateError::FifoOverflow(saved.in_buffer.len()));
+        }
+        let state = SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let irq = self
+            .uart
+            .interrupt_evt()
+            .eventfd()
+            .try_clone()
+            .map_err(|e| SerialStateError::Interrupt(e.to_string()))?;
+        let events = self.uart.events().clone();
+        let placeholder: SerialSink = Box::new(std::io::sink());
+        let mut uart = Serial::from_state(&state, IrqTrigger::new(irq), events, placeholder)
+            .map_err(|e| SerialStateError::Interrupt(format!("{e:?}")))?;
+        std::mem::swap(uart.writer_mut(), self.uart.writer_mut());
+        self.uart = uart;
+        self.update_tx_side_effects();
+        Ok(())
+    }
+
+    fn update_tx_side_effects(&self) {
+        let state = self.uart.state();
+        let effects =
+            state.interrupt_enable & IER_THR_EMPTY != 0 || state.modem_control & MCR_LOOP != 0;
+        // SeqCst: pairs with the VMM's check of its coalescing zone (see quantix-vmm's
+        // coalesced module).
+        self.tx_side_effects.store(effects, Ordering::SeqCst);
+    }
 }
 
 impl BusDevice for SerialDevice {
@@ -140,12 +241,7 @@ impl BusDevice for SerialDevice {
             }
         }
         if matches!(off, IER_OFFSET | LCR_OFFSET | MCR_OFFSET) {
-            let state = self.uart.state();
-            let effects =
-                state.interrupt_enable & IER_THR_EMPTY != 0 || state.modem_control & MCR_LOOP != 0;
-            // SeqCst: pairs with the VMM's check of its coalescing zone (see quantix-vmm's
-            // coalesced module).
-            self.tx_side_effects.store(effects, Ordering::SeqCst);
+            self.update_tx_side_effects();
         }
     }
 }
@@ -218,5 +314,51 @@ mod tests {
         assert!(thri.load(Ordering::Relaxed));
         dev.write(4, &[0x03]);
         assert!(!thri.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_saved_uart_continues_on_a_new_one_and_bad_states_are_refused() {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(IrqTrigger::new(evt), Box::new(std::io::sink()));
+        dev.write(3, &[0x80]); // divisor latch
+        dev.write(0, &[0x01]);
+        dev.write(3, &[0x03]); // 8N1
+        dev.write(1, &[0x03]); // IER: data and THR empty
+        dev.write(7, &[0x5a]); // scratch
+        assert_eq!(dev.enqueue_input(b"abc"), 3);
+        let saved = dev.save();
+        assert_eq!(saved.in_buffer, b"abc");
+        let json = serde_json::to_string(&saved).unwrap();
+
+        let evt2 = EventFd::new(EFD_NONBLOCK).unwrap();
+        let out = Shared::default();
+        let mut other = SerialDevice::new(
+            IrqTrigger::new(evt2.try_clone().unwrap()),
+            Box::new(out.clone()),
+        );
+        other
+            .restore(&serde_json::from_str(&json).unwrap())
+            .unwrap();
+        assert_eq!(other.save(), saved);
+        assert!(
+            evt2.read().unwrap() >= 1,
+            "the pending interrupt is raised again"
+        );
+        assert!(other.tx_side_effects().load(Ordering::Relaxed));
+        let mut b = [0u8];
+        other.read(7, &mut b);
+        assert_eq!(b, [0x5a]);
+        other.read(0, &mut b);
+        assert_eq!(b, [b'a'], "the FIFO goes on where it was");
+        other.write(0, b"z");
+        assert_eq!(&*out.0.lock().unwrap(), b"z", "the sink is kept");
+
+        let mut bad = saved.clone();
+        bad.in_buffer = vec![0; FIFO_SIZE + 1];
+        assert_eq!(
+            other.restore(&bad),
+            Err(SerialStateError::FifoOverflow(FIFO_SIZE + 1))
+        );
+        assert!(serde_json::from_str::<SerialSnapshot>(r#"{"scratch":1,"extra":2}"#).is_err());
     }
 }
