@@ -124,7 +124,6 @@ impl VirtioDevice for Console {
             interrupt: ctx.interrupt,
             sink: self.sink.clone(),
             counters: self.counters.clone(),
-            broken: false,
         };
         self.worker = Some(Worker::spawn_with_fds(
             "virtio-console".into(),
@@ -291,7 +290,6 @@ struct ConsoleHandler {
     interrupt: Arc<Interrupt>,
     sink: Arc<Mutex<ConsoleSink>>,
     counters: Arc<ConsoleCounters>,
-    broken: bool,
 }
 
 /// Copies one transmit request to the sink.
@@ -348,35 +346,23 @@ impl ConsoleHandler {
             None => Ok(()),
         }
     }
-
-    fn guard(&mut self, r: Result<(), QueueError>) {
-        if let Err(e) = r {
-            quantix_devices::guest_warn!("virtio-queue-broken", error = %e, "virtio-console queue is broken; the device needs a reset");
-            self.broken = true;
-            self.interrupt.signal_needs_reset();
-        }
-    }
 }
 
 impl QueueHandler for ConsoleHandler {
-    fn process(&mut self, index: usize) {
-        if self.broken {
-            return;
-        }
-        let r = match index {
+    fn process(&mut self, index: usize) -> Result<(), QueueError> {
+        match index {
             TRANSMIT => self.transmit(),
             RECEIVE => self.receive(),
             _ => Ok(()),
-        };
-        self.guard(r);
+        }
     }
 
-    fn host_event(&mut self, _index: usize) {
-        if self.broken {
-            return;
-        }
-        let r = self.receive();
-        self.guard(r);
+    fn host_event(&mut self, _index: usize) -> Result<(), QueueError> {
+        self.receive()
+    }
+
+    fn interrupt(&self) -> &Interrupt {
+        &self.interrupt
     }
 }
 
@@ -422,14 +408,12 @@ mod tests {
             )),
             sink: Arc::new(Mutex::new(Box::new(out.clone()))),
             counters: Arc::default(),
-            broken: false,
         };
-        h.process(TRANSMIT);
+        h.process(TRANSMIT).unwrap();
         assert_eq!(&*out.0.lock().unwrap(), b"hello hvc0\n");
         assert_eq!(h.counters.tx_bytes.load(Ordering::Relaxed), 11);
         assert_eq!(h.counters.tx_lost.load(Ordering::Relaxed), 1);
         assert_eq!(vq.used().idx().load(), 3);
-        assert!(!h.broken);
     }
 
     fn pipe() -> (OwnedFd, std::fs::File) {
@@ -474,9 +458,8 @@ mod tests {
             )),
             sink: Arc::new(Mutex::new(Box::new(std::io::sink()))),
             counters: Arc::default(),
-            broken: false,
         };
-        h.host_event(0);
+        h.host_event(0).unwrap();
         let mut got = [0u8; 4];
         mem.read_slice(&mut got, GuestAddress(0x8000)).unwrap();
         assert_eq!(&got, b"hell");
@@ -489,8 +472,7 @@ mod tests {
 
         // End of input: what is pending still arrives, then the input is closed.
         drop(write_end);
-        h.host_event(0);
-        assert!(!h.broken);
+        h.host_event(0).unwrap();
         assert_eq!(h.counters.rx_bytes.load(Ordering::Relaxed), 8);
     }
 }

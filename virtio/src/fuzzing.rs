@@ -105,7 +105,6 @@ impl crate::net::FrameIo for MemoryFrames {
 /// virtio-net: the fuzzer's queue is the transmit queue (flag bit 1 clear) or the receive
 /// queue (set), served against frames in memory.
 pub fn net(data: &[u8]) {
-    use crate::worker::QueueHandler;
     let Some(s) = setup(data) else { return };
     let flags = data[8];
     // Frame lengths from the input's last bytes: empty, tiny, header-only, jumbo, oversized.
@@ -123,7 +122,7 @@ pub fn net(data: &[u8]) {
     let (mem, interrupt) = (Arc::new(s.mem), Arc::new(s.interrupt));
     if flags & 2 == 0 {
         let mut h = crate::net::NetHandler::for_fuzzing(mem, idle, s.queue, interrupt, io.clone());
-        h.process(1);
+        crate::worker::dispatch(&mut h, "fuzz", crate::worker::Event::Queue(1));
         let c = h.counters();
         let sent = c.tx_frames.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(
@@ -132,8 +131,8 @@ pub fn net(data: &[u8]) {
         );
     } else {
         let mut h = crate::net::NetHandler::for_fuzzing(mem, s.queue, idle, interrupt, io);
-        h.process(0);
-        h.host_event(0);
+        crate::worker::dispatch(&mut h, "fuzz", crate::worker::Event::Queue(0));
+        crate::worker::dispatch(&mut h, "fuzz", crate::worker::Event::Host(0));
     }
 }
 
@@ -205,7 +204,6 @@ pub fn vsock(data: &[u8]) {
 
 /// [`vsock`], returning the device's counters when the input got that far.
 fn vsock_run(data: &[u8]) -> Option<Arc<crate::vsock::VsockCounters>> {
-    use crate::worker::QueueHandler;
     let s = setup(data)?;
     let (path, listener) = vsock_host_dir()?;
     let mut w = [0u8; 6];
@@ -231,15 +229,14 @@ fn vsock_run(data: &[u8]) -> Option<Arc<crate::vsock::VsockCounters>> {
         counters: counters.clone(),
         buf: vec![0u8; crate::vsock::packet::MAX_PKT_DATA],
         guest_cid: 3,
-        broken: false,
         evt: None,
     };
-    h.process(1);
-    h.process(0);
-    h.host_event(0);
+    crate::worker::dispatch(&mut h, "fuzz", crate::worker::Event::Queue(1));
+    crate::worker::dispatch(&mut h, "fuzz", crate::worker::Event::Queue(0));
+    crate::worker::dispatch(&mut h, "fuzz", crate::worker::Event::Host(0));
     // Host side: take the connections the packets opened, and close them.
     while listener.accept().is_ok() {}
-    h.host_event(0);
+    crate::worker::dispatch(&mut h, "fuzz", crate::worker::Event::Host(0));
     Some(counters)
 }
 

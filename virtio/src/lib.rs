@@ -29,8 +29,17 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-/// Guest memory as devices see it.
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// Guest memory as devices see it: with a dirty bitmap, so that every write a device
+/// makes through vm-memory marks the guest pages it touched (for snapshots and live
+/// migration; the guest's own writes are in KVM's dirty log).
+pub type GuestMemory = GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+/// A reader of a descriptor chain in [`GuestMemory`].
+pub type ChainReader<'a> =
+    virtio_queue::Reader<'a, vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>>;
+/// A writer of a descriptor chain in [`GuestMemory`] (its writes mark the pages dirty).
+pub type ChainWriter<'a> =
+    virtio_queue::Writer<'a, vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>>;
 
 /// Virtio device types (virtio 1.2, 5).
 pub mod device_type {
@@ -143,6 +152,11 @@ impl Interrupt {
     /// How many times a device asked for a reset since the VM started.
     pub fn needs_reset_events(&self) -> u64 {
         self.needs_reset_events.load(Ordering::Relaxed)
+    }
+
+    /// Restores a saved needs-reset flag (not counted as a new event).
+    pub fn restore_needs_reset(&self, needs_reset: bool) {
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
     }
 
     /// Clears everything (device reset).

@@ -324,6 +324,9 @@ pub struct MmioState {
     pub interrupt_status: u32,
     /// Whether the device was serving its queues.
     pub activated: bool,
+    /// Whether the device had found a queue broken and waits for the driver's reset.
+    #[serde(default)]
+    pub needs_reset: bool,
     /// Every queue: configuration and, for the queues the device served, live positions.
     pub queues: Vec<QueueSnapshot>,
     /// The device's own state.
@@ -381,6 +384,7 @@ impl MmioTransport {
             config_generation: self.config_generation,
             interrupt_status: self.interrupt.status(),
             activated: self.activated,
+            needs_reset: self.interrupt.needs_reset(),
             queues: self.queues.iter().map(QueueSnapshot::of).collect(),
             device,
         })
@@ -442,6 +446,7 @@ impl MmioTransport {
         self.queue_sel = state.queue_sel;
         self.config_generation = state.config_generation;
         self.interrupt.restore(state.interrupt_status);
+        self.interrupt.restore_needs_reset(state.needs_reset);
         // Serving starts at `resume`, like a paused device's.
         self.activated = state.activated;
         self.paused = Some(state.device.clone());

@@ -94,7 +94,6 @@ impl VirtioDevice for Rng {
             queue,
             interrupt: ctx.interrupt,
             counters: self.counters.clone(),
-            broken: false,
         };
         self.worker = Some(Worker::spawn("virtio-rng".into(), ctx.queue_evts, handler)?);
         Ok(())
@@ -121,7 +120,6 @@ struct RngHandler {
     queue: Queue,
     interrupt: Arc<Interrupt>,
     counters: Arc<RngCounters>,
-    broken: bool,
 }
 
 /// Fills `buf` from getrandom(2).
@@ -185,17 +183,14 @@ impl RngHandler {
 }
 
 impl QueueHandler for RngHandler {
-    fn process(&mut self, _index: usize) {
-        if self.broken {
-            return;
-        }
-        if let Err(e) = self.process_queue() {
-            // A queue the guest corrupted: stop serving it until the driver resets the device.
-            quantix_devices::guest_warn!("virtio-queue-broken", error = ?e, "virtio-rng queue is broken; the device needs a reset");
-            self.counters.invalid.fetch_add(1, Ordering::Relaxed);
-            self.broken = true;
-            self.interrupt.signal_needs_reset();
-        }
+    fn process(&mut self, _index: usize) -> Result<(), QueueError> {
+        self.process_queue()
+    }
+    fn interrupt(&self) -> &Interrupt {
+        &self.interrupt
+    }
+    fn count_broken(&mut self) {
+        self.counters.invalid.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -207,6 +202,8 @@ mod tests {
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+    use crate::worker::{dispatch, Event};
+
     const VRING_DESC_F_WRITE: u16 = 2;
 
     fn handler(mem: &Arc<GuestMemory>, queue: Queue) -> RngHandler {
@@ -215,7 +212,6 @@ mod tests {
             queue,
             interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
             counters: Arc::default(),
-            broken: false,
         }
     }
 
@@ -233,7 +229,7 @@ mod tests {
         ];
         vq.build_multiple_desc_chains(&descs).unwrap();
         let mut h = handler(&mem, vq.create_queue().unwrap());
-        h.process(0);
+        dispatch(&mut h, "rng", Event::Queue(0));
         let used = vq.used();
         assert_eq!(used.idx().load(), 3);
         let e0 = used.ring().ref_at(0).unwrap().load();
@@ -244,7 +240,7 @@ mod tests {
         assert_eq!(used.ring().ref_at(1).unwrap().load().len(), 0);
         assert_eq!(used.ring().ref_at(2).unwrap().load().len(), 0);
         assert_eq!(h.counters.invalid.load(Ordering::Relaxed), 2);
-        assert!(!h.broken);
+        assert!(!h.interrupt.needs_reset());
     }
 
     #[test]
@@ -254,13 +250,14 @@ mod tests {
         let mut h = handler(&mem, vq.create_queue().unwrap());
         // avail.idx far ahead of anything the driver could have queued.
         vq.avail().idx().store(u16::to_le(1000));
-        h.process(0);
-        assert!(h.broken);
+        dispatch(&mut h, "rng", Event::Queue(0));
+        assert!(h.interrupt.needs_reset());
         assert_eq!(
             h.interrupt.status() & 2,
             2,
             "config interrupt tells the driver"
         );
-        h.process(0); // stays quiet
+        dispatch(&mut h, "rng", Event::Queue(0)); // stays quiet
+        assert_eq!(h.counters.invalid.load(Ordering::Relaxed), 1);
     }
 }

@@ -1,22 +1,70 @@
 //! The thread that serves a device's queues: it sleeps in epoll on the queues'
 //! notification eventfds (registered with KVM as ioeventfds, so a guest notification never
 //! reaches a vCPU thread's user-space side) and on a stop eventfd.
+//!
+//! The worker is also where a corrupt queue is contained, once for every device: a
+//! handler returns a [`QueueError`] when the driver's rings cannot be used, and
+//! [`dispatch`] then marks the device as needing a reset (`DEVICE_NEEDS_RESET`, see
+//! [`Interrupt::signal_needs_reset`]) and stops calling the handler for the guest until
+//! the driver resets the device. The flag lives in the device's [`Interrupt`], which a
+//! reset clears, so that there is one fact for "broken", seen by the transport too.
 
 use crate::threads::Joiner;
 use std::io;
 use std::os::unix::io::AsRawFd;
 
 use tracing::{debug, warn};
+
+use crate::{Interrupt, QueueError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Serves notifications of one device's queues.
 pub trait QueueHandler: Send + 'static {
-    /// Processes what the driver made available in queue `index`.
-    fn process(&mut self, index: usize);
+    /// Processes what the driver made available in queue `index`. An error means the
+    /// queue itself is unusable (see [`dispatch`]); a bad request is not an error.
+    fn process(&mut self, index: usize) -> Result<(), QueueError>;
     /// One of the extra host fds given to [`Worker::spawn_with_fds`] is ready
     /// (edge-triggered: the handler must consume until it would block, or remember).
-    fn host_event(&mut self, _index: usize) {}
+    fn host_event(&mut self, _index: usize) -> Result<(), QueueError> {
+        Ok(())
+    }
+    /// What a broken device still does on host event `index`, where it must not touch
+    /// the queues (a disk takes its completions, so that no I/O is left behind).
+    fn host_event_while_broken(&mut self, _index: usize) {}
+    /// The device's interrupt, which carries the needs-reset flag.
+    fn interrupt(&self) -> &Interrupt;
+    /// Counts a broken queue in the device's own counters, if it has one for it.
+    fn count_broken(&mut self) {}
+}
+
+/// What woke a handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The driver notified queue `i`.
+    Queue(usize),
+    /// Host fd `i` is ready.
+    Host(usize),
+}
+
+/// Hands `event` to `handler`, unless the device is broken; a [`QueueError`] marks it
+/// broken (needs reset) and is logged, rate-limited, as the guest's doing.
+pub fn dispatch<H: QueueHandler + ?Sized>(handler: &mut H, device: &str, event: Event) {
+    if handler.interrupt().needs_reset() {
+        if let Event::Host(i) = event {
+            handler.host_event_while_broken(i);
+        }
+        return;
+    }
+    let result = match event {
+        Event::Queue(i) => handler.process(i),
+        Event::Host(i) => handler.host_event(i),
+    };
+    if let Err(e) = result {
+        quantix_devices::guest_warn!("virtio-queue-broken", device, error = %e, "a virtio queue is broken; the device needs a reset");
+        handler.count_broken();
+        handler.interrupt().signal_needs_reset();
+    }
 }
 
 /// Token offset of extra host fds in the epoll set.
@@ -74,7 +122,7 @@ impl<H: QueueHandler> Worker<H> {
         let thread = crate::threads::spawn(name.clone(), move || {
             // Buffers the driver made available before it notified are served at once.
             for i in 0..queue_evts.len() {
-                handler.process(i);
+                dispatch(&mut handler, &name, Event::Queue(i));
             }
             let mut events = vec![EpollEvent::default(); queue_evts.len() + host_count + 1];
             loop {
@@ -94,13 +142,14 @@ impl<H: QueueHandler> Worker<H> {
                         return handler;
                     }
                     if token >= HOST_TOKEN_BASE {
-                        handler.host_event((token - HOST_TOKEN_BASE) as usize);
+                        let index = (token - HOST_TOKEN_BASE) as usize;
+                        dispatch(&mut handler, &name, Event::Host(index));
                         continue;
                     }
                     let index = token as usize;
                     if let Some(evt) = queue_evts.get(index) {
                         let _ = evt.read();
-                        handler.process(index);
+                        dispatch(&mut handler, &name, Event::Queue(index));
                     }
                 }
             }
@@ -157,11 +206,68 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
 
-    struct Probe(mpsc::Sender<usize>);
+    struct Probe(mpsc::Sender<usize>, Interrupt);
     impl QueueHandler for Probe {
-        fn process(&mut self, index: usize) {
+        fn process(&mut self, index: usize) -> Result<(), QueueError> {
             let _ = self.0.send(index);
+            Ok(())
         }
+        fn interrupt(&self) -> &Interrupt {
+            &self.1
+        }
+    }
+
+    fn interrupt() -> Interrupt {
+        Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())
+    }
+
+    /// Fails queue 0 always; counts calls, and host events while broken.
+    #[derive(Default)]
+    struct Failing {
+        calls: usize,
+        broken_host_events: usize,
+        counted: usize,
+        irq: Option<Interrupt>,
+    }
+    impl QueueHandler for Failing {
+        fn process(&mut self, index: usize) -> Result<(), QueueError> {
+            self.calls += 1;
+            match index {
+                0 => Err(QueueError::AvailRingUnreadable),
+                _ => Ok(()),
+            }
+        }
+        fn host_event_while_broken(&mut self, _: usize) {
+            self.broken_host_events += 1;
+        }
+        fn interrupt(&self) -> &Interrupt {
+            self.irq.as_ref().unwrap()
+        }
+        fn count_broken(&mut self) {
+            self.counted += 1;
+        }
+    }
+
+    #[test]
+    fn a_broken_queue_stops_the_device_until_a_reset() {
+        let mut h = Failing {
+            irq: Some(interrupt()),
+            ..Default::default()
+        };
+        dispatch(&mut h, "test", Event::Queue(1));
+        assert!(!h.interrupt().needs_reset());
+        dispatch(&mut h, "test", Event::Queue(0));
+        assert!(h.interrupt().needs_reset());
+        assert_eq!((h.calls, h.counted), (2, 1));
+        assert_eq!(h.interrupt().needs_reset_events(), 1);
+        // Broken: the guest's queues are no longer served; host work still runs.
+        dispatch(&mut h, "test", Event::Queue(1));
+        dispatch(&mut h, "test", Event::Host(0));
+        assert_eq!((h.calls, h.broken_host_events), (2, 1));
+        // A device reset clears the flag and the handler is called again.
+        h.interrupt().clear();
+        dispatch(&mut h, "test", Event::Queue(1));
+        assert_eq!(h.calls, 3);
     }
 
     #[test]
@@ -171,7 +277,7 @@ mod tests {
             .collect();
         let notify: Vec<EventFd> = evts.iter().map(|e| e.try_clone().unwrap()).collect();
         let (tx, rx) = mpsc::channel();
-        let worker = Worker::spawn("test".into(), evts, Probe(tx)).unwrap();
+        let worker = Worker::spawn("test".into(), evts, Probe(tx, interrupt())).unwrap();
         // The initial pass over every queue.
         let mut first: Vec<usize> = (0..2).map(|_| rx.recv().unwrap()).collect();
         first.sort();

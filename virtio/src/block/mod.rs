@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
-use tracing::warn;
+use tracing::{debug, warn};
 use virtio_queue::{Queue, QueueT};
 
 use crate::state::{self, DeviceState, QueueSnapshot, StateError};
@@ -334,7 +334,6 @@ impl VirtioDevice for Block {
             in_flight: Slots::default(),
             engine,
             completions: Vec::new(),
-            broken: false,
             name: self.name.clone(),
             limiter: if self.rate_limit.is_limited() {
                 Some(crate::ratelimit::RateLimiter::new(self.rate_limit)?)
@@ -443,7 +442,6 @@ struct BlockHandler {
     disk: request::Disk,
     in_flight: Slots,
     completions: Vec<(u64, i32)>,
-    broken: bool,
     name: String,
     /// The disk's rate limit, if it has one.
     limiter: Option<crate::ratelimit::RateLimiter>,
@@ -551,41 +549,38 @@ impl BlockHandler {
             }
         }
     }
-
-    fn guard(&mut self, r: Result<(), QueueError>) {
-        if let Err(e) = r {
-            quantix_devices::guest_warn!("virtio-queue-broken", disk = %self.name, error = %e, "virtio-blk queue is broken; the device needs a reset");
-            self.disk.counters.invalid.fetch_add(1, Ordering::Relaxed);
-            self.broken = true;
-            self.interrupt.signal_needs_reset();
-        }
-    }
 }
 
 impl QueueHandler for BlockHandler {
-    fn process(&mut self, _index: usize) {
-        if self.broken {
-            return;
-        }
-        let r = self.process_queue();
-        self.guard(r);
+    fn process(&mut self, _index: usize) -> Result<(), QueueError> {
+        self.process_queue()
     }
 
-    fn host_event(&mut self, index: usize) {
+    fn host_event(&mut self, index: usize) -> Result<(), QueueError> {
         if index == 1 {
             // The rate limiter's timer: the buckets refilled.
             if let Some(l) = self.limiter.as_mut() {
                 l.on_timer();
             }
         }
-        let r = self.reap();
-        if self.broken {
-            return; // completions are still taken, so that no I/O is left behind
-        }
-        self.guard(r);
+        self.reap()?;
         // Requests refused at the in-flight limit can start now.
-        let r = self.process_queue();
-        self.guard(r);
+        self.process_queue()
+    }
+
+    fn host_event_while_broken(&mut self, _index: usize) {
+        // Completions are still taken, so that no I/O is left behind.
+        if let Err(e) = self.reap() {
+            debug!(disk = %self.name, error = %e, "completions of a broken disk not returned to the guest");
+        }
+    }
+
+    fn interrupt(&self) -> &Interrupt {
+        &self.interrupt
+    }
+
+    fn count_broken(&mut self) {
+        self.disk.counters.invalid.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -660,7 +655,6 @@ mod tests {
             },
             in_flight: Slots::default(),
             completions: Vec::new(),
-            broken: false,
             name: "test".into(),
             limiter: None,
             counters: Arc::default(),
@@ -704,7 +698,7 @@ mod tests {
             .unwrap(),
         );
         let start = std::time::Instant::now();
-        h.process(0);
+        h.process(0).unwrap();
         assert_eq!(h.in_flight.used, 2, "the burst, and no more");
         assert!(h.counters.throttled.load(Ordering::Relaxed) >= 1);
         // The rest come through as the timer fires, at about 20 a second.
@@ -725,9 +719,9 @@ mod tests {
             // SAFETY: two pollfds we own.
             unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
             if fds[1].revents != 0 {
-                h.host_event(1);
+                h.host_event(1).unwrap();
             }
-            h.host_event(0);
+            h.host_event(0).unwrap();
             done = vq.used().idx().load();
             assert!(
                 start.elapsed() < std::time::Duration::from_secs(10),
@@ -744,7 +738,7 @@ mod tests {
 
     /// Serves the queue and the engine's completions until `n` requests are used.
     fn drive(h: &mut BlockHandler, vq: &MockSplitQueue<GuestMemory>, n: u16) {
-        h.process(0);
+        h.process(0).unwrap();
         let start = std::time::Instant::now();
         while vq.used().idx().load() < n {
             assert!(start.elapsed().as_secs() < 10, "requests did not complete");
@@ -755,9 +749,8 @@ mod tests {
             };
             // SAFETY: one pollfd we own.
             unsafe { libc::poll(&mut poll, 1, 100) };
-            h.host_event(0);
+            h.host_event(0).unwrap();
         }
-        assert!(!h.broken);
     }
 
     fn many_requests_in_flight(kind: EngineKind) {
@@ -846,7 +839,7 @@ mod tests {
             vq.create_queue().unwrap(),
             Arc::new(file),
         );
-        h.process(0); // submits, does not wait
+        h.process(0).unwrap(); // submits, does not wait
         h.drain();
         assert_eq!(h.in_flight.used, 0);
         assert_eq!(vq.used().idx().load(), REQUESTS as u16);

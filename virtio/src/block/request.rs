@@ -110,6 +110,9 @@ pub(crate) struct IoRequest {
     pub status: GuestAddress,
     /// Discard and write-zeroes: the ranges still to do, the current one first.
     fills: VecDeque<Fill>,
+    /// A read's guest buffers: the engine writes them through raw pointers, which
+    /// vm-memory's dirty bitmap does not see, so they are marked when the read ends.
+    reads_into: Vec<(GuestAddress, usize)>,
 }
 
 /// What a discard or write-zeroes range needs next.
@@ -431,6 +434,7 @@ impl Disk {
                 moved: 0,
                 status,
                 fills,
+                reads_into: Vec::new(),
             });
         }
         let segments = match op {
@@ -440,6 +444,10 @@ impl Disk {
         };
         let mut iovecs = Vec::with_capacity(segments.len());
         let mut len = 0usize;
+        let reads_into = match op {
+            Op::Read => segments.clone(),
+            _ => Vec::new(),
+        };
         for (addr, n) in segments {
             let slice = mem.get_slice(addr, n).ok()?;
             iovecs.push(libc::iovec {
@@ -463,13 +471,18 @@ impl Disk {
             moved: 0,
             status,
             fills: VecDeque::new(),
+            reads_into,
         })
     }
 
     /// The ranges of a well-formed discard or write-zeroes request (its segments follow
     /// the header in `reader`), or `None` for a malformed one, which [`Disk::execute`]
     /// answers with the right status. Empty ranges are left out.
-    fn fills(&self, request: RequestType, reader: &mut Reader) -> Option<VecDeque<Fill>> {
+    fn fills(
+        &self,
+        request: RequestType,
+        reader: &mut crate::ChainReader<'_>,
+    ) -> Option<VecDeque<Fill>> {
         let segments = self.discard_segments(request, reader).ok()?;
         Some(
             segments
@@ -483,7 +496,7 @@ impl Disk {
     fn discard_segments(
         &self,
         request: RequestType,
-        reader: &mut Reader,
+        reader: &mut crate::ChainReader<'_>,
     ) -> Result<Vec<Fill>, Failure> {
         let size = std::mem::size_of::<DiscardSegment>();
         let count = reader.available_bytes() / size;
@@ -573,6 +586,12 @@ impl Disk {
                 Status::IoErr
             }
         };
+        // Even a failed read may have filled part of its buffers.
+        for (addr, n) in &req.reads_into {
+            if let Ok(slice) = mem.get_slice(*addr, *n) {
+                vm_memory::bitmap::Bitmap::mark_dirty(slice.bitmap(), 0, *n);
+            }
+        }
         let _ = mem.write_obj(status as u8, req.status);
         match req.request {
             RequestType::In => req.len as u32 + 1,
@@ -596,8 +615,8 @@ impl Disk {
     fn dispatch(
         &self,
         header: Header,
-        reader: &mut Reader,
-        writer: &mut Writer,
+        reader: &mut crate::ChainReader<'_>,
+        writer: &mut crate::ChainWriter<'_>,
     ) -> Result<(), Failure> {
         match RequestType::from(header.request_type) {
             RequestType::In => {
@@ -875,6 +894,32 @@ mod tests {
     }
 
     #[test]
+    fn a_read_marks_the_guest_pages_it_filled_as_dirty() {
+        use vm_memory::GuestMemoryBackend;
+        let (d, path) = disk(false, 64);
+        let m = mem();
+        header(&m, 0, 0);
+        let vq = MockSplitQueue::new(&m, 16);
+        let chain = vq
+            .build_desc_chain(&[
+                RawDescriptor::from(SplitDescriptor::new(HDR, 16, 0, 0)),
+                RawDescriptor::from(SplitDescriptor::new(DATA, 8192, WRITE, 0)),
+                RawDescriptor::from(SplitDescriptor::new(STATUS, 1, WRITE, 0)),
+            ])
+            .unwrap();
+        let region = m.iter().next().unwrap();
+        let bitmap = std::ops::Deref::deref(region).bitmap();
+        bitmap.reset();
+        let used = super::super::fuzz_execute(&d, &m, chain);
+        assert_eq!(used, 8193);
+        for page in [DATA, DATA + 4096, DATA + 8191] {
+            assert!(bitmap.is_addr_set(page as usize), "{page:#x} not marked");
+        }
+        assert!(!bitmap.is_addr_set((DATA + 3 * 4096) as usize));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn out_of_range_misaligned_readonly_and_unknown_requests_fail_cleanly() {
         let (d, path) = disk(false, 8);
         let m = mem();
@@ -982,6 +1027,7 @@ mod tests {
             moved: 0,
             status: GuestAddress(DATA),
             fills: VecDeque::new(),
+            reads_into: Vec::new(),
         };
         let status = |m: &GuestMemory| m.read_obj::<u8>(GuestAddress(DATA)).unwrap();
         d.complete(&m, &req(Op::Flush), Ok(()));
@@ -1022,6 +1068,7 @@ mod tests {
             moved: 0,
             status: GuestAddress(STATUS),
             fills: VecDeque::from([fill]),
+            reads_into: Vec::new(),
         }
     }
 

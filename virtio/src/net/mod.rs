@@ -192,7 +192,6 @@ impl VirtioDevice for Net {
             counters: self.counters.clone(),
             frame,
             frame_len,
-            broken: false,
             name: self.name.clone(),
             tx_limit: limiter(self.rate_limit)?,
             rx_limit: limiter(self.rate_limit)?,
@@ -274,7 +273,6 @@ pub(crate) struct NetHandler {
     /// A frame read from the TAP, waiting for a receive buffer.
     frame: Vec<u8>,
     frame_len: Option<usize>,
-    broken: bool,
     name: String,
     tx_limit: Option<crate::ratelimit::RateLimiter>,
     rx_limit: Option<crate::ratelimit::RateLimiter>,
@@ -308,7 +306,6 @@ impl NetHandler {
             counters: Arc::default(),
             frame: vec![0u8; MAX_FRAME],
             frame_len: None,
-            broken: false,
             name: "fuzz".into(),
             tx_limit: None,
             rx_limit: None,
@@ -425,33 +422,22 @@ impl NetHandler {
             crate::Served::Done(0)
         })
     }
-
-    fn guard(&mut self, result: Result<(), QueueError>) {
-        if let Err(e) = result {
-            quantix_devices::guest_warn!("virtio-queue-broken", device = %self.name, error = %e, "virtio-net queue is broken; the device needs a reset");
-            self.broken = true;
-            self.interrupt.signal_needs_reset();
-        }
-    }
 }
 
 impl QueueHandler for NetHandler {
-    fn process(&mut self, index: usize) {
-        if self.broken {
-            return;
-        }
-        let r = match index {
+    fn process(&mut self, index: usize) -> Result<(), QueueError> {
+        match index {
             RX => self.receive(),
             TX => self.transmit(),
             _ => Ok(()),
-        };
-        self.guard(r);
+        }
     }
 
-    fn host_event(&mut self, index: usize) {
-        if self.broken {
-            return;
-        }
+    fn interrupt(&self) -> &Interrupt {
+        &self.interrupt
+    }
+
+    fn host_event(&mut self, index: usize) -> Result<(), QueueError> {
         // 0: the TAP; then the tx limit's timer (if any), then the rx limit's.
         let tx_timer = self.tx_limit.as_ref().map(|_| 1);
         let rx_timer = self
@@ -462,17 +448,14 @@ impl QueueHandler for NetHandler {
             if let Some(l) = self.tx_limit.as_mut() {
                 l.on_timer();
             }
-            let r = self.transmit();
-            self.guard(r);
-            return;
+            return self.transmit();
         }
         if Some(index) == rx_timer {
             if let Some(l) = self.rx_limit.as_mut() {
                 l.on_timer();
             }
         }
-        let r = self.receive();
-        self.guard(r);
+        self.receive()
     }
 }
 
@@ -542,7 +525,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        h.process(TX);
+        h.process(TX).unwrap();
         assert_eq!(io.0.load(Ordering::Relaxed), 2, "the burst, and no more");
         assert!(h.counters.throttled.load(Ordering::Relaxed) >= 1);
         // The tx limiter's timer (host event 1) lets the rest through as it refills.
@@ -555,7 +538,7 @@ mod tests {
             };
             // SAFETY: one pollfd we own.
             unsafe { libc::poll(&mut p, 1, 200) };
-            h.host_event(1);
+            h.host_event(1).unwrap();
             assert!(start.elapsed() < std::time::Duration::from_secs(10));
         }
         assert!(start.elapsed() >= std::time::Duration::from_millis(60));

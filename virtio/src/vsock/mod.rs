@@ -256,7 +256,6 @@ impl VirtioDevice for Vsock {
             counters: self.counters.clone(),
             buf: vec![0u8; MAX_PKT_DATA],
             guest_cid: self.cid,
-            broken: false,
             evt: None,
         };
         let mut handler = handler;
@@ -349,7 +348,6 @@ pub(crate) struct VsockHandler {
     pub(crate) counters: Arc<VsockCounters>,
     pub(crate) buf: Vec<u8>,
     pub(crate) guest_cid: u64,
-    pub(crate) broken: bool,
     /// The event queue (transport resets).
     pub(crate) evt: Option<Queue>,
 }
@@ -478,15 +476,6 @@ impl VsockHandler {
         self.muxer.kick();
         Ok(())
     }
-
-    fn guard(&mut self, r: Result<(), QueueError>) {
-        if let Err(e) = r {
-            quantix_devices::guest_warn!("virtio-queue-broken", error = %e, "virtio-vsock queue is broken; the device needs a reset");
-            self.counters.queue_errors.fetch_add(1, Ordering::Relaxed);
-            self.broken = true;
-            self.interrupt.signal_needs_reset();
-        }
-    }
 }
 
 impl VsockHandler {
@@ -519,24 +508,23 @@ impl VsockHandler {
 }
 
 impl QueueHandler for VsockHandler {
-    fn process(&mut self, index: usize) {
-        if self.broken {
-            return;
+    fn process(&mut self, index: usize) -> Result<(), QueueError> {
+        if index == TX {
+            self.process_tx()?;
         }
-        let r = match index {
-            TX => self.process_tx(),
-            _ => Ok(()),
-        };
-        let r = r.and_then(|()| self.run());
-        self.guard(r);
+        self.run()
     }
 
-    fn host_event(&mut self, _index: usize) {
-        if self.broken {
-            return;
-        }
-        let r = self.run();
-        self.guard(r);
+    fn host_event(&mut self, _index: usize) -> Result<(), QueueError> {
+        self.run()
+    }
+
+    fn interrupt(&self) -> &Interrupt {
+        &self.interrupt
+    }
+
+    fn count_broken(&mut self) {
+        self.counters.queue_errors.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -17,7 +17,7 @@ use super::connection::CONN_BUF_SIZE;
 use super::muxer::{Muxer, FIRST_LOCAL_PORT};
 use super::packet::{op, shutdown, Header, HDR_LEN, HOST_CID, MAX_PKT_DATA, TYPE_STREAM};
 use super::*;
-use crate::worker::QueueHandler;
+use crate::worker::{dispatch, Event};
 
 const CID: u64 = 3;
 const QSIZE: u16 = 256;
@@ -145,7 +145,6 @@ impl Guest {
             counters,
             buf: vec![0u8; MAX_PKT_DATA],
             guest_cid: CID,
-            broken: false,
             evt: None,
         };
         Guest {
@@ -178,15 +177,15 @@ impl Guest {
                 ],
             );
         }
-        self.h.process(RX);
+        dispatch(&mut self.h, "vsock", Event::Queue(RX));
     }
 
     /// Sends a raw chain of (bytes, as one readable descriptor each).
     fn send_raw(&mut self, descs: &[(u64, u32, u16)]) {
         self.tx.push(&self.mem, descs);
-        self.h.process(TX);
+        dispatch(&mut self.h, "vsock", Event::Queue(TX));
         let used = self.tx.used(&self.mem);
-        assert!(!self.h.broken, "queue broken");
+        assert!(!self.h.interrupt.needs_reset(), "queue broken");
         assert_eq!(used.len(), 1, "the tx chain is completed");
     }
 
@@ -230,7 +229,7 @@ impl Guest {
         let start = Instant::now();
         loop {
             self.post_rx(64);
-            self.h.host_event(0);
+            dispatch(&mut self.h, "vsock", Event::Host(0));
             let pkts = self.received();
             if done(self, pkts) {
                 return;
@@ -525,7 +524,10 @@ fn hostile_packets_are_counted_and_answered_with_rst_where_due() {
         }
         last == Some(op::RST)
     });
-    assert!(!g.h.broken, "bad packets never break the device");
+    assert!(
+        !g.h.interrupt.needs_reset(),
+        "bad packets never break the device"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -665,10 +667,12 @@ fn a_corrupt_tx_ring_breaks_the_queue_without_panicking() {
     let dir = temp_dir();
     let mut g = Guest::new(&dir.join("v.sock"), None);
     g.tx.set_avail_idx(&g.mem, 1000);
-    g.h.process(TX);
-    assert!(g.h.broken);
+    dispatch(&mut g.h, "vsock", Event::Queue(TX));
+    assert!(g.h.interrupt.needs_reset());
     assert_eq!(g.counters().queue_errors.load(Ordering::Relaxed), 1);
-    g.h.process(TX);
+    // Broken: left alone until the driver resets the device.
+    dispatch(&mut g.h, "vsock", Event::Queue(TX));
+    assert_eq!(g.counters().queue_errors.load(Ordering::Relaxed), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
