@@ -14,6 +14,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
+pub use crate::control::{PauseControl, PowerButtonControl};
 use crate::exit::{ExitReason, ExitSignal};
 
 use quantix_vmm_api::control::{
@@ -43,23 +44,6 @@ pub enum ApiError {
         #[source]
         source: io::Error,
     },
-}
-
-/// Pausing and resuming the VM, as the control socket does it.
-pub trait PauseControl: Send + Sync + std::fmt::Debug {
-    /// Stops every vCPU and device; an error leaves the VM running.
-    fn pause(&self) -> Result<(), String>;
-    /// Runs the VM again.
-    fn resume(&self);
-    /// Whether the VM is paused.
-    fn paused(&self) -> bool;
-}
-
-/// The guest's power button, as the control socket presses it.
-pub trait PowerButtonControl: Send + Sync + std::fmt::Debug {
-    /// Presses the button; returns whether the guest has enabled the interrupt that
-    /// carries the press (an ACPI guest has; one without ACPI will never react).
-    fn press(&self) -> io::Result<bool>;
 }
 
 /// What the VM reports about itself.

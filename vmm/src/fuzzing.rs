@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use crate::memory::GuestMemory;
+use vm_memory::GuestAddress;
 
 use crate::api::{respond, VmInfo};
 use crate::config::BootSource;
@@ -60,9 +61,9 @@ fn memfd(bytes: &[u8]) -> Option<(OwnedFd, PathBuf)> {
 /// must fail cleanly or succeed within the 64 MiB of guest memory.
 pub fn loaders(data: &[u8]) {
     const MEM: u64 = 64 << 20;
-    static GUEST: OnceLock<Option<GuestMemoryMmap>> = OnceLock::new();
+    static GUEST: OnceLock<Option<GuestMemory>> = OnceLock::new();
     let Some(mem) = GUEST
-        .get_or_init(|| GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).ok())
+        .get_or_init(|| GuestMemory::from_ranges(&[(GuestAddress(0), MEM as usize)]).ok())
         .as_ref()
     else {
         return;
@@ -147,7 +148,7 @@ mod tests {
         fw.extend(vec![0xf4; 4096]);
         loaders(&fw);
         // The tiny kernel itself loads.
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let (_fd, kernel) = memfd(&tiny_elf()).unwrap();
         let src = BootSource::Kernel {
             kernel,

@@ -19,7 +19,7 @@ pub struct VmMetrics {
     /// COM1.
     pub serial: Arc<SerialCounters>,
     /// Every virtio device, in attach order.
-    pub devices: Vec<crate::virtio::DeviceMetrics>,
+    pub devices: Vec<crate::device_manager::virtio::DeviceMetrics>,
     /// The host ends of the serial port and the console (pty or socket drops).
     pub endpoints: Vec<(&'static str, Arc<crate::chardev::ChardevCounters>)>,
 }
@@ -98,7 +98,7 @@ mod tests {
         let m = VmMetrics {
             vcpus: vec![Arc::default(), Arc::default()],
             serial: Arc::default(),
-            devices: vec![crate::virtio::DeviceMetrics {
+            devices: vec![crate::device_manager::virtio::DeviceMetrics {
                 name: "rng".into(),
                 kind: "rng",
                 counters: rng.metrics(),

@@ -10,8 +10,9 @@
 //! Layout at [`EBDA_START`] (inside the e820-reserved area below 1 MiB, where Linux scans
 //! for the floating pointer): the 16-byte floating pointer, then the configuration table.
 
+use crate::memory::GuestMemory;
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{ACPI_START, EBDA_START, IOAPIC_ADDR, LAPIC_ADDR};
 
@@ -125,7 +126,7 @@ pub fn build(vcpus: u8, base: u64) -> Vec<u8> {
 }
 
 /// Writes the table at [`EBDA_START`].
-pub fn write(mem: &GuestMemoryMmap, vcpus: u8) -> Result<(), MpTableError> {
+pub fn write(mem: &GuestMemory, vcpus: u8) -> Result<(), MpTableError> {
     let blob = build(vcpus, EBDA_START);
     let room = ACPI_START.0 - EBDA_START;
     if blob.len() as u64 > room {

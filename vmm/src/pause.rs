@@ -1,21 +1,35 @@
 //! Pausing and resuming a running VM: the control socket's `pause` and `resume`.
 //!
-//! Pause parks every vCPU thread at the [`PauseGate`] (kicked out of the guest first),
-//! then pauses every virtio device (its worker stops; a disk completes the requests in
-//! flight), and saves the guest's kvm-clock. Resume restores the clock, so that the
-//! guest does not see the paused time pass, restarts the devices and lets the vCPUs go.
-//! The process keeps serving its control socket while paused.
+//! Pause parks every vCPU thread at the [`PauseGate`] (kicked out of the guest first,
+//! with the I/O instruction it was in completed), then pauses every device through the
+//! [`DeviceManager`] (a virtio worker stops; a disk completes the requests in flight),
+//! and saves the guest's kvm-clock. Resume restores the clock, so that the guest does
+//! not see the paused time pass, restarts the devices and lets the vCPUs go. The process
+//! keeps serving its control socket while paused. While paused, work on a vCPU (reading
+//! its registers) runs on the vCPU's own thread ([`Pauser::vcpu_registers`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvm_bindings::kvm_clock_data;
+use kvm_bindings::{kvm_clock_data, kvm_regs, kvm_sregs};
 use kvm_ioctls::VmFd;
-use quantix_virtio::mmio::MmioTransport;
 use tracing::{info, warn};
 
-use crate::api::PauseControl;
+use crate::control::PauseControl;
 use crate::cpu::{kick_thread, PauseGate};
+use crate::device_manager::DeviceManager;
+
+/// How long work on one paused vCPU may take.
+pub const VCPU_JOB_LIMIT: Duration = Duration::from_secs(5);
+
+/// A paused vCPU's registers, read on its own thread.
+#[derive(Debug, Clone, Copy)]
+pub struct VcpuRegisters {
+    /// General-purpose registers, RIP and RFLAGS.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+}
 
 /// How long a pause waits for every vCPU to stop.
 pub const PAUSE_LIMIT: Duration = Duration::from_secs(5);
@@ -23,8 +37,9 @@ pub const PAUSE_LIMIT: Duration = Duration::from_secs(5);
 /// Pauses and resumes one VM.
 pub struct Pauser {
     gate: Arc<PauseGate>,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    devices: Arc<DeviceManager>,
     vm: Arc<VmFd>,
+    vcpus: u8,
     clock: Mutex<Option<kvm_clock_data>>,
 }
 
@@ -32,7 +47,7 @@ impl std::fmt::Debug for Pauser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pauser")
             .field("paused", &self.gate.is_paused())
-            .field("devices", &self.transports.len())
+            .field("devices", &self.devices)
             .finish_non_exhaustive()
     }
 }
@@ -46,24 +61,37 @@ fn kick(thread: libc::pthread_t) {
 }
 
 impl Pauser {
-    /// A pauser over the VM's vCPU gate, its virtio transports and its VM fd.
+    /// A pauser over the VM's vCPU gate, its devices and its VM fd; the VM has `vcpus`.
     pub fn new(
         gate: Arc<PauseGate>,
-        transports: Vec<Arc<Mutex<MmioTransport>>>,
+        devices: Arc<DeviceManager>,
         vm: Arc<VmFd>,
+        vcpus: u8,
     ) -> Self {
         Self {
             gate,
-            transports,
+            devices,
             vm,
+            vcpus,
             clock: Mutex::new(None),
         }
     }
 
-    fn resume_devices(&self, upto: usize) {
-        for t in &self.transports[..upto] {
-            t.lock().unwrap_or_else(|p| p.into_inner()).resume();
-        }
+    /// Every vCPU's registers, each read on the vCPU's own thread; the VM must be paused.
+    pub fn vcpu_registers(&self) -> Result<Vec<VcpuRegisters>, String> {
+        (0..self.vcpus)
+            .map(|index| {
+                self.gate
+                    .run_on(index, VCPU_JOB_LIMIT, |fd| {
+                        Ok::<_, kvm_ioctls::Error>(VcpuRegisters {
+                            regs: fd.get_regs()?,
+                            sregs: fd.get_sregs()?,
+                        })
+                    })
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("vCPU {index}: reading its registers: {e}"))
+            })
+            .collect()
     }
 }
 
@@ -77,14 +105,9 @@ impl PauseControl for Pauser {
         self.gate
             .pause(PAUSE_LIMIT, kick)
             .map_err(|e| e.to_string())?;
-        for (i, t) in self.transports.iter().enumerate() {
-            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = t.pause() {
-                drop(t);
-                self.resume_devices(i);
-                self.gate.resume();
-                return Err(format!("cannot pause a device: {e}"));
-            }
+        if let Err(e) = self.devices.pause() {
+            self.gate.resume();
+            return Err(format!("cannot pause a device: {e}"));
         }
         match self.vm.get_clock() {
             Ok(clock) => *self.clock.lock().unwrap_or_else(|p| p.into_inner()) = Some(clock),
@@ -107,7 +130,7 @@ impl PauseControl for Pauser {
                 warn!(error = %e, "cannot restore the guest clock; it jumps by the time paused");
             }
         }
-        self.resume_devices(self.transports.len());
+        self.devices.resume();
         self.gate.resume();
         info!("VM resumed");
     }

@@ -13,8 +13,9 @@ use tracing::{debug, info, warn};
 use crate::api::{ApiError, ApiServer, VmInfo};
 use crate::boot::KernelFormat;
 use crate::config::{BootSource, SerialMode, VmConfig};
+use crate::error::VmError;
 use crate::exit::{ExitReason, ExitSignal};
-use crate::vm::{Vm, VmError};
+use crate::vm::Vm;
 
 /// Errors that end the VMM before or while the VM runs.
 #[derive(Debug, Error)]

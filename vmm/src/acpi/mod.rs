@@ -9,8 +9,9 @@
 mod aml;
 mod tables;
 
+use crate::memory::GuestMemory;
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{ACPI_END, ACPI_START};
 pub use tables::{build, AcpiConfig, VirtioMmioDesc};
@@ -32,7 +33,7 @@ pub enum AcpiError {
 }
 
 /// Writes the tables at [`ACPI_START`] and returns the RSDP's address.
-pub fn write(mem: &GuestMemoryMmap, config: &AcpiConfig) -> Result<GuestAddress, AcpiError> {
+pub fn write(mem: &GuestMemory, config: &AcpiConfig) -> Result<GuestAddress, AcpiError> {
     let blob = build(config, ACPI_START.0);
     let room = ACPI_END - ACPI_START.0;
     if blob.len() as u64 > room {

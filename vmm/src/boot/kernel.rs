@@ -4,11 +4,12 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
+use crate::memory::GuestMemory;
 use linux_loader::bootparam::setup_header;
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile};
+use vm_memory::{GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use super::BootError;
 use crate::layout::{CMDLINE_MAX_SIZE, HIMEM_START, MMIO_HOLE_START};
@@ -103,7 +104,7 @@ pub(super) fn detect(file: &mut File, path: &Path) -> Result<KernelFormat, BootE
 }
 
 pub(super) fn load(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     mem_size: u64,
     path: &Path,
 ) -> Result<LoadedKernel, BootError> {
@@ -175,7 +176,7 @@ pub(super) fn load(
 
 /// Places the initramfs at the highest page-aligned address it fits below the limit.
 pub(super) fn load_initramfs(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     mem_size: u64,
     path: &Path,
     kernel: &LoadedKernel,

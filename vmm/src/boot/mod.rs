@@ -12,8 +12,9 @@ mod params;
 
 use std::path::{Path, PathBuf};
 
+use crate::memory::GuestMemory;
 use thiserror::Error;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use crate::config::BootSource;
 
@@ -112,7 +113,7 @@ const RESET_STUB: [u8; 9] = [
     0xeb, 0xfd, // jmp hlt
 ];
 
-fn write_reset_stub(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+fn write_reset_stub(mem: &GuestMemory) -> Result<(), BootError> {
     const _: () = assert!(crate::layout::ACPI_POWER_PORT == 0x600);
     const _: () = assert!(quantix_devices::power::ACPI_RESET_VALUE == 1);
     use vm_memory::Bytes;
@@ -165,7 +166,7 @@ pub fn read_firmware(path: &Path) -> Result<FirmwareImage, BootError> {
 
 /// Loads a Linux kernel, initramfs and command line, and writes the boot structures.
 pub fn load_linux(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     mem_size: u64,
     source: &BootSource,
     rsdp: GuestAddress,

@@ -1,8 +1,9 @@
 //! Boot structures: the command line, the Linux zero page and the PVH start info.
 
+use crate::memory::GuestMemory;
 use linux_loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress};
 
 use super::kernel::{KernelFormat, LoadedKernel};
 use super::{BootError, EntryPoint};
@@ -41,7 +42,7 @@ fn mem_err(what: &'static str) -> impl Fn(vm_memory::GuestMemoryError) -> BootEr
 
 /// Writes the NUL-terminated command line at `CMDLINE_START`.
 pub(super) fn write_cmdline(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     cmdline: &str,
     limit: usize,
 ) -> Result<(), BootError> {
@@ -63,7 +64,7 @@ pub(super) fn write_cmdline(
 
 /// Writes the zero page or the PVH start info, and returns the entry point.
 pub(super) fn write(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     mem_size: u64,
     kernel: &LoadedKernel,
     initrd: Option<(GuestAddress, u64)>,
@@ -134,7 +135,7 @@ pub(super) fn zero_page(
 }
 
 fn write_pvh(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     mem_size: u64,
     initrd: Option<(GuestAddress, u64)>,
     rsdp: GuestAddress,
@@ -268,7 +269,7 @@ mod tests {
 
     #[test]
     fn cmdline_checks() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_cmdline(&mem, "a b", 2048).unwrap();
         let mut buf = [0u8; 4];
         mem.read_slice(&mut buf, CMDLINE_START).unwrap();
@@ -285,7 +286,7 @@ mod tests {
 
     #[test]
     fn pvh_start_info_and_module() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_pvh(
             &mem,
             256 << 20,

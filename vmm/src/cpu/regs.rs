@@ -1,7 +1,8 @@
 //! Initial register state of the boot vCPU, and the GDT and page tables it starts with.
 
+use crate::memory::GuestMemory;
 use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use crate::boot::EntryPoint;
 use crate::layout::{
@@ -70,7 +71,7 @@ const GDT_PROTECTED_MODE: [u64; 4] = [
     gdt_entry(0x008b, 0, 0x67),
 ];
 
-fn write_gdt(mem: &GuestMemoryMmap, gdt: &[u64; 4]) -> Result<(), GuestMemoryError> {
+fn write_gdt(mem: &GuestMemory, gdt: &[u64; 4]) -> Result<(), GuestMemoryError> {
     for (i, e) in gdt.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT_START.0 + 8 * i as u64))?;
     }
@@ -78,7 +79,7 @@ fn write_gdt(mem: &GuestMemoryMmap, gdt: &[u64; 4]) -> Result<(), GuestMemoryErr
 }
 
 /// Identity-maps the low 4 GiB with 2 MiB pages: PML4 -> PDPT -> four page directories.
-fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), GuestMemoryError> {
+fn write_page_tables(mem: &GuestMemory) -> Result<(), GuestMemoryError> {
     mem.write_obj(PDPTE_START.0 | PTE_PRESENT_RW, PML4_START)?;
     for dir in 0..4u64 {
         let pd = PDE_START.0 + dir * 0x1000;
@@ -111,7 +112,7 @@ fn set_segments(sregs: &mut kvm_sregs, gdt: &[u64; 4]) {
 /// Writes the tables the entry needs and sets the boot vCPU's registers for it.
 /// Returns `None` for the reset vector, where the vCPU keeps KVM's reset state.
 pub fn boot_state(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     entry: EntryPoint,
     mut sregs: kvm_sregs,
 ) -> Result<Option<(kvm_regs, kvm_sregs)>, GuestMemoryError> {
@@ -215,7 +216,7 @@ mod tests {
 
     #[test]
     fn long_mode_state_and_identity_map() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let (regs, sregs) = boot_state(
             &mem,
             EntryPoint::Linux64 {
@@ -243,7 +244,7 @@ mod tests {
 
     #[test]
     fn pvh_state_is_flat_protected_mode() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let (regs, sregs) = boot_state(
             &mem,
             EntryPoint::Pvh {

@@ -3,6 +3,13 @@
 //! Stopping: the VMM sets the shared stop flag and sends [`kick_signal`] to the thread.
 //! The handler sets `immediate_exit` in the thread's `kvm_run`, so a vCPU that was about
 //! to enter the guest returns at once with `EINTR`, and one inside the guest is forced out.
+//!
+//! Pausing: before a vCPU thread parks at the [`PauseGate`], it completes the port or
+//! MMIO read the guest may be waiting for. After such an exit KVM has not finished the
+//! instruction (the value read is not in the guest's register yet); it does on the next
+//! `KVM_RUN`, which, with `immediate_exit` set, returns right after without entering the
+//! guest. A paused vCPU's registers are then the guest's whole state, ready to be saved
+//! by jobs the gate runs on this thread.
 
 use std::cell::Cell;
 use std::collections::HashSet;
@@ -15,13 +22,11 @@ use kvm_bindings::{
     kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use quantix_devices::legacy::serial::{COM1_PORT_BASE, COM1_PORT_LEN};
 use quantix_devices::Bus;
 use tracing::{debug, error, warn};
 
 use super::pause::PauseGate;
 use super::recorder::{is_reset_state, ExitKind, ExitRecorder};
-use crate::coalesced::SerialTxCoalescer;
 use crate::exit::{ExitReason, ExitSignal};
 
 thread_local! {
@@ -98,8 +103,6 @@ pub struct IoBuses {
     pub pio: Arc<Bus>,
     /// The MMIO bus.
     pub mmio: Arc<Bus>,
-    /// The serial port's coalesced transmit writes, replayed before every access to it.
-    pub serial_tx: Option<Arc<SerialTxCoalescer>>,
 }
 
 /// The device buses a vCPU's I/O exits go to (kept apart from the vCPU fd, whose
@@ -143,6 +146,8 @@ impl VcpuHandle {
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
     Continue,
+    /// `KVM_RUN` returned without an exit (a kick, or `immediate_exit`).
+    Interrupted,
     Stop(ExitReason),
     /// Stop with a register dump.
     Fatal(ExitReason),
@@ -176,6 +181,11 @@ impl Vcpu {
         }
     }
 
+    /// The vCPU's KVM fd (while the VM is built; its thread owns it once it runs).
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
     /// The vCPU's exit counters.
     pub fn counters(&self) -> Arc<VcpuCounters> {
         self.counters.clone()
@@ -185,9 +195,13 @@ impl Vcpu {
     pub fn spawn(self) -> std::io::Result<VcpuHandle> {
         let index = self.index;
         let counters = self.counters.clone();
+        // The thread says when it has registered with the pause gate, so that a pause
+        // right after the start waits for it (it ends without a word if it fails first).
+        let (entered, registered) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run())?;
+            .spawn(move || self.run(entered))?;
+        let _ = registered.recv();
         Ok(VcpuHandle {
             index,
             thread,
@@ -195,7 +209,7 @@ impl Vcpu {
         })
     }
 
-    fn run(mut self) {
+    fn run(mut self, entered: std::sync::mpsc::SyncSender<()>) {
         // The vCPU's filter before its first KVM_RUN: the guest reaches the VMM through
         // this thread first.
         if let Err(e) = crate::seccomp::install(crate::seccomp::Kind::Vcpu) {
@@ -208,10 +222,18 @@ impl Vcpu {
         // Unblock the kick signal in this thread (the main thread blocks only SIGTERM/SIGINT).
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
         debug!(vcpu = self.index, "vCPU thread running");
-        self.gate.enter();
+        self.gate.enter(self.index);
+        let _ = entered.send(());
+        drop(entered);
         while !self.stop.load(Ordering::Acquire) {
+            if self.gate.pause_requested() {
+                if let Some(fatal) = self.complete_pending_io() {
+                    self.stop_with(fatal);
+                    break;
+                }
+            }
             let (fd, index) = (&self.fd, self.index);
-            self.gate.park_if_requested(|| {
+            self.gate.park_if_requested(index, fd, || {
                 // Tells the guest's kvm-clock that the pause is the host's doing, so that
                 // its watchdogs do not report a lockup after the resume.
                 if let Err(e) = fd.kvmclock_ctrl() {
@@ -223,14 +245,9 @@ impl Vcpu {
             }
             let outcome = self.run_once();
             match outcome {
-                Outcome::Continue => {}
-                Outcome::Stop(reason) => {
-                    self.exit.request(reason);
-                    break;
-                }
-                Outcome::Fatal(reason) => {
-                    self.dump_registers(&reason);
-                    self.exit.request(reason);
+                Outcome::Continue | Outcome::Interrupted => {}
+                stop => {
+                    self.stop_with(stop);
                     break;
                 }
             }
@@ -245,6 +262,39 @@ impl Vcpu {
                 "vCPU thread stopped"
             );
         }
+    }
+
+    fn stop_with(&self, outcome: Outcome) {
+        match outcome {
+            Outcome::Stop(reason) => self.exit.request(reason),
+            Outcome::Fatal(reason) => {
+                self.dump_registers(&reason);
+                self.exit.request(reason);
+            }
+            Outcome::Continue | Outcome::Interrupted => {}
+        }
+    }
+
+    /// Finishes the instruction of the last I/O exit without entering the guest (see the
+    /// module's documentation). A string instruction (`rep insb`) may need more exits,
+    /// which are served as usual. Returns an outcome that stops the vCPU, if one came.
+    fn complete_pending_io(&mut self) -> Option<Outcome> {
+        // A `rep` string instruction exits once per page at most; a guest cannot make
+        // this loop long, but it is bounded all the same.
+        for _ in 0..1024 {
+            self.fd.set_kvm_immediate_exit(1);
+            match self.run_once() {
+                Outcome::Interrupted => return None,
+                Outcome::Continue => continue,
+                stop => return Some(stop),
+            }
+        }
+        warn!(
+            vcpu = self.index,
+            "a pending I/O instruction did not complete; pausing anyway"
+        );
+        self.fd.set_kvm_immediate_exit(0);
+        None
     }
 
     fn run_once(&mut self) -> Outcome {
@@ -296,7 +346,7 @@ impl Vcpu {
             Ok(other) => classify(index, other),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
-                Outcome::Continue
+                Outcome::Interrupted
             }
             Err(e) => Outcome::Fatal(ExitReason::KvmError {
                 vcpu: index,
@@ -338,9 +388,6 @@ impl Vcpu {
 impl IoDispatch {
     /// A guest read on the port I/O (`mmio` false) or MMIO bus; unclaimed reads see all-ones.
     fn read(&mut self, mmio: bool, addr: u64, data: &mut [u8]) -> Outcome {
-        if let Some(tx) = self.serial_tx_at(mmio, addr) {
-            tx.replay();
-        }
         let (bus, counter) = if mmio {
             (&self.buses.mmio, &self.counters.mmio)
         } else {
@@ -363,9 +410,6 @@ impl IoDispatch {
 
     /// A guest write on the port I/O (`mmio` false) or MMIO bus; unclaimed writes are dropped.
     fn write(&mut self, mmio: bool, addr: u64, data: &[u8]) -> Outcome {
-        if let Some(tx) = self.serial_tx_at(mmio, addr) {
-            tx.replay();
-        }
         let (bus, counter) = if mmio {
             (&self.buses.mmio, &self.counters.mmio)
         } else {
@@ -382,21 +426,7 @@ impl IoDispatch {
                 "write",
             );
         }
-        if let Some(tx) = self.serial_tx_at(mmio, addr) {
-            // The write may have changed the UART's IER or MCR.
-            tx.follow_guest();
-        }
         Outcome::Continue
-    }
-
-    /// The serial port's coalesced writes, when this access is to the serial port: they
-    /// are replayed first, so that no access to the UART overtakes an earlier write.
-    fn serial_tx_at(&self, mmio: bool, addr: u64) -> Option<&SerialTxCoalescer> {
-        let uart = COM1_PORT_BASE..COM1_PORT_BASE + COM1_PORT_LEN;
-        self.buses
-            .serial_tx
-            .as_deref()
-            .filter(|_| !mmio && uart.contains(&addr))
     }
 }
 
@@ -463,7 +493,7 @@ mod tests {
 
     fn code(o: Outcome) -> Option<i32> {
         match o {
-            Outcome::Continue => None,
+            Outcome::Continue | Outcome::Interrupted => None,
             Outcome::Stop(r) | Outcome::Fatal(r) => Some(r.exit_code()),
         }
     }

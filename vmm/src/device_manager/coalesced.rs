@@ -41,8 +41,10 @@ use std::time::Duration;
 
 use kvm_bindings::{kvm_coalesced_mmio, kvm_coalesced_mmio_ring, KVM_COALESCED_MMIO_PAGE_OFFSET};
 use kvm_ioctls::{Cap, IoEventAddress, VmFd};
-use quantix_devices::legacy::serial::{SerialCounters, COM1_PORT_BASE};
-use quantix_devices::Bus;
+use quantix_devices::legacy::serial::{
+    SerialCounters, SerialDevice, COM1_PORT_BASE, COM1_PORT_LEN,
+};
+use quantix_devices::BusDevice;
 use tracing::{debug, warn};
 
 /// How long coalesced output may wait when the guest makes no I/O exit.
@@ -225,7 +227,9 @@ impl Drop for CoalescedRing {
 pub struct SerialTxCoalescer {
     ring: CoalescedRing,
     vm: Arc<VmFd>,
-    pio: Arc<Bus>,
+    /// The UART the writes were meant for (replayed on it directly: the bus entry of the
+    /// port is locked while an access to it replays the ring).
+    serial: Arc<Mutex<SerialDevice>>,
     /// A THR write has a guest-visible effect besides output (kept by the serial device).
     tx_side_effects: Arc<AtomicBool>,
     /// The zone is registered with KVM. Read without a lock; changed only under `zone`.
@@ -243,9 +247,7 @@ impl SerialTxCoalescer {
     pub fn new(
         vm: Arc<VmFd>,
         vcpu: &impl AsRawFd,
-        pio: Arc<Bus>,
-        tx_side_effects: Arc<AtomicBool>,
-        counters: Arc<SerialCounters>,
+        serial: Arc<Mutex<SerialDevice>>,
     ) -> Option<Self> {
         if !vm.check_extension(Cap::CoalescedPio) {
             debug!("KVM has no coalesced port I/O; every serial write exits");
@@ -258,10 +260,14 @@ impl SerialTxCoalescer {
                 return None;
             }
         };
+        let (tx_side_effects, counters) = {
+            let s = serial.lock().unwrap_or_else(|p| p.into_inner());
+            (s.tx_side_effects(), s.counters())
+        };
         let this = Self {
             ring,
             vm,
-            pio,
+            serial,
             tx_side_effects,
             active: AtomicBool::new(false),
             zone: Mutex::new(false),
@@ -292,21 +298,24 @@ impl SerialTxCoalescer {
             })
     }
 
-    /// Plays every recorded write on the port I/O bus, oldest first. Cheap when none.
+    /// Plays every recorded write on the UART, oldest first. Cheap when none.
     pub fn replay(&self) {
         if self.ring.is_empty() {
             return;
         }
         let mut bytes = 0;
+        let uart = COM1_PORT_BASE..COM1_PORT_BASE + COM1_PORT_LEN;
+        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         self.ring.drain(|w| {
-            if !w.pio {
-                return; // only a port zone is ever registered
+            // Only COM1's THR is ever registered; anything else is not a state KVM
+            // produces, and is dropped as an unclaimed write would be.
+            if !w.pio || !uart.contains(&w.addr) {
+                return;
             }
             if w.addr == COM1_PORT_BASE && w.len == 1 {
                 bytes += 1;
             }
-            // Unclaimed writes are dropped, as an exit would have dropped them.
-            self.pio.write(w.addr, w.bytes());
+            serial.write(w.addr - COM1_PORT_BASE, w.bytes());
         });
         self.counters
             .tx_coalesced

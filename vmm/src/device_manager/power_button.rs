@@ -16,8 +16,8 @@ use kvm_ioctls::VmFd;
 use tracing::info;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::api::PowerButtonControl;
-use crate::vm::VmError;
+use super::{DeviceError, Lifecycle};
+use crate::control::PowerButtonControl;
 
 /// Mask bit of an I/O APIC redirection table entry.
 const IOAPIC_REDIR_MASKED: u64 = 1 << 16;
@@ -41,13 +41,13 @@ impl std::fmt::Debug for PowerButton {
 
 impl PowerButton {
     /// Wires the button to `gsi` of `vm`'s in-kernel I/O APIC.
-    pub fn new(vm: Arc<VmFd>, gsi: u32) -> Result<Self, VmError> {
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| VmError::Host {
+    pub fn new(vm: Arc<VmFd>, gsi: u32) -> Result<Self, DeviceError> {
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::Host {
             what: "power button eventfd",
             source,
         })?;
         vm.register_irqfd(&irq, gsi)
-            .map_err(|source| VmError::Kvm {
+            .map_err(|source| DeviceError::Kvm {
                 op: "IRQFD (power button)",
                 source,
             })?;
@@ -93,5 +93,22 @@ impl PowerButtonControl for PowerButton {
             "ACPI power button pressed"
         );
         Ok(enabled)
+    }
+}
+
+/// The button and the GED as the device manager holds them. They keep no guest-visible
+/// state: a press is an edge, and the GED's `_EVT` method notifies the button on every
+/// interrupt (the I/O APIC pin's state is the VM's, saved with the interrupt controller).
+pub struct Ged(pub Arc<PowerButton>);
+
+impl Lifecycle for Ged {
+    fn save(&mut self) -> Result<serde_json::Value, String> {
+        Ok(serde_json::Value::Null)
+    }
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        match state {
+            serde_json::Value::Null => Ok(()),
+            other => Err(format!("expected no state, found {other}")),
+        }
     }
 }

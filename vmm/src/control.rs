@@ -1,0 +1,22 @@
+//! What the control socket drives in a VM, as traits: the API server ([`crate::api`])
+//! depends on these, not on the VM's parts, and the parts ([`crate::pause`], the power
+//! button of [`crate::device_manager`]) implement them without knowing the API.
+
+use std::io;
+
+/// Pausing and resuming the VM, as the control socket does it.
+pub trait PauseControl: Send + Sync + std::fmt::Debug {
+    /// Stops every vCPU and device; an error leaves the VM running.
+    fn pause(&self) -> Result<(), String>;
+    /// Runs the VM again.
+    fn resume(&self);
+    /// Whether the VM is paused.
+    fn paused(&self) -> bool;
+}
+
+/// The guest's power button, as the control socket presses it.
+pub trait PowerButtonControl: Send + Sync + std::fmt::Debug {
+    /// Presses the button; returns whether the guest has enabled the interrupt that
+    /// carries the press (an ACPI guest has; one without ACPI will never react).
+    fn press(&self) -> io::Result<bool>;
+}
