@@ -57,9 +57,49 @@ fn quantixctl_lifecycle_output_and_exit_statuses() {
         ],
     ));
     assert_eq!(v[0]["id"], "c1");
-    assert_eq!(v[0]["spec"]["memory_mib"], 80);
-    assert_eq!(v[0]["spec"]["restart_policy"], "on-failure");
-    assert_eq!(v[0]["status"]["state"], "running");
+    // The canonical proto3 JSON mapping: 64-bit integers as strings, enums by name.
+    assert_eq!(v[0]["spec"]["memory_mib"], "80");
+    assert_eq!(v[0]["spec"]["restart_policy"], "RESTART_POLICY_ON_FAILURE");
+    assert_eq!(v[0]["status"]["state"], "VM_STATE_RUNNING");
+
+    // `get -o yaml` is a spec file: a second VM from it, under another id, has the same
+    // spec, and a field set by a flag wins.
+    let out = ctl(&agent, &["-o", "yaml", "get", "c1"]);
+    assert!(out.status.success(), "{out:?}");
+    let yaml = dir.join("c1.yaml");
+    std::fs::write(&yaml, &out.stdout).unwrap();
+    let copy = json(&ctl(
+        &agent,
+        &[
+            "-o",
+            "json",
+            "create",
+            "-f",
+            yaml.to_str().unwrap(),
+            "--id",
+            "c1-copy",
+            "--name",
+            "copy",
+        ],
+    ));
+    let mut want = v[0]["spec"].clone();
+    want["name"] = "copy".into();
+    assert_eq!(copy[0]["id"], "c1-copy");
+    assert_eq!(
+        copy[0]["spec"], want,
+        "the spec survives get -o yaml | create -f"
+    );
+    assert_eq!(copy[0]["status"]["state"], "VM_STATE_CREATED");
+    // `-o name` prints ids; `wide` has more columns.
+    let out = ctl(&agent, &["-o", "name", "list", "-l", "env=test"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "c1\nc1-copy\n");
+    let out = ctl(&agent, &["-o", "wide", "list"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("ID ")
+            && String::from_utf8_lossy(&out.stdout).contains("RESTARTS"),
+        "{out:?}"
+    );
+    assert!(ctl(&agent, &["delete", "c1-copy"]).status.success());
 
     // Output into a pipe closed by its reader (`| grep -q`) ends quantixctl quietly.
     let mut child = Command::new(bin("quantixctl"))
@@ -251,7 +291,7 @@ fn quantixctl_lifecycle_output_and_exit_statuses() {
     let initial: serde_json::Value = serde_json::from_str(&first).unwrap();
     assert_eq!(initial["vm_id"], "c1", "{first}");
     let v = json(&ctl(&agent, &["-o", "json", "stop", "c1"]));
-    assert_eq!(v[0]["status"]["state"], "stopped");
+    assert_eq!(v[0]["status"]["state"], "VM_STATE_STOPPED");
     // Within the time limit, then what it printed after its first line.
     wait_limit(&mut events);
     let mut rest = String::new();
@@ -260,8 +300,8 @@ fn quantixctl_lifecycle_output_and_exit_statuses() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines[0]["kind"], "stopping", "{rest}");
-    assert_eq!(lines[1]["kind"], "exited", "{rest}");
+    assert_eq!(lines[0]["kind"], "EVENT_KIND_STOPPING", "{rest}");
+    assert_eq!(lines[1]["kind"], "EVENT_KIND_EXITED", "{rest}");
     assert_eq!(lines[1]["exit"]["reason"], "api-shutdown");
 
     let node = json(&ctl(&agent, &["-o", "json", "node"]));

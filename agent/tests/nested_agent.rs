@@ -51,11 +51,11 @@ grep "QX-GUEST-INIT" /tmp/console.txt
 grep -q "Linux version" /tmp/console.txt && echo "QX-AGENT-SAW-LINUX-VERSION"
 $C list -l os=debian
 $C pause deb || { echo "QX-AGENT-PAUSE-FAILED"; cat /tmp/agent.log; exit 14; }
-$C -o json get deb | grep -q '"state": "paused"' && echo "QX-AGENT-PAUSED"
+$C -o json get deb | grep -q '"state": "VM_STATE_PAUSED"' && echo "QX-AGENT-PAUSED"
 sleep 2
 $C resume deb || { echo "QX-AGENT-RESUME-FAILED"; cat /tmp/agent.log; exit 15; }
 $C stop deb --timeout 60 || { echo "QX-AGENT-STOP-FAILED"; cat /tmp/agent.log; exit 13; }
-$C -o json get deb | grep -q '"state": "stopped"' && echo "QX-AGENT-STOPPED"
+$C -o json get deb | grep -q '"state": "VM_STATE_STOPPED"' && echo "QX-AGENT-STOPPED"
 $C delete deb && echo "QX-AGENT-DELETED"
 $C get deb
 echo "QX-AGENT-GET-AFTER-DELETE status=$?"
@@ -172,7 +172,7 @@ echo "QX-HOST vsock-out2=$(sum /tmp/out2)"
 wait $cons || echo "QX-HOST-CONSOLE-FAILED status=$?"
 cat /tmp/dev-console.txt
 i=0
-until $C -o json get dev | grep -q '"state": "stopped"'; do
+until $C -o json get dev | grep -q '"state": "VM_STATE_STOPPED"'; do
 	i=$((i + 1))
 	if [ $i -gt 300 ]; then echo "QX-HOST-NOT-STOPPED"; $C -o json get dev; cat /tmp/agent-d.log; exit 13; fi
 	sleep 0.1
@@ -275,7 +275,15 @@ fn agent_boots_debian_through_its_api_in_the_nested_sandbox() {
     let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
     assert_eq!(
         kinds,
-        ["created", "started", "paused", "resumed", "stopping", "exited", "deleted"],
+        [
+            "EVENT_KIND_CREATED",
+            "EVENT_KIND_STARTED",
+            "EVENT_KIND_PAUSED",
+            "EVENT_KIND_RESUMED",
+            "EVENT_KIND_STOPPING",
+            "EVENT_KIND_EXITED",
+            "EVENT_KIND_DELETED"
+        ],
         "{}",
         context()
     );

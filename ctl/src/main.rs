@@ -34,14 +34,25 @@ mod status {
     pub const PERMISSION_DENIED: u8 = 10;
 }
 
+/// What `--help` and the man page say of the exit statuses.
+const EXIT_STATUSES: &str = "\
+Exit status:
+  0   success
+  1   other error
+  2   usage error
+  3   not found
+  4   already exists
+  5   failed precondition (the VM is in the wrong state)
+  6   invalid argument
+  7   resource exhausted (the node lacks vCPUs or memory)
+  8   agent unavailable (no socket, connection refused, TLS failure)
+  9   `console --until` text not seen in time
+  10  permission denied (the caller's role, a path outside the agent's image
+      directories, or the socket's mode)";
+
 /// Command-line client of the Quantix node agent.
-///
-/// Exit status: 0 success; 1 other error; 2 usage error; 3 not found; 4 already exists;
-/// 5 failed precondition (wrong state); 6 invalid argument; 7 resource exhausted;
-/// 8 agent unavailable; 9 `console --until` text not seen in time; 10 permission denied (the
-/// caller's role, a path outside the agent's image directories, or the socket's mode).
 #[derive(Debug, Parser)]
-#[command(name = "quantixctl", version, about, long_about = None)]
+#[command(name = "quantixctl", version, about, long_about = None, after_help = EXIT_STATUSES)]
 struct Cli {
     /// The agent: unix:PATH, https://HOST:PORT (mutual TLS) or http://HOST:PORT (an agent
     /// run with --insecure-tcp). Default: $QUANTIX_AGENT, else
@@ -61,9 +72,10 @@ struct Cli {
     /// [env: QUANTIX_TLS_SERVER_NAME].
     #[arg(long, global = true, value_name = "NAME")]
     tls_server_name: Option<String>,
-    /// Output format.
-    #[arg(long, short, global = true, default_value = "table", value_parser = ["table", "json"])]
-    output: String,
+    /// Output format: table, wide (more columns), json or yaml (the API's objects in the
+    /// canonical proto3 JSON mapping; `get -o yaml` is a valid `create -f` file), name (ids).
+    #[arg(long, short, global = true, value_enum, default_value_t = output::Format::Table)]
+    output: output::Format,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -134,6 +146,13 @@ enum Cmd {
     },
     /// Show the node's capabilities, capacity and commitments.
     Node,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `quantixctl man | man -l -`.
+    Man,
 }
 
 /// A failure with its exit status.
@@ -356,6 +375,27 @@ fn main() -> ExitCode {
             });
         }
     };
+    // Offline commands: nothing to connect to.
+    match &cli.cmd {
+        Cmd::Completion { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "quantixctl", &mut std::io::stdout());
+            return ExitCode::from(status::OK);
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            let man = clap_mangen::Man::new(Cli::command());
+            return match man.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::from(status::OK),
+                Err(e) => {
+                    eprintln!("quantixctl: {e}");
+                    ExitCode::from(status::ERROR)
+                }
+            };
+        }
+        _ => {}
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -384,7 +424,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .unwrap_or_else(|| "unix:/var/lib/quantix-agent/agent.sock".into());
     let channel = connect(&addr, &TlsFiles::from_cli(&cli)).await?;
     let mut vms = VmServiceClient::new(channel.clone());
-    let json = cli.output == "json";
+    let format = cli.output;
     match cli.cmd {
         Cmd::Create(args) => {
             let (id, spec, start) = (*args).build().map_err(|e| fail(status::USAGE, e))?;
@@ -396,7 +436,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 })
                 .await?
                 .into_inner();
-            output::vms(&[vm], json);
+            output::vms(&[vm], format, false);
         }
         Cmd::List {
             selector,
@@ -429,22 +469,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 token = page.next_page_token;
             }
-            output::vms(&all, json);
+            output::vms(&all, format, false);
         }
         Cmd::Get { id } => {
             let vm = vms.get_vm(GetVmRequest { vm_id: id }).await?.into_inner();
-            if json {
-                output::vms(&[vm], true);
-            } else {
-                output::vm_detail(&vm);
-            }
+            output::vm_detail(&vm, format);
         }
         Cmd::Start { id } => {
             let vm = vms
                 .start_vm(StartVmRequest { vm_id: id })
                 .await?
                 .into_inner();
-            output::vms(&[vm], json);
+            output::vms(&[vm], format, false);
         }
         Cmd::Stop { id, timeout, force } => {
             let vm = vms
@@ -455,28 +491,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 })
                 .await?
                 .into_inner();
-            output::vms(&[vm], json);
+            output::vms(&[vm], format, false);
         }
         Cmd::Reboot { id } => {
             let vm = vms
                 .reboot_vm(RebootVmRequest { vm_id: id })
                 .await?
                 .into_inner();
-            output::vms(&[vm], json);
+            output::vms(&[vm], format, false);
         }
         Cmd::Pause { id } => {
             let vm = vms
                 .pause_vm(PauseVmRequest { vm_id: id })
                 .await?
                 .into_inner();
-            output::vms(&[vm], json);
+            output::vms(&[vm], format, false);
         }
         Cmd::Resume { id } => {
             let vm = vms
                 .resume_vm(ResumeVmRequest { vm_id: id })
                 .await?
                 .into_inner();
-            output::vms(&[vm], json);
+            output::vms(&[vm], format, false);
         }
         Cmd::Delete { id, force } => {
             vms.delete_vm(DeleteVmRequest {
@@ -484,10 +520,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 force,
             })
             .await?;
-            if json {
-                println!("{}", serde_json::json!({ "deleted": id }));
-            } else {
-                println!("deleted {id}");
+            match format {
+                output::Format::Json | output::Format::Yaml => {
+                    output::document(&serde_json::json!({ "deleted": id }), format)
+                }
+                output::Format::Name => println!("{id}"),
+                _ => println!("deleted {id}"),
             }
         }
         Cmd::Console {
@@ -506,19 +544,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .into_inner();
             let mut seen = 0;
             while let Some(ev) = stream.next().await {
-                output::event(&ev?, json);
+                output::event(&ev?, format);
                 seen += 1;
                 if count.is_some_and(|c| seen >= c) {
                     break;
                 }
             }
         }
+        Cmd::Completion { .. } | Cmd::Man => {}
         Cmd::Node => {
             let node = NodeServiceClient::new(channel)
                 .get_node(GetNodeRequest {})
                 .await?
                 .into_inner();
-            output::node(&node, json);
+            output::node(&node, format);
         }
     }
     Ok(())

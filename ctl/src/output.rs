@@ -1,7 +1,26 @@
-//! Tables for people, JSON for programs.
+//! What quantixctl prints: tables for people (`table`, `wide`), the API's own objects for
+//! programs (`json`, `yaml`: the canonical proto3 JSON mapping of the messages, so that
+//! `get -o yaml` is a valid input of `create -f`), and ids (`name`).
 
-use quantix_proto::v1::{EventKind, ExitInfo, Node, RestartPolicy, Vm, VmEvent, VmState};
-use serde_json::{json, Value};
+use clap::ValueEnum;
+use quantix_proto::v1::{EventKind, Node, Vm, VmEvent, VmState};
+use serde::Serialize;
+
+/// An output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// A table with the main columns.
+    Table,
+    /// A table with more columns.
+    Wide,
+    /// The API objects as JSON (canonical proto3 JSON mapping; lists as arrays, events one
+    /// per line).
+    Json,
+    /// The same objects as YAML (lists as sequences, events as documents).
+    Yaml,
+    /// VM ids, one per line.
+    Name,
+}
 
 fn state(s: i32) -> String {
     VmState::try_from(s)
@@ -13,98 +32,92 @@ fn state(s: i32) -> String {
         .unwrap_or_else(|_| s.to_string())
 }
 
-fn exit_json(e: &Option<ExitInfo>) -> Value {
-    match e {
-        None => Value::Null,
-        Some(e) => json!({
-            "reason": e.reason, "exit_code": e.exit_code, "signal": e.signal,
-            "detail": e.detail, "at_unix_ms": e.at_unix_ms, "failure": e.failure,
-        }),
-    }
-}
-
-/// A VM as JSON.
-pub fn vm_json(vm: &Vm) -> Value {
-    let spec = vm.spec.clone().unwrap_or_default();
-    let st = vm.status.clone().unwrap_or_default();
-    let boot = spec.boot.clone().unwrap_or_default();
-    json!({
-        "id": vm.id,
-        "spec": {
-            "name": spec.name,
-            "vcpus": spec.vcpus,
-            "memory_mib": spec.memory_mib,
-            "kernel": boot.kernel,
-            "initramfs": boot.initramfs,
-            "cmdline": boot.cmdline,
-            "firmware": boot.firmware,
-            "rng": spec.rng.unwrap_or(true),
-            "disks": spec.disks.iter().map(|d| json!({
-                "path": d.path, "readonly": d.readonly, "id": d.id,
-                "aio": match quantix_proto::v1::DiskEngine::try_from(d.engine) {
-                    Ok(quantix_proto::v1::DiskEngine::Threads) => "threads",
-                    _ => "io_uring",
-                },
-            })).collect::<Vec<_>>(),
-            "nics": spec.nics.iter().map(|n| json!({"tap": n.tap, "mac": n.mac})).collect::<Vec<_>>(),
-            "vsock": spec.vsock.as_ref().map(|v| json!({"guest_cid": v.guest_cid})),
-            "labels": spec.labels,
-            "restart_policy": RestartPolicy::try_from(spec.restart_policy)
-                .map(|p| p.as_str_name().trim_start_matches("RESTART_POLICY_").to_ascii_lowercase().replace('_', "-"))
-                .unwrap_or_default(),
+/// Prints `value` as pretty JSON or as YAML.
+pub fn document<T: Serialize + ?Sized>(value: &T, format: Format) {
+    match format {
+        Format::Yaml => match serde_yaml_ng::to_string(value) {
+            Ok(text) => print!("{text}"),
+            Err(e) => eprintln!("quantixctl: cannot render YAML: {e}"),
         },
-        "status": {
-            "state": state(st.state),
-            "pid": st.pid,
-            "last_exit": exit_json(&st.last_exit),
-            "restart_count": st.restart_count,
-            "created_unix_ms": st.created_unix_ms,
-            "started_unix_ms": st.started_unix_ms,
-            "cgroup": st.cgroup,
-            "directory": st.directory,
-            "vsock_socket": st.vsock_socket,
-            "nic_macs": st.nic_macs,
-        }
-    })
+        _ => match serde_json::to_string_pretty(value) {
+            Ok(text) => println!("{text}"),
+            Err(e) => eprintln!("quantixctl: cannot render JSON: {e}"),
+        },
+    }
 }
 
-/// VMs: a table or a JSON array.
-pub fn vms(vms: &[Vm], json: bool) {
-    if json {
-        let v: Vec<Value> = vms.iter().map(vm_json).collect();
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-        return;
+/// VMs, in `format`. `one` prints a single VM as an object rather than a list of one.
+pub fn vms(vms: &[Vm], format: Format, one: bool) {
+    match format {
+        Format::Json | Format::Yaml if one && vms.len() == 1 => document(&vms[0], format),
+        Format::Json | Format::Yaml => document(vms, format),
+        Format::Name => {
+            for vm in vms {
+                println!("{}", vm.id);
+            }
+        }
+        Format::Table | Format::Wide => table(vms, format == Format::Wide),
     }
-    println!(
-        "{:<20} {:<20} {:<9} {:>5} {:>8} {:>8}  LAST EXIT",
+}
+
+fn table(vms: &[Vm], wide: bool) {
+    let mut header = format!(
+        "{:<20} {:<20} {:<9} {:>5} {:>8} {:>8}",
         "ID", "NAME", "STATE", "CPUS", "MEM MiB", "PID"
     );
+    if wide {
+        header.push_str(&format!(
+            " {:>8} {:<17} {:<6} {:>5}",
+            "RESTARTS", "MAC", "DISKS", "CID"
+        ));
+    }
+    println!("{header}  LAST EXIT");
     for vm in vms {
         let spec = vm.spec.clone().unwrap_or_default();
         let st = vm.status.clone().unwrap_or_default();
-        println!(
-            "{:<20} {:<20} {:<9} {:>5} {:>8} {:>8}  {}",
+        let pid = if st.pid == 0 {
+            "-".into()
+        } else {
+            st.pid.to_string()
+        };
+        let mut line = format!(
+            "{:<20} {:<20} {:<9} {:>5} {:>8} {:>8}",
             vm.id,
             spec.name,
             state(st.state),
             spec.vcpus,
             spec.memory_mib,
-            if st.pid == 0 {
-                "-".into()
-            } else {
-                st.pid.to_string()
-            },
-            st.last_exit.map(|e| e.reason).unwrap_or_else(|| "-".into())
+            pid
         );
+        if wide {
+            let mac = st.nic_macs.first().cloned().unwrap_or_else(|| "-".into());
+            let cid = spec
+                .vsock
+                .map(|v| v.guest_cid.to_string())
+                .unwrap_or_else(|| "-".into());
+            line.push_str(&format!(
+                " {:>8} {:<17} {:<6} {:>5}",
+                st.restart_count,
+                mac,
+                spec.disks.len(),
+                cid
+            ));
+        }
+        let exit = st.last_exit.map(|e| e.reason).unwrap_or_else(|| "-".into());
+        println!("{line}  {exit}");
     }
 }
 
-/// One VM in detail.
-pub fn vm_detail(vm: &Vm) {
-    let v = vm_json(vm);
-    fn walk(prefix: &str, v: &Value) {
+/// One VM in detail: every field of its canonical form, one per line (a table), or the
+/// object.
+pub fn vm_detail(vm: &Vm, format: Format) {
+    if format != Format::Table && format != Format::Wide {
+        return vms(std::slice::from_ref(vm), format, true);
+    }
+    let v = serde_json::to_value(vm).unwrap_or_default();
+    fn walk(prefix: &str, v: &serde_json::Value) {
         match v {
-            Value::Object(m) => {
+            serde_json::Value::Object(m) => {
                 for (k, v) in m {
                     let p = if prefix.is_empty() {
                         k.clone()
@@ -114,67 +127,60 @@ pub fn vm_detail(vm: &Vm) {
                     walk(&p, v);
                 }
             }
+            serde_json::Value::String(s) => println!("{prefix:<28} {s}"),
             other => println!("{prefix:<28} {other}"),
         }
     }
     walk("", &v);
 }
 
-/// One event per line.
-pub fn event(ev: &VmEvent, json: bool) {
-    let kind = EventKind::try_from(ev.kind)
-        .map(|k| {
-            k.as_str_name()
-                .trim_start_matches("EVENT_KIND_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_default();
-    if json {
-        println!(
-            "{}",
-            json!({
-                "sequence": ev.sequence, "vm_id": ev.vm_id, "kind": kind,
-                "state": state(ev.state), "exit": exit_json(&ev.exit),
-                "message": ev.message, "at_unix_ms": ev.at_unix_ms,
-            })
-        );
-    } else {
-        println!(
-            "{:>6} {:<20} {:<10} {:<9} {}",
-            ev.sequence,
-            ev.vm_id,
-            kind,
-            state(ev.state),
-            ev.message
-        );
+/// One event: a table line, a JSON line, a YAML document or the VM id.
+pub fn event(ev: &VmEvent, format: Format) {
+    match format {
+        Format::Json => match serde_json::to_string(ev) {
+            Ok(line) => println!("{line}"),
+            Err(e) => eprintln!("quantixctl: cannot render JSON: {e}"),
+        },
+        Format::Yaml => {
+            println!("---");
+            document(ev, format);
+        }
+        Format::Name => println!("{}", ev.vm_id),
+        Format::Table | Format::Wide => {
+            let kind = EventKind::try_from(ev.kind)
+                .map(|k| {
+                    k.as_str_name()
+                        .trim_start_matches("EVENT_KIND_")
+                        .to_ascii_lowercase()
+                })
+                .unwrap_or_default();
+            println!(
+                "{:>6} {:<20} {:<10} {:<9} {}",
+                ev.sequence,
+                ev.vm_id,
+                kind,
+                state(ev.state),
+                ev.message
+            );
+        }
     }
 }
 
 /// The node.
-pub fn node(n: &Node, json: bool) {
+pub fn node(n: &Node, format: Format) {
+    match format {
+        Format::Json | Format::Yaml => return document(n, format),
+        Format::Name => {
+            println!("{}", n.hostname);
+            return;
+        }
+        Format::Table | Format::Wide => {}
+    }
     let cap = n.capacity.unwrap_or_default();
     let alloc = n.allocatable.unwrap_or_default();
     let com = n.committed.unwrap_or_default();
     let kvm = n.kvm.clone().unwrap_or_default();
     let cg = n.cgroups.clone().unwrap_or_default();
-    let v = json!({
-        "hostname": n.hostname,
-        "capacity": {"vcpus": cap.vcpus, "memory_mib": cap.memory_mib},
-        "allocatable": {"vcpus": alloc.vcpus, "memory_mib": alloc.memory_mib},
-        "committed": {"vcpus": com.vcpus, "memory_mib": com.memory_mib},
-        "vms_total": n.vms_total,
-        "vms_running": n.vms_running,
-        "kvm": {"available": kvm.available, "api_version": kvm.api_version, "max_vcpus": kvm.max_vcpus,
-                "capabilities": kvm.capabilities, "detail": kvm.detail},
-        "cgroups": {"available": cg.available, "version": cg.version, "detail": cg.detail},
-        "agent_version": n.agent_version,
-        "vmm_version": n.vmm_version,
-        "kernel_release": n.kernel_release,
-    });
-    if json {
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-        return;
-    }
     println!("hostname      {}", n.hostname);
     println!("kernel        {}", n.kernel_release);
     println!("versions      agent {}, {}", n.agent_version, n.vmm_version);

@@ -7,6 +7,8 @@
 /// Version 1 of the agent API.
 pub mod v1 {
     tonic::include_proto!("quantixkvm.agent.v1");
+    // serde in the canonical proto3 JSON mapping (see build.rs).
+    include!(concat!(env!("OUT_DIR"), "/quantixkvm.agent.v1.serde.rs"));
 }
 
 /// The encoded `FileDescriptorSet` of the API, for gRPC server reflection.
