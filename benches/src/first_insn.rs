@@ -22,6 +22,8 @@ use crate::stats::{self, Summary};
 
 /// Target: process start to first guest instruction, ms.
 pub const FIRST_INSN_TARGET_MS: f64 = 10.0;
+/// Target: quantix-vmm's spawn → exit at most this share of Firecracker's, same guest.
+pub const EXIT_VS_FIRECRACKER_TARGET: f64 = 0.75;
 
 /// Settings of one `first-insn` benchmark.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -36,6 +38,10 @@ pub struct FirstInsnOptions {
     pub vmm_bin: Option<PathBuf>,
     /// The QEMU binary.
     pub qemu: String,
+    /// A Firecracker binary to compare with (`../shared/peers/firecracker`); none: no column.
+    pub firecracker: Option<PathBuf>,
+    /// A Cloud Hypervisor binary to compare with; none: no column.
+    pub cloud_hypervisor: Option<PathBuf>,
     /// Limit per run.
     pub timeout: Duration,
 }
@@ -45,7 +51,7 @@ pub struct FirstInsnOptions {
 pub struct Column {
     /// Short name.
     pub name: String,
-    /// Which VMM (`quantix` or `qemu`).
+    /// Which VMM (`quantix`, `qemu`, `firecracker` or `cloud-hypervisor`).
     pub vmm: String,
     /// The guest, in words.
     pub guest: String,
@@ -130,6 +136,14 @@ pub struct FirstInsnResults {
     pub skipped: Vec<Skipped>,
     /// quantix-vmm firmware / QEMU firmware, medians of spawn → first byte.
     pub ratio_firmware: Option<f64>,
+    /// quantix-vmm / Firecracker, same ELF guest, medians of spawn → first byte.
+    pub ratio_first_byte_firecracker: Option<f64>,
+    /// quantix-vmm / Firecracker, same ELF guest, medians of spawn → exit.
+    pub ratio_exit_firecracker: Option<f64>,
+    /// quantix-vmm / Cloud Hypervisor, same ELF guest, medians of spawn → first byte.
+    pub ratio_first_byte_cloud_hypervisor: Option<f64>,
+    /// quantix-vmm / Cloud Hypervisor, same ELF guest, medians of spawn → exit.
+    pub ratio_exit_cloud_hypervisor: Option<f64>,
     /// The target, per quantix column.
     pub targets: Vec<Target>,
 }
@@ -166,9 +180,27 @@ pub fn build_vmm() -> Result<PathBuf, BenchError> {
     Ok(bin)
 }
 
+/// Firecracker's configuration for the ELF guest (`--no-api --config-file`).
+pub fn firecracker_config(elf: &Path, memory_mib: u32) -> String {
+    serde_json::json!({
+        "boot-source": {"kernel_image_path": elf, "boot_args": "console=ttyS0"},
+        "drives": [],
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": memory_mib, "smt": false},
+    })
+    .to_string()
+}
+
 /// The columns: quantix-vmm with the ELF guest (long mode, kernel boot path) and with
-/// the firmware image (real mode, reset vector); QEMU microvm with the same two guests.
-pub fn columns(o: &FirstInsnOptions, vmm: &Path, elf: &Path, firmware: &Path) -> Vec<Column> {
+/// the firmware image (real mode, reset vector); QEMU microvm with the same two guests;
+/// Firecracker and Cloud Hypervisor with the ELF guest when their binaries are given
+/// (`fc_config` is Firecracker's configuration file).
+pub fn columns(
+    o: &FirstInsnOptions,
+    vmm: &Path,
+    elf: &Path,
+    firmware: &Path,
+    fc_config: &Path,
+) -> Vec<Column> {
     let mem = o.memory_mib.to_string();
     let s = |p: &Path| p.display().to_string();
     let quantix = |boot: &str, file: &Path| {
@@ -203,7 +235,45 @@ pub fn columns(o: &FirstInsnOptions, vmm: &Path, elf: &Path, firmware: &Path) ->
     };
     let elf_desc = "ELF64, 64-bit entry (long mode)";
     let fw_desc = "64 KiB firmware, reset vector (real mode)";
-    vec![
+    let mut peers = Vec::new();
+    if let Some(fc) = &o.firecracker {
+        peers.push(Column {
+            name: "firecracker-elf".into(),
+            vmm: "firecracker".into(),
+            guest: format!("{elf_desc}; ends by the i8042 reset"),
+            argv: vec![
+                s(fc),
+                "--no-api".into(),
+                "--config-file".into(),
+                s(fc_config),
+                "--level".into(),
+                "Warning".into(),
+            ],
+            expect_exit: true,
+        });
+    }
+    if let Some(ch) = &o.cloud_hypervisor {
+        peers.push(Column {
+            name: "cloud-hypervisor-elf".into(),
+            vmm: "cloud-hypervisor".into(),
+            guest: format!("{elf_desc}; ends by the ACPI poweroff"),
+            argv: vec![
+                s(ch),
+                "--kernel".into(),
+                s(elf),
+                "--memory".into(),
+                format!("size={mem}M"),
+                "--cpus".into(),
+                "boot=1".into(),
+                "--serial".into(),
+                "tty".into(),
+                "--console".into(),
+                "off".into(),
+            ],
+            expect_exit: true,
+        });
+    }
+    let mut columns = vec![
         Column {
             name: "quantix-elf".into(),
             vmm: "quantix".into(),
@@ -232,7 +302,9 @@ pub fn columns(o: &FirstInsnOptions, vmm: &Path, elf: &Path, firmware: &Path) ->
             argv: qemu("-bios", firmware),
             expect_exit: false,
         },
-    ]
+    ];
+    columns.extend(peers);
+    columns
 }
 
 /// Runs the benchmark.
@@ -272,17 +344,23 @@ fn run_in(
     };
     let elf = write("first-insn.elf", &guest::elf64())?;
     let fw = write("first-insn.fw", &guest::firmware16())?;
+    let fc_config = write(
+        "firecracker.json",
+        firecracker_config(&elf, o.memory_mib).as_bytes(),
+    )?;
     let stderr_path = dir.join("stderr");
 
     let mut active = Vec::new();
     let mut skipped = Vec::new();
-    for col in columns(o, vmm_bin, &elf, &fw) {
-        if col.vmm == "qemu" {
-            // Can QEMU run this guest here at all? One try decides.
+    for col in columns(o, vmm_bin, &elf, &fw, &fc_config) {
+        if col.vmm != "quantix" {
+            // Can this peer run this guest here at all? One try decides.
             let m = measure(&col, 0, true, o.timeout, &stderr_path);
             if let Some(why) = &m.failure {
                 let reason = match &m.stderr_tail {
-                    Some(t) if !t.trim().is_empty() => format!("{why}; QEMU said: {}", t.trim()),
+                    Some(t) if !t.trim().is_empty() => {
+                        format!("{why}; {} said: {}", col.vmm, t.trim())
+                    }
                     _ => why.clone(),
                 };
                 skipped.push(Skipped {
@@ -320,7 +398,18 @@ fn run_in(
             .and_then(|c| c.first_byte_ms.map(|s| s.median))
     };
     let ratio_firmware = ratio(med("quantix-firmware"), med("qemu-firmware"));
-    let targets = columns
+    let exit_med = |name: &str| {
+        columns
+            .iter()
+            .find(|c| c.column.name == name)
+            .and_then(|c| c.total_ms.map(|s| s.median))
+    };
+    let ratio_first_byte_firecracker = ratio(med("quantix-elf"), med("firecracker-elf"));
+    let ratio_exit_firecracker = ratio(exit_med("quantix-elf"), exit_med("firecracker-elf"));
+    let ratio_first_byte_cloud_hypervisor = ratio(med("quantix-elf"), med("cloud-hypervisor-elf"));
+    let ratio_exit_cloud_hypervisor =
+        ratio(exit_med("quantix-elf"), exit_med("cloud-hypervisor-elf"));
+    let mut targets: Vec<Target> = columns
         .iter()
         .filter(|c| c.column.vmm == "quantix")
         .map(|c| Target {
@@ -334,6 +423,18 @@ fn run_in(
             met: c.first_byte_ms.map(|s| s.median < FIRST_INSN_TARGET_MS),
         })
         .collect();
+    if o.firecracker.is_some() {
+        targets.push(Target {
+            target: format!(
+                "spawn → exit ≤ {EXIT_VS_FIRECRACKER_TARGET}× Firecracker's (ELF guest)"
+            ),
+            measured: match (exit_med("quantix-elf"), exit_med("firecracker-elf")) {
+                (Some(q), Some(f)) => format!("{q:.2} ms vs {f:.2} ms: {:.2}×", q / f),
+                _ => "not measured".into(),
+            },
+            met: ratio_exit_firecracker.map(|r| r <= EXIT_VS_FIRECRACKER_TARGET),
+        });
+    }
     Ok(FirstInsnResults {
         benchmark: "first-insn",
         date: report::now_utc(),
@@ -344,6 +445,10 @@ fn run_in(
         columns,
         skipped,
         ratio_firmware,
+        ratio_first_byte_firecracker,
+        ratio_exit_firecracker,
+        ratio_first_byte_cloud_hypervisor,
+        ratio_exit_cloud_hypervisor,
         targets,
     })
 }
@@ -606,6 +711,28 @@ pub fn format(r: &FirstInsnResults) -> String {
             "\nratio quantix-vmm/QEMU, same firmware guest, medians of spawn → first byte: {x:.2}"
         );
     }
+    for (peer, first, exit) in [
+        (
+            "Firecracker",
+            r.ratio_first_byte_firecracker,
+            r.ratio_exit_firecracker,
+        ),
+        (
+            "Cloud Hypervisor",
+            r.ratio_first_byte_cloud_hypervisor,
+            r.ratio_exit_cloud_hypervisor,
+        ),
+    ] {
+        let cell = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
+        if first.is_some() || exit.is_some() {
+            let _ = writeln!(
+                s,
+                "ratio quantix-vmm/{peer}, same ELF guest, medians: spawn → first byte {}, spawn → exit {}",
+                cell(first),
+                cell(exit)
+            );
+        }
+    }
     for sk in &r.skipped {
         let _ = writeln!(s, "\nskipped {}: {}", sk.name, sk.reason);
     }
@@ -669,9 +796,40 @@ mod tests {
             memory_mib: 64,
             vmm_bin: None,
             qemu: "qemu-system-x86_64".into(),
+            firecracker: None,
+            cloud_hypervisor: None,
             timeout: Duration::from_secs(10),
         };
-        let cols = columns(&o, Path::new("/v"), Path::new("/e"), Path::new("/f"));
+        let cols = columns(
+            &o,
+            Path::new("/v"),
+            Path::new("/e"),
+            Path::new("/f"),
+            Path::new("/c"),
+        );
+        assert_eq!(cols.len(), 4, "no peer columns without their binaries");
+        let with_peers = FirstInsnOptions {
+            firecracker: Some("/fc".into()),
+            cloud_hypervisor: Some("/ch".into()),
+            ..o.clone()
+        };
+        let peers = columns(
+            &with_peers,
+            Path::new("/v"),
+            Path::new("/e"),
+            Path::new("/f"),
+            Path::new("/c"),
+        );
+        assert_eq!(
+            peers[4].argv[..4],
+            ["/fc", "--no-api", "--config-file", "/c"]
+        );
+        assert!(peers[4].expect_exit);
+        assert_eq!(peers[5].argv[..3], ["/ch", "--kernel", "/e"]);
+        let cfg: serde_json::Value =
+            serde_json::from_str(&firecracker_config(Path::new("/e"), 64)).unwrap();
+        assert_eq!(cfg["machine-config"]["mem_size_mib"], 64);
+        assert_eq!(cfg["boot-source"]["kernel_image_path"], "/e");
         assert_eq!(
             cols[0].argv,
             [

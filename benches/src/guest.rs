@@ -1,6 +1,7 @@
 //! Tiny hand-made guests for `first-insn`: their first instructions write one byte to
 //! COM1 and power the VM off through the ACPI sleep control register (port 0x600,
-//! `SLP_EN | SLP_TYP(5)` = 0x34, see docs/vmm.md).
+//! `SLP_EN | SLP_TYP(5)` = 0x34, see docs/vmm.md; Cloud Hypervisor's shutdown port is the
+//! same), then, for a VMM without that port (Firecracker), pulse the i8042 reset line.
 
 /// The byte the guests write first.
 pub const MARKER_BYTE: u8 = b'Q';
@@ -27,11 +28,17 @@ fn outb(port: u16, value: u8, long_mode: bool) -> Vec<u8> {
     v
 }
 
-/// The guest's code: the byte to COM1, ACPI poweroff, then `hlt; jmp $-1` (for a VMM
-/// without the ACPI port, such as QEMU microvm, the guest just parks).
+/// The i8042's command port, and its "pulse reset line" command.
+pub const I8042_COMMAND: u16 = 0x64;
+/// The reset command.
+pub const I8042_RESET: u8 = 0xfe;
+
+/// The guest's code: the byte to COM1, ACPI poweroff, the i8042 reset, then
+/// `hlt; jmp $-1` (for a VMM with neither, such as QEMU microvm, the guest just parks).
 pub fn code(long_mode: bool) -> Vec<u8> {
     let mut v = outb(COM1, MARKER_BYTE, long_mode);
     v.extend(outb(ACPI_SLEEP_PORT, ACPI_POWEROFF, long_mode));
+    v.extend(outb(I8042_COMMAND, I8042_RESET, long_mode));
     v.extend_from_slice(&[0xf4, 0xeb, 0xfd]);
     v
 }

@@ -203,6 +203,12 @@ enum Cmd {
         /// The QEMU binary to compare with.
         #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
         qemu: String,
+        /// Also compare with this Firecracker binary (e.g. ../shared/peers/firecracker).
+        #[arg(long, value_name = "PATH")]
+        firecracker: Option<PathBuf>,
+        /// Also compare with this Cloud Hypervisor binary.
+        #[arg(long, value_name = "PATH")]
+        cloud_hypervisor: Option<PathBuf>,
         /// Also write all raw samples and the summary as JSON to PATH.
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
@@ -414,6 +420,8 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
             memory,
             vmm_bin,
             qemu,
+            firecracker,
+            cloud_hypervisor,
             json,
         } => {
             let results = first_insn::run(&FirstInsnOptions {
@@ -422,6 +430,8 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                 memory_mib: memory,
                 vmm_bin,
                 qemu,
+                firecracker,
+                cloud_hypervisor,
                 timeout: Duration::from_secs(30),
             })?;
             println!("{}", first_insn::format(&results));
