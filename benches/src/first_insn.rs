@@ -140,9 +140,9 @@ pub struct FirstInsnResults {
     pub ratio_first_byte_firecracker: Option<f64>,
     /// quantix-vmm / Firecracker, same ELF guest, medians of spawn → exit.
     pub ratio_exit_firecracker: Option<f64>,
-    /// quantix-vmm / Cloud Hypervisor, same ELF guest, medians of spawn → first byte.
+    /// quantix-vmm / Cloud Hypervisor, same PVH guest, medians of spawn → first byte.
     pub ratio_first_byte_cloud_hypervisor: Option<f64>,
-    /// quantix-vmm / Cloud Hypervisor, same ELF guest, medians of spawn → exit.
+    /// quantix-vmm / Cloud Hypervisor, same PVH guest, medians of spawn → exit.
     pub ratio_exit_cloud_hypervisor: Option<f64>,
     /// The target, per quantix column.
     pub targets: Vec<Target>,
@@ -190,17 +190,29 @@ pub fn firecracker_config(elf: &Path, memory_mib: u32) -> String {
     .to_string()
 }
 
+/// The guest files of one run.
+pub struct Guests<'a> {
+    /// The 64-bit ELF (Linux 64-bit boot protocol).
+    pub elf: &'a Path,
+    /// The same code in an ELF with a PVH note.
+    pub pvh: &'a Path,
+    /// The real-mode firmware.
+    pub firmware: &'a Path,
+    /// Firecracker's configuration file.
+    pub fc_config: &'a Path,
+    /// Firecracker's log file (without `--log-path` it logs on stdout, which the guest's
+    /// serial port shares).
+    pub fc_log: &'a Path,
+}
+
 /// The columns: quantix-vmm with the ELF guest (long mode, kernel boot path) and with
 /// the firmware image (real mode, reset vector); QEMU microvm with the same two guests;
 /// Firecracker and Cloud Hypervisor with the ELF guest when their binaries are given
-/// (`fc_config` is Firecracker's configuration file).
-pub fn columns(
-    o: &FirstInsnOptions,
-    vmm: &Path,
-    elf: &Path,
-    firmware: &Path,
-    fc_config: &Path,
-) -> Vec<Column> {
+/// (Cloud Hypervisor and QEMU boot ELF kernels only by PVH: they get the PVH ELF, next to
+/// a quantix-vmm column with it).
+pub fn columns(o: &FirstInsnOptions, vmm: &Path, g: &Guests<'_>) -> Vec<Column> {
+    let (elf, pvh, firmware, fc_config) = (g.elf, g.pvh, g.firmware, g.fc_config);
+    let fc_log = g.fc_log;
     let mem = o.memory_mib.to_string();
     let s = |p: &Path| p.display().to_string();
     let quantix = |boot: &str, file: &Path| {
@@ -234,6 +246,7 @@ pub fn columns(
         .to_vec()
     };
     let elf_desc = "ELF64, 64-bit entry (long mode)";
+    let pvh_desc = "ELF64 with a PVH note, 32-bit entry (protected mode)";
     let fw_desc = "64 KiB firmware, reset vector (real mode)";
     let mut peers = Vec::new();
     if let Some(fc) = &o.firecracker {
@@ -246,21 +259,21 @@ pub fn columns(
                 "--no-api".into(),
                 "--config-file".into(),
                 s(fc_config),
-                "--level".into(),
-                "Warning".into(),
+                "--log-path".into(),
+                s(fc_log),
             ],
             expect_exit: true,
         });
     }
     if let Some(ch) = &o.cloud_hypervisor {
         peers.push(Column {
-            name: "cloud-hypervisor-elf".into(),
+            name: "cloud-hypervisor-pvh".into(),
             vmm: "cloud-hypervisor".into(),
-            guest: format!("{elf_desc}; ends by the ACPI poweroff"),
+            guest: format!("{pvh_desc}; ends by the ACPI poweroff"),
             argv: vec![
                 s(ch),
                 "--kernel".into(),
-                s(elf),
+                s(pvh),
                 "--memory".into(),
                 format!("size={mem}M"),
                 "--cpus".into(),
@@ -282,6 +295,13 @@ pub fn columns(
             expect_exit: true,
         },
         Column {
+            name: "quantix-pvh".into(),
+            vmm: "quantix".into(),
+            guest: pvh_desc.into(),
+            argv: quantix("--kernel", pvh),
+            expect_exit: true,
+        },
+        Column {
             name: "quantix-firmware".into(),
             vmm: "quantix".into(),
             guest: fw_desc.into(),
@@ -289,10 +309,10 @@ pub fn columns(
             expect_exit: true,
         },
         Column {
-            name: "qemu-elf".into(),
+            name: "qemu-pvh".into(),
             vmm: "qemu".into(),
-            guest: elf_desc.into(),
-            argv: qemu("-kernel", elf),
+            guest: pvh_desc.into(),
+            argv: qemu("-kernel", pvh),
             expect_exit: false,
         },
         Column {
@@ -344,15 +364,24 @@ fn run_in(
     };
     let elf = write("first-insn.elf", &guest::elf64())?;
     let fw = write("first-insn.fw", &guest::firmware16())?;
+    let pvh = write("first-insn-pvh.elf", &guest::elf64_pvh())?;
+    let fc_log = write("firecracker.log", b"")?;
     let fc_config = write(
         "firecracker.json",
         firecracker_config(&elf, o.memory_mib).as_bytes(),
     )?;
+    let guests = Guests {
+        elf: &elf,
+        pvh: &pvh,
+        firmware: &fw,
+        fc_config: &fc_config,
+        fc_log: &fc_log,
+    };
     let stderr_path = dir.join("stderr");
 
     let mut active = Vec::new();
     let mut skipped = Vec::new();
-    for col in columns(o, vmm_bin, &elf, &fw, &fc_config) {
+    for col in columns(o, vmm_bin, &guests) {
         if col.vmm != "quantix" {
             // Can this peer run this guest here at all? One try decides.
             let m = measure(&col, 0, true, o.timeout, &stderr_path);
@@ -727,7 +756,7 @@ pub fn format(r: &FirstInsnResults) -> String {
         if first.is_some() || exit.is_some() {
             let _ = writeln!(
                 s,
-                "ratio quantix-vmm/{peer}, same ELF guest, medians: spawn → first byte {}, spawn → exit {}",
+                "ratio quantix-vmm/{peer}, same guest, medians: spawn → first byte {}, spawn → exit {}",
                 cell(first),
                 cell(exit)
             );
@@ -800,32 +829,27 @@ mod tests {
             cloud_hypervisor: None,
             timeout: Duration::from_secs(10),
         };
-        let cols = columns(
-            &o,
-            Path::new("/v"),
-            Path::new("/e"),
-            Path::new("/f"),
-            Path::new("/c"),
-        );
-        assert_eq!(cols.len(), 4, "no peer columns without their binaries");
+        let g = Guests {
+            elf: Path::new("/e"),
+            pvh: Path::new("/p"),
+            firmware: Path::new("/f"),
+            fc_config: Path::new("/c"),
+            fc_log: Path::new("/l"),
+        };
+        let cols = columns(&o, Path::new("/v"), &g);
+        assert_eq!(cols.len(), 5, "no peer columns without their binaries");
         let with_peers = FirstInsnOptions {
             firecracker: Some("/fc".into()),
             cloud_hypervisor: Some("/ch".into()),
             ..o.clone()
         };
-        let peers = columns(
-            &with_peers,
-            Path::new("/v"),
-            Path::new("/e"),
-            Path::new("/f"),
-            Path::new("/c"),
-        );
+        let peers = columns(&with_peers, Path::new("/v"), &g);
         assert_eq!(
-            peers[4].argv[..4],
-            ["/fc", "--no-api", "--config-file", "/c"]
+            peers[5].argv,
+            ["/fc", "--no-api", "--config-file", "/c", "--log-path", "/l"]
         );
-        assert!(peers[4].expect_exit);
-        assert_eq!(peers[5].argv[..3], ["/ch", "--kernel", "/e"]);
+        assert!(peers[5].expect_exit);
+        assert_eq!(peers[6].argv[..3], ["/ch", "--kernel", "/p"]);
         let cfg: serde_json::Value =
             serde_json::from_str(&firecracker_config(Path::new("/e"), 64)).unwrap();
         assert_eq!(cfg["machine-config"]["mem_size_mib"], 64);
@@ -842,8 +866,8 @@ mod tests {
                 "warn"
             ]
         );
-        assert_eq!(cols[3].argv.last().map(String::as_str), Some("/f"));
-        assert!(cols[3].argv.contains(&"-bios".to_string()));
+        assert_eq!(cols[4].argv.last().map(String::as_str), Some("/f"));
+        assert!(cols[4].argv.contains(&"-bios".to_string()));
         let all = [
             m("quantix-elf", true, Some(100.0), None),
             m("quantix-elf", false, Some(5.0), None),
@@ -861,7 +885,7 @@ mod tests {
         assert_eq!(s.first_byte_ms.unwrap().median, 6.0);
         assert_eq!(s.total_ms.unwrap().median, 7.0);
         assert_eq!(s.failed.len(), 1);
-        let q = summarize(&cols[3], &all);
+        let q = summarize(&cols[4], &all);
         assert_eq!(q.first_byte_ms.unwrap().median, 50.0);
         assert!(q.total_ms.is_none());
     }

@@ -52,11 +52,29 @@ pub fn elf64() -> Vec<u8> {
 
 /// The same ELF64 wrapper around any 64-bit `code`.
 pub fn elf64_code(code: &[u8]) -> Vec<u8> {
+    elf(code, false)
+}
+
+/// [`code`] in an ELF64 with a PVH note (Xen ELF note 18, `XEN_ELFNOTE_PHYS32_ENTRY`):
+/// VMMs that boot ELF kernels only by PVH (Cloud Hypervisor, QEMU) enter it in 32-bit
+/// protected mode, where [`code`]'s long-mode bytes mean the same (the 0x66 prefix makes
+/// `mov dx` 16-bit in either).
+pub fn elf64_pvh() -> Vec<u8> {
+    elf(&code(true), true)
+}
+
+/// The note: namesz, descsz, type, "Xen\0", the 32-bit entry.
+const NOTE: usize = 12 + 4 + 4;
+
+fn elf(code: &[u8], pvh: bool) -> Vec<u8> {
     const EHDR: usize = 64;
     const PHDR: usize = 56;
-    let entry = ELF_LOAD + (EHDR + PHDR) as u64;
-    let total = (EHDR + PHDR + code.len()) as u64;
-    let mut v = Vec::with_capacity(EHDR + PHDR + code.len());
+    let phnum = if pvh { 2 } else { 1 };
+    let note = if pvh { NOTE } else { 0 };
+    let code_off = EHDR + phnum * PHDR + note;
+    let entry = ELF_LOAD + code_off as u64;
+    let total = (code_off + code.len()) as u64;
+    let mut v = Vec::with_capacity(code_off + code.len());
     v.extend_from_slice(b"\x7fELF");
     v.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little-endian, version 1, System V
     v.extend_from_slice(&[0; 8]);
@@ -69,7 +87,7 @@ pub fn elf64_code(code: &[u8]) -> Vec<u8> {
     v.extend_from_slice(&0u32.to_le_bytes()); // e_flags
     v.extend_from_slice(&(EHDR as u16).to_le_bytes()); // e_ehsize
     v.extend_from_slice(&(PHDR as u16).to_le_bytes()); // e_phentsize
-    v.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    v.extend_from_slice(&(phnum as u16).to_le_bytes()); // e_phnum
     v.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
     v.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
     v.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
@@ -81,6 +99,23 @@ pub fn elf64_code(code: &[u8]) -> Vec<u8> {
     v.extend_from_slice(&total.to_le_bytes()); // p_filesz
     v.extend_from_slice(&total.to_le_bytes()); // p_memsz
     v.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
+    if pvh {
+        let off = (EHDR + phnum * PHDR) as u64;
+        v.extend_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+        v.extend_from_slice(&4u32.to_le_bytes()); // R
+        v.extend_from_slice(&off.to_le_bytes()); // p_offset
+        v.extend_from_slice(&(ELF_LOAD + off).to_le_bytes()); // p_vaddr
+        v.extend_from_slice(&(ELF_LOAD + off).to_le_bytes()); // p_paddr
+        v.extend_from_slice(&(NOTE as u64).to_le_bytes()); // p_filesz
+        v.extend_from_slice(&(NOTE as u64).to_le_bytes()); // p_memsz
+        v.extend_from_slice(&4u64.to_le_bytes()); // p_align
+        v.extend_from_slice(&4u32.to_le_bytes()); // namesz ("Xen\0")
+        v.extend_from_slice(&4u32.to_le_bytes()); // descsz
+        v.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+        v.extend_from_slice(b"Xen\0");
+        v.extend_from_slice(&(entry as u32).to_le_bytes());
+    }
+    debug_assert_eq!(v.len(), code_off);
     v.extend_from_slice(code);
     v
 }
@@ -111,7 +146,7 @@ mod tests {
             code(true),
             [
                 0x66, 0xba, 0xf8, 0x03, 0xb0, b'Q', 0xee, 0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee,
-                0xf4, 0xeb, 0xfd
+                0x66, 0xba, 0x64, 0x00, 0xb0, 0xfe, 0xee, 0xf4, 0xeb, 0xfd
             ]
         );
         assert_eq!(code(false)[..6], [0xba, 0xf8, 0x03, 0xb0, b'Q', 0xee]);
@@ -127,6 +162,29 @@ mod tests {
         assert_eq!(&elf[off..], &code(true)[..]);
         let filesz = u64::from_le_bytes(elf[64 + 32..64 + 40].try_into().unwrap());
         assert_eq!(filesz as usize, elf.len());
+    }
+
+    #[test]
+    fn the_pvh_elf_has_a_note_with_the_entry_of_the_code() {
+        let elf = elf64_pvh();
+        let entry = u64::from_le_bytes(elf[24..32].try_into().unwrap());
+        assert_eq!(
+            u16::from_le_bytes([elf[56], elf[57]]),
+            2,
+            "two program headers"
+        );
+        // The second program header is the PT_NOTE.
+        let ph = 64 + 56;
+        assert_eq!(u32::from_le_bytes(elf[ph..ph + 4].try_into().unwrap()), 4);
+        let note = u64::from_le_bytes(elf[ph + 8..ph + 16].try_into().unwrap()) as usize;
+        assert_eq!(
+            u32::from_le_bytes(elf[note + 8..note + 12].try_into().unwrap()),
+            18
+        );
+        assert_eq!(&elf[note + 12..note + 16], b"Xen\0");
+        let pvh_entry = u32::from_le_bytes(elf[note + 16..note + 20].try_into().unwrap());
+        assert_eq!(u64::from(pvh_entry), entry);
+        assert_eq!(&elf[(entry - ELF_LOAD) as usize..], &code(true)[..]);
     }
 
     #[test]
