@@ -26,15 +26,18 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// Where the console's bytes come from.
 #[derive(Debug, Clone)]
 pub enum Source {
-    /// The VMM's `--serial socket=PATH`: read and write. With the VMM's control socket,
-    /// a reconnection skips the part of the VMM's history replay already published.
+    /// The VMM's `--serial socket=PATH` (or `--console socket=PATH`): read and write. With
+    /// the VMM's control socket, a reconnection skips the part of the VMM's history replay
+    /// already published.
     Socket {
-        /// The serial socket.
+        /// The serial port's or the virtio console's socket.
         serial: PathBuf,
         /// The VMM's control socket, to learn where each connection's stream begins.
         control: Option<PathBuf>,
+        /// The endpoint's name in the VMM's metrics: `serial` or `console`.
+        endpoint: &'static str,
     },
-    /// The VMM's `--serial file=PATH`: output only.
+    /// The VMM's `--serial file=PATH` (or `--console file=PATH`): output only.
     File(PathBuf),
 }
 
@@ -105,20 +108,22 @@ impl Feed {
 /// The serial socket's accepted connections so far, from the VMM; `Some(0)` when the VMM
 /// has no control socket yet (it is starting, so nobody connected before), `None` when it
 /// cannot say (an older VMM, no answer in time).
-async fn connections_before(control: &std::path::Path) -> Option<u64> {
+async fn connections_before(control: &std::path::Path, endpoint: &str) -> Option<u64> {
     if !control.exists() {
         return Some(0);
     }
-    serial_endpoint(control).await.map(|e| e.connections)
+    endpoint_sample(control, endpoint)
+        .await
+        .map(|e| e.connections)
 }
 
 /// The offset at which the connection accepted after `before` others begins, once the VMM
 /// reports it; `None` when it does not (an older VMM, a newer client came meanwhile, no
 /// answer within a second).
-async fn stream_start(control: &std::path::Path, before: u64) -> Option<u64> {
+async fn stream_start(control: &std::path::Path, endpoint: &str, before: u64) -> Option<u64> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
     while tokio::time::Instant::now() < deadline {
-        if let Some(e) = serial_endpoint(control).await {
+        if let Some(e) = endpoint_sample(control, endpoint).await {
             match e.client {
                 Some(c) if c.connection == before + 1 => return Some(c.start_offset),
                 Some(c) if c.connection > before + 1 => return None,
@@ -131,8 +136,9 @@ async fn stream_start(control: &std::path::Path, before: u64) -> Option<u64> {
     None
 }
 
-async fn serial_endpoint(
+async fn endpoint_sample(
     control: &std::path::Path,
+    endpoint: &str,
 ) -> Option<quantix_vmm_api::metrics::EndpointSample> {
     let sample = crate::control::call::<quantix_vmm_api::control::GetMetrics>(
         control,
@@ -140,7 +146,7 @@ async fn serial_endpoint(
     )
     .await
     .ok()?;
-    sample.endpoints.into_iter().find(|e| e.device == "serial")
+    sample.endpoints.into_iter().find(|e| e.device == endpoint)
 }
 
 /// One VM's console hub. It outlives VMM restarts, so the ring spans them.
@@ -208,7 +214,11 @@ impl Console {
         let me = Arc::clone(self);
         tokio::spawn(async move {
             match source {
-                Source::Socket { serial, control } => me.run_socket(serial, control, stop).await,
+                Source::Socket {
+                    serial,
+                    control,
+                    endpoint,
+                } => me.run_socket(serial, control, endpoint, stop).await,
                 Source::File(path) => me.run_file(path, stop).await,
             }
             me.close_input();
@@ -229,6 +239,7 @@ impl Console {
         self: &Arc<Self>,
         path: PathBuf,
         control: Option<PathBuf>,
+        endpoint: &'static str,
         mut stop: watch::Receiver<bool>,
     ) {
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
@@ -237,7 +248,7 @@ impl Console {
         let mut seen_end: Option<u64> = None;
         loop {
             let before = match &control {
-                Some(c) => connections_before(c).await,
+                Some(c) => connections_before(c, endpoint).await,
                 None => None,
             };
             let stream = match UnixStream::connect(&path).await {
@@ -256,7 +267,7 @@ impl Console {
             let mut buf = vec![0u8; 8192];
             let mut start = Box::pin(async {
                 match (&control, before) {
-                    (Some(c), Some(n)) => stream_start(c, n).await,
+                    (Some(c), Some(n)) => stream_start(c, endpoint, n).await,
                     _ => None,
                 }
             });
@@ -377,6 +388,7 @@ mod tests {
             Source::Socket {
                 serial: path.clone(),
                 control: None,
+                endpoint: "serial",
             },
             stop_rx,
         );

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use quantix_proto::v1::node_service_server::NodeService;
 use quantix_proto::v1::vm_service_server::VmService;
 use quantix_proto::v1::{
-    console_input, ConsoleInput, ConsoleOutput, CreateVmRequest, DeleteVmRequest, DeleteVmResponse,
-    EventKind, GetNodeRequest, GetVmRequest, ListVmsRequest, ListVmsResponse, Node, PauseVmRequest,
-    RebootVmRequest, ResumeVmRequest, StartVmRequest, StopVmRequest, Vm, VmEvent, VmState,
-    WatchVmsRequest,
+    console_input, ConsoleDevice, ConsoleInput, ConsoleOutput, CreateVmRequest, DeleteVmRequest,
+    DeleteVmResponse, EventKind, GetNodeRequest, GetVmRequest, ListVmsRequest, ListVmsResponse,
+    Node, PauseVmRequest, RebootVmRequest, ResumeVmRequest, StartVmRequest, StopVmRequest, Vm,
+    VmEvent, VmState, WatchVmsRequest,
 };
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -337,7 +337,8 @@ impl VmService for Api {
                 )),
             );
         };
-        let console = match self.manager.console(&attach.vm_id) {
+        let device = ConsoleDevice::try_from(attach.device).unwrap_or_default();
+        let console = match self.manager.console(&attach.vm_id, device) {
             Ok(con) => con,
             Err(e) => return self.finish("AttachConsole", &attach.vm_id, &c, false, t, Err(e)),
         };

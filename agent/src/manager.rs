@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quantix_proto::v1::{
-    EventKind, ExitInfo, Resources, RestartPolicy, Vm, VmSpec, VmState, VmStatus,
+    ConsoleDevice, EventKind, ExitInfo, Resources, RestartPolicy, Vm, VmSpec, VmState, VmStatus,
 };
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -232,6 +232,8 @@ struct Running {
 pub struct Slot {
     op: tokio::sync::Mutex<()>,
     console: Arc<Console>,
+    /// The virtio console's hub, when the spec has one.
+    virtio_console: Option<Arc<Console>>,
     run: Mutex<Option<Running>>,
     /// A policy restart is waiting for its back-off; an API call cancels it.
     pending_restart: AtomicBool,
@@ -245,9 +247,11 @@ impl Slot {
             .map(|c| c.ring_bytes as usize)
             .filter(|n| *n > 0)
             .unwrap_or(DEFAULT_RING_BYTES);
+        let virtio = spec.console.as_ref().is_some_and(|c| c.virtio);
         Arc::new(Self {
             op: tokio::sync::Mutex::new(()),
             console: Console::new(ring),
+            virtio_console: virtio.then(|| Console::new(ring)),
             run: Mutex::new(None),
             pending_restart: AtomicBool::new(false),
         })
@@ -590,10 +594,18 @@ impl Manager {
         Ok((r, all.len() as u32, active))
     }
 
-    /// The console of a VM.
-    pub fn console(&self, id: &str) -> Result<Arc<Console>, AgentError> {
+    /// One of a VM's consoles.
+    pub fn console(&self, id: &str, device: ConsoleDevice) -> Result<Arc<Console>, AgentError> {
         let vm = self.load(id)?;
-        Ok(self.slot_for(&vm)?.console.clone())
+        let slot = self.slot_for(&vm)?;
+        match device {
+            ConsoleDevice::Unspecified | ConsoleDevice::Serial => Ok(slot.console.clone()),
+            ConsoleDevice::Virtio => slot.virtio_console.clone().ok_or_else(|| {
+                AgentError::FailedPrecondition(format!(
+                    "VM {id:?} has no virtio console (its spec has no console.virtio)"
+                ))
+            }),
+        }
     }
 
     /// Whether consoles take input.
@@ -875,6 +887,11 @@ impl Manager {
             SerialMode::Socket(for_vmm(&paths.serial_socket()))
         } else {
             SerialMode::File(for_vmm(&paths.serial_file()))
+        };
+        c.console = match spec.console.as_ref().is_some_and(|c| c.virtio) {
+            false => SerialMode::Off,
+            true if self.console_socket => SerialMode::Socket(for_vmm(&paths.console_socket())),
+            true => SerialMode::File(for_vmm(&paths.console_file())),
         };
         c.disks = spec
             .disks
@@ -1178,15 +1195,27 @@ impl Manager {
     ) -> Result<watch::Receiver<Option<ExitInfo>>, AgentError> {
         let (exit_tx, exit_rx) = watch::channel(None);
         let (stop_console, stop_rx) = watch::channel(false);
-        let source = if self.console_socket {
-            Source::Socket {
-                serial: paths.serial_socket(),
-                control: Some(paths.api_socket()),
+        let source = |socket: PathBuf, file: PathBuf, endpoint| {
+            if self.console_socket {
+                Source::Socket {
+                    serial: socket,
+                    control: Some(paths.api_socket()),
+                    endpoint,
+                }
+            } else {
+                Source::File(file)
             }
-        } else {
-            Source::File(paths.serial_file())
         };
-        slot.console.pump(source, stop_rx);
+        slot.console.pump(
+            source(paths.serial_socket(), paths.serial_file(), "serial"),
+            stop_rx.clone(),
+        );
+        if let Some(virtio) = &slot.virtio_console {
+            virtio.pump(
+                source(paths.console_socket(), paths.console_file(), "console"),
+                stop_rx,
+            );
+        }
         *slot.run.lock().unwrap_or_else(|p| p.into_inner()) = Some(Running {
             pid,
             exited: exit_rx.clone(),
@@ -1549,7 +1578,7 @@ impl Manager {
             };
             for vm in vms.iter().filter(|v| is_active(state_of(v))) {
                 let paths = self.paths(&vm.id);
-                for log in [paths.vmm_log(), paths.serial_file()] {
+                for log in [paths.vmm_log(), paths.serial_file(), paths.console_file()] {
                     match process::rotate_if_larger(&log, self.cfg.log_max_bytes) {
                         Ok(true) => info!(vm = %vm.id, log = %log.display(), "log rotated"),
                         Ok(false) => {}

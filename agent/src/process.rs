@@ -403,6 +403,14 @@ impl VmPaths {
     pub fn serial_file(&self) -> PathBuf {
         self.run().join("serial.log")
     }
+    /// The virtio console's socket (socket mode), when the spec asks for the device.
+    pub fn console_socket(&self) -> PathBuf {
+        self.run().join("console.sock")
+    }
+    /// The virtio console's output file (file mode).
+    pub fn console_file(&self) -> PathBuf {
+        self.run().join("console.log")
+    }
     /// The directory of the vsock device's host sockets: root's with the VMM's group, 0770,
     /// kept across restarts (host services bind their `vsock.sock_PORT` listeners there).
     pub fn vsock_dir(&self) -> PathBuf {

@@ -1135,6 +1135,10 @@ async fn the_spec_reaches_the_vmm_and_a_derived_mac_stays_across_starts() {
         tap: tap.clone(),
         ..Default::default()
     }];
+    s.console = Some(quantix_proto::v1::Console {
+        ring_bytes: 0,
+        virtio: true,
+    });
     let vm = create(&mut c, "dev-1", s, false).await;
     let macs = vm.status.as_ref().unwrap().nic_macs.clone();
     assert_eq!(macs.len(), 1, "{vm:?}");
@@ -1149,6 +1153,21 @@ async fn the_spec_reaches_the_vmm_and_a_derived_mac_stays_across_starts() {
         assert_eq!(config.disks[0].aio, quantix_vmm_api::EngineKind::Threads);
         assert_eq!(config.nets[0].mac, Some(mac), "round {round}: the same MAC");
         assert_eq!(vm.status.as_ref().unwrap().nic_macs, macs);
+        // The virtio console is on its own socket, which the agent reads.
+        match &config.console {
+            quantix_vmm_api::SerialMode::Socket(p) => {
+                assert!(p.ends_with("console.sock"), "{p:?}")
+            }
+            other => panic!("round {round}: virtio console {other:?}"),
+        }
+        let mut out = attach_virtio(&mut c, "dev-1").await.unwrap();
+        // The hand-made guest has no virtio driver: nothing comes, but the call stands.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), out.message())
+                .await
+                .is_err(),
+            "the virtio console is attached and quiet"
+        );
         stop(&mut c, "dev-1").await;
     }
 
@@ -1173,6 +1192,10 @@ async fn the_spec_reaches_the_vmm_and_a_derived_mac_stays_across_starts() {
     );
     let out = console_until(&mut c, "fw-1", "F", LIMIT).await;
     assert!(out.contains('F'), "{out}");
+    // A VM without a virtio console: attaching to one is FAILED_PRECONDITION.
+    let e = attach_virtio(&mut c, "fw-1").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("virtio console"), "{}", e.message());
     stop(&mut c, "fw-1").await;
     // A kernel and a firmware together are refused, naming the field.
     let mut both = s;
@@ -1187,4 +1210,29 @@ async fn the_spec_reaches_the_vmm_and_a_derived_mac_stays_across_starts() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("spec.boot.kernel"), "{}", e.message());
+}
+
+/// Attaches to a VM's virtio console.
+async fn attach_virtio(
+    c: &mut quantix_proto::v1::vm_service_client::VmServiceClient<tonic::transport::Channel>,
+    id: &str,
+) -> Result<tonic::Streaming<quantix_proto::v1::ConsoleOutput>, tonic::Status> {
+    use quantix_proto::v1::{console_input, ConsoleAttach, ConsoleDevice, ConsoleInput};
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(ConsoleInput {
+        input: Some(console_input::Input::Attach(ConsoleAttach {
+            vm_id: id.into(),
+            replay: true,
+            device: ConsoleDevice::Virtio as i32,
+        })),
+    })
+    .await
+    .unwrap();
+    // The stream must outlive the call: keep the sender in a task that never sends again.
+    tokio::spawn(async move {
+        tx.closed().await;
+    });
+    c.attach_console(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map(tonic::Response::into_inner)
 }

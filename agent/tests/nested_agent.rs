@@ -82,6 +82,7 @@ const DEVICE_MODULES: &[&str] = &[
     "kernel/net/vmw_vsock/vsock.ko",
     "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
     "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
+    "kernel/drivers/char/virtio_console.ko",
 ];
 
 /// The devices VM's guest script (`qx.action=script`; the guest powers off after it).
@@ -108,6 +109,9 @@ echo "QX-DEV vsock-in1=$(sum /tmp/v1)"
 qx-vsock listen 5000 </tmp/g >/tmp/v2 2>/tmp/l2.log; echo "QX-DEV vsock-listen-status=$?"
 cat /tmp/l2.log
 echo "QX-DEV vsock-in2=$(sum /tmp/v2)"
+# The virtio console: a line on hvc0, which the agent's second console hub carries.
+for i in $(seq 50); do [ -c /dev/hvc0 ] && break; sleep 0.1; done
+echo "QX-HVC-AGENT hello from hvc0" >/dev/hvc0 && echo "QX-DEV hvc=written"
 echo "QX-DEV-END"
 "#;
 
@@ -133,7 +137,7 @@ while [ ! -S /tmp/qd/agent.sock ]; do
 	sleep 0.1
 done
 printf '%s
-' 'id: dev' 'name: devices' 'vcpus: 1' 'memory_mib: 256' 'kernel: /guest/vmlinuz' 	'initramfs: /payload/devices.cpio' 'cmdline: console=ttyS0 loglevel=3 qx.action=script' 	'disks:' '  - path: /tmp/qd-images/data.img' '    id: qx-data-1' 	'nics:' '  - tap: qxtap0' '    mac: 52:54:00:aa:bb:07' 	'vsock:' '  guest_cid: 3' >/tmp/dev.yaml
+' 'id: dev' 'name: devices' 'vcpus: 1' 'memory_mib: 256' 'kernel: /guest/vmlinuz' 	'initramfs: /payload/devices.cpio' 'cmdline: console=ttyS0 loglevel=3 qx.action=script' 	'disks:' '  - path: /tmp/qd-images/data.img' '    id: qx-data-1' 	'nics:' '  - tap: qxtap0' '    mac: 52:54:00:aa:bb:07' 	'vsock:' '  guest_cid: 3' 'console_virtio: true' >/tmp/dev.yaml
 $C create -f /tmp/dev.yaml || { echo "QX-HOST-CREATE-FAILED"; cat /tmp/agent-d.log; exit 11; }
 sock=$($C -o json get dev | sed -n 's/.*"vsock_socket": "\(.*\)".*/\1/p')
 echo "QX-HOST vsock-socket=$sock"
@@ -147,6 +151,8 @@ $C start dev || { echo "QX-HOST-START-FAILED"; cat /tmp/agent-d.log; exit 12; }
 # The guest's lines, from the console ring's start (the guest powers off right after its last).
 $C console dev --until "QX-DEV-END" --timeout 300 >/tmp/dev-console.txt &
 cons=$!
+$C console dev --device virtio --until "QX-HVC-AGENT" --timeout 300 >/tmp/dev-hvc.txt &
+hvc=$!
 i=0; while ! ip link show qxtap0 >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 300 ] || break; sleep 0.1; done
 ip addr add 10.0.2.1/24 dev qxtap0 && ip link set qxtap0 up
 httpd -f -p 8080 -h /tmp/www >/dev/null 2>&1 &
@@ -171,6 +177,8 @@ echo "QX-HOST vsock-connect=$ok"
 echo "QX-HOST vsock-out2=$(sum /tmp/out2)"
 wait $cons || echo "QX-HOST-CONSOLE-FAILED status=$?"
 cat /tmp/dev-console.txt
+if wait $hvc; then echo "QX-HOST hvc=ok"; else echo "QX-HOST hvc=failed status=$?"; fi
+sed 's/^/HVC: /' /tmp/dev-hvc.txt
 i=0
 until $C -o json get dev | grep -q '"state": "VM_STATE_STOPPED"'; do
 	i=$((i + 1))
@@ -378,4 +386,11 @@ fn devices_work_jailed(r: &quantix_sandbox::JobResult, log: &std::path::Path) {
     assert_eq!(field(out, "QX-DEV vsock-in2"), h, "{}", context());
     // The guest powered itself off when done.
     assert_eq!(field(out, "QX-HOST exit"), "poweroff", "{}", context());
+    // The virtio console: the guest's line on hvc0 came through `console --device virtio`.
+    assert_eq!(field(out, "QX-HOST hvc"), "ok", "{}", context());
+    assert!(
+        out.contains("HVC: QX-HVC-AGENT hello from hvc0"),
+        "{}",
+        context()
+    );
 }

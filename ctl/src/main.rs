@@ -12,9 +12,9 @@ use clap::{Parser, Subcommand};
 use quantix_proto::v1::node_service_client::NodeServiceClient;
 use quantix_proto::v1::vm_service_client::VmServiceClient;
 use quantix_proto::v1::{
-    console_input, ConsoleAttach, ConsoleInput, CreateVmRequest, DeleteVmRequest, GetNodeRequest,
-    GetVmRequest, ListVmsRequest, PauseVmRequest, RebootVmRequest, ResumeVmRequest, StartVmRequest,
-    StopVmRequest, WatchVmsRequest,
+    console_input, ConsoleAttach, ConsoleDevice, ConsoleInput, CreateVmRequest, DeleteVmRequest,
+    GetNodeRequest, GetVmRequest, ListVmsRequest, PauseVmRequest, RebootVmRequest, ResumeVmRequest,
+    StartVmRequest, StopVmRequest, WatchVmsRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
@@ -123,6 +123,10 @@ enum Cmd {
     /// Attach to a VM's serial console (Ctrl-] detaches on a terminal).
     Console {
         id: String,
+        /// Which console: the serial port (ttyS0), or the virtio console (hvc0) of a VM
+        /// created with --virtio-console.
+        #[arg(long, value_parser = ["serial", "virtio"], default_value = "serial")]
+        device: String,
         /// Do not print the recent output first.
         #[arg(long)]
         no_replay: bool,
@@ -530,10 +534,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Console {
             id,
+            device,
             no_replay,
             until,
             timeout,
-        } => console(&mut vms, id, !no_replay, until, timeout).await?,
+        } => {
+            let device = match device.as_str() {
+                "virtio" => ConsoleDevice::Virtio,
+                _ => ConsoleDevice::Serial,
+            };
+            console(&mut vms, id, device, !no_replay, until, timeout).await?
+        }
         Cmd::Events { id, initial, count } => {
             let mut stream = vms
                 .watch_vms(WatchVmsRequest {
@@ -598,6 +609,7 @@ impl Drop for RawTerminal {
 async fn console(
     vms: &mut VmServiceClient<Channel>,
     id: String,
+    device: ConsoleDevice,
     replay: bool,
     until: Option<String>,
     timeout: Option<u64>,
@@ -608,6 +620,7 @@ async fn console(
             input: Some(console_input::Input::Attach(ConsoleAttach {
                 vm_id: id,
                 replay,
+                device: device as i32,
             })),
         })
         .await;

@@ -49,6 +49,10 @@ pub struct CreateArgs {
     /// the limits apply to each direction).
     #[arg(long = "nic", value_name = "SPEC")]
     nics: Vec<String>,
+    /// A virtio console (the guest's hvc0) besides the serial port; `console --device
+    /// virtio` attaches to it.
+    #[arg(long)]
+    virtio_console: bool,
     /// A virtio-vsock device with this guest CID (3 or more); its host socket is shown by
     /// `get` (status.vsock_socket).
     #[arg(long, value_name = "CID")]
@@ -85,6 +89,7 @@ struct SpecFile {
     labels: HashMap<String, String>,
     restart_policy: Option<String>,
     console_ring_bytes: Option<u32>,
+    console_virtio: Option<bool>,
     vsock: Option<VsockFile>,
 }
 
@@ -280,9 +285,12 @@ impl SpecFile {
             rng: self.rng,
             disks,
             nics,
-            console: self
-                .console_ring_bytes
-                .map(|ring_bytes| Console { ring_bytes }),
+            console: (self.console_ring_bytes.is_some() || self.console_virtio.is_some()).then(
+                || Console {
+                    ring_bytes: self.console_ring_bytes.unwrap_or(0),
+                    virtio: self.console_virtio.unwrap_or(false),
+                },
+            ),
             labels: self.labels,
             restart_policy: restart,
             vsock: self.vsock.map(|v| Vsock {
@@ -364,6 +372,9 @@ impl CreateArgs {
         }
         if let Some(p) = self.restart {
             spec.restart_policy = policy(&p)? as i32;
+        }
+        if self.virtio_console {
+            spec.console.get_or_insert_with(Console::default).virtio = true;
         }
         if let Some(guest_cid) = self.vsock_cid {
             spec.vsock = Some(Vsock { guest_cid });

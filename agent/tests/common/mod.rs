@@ -515,6 +515,7 @@ pub async fn attach_console(
         input: Some(console_input::Input::Attach(ConsoleAttach {
             vm_id: id.into(),
             replay,
+            ..Default::default()
         })),
     })
     .await
