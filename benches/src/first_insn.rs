@@ -115,6 +115,37 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// The fastest quantix-vmm column against the fastest peer column (by median).
+#[derive(Debug, Clone, Serialize)]
+pub struct BestRatio {
+    /// The quantix-vmm column and its median, ms.
+    pub quantix: (String, f64),
+    /// The peer column and its median, ms.
+    pub peer: (String, f64),
+    /// quantix / peer.
+    pub ratio: f64,
+}
+
+/// The best quantix-vmm and peer medians of `metric`, and their ratio.
+pub fn best_ratio(
+    columns: &[ColumnSummary],
+    metric: impl Fn(&ColumnSummary) -> Option<f64>,
+) -> Option<BestRatio> {
+    let best = |quantix: bool| {
+        columns
+            .iter()
+            .filter(|c| (c.column.vmm == "quantix") == quantix)
+            .filter_map(|c| metric(c).map(|m| (c.column.name.clone(), m)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+    };
+    let (q, p) = (best(true)?, best(false)?);
+    (p.1 > 0.0).then(|| BestRatio {
+        ratio: q.1 / p.1,
+        quantix: q,
+        peer: p,
+    })
+}
+
 /// Everything `first-insn` measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct FirstInsnResults {
@@ -144,6 +175,10 @@ pub struct FirstInsnResults {
     pub ratio_first_byte_cloud_hypervisor: Option<f64>,
     /// quantix-vmm / Cloud Hypervisor, same PVH guest, medians of spawn → exit.
     pub ratio_exit_cloud_hypervisor: Option<f64>,
+    /// The fastest quantix-vmm column against the fastest peer column, spawn → first byte.
+    pub best_first_byte: Option<BestRatio>,
+    /// The same for spawn → exit (columns whose VMM exits by itself).
+    pub best_exit: Option<BestRatio>,
     /// The target, per quantix column.
     pub targets: Vec<Target>,
 }
@@ -464,6 +499,8 @@ fn run_in(
             met: ratio_exit_firecracker.map(|r| r <= EXIT_VS_FIRECRACKER_TARGET),
         });
     }
+    let best_first_byte = best_ratio(&columns, |c| c.first_byte_ms.map(|s| s.median));
+    let best_exit = best_ratio(&columns, |c| c.total_ms.map(|s| s.median));
     Ok(FirstInsnResults {
         benchmark: "first-insn",
         date: report::now_utc(),
@@ -478,6 +515,8 @@ fn run_in(
         ratio_exit_firecracker,
         ratio_first_byte_cloud_hypervisor,
         ratio_exit_cloud_hypervisor,
+        best_first_byte,
+        best_exit,
         targets,
     })
 }
@@ -762,6 +801,18 @@ pub fn format(r: &FirstInsnResults) -> String {
             );
         }
     }
+    for (what, best) in [
+        ("spawn → first byte", &r.best_first_byte),
+        ("spawn → exit", &r.best_exit),
+    ] {
+        if let Some(b) = best {
+            let _ = writeln!(
+                s,
+                "best against best, {what}: {} {:.2} ms / {} {:.2} ms = {:.2}",
+                b.quantix.0, b.quantix.1, b.peer.0, b.peer.1, b.ratio
+            );
+        }
+    }
     for sk in &r.skipped {
         let _ = writeln!(s, "\nskipped {}: {}", sk.name, sk.reason);
     }
@@ -901,5 +952,38 @@ mod tests {
         assert!(judge(&x, false).unwrap().starts_with("first byte was 0x78"));
         x.first_byte = None;
         assert!(judge(&x, false).unwrap().starts_with("no output"));
+    }
+
+    #[test]
+    fn the_best_quantix_column_is_compared_with_the_best_peer() {
+        let col = |name: &str, vmm: &str, exits: bool| Column {
+            name: name.into(),
+            vmm: vmm.into(),
+            guest: String::new(),
+            argv: vec![],
+            expect_exit: exits,
+        };
+        let cols = [
+            col("quantix-elf", "quantix", true),
+            col("quantix-pvh", "quantix", true),
+            col("qemu-firmware", "qemu", false),
+            col("cloud-hypervisor-pvh", "cloud-hypervisor", true),
+        ];
+        let all = [
+            m("quantix-elf", false, Some(5.0), None),
+            m("quantix-pvh", false, Some(4.0), None),
+            m("qemu-firmware", false, Some(2.0), None),
+            m("cloud-hypervisor-pvh", false, Some(8.0), None),
+        ];
+        let sums: Vec<ColumnSummary> = cols.iter().map(|c| summarize(c, &all)).collect();
+        let first = best_ratio(&sums, |c| c.first_byte_ms.map(|s| s.median)).unwrap();
+        assert_eq!(first.quantix, ("quantix-pvh".to_string(), 4.0));
+        assert_eq!(first.peer, ("qemu-firmware".to_string(), 2.0));
+        assert!((first.ratio - 2.0).abs() < 1e-9);
+        // QEMU is killed, so it has no exit time: the best exiting peer is Cloud Hypervisor.
+        let exit = best_ratio(&sums, |c| c.total_ms.map(|s| s.median)).unwrap();
+        assert_eq!(exit.peer.0, "cloud-hypervisor-pvh");
+        assert!((exit.ratio - 5.0 / 9.0).abs() < 1e-9);
+        assert!(best_ratio(&sums[..2], |c| c.first_byte_ms.map(|s| s.median)).is_none());
     }
 }
