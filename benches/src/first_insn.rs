@@ -25,6 +25,21 @@ pub const FIRST_INSN_TARGET_MS: f64 = 10.0;
 /// Target: quantix-vmm's spawn → exit at most this share of Firecracker's, same guest.
 pub const EXIT_VS_FIRECRACKER_TARGET: f64 = 0.75;
 
+/// The columns' names (the ratios look columns up by them).
+pub const QUANTIX_ELF: &str = "quantix-elf";
+/// quantix-vmm with the PVH guest.
+pub const QUANTIX_PVH: &str = "quantix-pvh";
+/// quantix-vmm with the firmware guest.
+pub const QUANTIX_FIRMWARE: &str = "quantix-firmware";
+/// QEMU microvm with the PVH guest.
+pub const QEMU_PVH: &str = "qemu-pvh";
+/// QEMU microvm with the firmware guest.
+pub const QEMU_FIRMWARE: &str = "qemu-firmware";
+/// Firecracker with the ELF guest.
+pub const FIRECRACKER_ELF: &str = "firecracker-elf";
+/// Cloud Hypervisor with the PVH guest.
+pub const CLOUD_HYPERVISOR_PVH: &str = "cloud-hypervisor-pvh";
+
 /// Settings of one `first-insn` benchmark.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FirstInsnOptions {
@@ -286,7 +301,7 @@ pub fn columns(o: &FirstInsnOptions, vmm: &Path, g: &Guests<'_>) -> Vec<Column> 
     let mut peers = Vec::new();
     if let Some(fc) = &o.firecracker {
         peers.push(Column {
-            name: "firecracker-elf".into(),
+            name: FIRECRACKER_ELF.into(),
             vmm: "firecracker".into(),
             guest: format!("{elf_desc}; ends by the i8042 reset"),
             argv: vec![
@@ -302,7 +317,7 @@ pub fn columns(o: &FirstInsnOptions, vmm: &Path, g: &Guests<'_>) -> Vec<Column> 
     }
     if let Some(ch) = &o.cloud_hypervisor {
         peers.push(Column {
-            name: "cloud-hypervisor-pvh".into(),
+            name: CLOUD_HYPERVISOR_PVH.into(),
             vmm: "cloud-hypervisor".into(),
             guest: format!("{pvh_desc}; ends by the ACPI poweroff"),
             argv: vec![
@@ -323,35 +338,35 @@ pub fn columns(o: &FirstInsnOptions, vmm: &Path, g: &Guests<'_>) -> Vec<Column> 
     }
     let mut columns = vec![
         Column {
-            name: "quantix-elf".into(),
+            name: QUANTIX_ELF.into(),
             vmm: "quantix".into(),
             guest: elf_desc.into(),
             argv: quantix("--kernel", elf),
             expect_exit: true,
         },
         Column {
-            name: "quantix-pvh".into(),
+            name: QUANTIX_PVH.into(),
             vmm: "quantix".into(),
             guest: pvh_desc.into(),
             argv: quantix("--kernel", pvh),
             expect_exit: true,
         },
         Column {
-            name: "quantix-firmware".into(),
+            name: QUANTIX_FIRMWARE.into(),
             vmm: "quantix".into(),
             guest: fw_desc.into(),
             argv: quantix("--firmware", firmware),
             expect_exit: true,
         },
         Column {
-            name: "qemu-pvh".into(),
+            name: QEMU_PVH.into(),
             vmm: "qemu".into(),
             guest: pvh_desc.into(),
             argv: qemu("-kernel", pvh),
             expect_exit: false,
         },
         Column {
-            name: "qemu-firmware".into(),
+            name: QEMU_FIRMWARE.into(),
             vmm: "qemu".into(),
             guest: fw_desc.into(),
             argv: qemu("-bios", firmware),
@@ -455,24 +470,31 @@ fn run_in(
     }
 
     let columns: Vec<ColumnSummary> = active.iter().map(|c| summarize(c, &measurements)).collect();
-    let med = |name: &str| {
+    // One column's median of one metric.
+    let median = |name: &str, metric: fn(&ColumnSummary) -> Option<Summary>| {
         columns
             .iter()
             .find(|c| c.column.name == name)
-            .and_then(|c| c.first_byte_ms.map(|s| s.median))
+            .and_then(|c| metric(c).map(|s| s.median))
     };
-    let ratio_firmware = ratio(med("quantix-firmware"), med("qemu-firmware"));
-    let exit_med = |name: &str| {
-        columns
-            .iter()
-            .find(|c| c.column.name == name)
-            .and_then(|c| c.total_ms.map(|s| s.median))
-    };
-    let ratio_first_byte_firecracker = ratio(med("quantix-elf"), med("firecracker-elf"));
-    let ratio_exit_firecracker = ratio(exit_med("quantix-elf"), exit_med("firecracker-elf"));
-    let ratio_first_byte_cloud_hypervisor = ratio(med("quantix-elf"), med("cloud-hypervisor-elf"));
-    let ratio_exit_cloud_hypervisor =
-        ratio(exit_med("quantix-elf"), exit_med("cloud-hypervisor-elf"));
+    let first = |c: &ColumnSummary| c.first_byte_ms;
+    let exit = |c: &ColumnSummary| c.total_ms;
+    let ratio_firmware = ratio(
+        median(QUANTIX_FIRMWARE, first),
+        median(QEMU_FIRMWARE, first),
+    );
+    let ratio_first_byte_firecracker =
+        ratio(median(QUANTIX_ELF, first), median(FIRECRACKER_ELF, first));
+    let ratio_exit_firecracker = ratio(median(QUANTIX_ELF, exit), median(FIRECRACKER_ELF, exit));
+    // Cloud Hypervisor boots the PVH guest: compared with quantix-vmm on the same one.
+    let ratio_first_byte_cloud_hypervisor = ratio(
+        median(QUANTIX_PVH, first),
+        median(CLOUD_HYPERVISOR_PVH, first),
+    );
+    let ratio_exit_cloud_hypervisor = ratio(
+        median(QUANTIX_PVH, exit),
+        median(CLOUD_HYPERVISOR_PVH, exit),
+    );
     let mut targets: Vec<Target> = columns
         .iter()
         .filter(|c| c.column.vmm == "quantix")
@@ -492,15 +514,15 @@ fn run_in(
             target: format!(
                 "spawn → exit ≤ {EXIT_VS_FIRECRACKER_TARGET}× Firecracker's (ELF guest)"
             ),
-            measured: match (exit_med("quantix-elf"), exit_med("firecracker-elf")) {
+            measured: match (median(QUANTIX_ELF, exit), median(FIRECRACKER_ELF, exit)) {
                 (Some(q), Some(f)) => format!("{q:.2} ms vs {f:.2} ms: {:.2}×", q / f),
                 _ => "not measured".into(),
             },
             met: ratio_exit_firecracker.map(|r| r <= EXIT_VS_FIRECRACKER_TARGET),
         });
     }
-    let best_first_byte = best_ratio(&columns, |c| c.first_byte_ms.map(|s| s.median));
-    let best_exit = best_ratio(&columns, |c| c.total_ms.map(|s| s.median));
+    let best_first_byte = best_ratio(&columns, |c| first(c).map(|s| s.median));
+    let best_exit = best_ratio(&columns, |c| exit(c).map(|s| s.median));
     Ok(FirstInsnResults {
         benchmark: "first-insn",
         date: report::now_utc(),
