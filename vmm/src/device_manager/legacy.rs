@@ -10,7 +10,7 @@ use quantix_devices::power::AcpiPowerDevice;
 use quantix_devices::BusDevice;
 
 use super::coalesced::SerialTxCoalescer;
-use super::Lifecycle;
+use super::{restore_stateless, Lifecycle};
 
 /// COM1: the UART and, once the vCPUs exist, the coalescing of its transmit writes.
 ///
@@ -113,21 +113,13 @@ impl Lifecycle for UartPort {
     }
 }
 
-/// A device with no state of its own: it saves `null` and accepts only that.
-fn stateless(state: &serde_json::Value) -> Result<(), String> {
-    match state {
-        serde_json::Value::Null => Ok(()),
-        other => Err(format!("expected no state, found {other}")),
-    }
-}
-
 impl Lifecycle for I8042 {
     // The controller reports an empty, ready status and keeps no register.
     fn save(&mut self) -> Result<serde_json::Value, String> {
         Ok(serde_json::Value::Null)
     }
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        stateless(state)
+        restore_stateless(state)
     }
 }
 
@@ -137,7 +129,7 @@ impl Lifecycle for AcpiPowerDevice {
         Ok(serde_json::Value::Null)
     }
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        stateless(state)
+        restore_stateless(state)
     }
 }
 
@@ -175,7 +167,7 @@ mod tests {
 
     #[test]
     fn stateless_devices_accept_only_null() {
-        assert!(stateless(&serde_json::Value::Null).is_ok());
-        assert!(stateless(&serde_json::json!(1)).is_err());
+        assert!(restore_stateless(&serde_json::Value::Null).is_ok());
+        assert!(restore_stateless(&serde_json::json!(1)).is_err());
     }
 }

@@ -31,7 +31,7 @@ use legacy::Uart;
 use virtio::DeviceMetrics;
 
 /// A device's stable name: its kind and its name within the kind ("uart:com1",
-/// "virtio-blk:disk0").
+/// "virtio-block:disk0").
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId {
     /// The kind of device.
@@ -123,6 +123,14 @@ pub trait Lifecycle: Send {
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), String>;
 }
 
+/// `restore` of a device with no state of its own: it saves `null` and accepts only that.
+pub fn restore_stateless(state: &serde_json::Value) -> Result<(), String> {
+    match state {
+        serde_json::Value::Null => Ok(()),
+        other => Err(format!("expected no state, found {other}")),
+    }
+}
+
 /// One device's saved state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,10 +180,7 @@ impl DeviceSetup {
         base: u64,
         len: u64,
     ) -> Result<(), DeviceError> {
-        self.check_id(&id)?;
-        self.pio.insert(device.clone(), base, len)?;
-        self.devices.push((id, device));
-        Ok(())
+        self.add_on_bus(false, id, device, base, len)
     }
 
     /// Attaches a device on the MMIO bus at `[base, base + len)`.
@@ -186,8 +191,20 @@ impl DeviceSetup {
         base: u64,
         len: u64,
     ) -> Result<(), DeviceError> {
+        self.add_on_bus(true, id, device, base, len)
+    }
+
+    fn add_on_bus<D: BusDevice + Lifecycle + 'static>(
+        &mut self,
+        mmio: bool,
+        id: DeviceId,
+        device: Arc<Mutex<D>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), DeviceError> {
         self.check_id(&id)?;
-        self.mmio.insert(device.clone(), base, len)?;
+        let bus = if mmio { &mut self.mmio } else { &mut self.pio };
+        bus.insert(device.clone(), base, len)?;
         self.devices.push((id, device));
         Ok(())
     }

@@ -106,9 +106,6 @@ impl Lifecycle for Ged {
         Ok(serde_json::Value::Null)
     }
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        match state {
-            serde_json::Value::Null => Ok(()),
-            other => Err(format!("expected no state, found {other}")),
-        }
+        super::restore_stateless(state)
     }
 }

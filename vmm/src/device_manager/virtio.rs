@@ -18,7 +18,7 @@ pub const MAX_DEVICES: usize = (VIRTIO_GSI_END - VIRTIO_GSI_START + 1) as usize;
 
 impl DeviceSetup {
     /// Attaches a virtio device in the next virtio-mmio window, with the next GSI. Its
-    /// id is its kind and its name ("virtio-blk:disk0").
+    /// id is its kind and its name ("virtio-block:disk0").
     pub fn add_virtio(
         &mut self,
         vm: &VmFd,
