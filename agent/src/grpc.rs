@@ -337,8 +337,15 @@ impl VmService for Api {
                 )),
             );
         };
-        let device = ConsoleDevice::try_from(attach.device).unwrap_or_default();
-        let console = match self.manager.console(&attach.vm_id, device) {
+        let console = match ConsoleDevice::try_from(attach.device)
+            .map_err(|_| {
+                AgentError::invalid(
+                    "attach.device",
+                    format!("{} is no ConsoleDevice value", attach.device),
+                )
+            })
+            .and_then(|device| self.manager.console(&attach.vm_id, device))
+        {
             Ok(con) => con,
             Err(e) => return self.finish("AttachConsole", &attach.vm_id, &c, false, t, Err(e)),
         };

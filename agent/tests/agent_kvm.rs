@@ -1160,7 +1160,13 @@ async fn the_spec_reaches_the_vmm_and_a_derived_mac_stays_across_starts() {
             }
             other => panic!("round {round}: virtio console {other:?}"),
         }
-        let mut out = attach_virtio(&mut c, "dev-1").await.unwrap();
+        let mut out = attach_device(
+            &mut c,
+            "dev-1",
+            quantix_proto::v1::ConsoleDevice::Virtio as i32,
+        )
+        .await
+        .unwrap();
         // The hand-made guest has no virtio driver: nothing comes, but the call stands.
         assert!(
             tokio::time::timeout(Duration::from_millis(300), out.message())
@@ -1193,9 +1199,19 @@ async fn the_spec_reaches_the_vmm_and_a_derived_mac_stays_across_starts() {
     let out = console_until(&mut c, "fw-1", "F", LIMIT).await;
     assert!(out.contains('F'), "{out}");
     // A VM without a virtio console: attaching to one is FAILED_PRECONDITION.
-    let e = attach_virtio(&mut c, "fw-1").await.unwrap_err();
+    let e = attach_device(
+        &mut c,
+        "fw-1",
+        quantix_proto::v1::ConsoleDevice::Virtio as i32,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("virtio console"), "{}", e.message());
+    // A device the API does not have is INVALID_ARGUMENT, naming the field.
+    let e = attach_device(&mut c, "fw-1", 99).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("attach.device"), "{}", e.message());
     stop(&mut c, "fw-1").await;
     // A kernel and a firmware together are refused, naming the field.
     let mut both = s;
@@ -1212,18 +1228,20 @@ async fn the_spec_reaches_the_vmm_and_a_derived_mac_stays_across_starts() {
     assert!(e.message().contains("spec.boot.kernel"), "{}", e.message());
 }
 
-/// Attaches to a VM's virtio console.
-async fn attach_virtio(
+/// Attaches to one of a VM's consoles by `ConsoleAttach.device` (a raw value, to send
+/// values the API does not have).
+async fn attach_device(
     c: &mut quantix_proto::v1::vm_service_client::VmServiceClient<tonic::transport::Channel>,
     id: &str,
+    device: i32,
 ) -> Result<tonic::Streaming<quantix_proto::v1::ConsoleOutput>, tonic::Status> {
-    use quantix_proto::v1::{console_input, ConsoleAttach, ConsoleDevice, ConsoleInput};
+    use quantix_proto::v1::{console_input, ConsoleAttach, ConsoleInput};
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(ConsoleInput {
         input: Some(console_input::Input::Attach(ConsoleAttach {
             vm_id: id.into(),
             replay: true,
-            device: ConsoleDevice::Virtio as i32,
+            device,
         })),
     })
     .await
