@@ -110,6 +110,8 @@ pub struct HostDeath {
     /// The nested host kernel's panic, oops and lockup lines from the whole console
     /// ([`crate::death::death_lines`]).
     pub death: String,
+    /// Where the nested host's CPU was when it hung (QEMU's monitor); empty otherwise.
+    pub cpu: String,
     /// Attempts made (earlier ones failed as infrastructure, before any job under test).
     pub attempts: u32,
     /// The raw console log of the attempt.
@@ -125,6 +127,7 @@ impl std::fmt::Display for HostDeath {
             "the nested host died {} `{}` (a job under test had begun): {}\n\
              {} job(s) had ended before it. console log: {}\n\
              --- the nested host's kernel said ---\n{}\n\
+             {}\
              --- output of `{}` so far (last lines) ---\n{}\n\
              --- last console lines ---\n{}",
             if self.in_job {
@@ -137,6 +140,11 @@ impl std::fmt::Display for HostDeath {
             self.completed.len(),
             self.log.display(),
             self.death,
+            if self.cpu.is_empty() {
+                String::new()
+            } else {
+                format!("--- where its CPU was (QEMU's monitor) ---\n{}\n", self.cpu)
+            },
             self.job,
             self.job_output_tail,
             self.console_tail

@@ -43,6 +43,7 @@ mod initramfs;
 mod job;
 pub mod kvm_trace;
 mod lock;
+mod monitor;
 pub mod paths;
 mod payload;
 mod qemu;

@@ -17,6 +17,7 @@ use crate::frames::{Event, Phase, Tracker};
 use crate::initramfs::{module_file_name, write_host_initramfs, HostContents};
 use crate::job::{self, Job, JobResult};
 use crate::lock::RunLock;
+use crate::monitor;
 use crate::payload::Payload;
 use crate::qemu::{Output, QemuCommand, RunningQemu};
 use crate::script::{self, InitOptions, KILL_GRACE_SECS};
@@ -341,6 +342,13 @@ impl Sandbox {
             &append.join(" "),
         ];
         let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        if let Some(socket) = monitor_socket(initramfs) {
+            // The human monitor, asked where the CPU is if the nested host hangs.
+            args.extend([
+                "-monitor".to_string(),
+                format!("unix:{},server=on,wait=off", socket.display()),
+            ]);
+        }
         if let Some(dir) = &self.assets.host_qemu_data_dir {
             // Its own option ROMs first; Debian's build also searches /usr/share/seabios.
             args.extend(["-L".to_string(), dir.to_string_lossy().into_owned()]);
@@ -349,6 +357,27 @@ impl Sandbox {
             program: self.assets.host_qemu.clone(),
             args,
         }
+    }
+
+    /// A few samples of the nested host CPU's registers through QEMU's monitor, named
+    /// from the host kernel's System.map (beside its vmlinuz) where the KASLR base is known.
+    fn cpu_state(&self, socket: &Path, kaslr_text: Option<u64>) -> String {
+        let state = match monitor::sample(socket, 5, Duration::from_millis(300)) {
+            Ok(state) => state,
+            Err(e) => return format!("(QEMU's monitor did not answer: {e})"),
+        };
+        let map = self
+            .assets
+            .host_vmlinuz
+            .with_file_name(format!("System.map-{}", self.assets.host_kernel_version));
+        let symbols = kaslr_text.and_then(|text| match monitor::Symbols::load(&map, text) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                debug!("cannot name the hung CPU's place: {e}");
+                None
+            }
+        });
+        monitor::describe(&state, symbols.as_ref(), kaslr_text)
     }
 
     /// The limit of one attempt.
@@ -385,6 +414,12 @@ impl Sandbox {
         info!("starting nested host: {}", cmd.display());
         log.note(&format!("command: {}", cmd.display()));
 
+        let monitor = cmd.monitor_socket();
+        if let Some(socket) = &monitor {
+            // A previous attempt's socket; QEMU binds a new one.
+            let _ = fs::remove_file(socket);
+        }
+        let mut kaslr_text: Option<u64> = None;
         let started = Instant::now();
         let mut qemu = match RunningQemu::spawn(cmd) {
             Ok(q) => q,
@@ -443,6 +478,9 @@ impl Sandbox {
             match qemu.next(deadline) {
                 Output::Console(line) => {
                     log.console(&line);
+                    if kaslr_text.is_none() {
+                        kaslr_text = monitor::kaslr_text(&line);
+                    }
                     match tracker.feed(&line) {
                         Ok(Event::Console) => debug!(target: "quantix_sandbox::console", "{line}"),
                         Ok(Event::JobOutput { .. }) => {
@@ -496,6 +534,15 @@ impl Sandbox {
             }
         };
 
+        // A hung host: where its CPU is, before it is killed.
+        let cpu = match (&outcome, &monitor) {
+            (Err(InfraFailure::HostHung { .. }), Some(socket)) => {
+                let text = self.cpu_state(socket, kaslr_text);
+                log.note(&format!("where the nested host's CPU was:\n{text}"));
+                text
+            }
+            _ => String::new(),
+        };
         let running = tracker
             .running()
             .map(|(name, output)| (name.to_string(), output.to_string()));
@@ -562,6 +609,7 @@ impl Sandbox {
                     completed: tracker.into_results(),
                     job_output_tail: last_lines(&output, 40),
                     death: crate::death::death_lines(&log.console_text),
+                    cpu,
                     attempts: 0,
                     log: log_path.to_path_buf(),
                     console_tail: log.tail(60),
@@ -650,6 +698,13 @@ pub fn default_work_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target"));
     target.join("qx-sandbox")
+}
+
+/// The monitor socket beside the run's initramfs, unless its path is too long for a Unix
+/// socket address (then the run has no monitor).
+fn monitor_socket(initramfs: &Path) -> Option<PathBuf> {
+    let socket = initramfs.with_file_name("monitor.sock");
+    (socket.as_os_str().len() < 100).then_some(socket)
 }
 
 fn new_run_dir(work_dir: &Path) -> Result<PathBuf, SandboxError> {

@@ -119,6 +119,8 @@ while [ ! -c /dev/kvm ] && [ $qx_i -lt 20 ]; do
 	qx_i=$((qx_i + 1))
 done
 [ -c /dev/kvm ] || qx_fail no-kvm "/dev/kvm is missing after loading the kvm modules"
+# The kernel's KASLR base, to name the CPU's place if this host hangs (src/monitor.rs).
+echo "qx-host-kallsyms $(grep -m1 ' _text$' /proc/kallsyms)"
 qx_now
 echo "QX-HOST-READY $QX_NONCE kvm=ok uptime_ms=$QX_NOW"
 "#;

@@ -1,0 +1,376 @@
+//! Where a hung nested host's CPU is: QEMU's human monitor (`info registers`) sampled a
+//! few times before the sandbox kills QEMU, each instruction pointer named from the nested
+//! host kernel's `System.map` and the KASLR base its init printed.
+//!
+//! A nested host that hangs with interrupts off says nothing on its console (no lockup
+//! detector runs); the samples tell a loop in the nested host's kernel (the same function
+//! every time) from a CPU stuck in the nested guest (an address outside that kernel) from
+//! QEMU itself not running the CPU (the same address, every register unchanged).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// The console line prefix of the nested host's KASLR base (`_text` in /proc/kallsyms).
+pub(crate) const KASLR_LINE: &str = "qx-host-kallsyms ";
+
+/// The prompt QEMU's human monitor prints when it waits for a command.
+const PROMPT: &str = "(qemu) ";
+
+/// One `info registers` sample: the lines that locate the CPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CpuSample {
+    /// `RIP=` of the sample.
+    pub rip: u64,
+    /// The first lines (general registers, RIP, flags, CPL, HLT) and CR0..CR4, EFER.
+    pub lines: Vec<String>,
+}
+
+/// What the monitor said of a hung CPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CpuState {
+    /// The register samples, in order.
+    pub samples: Vec<CpuSample>,
+    /// `info lapic` after them: the timer, ISR and IRR (an interrupt in service that is
+    /// never ended blocks every one of lower priority, the CPU idles with IF set).
+    pub lapic: Vec<String>,
+}
+
+/// Asks the monitor at `socket` for the CPU's registers `count` times, `interval` apart,
+/// then for its local APIC.
+pub(crate) fn sample(socket: &Path, count: usize, interval: Duration) -> Result<CpuState, String> {
+    let stream = UnixStream::connect(socket)
+        .map_err(|e| format!("connecting to QEMU's monitor {}: {e}", socket.display()))?;
+    let timeout = Some(Duration::from_secs(5));
+    stream
+        .set_read_timeout(timeout)
+        .and_then(|()| stream.set_write_timeout(timeout))
+        .map_err(|e| format!("monitor socket: {e}"))?;
+    let mut writer = stream
+        .try_clone()
+        .map_err(|e| format!("monitor socket: {e}"))?;
+    let mut reader = BufReader::new(stream);
+    read_until_prompt(&mut reader)?;
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..count {
+        if i > 0 {
+            std::thread::sleep(interval);
+        }
+        writer
+            .write_all(b"info registers\n")
+            .map_err(|e| format!("writing to QEMU's monitor: {e}"))?;
+        let text = read_until_prompt(&mut reader)?;
+        samples.push(parse_registers(&text)?);
+    }
+    writer
+        .write_all(b"info lapic\n")
+        .map_err(|e| format!("writing to QEMU's monitor: {e}"))?;
+    let lapic = read_until_prompt(&mut reader)?
+        .lines()
+        .skip(1) // the echoed command
+        .map(strip_escapes)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    Ok(CpuState { samples, lapic })
+}
+
+/// Reads the monitor's output up to its next prompt (which ends without a newline).
+fn read_until_prompt(reader: &mut impl BufRead) -> Result<String, String> {
+    let mut out = Vec::new();
+    loop {
+        let buf = reader
+            .fill_buf()
+            .map_err(|e| format!("reading QEMU's monitor: {e}"))?;
+        if buf.is_empty() {
+            return Err("QEMU's monitor closed the connection".to_string());
+        }
+        let n = buf.len();
+        out.extend_from_slice(buf);
+        reader.consume(n);
+        if out.ends_with(PROMPT.as_bytes()) {
+            out.truncate(out.len() - PROMPT.len());
+            return Ok(String::from_utf8_lossy(&out).into_owned());
+        }
+        if out.len() > 1 << 20 {
+            return Err("QEMU's monitor sent more than 1 MiB without a prompt".to_string());
+        }
+    }
+}
+
+/// The lines of `info registers` that locate the CPU, and its RIP.
+fn parse_registers(text: &str) -> Result<CpuSample, String> {
+    // The monitor echoes the command with terminal escapes; keep only register lines.
+    let lines: Vec<String> = text
+        .lines()
+        .map(strip_escapes)
+        .filter(|l| {
+            [
+                "RAX=", "RSI=", "R8 =", "R12=", "RIP=", "EAX=", "ESI=", "EIP=", "CS =", "CR0=",
+                "EFER=",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+        })
+        .collect();
+    let rip = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("RIP=").or_else(|| l.strip_prefix("EIP=")))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .ok_or_else(|| {
+            format!(
+                "no RIP in QEMU's `info registers` reply: {:?}",
+                text.chars().take(200).collect::<String>()
+            )
+        })?;
+    Ok(CpuSample { rip, lines })
+}
+
+/// A line without terminal escape sequences (`ESC [ ... letter`) and control characters.
+fn strip_escapes(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else if !c.is_control() {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The nested host kernel's text symbols, relocated to where its KASLR put them.
+pub(crate) struct Symbols {
+    /// (runtime address, name), sorted.
+    text: Vec<(u64, String)>,
+    /// Runtime `_etext`.
+    end: u64,
+}
+
+impl Symbols {
+    /// Reads `System.map` and relocates it by `runtime_text - map _text`.
+    pub fn load(system_map: &Path, runtime_text: u64) -> Result<Self, String> {
+        let map = std::fs::read_to_string(system_map)
+            .map_err(|e| format!("reading {}: {e}", system_map.display()))?;
+        Self::parse(&map, runtime_text)
+    }
+
+    fn parse(map: &str, runtime_text: u64) -> Result<Self, String> {
+        let mut text = Vec::new();
+        let (mut start, mut end) = (None, None);
+        for line in map.lines() {
+            let mut f = line.split_whitespace();
+            let (Some(addr), Some(kind), Some(name)) = (f.next(), f.next(), f.next()) else {
+                continue;
+            };
+            let Ok(addr) = u64::from_str_radix(addr, 16) else {
+                continue;
+            };
+            match name {
+                "_text" => start = Some(addr),
+                "_etext" => end = Some(addr),
+                _ => {}
+            }
+            if matches!(kind, "t" | "T" | "w" | "W") {
+                text.push((addr, name.to_string()));
+            }
+        }
+        let (Some(start), Some(end)) = (start, end) else {
+            return Err("System.map has no _text or _etext".to_string());
+        };
+        let offset = runtime_text.wrapping_sub(start);
+        for (addr, _) in &mut text {
+            *addr = addr.wrapping_add(offset);
+        }
+        text.sort();
+        Ok(Symbols {
+            text,
+            end: end.wrapping_add(offset),
+        })
+    }
+
+    /// `name+0xoff` for an address in the kernel's text, `None` outside it.
+    pub fn name(&self, addr: u64) -> Option<String> {
+        if addr >= self.end {
+            return None;
+        }
+        let i = self.text.partition_point(|(a, _)| *a <= addr);
+        let (base, name) = self.text.get(i.checked_sub(1)?)?;
+        Some(format!("{name}+{:#x}", addr - base))
+    }
+}
+
+/// The runtime `_text` from the console line the nested host's init printed.
+pub(crate) fn kaslr_text(console_line: &str) -> Option<u64> {
+    let rest = console_line.strip_prefix(KASLR_LINE)?;
+    u64::from_str_radix(rest.split_whitespace().next()?, 16).ok()
+}
+
+/// The samples as text for a person: each RIP named, then the first sample's registers.
+///
+/// Without symbols (Debian's System.map is a placeholder; the real one is in the `-dbg`
+/// package), an address is given relative to the kernel's `_text` when the KASLR base is
+/// known, to be looked up by hand.
+pub(crate) fn describe(
+    state: &CpuState,
+    symbols: Option<&Symbols>,
+    kaslr_text: Option<u64>,
+) -> String {
+    let mut out = String::new();
+    let samples = &state.samples;
+    for (i, s) in samples.iter().enumerate() {
+        let place = match (symbols, kaslr_text) {
+            (Some(sym), _) => sym.name(s.rip).unwrap_or_else(|| {
+                "outside the nested host's kernel text (a nested guest, or user space)".into()
+            }),
+            (None, Some(text)) if s.rip >= text => {
+                format!("_text+{:#x} (no symbols to name it)", s.rip - text)
+            }
+            (None, Some(_)) => "below the nested host's kernel (no symbols)".into(),
+            (None, None) => "(no symbols, no KASLR base)".into(),
+        };
+        out.push_str(&format!("sample {i}: RIP={:016x} {place}\n", s.rip));
+    }
+    if let Some(first) = samples.first() {
+        out.push_str(&first.lines.join("\n"));
+    }
+    if !state.lapic.is_empty() {
+        out.push_str("\nlocal APIC:\n");
+        out.push_str(&state.lapic.join("\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REGS: &str = "info registers\r\n\x1b[K\
+RAX=0000000000000000 RBX=ffffffff82a13940 RCX=0000000000000001 RDX=0000000000000000\r\n\
+RSI=0000000000000083 RDI=0000000000000000 RBP=0000000000000000 RSP=ffffffff82a03e90\r\n\
+R8 =0000000000000001 R9 =0000000000000000 R10=0000000000000001 R11=0000000000000000\r\n\
+R12=0000000000000000 R13=0000000000000000 R14=0000000000000000 R15=0000000000000000\r\n\
+RIP=ffffffff81c5e2ab RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\r\n\
+ES =0000 0000000000000000 00000000 00000000\r\n\
+CS =0010 0000000000000000 ffffffff 00af9b00 DPL=0 CS64 [-RA]\r\n\
+CR0=80050033 CR2=0000000000000000 CR3=0000000002a10000 CR4=003506f0\r\n\
+EFER=0000000000001d01\r\n";
+
+    #[test]
+    fn a_register_dump_gives_rip_and_the_locating_lines() {
+        let s = parse_registers(REGS).unwrap();
+        assert_eq!(s.rip, 0xffff_ffff_81c5_e2ab);
+        assert_eq!(s.lines.len(), 8, "{:?}", s.lines);
+        assert!(s.lines[4].contains("HLT=1"));
+        assert!(parse_registers("no registers here").is_err());
+    }
+
+    /// Against a real QEMU (the one the sandbox uses), stopped at the reset vector.
+    #[test]
+    fn a_real_qemu_monitor_is_sampled() {
+        let dir = std::env::temp_dir().join(format!("qx-monitor-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("m.sock");
+        let mut qemu = std::process::Command::new("qemu-system-x86_64")
+            .args([
+                "-accel",
+                "tcg",
+                "-S",
+                "-display",
+                "none",
+                "-nodefaults",
+                "-monitor",
+            ])
+            .arg(format!("unix:{},server=on,wait=off", socket.display()))
+            .spawn()
+            .expect("qemu-system-x86_64 (scripts/sandbox-assets installs it)");
+        let mut waited = 0;
+        while !socket.exists() && waited < 100 {
+            std::thread::sleep(Duration::from_millis(50));
+            waited += 1;
+        }
+        let result = sample(&socket, 2, Duration::from_millis(10));
+        let _ = qemu.kill();
+        let _ = qemu.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        let state = result.unwrap();
+        let samples = &state.samples;
+        assert_eq!(samples.len(), 2);
+        assert!(
+            state.lapic.iter().any(|l| l.starts_with("ISR")),
+            "{:?}",
+            state.lapic
+        );
+        // A CPU that never ran sits at the reset vector (EIP=fff0 in real mode).
+        assert_eq!(samples[0].rip, 0xfff0, "{:?}", samples[0].lines);
+        assert!(samples[0].lines.iter().any(|l| l.starts_with("CS =f000")));
+    }
+
+    #[test]
+    fn symbols_follow_the_kaslr_offset() {
+        let map = "ffffffff81000000 T _text\n\
+                   ffffffff81000000 T startup_64\n\
+                   ffffffff81c5e200 T default_idle\n\
+                   ffffffff81c5e300 t cpu_idle_poll\n\
+                   ffffffff81e00000 T _etext\n\
+                   ffffffff82000000 D some_data\n";
+        // KASLR moved the kernel up by 0x1e000000.
+        let sym = Symbols::parse(map, 0xffff_ffff_9f00_0000).unwrap();
+        assert_eq!(
+            sym.name(0xffff_ffff_9fc5_e2ab).as_deref(),
+            Some("default_idle+0xab")
+        );
+        assert_eq!(
+            sym.name(0xffff_ffff_9fc5_e300).as_deref(),
+            Some("cpu_idle_poll+0x0")
+        );
+        // Below the kernel, past its text: not named.
+        assert_eq!(sym.name(0xffff_ffff_8100_0000), None);
+        assert_eq!(sym.name(0xffff_ffff_9fe0_0000), None);
+        assert!(Symbols::parse("ffffffff81000000 T startup_64\n", 0).is_err());
+    }
+
+    #[test]
+    fn the_kaslr_line_is_read() {
+        assert_eq!(
+            kaslr_text("qx-host-kallsyms ffffffffa3e00000 T _text"),
+            Some(0xffff_ffff_a3e0_0000)
+        );
+        assert_eq!(kaslr_text("[ 1.0] something"), None);
+    }
+
+    #[test]
+    fn samples_are_described_with_their_symbols() {
+        let map = "ffffffff81000000 T _text\nffffffff81c5e200 T default_idle\nffffffff81e00000 T _etext\n";
+        let sym = Symbols::parse(map, 0xffff_ffff_8100_0000).unwrap();
+        let s = parse_registers(REGS).unwrap();
+        let state = CpuState {
+            samples: vec![s.clone(), CpuSample { rip: 0x1000, ..s }],
+            lapic: vec!["ISR\t 0xec".to_string()],
+        };
+        let text = describe(&state, Some(&sym), None);
+        assert!(text.contains("local APIC:\nISR\t 0xec"), "{text}");
+        let bare = describe(&state, None, Some(0xffff_ffff_8100_0000));
+        assert!(
+            bare.contains("RIP=ffffffff81c5e2ab _text+0xc5e2ab"),
+            "{bare}"
+        );
+        assert!(
+            text.contains("sample 0: RIP=ffffffff81c5e2ab default_idle+0xab"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sample 1: RIP=0000000000001000 outside"),
+            "{text}"
+        );
+        assert!(text.contains("HLT=1"), "{text}");
+    }
+}
