@@ -44,8 +44,17 @@ printf '%s\n' 'id: deb' 'name: debian' 'vcpus: 2' 'memory_mib: 512' 'kernel: /gu
 	'console_ring_bytes: 1048576' 'labels:' '  os: debian' >/tmp/vm.yaml
 $C create -f /tmp/vm.yaml --start || { echo "QX-AGENT-CREATE-FAILED"; cat /tmp/agent.log; exit 11; }
 # Past its init line, the guest loads its power button driver; stop only once it listens.
-if ! $C console deb --until "power button on" --timeout 200 >/tmp/console.txt; then
-	echo "QX-AGENT-CONSOLE-FAILED"; cat /tmp/console.txt; cat /tmp/agent.log; exit 12
+# The console also goes to this job's output as it comes, so that a nested host that
+# hangs meanwhile shows how far the guest got.
+$C console deb --until "power button on" --timeout 200 >/tmp/console.txt &
+cons=$!
+tail -f /tmp/console.txt | sed 's/^/guest: /' &
+tailer=$!
+wait $cons
+cons_status=$?
+kill $tailer 2>/dev/null
+if [ $cons_status -ne 0 ]; then
+	echo "QX-AGENT-CONSOLE-FAILED"; cat /tmp/agent.log; exit 12
 fi
 grep "QX-GUEST-INIT" /tmp/console.txt
 grep -q "Linux version" /tmp/console.txt && echo "QX-AGENT-SAW-LINUX-VERSION"

@@ -316,6 +316,12 @@ impl Sandbox {
             "console=ttyS0".to_string(),
             // Mitigation for the khugepaged soft lockup seen in nested hosts.
             "transparent_hugepage=never".to_string(),
+            // A periodic tick (the local APIC timer in periodic mode): QEMU's TCG now and
+            // then leaves the nested host halted with its one-shot timer interrupt pending
+            // in the APIC and never delivered, and a tickless host has no other interrupt
+            // to wake it (docs/testing.md, "A hung nested host").
+            "nohz=off".to_string(),
+            "highres=off".to_string(),
             "panic=-1".to_string(),
         ];
         append.extend(self.config.extra_kernel_args.iter().cloned());
