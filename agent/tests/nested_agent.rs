@@ -45,15 +45,11 @@ printf '%s\n' 'id: deb' 'name: debian' 'vcpus: 2' 'memory_mib: 512' 'kernel: /gu
 $C create -f /tmp/vm.yaml --start || { echo "QX-AGENT-CREATE-FAILED"; cat /tmp/agent.log; exit 11; }
 # Past its init line, the guest loads its power button driver; stop only once it listens.
 # The console also goes to this job's output as it comes, so that a nested host that
-# hangs meanwhile shows how far the guest got.
-$C console deb --until "power button on" --timeout 200 >/tmp/console.txt &
-cons=$!
-tail -f /tmp/console.txt | sed 's/^/guest: /' &
-tailer=$!
-wait $cons
-cons_status=$?
-kill $tailer 2>/dev/null
-if [ $cons_status -ne 0 ]; then
+# hangs meanwhile shows how far the guest got (quantixctl's status through a file: the
+# shell gives a pipeline the status of its last command).
+{ $C console deb --until "power button on" --timeout 200; echo $? >/tmp/console.status; } |
+	tee /tmp/console.txt | sed 's/^/guest: /'
+if [ "$(cat /tmp/console.status)" != 0 ]; then
 	echo "QX-AGENT-CONSOLE-FAILED"; cat /tmp/agent.log; exit 12
 fi
 grep "QX-GUEST-INIT" /tmp/console.txt

@@ -1,11 +1,13 @@
-//! Where a hung nested host's CPU is: QEMU's human monitor (`info registers`) sampled a
-//! few times before the sandbox kills QEMU, each instruction pointer named from the nested
-//! host kernel's `System.map` and the KASLR base its init printed.
+//! Where a hung nested host's CPU is: QEMU's human monitor (`info registers`, then
+//! `info lapic`) sampled a few times before the sandbox kills QEMU, each instruction
+//! pointer given relative to the nested host kernel's `_text`, whose KASLR address its
+//! init printed. Debian's `System.map` is a placeholder (the real one is in the `-dbg`
+//! package), so an offset is named by hand.
 //!
-//! A nested host that hangs with interrupts off says nothing on its console (no lockup
-//! detector runs); the samples tell a loop in the nested host's kernel (the same function
-//! every time) from a CPU stuck in the nested guest (an address outside that kernel) from
-//! QEMU itself not running the CPU (the same address, every register unchanged).
+//! A hung nested host says nothing on its console; the samples tell a loop in the nested
+//! host's kernel (an offset from `_text`, the same or nearby each time) from a CPU in the
+//! nested guest (an address outside that kernel), and the APIC state shows an interrupt
+//! pending that the CPU never takes.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -147,95 +149,22 @@ fn strip_escapes(line: &str) -> String {
     out
 }
 
-/// The nested host kernel's text symbols, relocated to where its KASLR put them.
-pub(crate) struct Symbols {
-    /// (runtime address, name), sorted.
-    text: Vec<(u64, String)>,
-    /// Runtime `_etext`.
-    end: u64,
-}
-
-impl Symbols {
-    /// Reads `System.map` and relocates it by `runtime_text - map _text`.
-    pub fn load(system_map: &Path, runtime_text: u64) -> Result<Self, String> {
-        let map = std::fs::read_to_string(system_map)
-            .map_err(|e| format!("reading {}: {e}", system_map.display()))?;
-        Self::parse(&map, runtime_text)
-    }
-
-    fn parse(map: &str, runtime_text: u64) -> Result<Self, String> {
-        let mut text = Vec::new();
-        let (mut start, mut end) = (None, None);
-        for line in map.lines() {
-            let mut f = line.split_whitespace();
-            let (Some(addr), Some(kind), Some(name)) = (f.next(), f.next(), f.next()) else {
-                continue;
-            };
-            let Ok(addr) = u64::from_str_radix(addr, 16) else {
-                continue;
-            };
-            match name {
-                "_text" => start = Some(addr),
-                "_etext" => end = Some(addr),
-                _ => {}
-            }
-            if matches!(kind, "t" | "T" | "w" | "W") {
-                text.push((addr, name.to_string()));
-            }
-        }
-        let (Some(start), Some(end)) = (start, end) else {
-            return Err("System.map has no _text or _etext".to_string());
-        };
-        let offset = runtime_text.wrapping_sub(start);
-        for (addr, _) in &mut text {
-            *addr = addr.wrapping_add(offset);
-        }
-        text.sort();
-        Ok(Symbols {
-            text,
-            end: end.wrapping_add(offset),
-        })
-    }
-
-    /// `name+0xoff` for an address in the kernel's text, `None` outside it.
-    pub fn name(&self, addr: u64) -> Option<String> {
-        if addr >= self.end {
-            return None;
-        }
-        let i = self.text.partition_point(|(a, _)| *a <= addr);
-        let (base, name) = self.text.get(i.checked_sub(1)?)?;
-        Some(format!("{name}+{:#x}", addr - base))
-    }
-}
-
 /// The runtime `_text` from the console line the nested host's init printed.
 pub(crate) fn kaslr_text(console_line: &str) -> Option<u64> {
     let rest = console_line.strip_prefix(KASLR_LINE)?;
     u64::from_str_radix(rest.split_whitespace().next()?, 16).ok()
 }
 
-/// The samples as text for a person: each RIP named, then the first sample's registers.
-///
-/// Without symbols (Debian's System.map is a placeholder; the real one is in the `-dbg`
-/// package), an address is given relative to the kernel's `_text` when the KASLR base is
-/// known, to be looked up by hand.
-pub(crate) fn describe(
-    state: &CpuState,
-    symbols: Option<&Symbols>,
-    kaslr_text: Option<u64>,
-) -> String {
+/// The samples as text for a person: each RIP (as an offset from the kernel's `_text`
+/// when the KASLR base is known), then the first sample's registers and the local APIC.
+pub(crate) fn describe(state: &CpuState, kaslr_text: Option<u64>) -> String {
     let mut out = String::new();
     let samples = &state.samples;
     for (i, s) in samples.iter().enumerate() {
-        let place = match (symbols, kaslr_text) {
-            (Some(sym), _) => sym.name(s.rip).unwrap_or_else(|| {
-                "outside the nested host's kernel text (a nested guest, or user space)".into()
-            }),
-            (None, Some(text)) if s.rip >= text => {
-                format!("_text+{:#x} (no symbols to name it)", s.rip - text)
-            }
-            (None, Some(_)) => "below the nested host's kernel (no symbols)".into(),
-            (None, None) => "(no symbols, no KASLR base)".into(),
+        let place = match kaslr_text {
+            Some(text) if s.rip >= text => format!("_text+{:#x}", s.rip - text),
+            Some(_) => "below the nested host's kernel (a nested guest, or user space)".into(),
+            None => "(no KASLR base: the nested host's init did not print it)".into(),
         };
         out.push_str(&format!("sample {i}: RIP={:016x} {place}\n", s.rip));
     }
@@ -315,30 +244,6 @@ EFER=0000000000001d01\r\n";
     }
 
     #[test]
-    fn symbols_follow_the_kaslr_offset() {
-        let map = "ffffffff81000000 T _text\n\
-                   ffffffff81000000 T startup_64\n\
-                   ffffffff81c5e200 T default_idle\n\
-                   ffffffff81c5e300 t cpu_idle_poll\n\
-                   ffffffff81e00000 T _etext\n\
-                   ffffffff82000000 D some_data\n";
-        // KASLR moved the kernel up by 0x1e000000.
-        let sym = Symbols::parse(map, 0xffff_ffff_9f00_0000).unwrap();
-        assert_eq!(
-            sym.name(0xffff_ffff_9fc5_e2ab).as_deref(),
-            Some("default_idle+0xab")
-        );
-        assert_eq!(
-            sym.name(0xffff_ffff_9fc5_e300).as_deref(),
-            Some("cpu_idle_poll+0x0")
-        );
-        // Below the kernel, past its text: not named.
-        assert_eq!(sym.name(0xffff_ffff_8100_0000), None);
-        assert_eq!(sym.name(0xffff_ffff_9fe0_0000), None);
-        assert!(Symbols::parse("ffffffff81000000 T startup_64\n", 0).is_err());
-    }
-
-    #[test]
     fn the_kaslr_line_is_read() {
         assert_eq!(
             kaslr_text("qx-host-kallsyms ffffffffa3e00000 T _text"),
@@ -348,29 +253,27 @@ EFER=0000000000001d01\r\n";
     }
 
     #[test]
-    fn samples_are_described_with_their_symbols() {
-        let map = "ffffffff81000000 T _text\nffffffff81c5e200 T default_idle\nffffffff81e00000 T _etext\n";
-        let sym = Symbols::parse(map, 0xffff_ffff_8100_0000).unwrap();
+    fn samples_are_described_relative_to_the_kernel() {
         let s = parse_registers(REGS).unwrap();
         let state = CpuState {
             samples: vec![s.clone(), CpuSample { rip: 0x1000, ..s }],
             lapic: vec!["ISR\t 0xec".to_string()],
         };
-        let text = describe(&state, Some(&sym), None);
-        assert!(text.contains("local APIC:\nISR\t 0xec"), "{text}");
-        let bare = describe(&state, None, Some(0xffff_ffff_8100_0000));
+        let text = describe(&state, Some(0xffff_ffff_8100_0000));
         assert!(
-            bare.contains("RIP=ffffffff81c5e2ab _text+0xc5e2ab"),
-            "{bare}"
-        );
-        assert!(
-            text.contains("sample 0: RIP=ffffffff81c5e2ab default_idle+0xab"),
+            text.contains("sample 0: RIP=ffffffff81c5e2ab _text+0xc5e2ab"),
             "{text}"
         );
         assert!(
-            text.contains("sample 1: RIP=0000000000001000 outside"),
+            text.contains("sample 1: RIP=0000000000001000 below"),
             "{text}"
         );
         assert!(text.contains("HLT=1"), "{text}");
+        assert!(text.contains("local APIC:\nISR\t 0xec"), "{text}");
+        let bare = describe(&state, None);
+        assert!(
+            bare.contains("RIP=ffffffff81c5e2ab (no KASLR base"),
+            "{bare}"
+        );
     }
 }

@@ -18,16 +18,11 @@ use crate::error::InfraFailure;
 pub(crate) struct QemuCommand {
     pub program: PathBuf,
     pub args: Vec<String>,
+    /// The Unix socket of its human monitor (in `args` as `-monitor unix:...`), if any.
+    pub monitor: Option<PathBuf>,
 }
 
 impl QemuCommand {
-    /// The Unix socket of its human monitor (`-monitor unix:PATH,...`), if it has one.
-    pub fn monitor_socket(&self) -> Option<PathBuf> {
-        let i = self.args.iter().position(|a| a == "-monitor")?;
-        let spec = self.args.get(i + 1)?.strip_prefix("unix:")?;
-        Some(PathBuf::from(spec.split(',').next()?))
-    }
-
     /// The command line as a shell would show it (for messages).
     pub fn display(&self) -> String {
         let mut s = self.program.display().to_string();

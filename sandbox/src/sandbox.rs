@@ -348,7 +348,8 @@ impl Sandbox {
             &append.join(" "),
         ];
         let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        if let Some(socket) = monitor_socket(initramfs) {
+        let monitor = monitor_socket(initramfs);
+        if let Some(socket) = &monitor {
             // The human monitor, asked where the CPU is if the nested host hangs.
             args.extend([
                 "-monitor".to_string(),
@@ -362,28 +363,17 @@ impl Sandbox {
         QemuCommand {
             program: self.assets.host_qemu.clone(),
             args,
+            monitor,
         }
     }
 
-    /// A few samples of the nested host CPU's registers through QEMU's monitor, named
-    /// from the host kernel's System.map (beside its vmlinuz) where the KASLR base is known.
-    fn cpu_state(&self, socket: &Path, kaslr_text: Option<u64>) -> String {
-        let state = match monitor::sample(socket, 5, Duration::from_millis(300)) {
-            Ok(state) => state,
-            Err(e) => return format!("(QEMU's monitor did not answer: {e})"),
-        };
-        let map = self
-            .assets
-            .host_vmlinuz
-            .with_file_name(format!("System.map-{}", self.assets.host_kernel_version));
-        let symbols = kaslr_text.and_then(|text| match monitor::Symbols::load(&map, text) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                debug!("cannot name the hung CPU's place: {e}");
-                None
-            }
-        });
-        monitor::describe(&state, symbols.as_ref(), kaslr_text)
+    /// A few samples of the nested host CPU's registers and its local APIC, through
+    /// QEMU's monitor.
+    fn cpu_state(socket: &Path, kaslr_text: Option<u64>) -> String {
+        match monitor::sample(socket, 5, Duration::from_millis(300)) {
+            Ok(state) => monitor::describe(&state, kaslr_text),
+            Err(e) => format!("(QEMU's monitor did not answer: {e})"),
+        }
     }
 
     /// The limit of one attempt.
@@ -420,8 +410,8 @@ impl Sandbox {
         info!("starting nested host: {}", cmd.display());
         log.note(&format!("command: {}", cmd.display()));
 
-        let monitor = cmd.monitor_socket();
-        if let Some(socket) = &monitor {
+        let monitor = &cmd.monitor;
+        if let Some(socket) = monitor {
             // A previous attempt's socket; QEMU binds a new one.
             let _ = fs::remove_file(socket);
         }
@@ -541,9 +531,9 @@ impl Sandbox {
         };
 
         // A hung host: where its CPU is, before it is killed.
-        let cpu = match (&outcome, &monitor) {
+        let cpu = match (&outcome, monitor) {
             (Err(InfraFailure::HostHung { .. }), Some(socket)) => {
-                let text = self.cpu_state(socket, kaslr_text);
+                let text = Self::cpu_state(socket, kaslr_text);
                 log.note(&format!("where the nested host's CPU was:\n{text}"));
                 text
             }
