@@ -90,7 +90,7 @@ pub fn guest_initramfs(
 }
 
 /// The VMM command line of a block run.
-pub fn vmm_argv(vmm: Vmm, o: &BlockOptions) -> Vec<String> {
+pub fn vmm_argv(vmm: Vmm, o: &BlockOptions) -> Result<Vec<String>, BenchError> {
     iobench::vmm_argv(
         vmm,
         INITRAMFS,
@@ -184,7 +184,7 @@ pub fn prepare(o: &BlockOptions, vmms: &[Vmm]) -> Result<Planned, BenchError> {
                 argv.extend(["--pid-file".into(), crate::boot::JAIL_PID_FILE.into()]);
             }
             argv.push("--".into());
-            argv.extend(vmm_argv(v, o));
+            argv.extend(vmm_argv(v, o)?);
             let job = Job::new(&name, argv).timeout(per_run + Duration::from_secs(20));
             // A nested host that dies while only QEMU ran is the sandbox's failure.
             jobs.push(if v == Vmm::Qemu { job.reference() } else { job });
@@ -221,8 +221,8 @@ pub fn run(o: &BlockOptions) -> Result<BlockResults, BenchError> {
         revision: report::git_revision(),
         commands: vmms
             .iter()
-            .map(|v| (v.name().to_string(), shell_words(&vmm_argv(*v, o))))
-            .collect(),
+            .map(|v| Ok((v.name().to_string(), shell_words(&vmm_argv(*v, o)?))))
+            .collect::<Result<_, BenchError>>()?,
         samples,
         runs,
         tests,
@@ -280,13 +280,13 @@ mod tests {
             host_cpus: 1,
         };
         assert_eq!(
-            shell_words(&vmm_argv(Vmm::Qemu, &o)),
+            shell_words(&vmm_argv(Vmm::Qemu, &o).unwrap()),
             "/usr/bin/qemu-system-x86_64 -M microvm,rtc=on -enable-kvm -cpu host -m 256 -smp 1 \
              -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel /guest/vmlinuz \
              -initrd /payload/blk-bench.cpio -append 'console=ttyS0 quiet qx.action=script' \
              -drive id=bench,file=/tmp/bench.img,format=raw,if=none -device virtio-blk-device,drive=bench"
         );
-        assert!(shell_words(&vmm_argv(Vmm::Quantix, &o))
+        assert!(shell_words(&vmm_argv(Vmm::Quantix, &o).unwrap())
             .contains("--disk path=/tmp/bench.img,id=bench"));
         let t = tests();
         assert_eq!(t.len(), 8);

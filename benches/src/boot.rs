@@ -1,5 +1,6 @@
-//! `boot`: boot-to-init time and VMM memory, quantix-vmm against QEMU microvm, both in
-//! one nested host, alternating.
+//! `boot`: boot-to-init time and VMM memory, quantix-vmm against QEMU microvm (and
+//! Firecracker and Cloud Hypervisor when their binaries are given), all in one nested
+//! host, alternating.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -18,8 +19,15 @@ use crate::stats::{self, Summary};
 pub const VMM_PATH: &str = "/payload/quantix-vmm";
 /// The probe in the nested host.
 pub const PROBE_PATH: &str = "/payload/qx-probe";
-/// The guest kernel command line, for both VMMs.
+/// The guest kernel command line, for every VMM (Firecracker's ends the guest by a reset
+/// instead: [`firecracker_cmdline`]).
 pub const GUEST_CMDLINE: &str = "console=ttyS0 qx.action=poweroff";
+/// Firecracker in the nested host (a peer, with its glibc libraries).
+pub const FIRECRACKER_PATH: &str = "/payload/firecracker";
+/// Firecracker's configuration file in the nested host (written for the run's options).
+pub const FIRECRACKER_CONFIG: &str = "/payload/firecracker.json";
+/// Cloud Hypervisor in the nested host (a peer, with its glibc libraries).
+pub const CLOUD_HYPERVISOR_PATH: &str = "/payload/cloud-hypervisor";
 /// Target: quantix-vmm's boot-to-init at most this fraction of QEMU's.
 pub const BOOT_RATIO_TARGET: f64 = 0.7;
 /// Target: VMM memory overhead below this many MiB.
@@ -66,6 +74,11 @@ pub struct BootOptions {
     /// Keep each run's whole guest console, every line with its time since the spawn
     /// (in the sandbox log, and in the JSON samples as `output`).
     pub console: bool,
+    /// A Firecracker binary to compare with (`../shared/peers/firecracker`); none: no
+    /// Firecracker runs.
+    pub firecracker: Option<PathBuf>,
+    /// A Cloud Hypervisor binary to compare with; none: no Cloud Hypervisor runs.
+    pub cloud_hypervisor: Option<PathBuf>,
 }
 
 impl BootOptions {
@@ -94,6 +107,12 @@ pub enum Vmm {
     /// quantix-vmm with neither jail nor seccomp filters (`--seccomp off`): the baseline of
     /// `quantix-bench jail`.
     QuantixUnconfined,
+    /// Firecracker, a peer (`boot --firecracker PATH` only).
+    #[value(skip)]
+    Firecracker,
+    /// Cloud Hypervisor, a peer (`boot --cloud-hypervisor PATH` only).
+    #[value(skip)]
+    CloudHypervisor,
 }
 
 impl Vmm {
@@ -104,6 +123,8 @@ impl Vmm {
             Vmm::Qemu => "qemu",
             Vmm::QuantixJailed => "quantix-jailed",
             Vmm::QuantixUnconfined => "quantix-unconfined",
+            Vmm::Firecracker => "firecracker",
+            Vmm::CloudHypervisor => "cloud-hypervisor",
         }
     }
 
@@ -114,6 +135,8 @@ impl Vmm {
             Vmm::Qemu => "QEMU microvm",
             Vmm::QuantixJailed => "quantix-vmm jailed",
             Vmm::QuantixUnconfined => "quantix-vmm unconfined",
+            Vmm::Firecracker => "Firecracker",
+            Vmm::CloudHypervisor => "Cloud Hypervisor",
         }
     }
 
@@ -243,11 +266,41 @@ pub fn guest_argv(vmm: Vmm, g: &GuestBoot) -> Vec<String> {
             "-append",
             "{cmdline}",
         ],
+        // Its guest, command line included, is in the configuration file
+        // (`firecracker_config`). The log goes to /dev/null: without `--log-path` it would
+        // share stdout with the serial console; a fatal error still reaches stderr.
+        Vmm::Firecracker => vec![
+            FIRECRACKER_PATH,
+            "--no-api",
+            "--config-file",
+            FIRECRACKER_CONFIG,
+            "--log-path",
+            "/dev/null",
+        ],
+        Vmm::CloudHypervisor => vec![
+            CLOUD_HYPERVISOR_PATH,
+            "--kernel",
+            kernel,
+            "--initramfs",
+            paths::GUEST_INITRAMFS,
+            "--cmdline",
+            "{cmdline}",
+            "--cpus",
+            "boot={cpus}",
+            "--memory",
+            "size={mem}M",
+            "--serial",
+            "tty",
+            "--console",
+            "off",
+        ],
     };
     let argv = v.into_iter().map(|a| match a {
         "{cpus}" => g.cpus.to_string(),
         "{mem}" => g.memory_mib.to_string(),
         "{cmdline}" => g.cmdline.to_string(),
+        "boot={cpus}" => format!("boot={}", g.cpus),
+        "size={mem}M" => format!("size={}M", g.memory_mib),
         a => a.to_string(),
     });
     match vmm {
@@ -262,18 +315,120 @@ pub fn guest_argv(vmm: Vmm, g: &GuestBoot) -> Vec<String> {
     }
 }
 
+/// Firecracker's guest command line for `cmdline`: Firecracker has no ACPI power-off, so
+/// its guest's init reboots instead (`qx.action=reboot`) through the keyboard controller
+/// (`reboot=k`), which ends the Firecracker process as a power-off ends the others.
+pub fn firecracker_cmdline(cmdline: &str) -> String {
+    let mut words: Vec<&str> = cmdline
+        .split_whitespace()
+        .map(|w| {
+            if w == "qx.action=poweroff" {
+                "qx.action=reboot"
+            } else {
+                w
+            }
+        })
+        .collect();
+    if !words.iter().any(|w| w.starts_with("reboot=")) {
+        words.push("reboot=k");
+    }
+    words.join(" ")
+}
+
+/// Firecracker's configuration file for `g` (`--no-api --config-file`): the same kernel,
+/// initramfs, vCPUs and memory as the other VMMs, no devices.
+pub fn firecracker_config(g: &GuestBoot) -> String {
+    serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": g.kernel.path(),
+            "initrd_path": paths::GUEST_INITRAMFS,
+            "boot_args": firecracker_cmdline(g.cmdline),
+        },
+        "drives": [],
+        "machine-config": {"vcpu_count": g.cpus, "mem_size_mib": g.memory_mib, "smt": false},
+    })
+    .to_string()
+}
+
+/// The guest of a `boot` run.
+pub fn guest_boot<'a>(o: &BootOptions, cmdline: &'a str) -> GuestBoot<'a> {
+    GuestBoot {
+        kernel: o.kernel,
+        cpus: o.cpus,
+        memory_mib: o.memory_mib,
+        cmdline,
+        log_level: "warn",
+    }
+}
+
 /// The VMM command line of a run.
 pub fn vmm_argv(vmm: Vmm, o: &BootOptions) -> Vec<String> {
-    guest_argv(
-        vmm,
-        &GuestBoot {
-            kernel: o.kernel,
-            cpus: o.cpus,
-            memory_mib: o.memory_mib,
-            cmdline: &o.cmdline(),
-            log_level: "warn",
-        },
-    )
+    guest_argv(vmm, &guest_boot(o, &o.cmdline()))
+}
+
+/// A VMM that was asked for and is not run, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    /// Which VMM.
+    pub vmm: Vmm,
+    /// Why it is not run.
+    pub reason: String,
+}
+
+/// The VMMs of a run, in their order within each iteration (quantix-vmm, QEMU, then the
+/// peers whose binaries are given), and the peers that cannot boot this guest.
+pub fn vmms(o: &BootOptions) -> (Vec<Vmm>, Vec<Skipped>) {
+    let mut run = vec![Vmm::Quantix, Vmm::Qemu];
+    let mut skipped = Vec::new();
+    if o.firecracker.is_some() {
+        run.push(Vmm::Firecracker);
+    }
+    if o.cloud_hypervisor.is_some() {
+        if o.kernel == Kernel::Vmlinux {
+            run.push(Vmm::CloudHypervisor);
+        } else {
+            skipped.push(Skipped {
+                vmm: Vmm::CloudHypervisor,
+                reason: "Cloud Hypervisor boots ELF kernels only (PVH): run with --kernel vmlinux"
+                    .into(),
+            });
+        }
+    }
+    (run, skipped)
+}
+
+/// Adds the peers of `o` to `payload`: each binary with its shared libraries, and
+/// Firecracker's configuration file.
+pub fn add_peers(payload: &mut Payload, o: &BootOptions) -> Result<(), BenchError> {
+    let (run, _) = vmms(o);
+    for (vmm, path, dest) in [
+        (Vmm::Firecracker, &o.firecracker, FIRECRACKER_PATH),
+        (
+            Vmm::CloudHypervisor,
+            &o.cloud_hypervisor,
+            CLOUD_HYPERVISOR_PATH,
+        ),
+    ] {
+        let Some(path) = path.as_ref().filter(|_| run.contains(&vmm)) else {
+            continue;
+        };
+        if !path.is_file() {
+            return Err(BenchError::MissingPeer {
+                vmm: vmm.title().into(),
+                path: path.clone(),
+            });
+        }
+        payload.add_host_binary(path, dest)?;
+    }
+    if run.contains(&Vmm::Firecracker) {
+        let cmdline = o.cmdline();
+        payload.add_bytes(
+            FIRECRACKER_CONFIG,
+            firecracker_config(&guest_boot(o, &cmdline)),
+            0o644,
+        )?;
+    }
+    Ok(())
 }
 
 /// Quotes an argv for display (single quotes where needed).
@@ -313,18 +468,20 @@ pub fn probe_job(vmm: Vmm, iteration: u32, o: &BootOptions) -> Job {
     argv.push("--".into());
     argv.extend(vmm_argv(vmm, o));
     let job = Job::new(label, argv).timeout(Duration::from_secs(o.run_timeout_s) + JOB_SLACK);
-    // A nested host that dies while only QEMU ran is the sandbox's failure.
-    if vmm == Vmm::Qemu {
-        job.reference()
-    } else {
+    // A nested host that dies while only reference VMMs ran is the sandbox's failure.
+    if vmm.is_quantix() {
         job
+    } else {
+        job.reference()
     }
 }
 
-/// The jobs of a whole benchmark: quantix, qemu, quantix, qemu...
+/// The jobs of a whole benchmark: quantix, qemu, (firecracker, cloud-hypervisor,)
+/// quantix, qemu...
 pub fn jobs(o: &BootOptions) -> Vec<(Vmm, u32, Job)> {
+    let (run, _) = vmms(o);
     (1..=o.iterations)
-        .flat_map(|i| [Vmm::Quantix, Vmm::Qemu].map(|v| (v, i, probe_job(v, i, o))))
+        .flat_map(|i| run.iter().map(move |&v| (v, i, probe_job(v, i, o))))
         .collect()
 }
 
@@ -576,9 +733,11 @@ pub struct NestedHostFacts {
     pub note: String,
 }
 
-/// Ratios quantix/QEMU of the medians.
+/// quantix-vmm against one other VMM: ratios quantix/other of the medians.
 #[derive(Debug, Clone, Serialize)]
 pub struct Ratios {
+    /// The other VMM.
+    pub against: Vmm,
     /// Spawn to init.
     pub start_to_init: Option<f64>,
     /// Guest uptime at init.
@@ -587,6 +746,21 @@ pub struct Ratios {
     pub rss: Option<f64>,
     /// Overhead.
     pub overhead: Option<f64>,
+}
+
+/// The best other VMM for one figure (lowest median), and quantix-vmm against it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BestPeer {
+    /// The figure (`start_to_init_ms`, `overhead_mib`).
+    pub figure: &'static str,
+    /// The VMM with the lowest median of the others.
+    pub vmm: Vmm,
+    /// Its median.
+    pub median: f64,
+    /// quantix-vmm's median.
+    pub quantix: f64,
+    /// quantix / best.
+    pub ratio: f64,
 }
 
 /// Everything `boot` measured.
@@ -602,24 +776,43 @@ pub struct BootResults {
     pub host: report::HostFacts,
     /// The nested host.
     pub nested_host: NestedHostFacts,
-    /// The exact VMM command lines (as run by the probe inside the nested host).
+    /// The exact VMM command lines (as run by the probe inside the nested host), and
+    /// Firecracker's configuration file as `firecracker.json`.
     pub commands: BTreeMap<String, String>,
+    /// Peers asked for that could not boot this guest.
+    pub skipped: Vec<Skipped>,
     /// Every run, in order.
     pub samples: Vec<BootSample>,
-    /// Per VMM.
-    pub quantix: VmmSummary,
-    /// Per VMM.
-    pub qemu: VmmSummary,
-    /// quantix / QEMU.
-    pub ratios: Ratios,
+    /// Per VMM, in the order of the runs (quantix-vmm first).
+    pub vmms: Vec<VmmSummary>,
+    /// quantix-vmm against every other VMM.
+    pub ratios: Vec<Ratios>,
+    /// quantix-vmm against the best of the others, boot time and memory overhead.
+    pub best: Vec<BestPeer>,
     /// The targets.
     pub targets: Vec<Target>,
+}
+
+impl BootResults {
+    /// The summary of `vmm`, if it ran.
+    pub fn summary(&self, vmm: Vmm) -> Option<&VmmSummary> {
+        self.vmms.iter().find(|s| s.vmm == vmm)
+    }
+
+    /// quantix-vmm against `vmm`, if both ran.
+    pub fn ratios_against(&self, vmm: Vmm) -> Option<&Ratios> {
+        self.ratios.iter().find(|r| r.against == vmm)
+    }
 }
 
 /// Runs the benchmark: builds the static binaries, runs all jobs in one nested host,
 /// collects the samples.
 pub fn run(o: &BootOptions) -> Result<BootResults, BenchError> {
     let sandbox = Sandbox::from_env()?;
+    let (run, skipped) = vmms(o);
+    for s in &skipped {
+        eprintln!("quantix-bench: {} skipped: {}", s.vmm.title(), s.reason);
+    }
     eprintln!("quantix-bench: building static quantix-vmm and qx-probe for the nested host");
     let vmm = build::static_binary("quantix-vmm", "quantix-vmm")?;
     let probe = build::static_binary("quantix-bench", "qx-probe")?;
@@ -627,14 +820,49 @@ pub fn run(o: &BootOptions) -> Result<BootResults, BenchError> {
     payload.add_file(&vmm, VMM_PATH)?;
     payload.add_file(&probe, PROBE_PATH)?;
     payload.add_qemu(sandbox.assets())?;
+    add_peers(&mut payload, o)?;
     let plan = jobs(o);
     let job_list: Vec<Job> = plan.iter().map(|(_, _, j)| j.clone()).collect();
     eprintln!(
-        "quantix-bench: {} runs in one nested host (TCG; this takes several minutes), alternating quantix/qemu",
-        job_list.len()
+        "quantix-bench: {} runs in one nested host (TCG; this takes several minutes), alternating {}",
+        job_list.len(),
+        run.iter().map(|v| v.name()).collect::<Vec<_>>().join("/")
     );
     let report = sandbox.run(&payload, &job_list)?;
     Ok(collect(o, &sandbox, &plan, &report))
+}
+
+/// quantix-vmm's summary against `other`'s.
+pub fn ratios(quantix: &VmmSummary, other: &VmmSummary) -> Ratios {
+    let med = |s: &Option<Summary>| s.as_ref().map(|s| s.median);
+    Ratios {
+        against: other.vmm,
+        start_to_init: ratio(med(&quantix.start_to_init_ms), med(&other.start_to_init_ms)),
+        guest_uptime: ratio(med(&quantix.guest_uptime_s), med(&other.guest_uptime_s)),
+        rss: ratio(med(&quantix.rss_mib), med(&other.rss_mib)),
+        overhead: ratio(med(&quantix.overhead_mib), med(&other.overhead_mib)),
+    }
+}
+
+/// quantix-vmm against the other VMM with the lowest median of `figure`.
+pub fn best_peer(
+    summaries: &[VmmSummary],
+    figure: &'static str,
+    get: impl Fn(&VmmSummary) -> Option<&Summary>,
+) -> Option<BestPeer> {
+    let quantix = get(summaries.iter().find(|s| s.vmm == Vmm::Quantix)?)?.median;
+    let (vmm, median) = summaries
+        .iter()
+        .filter(|s| !s.vmm.is_quantix())
+        .filter_map(|s| get(s).map(|m| (s.vmm, m.median)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))?;
+    (median > 0.0).then(|| BestPeer {
+        figure,
+        vmm,
+        median,
+        quantix,
+        ratio: quantix / median,
+    })
 }
 
 fn collect(
@@ -663,59 +891,94 @@ fn collect(
             },
         })
         .collect();
-    let quantix = summarize(Vmm::Quantix, &samples);
-    let qemu = summarize(Vmm::Qemu, &samples);
-    let med = |s: &Option<Summary>| s.as_ref().map(|s| s.median);
-    let ratios = Ratios {
-        start_to_init: ratio(med(&quantix.start_to_init_ms), med(&qemu.start_to_init_ms)),
-        guest_uptime: ratio(med(&quantix.guest_uptime_s), med(&qemu.guest_uptime_s)),
-        rss: ratio(med(&quantix.rss_mib), med(&qemu.rss_mib)),
-        overhead: ratio(med(&quantix.overhead_mib), med(&qemu.overhead_mib)),
-    };
-    let targets = targets(&quantix, &ratios);
+    let (run, skipped) = vmms(o);
+    let summaries: Vec<VmmSummary> = run.iter().map(|v| summarize(*v, &samples)).collect();
     let config = sandbox.config();
-    let commands = [Vmm::Quantix, Vmm::Qemu]
+    let mut commands: BTreeMap<String, String> = run
         .iter()
         .map(|v| (v.name().to_string(), shell_words(&vmm_argv(*v, o))))
         .collect();
+    if run.contains(&Vmm::Firecracker) {
+        commands.insert(
+            "firecracker.json".into(),
+            firecracker_config(&guest_boot(o, &o.cmdline())),
+        );
+    }
+    let nested_host = NestedHostFacts {
+        kernel: sandbox.assets().kernel_version.clone(),
+        cpu_model: config.cpu_model.clone(),
+        cpus: config.cpus,
+        memory_mib: config.memory_mib,
+        ready_after_s: report.host_ready_after.as_secs_f64(),
+        total_s: report.total.as_secs_f64(),
+        attempts: report.attempts,
+        retried_after: report.retried_after.clone(),
+        log: report.log_path.clone(),
+        note: "timings come from a nested host emulated by QEMU TCG: absolute numbers are \
+               many times slower than on hardware and vary ±30 % between runs; only \
+               ratios between VMMs measured in the same nested host mean something"
+            .into(),
+    };
+    results(o, nested_host, commands, skipped, samples, summaries)
+}
+
+/// Ratios, the best peers and the targets of `summaries` (quantix-vmm's first).
+fn results(
+    o: &BootOptions,
+    nested_host: NestedHostFacts,
+    commands: BTreeMap<String, String>,
+    skipped: Vec<Skipped>,
+    samples: Vec<BootSample>,
+    summaries: Vec<VmmSummary>,
+) -> BootResults {
+    let quantix = summaries.iter().find(|s| s.vmm == Vmm::Quantix);
+    let all_ratios: Vec<Ratios> = match quantix {
+        Some(q) => summaries
+            .iter()
+            .filter(|s| !s.vmm.is_quantix())
+            .map(|s| ratios(q, s))
+            .collect(),
+        None => Vec::new(),
+    };
+    let best = [
+        best_peer(&summaries, "start_to_init_ms", |s| {
+            s.start_to_init_ms.as_ref()
+        }),
+        best_peer(&summaries, "overhead_mib", |s| s.overhead_mib.as_ref()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let targets = match quantix {
+        Some(q) => targets(q, all_ratios.iter().find(|r| r.against == Vmm::Qemu)),
+        None => Vec::new(),
+    };
     BootResults {
         benchmark: "boot",
         date: report::now_utc(),
         options: o.clone(),
         host: report::HostFacts::read(),
-        nested_host: NestedHostFacts {
-            kernel: sandbox.assets().kernel_version.clone(),
-            cpu_model: config.cpu_model.clone(),
-            cpus: config.cpus,
-            memory_mib: config.memory_mib,
-            ready_after_s: report.host_ready_after.as_secs_f64(),
-            total_s: report.total.as_secs_f64(),
-            attempts: report.attempts,
-            retried_after: report.retried_after.clone(),
-            log: report.log_path.clone(),
-            note: "timings come from a nested host emulated by QEMU TCG: absolute numbers are \
-                   many times slower than on hardware and vary ±30 % between runs; only \
-                   ratios between VMMs measured in the same nested host mean something"
-                .into(),
-        },
+        nested_host,
         commands,
+        skipped,
         samples,
-        quantix,
-        qemu,
-        ratios,
+        vmms: summaries,
+        ratios: all_ratios,
+        best,
         targets,
     }
 }
 
-/// The two `boot` targets, judged on medians.
-pub fn targets(quantix: &VmmSummary, ratios: &Ratios) -> Vec<Target> {
+/// The `boot` targets, judged on medians: boot time against QEMU's, memory overhead.
+pub fn targets(quantix: &VmmSummary, vs_qemu: Option<&Ratios>) -> Vec<Target> {
+    let start_to_init = vs_qemu.and_then(|r| r.start_to_init);
     let boot = Target {
         target: format!("boot-to-init ≤ {BOOT_RATIO_TARGET} × QEMU's"),
-        measured: match ratios.start_to_init {
+        measured: match start_to_init {
             Some(r) => format!("quantix/QEMU = {r:.2} (medians of start→init)"),
             None => "not measured (no successful runs of one VMM)".into(),
         },
-        met: ratios.start_to_init.map(|r| r <= BOOT_RATIO_TARGET),
+        met: start_to_init.map(|r| r <= BOOT_RATIO_TARGET),
     };
     let overhead = Target {
         target: format!("VMM memory overhead < {OVERHEAD_TARGET_MIB} MiB"),
@@ -736,13 +999,31 @@ pub fn targets(quantix: &VmmSummary, ratios: &Ratios) -> Vec<Target> {
     vec![boot, overhead, first]
 }
 
+/// Width of one VMM's column in the table: `median (min–max)`.
+const COLUMN: usize = 24;
+
+/// One table cell: the median, and the range when there is one.
+fn cell(s: Option<&Summary>, decimals: usize) -> String {
+    let [median, min, max] = report::cells(s, decimals);
+    match s {
+        Some(s) if s.n > 1 => format!("{median} ({min}–{max})"),
+        _ => median,
+    }
+}
+
 /// The readable report.
 pub fn format(r: &BootResults) -> String {
     let o = &r.options;
     let mut s = String::new();
+    let order = r
+        .vmms
+        .iter()
+        .map(|v| v.vmm.name())
+        .collect::<Vec<_>>()
+        .join(", ");
     let _ = writeln!(
         s,
-        "quantix-bench boot — {}\n{} runs per VMM, alternating (quantix first), {} vCPU(s), {} MiB, kernel {}, cmdline '{}'",
+        "quantix-bench boot — {}\n{} runs per VMM, alternating ({order}), {} vCPU(s), {} MiB, kernel {}, cmdline '{}'",
         r.date,
         o.iterations,
         o.cpus,
@@ -775,96 +1056,85 @@ pub fn format(r: &BootResults) -> String {
     for (name, cmd) in &r.commands {
         let _ = writeln!(s, "command {name}: {cmd}");
     }
+    for skipped in &r.skipped {
+        let _ = writeln!(s, "skipped {}: {}", skipped.vmm.title(), skipped.reason);
+    }
     s.push('\n');
 
-    let (q, m) = (&r.quantix, &r.qemu);
-    let _ = writeln!(
-        s,
-        "{:<26} {:>29}   {:>29}",
-        "",
-        format!("{:-^29}", format!(" {} ", Vmm::Quantix.title())),
-        format!("{:-^29}", format!(" {} ", Vmm::Qemu.title()))
-    );
-    let _ = writeln!(
-        s,
-        "{:<26} {:>9} {:>9} {:>9}   {:>9} {:>9} {:>9}",
-        "", "median", "min", "max", "median", "min", "max"
-    );
-    let rows: [(&str, &Option<Summary>, &Option<Summary>, usize); 8] = [
-        (
-            "start→init (ms)",
-            &q.start_to_init_ms,
-            &m.start_to_init_ms,
-            0,
-        ),
+    let _ = write!(s, "{:<26}", "median (min–max)");
+    for v in &r.vmms {
+        let _ = write!(s, " {:>COLUMN$}", v.vmm.title());
+    }
+    s.push('\n');
+    type Figure = fn(&VmmSummary) -> Option<&Summary>;
+    let rows: [(&str, Figure, usize); 8] = [
+        ("start→init (ms)", |v| v.start_to_init_ms.as_ref(), 0),
         (
             "start→kernel banner (ms)",
-            &q.kernel_banner_ms,
-            &m.kernel_banner_ms,
+            |v| v.kernel_banner_ms.as_ref(),
             0,
         ),
-        (
-            "guest uptime at init (s)",
-            &q.guest_uptime_s,
-            &m.guest_uptime_s,
-            2,
-        ),
-        ("VMM RSS at init (MiB)", &q.rss_mib, &m.rss_mib, 1),
-        (
-            "  guest RAM RSS (MiB)",
-            &q.guest_rss_mib,
-            &m.guest_rss_mib,
-            1,
-        ),
-        ("  overhead (MiB)", &q.overhead_mib, &m.overhead_mib, 2),
-        ("VmHWM at init (MiB)", &q.hwm_mib, &m.hwm_mib, 1),
-        ("start→exit (ms)", &q.total_ms, &m.total_ms, 0),
+        ("guest uptime at init (s)", |v| v.guest_uptime_s.as_ref(), 2),
+        ("VMM RSS at init (MiB)", |v| v.rss_mib.as_ref(), 1),
+        ("  guest RAM RSS (MiB)", |v| v.guest_rss_mib.as_ref(), 1),
+        ("  overhead (MiB)", |v| v.overhead_mib.as_ref(), 2),
+        ("VmHWM at init (MiB)", |v| v.hwm_mib.as_ref(), 1),
+        ("start→exit (ms)", |v| v.total_ms.as_ref(), 0),
     ];
-    for (label, a, b, d) in rows {
-        let a = report::cells(a.as_ref(), d);
-        let b = report::cells(b.as_ref(), d);
-        let _ = writeln!(
-            s,
-            "{label:<26} {:>9} {:>9} {:>9}   {:>9} {:>9} {:>9}",
-            a[0], a[1], a[2], b[0], b[1], b[2]
-        );
+    for (label, figure, decimals) in rows {
+        let _ = write!(s, "{label:<26}");
+        for v in &r.vmms {
+            let _ = write!(s, " {:>COLUMN$}", cell(figure(v), decimals));
+        }
+        s.push('\n');
     }
-    let runs = |v: &VmmSummary| format!("{}/{} ok", v.ok, v.runs);
-    let _ = writeln!(
-        s,
-        "{:<26} {:>29}   {:>29}",
-        "runs counted",
-        runs(q),
-        runs(m)
-    );
-    let statuses = |v: &VmmSummary| {
-        v.exit_statuses
+    let _ = write!(s, "{:<26}", "runs counted");
+    for v in &r.vmms {
+        let _ = write!(s, " {:>COLUMN$}", format!("{}/{} ok", v.ok, v.runs));
+    }
+    s.push('\n');
+    let _ = write!(s, "{:<26}", "exit statuses");
+    for v in &r.vmms {
+        let statuses = v
+            .exit_statuses
             .iter()
             .map(|(k, n)| format!("{k} ×{n}"))
             .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let _ = writeln!(
-        s,
-        "{:<26} {:>29}   {:>29}",
-        "exit statuses",
-        statuses(q),
-        statuses(m)
-    );
-    s.push('\n');
+            .join(", ");
+        let _ = write!(s, " {statuses:>COLUMN$}");
+    }
+    s.push_str("\n\n");
     let fmt_ratio = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
-    let _ = writeln!(
-        s,
-        "ratio quantix/QEMU of the medians: start→init {}, guest uptime at init {}, RSS {}, overhead {}",
-        fmt_ratio(r.ratios.start_to_init),
-        fmt_ratio(r.ratios.guest_uptime),
-        fmt_ratio(r.ratios.rss),
-        fmt_ratio(r.ratios.overhead)
-    );
+    for ra in &r.ratios {
+        let _ = writeln!(
+            s,
+            "ratio quantix/{} of the medians: start→init {}, guest uptime at init {}, RSS {}, overhead {}",
+            ra.against.name(),
+            fmt_ratio(ra.start_to_init),
+            fmt_ratio(ra.guest_uptime),
+            fmt_ratio(ra.rss),
+            fmt_ratio(ra.overhead)
+        );
+    }
+    for b in &r.best {
+        let (label, decimals) = match b.figure {
+            "start_to_init_ms" => ("start→init (ms)", 0),
+            "overhead_mib" => ("overhead (MiB)", 2),
+            other => (other, 2),
+        };
+        let _ = writeln!(
+            s,
+            "against the best of the others, {label}: quantix-vmm {:.decimals$} vs {} {:.decimals$}, ratio {:.2}",
+            b.quantix,
+            b.vmm.title(),
+            b.median,
+            b.ratio
+        );
+    }
     s.push('\n');
     s.push_str(&report::format_targets(&r.targets));
 
-    for v in [q, m] {
+    for v in &r.vmms {
         let _ = writeln!(
             s,
             "\n{}: guest RAM identified as {}",
@@ -910,9 +1180,9 @@ pub fn format(r: &BootResults) -> String {
     s
 }
 
-/// Fails when a VMM has no successful run: there is nothing to compare.
+/// Fails when a VMM that ran has no successful run: there is nothing to compare.
 pub fn check_samples(r: &BootResults) -> Result<(), BenchError> {
-    for v in [&r.quantix, &r.qemu] {
+    for v in &r.vmms {
         if v.ok == 0 {
             return Err(BenchError::NoSamples {
                 vmm: v.vmm.title().into(),
@@ -937,6 +1207,8 @@ mod tests {
             run_timeout_s: 300,
             quiet: false,
             console: false,
+            firecracker: None,
+            cloud_hypervisor: None,
         }
     }
 
@@ -1051,13 +1323,10 @@ mod tests {
         assert_eq!(q.overhead_mib.unwrap().median, 5.0);
         assert_eq!(m.failed, ["qemu-2: exit status 1"]);
         assert_eq!(m.exit_statuses.get("1"), Some(&1));
-        let ratios = Ratios {
-            start_to_init: ratio(Some(9000.0), Some(12000.0)),
-            guest_uptime: None,
-            rss: None,
-            overhead: None,
-        };
-        let t = targets(&q, &ratios);
+        let ratios = ratios(&q, &m);
+        assert_eq!(ratios.against, Vmm::Qemu);
+        assert_eq!(ratios.start_to_init, Some(0.75));
+        let t = targets(&q, Some(&ratios));
         assert_eq!(t[0].met, Some(false)); // 0.75 > 0.7
         assert_eq!(t[1].met, Some(false)); // 5.0 is not < 5
         assert_eq!(t[2].met, None);
@@ -1065,5 +1334,194 @@ mod tests {
         let missing = sample_from_job(Vmm::Qemu, 3, 4, &job("qemu-3", "x".into(), 143), "", false);
         assert!(missing.failure.unwrap().contains("no QX-PROBE line"));
         assert!(missing.output_tail.is_some());
+    }
+
+    fn peers() -> BootOptions {
+        BootOptions {
+            kernel: Kernel::Vmlinux,
+            firecracker: Some("/x/firecracker".into()),
+            cloud_hypervisor: Some("/x/cloud-hypervisor".into()),
+            ..opts()
+        }
+    }
+
+    #[test]
+    fn peer_command_lines_and_plan() {
+        let o = peers();
+        assert_eq!(
+            shell_words(&vmm_argv(Vmm::CloudHypervisor, &o)),
+            "/payload/cloud-hypervisor --kernel /guest/vmlinux --initramfs /guest/initramfs.cpio \
+             --cmdline 'console=ttyS0 qx.action=poweroff' --cpus boot=2 --memory size=256M \
+             --serial tty --console off"
+        );
+        assert_eq!(
+            shell_words(&vmm_argv(Vmm::Firecracker, &o)),
+            "/payload/firecracker --no-api --config-file /payload/firecracker.json --log-path /dev/null"
+        );
+        let cmdline = o.cmdline();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&firecracker_config(&guest_boot(&o, &cmdline))).unwrap();
+        assert_eq!(cfg["boot-source"]["kernel_image_path"], "/guest/vmlinux");
+        assert_eq!(cfg["boot-source"]["initrd_path"], paths::GUEST_INITRAMFS);
+        assert_eq!(
+            cfg["boot-source"]["boot_args"],
+            "console=ttyS0 qx.action=reboot reboot=k"
+        );
+        assert_eq!(cfg["machine-config"]["vcpu_count"], 2);
+        assert_eq!(cfg["machine-config"]["mem_size_mib"], 256);
+        assert_eq!(cfg["drives"], serde_json::json!([]));
+        // A command line that already chooses a reboot method keeps it.
+        assert_eq!(
+            firecracker_cmdline("console=ttyS0 reboot=t qx.action=poweroff quiet"),
+            "console=ttyS0 reboot=t qx.action=reboot quiet"
+        );
+
+        let (run, skipped) = vmms(&o);
+        assert_eq!(
+            run,
+            [
+                Vmm::Quantix,
+                Vmm::Qemu,
+                Vmm::Firecracker,
+                Vmm::CloudHypervisor
+            ]
+        );
+        assert!(skipped.is_empty());
+        let plan = jobs(&o);
+        let names: Vec<&str> = plan.iter().map(|(_, _, j)| j.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "quantix-1",
+                "qemu-1",
+                "firecracker-1",
+                "cloud-hypervisor-1",
+                "quantix-2",
+                "qemu-2",
+                "firecracker-2",
+                "cloud-hypervisor-2"
+            ]
+        );
+        // Peers are reference software: a nested host that dies under them alone is the
+        // sandbox's failure, as under QEMU.
+        assert!(!plan[2].2.under_test());
+        assert!(plan[0].2.under_test());
+
+        // Cloud Hypervisor cannot boot a bzImage: skipped with the reason, not run.
+        let bz = BootOptions {
+            kernel: Kernel::Vmlinuz,
+            ..peers()
+        };
+        let (run, skipped) = vmms(&bz);
+        assert_eq!(run, [Vmm::Quantix, Vmm::Qemu, Vmm::Firecracker]);
+        assert_eq!(skipped[0].vmm, Vmm::CloudHypervisor);
+        assert!(skipped[0].reason.contains("--kernel vmlinux"));
+        // Without peers: quantix and QEMU only.
+        assert_eq!(vmms(&opts()).0, [Vmm::Quantix, Vmm::Qemu]);
+    }
+
+    #[test]
+    fn a_missing_peer_binary_is_named() {
+        let o = BootOptions {
+            firecracker: Some("/nonexistent/firecracker".into()),
+            ..opts()
+        };
+        let e = add_peers(&mut Payload::new(), &o).unwrap_err();
+        assert!(matches!(e, BenchError::MissingPeer { .. }));
+        assert!(e.to_string().contains("/nonexistent/firecracker"), "{e}");
+    }
+
+    #[test]
+    fn the_io_benchmarks_refuse_peers() {
+        let e = crate::iobench::vmm_argv(Vmm::Firecracker, "/i", "c", 1, 64, &[], &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the I/O benchmarks (block, net) cannot run Firecracker"
+        );
+    }
+
+    #[test]
+    fn results_compare_against_every_vmm_and_the_best() {
+        let o = peers();
+        let mut samples = Vec::new();
+        for (i, (vmm, ms, overhead_kb)) in [
+            (Vmm::Quantix, 9000.0, 2048),
+            (Vmm::Qemu, 12000.0, 40 * 1024),
+            (Vmm::Firecracker, 10000.0, 3 * 1024),
+            (Vmm::CloudHypervisor, 9500.0, 6 * 1024),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let r = record(vmm, ms, overhead_kb);
+            let j = job(
+                &format!("{}-1", vmm.name()),
+                format!("QX-PROBE {}", r.to_json()),
+                0,
+            );
+            samples.push(sample_from_job(vmm, 1, i, &j, "", false));
+        }
+        // A Firecracker run that failed counts in `runs`, not in the medians.
+        let failed = job("firecracker-2", "QX-PROBE {}".into(), 1);
+        samples.push(sample_from_job(Vmm::Firecracker, 2, 4, &failed, "", false));
+        let (run, skipped) = vmms(&o);
+        let summaries = run.iter().map(|v| summarize(*v, &samples)).collect();
+        let nested = NestedHostFacts {
+            kernel: "k".into(),
+            cpu_model: "EPYC".into(),
+            cpus: 1,
+            memory_mib: 3072,
+            ready_after_s: 1.0,
+            total_s: 2.0,
+            attempts: 1,
+            retried_after: Vec::new(),
+            log: "/log".into(),
+            note: "n".into(),
+        };
+        let r = results(&o, nested, BTreeMap::new(), skipped, samples, summaries);
+        assert_eq!(r.vmms.len(), 4);
+        assert_eq!(
+            r.summary(Vmm::Firecracker).map(|s| (s.ok, s.runs)),
+            Some((1, 2))
+        );
+        let against: Vec<Vmm> = r.ratios.iter().map(|x| x.against).collect();
+        assert_eq!(against, [Vmm::Qemu, Vmm::Firecracker, Vmm::CloudHypervisor]);
+        assert_eq!(
+            r.ratios_against(Vmm::Firecracker).unwrap().start_to_init,
+            Some(0.9)
+        );
+        // The best of the others: Cloud Hypervisor for boot time, Firecracker for memory.
+        assert_eq!(r.best[0].figure, "start_to_init_ms");
+        assert_eq!(r.best[0].vmm, Vmm::CloudHypervisor);
+        assert!((r.best[0].ratio - 9000.0 / 9500.0).abs() < 1e-9);
+        assert_eq!(r.best[1].figure, "overhead_mib");
+        assert_eq!(r.best[1].vmm, Vmm::Firecracker);
+        assert!((r.best[1].ratio - 2.0 / 3.0).abs() < 1e-9);
+        // The QEMU target is still judged against QEMU, not against the best peer.
+        assert_eq!(r.targets[0].met, Some(false)); // 9000 / 12000 = 0.75 > 0.7
+        assert!(r.targets[0].measured.contains("quantix/QEMU = 0.75"));
+        let text = format(&r);
+        for title in [
+            "quantix-vmm",
+            "QEMU microvm",
+            "Firecracker",
+            "Cloud Hypervisor",
+        ] {
+            assert!(text.contains(title), "{title} missing in\n{text}");
+        }
+        assert!(text.contains("ratio quantix/firecracker of the medians: start→init 0.90"));
+        assert!(
+            text.contains("start→init (ms): quantix-vmm 9000 vs Cloud Hypervisor 9500, ratio 0.95"),
+            "{text}"
+        );
+        assert!(
+            text.contains("overhead (MiB): quantix-vmm 2.00 vs Firecracker 3.00, ratio 0.67"),
+            "{text}"
+        );
+        assert!(
+            text.contains("firecracker-2:"),
+            "the failed run is listed:\n{text}"
+        );
+        assert!(check_samples(&r).is_ok());
     }
 }

@@ -50,6 +50,25 @@ pub enum BenchError {
     #[error("node agent: {0}")]
     Agent(String),
 
+    /// A benchmark does not know how to run this VMM (the I/O benchmarks drive
+    /// quantix-vmm and QEMU only).
+    #[error("{bench} cannot run {vmm}")]
+    NotDriven {
+        /// The benchmark.
+        bench: &'static str,
+        /// The VMM.
+        vmm: String,
+    },
+
+    /// A peer VMM's binary, given by path, is not there.
+    #[error("{vmm}: no such file {path} (give the path of a {vmm} binary, e.g. ../shared/peers/)")]
+    MissingPeer {
+        /// Which VMM.
+        vmm: String,
+        /// The path given.
+        path: std::path::PathBuf,
+    },
+
     /// A VMM produced no usable sample at all: there is nothing to compare.
     #[error("no successful run of {vmm}: {detail}")]
     NoSamples {

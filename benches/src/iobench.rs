@@ -541,7 +541,7 @@ pub fn vmm_argv(
     memory_mib: u32,
     quantix: &[&str],
     qemu: &[&str],
-) -> Vec<String> {
+) -> Result<Vec<String>, crate::error::BenchError> {
     use quantix_sandbox::paths;
     let mut argv = match vmm {
         crate::boot::Vmm::QuantixJailed => crate::boot::jail_prefix(cpus, memory_mib),
@@ -594,6 +594,12 @@ pub fn vmm_argv(
             ],
             qemu,
         ),
+        crate::boot::Vmm::Firecracker | crate::boot::Vmm::CloudHypervisor => {
+            return Err(crate::error::BenchError::NotDriven {
+                bench: "the I/O benchmarks (block, net)",
+                vmm: vmm.title().into(),
+            })
+        }
     };
     argv.extend(base.into_iter().map(String::from));
     argv.extend(devices.iter().map(|a| a.to_string()));
@@ -603,7 +609,7 @@ pub fn vmm_argv(
     if vmm == crate::boot::Vmm::QuantixUnconfined {
         argv.extend(["--seccomp", "off"].map(String::from));
     }
-    argv
+    Ok(argv)
 }
 
 #[cfg(test)]

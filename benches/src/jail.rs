@@ -268,7 +268,7 @@ fn run_block(o: &BlockOptions, r: &mut JailResults) -> Result<(), BenchError> {
     for v in SIDES {
         r.commands.push((
             format!("block {}", v.name()),
-            boot::shell_words(&block::vmm_argv(v, o)),
+            boot::shell_words(&block::vmm_argv(v, o)?),
         ));
     }
     r.nested_hosts
@@ -288,7 +288,7 @@ fn run_net(o: &NetOptions, r: &mut JailResults) -> Result<(), BenchError> {
     for v in SIDES {
         r.commands.push((
             format!("net {}", v.name()),
-            boot::shell_words(&net::vmm_argv(v, o)),
+            boot::shell_words(&net::vmm_argv(v, o)?),
         ));
     }
     r.nested_hosts
@@ -515,6 +515,8 @@ mod tests {
                     run_timeout_s: 10,
                     quiet: false,
                     console: false,
+                    firecracker: None,
+                    cloud_hypervisor: None,
                 },
                 block: BlockOptions {
                     iterations: 1,

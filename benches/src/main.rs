@@ -56,6 +56,14 @@ enum Cmd {
         /// was spawned (shown live, kept in the sandbox log and in the JSON samples).
         #[arg(long)]
         console: bool,
+        /// Also boot with this Firecracker binary (e.g. ../shared/peers/firecracker),
+        /// alternating with the others; its shared libraries go with it.
+        #[arg(long, value_name = "PATH")]
+        firecracker: Option<PathBuf>,
+        /// Also boot with this Cloud Hypervisor binary (e.g.
+        /// ../shared/peers/cloud-hypervisor); it boots only `--kernel vmlinux`.
+        #[arg(long, value_name = "PATH")]
+        cloud_hypervisor: Option<PathBuf>,
         /// Also write all raw samples and the summary as JSON to PATH.
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
@@ -263,6 +271,8 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
             timeout,
             quiet,
             console,
+            firecracker,
+            cloud_hypervisor,
             json,
         } => {
             let results = boot::run(&BootOptions {
@@ -273,6 +283,8 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                 run_timeout_s: timeout,
                 quiet,
                 console,
+                firecracker,
+                cloud_hypervisor,
             })?;
             println!("{}", boot::format(&results));
             if let Some(path) = json {
@@ -335,6 +347,8 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                     run_timeout_s: 300,
                     quiet: false,
                     console: false,
+                    firecracker: None,
+                    cloud_hypervisor: None,
                 },
                 block: BlockOptions {
                     iterations: io_iterations,

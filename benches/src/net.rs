@@ -73,7 +73,7 @@ pub fn kind_of(test: &str) -> Kind {
 }
 
 /// The VMM command line of a network run.
-pub fn vmm_argv(vmm: Vmm, o: &NetOptions) -> Vec<String> {
+pub fn vmm_argv(vmm: Vmm, o: &NetOptions) -> Result<Vec<String>, BenchError> {
     let net = format!("tap={TAP},mac={MAC}");
     let netdev = format!("tap,id=net0,ifname={TAP},script=no,downscript=no,vhost=off");
     let device = format!("virtio-net-device,netdev=net0,mac={MAC}");
@@ -91,7 +91,7 @@ pub fn vmm_argv(vmm: Vmm, o: &NetOptions) -> Vec<String> {
 /// The nested host's script of one VMM run: start the VMM in the background, put its
 /// TAP on the bridge, wait for the guest's server, run the tests, stop the server, wait
 /// for the VMM.
-pub fn host_script(vmm: Vmm, label: &str, o: &NetOptions) -> String {
+pub fn host_script(vmm: Vmm, label: &str, o: &NetOptions) -> Result<String, BenchError> {
     let mut s = format!(
         "{}{} >/tmp/{label}.console 2>&1 &\n\
          job=$!; pid=$job\n\
@@ -106,7 +106,7 @@ pub fn host_script(vmm: Vmm, label: &str, o: &NetOptions) -> String {
         } else {
             String::new()
         },
-        shell_words(&vmm_argv(vmm, o)),
+        shell_words(&vmm_argv(vmm, o)?),
         // A jailed VMM is the jailer's child: its pid is the one to measure.
         if vmm == Vmm::QuantixJailed {
             format!(
@@ -133,7 +133,7 @@ pub fn host_script(vmm: Vmm, label: &str, o: &NetOptions) -> String {
          echo \"QX-HOST vmm-status=$status\"\n\
          if [ $status -ne 0 ]; then tail -n 40 /tmp/{label}.console; exit 1; fi\n"
     ));
-    s
+    Ok(s)
 }
 
 /// Everything `net` measured.
@@ -199,7 +199,7 @@ pub fn prepare(o: &NetOptions, vmms: &[Vmm]) -> Result<Planned, BenchError> {
     for i in 1..=o.iterations {
         for &v in vmms {
             let name = format!("{}-{i}", v.name());
-            let job = Job::shell(&name, host_script(v, &name, o)).timeout(per_run);
+            let job = Job::shell(&name, host_script(v, &name, o)?).timeout(per_run);
             // A nested host that dies while only QEMU ran is the sandbox's failure.
             jobs.push(if v == Vmm::Qemu { job.reference() } else { job });
             plan.push((v, i, name));
@@ -253,8 +253,8 @@ pub fn run(o: &NetOptions) -> Result<NetResults, BenchError> {
         revision: report::git_revision(),
         commands: vmms
             .iter()
-            .map(|v| (v.name().to_string(), shell_words(&vmm_argv(*v, o))))
-            .collect(),
+            .map(|v| Ok((v.name().to_string(), shell_words(&vmm_argv(*v, o)?))))
+            .collect::<Result<_, BenchError>>()?,
         samples,
         runs,
         tests,
@@ -298,14 +298,14 @@ mod tests {
             memory_mib: 256,
             host_cpus: 1,
         };
-        let q = shell_words(&vmm_argv(Vmm::Qemu, &o));
+        let q = shell_words(&vmm_argv(Vmm::Qemu, &o).unwrap());
         assert!(q.ends_with(
             "-netdev tap,id=net0,ifname=qxtap0,script=no,downscript=no,vhost=off \
              -device virtio-net-device,netdev=net0,mac=52:54:00:12:34:56"
         ));
-        assert!(shell_words(&vmm_argv(Vmm::Quantix, &o))
+        assert!(shell_words(&vmm_argv(Vmm::Quantix, &o).unwrap())
             .contains("--net tap=qxtap0,mac=52:54:00:12:34:56"));
-        let s = host_script(Vmm::Quantix, "quantix-1", &o);
+        let s = host_script(Vmm::Quantix, "quantix-1", &o).unwrap();
         assert!(s.contains("for r in $(seq 2); do"), "{s}");
         assert!(
             s.contains("$C --test send --amount 1048576 --id host-to-guest"),
