@@ -31,7 +31,7 @@ pub enum Source {
     /// already published.
     Socket {
         /// The serial port's or the virtio console's socket.
-        serial: PathBuf,
+        socket: PathBuf,
         /// The VMM's control socket, to learn where each connection's stream begins.
         control: Option<PathBuf>,
         /// The endpoint's name in the VMM's metrics: `serial` or `console`.
@@ -215,10 +215,10 @@ impl Console {
         tokio::spawn(async move {
             match source {
                 Source::Socket {
-                    serial,
+                    socket,
                     control,
                     endpoint,
-                } => me.run_socket(serial, control, endpoint, stop).await,
+                } => me.run_socket(socket, control, endpoint, stop).await,
                 Source::File(path) => me.run_file(path, stop).await,
             }
             me.close_input();
@@ -386,7 +386,7 @@ mod tests {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         console.pump(
             Source::Socket {
-                serial: path.clone(),
+                socket: path.clone(),
                 control: None,
                 endpoint: "serial",
             },

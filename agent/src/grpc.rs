@@ -399,6 +399,7 @@ impl VmService for Api {
                 }
             }
         });
+        let vm_id = attach.vm_id.clone();
         tokio::spawn(async move {
             // The ring may hold up to 16 MiB; gRPC clients refuse messages over 4 MiB by
             // default: the replay goes in chunks.
@@ -415,27 +416,7 @@ impl VmService for Api {
                 }
             }
             drop(replay);
-            loop {
-                tokio::select! {
-                    got = view.live.recv() => match got {
-                        Ok(data) => {
-                            if tx
-                                .send(Ok(ConsoleOutput {
-                                    data: data.to_vec(),
-                                }))
-                                .await
-                                .is_err()
-                            {
-                                return;
-                            }
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(_) => return,
-                    },
-                    // The client went away (or a refusal was sent and the stream ended).
-                    _ = tx.closed() => return,
-                }
-            }
+            forward_live(view.live, tx, &vm_id).await;
         });
         let stream: BoxStream<ConsoleOutput> =
             Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -470,4 +451,69 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(f(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// Forwards a console's live output to one client until either ends. A client that
+/// read too slowly, so that the hub dropped output for it, is told so in its stream
+/// ([`lag_notice`]) rather than losing the output silently.
+async fn forward_live(
+    mut live: tokio::sync::broadcast::Receiver<Arc<[u8]>>,
+    tx: tokio::sync::mpsc::Sender<Result<ConsoleOutput, Status>>,
+    vm_id: &str,
+) {
+    loop {
+        let data = tokio::select! {
+            got = live.recv() => match got {
+                Ok(data) => data.to_vec(),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(vm = %vm_id, chunks = n, "console client fell behind; output dropped for it");
+                    lag_notice(n).into_bytes()
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            // The client went away (or a refusal was sent and the stream ended).
+            _ = tx.closed() => return,
+        };
+        if tx.send(Ok(ConsoleOutput { data })).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// What a console client that read too slowly sees in its stream where output was
+/// dropped for it (`chunks` of the hub's output; the ring still holds the newest).
+fn lag_notice(chunks: u64) -> String {
+    format!(
+        "\r\n[quantix-agent: this console client fell behind; {chunks} chunk(s) of output were dropped for it]\r\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_client_that_fell_behind_is_told_how_much_it_lost() {
+        let (out, live) = tokio::sync::broadcast::channel::<Arc<[u8]>>(4);
+        for i in 0..10u8 {
+            out.send(Arc::from(vec![b'0' + i])).unwrap();
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let forward = tokio::spawn(async move { forward_live(live, tx, "vm").await });
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            got.push(rx.recv().await.unwrap().unwrap().data);
+        }
+        // The 6 oldest chunks were dropped for this client; the 4 newest follow the notice.
+        assert_eq!(String::from_utf8(got[0].clone()).unwrap(), lag_notice(6));
+        assert!(lag_notice(6).contains("6 chunk(s) of output were dropped"));
+        assert_eq!(
+            got[1..],
+            [b"6".to_vec(), b"7".to_vec(), b"8".to_vec(), b"9".to_vec()]
+        );
+        // The console ends: so does the stream.
+        drop(out);
+        forward.await.unwrap();
+        assert!(rx.recv().await.is_none());
+    }
 }

@@ -239,6 +239,11 @@ pub struct Slot {
     pending_restart: AtomicBool,
 }
 
+/// Whether the VM of `spec` has a virtio console besides its serial port.
+fn has_virtio_console(spec: &VmSpec) -> bool {
+    spec.console.as_ref().is_some_and(|c| c.virtio)
+}
+
 impl Slot {
     fn new(spec: &VmSpec) -> Arc<Self> {
         let ring = spec
@@ -247,7 +252,7 @@ impl Slot {
             .map(|c| c.ring_bytes as usize)
             .filter(|n| *n > 0)
             .unwrap_or(DEFAULT_RING_BYTES);
-        let virtio = spec.console.as_ref().is_some_and(|c| c.virtio);
+        let virtio = has_virtio_console(spec);
         Arc::new(Self {
             op: tokio::sync::Mutex::new(()),
             console: Console::new(ring),
@@ -888,7 +893,7 @@ impl Manager {
         } else {
             SerialMode::File(for_vmm(&paths.serial_file()))
         };
-        c.console = match spec.console.as_ref().is_some_and(|c| c.virtio) {
+        c.console = match has_virtio_console(spec) {
             false => SerialMode::Off,
             true if self.console_socket => SerialMode::Socket(for_vmm(&paths.console_socket())),
             true => SerialMode::File(for_vmm(&paths.console_file())),
@@ -1198,7 +1203,7 @@ impl Manager {
         let source = |socket: PathBuf, file: PathBuf, endpoint| {
             if self.console_socket {
                 Source::Socket {
-                    serial: socket,
+                    socket,
                     control: Some(paths.api_socket()),
                     endpoint,
                 }

@@ -125,8 +125,8 @@ enum Cmd {
         id: String,
         /// Which console: the serial port (ttyS0), or the virtio console (hvc0) of a VM
         /// created with --virtio-console.
-        #[arg(long, value_parser = ["serial", "virtio"], default_value = "serial")]
-        device: String,
+        #[arg(long, value_enum, default_value_t = ConsoleChoice::Serial)]
+        device: ConsoleChoice,
         /// Do not print the recent output first.
         #[arg(long)]
         no_replay: bool,
@@ -538,13 +538,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             no_replay,
             until,
             timeout,
-        } => {
-            let device = match device.as_str() {
-                "virtio" => ConsoleDevice::Virtio,
-                _ => ConsoleDevice::Serial,
-            };
-            console(&mut vms, id, device, !no_replay, until, timeout).await?
-        }
+        } => console(&mut vms, id, device.into(), !no_replay, until, timeout).await?,
         Cmd::Events { id, initial, count } => {
             let mut stream = vms
                 .watch_vms(WatchVmsRequest {
@@ -602,6 +596,24 @@ impl Drop for RawTerminal {
         if let Some(t) = self.0 {
             // SAFETY: restores the termios saved by `enter` on stdin.
             unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        }
+    }
+}
+
+/// `quantixctl console --device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ConsoleChoice {
+    /// The serial port (the guest's ttyS0).
+    Serial,
+    /// The virtio console (the guest's hvc0).
+    Virtio,
+}
+
+impl From<ConsoleChoice> for ConsoleDevice {
+    fn from(c: ConsoleChoice) -> Self {
+        match c {
+            ConsoleChoice::Serial => ConsoleDevice::Serial,
+            ConsoleChoice::Virtio => ConsoleDevice::Virtio,
         }
     }
 }
