@@ -19,7 +19,8 @@ use crate::metrics::MetricsSample;
 /// - 1: `version`, `state`, `metrics`, `shutdown`, `pause`, `resume`, `power-button`.
 /// - 2: `metrics` endpoints carry `client` (how the newest socket client's stream begins:
 ///   each socket client is first sent the endpoint's 64 KiB output history).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// - 3: `snapshot` (a full snapshot into a new directory; [`SnapshotReply`]).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Longest request line the VMM reads.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -47,11 +48,51 @@ pub enum Request {
     Pause {},
     /// Run a paused VM again ([`StateChange`]).
     Resume {},
+    /// Save the VM's whole state and memory into `dir`, a directory the VMM creates (it
+    /// must not exist; its parent must), then do `after` ([`SnapshotReply`]). Disks are
+    /// not copied: the caller keeps its images consistent with the snapshot.
+    Snapshot {
+        /// The snapshot directory, as the VMM sees paths (inside its jail, if any).
+        dir: String,
+        /// What the VM does once the snapshot is written.
+        #[serde(default)]
+        after: AfterSnapshot,
+    },
+}
+
+/// What a VM does once its snapshot is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AfterSnapshot {
+    /// Run on (the default).
+    #[default]
+    Resume,
+    /// Stay paused.
+    Pause,
+    /// Stop, as a `shutdown` does.
+    Stop,
+}
+
+/// The reply to `snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReply {
+    /// The state the VM is in now.
+    pub state: RunState,
+    /// vCPUs saved.
+    pub vcpus: u8,
+    /// The memory image's size, bytes (its holes included).
+    pub memory_bytes: u64,
+    /// Bytes of non-zero pages written to it.
+    pub data_bytes: u64,
+    /// How long the guest was paused for the snapshot, ms.
+    pub paused_ms: u64,
+    /// How long the snapshot took, ms.
+    pub total_ms: u64,
 }
 
 impl Request {
     /// Every op, in the order of the protocol's history.
-    pub const ALL: [Request; 7] = [
+    pub const ALL: [Request; 8] = [
         Request::Version {},
         Request::State {},
         Request::Metrics {},
@@ -59,6 +100,10 @@ impl Request {
         Request::Pause {},
         Request::Resume {},
         Request::PowerButton {},
+        Request::Snapshot {
+            dir: String::new(),
+            after: AfterSnapshot::Resume,
+        },
     ];
 
     /// The op's name on the wire.
@@ -71,6 +116,7 @@ impl Request {
             Request::PowerButton {} => "power-button",
             Request::Pause {} => "pause",
             Request::Resume {} => "resume",
+            Request::Snapshot { .. } => "snapshot",
         }
     }
 

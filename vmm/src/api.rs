@@ -14,12 +14,12 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-pub use crate::control::{PauseControl, PowerButtonControl};
+pub use crate::control::{PauseControl, PowerButtonControl, SnapshotControl};
 use crate::exit::{ExitReason, ExitSignal};
 
 use quantix_vmm_api::control::{
-    error_line, ok_line, ErrorCode, ErrorReply, PowerButtonReply, RunState, StateChange,
-    StateReply, VersionReply, PROTOCOL_VERSION,
+    error_line, ok_line, AfterSnapshot, ErrorCode, ErrorReply, PowerButtonReply, RunState,
+    StateChange, StateReply, VersionReply, PROTOCOL_VERSION,
 };
 pub use quantix_vmm_api::control::{Request, MAX_REQUEST_BYTES};
 
@@ -65,6 +65,8 @@ pub struct VmInfo {
     pub power_button: Option<Arc<dyn PowerButtonControl>>,
     /// Pause and resume.
     pub pause: Option<Arc<dyn PauseControl>>,
+    /// Snapshots.
+    pub snapshot: Option<Arc<dyn SnapshotControl>>,
 }
 
 /// Computes the response line for one request line.
@@ -157,6 +159,33 @@ fn answer(
             ok_line(&StateChange {
                 state: RunState::Running,
             })
+        }
+        Request::Snapshot { .. } if exit.reason().is_some() => {
+            return Err(ErrorReply::new(ErrorCode::Conflict, "the VM is stopping"))
+        }
+        Request::Snapshot { dir, after } => {
+            let s = info
+                .snapshot
+                .as_ref()
+                .ok_or_else(|| unsupported("this VM cannot take snapshots"))?;
+            let mut reply = s.snapshot(Path::new(dir)).map_err(|e| {
+                ErrorReply::new(ErrorCode::Failed, format!("cannot take the snapshot: {e}"))
+            })?;
+            reply.state = match after {
+                AfterSnapshot::Resume => {
+                    if let Some(p) = &info.pause {
+                        p.resume();
+                    }
+                    RunState::Running
+                }
+                AfterSnapshot::Pause => RunState::Paused,
+                AfterSnapshot::Stop => {
+                    info!("stopping after the snapshot, as asked");
+                    exit.request(ExitReason::ApiShutdown);
+                    RunState::Stopping
+                }
+            };
+            ok_line(&reply)
         }
         Request::Shutdown {} => {
             info!("shutdown requested on the control socket");
@@ -366,6 +395,7 @@ mod tests {
             },
             power_button: None,
             pause: None,
+            snapshot: None,
         }
     }
 
@@ -398,6 +428,7 @@ mod tests {
         let exit = ExitSignal::new().unwrap();
         let pausable = VmInfo {
             pause: Some(Arc::new(FakePause::default())),
+            snapshot: None,
             ..info()
         };
         let ask = |req: &[u8], info: &VmInfo| -> serde_json::Value {
@@ -510,16 +541,32 @@ mod tests {
             parse_reply(&GetVersion::REQUEST, &ask(&GetVersion::REQUEST)).unwrap();
         assert_eq!(v.protocol, PROTOCOL_VERSION);
         assert_eq!(v.ops.len(), Request::ALL.len());
-        // Every op the VMM lists is one it answers (not with "invalid request").
-        for op in &v.ops {
+        // Every op the VMM lists is one it answers (not with "invalid request"), with the
+        // fields a client sends for it.
+        for r in Request::ALL {
+            assert!(v.ops.contains(&r.op().to_string()));
             let line = respond(
-                format!(r#"{{"op":"{op}"}}"#).as_bytes(),
+                r.to_line().trim_end().as_bytes(),
                 &info(),
                 Instant::now(),
                 &ExitSignal::new().unwrap(),
             );
-            assert!(!line.contains("invalid-request"), "{op}: {line}");
+            assert!(!line.contains("invalid-request"), "{}: {line}", r.op());
         }
+        // A snapshot without a directory is malformed; one on a VM that cannot snapshot is
+        // unsupported.
+        let bare = respond(br#"{"op":"snapshot"}"#, &info(), Instant::now(), &exit);
+        assert!(bare.contains("missing field `dir`"), "{bare}");
+        let unsupported = respond(
+            br#"{"op":"snapshot","dir":"/x","after":"pause"}"#,
+            &info(),
+            Instant::now(),
+            &exit,
+        );
+        assert!(
+            unsupported.contains("\"code\":\"unsupported\""),
+            "{unsupported}"
+        );
         let s: StateReply = parse_reply(&GetState::REQUEST, &ask(&GetState::REQUEST)).unwrap();
         assert_eq!(
             (s.state, s.vcpus, s.protocol),

@@ -14,6 +14,16 @@ pub trait PauseControl: Send + Sync + std::fmt::Debug {
     fn paused(&self) -> bool;
 }
 
+/// Snapshots, as the control socket takes them.
+pub trait SnapshotControl: Send + Sync + std::fmt::Debug {
+    /// Saves the VM into the new directory `dir` and leaves it paused; on failure the
+    /// directory is gone and the VM is as it was. The reply's `state` is `paused`.
+    fn snapshot(
+        &self,
+        dir: &std::path::Path,
+    ) -> Result<quantix_vmm_api::control::SnapshotReply, String>;
+}
+
 /// The guest's power button, as the control socket presses it.
 pub trait PowerButtonControl: Send + Sync + std::fmt::Debug {
     /// Presses the button; returns whether the guest has enabled the interrupt that

@@ -76,6 +76,9 @@ pub enum VmError {
     /// Writing the initial vCPU state into guest memory failed.
     #[error("cannot write boot tables into guest memory: {0}")]
     BootTables(#[from] vm_memory::GuestMemoryError),
+    /// A snapshot could not be restored.
+    #[error("restoring the snapshot: {0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 pub(crate) fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {

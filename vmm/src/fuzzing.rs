@@ -29,6 +29,7 @@ pub fn control(data: &[u8]) {
         metrics: Default::default(),
         power_button: None,
         pause: None,
+        snapshot: None,
     };
     let started = Instant::now();
     for line in data.split(|b| *b == b'\n') {
@@ -132,6 +133,16 @@ fn tiny_elf() -> Vec<u8> {
     v
 }
 
+/// A snapshot's state file, as `--restore` reads it: the header's checks, then the JSON
+/// state and its consistency checks. Whatever the bytes, an error and never a panic.
+pub fn snapshot_state(data: &[u8]) {
+    if let Ok(body) = crate::snapshot::file::decode(data) {
+        let _ = crate::snapshot::SnapshotState::parse(body);
+    }
+    // The body alone too, so that the fuzzer need not forge checksums to reach the parser.
+    let _ = crate::snapshot::SnapshotState::parse(data);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +151,11 @@ mod tests {
     fn the_entries_take_any_input() {
         control(b"");
         control(b"{\"op\":\"state\"}\n{\"op\":\"metrics\"}\nnot json\n{\"op\":\"nope\"}\n\xff\xfe");
+        snapshot_state(b"");
+        snapshot_state(b"QUANTIX-VMSTATE 1.0 2 0000000000000000\n{}");
+        snapshot_state(&crate::snapshot::file::encode(
+            b"{\"vcpus\":[{\"index\":300}]}",
+        ));
         loaders(&[]);
         loaders(b"\x00garbage kernel");
         loaders(b"\x01garbage initramfs");

@@ -18,12 +18,15 @@ pub mod error;
 pub mod exit;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod hex;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
 pub mod metrics;
 pub mod mptable;
 pub mod pause;
+pub mod plain;
 pub mod runner;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vm;

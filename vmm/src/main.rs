@@ -25,11 +25,20 @@ struct Cli {
     /// docs/vmm.md), instead of the VM flags below. `-` reads standard input.
     #[arg(long, value_name = "FILE", conflicts_with_all = VM_FLAGS)]
     config: Option<PathBuf>,
+    /// Restore the VM saved in this snapshot directory (its `vmstate` and `memory`), with
+    /// its saved configuration, instead of booting; it waits paused for a `resume` on the
+    /// control socket unless --resume is given. Of the VM flags only --api-socket may be
+    /// given (a restored copy next to the original needs its own control socket).
+    #[arg(long, value_name = "DIR", conflicts_with_all = RESTORE_CONFLICTS)]
+    restore: Option<PathBuf>,
+    /// With --restore: run the guest at once.
+    #[arg(long, requires = "restore")]
+    resume: bool,
     /// Linux kernel to boot: an ELF vmlinux (PVH entry used when present) or a bzImage.
     #[arg(
         long,
         value_name = "PATH",
-        required_unless_present_any = ["firmware", "config"],
+        required_unless_present_any = ["firmware", "config", "restore"],
         conflicts_with = "firmware"
     )]
     kernel: Option<PathBuf>,
@@ -118,6 +127,25 @@ const VM_FLAGS: [&str; 15] = [
     "seccomp",
 ];
 
+/// The flags a restore takes from the snapshot instead.
+const RESTORE_CONFLICTS: [&str; 15] = [
+    "config",
+    "kernel",
+    "initramfs",
+    "cmdline",
+    "firmware",
+    "cpus",
+    "memory",
+    "serial",
+    "rng",
+    "disks",
+    "nets",
+    "console",
+    "vsock",
+    "kvm",
+    "seccomp",
+];
+
 /// Reads `--config FILE` (`-`: standard input), at most the contract's size cap.
 fn read_config(path: &std::path::Path) -> Result<VmConfig, String> {
     use std::io::Read;
@@ -176,6 +204,17 @@ fn main() -> ExitCode {
             }
         }
     };
+    if let Some(dir) = cli.restore {
+        let start = quantix_vmm::runner::Start::Restore {
+            dir,
+            api_socket: cli.api_socket,
+            resume: cli.resume,
+        };
+        return finish(
+            quantix_vmm::runner::run_start(start, cli.seccomp_probe),
+            &record,
+        );
+    }
     let config = match &cli.config {
         Some(path) => match read_config(path) {
             Ok(c) => c,
@@ -225,7 +264,18 @@ fn main() -> ExitCode {
             }
         }
     }
-    match quantix_vmm::runner::run(&config, cli.seccomp_probe) {
+    finish(
+        quantix_vmm::runner::run(&config, cli.seccomp_probe),
+        &record,
+    )
+}
+
+/// The exit status and record of a run.
+fn finish(
+    result: Result<quantix_vmm::exit::ExitReason, quantix_vmm::runner::RunError>,
+    record: &dyn Fn(ExitRecord),
+) -> ExitCode {
+    match result {
         Ok(reason) => {
             let code = reason.exit_code();
             tracing::info!(reason = reason.name(), code, "VM stopped");

@@ -44,10 +44,13 @@ pub enum MemoryError {
 pub type GuestMemory = quantix_virtio::GuestMemory;
 
 /// A VM's memory and the file behind it.
+#[derive(Clone)]
 pub struct GuestRam {
     /// The mapping every device uses.
     pub mem: Arc<GuestMemory>,
-    /// The memfd holding the bytes; regions lie at their [`GuestRam::regions`] offsets.
+    /// The file holding the bytes; regions lie at their [`GuestRam::regions`] offsets. A
+    /// booted VM's memfd (shared with the mapping); for a restored VM, the snapshot's
+    /// memory image, mapped privately: read the guest's memory through `mem`, not here.
     pub file: Arc<File>,
     /// Each region: guest address, size, offset in `file`.
     pub regions: Vec<(GuestAddress, usize, u64)>,
@@ -117,6 +120,39 @@ pub fn create(ranges: &[(GuestAddress, usize)], mib: u64) -> Result<GuestRam, Me
         mem: Arc::new(mem),
         file,
         regions,
+    })
+}
+
+/// Maps a snapshot's memory image privately (copy-on-write) as the VM's RAM: each
+/// region at its offset in `image`. The guest's writes go to private pages and never to
+/// the image, which several VMs may restore from at once. `mib` is the configuration's
+/// size (for the error message).
+pub fn map_image(
+    image: File,
+    regions: &[(GuestAddress, usize, u64)],
+    mib: u64,
+) -> Result<GuestRam, MemoryError> {
+    use vm_memory::bitmap::NewBitmap as _;
+    use vm_memory::mmap::MmapRegionBuilder;
+    let err = memory_err(mib);
+    let file = Arc::new(image);
+    let mut mapped = Vec::with_capacity(regions.len());
+    for (addr, len, offset) in regions {
+        let region = MmapRegionBuilder::new_with_bitmap(*len, AtomicBitmap::with_len(*len))
+            .with_file_offset(FileOffset::from_arc(file.clone(), *offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+            .build()
+            .map_err(|e| err(format!("mapping the memory image at {offset:#x}: {e}")))?;
+        let region = vm_memory::GuestRegionMmap::new(region, *addr)
+            .ok_or_else(|| err(format!("region at {:#x} wraps around", addr.0)))?;
+        mapped.push(region);
+    }
+    let mem = GuestMemory::from_regions(mapped).map_err(|e| err(e.to_string()))?;
+    Ok(GuestRam {
+        mem: Arc::new(mem),
+        file,
+        regions: regions.to_vec(),
     })
 }
 

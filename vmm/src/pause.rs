@@ -77,6 +77,17 @@ impl Pauser {
         }
     }
 
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.gate.is_paused()
+    }
+
+    /// The guest clock as read when the VM was paused (`None` while it runs, or when KVM
+    /// could not read it).
+    pub fn paused_clock(&self) -> Option<kvm_clock_data> {
+        *self.clock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Every vCPU's registers, each read on the vCPU's own thread; the VM must be paused.
     pub fn vcpu_registers(&self) -> Result<Vec<VcpuRegisters>, String> {
         (0..self.vcpus)

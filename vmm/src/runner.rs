@@ -229,8 +229,11 @@ impl Drop for RawTerminal {
     }
 }
 
-fn boot_name(config: &VmConfig, format: Option<KernelFormat>) -> &'static str {
-    match (&config.boot, format) {
+fn boot_name(config: &VmConfig, boot: Option<&crate::boot::BootInfo>) -> &'static str {
+    let Some(boot) = boot else {
+        return "restored";
+    };
+    match (&config.boot, boot.format) {
         (BootSource::Firmware(_), _) => "firmware",
         (_, Some(KernelFormat::ElfPvh)) => "elf-pvh",
         (_, Some(KernelFormat::Elf)) => "elf",
@@ -239,12 +242,64 @@ fn boot_name(config: &VmConfig, format: Option<KernelFormat>) -> &'static str {
     }
 }
 
+/// How the VM comes to be.
+#[derive(Debug)]
+pub enum Start {
+    /// Booted from its configuration.
+    Boot(Box<VmConfig>),
+    /// Restored from a snapshot directory (`quantix-vmm --restore DIR`).
+    Restore {
+        /// The snapshot directory.
+        dir: std::path::PathBuf,
+        /// A control socket instead of the saved one (a restored copy beside the
+        /// original needs its own).
+        api_socket: Option<std::path::PathBuf>,
+        /// Run the guest at once; otherwise it waits paused for a `resume`.
+        resume: bool,
+    },
+}
+
 /// Builds and runs the VM until it stops; returns why it stopped. `seccomp_probe` is the
 /// test hook of [`crate::seccomp::probe`] (a thread of that kind makes a forbidden call).
 pub fn run(
     config: &VmConfig,
     seccomp_probe: Option<crate::seccomp::Kind>,
 ) -> Result<ExitReason, RunError> {
+    run_start(Start::Boot(Box::new(config.clone())), seccomp_probe)
+}
+
+/// Reads and checks a snapshot's state file.
+pub fn read_snapshot(dir: &std::path::Path) -> Result<crate::snapshot::SnapshotState, VmError> {
+    use crate::snapshot::{file, SnapshotError, SnapshotState, STATE_FILE};
+    let body = file::read(&dir.join(STATE_FILE)).map_err(SnapshotError::from)?;
+    Ok(SnapshotState::parse(&body)?)
+}
+
+/// Builds (or restores) and runs the VM until it stops; returns why it stopped.
+pub fn run_start(
+    start: Start,
+    seccomp_probe: Option<crate::seccomp::Kind>,
+) -> Result<ExitReason, RunError> {
+    let (config, restore) = match start {
+        Start::Boot(config) => (*config, None),
+        Start::Restore {
+            dir,
+            api_socket,
+            resume,
+        } => {
+            let mut state = read_snapshot(&dir)?;
+            crate::config::validate_on_host(&state.config).map_err(|e| {
+                VmError::from(crate::snapshot::SnapshotError::Inconsistent(format!(
+                    "the saved configuration: {e}"
+                )))
+            })?;
+            if api_socket.is_some() {
+                state.config.api_socket = api_socket;
+            }
+            (state.config.clone(), Some((state, dir, resume)))
+        }
+    };
+    let config = &config;
     let host_err = |what| move |source| RunError::Host { what, source };
     let exit = Arc::new(ExitSignal::new().map_err(host_err("creating the exit eventfd"))?);
     // Before any thread exists, so that every thread inherits the blocked mask.
@@ -254,16 +309,20 @@ pub fn run(
         source: io::Error::other(e),
     })?;
     crate::seccomp::launcher::start().map_err(host_err("starting the device thread launcher"))?;
-    let vm = Vm::build(config, exit.clone())?;
+    let (vm, resume) = match restore {
+        None => (Vm::build(config, exit.clone())?, false),
+        Some((state, dir, resume)) => (Vm::restore(state, &dir, exit.clone())?, resume),
+    };
     let info = VmInfo {
         vcpus: config.vcpus,
         memory_mib: config.memory.0,
-        boot: boot_name(config, vm.boot.format),
+        boot: boot_name(config, vm.boot.as_ref()),
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION"),
         metrics: vm.metrics(),
         power_button: Some(vm.power_button()),
         pause: Some(vm.pauser()),
+        snapshot: Some(vm.snapshotter()),
     };
     let api = match &config.api_socket {
         Some(path) => Some(ApiServer::bind(path, info, exit.clone())?),
@@ -287,7 +346,11 @@ pub fn run(
         source: io::Error::other(e),
     })?;
     crate::seccomp::probe(crate::seccomp::Kind::Vmm);
+    let pauser = vm.pauser();
     let mut running = vm.start()?;
+    if resume {
+        crate::control::PauseControl::resume(&*pauser);
+    }
     // Standard input goes to the serial port or the console; either way, raw for the guest.
     let stdin_used = config.serial == SerialMode::Stdout || config.console == SerialMode::Stdout;
     let _terminal = stdin_used.then(RawTerminal::new);

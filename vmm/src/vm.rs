@@ -5,6 +5,7 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -34,6 +35,8 @@ use crate::kvm::{check_caps, open_kvm};
 use crate::layout::{self, ACPI_POWER_PORT};
 use crate::memory::{self, GuestMemory, GuestRam};
 use crate::pause::Pauser;
+use crate::snapshot::take::Snapshotter;
+use crate::snapshot::{self, SnapshotState};
 
 /// A built VM, not yet running.
 pub struct Vm {
@@ -49,9 +52,10 @@ pub struct Vm {
     power_button: Arc<PowerButton>,
     gate: Arc<PauseGate>,
     pauser: Arc<Pauser>,
-    /// What was booted.
-    pub boot: BootInfo,
+    /// What was booted (`None` for a restored VM).
+    pub boot: Option<BootInfo>,
     config: VmConfig,
+    snapshotter: Arc<Snapshotter>,
 }
 
 /// A running VM.
@@ -91,49 +95,75 @@ impl Vm {
         let endpoints = open_endpoints(config)?;
         let fd = Arc::new(create_vm(&kvm)?);
         let ram = create_memory(&fd, config, firmware.as_ref())?;
-        create_irqchip(&fd, needs_pit(&config.boot))?;
-        let (setup, power_button, mut chardevs) =
-            attach_devices(&fd, &ram.mem, config, &exit, endpoints.serial_out)?;
-        let devices = setup.finish();
-        let mut all_chardevs = endpoints.chardevs;
-        all_chardevs.append(&mut chardevs);
-        let gate = Arc::new(PauseGate::new());
-        let stop = Arc::new(AtomicBool::new(false));
-        let vcpus = create_vcpus(&kvm, &fd, config, &devices, &exit, &stop, &gate)?;
-        coalesce_serial(&fd, &devices, &vcpus);
-        let devices = Arc::new(devices);
-        let boot = load_boot(&ram.mem, config, &devices, firmware, &vcpus)?;
-        let pauser = Arc::new(Pauser::new(
-            gate.clone(),
-            devices.clone(),
-            fd.clone(),
-            config.vcpus,
-        ));
+        let mut vm = assemble(kvm, fd, ram, config, exit, endpoints)?;
+        let boot = load_boot(&vm.ram.mem, config, &vm.devices, firmware, &vm.vcpus)?;
         info!(
             vcpus = config.vcpus,
             memory_mib = config.memory.0,
             entry = ?boot.entry,
             format = ?boot.format,
-            devices = ?devices.ids(),
-            last_addr = format_args!("{:#x}", ram.mem.last_addr().raw_value()),
+            devices = ?vm.devices.ids(),
+            last_addr = format_args!("{:#x}", vm.ram.mem.last_addr().raw_value()),
             "VM built"
         );
-        Ok(Vm {
-            _kvm: kvm,
-            fd,
-            ram,
-            vcpus,
-            exit,
-            stop,
-            devices,
-            serial_input: endpoints.serial_input,
-            chardevs: all_chardevs,
-            power_button,
-            gate,
-            pauser,
-            boot,
-            config: config.clone(),
-        })
+        vm.boot = Some(boot);
+        Ok(vm)
+    }
+
+    /// Builds the VM saved in the snapshot directory `dir` (whose state, already read and
+    /// checked, is `state`; its `config` may have been adjusted by the caller, e.g. a new
+    /// control socket) with the same steps as a boot, then loads every saved state
+    /// instead of a boot payload: memory mapped privately (copy-on-write) from the
+    /// snapshot's image, the devices, the interrupt controllers, PIT and clock, and each
+    /// vCPU (on its own thread as it starts). The VM starts paused: `start` it, then
+    /// resume it through its [`Pauser`].
+    pub fn restore(state: SnapshotState, dir: &Path, exit: Arc<ExitSignal>) -> Result<Vm, VmError> {
+        let config = state.config.clone();
+        let kvm = open_kvm(&config.kvm)?;
+        check_caps(&kvm)?;
+        crate::cpu::state::check_xsave_size(xsave2_size(&kvm))
+            .map_err(snapshot::SnapshotError::from)?;
+        let image = snapshot::memory::open_image(&dir.join(&state.memory.file), &state.memory)
+            .map_err(snapshot::SnapshotError::from)?;
+        let endpoints = open_endpoints(&config)?;
+        let fd = Arc::new(create_vm(&kvm)?);
+        let regions: Vec<(GuestAddress, usize, u64)> = state
+            .memory
+            .regions
+            .iter()
+            .map(|r| (GuestAddress(r.guest_addr), r.size as usize, r.file_offset))
+            .collect();
+        let ram = memory::map_image(image, &regions, config.memory.0)?;
+        ram.register(&fd, false)?;
+        let mut vm = assemble(kvm, fd, ram, &config, exit, endpoints)?;
+        check_cpuid(&vm.vcpus, &state)?;
+        vm.devices
+            .restore(&state.devices)
+            .map_err(|e| snapshot::SnapshotError::Other(e.to_string()))?;
+        state
+            .vm
+            .restore(&vm.fd, needs_pit(&config.boot))
+            .map_err(snapshot::SnapshotError::from)?;
+        for (vcpu, saved) in vm.vcpus.iter_mut().zip(state.vcpus) {
+            vcpu.restore_at_start(saved);
+        }
+        crate::control::PauseControl::pause(&*vm.pauser).map_err(|e| VmError::Host {
+            what: "pausing the restored VM",
+            source: io::Error::other(e),
+        })?;
+        info!(
+            dir = %dir.display(),
+            vcpus = config.vcpus,
+            memory_mib = config.memory.0,
+            devices = ?vm.devices.ids(),
+            "VM restored (paused)"
+        );
+        Ok(vm)
+    }
+
+    /// Takes snapshots of this VM.
+    pub fn snapshotter(&self) -> Arc<Snapshotter> {
+        self.snapshotter.clone()
     }
 
     /// The configuration the VM was built from.
@@ -231,6 +261,94 @@ impl Vm {
         }
         Ok(running)
     }
+}
+
+/// The steps a boot and a restore share, once the KVM VM and its memory exist: the
+/// interrupt controllers, every device, the vCPUs (with their CPUID and boot MSRs), the
+/// serial port's coalescing, and the VM's pause and snapshot controls.
+fn assemble(
+    kvm: Kvm,
+    fd: Arc<VmFd>,
+    ram: GuestRam,
+    config: &VmConfig,
+    exit: Arc<ExitSignal>,
+    endpoints: Endpoints,
+) -> Result<Vm, VmError> {
+    let pit = needs_pit(&config.boot);
+    create_irqchip(&fd, pit)?;
+    let (setup, power_button, mut chardevs) =
+        attach_devices(&fd, &ram.mem, config, &exit, endpoints.serial_out)?;
+    let devices = setup.finish();
+    let mut all_chardevs = endpoints.chardevs;
+    all_chardevs.append(&mut chardevs);
+    let gate = Arc::new(PauseGate::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let vcpus = create_vcpus(&kvm, &fd, config, &devices, &exit, &stop, &gate)?;
+    coalesce_serial(&fd, &devices, &vcpus);
+    let devices = Arc::new(devices);
+    let pauser = Arc::new(Pauser::new(
+        gate.clone(),
+        devices.clone(),
+        fd.clone(),
+        config.vcpus,
+    ));
+    let msrs = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("GET_MSR_INDEX_LIST"))?
+        .as_slice()
+        .to_vec();
+    let snapshotter = Arc::new(Snapshotter::new(snapshot::take::Parts {
+        gate: gate.clone(),
+        pauser: pauser.clone(),
+        devices: devices.clone(),
+        vm: fd.clone(),
+        ram: ram.clone(),
+        config: config.clone(),
+        pit,
+        msrs,
+        xsave2_size: xsave2_size(&kvm),
+    }));
+    Ok(Vm {
+        _kvm: kvm,
+        fd,
+        ram,
+        vcpus,
+        exit,
+        stop,
+        devices,
+        serial_input: endpoints.serial_input,
+        chardevs: all_chardevs,
+        power_button,
+        gate,
+        pauser,
+        boot: None,
+        config: config.clone(),
+        snapshotter,
+    })
+}
+
+/// `KVM_CAP_XSAVE2`'s size of the XSAVE area, 0 without the capability.
+fn xsave2_size(kvm: &Kvm) -> usize {
+    usize::try_from(kvm.check_extension_int(Cap::Xsave2)).unwrap_or(0)
+}
+
+/// Refuses a snapshot whose guest saw CPU features this host cannot give it: compared
+/// with the CPUID a vCPU of this host, set up as for a boot, reports (`KVM_GET_CPUID2`).
+/// On most hosts that is KVM's supported set as the VMM normalised it; on a PVM host,
+/// where guest CPUID cannot be filtered, it is the host CPU's own.
+fn check_cpuid(vcpus: &[Vcpu], state: &SnapshotState) -> Result<(), VmError> {
+    let (Some(vcpu), Some(saved)) = (vcpus.first(), state.vcpus.first()) else {
+        return Ok(());
+    };
+    let here = vcpu
+        .fd()
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("GET_CPUID2"))?;
+    cpuid::check_compatible(&saved.cpuid, here.as_slice()).map_err(|e| {
+        VmError::from(snapshot::SnapshotError::Inconsistent(format!(
+            "this host cannot run the saved guest: {e}"
+        )))
+    })
 }
 
 /// Step: the serial port's and the console's host ends (files, ptys, sockets), opened

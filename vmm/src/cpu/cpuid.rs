@@ -112,6 +112,65 @@ fn normalize_entry(
     }
 }
 
+/// The feature words a restore compares: (leaf, subleaf, register name, mask of bits the
+/// VMM sets itself or that follow the guest's control registers rather than the host).
+const FEATURE_WORDS: [(u32, u32, &str, u32); 6] = [
+    // HYPERVISOR and TSC_DEADLINE are ours; OSXSAVE (27) mirrors the guest's CR4.
+    (0x1, 0, "ecx", ECX_HYPERVISOR | ECX_TSC_DEADLINE | (1 << 27)),
+    (0x1, 0, "edx", EDX_HTT),
+    (0x7, 0, "ebx", 0),
+    // OSPKE (4) mirrors the guest's CR4.
+    (0x7, 0, "ecx", 1 << 4),
+    (0x7, 0, "edx", 0),
+    (0x8000_0001, 0, "edx", 0),
+];
+
+fn word(entries: &[(u32, u32, [u32; 4])], leaf: u32, sub: u32, reg: &str) -> Option<u32> {
+    let (_, _, r) = entries.iter().find(|(f, i, _)| *f == leaf && *i == sub)?;
+    Some(match reg {
+        "eax" => r[0],
+        "ebx" => r[1],
+        "ecx" => r[2],
+        _ => r[3],
+    })
+}
+
+/// Checks that every CPU feature a saved guest saw (`saved`, as `(leaf, subleaf, [eax,
+/// ebx, ecx, edx])`) is one this host's KVM offers (`supported`): a guest restored onto a
+/// CPU without a feature it uses would fault. Names the missing bits.
+pub fn check_compatible(
+    saved: &[crate::cpu::state::CpuidLeaf],
+    supported: &[kvm_cpuid_entry2],
+) -> Result<(), String> {
+    let saved: Vec<(u32, u32, [u32; 4])> = saved
+        .iter()
+        .map(|l| (l.function, l.index, [l.eax, l.ebx, l.ecx, l.edx]))
+        .collect();
+    let host: Vec<(u32, u32, [u32; 4])> = supported
+        .iter()
+        .map(|e| (e.function, e.index, [e.eax, e.ebx, e.ecx, e.edx]))
+        .collect();
+    let mut missing = Vec::new();
+    for (leaf, sub, reg, ours) in FEATURE_WORDS {
+        let Some(guest) = word(&saved, leaf, sub, reg) else {
+            continue;
+        };
+        let offered = word(&host, leaf, sub, reg).unwrap_or(0);
+        let lacking = guest & !offered & !ours;
+        if lacking != 0 {
+            missing.push(format!("CPUID {leaf:#x}.{sub} {reg} bits {lacking:#010x}"));
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the guest saw CPU features this host lacks: {}",
+            missing.join(", ")
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +255,32 @@ mod tests {
         assert_eq!(id_bits(2), 1);
         assert_eq!(id_bits(5), 3);
         assert_eq!(id_bits(16), 4);
+    }
+
+    #[test]
+    fn a_guest_that_saw_more_features_than_the_host_has_is_refused() {
+        use crate::cpu::state::CpuidLeaf;
+        let leaf = |function, ecx, edx| CpuidLeaf {
+            function,
+            index: 0,
+            flags: 0,
+            eax: 0,
+            ebx: 0,
+            ecx,
+            edx,
+        };
+        let mut host = entry(0x1, 0);
+        host.ecx = 0x0000_0001;
+        host.edx = 0x0000_0010;
+        // The bits the VMM sets itself do not count.
+        let guest = [leaf(
+            0x1,
+            0x0000_0001 | ECX_HYPERVISOR | ECX_TSC_DEADLINE,
+            0x10 | EDX_HTT,
+        )];
+        assert!(check_compatible(&guest, &[host]).is_ok());
+        let more = [leaf(0x1, 0x0000_0003, 0x10)];
+        let e = check_compatible(&more, &[host]).unwrap_err();
+        assert!(e.contains("CPUID 0x1.0 ecx bits 0x00000002"), "{e}");
     }
 }

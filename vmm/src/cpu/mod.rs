@@ -5,6 +5,7 @@ pub mod msrs;
 pub mod pause;
 pub mod recorder;
 pub mod regs;
+pub mod state;
 mod vcpu;
 
 pub use pause::{PauseError, PauseGate};

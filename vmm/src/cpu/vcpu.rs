@@ -27,6 +27,7 @@ use tracing::{debug, error, warn};
 
 use super::pause::PauseGate;
 use super::recorder::{is_reset_state, ExitKind, ExitRecorder};
+use super::state::VcpuState;
 use crate::exit::{ExitReason, ExitSignal};
 
 thread_local! {
@@ -94,6 +95,8 @@ pub struct Vcpu {
     stop: Arc<AtomicBool>,
     gate: Arc<PauseGate>,
     counters: Arc<VcpuCounters>,
+    /// A saved state to load on the vCPU's thread before it first runs (a restore).
+    restore: Option<Box<VcpuState>>,
 }
 
 /// Where a vCPU's I/O exits go.
@@ -178,7 +181,14 @@ impl Vcpu {
             stop,
             gate,
             counters,
+            restore: None,
         }
+    }
+
+    /// Loads `state` on the vCPU's own thread when it starts, before its seccomp filter
+    /// and before the guest runs (a restore).
+    pub fn restore_at_start(&mut self, state: VcpuState) {
+        self.restore = Some(Box::new(state));
     }
 
     /// The vCPU's KVM fd (while the VM is built; its thread owns it once it runs).
@@ -191,7 +201,8 @@ impl Vcpu {
         self.counters.clone()
     }
 
-    /// Starts the vCPU thread.
+    /// Starts the vCPU thread. Fails when the thread cannot start or cannot load the
+    /// state it was given to restore.
     pub fn spawn(self) -> std::io::Result<VcpuHandle> {
         let index = self.index;
         let counters = self.counters.clone();
@@ -201,7 +212,10 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || self.run(entered))?;
-        let _ = registered.recv();
+        if let Ok(Err(e)) = registered.recv() {
+            let _ = thread.join();
+            return Err(std::io::Error::other(e));
+        }
         Ok(VcpuHandle {
             index,
             thread,
@@ -209,7 +223,20 @@ impl Vcpu {
         })
     }
 
-    fn run(mut self, entered: std::sync::mpsc::SyncSender<()>) {
+    fn run(mut self, entered: std::sync::mpsc::SyncSender<Result<(), String>>) {
+        // A restored vCPU's state, loaded by its own thread before the filter (which does
+        // not allow the loading ioctls) and before the guest runs.
+        if let Some(state) = self.restore.take() {
+            if let Err(e) = state.restore(&self.fd) {
+                let _ = entered.send(Err(format!("restoring vCPU {}: {e}", self.index)));
+                return;
+            }
+            debug!(
+                vcpu = self.index,
+                rip = format_args!("{:#x}", state.regs.rip),
+                "vCPU state restored"
+            );
+        }
         // The vCPU's filter before its first KVM_RUN: the guest reaches the VMM through
         // this thread first.
         if let Err(e) = crate::seccomp::install(crate::seccomp::Kind::Vcpu) {
@@ -223,7 +250,7 @@ impl Vcpu {
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
         debug!(vcpu = self.index, "vCPU thread running");
         self.gate.enter(self.index);
-        let _ = entered.send(());
+        let _ = entered.send(Ok(()));
         drop(entered);
         while !self.stop.load(Ordering::Acquire) {
             if self.gate.pause_requested() {

@@ -83,21 +83,29 @@ const R: u64 = 2;
 const KVM_TYPE: u64 = 0xAE;
 
 /// The vCPU's own ioctls after its setup: run, the kvm-clock pause notice, the reads of a
-/// register dump, and the VM's interrupt lines that devices emulated on the vCPU raise.
+/// register dump and of a snapshot, and the VM's interrupt lines that devices emulated on
+/// the vCPU raise.
 fn vcpu_ioctls() -> Vec<u64> {
     use kvm_bindings::*;
     use std::mem::size_of;
     vec![
-        ioc(NONE, KVM_TYPE, 0x80, 0),                           // KVM_RUN
-        ioc(NONE, KVM_TYPE, 0xad, 0),                           // KVM_KVMCLOCK_CTRL
-        ioc(R, KVM_TYPE, 0x81, size_of::<kvm_regs>()),          // KVM_GET_REGS
-        ioc(R, KVM_TYPE, 0x83, size_of::<kvm_sregs>()),         // KVM_GET_SREGS
-        ioc(R, KVM_TYPE, 0x8c, size_of::<kvm_fpu>()),           // KVM_GET_FPU
-        ioc(R, KVM_TYPE, 0x8e, size_of::<kvm_lapic_state>()),   // KVM_GET_LAPIC
-        ioc(R | W, KVM_TYPE, 0x88, size_of::<kvm_msrs>()),      // KVM_GET_MSRS
-        ioc(R, KVM_TYPE, 0x9f, size_of::<kvm_vcpu_events>()),   // KVM_GET_VCPU_EVENTS
-        ioc(R, KVM_TYPE, 0x98, size_of::<kvm_mp_state>()),      // KVM_GET_MP_STATE
-        ioc(W, KVM_TYPE, 0x61, size_of::<kvm_irq_level>()),     // KVM_IRQ_LINE
+        ioc(NONE, KVM_TYPE, 0x80, 0),                         // KVM_RUN
+        ioc(NONE, KVM_TYPE, 0xad, 0),                         // KVM_KVMCLOCK_CTRL
+        ioc(R, KVM_TYPE, 0x81, size_of::<kvm_regs>()),        // KVM_GET_REGS
+        ioc(R, KVM_TYPE, 0x83, size_of::<kvm_sregs>()),       // KVM_GET_SREGS
+        ioc(R, KVM_TYPE, 0x8c, size_of::<kvm_fpu>()),         // KVM_GET_FPU
+        ioc(R, KVM_TYPE, 0x8e, size_of::<kvm_lapic_state>()), // KVM_GET_LAPIC
+        ioc(R | W, KVM_TYPE, 0x88, size_of::<kvm_msrs>()),    // KVM_GET_MSRS
+        ioc(R, KVM_TYPE, 0x9f, size_of::<kvm_vcpu_events>()), // KVM_GET_VCPU_EVENTS
+        ioc(R, KVM_TYPE, 0x98, size_of::<kvm_mp_state>()),    // KVM_GET_MP_STATE
+        // The rest of a snapshot's vCPU state, read on the paused vCPU's thread (loading
+        // it happens there too, before this filter is installed).
+        ioc(R | W, KVM_TYPE, 0x91, size_of::<kvm_cpuid2>()), // KVM_GET_CPUID2
+        ioc(R, KVM_TYPE, 0xa4, size_of::<kvm_xsave>()),      // KVM_GET_XSAVE
+        ioc(R, KVM_TYPE, 0xa6, size_of::<kvm_xcrs>()),       // KVM_GET_XCRS
+        ioc(R, KVM_TYPE, 0xa1, size_of::<kvm_debugregs>()),  // KVM_GET_DEBUGREGS
+        ioc(NONE, KVM_TYPE, 0xa3, 0),                        // KVM_GET_TSC_KHZ
+        ioc(W, KVM_TYPE, 0x61, size_of::<kvm_irq_level>()),  // KVM_IRQ_LINE
         ioc(R | W, KVM_TYPE, 0x67, size_of::<kvm_irq_level>()), // KVM_IRQ_LINE_STATUS
         // The UART's transmit port is coalesced while the guest polls it and not while its
         // interrupt is on: the vCPU that writes IER switches it.
@@ -301,6 +309,17 @@ fn rules(kind: Kind) -> Result<Rules, String> {
                     libc::SYS_geteuid,
                     libc::SYS_getgid,
                     libc::SYS_getegid,
+                    // A snapshot, written by the main thread into a directory it creates
+                    // (and removes again when the snapshot fails).
+                    libc::SYS_mkdir,
+                    libc::SYS_mkdirat,
+                    libc::SYS_ftruncate,
+                    libc::SYS_pwrite64,
+                    libc::SYS_pread64,
+                    libc::SYS_getdents64,
+                    libc::SYS_rmdir,
+                    libc::SYS_renameat,
+                    libc::SYS_renameat2,
                 ],
             );
         }

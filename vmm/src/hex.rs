@@ -1,0 +1,94 @@
+//! Hex text for the binary blobs of a saved VM (the XSAVE area, the APIC page, KVM's
+//! event and interrupt-controller structs), so that its state file stays JSON text. A
+//! dozen lines: not worth a dependency.
+
+/// At most this many hex digits in one field (a 4 KiB XSAVE area is 8192).
+pub const MAX_DIGITS: usize = 64 * 1024;
+
+/// Lowercase hex of `bytes`.
+pub fn encode(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// The bytes of hex `text` (either case), at most [`MAX_DIGITS`] digits.
+pub fn decode(text: &str) -> Result<Vec<u8>, String> {
+    if text.len() > MAX_DIGITS {
+        return Err(format!("{} hex digits (at most {MAX_DIGITS})", text.len()));
+    }
+    if !text.len().is_multiple_of(2) {
+        return Err("an odd number of hex digits".into());
+    }
+    text.as_bytes()
+        .chunks_exact(2)
+        .map(|pair| {
+            let digit = |c: u8| (c as char).to_digit(16);
+            match (digit(pair[0]), digit(pair[1])) {
+                (Some(h), Some(l)) => Ok((h * 16 + l) as u8),
+                _ => Err("a character that is not a hex digit".to_string()),
+            }
+        })
+        .collect()
+}
+
+/// Serde: byte vectors as hex strings.
+pub mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serialises.
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::encode(bytes))
+    }
+
+    /// Deserialises.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(d)?;
+        super::decode(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serde: 32-bit word vectors as hex strings of their little-endian bytes.
+pub mod hex_words {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serialises.
+    pub fn serialize<S: Serializer>(words: &[u32], s: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        s.serialize_str(&super::encode(&bytes))
+    }
+
+    /// Deserialises.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(d)?;
+        let bytes = super::decode(&text).map_err(serde::de::Error::custom)?;
+        if !bytes.len().is_multiple_of(4) {
+            return Err(serde::de::Error::custom(
+                "not a whole number of 32-bit words",
+            ));
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_junk() {
+        assert_eq!(encode(&[0, 0xab, 0x10]), "00ab10");
+        assert_eq!(decode("00ab10").unwrap(), [0, 0xab, 0x10]);
+        assert_eq!(decode("00AB").unwrap(), [0, 0xab]);
+        assert!(decode("abc").is_err());
+        assert!(decode("zz").is_err());
+        assert!(decode("é0").is_err());
+        assert!(decode(&"0".repeat(70_000)).is_err());
+    }
+}

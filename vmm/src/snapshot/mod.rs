@@ -1,0 +1,178 @@
+//! Snapshots: a VM's complete state and its memory, written to a directory and read back.
+//!
+//! A snapshot directory holds two files (docs/snapshots.md):
+//!
+//! - `vmstate`: the [`SnapshotState`] (the VM's configuration, every vCPU, the VM-wide KVM
+//!   state, every device by its stable id, and where the memory image's pages lie), in the
+//!   checked format of [`file`];
+//! - `memory`: the guest's RAM, each region at the file offset the state names; a sparse
+//!   file, whose holes are pages that were zero.
+
+pub mod file;
+pub mod memory;
+pub mod take;
+pub mod vm_state;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::cpu::state::{StateError, VcpuState};
+use crate::device_manager::SavedDevice;
+use quantix_vmm_api::VmConfig;
+pub use vm_state::{VmState, VmStateError};
+
+/// The state file's name in a snapshot directory.
+pub const STATE_FILE: &str = "vmstate";
+/// The memory image's name in a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+/// The page size of memory images and dirty tracking.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Why a snapshot could not be taken or loaded.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    /// The state file.
+    #[error(transparent)]
+    File(#[from] file::StateFileError),
+    /// The state file's JSON does not describe a VM.
+    #[error("the state file's contents are not a quantix-vmm VM state: {0}")]
+    Parse(String),
+    /// The state is well-formed but inconsistent.
+    #[error("the saved state is inconsistent: {0}")]
+    Inconsistent(String),
+    /// A vCPU.
+    #[error(transparent)]
+    Vcpu(#[from] StateError),
+    /// The VM-wide KVM state.
+    #[error(transparent)]
+    Vm(#[from] VmStateError),
+    /// The memory image.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryImageError),
+    /// Something else the VMM needed (pausing, a device).
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One guest RAM region in the memory image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryRegion {
+    /// Its guest-physical address.
+    pub guest_addr: u64,
+    /// Its size, bytes.
+    pub size: u64,
+    /// Where it starts in the memory image.
+    pub file_offset: u64,
+}
+
+/// The memory image of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryImage {
+    /// The image's file name in the snapshot directory.
+    pub file: String,
+    /// The regions, in guest-address order.
+    pub regions: Vec<MemoryRegion>,
+    /// Bytes of non-zero pages written.
+    pub data_bytes: u64,
+}
+
+/// Everything a snapshot saves besides the memory's bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotState {
+    /// The VMM that wrote it (`quantix-vmm 0.1.0`).
+    pub written_by: String,
+    /// When, milliseconds since the Unix epoch.
+    pub taken_at_unix_ms: u64,
+    /// The VM's configuration.
+    pub config: VmConfig,
+    /// Its memory image.
+    pub memory: MemoryImage,
+    /// Every vCPU, by index.
+    pub vcpus: Vec<VcpuState>,
+    /// The VM-wide KVM state.
+    pub vm: VmState,
+    /// Every device, in attach order.
+    pub devices: Vec<SavedDevice>,
+}
+
+impl SnapshotState {
+    /// Parses and checks a state body (from [`file::read`]): untrusted input.
+    pub fn parse(body: &[u8]) -> Result<Self, SnapshotError> {
+        let state: Self =
+            serde_json::from_slice(body).map_err(|e| SnapshotError::Parse(e.to_string()))?;
+        state.validate()?;
+        Ok(state)
+    }
+
+    /// The body to write with [`file::write`].
+    pub fn to_body(&self) -> Result<Vec<u8>, SnapshotError> {
+        serde_json::to_vec(self)
+            .map_err(|e| SnapshotError::Other(format!("encoding the state: {e}")))
+    }
+
+    /// Checks what parsing cannot: one state per vCPU in order, each well-sized, and
+    /// memory regions that match the configuration's size, do not overlap and stay within
+    /// a sane image.
+    pub fn validate(&self) -> Result<(), SnapshotError> {
+        let bad = |m: String| Err(SnapshotError::Inconsistent(m));
+        // The saved configuration obeys the same limits as one given on the command line
+        // (the host's memory is checked at restore).
+        if let Err(e) = self.config.validate(None) {
+            return bad(format!("the saved configuration: {e}"));
+        }
+        if self.vcpus.len() != usize::from(self.config.vcpus) {
+            return bad(format!(
+                "{} vCPU states for a VM of {} vCPUs",
+                self.vcpus.len(),
+                self.config.vcpus
+            ));
+        }
+        for (i, v) in self.vcpus.iter().enumerate() {
+            if usize::from(v.index) != i {
+                return bad(format!("vCPU state {i} is for vCPU {}", v.index));
+            }
+            v.validate()?;
+        }
+        if self.memory.file != MEMORY_FILE {
+            return bad(format!(
+                "the memory image is named {:?}, not {MEMORY_FILE:?}",
+                self.memory.file
+            ));
+        }
+        let ram = self.config.memory.bytes();
+        let mut total = 0u64;
+        let mut end_addr = 0u64;
+        let mut end_offset = 0u64;
+        for r in &self.memory.regions {
+            if r.size == 0 || r.size % PAGE_SIZE != 0 || r.guest_addr % PAGE_SIZE != 0 {
+                return bad(format!("memory region {r:?} is not whole pages"));
+            }
+            if r.guest_addr < end_addr || r.file_offset < end_offset {
+                return bad(format!("memory region {r:?} overlaps the one before"));
+            }
+            end_addr = r.guest_addr.checked_add(r.size).ok_or_else(|| {
+                SnapshotError::Inconsistent(format!("memory region {r:?} overflows"))
+            })?;
+            end_offset = r.file_offset.checked_add(r.size).ok_or_else(|| {
+                SnapshotError::Inconsistent(format!("memory region {r:?} overflows"))
+            })?;
+            total = total.saturating_add(r.size);
+        }
+        // RAM, plus at most a firmware window (16 MiB at most).
+        if total < ram || total > ram + (16 << 20) {
+            return bad(format!(
+                "memory regions of {total} bytes for a VM of {ram} bytes of RAM"
+            ));
+        }
+        if self.memory.data_bytes > end_offset {
+            return bad(format!(
+                "{} bytes of data in a {end_offset}-byte image",
+                self.memory.data_bytes
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,218 @@
+//! Taking a snapshot of a running VM: pause, save every vCPU on its own thread, the
+//! VM-wide KVM state and every device, write the memory image, write the state file
+//! last (a directory without `vmstate` is not a snapshot), then resume, stay paused, or
+//! stop, as asked.
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use kvm_ioctls::VmFd;
+use quantix_vmm_api::VmConfig;
+use tracing::{info, warn};
+
+use super::{file, memory, SnapshotError, SnapshotState, VmState, MEMORY_FILE, STATE_FILE};
+use crate::cpu::state::{check_xsave_size, VcpuState};
+use crate::cpu::PauseGate;
+use crate::device_manager::DeviceManager;
+use crate::memory::GuestRam;
+use crate::pause::{Pauser, VCPU_JOB_LIMIT};
+
+/// What a snapshot measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    /// vCPUs saved.
+    pub vcpus: u8,
+    /// Size of the memory image (its apparent size), bytes.
+    pub memory_bytes: u64,
+    /// Non-zero pages written, bytes.
+    pub data_bytes: u64,
+    /// How long the guest was paused for the snapshot, ms (0 when it was paused before).
+    pub paused_ms: u64,
+    /// How long writing took, ms.
+    pub total_ms: u64,
+}
+
+/// Everything a snapshot reads from a VM.
+pub struct Snapshotter {
+    gate: Arc<PauseGate>,
+    pauser: Arc<Pauser>,
+    devices: Arc<DeviceManager>,
+    vm: Arc<VmFd>,
+    ram: GuestRam,
+    config: VmConfig,
+    pit: bool,
+    msrs: Vec<u32>,
+    xsave2_size: usize,
+}
+
+impl std::fmt::Debug for Snapshotter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshotter").finish_non_exhaustive()
+    }
+}
+
+/// The parts of a VM a [`Snapshotter`] needs.
+pub struct Parts {
+    /// The vCPUs' pause gate.
+    pub gate: Arc<PauseGate>,
+    /// Pause and resume.
+    pub pauser: Arc<Pauser>,
+    /// The devices.
+    pub devices: Arc<DeviceManager>,
+    /// The KVM VM.
+    pub vm: Arc<VmFd>,
+    /// Guest memory.
+    pub ram: GuestRam,
+    /// The VM's configuration.
+    pub config: VmConfig,
+    /// Whether the VM has a PIT.
+    pub pit: bool,
+    /// The MSRs to save (the host's `KVM_GET_MSR_INDEX_LIST`).
+    pub msrs: Vec<u32>,
+    /// `KVM_CAP_XSAVE2`'s size, 0 without the capability.
+    pub xsave2_size: usize,
+}
+
+impl Snapshotter {
+    /// A snapshotter over a VM's parts.
+    pub fn new(p: Parts) -> Self {
+        Self {
+            gate: p.gate,
+            pauser: p.pauser,
+            devices: p.devices,
+            vm: p.vm,
+            ram: p.ram,
+            config: p.config,
+            pit: p.pit,
+            msrs: p.msrs,
+            xsave2_size: p.xsave2_size,
+        }
+    }
+
+    /// Saves the VM into `dir`, a directory that does not exist yet (its parent does).
+    /// The VM is paused for the snapshot and left paused; the caller resumes or stops it.
+    /// On failure the directory is removed and the VM's state is unchanged (a VM that was
+    /// running before is resumed).
+    pub fn take(&self, dir: &Path, progress: impl FnMut(u64, u64)) -> Result<Taken, SnapshotError> {
+        check_xsave_size(self.xsave2_size)?;
+        fs::create_dir(dir).map_err(|e| {
+            SnapshotError::Other(format!(
+                "cannot create the snapshot directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let was_paused = self.pauser.is_paused();
+        let start = Instant::now();
+        let result = self.take_into(dir, progress, was_paused);
+        match result {
+            Ok(mut taken) => {
+                taken.total_ms = start.elapsed().as_millis() as u64;
+                info!(
+                    dir = %dir.display(),
+                    vcpus = taken.vcpus,
+                    memory_bytes = taken.memory_bytes,
+                    data_bytes = taken.data_bytes,
+                    total_ms = taken.total_ms,
+                    "snapshot taken"
+                );
+                Ok(taken)
+            }
+            Err(e) => {
+                if let Err(rm) = fs::remove_dir_all(dir) {
+                    warn!(dir = %dir.display(), error = %rm, "cannot remove a failed snapshot");
+                }
+                if !was_paused {
+                    crate::control::PauseControl::resume(&*self.pauser);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn take_into(
+        &self,
+        dir: &Path,
+        progress: impl FnMut(u64, u64),
+        was_paused: bool,
+    ) -> Result<Taken, SnapshotError> {
+        let paused_at = Instant::now();
+        crate::control::PauseControl::pause(&*self.pauser).map_err(SnapshotError::Other)?;
+        let mut vcpus = Vec::with_capacity(usize::from(self.config.vcpus));
+        for index in 0..self.config.vcpus {
+            let msrs = self.msrs.clone();
+            let state = self
+                .gate
+                .run_on(index, VCPU_JOB_LIMIT, move |fd| {
+                    VcpuState::save(fd, index, &msrs)
+                })
+                .map_err(|e| SnapshotError::Other(format!("vCPU {index}: {e}")))??;
+            vcpus.push(state);
+        }
+        let clock = self.pauser.paused_clock().ok_or_else(|| {
+            SnapshotError::Other("the guest clock was not read at the pause".into())
+        })?;
+        let vm = VmState::save(&self.vm, self.pit, clock)?;
+        let devices = self
+            .devices
+            .save()
+            .map_err(|e| SnapshotError::Other(e.to_string()))?;
+        let image = memory::write_full(&self.ram, &dir.join(MEMORY_FILE), progress)?;
+        let state = SnapshotState {
+            written_by: format!("quantix-vmm {}", env!("CARGO_PKG_VERSION")),
+            taken_at_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            config: self.config.clone(),
+            memory: image,
+            vcpus,
+            vm,
+            devices,
+        };
+        state.validate()?;
+        file::write(&dir.join(STATE_FILE), &state.to_body()?)?;
+        let memory_bytes = state
+            .memory
+            .regions
+            .iter()
+            .map(|r| r.file_offset + r.size)
+            .max()
+            .unwrap_or(0);
+        Ok(Taken {
+            vcpus: self.config.vcpus,
+            memory_bytes,
+            data_bytes: state.memory.data_bytes,
+            paused_ms: if was_paused {
+                0
+            } else {
+                paused_at.elapsed().as_millis() as u64
+            },
+            total_ms: 0,
+        })
+    }
+}
+
+impl crate::control::SnapshotControl for Snapshotter {
+    fn snapshot(&self, dir: &Path) -> Result<quantix_vmm_api::control::SnapshotReply, String> {
+        let mut last_tenth = 0;
+        let taken = self
+            .take(dir, |done, total| {
+                // Progress in the log, every tenth of the memory.
+                let tenth = (done * 10).checked_div(total).unwrap_or(10);
+                if tenth > last_tenth {
+                    last_tenth = tenth;
+                    tracing::debug!(done, total, "snapshot: memory written");
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(quantix_vmm_api::control::SnapshotReply {
+            state: quantix_vmm_api::control::RunState::Paused,
+            vcpus: taken.vcpus,
+            memory_bytes: taken.memory_bytes,
+            data_bytes: taken.data_bytes,
+            paused_ms: taken.paused_ms,
+            total_ms: taken.total_ms,
+        })
+    }
+}
