@@ -19,7 +19,7 @@ use crate::metrics::MetricsSample;
 /// - 1: `version`, `state`, `metrics`, `shutdown`, `pause`, `resume`, `power-button`.
 /// - 2: `metrics` endpoints carry `client` (how the newest socket client's stream begins:
 ///   each socket client is first sent the endpoint's 64 KiB output history).
-/// - 3: `snapshot` (a full snapshot into a new directory; [`SnapshotReply`]).
+/// - 3: `snapshot` (a full or diff snapshot into a new directory; [`SnapshotReply`]).
 pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Longest request line the VMM reads.
@@ -57,6 +57,10 @@ pub enum Request {
         /// What the VM does once the snapshot is written.
         #[serde(default)]
         after: AfterSnapshot,
+        /// Save only the pages written since this VMM's previous snapshot (which the new
+        /// one names as its parent); refused with `conflict` when there is none.
+        #[serde(default)]
+        diff: bool,
     },
 }
 
@@ -103,6 +107,7 @@ impl Request {
         Request::Snapshot {
             dir: String::new(),
             after: AfterSnapshot::Resume,
+            diff: false,
         },
     ];
 

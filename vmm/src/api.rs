@@ -163,13 +163,20 @@ fn answer(
         Request::Snapshot { .. } if exit.reason().is_some() => {
             return Err(ErrorReply::new(ErrorCode::Conflict, "the VM is stopping"))
         }
-        Request::Snapshot { dir, after } => {
+        Request::Snapshot { dir, after, diff } => {
             let s = info
                 .snapshot
                 .as_ref()
                 .ok_or_else(|| unsupported("this VM cannot take snapshots"))?;
-            let mut reply = s.snapshot(Path::new(dir)).map_err(|e| {
-                ErrorReply::new(ErrorCode::Failed, format!("cannot take the snapshot: {e}"))
+            let mut reply = s.snapshot(Path::new(dir), *diff).map_err(|e| match e {
+                crate::control::SnapshotFailure::NoBase(why) => ErrorReply::new(
+                    ErrorCode::Conflict,
+                    format!("cannot take the snapshot: {why}"),
+                ),
+                crate::control::SnapshotFailure::Failed(why) => ErrorReply::new(
+                    ErrorCode::Failed,
+                    format!("cannot take the snapshot: {why}"),
+                ),
             })?;
             reply.state = match after {
                 AfterSnapshot::Resume => {

@@ -14,14 +14,25 @@ pub trait PauseControl: Send + Sync + std::fmt::Debug {
     fn paused(&self) -> bool;
 }
 
+/// Why a snapshot was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotFailure {
+    /// A diff with no snapshot to apply on.
+    NoBase(String),
+    /// Anything else.
+    Failed(String),
+}
+
 /// Snapshots, as the control socket takes them.
 pub trait SnapshotControl: Send + Sync + std::fmt::Debug {
-    /// Saves the VM into the new directory `dir` and leaves it paused; on failure the
+    /// Saves the VM (all its memory, or with `diff` the pages written since the last
+    /// snapshot) into the new directory `dir` and leaves it paused; on failure the
     /// directory is gone and the VM is as it was. The reply's `state` is `paused`.
     fn snapshot(
         &self,
         dir: &std::path::Path,
-    ) -> Result<quantix_vmm_api::control::SnapshotReply, String>;
+        diff: bool,
+    ) -> Result<quantix_vmm_api::control::SnapshotReply, SnapshotFailure>;
 }
 
 /// The guest's power button, as the control socket presses it.

@@ -38,6 +38,15 @@ pub enum MemoryError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// KVM could not give a slot's dirty log.
+    #[error("KVM GET_DIRTY_LOG failed for slot {slot}: {source}")]
+    DirtyLog {
+        /// The slot.
+        slot: u32,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// Guest memory as the VMM and its devices see it.
@@ -203,6 +212,32 @@ impl GuestRam {
             }
         }
         pages
+    }
+
+    /// The pages written since the last call (or since the dirty log was turned on), one
+    /// bitmap per region (bit `i` of word `w`: the page at `64 w + i`), and resets the
+    /// record: KVM's dirty log of each slot (what the vCPUs wrote; the slots must be
+    /// registered with `log_dirty`) OR the devices' record (what the VMM wrote, which KVM
+    /// does not see). The vCPUs are paused.
+    pub fn take_dirty_bitmaps(&self, vm: &VmFd) -> Result<Vec<Vec<u64>>, MemoryError> {
+        let mut out = Vec::with_capacity(self.regions.len());
+        for (slot, region) in self.mem.iter().enumerate() {
+            let mut words = vm
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(|source| MemoryError::DirtyLog {
+                    slot: slot as u32,
+                    source,
+                })?;
+            let bitmap: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
+            let device = bitmap.get_and_reset();
+            let pages = (region.len() / PAGE_SIZE) as usize;
+            words.resize(pages.div_ceil(64), 0);
+            for (w, d) in words.iter_mut().zip(device) {
+                *w |= d;
+            }
+            out.push(words);
+        }
+        Ok(out)
     }
 
     /// The memfd's descriptor (for handing it to another process).

@@ -123,8 +123,18 @@ impl Vm {
         check_caps(&kvm)?;
         crate::cpu::state::check_xsave_size(xsave2_size(&kvm))
             .map_err(snapshot::SnapshotError::from)?;
-        let image = snapshot::memory::open_image(&dir.join(&state.memory.file), &state.memory)
-            .map_err(snapshot::SnapshotError::from)?;
+        // A diff stands on its parents: the full snapshot at the root is mapped, each
+        // diff's pages are copied over it, oldest first, this one's last.
+        let chain = snapshot::load_chain(&state)?;
+        let (root_state, root_dir) = match chain.first() {
+            Some((s, d)) => (s, d.as_path()),
+            None => (&state, dir),
+        };
+        let image = snapshot::memory::open_image(
+            &root_dir.join(&root_state.memory.file),
+            &root_state.memory,
+        )
+        .map_err(snapshot::SnapshotError::from)?;
         let endpoints = open_endpoints(&config)?;
         let fd = Arc::new(create_vm(&kvm)?);
         let regions: Vec<(GuestAddress, usize, u64)> = state
@@ -134,6 +144,21 @@ impl Vm {
             .map(|r| (GuestAddress(r.guest_addr), r.size as usize, r.file_offset))
             .collect();
         let ram = memory::map_image(image, &regions, config.memory.0)?;
+        let diffs = chain
+            .iter()
+            .skip(1)
+            .map(|(s, d)| (s, d.as_path()))
+            .chain((!chain.is_empty()).then_some((&state, dir)));
+        for (diff, diff_dir) in diffs {
+            let path = diff_dir.join(&diff.memory.file);
+            let file = snapshot::memory::open_image(&path, &diff.memory)
+                .map_err(snapshot::SnapshotError::from)?;
+            let pages = diff.memory.pages.as_deref().unwrap_or_default();
+            snapshot::memory::apply_diff(&ram, &file, &path, &diff.memory, pages)
+                .map_err(snapshot::SnapshotError::from)?;
+        }
+        // The copying is not the guest's writing.
+        let _ = ram.take_device_dirty_pages();
         ram.register(&fd, false)?;
         let mut vm = assemble(kvm, fd, ram, &config, exit, endpoints)?;
         check_cpuid(&vm.vcpus, &state)?;

@@ -20,7 +20,10 @@ use common::{elf64, scratch, summary, vmm_bin, wait_limit, write};
 use quantix_vmm::api::PauseControl;
 use quantix_vmm::cpu::state::VcpuState;
 use quantix_vmm::exit::ExitSignal;
-use quantix_vmm::snapshot::{file, SnapshotState, MEMORY_FILE, STATE_FILE};
+use quantix_vmm::snapshot::take::Kind;
+use quantix_vmm::snapshot::{
+    file, PageRange, SnapshotError, SnapshotState, MEMORY_FILE, STATE_FILE,
+};
 use quantix_vmm::vm::Vm;
 use quantix_vmm_api::{SerialMode, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
@@ -124,6 +127,7 @@ fn every_register_class_and_memory_survive_a_save_and_a_restore() {
     let dir = scratch("snapshot-registers");
     let _ = std::fs::remove_dir_all(dir.join("snap"));
     let _ = std::fs::remove_dir_all(dir.join("again"));
+    let _ = std::fs::remove_dir_all(dir.join("diff"));
     let config = config(&dir);
 
     // The original: run until it counts, then snapshot it (it stays paused).
@@ -133,7 +137,13 @@ fn every_register_class_and_memory_survive_a_save_and_a_restore() {
     let running = vm.start().unwrap();
     wait_counter(&mem, 1000);
     let snap = dir.join("snap");
-    let taken = snapshotter.take(&snap, |_, _| {}).unwrap();
+    let e = snapshotter.take(&snap, Kind::Diff, |_, _| {}).unwrap_err();
+    assert!(
+        matches!(e, SnapshotError::NoBase),
+        "a diff needs a base: {e}"
+    );
+    assert!(!snap.exists());
+    let taken = snapshotter.take(&snap, Kind::Full, |_, _| {}).unwrap();
     assert_eq!(taken.vcpus, 1);
     assert_eq!(taken.memory_bytes, 32 << 20);
     assert!(
@@ -201,7 +211,7 @@ fn every_register_class_and_memory_survive_a_save_and_a_restore() {
     let n: u64 = mem.read_obj(GuestAddress(COUNTER)).unwrap();
     assert_eq!(n, counted, "memory as saved");
     let again = dir.join("again");
-    snapshotter.take(&again, |_, _| {}).unwrap();
+    snapshotter.take(&again, Kind::Full, |_, _| {}).unwrap();
     let copy = read_state(&again).vcpus[0].clone();
     assert_eq!(format!("{:?}", copy.regs), format!("{:?}", saved.regs));
     assert_eq!(format!("{:?}", copy.sregs), format!("{:?}", saved.sregs));
@@ -239,7 +249,47 @@ fn every_register_class_and_memory_survive_a_save_and_a_restore() {
         counted,
         "the image is mapped privately"
     );
+
+    // A diff since `again`: exactly the one page the guest writes.
+    let diff = dir.join("diff");
+    let taken = snapshotter.take(&diff, Kind::Diff, |_, _| {}).unwrap();
+    let at_diff: u64 = mem.read_obj(GuestAddress(COUNTER)).unwrap();
     running.stop();
+    let diff_state = read_state(&diff);
+    assert_eq!(
+        diff_state.memory.pages.as_deref(),
+        Some(
+            &[PageRange {
+                guest_addr: COUNTER,
+                pages: 1
+            }][..]
+        ),
+        "the dirty log holds the counter's page and nothing else"
+    );
+    assert_eq!(taken.data_bytes, 4096);
+    assert_eq!(
+        diff_state.memory.parent.as_deref(),
+        Some(std::path::absolute(&again).unwrap().to_str().unwrap())
+    );
+
+    // Restored from the diff: the full snapshot under it, then the diff's page.
+    let vm = Vm::restore(diff_state, &diff, Arc::new(ExitSignal::new().unwrap())).unwrap();
+    let mem = vm.memory().mem.clone();
+    let running = vm.start().unwrap();
+    let n: u64 = mem.read_obj(GuestAddress(COUNTER)).unwrap();
+    assert_eq!(n, at_diff, "the diff's page over its parent's memory");
+    running.stop();
+    // A diff whose parent is gone is refused with the reason.
+    std::fs::remove_file(again.join(STATE_FILE)).unwrap();
+    let e = Vm::restore(
+        read_state(&diff),
+        &diff,
+        Arc::new(ExitSignal::new().unwrap()),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("again") && e.contains("No such file"), "{e}");
 }
 
 fn connect(sock: &Path) -> impl FnMut(&str) -> serde_json::Value {
@@ -285,7 +335,7 @@ fn a_snapshot_restores_in_a_new_process_and_bad_ones_are_refused() {
         return;
     }
     let dir = scratch("snapshot-process");
-    for d in ["one", "two"] {
+    for d in ["one", "two", "three"] {
         let _ = std::fs::remove_dir_all(dir.join(d));
     }
     let kernel = write(&dir, "k.elf", &elf64(&register_guest()));
@@ -340,15 +390,49 @@ fn a_snapshot_restores_in_a_new_process_and_bad_ones_are_refused() {
     assert_eq!(st["state"], "running", "{st}");
     assert_eq!(st["boot"], "restored");
     std::thread::sleep(Duration::from_millis(300));
+    // A restored VMM has no base for a diff until its first full snapshot.
+    let no_base = c(&format!(
+        r#"{{"op":"snapshot","dir":"{}","diff":true}}"#,
+        dir.join("three").display()
+    ));
+    assert_eq!(no_base["code"], "conflict", "{no_base}");
     let two = dir.join("two");
     let reply = c(&format!(
-        r#"{{"op":"snapshot","dir":"{}","after":"stop"}}"#,
+        r#"{{"op":"snapshot","dir":"{}","after":"resume"}}"#,
         two.display()
     ));
     assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["state"], "running");
+    std::thread::sleep(Duration::from_millis(100));
+    let three = dir.join("three");
+    let reply = c(&format!(
+        r#"{{"op":"snapshot","dir":"{}","diff":true,"after":"stop"}}"#,
+        three.display()
+    ));
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["data_bytes"], 4096, "one page written since: {reply}");
     let out = wait_limit(child, Duration::from_secs(20));
     assert_eq!(out.status.code(), Some(0), "{:?}", summary(&out));
     let second = read_state(&two).vcpus[0].regs.r15;
+    let third = read_state(&three).vcpus[0].regs.r15;
+    assert!(
+        third > second,
+        "it ran between the full and the diff snapshot"
+    );
+    // The diff restores in a new process (on top of `two`), and runs.
+    let s3 = dir.join("c.sock");
+    let child = spawn(&[
+        "--restore",
+        three.to_str().unwrap(),
+        "--api-socket",
+        s3.to_str().unwrap(),
+    ]);
+    let mut c = connect(&s3);
+    assert_eq!(c(r#"{"op":"state"}"#)["state"], "paused");
+    assert_eq!(c(r#"{"op":"resume"}"#)["state"], "running");
+    assert_eq!(c(r#"{"op":"shutdown"}"#)["state"], "stopping");
+    let out = wait_limit(child, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(0), "{:?}", summary(&out));
     assert!(
         second > first,
         "the restored guest counted on: {first} then {second}"

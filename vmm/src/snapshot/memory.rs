@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{MemoryImage, MemoryRegion, MEMORY_FILE, PAGE_SIZE};
+use super::{MemoryImage, MemoryRegion, PageRange, MEMORY_FILE, PAGE_SIZE};
 use crate::memory::GuestRam;
 
 /// Bytes copied per read.
@@ -116,7 +116,137 @@ pub fn write_full(
         file: MEMORY_FILE.to_string(),
         regions,
         data_bytes,
+        parent: None,
+        pages: None,
     })
+}
+
+/// The runs of set bits of each region's dirty bitmap, as page ranges.
+pub fn dirty_ranges(regions: &[MemoryRegion], bitmaps: &[Vec<u64>]) -> Vec<PageRange> {
+    let mut out: Vec<PageRange> = Vec::new();
+    for (r, words) in regions.iter().zip(bitmaps) {
+        let pages = r.size / PAGE_SIZE;
+        for page in 0..pages {
+            let (w, bit) = ((page / 64) as usize, page % 64);
+            if words.get(w).is_some_and(|word| word & (1 << bit) != 0) {
+                let addr = r.guest_addr + page * PAGE_SIZE;
+                match out.last_mut() {
+                    Some(last) if last.guest_addr + last.pages * PAGE_SIZE == addr => {
+                        last.pages += 1
+                    }
+                    _ => out.push(PageRange {
+                        guest_addr: addr,
+                        pages: 1,
+                    }),
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The file offset of guest address `addr` in an image of `regions`.
+fn offset_of(regions: &[MemoryRegion], addr: u64) -> Option<u64> {
+    regions
+        .iter()
+        .find(|r| addr >= r.guest_addr && addr < r.guest_addr + r.size)
+        .map(|r| r.file_offset + (addr - r.guest_addr))
+}
+
+/// Writes the pages of `ranges` (a diff) to `path`, a new image of the full size with
+/// everything else a hole, then syncs it. The vCPUs and devices are paused.
+pub fn write_diff(
+    ram: &GuestRam,
+    path: &Path,
+    ranges: &[PageRange],
+) -> Result<MemoryImage, MemoryImageError> {
+    let io = |what, p: &Path| {
+        let p = p.to_path_buf();
+        move |source| MemoryImageError::Io {
+            what,
+            path: p,
+            source,
+        }
+    };
+    let regions = regions_of(ram);
+    let image_len = regions
+        .iter()
+        .map(|r| r.file_offset + r.size)
+        .max()
+        .unwrap_or(0);
+    let out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io("creating", path))?;
+    out.set_len(image_len).map_err(io("sizing", path))?;
+    let mut data_bytes = 0u64;
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for range in ranges {
+        for i in 0..range.pages {
+            let addr = range.guest_addr + i * PAGE_SIZE;
+            ram.mem
+                .read_slice(&mut page, GuestAddress(addr))
+                .map_err(|e| MemoryImageError::Io {
+                    what: "reading",
+                    path: PathBuf::from("guest memory"),
+                    source: io::Error::other(e.to_string()),
+                })?;
+            data_bytes += PAGE_SIZE;
+            if page.iter().all(|b| *b == 0) {
+                continue; // a hole reads as zeros
+            }
+            let offset = offset_of(&regions, addr).ok_or_else(|| MemoryImageError::Mismatch {
+                path: path.to_path_buf(),
+                reason: format!("dirty page {addr:#x} outside guest RAM"),
+            })?;
+            out.write_all_at(&page, offset)
+                .map_err(io("writing", path))?;
+        }
+    }
+    out.sync_all().map_err(io("syncing", path))?;
+    Ok(MemoryImage {
+        file: MEMORY_FILE.to_string(),
+        regions,
+        data_bytes,
+        parent: None,
+        pages: Some(ranges.to_vec()),
+    })
+}
+
+/// Copies the pages of a diff's `ranges` from its image `file` (at `path`) into the
+/// restored VM's memory, over what its parents put there.
+pub fn apply_diff(
+    ram: &GuestRam,
+    file: &File,
+    path: &Path,
+    image: &MemoryImage,
+    ranges: &[PageRange],
+) -> Result<(), MemoryImageError> {
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for range in ranges {
+        for i in 0..range.pages {
+            let addr = range.guest_addr + i * PAGE_SIZE;
+            let offset =
+                offset_of(&image.regions, addr).ok_or_else(|| MemoryImageError::Mismatch {
+                    path: path.to_path_buf(),
+                    reason: format!("page {addr:#x} outside the image's regions"),
+                })?;
+            file.read_exact_at(&mut page, offset)
+                .map_err(|source| MemoryImageError::Io {
+                    what: "reading",
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            ram.mem
+                .write_slice(&page, GuestAddress(addr))
+                .map_err(|e| MemoryImageError::Mismatch {
+                    path: path.to_path_buf(),
+                    reason: format!("page {addr:#x}: {e}"),
+                })?;
+        }
+    }
+    Ok(())
 }
 
 /// Opens the memory image at `path` for a restore and checks that it is as large as the
@@ -148,4 +278,51 @@ pub fn open_image(path: &Path, image: &MemoryImage) -> Result<File, MemoryImageE
         });
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_bitmaps_become_ranges() {
+        let regions = [
+            MemoryRegion {
+                guest_addr: 0,
+                size: 128 * PAGE_SIZE,
+                file_offset: 0,
+            },
+            MemoryRegion {
+                guest_addr: 1 << 32,
+                size: 64 * PAGE_SIZE,
+                file_offset: 128 * PAGE_SIZE,
+            },
+        ];
+        // Pages 1-3 and 63-64 (across a word) of the first region, page 0 of the second.
+        let bitmaps = vec![vec![0b1110 | (1 << 63), 1], vec![1]];
+        let r = dirty_ranges(&regions, &bitmaps);
+        assert_eq!(
+            r,
+            [
+                PageRange {
+                    guest_addr: PAGE_SIZE,
+                    pages: 3
+                },
+                PageRange {
+                    guest_addr: 63 * PAGE_SIZE,
+                    pages: 2
+                },
+                PageRange {
+                    guest_addr: 1 << 32,
+                    pages: 1
+                },
+            ]
+        );
+        assert_eq!(
+            offset_of(&regions, (1 << 32) + 5),
+            Some(128 * PAGE_SIZE + 5)
+        );
+        assert_eq!(offset_of(&regions, 200 * PAGE_SIZE), None);
+        assert!(dirty_ranges(&regions, &[vec![], vec![]]).is_empty());
+    }
 }

@@ -49,6 +49,9 @@ pub enum SnapshotError {
     /// The memory image.
     #[error(transparent)]
     Memory(#[from] memory::MemoryImageError),
+    /// A diff snapshot asked for with no snapshot before it in this VMM.
+    #[error("a diff snapshot needs a full snapshot of this VM first (no base since the VMM started, or the last diff failed)")]
+    NoBase,
     /// Something else the VMM needed (pausing, a device).
     #[error("{0}")]
     Other(String),
@@ -66,6 +69,16 @@ pub struct MemoryRegion {
     pub file_offset: u64,
 }
 
+/// A run of pages a diff snapshot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageRange {
+    /// The first page's guest-physical address.
+    pub guest_addr: u64,
+    /// How many 4 KiB pages.
+    pub pages: u64,
+}
+
 /// The memory image of a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,7 +89,19 @@ pub struct MemoryImage {
     pub regions: Vec<MemoryRegion>,
     /// Bytes of non-zero pages written.
     pub data_bytes: u64,
+    /// For a diff snapshot: the snapshot directory it applies on (a full one or another
+    /// diff), as an absolute path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// For a diff snapshot: the pages written since the parent, in address order; every
+    /// other page is the parent's. The image holds these pages at their offsets (zero
+    /// pages as holes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<Vec<PageRange>>,
 }
+
+/// The longest chain of diff snapshots a restore follows.
+pub const MAX_CHAIN: usize = 64;
 
 /// Everything a snapshot saves besides the memory's bytes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -167,6 +192,43 @@ impl SnapshotState {
                 "memory regions of {total} bytes for a VM of {ram} bytes of RAM"
             ));
         }
+        match (&self.memory.parent, &self.memory.pages) {
+            (None, None) => {}
+            (Some(parent), Some(pages)) => {
+                if !parent.starts_with('/') {
+                    return bad(format!("the parent {parent:?} is not an absolute path"));
+                }
+                let mut next = 0u64;
+                let mut count = 0u64;
+                for p in pages {
+                    let end = p
+                        .pages
+                        .checked_mul(PAGE_SIZE)
+                        .and_then(|b| p.guest_addr.checked_add(b));
+                    let inside = end.is_some_and(|end| {
+                        self.memory
+                            .regions
+                            .iter()
+                            .any(|r| p.guest_addr >= r.guest_addr && end <= r.guest_addr + r.size)
+                    });
+                    if p.pages == 0
+                        || p.guest_addr % PAGE_SIZE != 0
+                        || p.guest_addr < next
+                        || !inside
+                    {
+                        return bad(format!(
+                            "page range {p:?} is empty, unordered or outside guest RAM"
+                        ));
+                    }
+                    next = end.unwrap_or(u64::MAX);
+                    count = count.saturating_add(p.pages);
+                }
+                if count.saturating_mul(PAGE_SIZE) > total {
+                    return bad(format!("{count} dirty pages in {total} bytes of RAM"));
+                }
+            }
+            _ => return bad("a diff snapshot needs both its parent and its pages".into()),
+        }
         if self.memory.data_bytes > end_offset {
             return bad(format!(
                 "{} bytes of data in a {end_offset}-byte image",
@@ -175,4 +237,35 @@ impl SnapshotState {
         }
         Ok(())
     }
+}
+
+/// The snapshots a diff stands on, oldest first: the full snapshot at the root, then each
+/// diff up to `state`'s parent, every one read, checked, and with `state`'s memory layout.
+/// Empty for a full snapshot.
+pub fn load_chain(
+    state: &SnapshotState,
+) -> Result<Vec<(SnapshotState, std::path::PathBuf)>, SnapshotError> {
+    let mut chain = Vec::new();
+    let mut next = state.memory.parent.clone();
+    while let Some(parent) = next {
+        if chain.len() >= MAX_CHAIN {
+            return Err(SnapshotError::Inconsistent(format!(
+                "the chain of diff snapshots is longer than {MAX_CHAIN}"
+            )));
+        }
+        let dir = std::path::PathBuf::from(&parent);
+        let body = file::read(&dir.join(STATE_FILE))?;
+        let base = SnapshotState::parse(&body).map_err(|e| {
+            SnapshotError::Inconsistent(format!("the parent snapshot {parent}: {e}"))
+        })?;
+        if base.memory.regions != state.memory.regions || base.config.vcpus != state.config.vcpus {
+            return Err(SnapshotError::Inconsistent(format!(
+                "the parent snapshot {parent} is of another VM (its memory or vCPUs differ)"
+            )));
+        }
+        next = base.memory.parent.clone();
+        chain.push((base, dir));
+    }
+    chain.reverse();
+    Ok(chain)
 }

@@ -19,6 +19,16 @@ use crate::device_manager::DeviceManager;
 use crate::memory::GuestRam;
 use crate::pause::{Pauser, VCPU_JOB_LIMIT};
 
+/// What a snapshot saves of the memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// All of it. Turns dirty tracking on: the next snapshot may be a diff.
+    Full,
+    /// Only the pages written since the previous snapshot of this process (full or diff),
+    /// which becomes its parent.
+    Diff,
+}
+
 /// What a snapshot measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Taken {
@@ -45,6 +55,10 @@ pub struct Snapshotter {
     pit: bool,
     msrs: Vec<u32>,
     xsave2_size: usize,
+    /// The last snapshot's directory, since which KVM's dirty log and the device record
+    /// hold every written page; `None` until a full snapshot (or after a failed diff,
+    /// which consumed the record).
+    base: std::sync::Mutex<Option<std::path::PathBuf>>,
 }
 
 impl std::fmt::Debug for Snapshotter {
@@ -88,15 +102,29 @@ impl Snapshotter {
             pit: p.pit,
             msrs: p.msrs,
             xsave2_size: p.xsave2_size,
+            base: std::sync::Mutex::new(None),
         }
+    }
+
+    fn base(&self) -> std::sync::MutexGuard<'_, Option<std::path::PathBuf>> {
+        self.base.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Saves the VM into `dir`, a directory that does not exist yet (its parent does).
     /// The VM is paused for the snapshot and left paused; the caller resumes or stops it.
     /// On failure the directory is removed and the VM's state is unchanged (a VM that was
     /// running before is resumed).
-    pub fn take(&self, dir: &Path, progress: impl FnMut(u64, u64)) -> Result<Taken, SnapshotError> {
+    pub fn take(
+        &self,
+        dir: &Path,
+        kind: Kind,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<Taken, SnapshotError> {
         check_xsave_size(self.xsave2_size)?;
+        let parent = match kind {
+            Kind::Full => None,
+            Kind::Diff => Some(self.base().clone().ok_or(SnapshotError::NoBase)?),
+        };
         fs::create_dir(dir).map_err(|e| {
             SnapshotError::Other(format!(
                 "cannot create the snapshot directory {}: {e}",
@@ -105,9 +133,12 @@ impl Snapshotter {
         })?;
         let was_paused = self.pauser.is_paused();
         let start = Instant::now();
-        let result = self.take_into(dir, progress, was_paused);
+        let result = self.take_into(dir, parent.as_deref(), progress, was_paused);
         match result {
             Ok(mut taken) => {
+                // The next diff applies on this one. (A relative path would change
+                // meaning with the working directory: the parent is recorded absolute.)
+                *self.base() = Some(std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()));
                 taken.total_ms = start.elapsed().as_millis() as u64;
                 info!(
                     dir = %dir.display(),
@@ -120,6 +151,11 @@ impl Snapshotter {
                 Ok(taken)
             }
             Err(e) => {
+                if kind == Kind::Diff {
+                    // The dirty record may have been read and reset: only a full snapshot
+                    // is sound now.
+                    *self.base() = None;
+                }
                 if let Err(rm) = fs::remove_dir_all(dir) {
                     warn!(dir = %dir.display(), error = %rm, "cannot remove a failed snapshot");
                 }
@@ -134,6 +170,7 @@ impl Snapshotter {
     fn take_into(
         &self,
         dir: &Path,
+        parent: Option<&Path>,
         progress: impl FnMut(u64, u64),
         was_paused: bool,
     ) -> Result<Taken, SnapshotError> {
@@ -158,7 +195,30 @@ impl Snapshotter {
             .devices
             .save()
             .map_err(|e| SnapshotError::Other(e.to_string()))?;
-        let image = memory::write_full(&self.ram, &dir.join(MEMORY_FILE), progress)?;
+        let path = dir.join(MEMORY_FILE);
+        let image = match parent {
+            None => {
+                // Dirty tracking from this point on: KVM's log for the slots (turning it on
+                // re-registers them) and the devices' record, both emptied now.
+                self.ram
+                    .register(&self.vm, true)
+                    .map_err(|e| SnapshotError::Other(format!("turning dirty tracking on: {e}")))?;
+                self.ram
+                    .take_dirty_bitmaps(&self.vm)
+                    .map_err(|e| SnapshotError::Other(e.to_string()))?;
+                memory::write_full(&self.ram, &path, progress)?
+            }
+            Some(parent) => {
+                let bitmaps = self
+                    .ram
+                    .take_dirty_bitmaps(&self.vm)
+                    .map_err(|e| SnapshotError::Other(e.to_string()))?;
+                let ranges = memory::dirty_ranges(&memory::regions_of(&self.ram), &bitmaps);
+                let mut image = memory::write_diff(&self.ram, &path, &ranges)?;
+                image.parent = Some(parent.display().to_string());
+                image
+            }
+        };
         let state = SnapshotState {
             written_by: format!("quantix-vmm {}", env!("CARGO_PKG_VERSION")),
             taken_at_unix_ms: SystemTime::now()
@@ -194,10 +254,15 @@ impl Snapshotter {
 }
 
 impl crate::control::SnapshotControl for Snapshotter {
-    fn snapshot(&self, dir: &Path) -> Result<quantix_vmm_api::control::SnapshotReply, String> {
+    fn snapshot(
+        &self,
+        dir: &Path,
+        diff: bool,
+    ) -> Result<quantix_vmm_api::control::SnapshotReply, crate::control::SnapshotFailure> {
         let mut last_tenth = 0;
+        let kind = if diff { Kind::Diff } else { Kind::Full };
         let taken = self
-            .take(dir, |done, total| {
+            .take(dir, kind, |done, total| {
                 // Progress in the log, every tenth of the memory.
                 let tenth = (done * 10).checked_div(total).unwrap_or(10);
                 if tenth > last_tenth {
@@ -205,7 +270,10 @@ impl crate::control::SnapshotControl for Snapshotter {
                     tracing::debug!(done, total, "snapshot: memory written");
                 }
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                SnapshotError::NoBase => crate::control::SnapshotFailure::NoBase(e.to_string()),
+                e => crate::control::SnapshotFailure::Failed(e.to_string()),
+            })?;
         Ok(quantix_vmm_api::control::SnapshotReply {
             state: quantix_vmm_api::control::RunState::Paused,
             vcpus: taken.vcpus,
