@@ -28,7 +28,9 @@ struct Cli {
     /// Restore the VM saved in this snapshot directory (its `vmstate` and `memory`), with
     /// its saved configuration, instead of booting; it waits paused for a `resume` on the
     /// control socket unless --resume is given. Of the VM flags only --api-socket may be
-    /// given (a restored copy next to the original needs its own control socket).
+    /// given (a restored copy next to the original needs its own control socket); or
+    /// --config FILE, whose host side (files, descriptors, sockets, TAPs) replaces the
+    /// saved one, its guest side (vCPUs, memory, devices, MACs, CID) matching it.
     #[arg(long, value_name = "DIR", conflicts_with_all = RESTORE_CONFLICTS)]
     restore: Option<PathBuf>,
     /// With --restore: run the guest at once.
@@ -128,8 +130,7 @@ const VM_FLAGS: [&str; 15] = [
 ];
 
 /// The flags a restore takes from the snapshot instead.
-const RESTORE_CONFLICTS: [&str; 15] = [
-    "config",
+const RESTORE_CONFLICTS: [&str; 14] = [
     "kernel",
     "initramfs",
     "cmdline",
@@ -205,8 +206,20 @@ fn main() -> ExitCode {
         }
     };
     if let Some(dir) = cli.restore {
+        let config = match &cli.config {
+            Some(path) => match read_config(path) {
+                Ok(c) => Some(Box::new(c)),
+                Err(e) => {
+                    eprintln!("quantix-vmm: {e}");
+                    record(ExitRecord::setup_error(e));
+                    return ExitCode::from(EXIT_SETUP_ERROR as u8);
+                }
+            },
+            None => None,
+        };
         let start = quantix_vmm::runner::Start::Restore {
             dir,
+            config,
             api_socket: cli.api_socket,
             resume: cli.resume,
         };

@@ -251,6 +251,8 @@ pub enum Start {
     Restore {
         /// The snapshot directory.
         dir: std::path::PathBuf,
+        /// A configuration whose host side replaces the saved one (`snapshot::rebind`).
+        config: Option<Box<VmConfig>>,
         /// A control socket instead of the saved one (a restored copy beside the
         /// original needs its own).
         api_socket: Option<std::path::PathBuf>,
@@ -284,10 +286,15 @@ pub fn run_start(
         Start::Boot(config) => (*config, None),
         Start::Restore {
             dir,
+            config,
             api_socket,
             resume,
         } => {
             let mut state = read_snapshot(&dir)?;
+            if let Some(given) = config {
+                state.config =
+                    crate::snapshot::rebind(&state.config, &given).map_err(VmError::from)?;
+            }
             crate::config::validate_on_host(&state.config).map_err(|e| {
                 VmError::from(crate::snapshot::SnapshotError::Inconsistent(format!(
                     "the saved configuration: {e}"

@@ -423,19 +423,7 @@ fn create_memory(
     Ok(ram)
 }
 
-/// Whether the guest gets an i8254 PIT. A Linux kernel booted with our ACPI tables
-/// (hardware-reduced ACPI) never uses one: its timers are the LAPIC's (TSC deadline) and
-/// kvm-clock. Firmware (which programs the PIT to count time) and a kernel told
-/// `acpi=off` (whose timer check routes the PIT through the I/O APIC) get one. Without it
-/// the VM is one in-kernel device lighter, and its teardown is about 9 ms shorter: KVM
-/// waits for SRCU grace periods when it frees a PIT (measured with `quantix-bench
-/// first-insn`, docs/vmm.md).
-pub fn needs_pit(boot: &BootSource) -> bool {
-    match boot {
-        BootSource::Firmware(_) => true,
-        BootSource::Kernel { cmdline, .. } => cmdline.split_whitespace().any(|w| w == "acpi=off"),
-    }
-}
+pub use crate::boot::needs_pit;
 
 /// Step: the in-kernel interrupt controllers (PIC, I/O APIC, local APICs), and the PIT
 /// when the guest uses one ([`needs_pit`]).

@@ -438,6 +438,50 @@ fn a_snapshot_restores_in_a_new_process_and_bad_ones_are_refused() {
         "the restored guest counted on: {first} then {second}"
     );
 
+    // With a configuration: its host side (here the control socket) is taken, its guest
+    // side must match the snapshot's.
+    let mut given = read_state(&one).config;
+    let s4 = dir.join("d.sock");
+    given.api_socket = Some(s4.clone());
+    let cfg = write(
+        &dir,
+        "given.json",
+        serde_json::to_string(&given).unwrap().as_bytes(),
+    );
+    let child = spawn(&[
+        "--restore",
+        one.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--resume",
+    ]);
+    let mut c = connect(&s4);
+    assert_eq!(c(r#"{"op":"state"}"#)["state"], "running");
+    assert_eq!(c(r#"{"op":"shutdown"}"#)["state"], "stopping");
+    let out = wait_limit(child, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(0), "{:?}", summary(&out));
+    given.vcpus = 2;
+    let cfg = write(
+        &dir,
+        "bad.json",
+        serde_json::to_string(&given).unwrap().as_bytes(),
+    );
+    let out = wait_limit(
+        spawn(&[
+            "--restore",
+            one.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ]),
+        Duration::from_secs(20),
+    );
+    let (code, _, err) = summary(&out);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("vCPU count (2) differs from the snapshot's (1)"),
+        "{err}"
+    );
+
     // Damaged: each refused before the VM runs, with what is wrong (exit status 1).
     let refused = |dir: &Path, want: &str| {
         let out = wait_limit(

@@ -269,3 +269,151 @@ pub fn load_chain(
     chain.reverse();
     Ok(chain)
 }
+
+/// The configuration a snapshot is restored with when the caller gives one (`--restore
+/// DIR --config FILE`): the host side from `given` (files, descriptors, sockets, TAPs, the
+/// KVM device, seccomp), the guest side as it was saved, which `given` must match: vCPUs,
+/// memory, boot kind and the PIT it implies, the entropy device, each disk (id, read-only),
+/// each NIC (its MAC, taken from the saved one when `given` has none), the console's
+/// presence, the vsock device and its CID. A restored guest keeps the identity it saw.
+pub fn rebind(saved: &VmConfig, given: &VmConfig) -> Result<VmConfig, SnapshotError> {
+    use quantix_vmm_api::SerialMode;
+    let differ = |what: &str, a: String, b: String| {
+        Err(SnapshotError::Inconsistent(format!(
+            "the given configuration's {what} ({b}) differs from the snapshot's ({a})"
+        )))
+    };
+    if saved.vcpus != given.vcpus {
+        return differ(
+            "vCPU count",
+            saved.vcpus.to_string(),
+            given.vcpus.to_string(),
+        );
+    }
+    if saved.memory != given.memory {
+        return differ(
+            "memory",
+            format!("{} MiB", saved.memory.0),
+            format!("{} MiB", given.memory.0),
+        );
+    }
+    let kind = |c: &VmConfig| match &c.boot {
+        quantix_vmm_api::BootSource::Kernel { .. } => "kernel",
+        quantix_vmm_api::BootSource::Firmware(_) => "firmware",
+    };
+    if kind(saved) != kind(given)
+        || crate::boot::needs_pit(&saved.boot) != crate::boot::needs_pit(&given.boot)
+    {
+        return differ(
+            "boot (kernel or firmware, PIT)",
+            kind(saved).into(),
+            kind(given).into(),
+        );
+    }
+    if saved.rng != given.rng {
+        return differ(
+            "entropy device",
+            saved.rng.to_string(),
+            given.rng.to_string(),
+        );
+    }
+    let disks = |c: &VmConfig| -> Vec<(Option<String>, bool)> {
+        c.disks.iter().map(|d| (d.id.clone(), d.readonly)).collect()
+    };
+    if disks(saved) != disks(given) {
+        return differ(
+            "disks (ids, read-only)",
+            format!("{:?}", disks(saved)),
+            format!("{:?}", disks(given)),
+        );
+    }
+    if saved.nets.len() != given.nets.len() {
+        return differ(
+            "NIC count",
+            saved.nets.len().to_string(),
+            given.nets.len().to_string(),
+        );
+    }
+    let mut out = given.clone();
+    for (i, (s, g)) in saved.nets.iter().zip(out.nets.iter_mut()).enumerate() {
+        match (s.mac, g.mac) {
+            (Some(a), Some(b)) if a != b => {
+                return differ(
+                    &format!("NIC {i} MAC"),
+                    format!("{a:02x?}"),
+                    format!("{b:02x?}"),
+                )
+            }
+            (Some(a), None) => g.mac = Some(a),
+            _ => {}
+        }
+    }
+    let console_on = |c: &VmConfig| c.console != SerialMode::Off;
+    if console_on(saved) != console_on(given) {
+        return differ(
+            "console",
+            console_on(saved).to_string(),
+            console_on(given).to_string(),
+        );
+    }
+    let cid = |c: &VmConfig| c.vsock.as_ref().map(|v| v.cid);
+    if cid(saved) != cid(given) {
+        return differ(
+            "vsock CID",
+            format!("{:?}", cid(saved)),
+            format!("{:?}", cid(given)),
+        );
+    }
+    // The boot payload is not read on a restore; keep the saved one for the record.
+    out.boot = saved.boot.clone();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_given_configuration_rebinds_the_host_side_only() {
+        let mut saved = VmConfig::with_kernel("/k");
+        saved.nets = vec!["tap=qx0,mac=52:54:00:00:00:01".parse().unwrap()];
+        saved.disks = vec!["path=/a.img,id=data".parse().unwrap()];
+        saved.vsock = Some("cid=3,socket=/a.sock".parse().unwrap());
+        let mut given = saved.clone();
+        given.nets = vec!["tap=qx9".parse().unwrap()];
+        given.disks = vec!["path=/dev/fd/7,id=data".parse().unwrap()];
+        given.vsock = Some("cid=3,socket=/b.sock".parse().unwrap());
+        given.boot = quantix_vmm_api::BootSource::Kernel {
+            kernel: "/other".into(),
+            initramfs: None,
+            cmdline: "console=ttyS0".into(),
+        };
+        let out = rebind(&saved, &given).unwrap();
+        assert_eq!(
+            out.nets[0].mac, saved.nets[0].mac,
+            "the saved MAC when none is given"
+        );
+        assert_eq!(out.disks[0].path, std::path::PathBuf::from("/dev/fd/7"));
+        assert_eq!(
+            out.vsock.as_ref().unwrap().socket,
+            std::path::PathBuf::from("/b.sock")
+        );
+        assert_eq!(out.boot, saved.boot);
+
+        let refused = |f: &dyn Fn(&mut VmConfig)| {
+            let mut g = given.clone();
+            f(&mut g);
+            rebind(&saved, &g).unwrap_err().to_string()
+        };
+        assert!(refused(&|g| g.vcpus = 2).contains("vCPU count"));
+        assert!(refused(&|g| g.memory = "1G".parse().unwrap()).contains("memory"));
+        assert!(refused(&|g| g.nets[0].mac = Some([2, 0, 0, 0, 0, 9])).contains("NIC 0 MAC"));
+        assert!(refused(&|g| g.disks.clear()).contains("disks"));
+        assert!(refused(&|g| g.vsock = None).contains("vsock CID"));
+        assert!(refused(&|g| g.rng = !g.rng).contains("entropy"));
+        assert!(
+            refused(&|g| g.boot = quantix_vmm_api::BootSource::Firmware("/fw".into()))
+                .contains("boot")
+        );
+    }
+}
