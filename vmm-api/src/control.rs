@@ -68,8 +68,11 @@ pub enum Request {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AfterSnapshot {
-    /// Run on (the default).
+    /// Go back to what it was doing: a running VM runs on, a paused one stays paused (the
+    /// default).
     #[default]
+    Keep,
+    /// Run, even if it was paused before.
     Resume,
     /// Stay paused.
     Pause,
@@ -106,7 +109,7 @@ impl Request {
         Request::PowerButton {},
         Request::Snapshot {
             dir: String::new(),
-            after: AfterSnapshot::Resume,
+            after: AfterSnapshot::Keep,
             diff: false,
         },
     ];

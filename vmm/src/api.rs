@@ -168,6 +168,7 @@ fn answer(
                 .snapshot
                 .as_ref()
                 .ok_or_else(|| unsupported("this VM cannot take snapshots"))?;
+            let was_paused = info.pause.as_ref().is_some_and(|p| p.paused());
             let mut reply = s.snapshot(Path::new(dir), *diff).map_err(|e| match e {
                 crate::control::SnapshotFailure::NoBase(why) => ErrorReply::new(
                     ErrorCode::Conflict,
@@ -178,13 +179,16 @@ fn answer(
                     format!("cannot take the snapshot: {why}"),
                 ),
             })?;
-            reply.state = match after {
-                AfterSnapshot::Resume => {
-                    if let Some(p) = &info.pause {
-                        p.resume();
-                    }
+            let resume = || match &info.pause {
+                Some(p) => {
+                    p.resume();
                     RunState::Running
                 }
+                None => RunState::Paused,
+            };
+            reply.state = match after {
+                AfterSnapshot::Keep if was_paused => RunState::Paused,
+                AfterSnapshot::Keep | AfterSnapshot::Resume => resume(),
                 AfterSnapshot::Pause => RunState::Paused,
                 AfterSnapshot::Stop => {
                     info!("stopping after the snapshot, as asked");

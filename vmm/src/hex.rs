@@ -88,7 +88,7 @@ mod tests {
         assert_eq!(decode("00AB").unwrap(), [0, 0xab]);
         assert!(decode("abc").is_err());
         assert!(decode("zz").is_err());
-        assert!(decode("é0").is_err());
+        assert!(decode("é").is_err(), "two bytes, not hex digits");
         assert!(decode(&"0".repeat(70_000)).is_err());
     }
 }

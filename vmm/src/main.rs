@@ -28,7 +28,8 @@ struct Cli {
     /// Restore the VM saved in this snapshot directory (its `vmstate` and `memory`), with
     /// its saved configuration, instead of booting; it waits paused for a `resume` on the
     /// control socket unless --resume is given. Of the VM flags only --api-socket may be
-    /// given (a restored copy next to the original needs its own control socket); or
+    /// given (a restored copy next to the original needs its own control socket), and
+    /// --kvm and --seccomp, which apply as for a boot (never the saved values); or
     /// --config FILE, whose host side (files, descriptors, sockets, TAPs) replaces the
     /// saved one, its guest side (vCPUs, memory, devices, MACs, CID) matching it.
     #[arg(long, value_name = "DIR", conflicts_with_all = RESTORE_CONFLICTS)]
@@ -130,7 +131,7 @@ const VM_FLAGS: [&str; 15] = [
 ];
 
 /// The flags a restore takes from the snapshot instead.
-const RESTORE_CONFLICTS: [&str; 14] = [
+const RESTORE_CONFLICTS: [&str; 12] = [
     "kernel",
     "initramfs",
     "cmdline",
@@ -143,8 +144,6 @@ const RESTORE_CONFLICTS: [&str; 14] = [
     "nets",
     "console",
     "vsock",
-    "kvm",
-    "seccomp",
 ];
 
 /// Reads `--config FILE` (`-`: standard input), at most the contract's size cap.
@@ -221,6 +220,8 @@ fn main() -> ExitCode {
             dir,
             config,
             api_socket: cli.api_socket,
+            kvm: cli.kvm,
+            seccomp: cli.seccomp,
             resume: cli.resume,
         };
         return finish(

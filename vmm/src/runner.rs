@@ -256,6 +256,11 @@ pub enum Start {
         /// A control socket instead of the saved one (a restored copy beside the
         /// original needs its own).
         api_socket: Option<std::path::PathBuf>,
+        /// The KVM device (`--kvm`), without `config`.
+        kvm: std::path::PathBuf,
+        /// The seccomp mode (`--seccomp`), without `config`: a snapshot's own choice is
+        /// never taken.
+        seccomp: crate::seccomp::Mode,
         /// Run the guest at once; otherwise it waits paused for a `resume`.
         resume: bool,
     },
@@ -288,9 +293,15 @@ pub fn run_start(
             dir,
             config,
             api_socket,
+            kvm,
+            seccomp,
             resume,
         } => {
             let mut state = read_snapshot(&dir)?;
+            if config.is_none() {
+                state.config.kvm = kvm;
+                state.config.seccomp = seccomp;
+            }
             if let Some(given) = config {
                 state.config =
                     crate::snapshot::rebind(&state.config, &given).map_err(VmError::from)?;

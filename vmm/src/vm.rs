@@ -121,7 +121,7 @@ impl Vm {
         let config = state.config.clone();
         let kvm = open_kvm(&config.kvm)?;
         check_caps(&kvm)?;
-        crate::cpu::state::check_xsave_size(xsave2_size(&kvm))
+        let fits = crate::cpu::state::check_xsave_size(xsave2_size(&kvm))
             .map_err(snapshot::SnapshotError::from)?;
         // A diff stands on its parents: the full snapshot at the root is mapped, each
         // diff's pages are copied over it, oldest first, this one's last.
@@ -170,7 +170,7 @@ impl Vm {
             .restore(&vm.fd, needs_pit(&config.boot))
             .map_err(snapshot::SnapshotError::from)?;
         for (vcpu, saved) in vm.vcpus.iter_mut().zip(state.vcpus) {
-            vcpu.restore_at_start(saved);
+            vcpu.restore_at_start(saved, fits);
         }
         crate::control::PauseControl::pause(&*vm.pauser).map_err(|e| VmError::Host {
             what: "pausing the restored VM",
@@ -362,18 +362,19 @@ fn xsave2_size(kvm: &Kvm) -> usize {
 /// On most hosts that is KVM's supported set as the VMM normalised it; on a PVM host,
 /// where guest CPUID cannot be filtered, it is the host CPU's own.
 fn check_cpuid(vcpus: &[Vcpu], state: &SnapshotState) -> Result<(), VmError> {
-    let (Some(vcpu), Some(saved)) = (vcpus.first(), state.vcpus.first()) else {
-        return Ok(());
-    };
-    let here = vcpu
-        .fd()
-        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("GET_CPUID2"))?;
-    cpuid::check_compatible(&saved.cpuid, here.as_slice()).map_err(|e| {
-        VmError::from(snapshot::SnapshotError::Inconsistent(format!(
-            "this host cannot run the saved guest: {e}"
-        )))
-    })
+    for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
+        let here = vcpu
+            .fd()
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("GET_CPUID2"))?;
+        cpuid::check_compatible(&saved.cpuid, here.as_slice()).map_err(|e| {
+            VmError::from(snapshot::SnapshotError::Inconsistent(format!(
+                "this host cannot run the saved guest's vCPU {}: {e}",
+                saved.index
+            )))
+        })?;
+    }
+    Ok(())
 }
 
 /// Step: the serial port's and the console's host ends (files, ptys, sockets), opened

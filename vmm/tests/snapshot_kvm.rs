@@ -335,7 +335,7 @@ fn a_snapshot_restores_in_a_new_process_and_bad_ones_are_refused() {
         return;
     }
     let dir = scratch("snapshot-process");
-    for d in ["one", "two", "three"] {
+    for d in ["one", "two", "three", "four"] {
         let _ = std::fs::remove_dir_all(dir.join(d));
     }
     let kernel = write(&dir, "k.elf", &elf64(&register_guest()));
@@ -377,19 +377,27 @@ fn a_snapshot_restores_in_a_new_process_and_bad_ones_are_refused() {
     assert_eq!(out.status.code(), Some(0), "{:?}", summary(&out));
     let first = read_state(&one).vcpus[0].regs.r15;
 
-    // Restored in a new process with its own control socket, running at once.
+    // Restored in a new process with its own control socket; it waits paused.
     let child = spawn(&[
         "--restore",
         one.to_str().unwrap(),
-        "--resume",
         "--api-socket",
         s2.to_str().unwrap(),
     ]);
     let mut c = connect(&s2);
     let st = c(r#"{"op":"state"}"#);
-    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(st["state"], "paused", "{st}");
     assert_eq!(st["boot"], "restored");
-    std::thread::sleep(Duration::from_millis(300));
+    // A relative directory is refused (and the filtered VMM lives on).
+    let relative = c(r#"{"op":"snapshot","dir":"relative/snap"}"#);
+    assert!(
+        relative["error"]
+            .as_str()
+            .unwrap()
+            .contains("not an absolute path"),
+        "{relative}"
+    );
+    assert_eq!(c(r#"{"op":"state"}"#)["state"], "paused");
     // A restored VMM has no base for a diff until its first full snapshot.
     let no_base = c(&format!(
         r#"{{"op":"snapshot","dir":"{}","diff":true}}"#,
@@ -403,6 +411,12 @@ fn a_snapshot_restores_in_a_new_process_and_bad_ones_are_refused() {
     ));
     assert_eq!(reply["ok"], true, "{reply}");
     assert_eq!(reply["state"], "running");
+    // Saved before it ran a single instruction: exactly where the first snapshot left it.
+    assert_eq!(
+        read_state(&two).vcpus[0].regs.r15,
+        first,
+        "restored exactly"
+    );
     std::thread::sleep(Duration::from_millis(100));
     let three = dir.join("three");
     let reply = c(&format!(
@@ -429,14 +443,24 @@ fn a_snapshot_restores_in_a_new_process_and_bad_ones_are_refused() {
     ]);
     let mut c = connect(&s3);
     assert_eq!(c(r#"{"op":"state"}"#)["state"], "paused");
+    // Saved again at once (paused, `after` keeps it so): the diff's state exactly.
+    let four = dir.join("four");
+    let _ = std::fs::remove_dir_all(&four);
+    let reply = c(&format!(
+        r#"{{"op":"snapshot","dir":"{}"}}"#,
+        four.display()
+    ));
+    assert_eq!(reply["state"], "paused", "{reply}");
+    assert_eq!(
+        read_state(&four).vcpus[0].regs.r15,
+        third,
+        "the diff restored exactly"
+    );
     assert_eq!(c(r#"{"op":"resume"}"#)["state"], "running");
     assert_eq!(c(r#"{"op":"shutdown"}"#)["state"], "stopping");
     let out = wait_limit(child, Duration::from_secs(20));
     assert_eq!(out.status.code(), Some(0), "{:?}", summary(&out));
-    assert!(
-        second > first,
-        "the restored guest counted on: {first} then {second}"
-    );
+    assert_eq!(second, first);
 
     // With a configuration: its host side (here the control socket) is taken, its guest
     // side must match the snapshot's.

@@ -114,7 +114,7 @@ fn normalize_entry(
 
 /// The feature words a restore compares: (leaf, subleaf, register name, mask of bits the
 /// VMM sets itself or that follow the guest's control registers rather than the host).
-const FEATURE_WORDS: [(u32, u32, &str, u32); 6] = [
+const FEATURE_WORDS: [(u32, u32, &str, u32); 9] = [
     // HYPERVISOR and TSC_DEADLINE are ours; OSXSAVE (27) mirrors the guest's CR4.
     (0x1, 0, "ecx", ECX_HYPERVISOR | ECX_TSC_DEADLINE | (1 << 27)),
     (0x1, 0, "edx", EDX_HTT),
@@ -122,6 +122,9 @@ const FEATURE_WORDS: [(u32, u32, &str, u32); 6] = [
     // OSPKE (4) mirrors the guest's CR4.
     (0x7, 0, "ecx", 1 << 4),
     (0x7, 0, "edx", 0),
+    (0x7, 1, "eax", 0),
+    (0xd, 1, "eax", 0),
+    (0x8000_0001, 0, "ecx", 0),
     (0x8000_0001, 0, "edx", 0),
 ];
 

@@ -269,12 +269,17 @@ fn invalid(vcpu: u8, what: &'static str, reason: impl Into<String>) -> StateErro
 
 /// Checks that this host's XSAVE area fits `KVM_GET_XSAVE`'s 4 KiB (`xsave2_size` is
 /// `KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)`, 0 where the capability is absent).
-pub fn check_xsave_size(xsave2_size: usize) -> Result<(), StateError> {
+pub fn check_xsave_size(xsave2_size: usize) -> Result<XsaveFits, StateError> {
     if xsave2_size > XSAVE_WORDS * 4 {
         return Err(StateError::XsaveTooLarge(xsave2_size));
     }
-    Ok(())
+    Ok(XsaveFits(()))
 }
+
+/// Proof that this host's XSAVE area fits 4 KiB (from [`check_xsave_size`]), which
+/// loading a state needs: `KVM_SET_XSAVE` reads as many bytes as the host's area holds.
+#[derive(Debug, Clone, Copy)]
+pub struct XsaveFits(());
 
 impl VcpuState {
     /// Reads vCPU `index`'s state; `msr_indices` are the MSRs to save (the host's
@@ -397,10 +402,19 @@ impl VcpuState {
     }
 
     /// Loads the state into `fd`, a vCPU created for the same configuration and not yet
-    /// run. Run on the vCPU's thread; the caller has checked the XSAVE size on this host.
-    pub fn restore(&self, fd: &VcpuFd) -> Result<(), StateError> {
+    /// run. Run on the vCPU's thread; `fits` proves the host's XSAVE area is 4 KiB.
+    pub fn restore(&self, fd: &VcpuFd, fits: XsaveFits) -> Result<(), StateError> {
+        let _ = fits;
         self.validate()?;
         let i = self.index;
+        // The guest's TSC frequency, where this host's differs and KVM can scale it.
+        if let Some(khz) = self.tsc_khz {
+            if fd.get_tsc_khz().ok() != Some(khz) {
+                if let Err(e) = fd.set_tsc_khz(khz) {
+                    tracing::warn!(vcpu = i, khz, error = %e, "cannot give the restored guest its TSC frequency; its time may drift");
+                }
+            }
+        }
         let entries: Vec<kvm_cpuid_entry2> = self
             .cpuid
             .iter()
@@ -426,9 +440,9 @@ impl VcpuState {
         fd.set_sregs(&self.sregs).map_err(kvm(i, "SET_SREGS"))?;
         let mut xsave = kvm_xsave::default();
         xsave.region.copy_from_slice(&self.xsave);
-        // SAFETY: `xsave` is a whole 4 KiB `kvm_xsave`, and the caller checked that this
-        // host's XSAVE area is at most 4 KiB (`check_xsave_size`), so KVM reads no more
-        // than the struct holds.
+        // SAFETY: `xsave` is a whole 4 KiB `kvm_xsave`, and `fits` (only made by
+        // `check_xsave_size`) shows this host's XSAVE area is at most 4 KiB, so KVM reads
+        // no more than the struct holds.
         unsafe { fd.set_xsave(&xsave) }.map_err(kvm(i, "SET_XSAVE"))?;
         let mut xcrs = kvm_xcrs {
             nr_xcrs: self.xcrs.len() as u32,
@@ -493,6 +507,7 @@ fn read_msrs(fd: &VcpuFd, vcpu: u8, indices: &[u32]) -> Result<Vec<Msr>, StateEr
         }
         rest = &rest[consumed..];
     }
+    out.truncate(MAX_SAVED_MSRS);
     Ok(out)
 }
 

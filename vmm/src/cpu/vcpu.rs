@@ -27,7 +27,7 @@ use tracing::{debug, error, warn};
 
 use super::pause::PauseGate;
 use super::recorder::{is_reset_state, ExitKind, ExitRecorder};
-use super::state::VcpuState;
+use super::state::{VcpuState, XsaveFits};
 use crate::exit::{ExitReason, ExitSignal};
 
 thread_local! {
@@ -96,7 +96,7 @@ pub struct Vcpu {
     gate: Arc<PauseGate>,
     counters: Arc<VcpuCounters>,
     /// A saved state to load on the vCPU's thread before it first runs (a restore).
-    restore: Option<Box<VcpuState>>,
+    restore: Option<(Box<VcpuState>, XsaveFits)>,
 }
 
 /// Where a vCPU's I/O exits go.
@@ -187,8 +187,8 @@ impl Vcpu {
 
     /// Loads `state` on the vCPU's own thread when it starts, before its seccomp filter
     /// and before the guest runs (a restore).
-    pub fn restore_at_start(&mut self, state: VcpuState) {
-        self.restore = Some(Box::new(state));
+    pub fn restore_at_start(&mut self, state: VcpuState, fits: XsaveFits) {
+        self.restore = Some((Box::new(state), fits));
     }
 
     /// The vCPU's KVM fd (while the VM is built; its thread owns it once it runs).
@@ -226,8 +226,8 @@ impl Vcpu {
     fn run(mut self, entered: std::sync::mpsc::SyncSender<Result<(), String>>) {
         // A restored vCPU's state, loaded by its own thread before the filter (which does
         // not allow the loading ioctls) and before the guest runs.
-        if let Some(state) = self.restore.take() {
-            if let Err(e) = state.restore(&self.fd) {
+        if let Some((state, fits)) = self.restore.take() {
+            if let Err(e) = state.restore(&self.fd, fits) {
                 let _ = entered.send(Err(format!("restoring vCPU {}: {e}", self.index)));
                 return;
             }

@@ -63,6 +63,29 @@ fn corrupt(reason: impl Into<String>) -> StateFileError {
     StateFileError::Corrupt(reason.into())
 }
 
+/// The checksum of a state body (a child diff records its parent's, so that a chain
+/// cannot be pointed at another VM's snapshot).
+pub fn checksum(body: &[u8]) -> u64 {
+    CRC.checksum(body)
+}
+
+/// Opens `path` for reading: a regular file, not followed through a symlink, never
+/// blocking (a FIFO put in its place is refused instead of hanging the reader).
+pub fn open_regular(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
 /// A state body with its header, as written to disk.
 pub fn encode(body: &[u8]) -> Vec<u8> {
     let mut out = format!(
@@ -130,7 +153,7 @@ pub fn read(path: &Path) -> Result<Vec<u8>, StateFileError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(io)?;
+    let file = open_regular(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
     let limit = MAX_STATE_BYTES + MAX_HEADER as u64;
     if len > limit {

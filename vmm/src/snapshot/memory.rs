@@ -117,6 +117,7 @@ pub fn write_full(
         regions,
         data_bytes,
         parent: None,
+        parent_checksum: None,
         pages: None,
     })
 }
@@ -125,15 +126,19 @@ pub fn write_full(
 pub fn dirty_ranges(regions: &[MemoryRegion], bitmaps: &[Vec<u64>]) -> Vec<PageRange> {
     let mut out: Vec<PageRange> = Vec::new();
     for (r, words) in regions.iter().zip(bitmaps) {
+        // Runs never cross from one region into the next, even where they touch.
+        let first = out.len();
         let pages = r.size / PAGE_SIZE;
         for page in 0..pages {
             let (w, bit) = ((page / 64) as usize, page % 64);
             if words.get(w).is_some_and(|word| word & (1 << bit) != 0) {
                 let addr = r.guest_addr + page * PAGE_SIZE;
+                let extends = out.len() > first
+                    && out
+                        .last()
+                        .is_some_and(|last| last.guest_addr + last.pages * PAGE_SIZE == addr);
                 match out.last_mut() {
-                    Some(last) if last.guest_addr + last.pages * PAGE_SIZE == addr => {
-                        last.pages += 1
-                    }
+                    Some(last) if extends => last.pages += 1,
                     _ => out.push(PageRange {
                         guest_addr: addr,
                         pages: 1,
@@ -192,10 +197,10 @@ pub fn write_diff(
                     path: PathBuf::from("guest memory"),
                     source: io::Error::other(e.to_string()),
                 })?;
-            data_bytes += PAGE_SIZE;
             if page.iter().all(|b| *b == 0) {
                 continue; // a hole reads as zeros
             }
+            data_bytes += PAGE_SIZE;
             let offset = offset_of(&regions, addr).ok_or_else(|| MemoryImageError::Mismatch {
                 path: path.to_path_buf(),
                 reason: format!("dirty page {addr:#x} outside guest RAM"),
@@ -210,6 +215,7 @@ pub fn write_diff(
         regions,
         data_bytes,
         parent: None,
+        parent_checksum: None,
         pages: Some(ranges.to_vec()),
     })
 }
@@ -252,7 +258,7 @@ pub fn apply_diff(
 /// Opens the memory image at `path` for a restore and checks that it is as large as the
 /// state's regions need.
 pub fn open_image(path: &Path, image: &MemoryImage) -> Result<File, MemoryImageError> {
-    let file = File::open(path).map_err(|source| MemoryImageError::Io {
+    let file = super::file::open_regular(path).map_err(|source| MemoryImageError::Io {
         what: "opening",
         path: path.to_path_buf(),
         source,

@@ -93,6 +93,10 @@ pub struct MemoryImage {
     /// diff), as an absolute path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// For a diff snapshot: the checksum of the parent's state body, 16 hex digits (the
+    /// chain is refused if the parent directory holds another snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_checksum: Option<String>,
     /// For a diff snapshot: the pages written since the parent, in address order; every
     /// other page is the parent's. The image holds these pages at their offsets (zero
     /// pages as holes).
@@ -168,6 +172,30 @@ impl SnapshotState {
             ));
         }
         let ram = self.config.memory.bytes();
+        // The regions are the configuration's RAM layout, in order and back to back in the
+        // image, and for firmware one window of at most 16 MiB ending at 4 GiB.
+        let layout = crate::layout::ram_regions(ram);
+        let firmware = matches!(self.config.boot, quantix_vmm_api::BootSource::Firmware(_));
+        let want = layout.len() + usize::from(firmware);
+        if self.memory.regions.len() != want {
+            return bad(format!(
+                "{} memory regions for a layout of {want}",
+                self.memory.regions.len()
+            ));
+        }
+        let mut offset = 0u64;
+        for (i, r) in self.memory.regions.iter().enumerate() {
+            let ok = match layout.get(i) {
+                Some((addr, size)) => r.guest_addr == addr.0 && r.size == *size,
+                None => r.size <= 16 << 20 && r.guest_addr.checked_add(r.size) == Some(1 << 32),
+            };
+            if !ok || r.file_offset != offset {
+                return bad(format!(
+                    "memory region {r:?} is not this configuration's layout"
+                ));
+            }
+            offset = offset.saturating_add(r.size);
+        }
         let mut total = 0u64;
         let mut end_addr = 0u64;
         let mut end_offset = 0u64;
@@ -193,8 +221,18 @@ impl SnapshotState {
             ));
         }
         match (&self.memory.parent, &self.memory.pages) {
-            (None, None) => {}
+            (None, None) if self.memory.parent_checksum.is_none() => {}
             (Some(parent), Some(pages)) => {
+                let sum_ok = self
+                    .memory
+                    .parent_checksum
+                    .as_deref()
+                    .is_some_and(|c| c.len() == 16 && u64::from_str_radix(c, 16).is_ok());
+                if !sum_ok {
+                    return bad(
+                        "a diff snapshot needs its parent's checksum (16 hex digits)".into(),
+                    );
+                }
                 if !parent.starts_with('/') {
                     return bad(format!("the parent {parent:?} is not an absolute path"));
                 }
@@ -255,6 +293,18 @@ pub fn load_chain(
         }
         let dir = std::path::PathBuf::from(&parent);
         let body = file::read(&dir.join(STATE_FILE))?;
+        let want = chain
+            .last()
+            .map_or(&state.memory, |(s, _): &(SnapshotState, _)| &s.memory)
+            .parent_checksum
+            .clone()
+            .unwrap_or_default();
+        let got = format!("{:016x}", file::checksum(&body));
+        if got != want {
+            return Err(SnapshotError::Inconsistent(format!(
+                "the parent snapshot {parent} is not the one this diff was taken on (checksum {got}, expected {want})"
+            )));
+        }
         let base = SnapshotState::parse(&body).map_err(|e| {
             SnapshotError::Inconsistent(format!("the parent snapshot {parent}: {e}"))
         })?;
@@ -414,6 +464,114 @@ mod tests {
         assert!(
             refused(&|g| g.boot = quantix_vmm_api::BootSource::Firmware("/fw".into()))
                 .contains("boot")
+        );
+    }
+
+    /// A real 1-vCPU state (the fuzz target's seed), parsed.
+    fn real() -> SnapshotState {
+        let bytes = include_bytes!("../../../fuzz/seeds/snapshot_state/vmstate-1vcpu");
+        SnapshotState::parse(file::decode(bytes).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn validate_refuses_what_parsing_lets_through() {
+        let good = real();
+        assert!(good.validate().is_ok());
+        let refused = |f: &dyn Fn(&mut SnapshotState)| {
+            let mut s = good.clone();
+            f(&mut s);
+            s.validate().unwrap_err().to_string()
+        };
+        let diff = |s: &mut SnapshotState| {
+            s.memory.parent = Some("/snap/base".into());
+            s.memory.parent_checksum = Some("0123456789abcdef".into());
+            s.memory.pages = Some(vec![PageRange {
+                guest_addr: 0x20_0000,
+                pages: 1,
+            }]);
+        };
+        let mut d = good.clone();
+        diff(&mut d);
+        assert!(d.validate().is_ok(), "a well-formed diff");
+        assert!(refused(&|s| s.vcpus.clear()).contains("0 vCPU states"));
+        assert!(refused(&|s| s.vcpus[0].index = 1).contains("is for vCPU 1"));
+        assert!(refused(&|s| s.vcpus[0].lapic.pop().map_or((), drop)).contains("local APIC"));
+        assert!(refused(&|s| s.memory.file = "../../etc/passwd".into()).contains("not \"memory\""));
+        assert!(refused(&|s| s.memory.regions[0].size += 4096).contains("layout"));
+        assert!(refused(&|s| s.memory.regions[0].file_offset = 4096).contains("layout"));
+        assert!(refused(&|s| s.memory.regions.push(s.memory.regions[0]))
+            .contains("regions for a layout"));
+        assert!(refused(&|s| s.config.vcpus = 0).contains("configuration"));
+        assert!(refused(&|s| {
+            diff(s);
+            s.memory.parent = Some("relative/base".into());
+        })
+        .contains("not an absolute path"));
+        assert!(refused(&|s| {
+            diff(s);
+            s.memory.parent_checksum = None;
+        })
+        .contains("checksum"));
+        assert!(refused(&|s| {
+            diff(s);
+            s.memory.pages = Some(vec![PageRange {
+                guest_addr: 64 << 20,
+                pages: 1,
+            }]);
+        })
+        .contains("outside guest RAM"));
+        assert!(refused(&|s| {
+            diff(s);
+            s.memory.pages = Some(vec![
+                PageRange {
+                    guest_addr: 0x3000,
+                    pages: 1,
+                },
+                PageRange {
+                    guest_addr: 0x1000,
+                    pages: 1,
+                },
+            ]);
+        })
+        .contains("unordered"));
+        assert!(refused(&|s| {
+            diff(s);
+            s.memory.pages = Some(vec![PageRange {
+                guest_addr: 0x1000,
+                pages: u64::MAX,
+            }]);
+        })
+        .contains("outside guest RAM"));
+        assert!(refused(&|s| s.memory.pages = Some(Vec::new())).contains("needs both"));
+    }
+
+    #[test]
+    fn dirty_runs_stop_at_region_boundaries() {
+        let regions = [
+            MemoryRegion {
+                guest_addr: 0,
+                size: 2 * PAGE_SIZE,
+                file_offset: 0,
+            },
+            MemoryRegion {
+                guest_addr: 2 * PAGE_SIZE,
+                size: 2 * PAGE_SIZE,
+                file_offset: 2 * PAGE_SIZE,
+            },
+        ];
+        let r = memory::dirty_ranges(&regions, &[vec![0b10], vec![0b01]]);
+        assert_eq!(
+            r,
+            [
+                PageRange {
+                    guest_addr: PAGE_SIZE,
+                    pages: 1
+                },
+                PageRange {
+                    guest_addr: 2 * PAGE_SIZE,
+                    pages: 1
+                }
+            ]
         );
     }
 }

@@ -58,7 +58,7 @@ pub struct Snapshotter {
     /// The last snapshot's directory, since which KVM's dirty log and the device record
     /// hold every written page; `None` until a full snapshot (or after a failed diff,
     /// which consumed the record).
-    base: std::sync::Mutex<Option<std::path::PathBuf>>,
+    base: std::sync::Mutex<Option<(std::path::PathBuf, u64)>>,
 }
 
 impl std::fmt::Debug for Snapshotter {
@@ -106,7 +106,8 @@ impl Snapshotter {
         }
     }
 
-    fn base(&self) -> std::sync::MutexGuard<'_, Option<std::path::PathBuf>> {
+    /// The base of the next diff: its directory and its state body's checksum.
+    fn base(&self) -> std::sync::MutexGuard<'_, Option<(std::path::PathBuf, u64)>> {
         self.base.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -121,6 +122,14 @@ impl Snapshotter {
         progress: impl FnMut(u64, u64),
     ) -> Result<Taken, SnapshotError> {
         check_xsave_size(self.xsave2_size)?;
+        // Absolute, so that a diff's record of its parent means the same later (and
+        // because the filtered main thread may not ask for its working directory).
+        if !dir.is_absolute() {
+            return Err(SnapshotError::Other(format!(
+                "the snapshot directory {} is not an absolute path",
+                dir.display()
+            )));
+        }
         let parent = match kind {
             Kind::Full => None,
             Kind::Diff => Some(self.base().clone().ok_or(SnapshotError::NoBase)?),
@@ -133,12 +142,11 @@ impl Snapshotter {
         })?;
         let was_paused = self.pauser.is_paused();
         let start = Instant::now();
-        let result = self.take_into(dir, parent.as_deref(), progress, was_paused);
+        let result = self.take_into(dir, parent.as_ref(), progress, was_paused);
         match result {
-            Ok(mut taken) => {
-                // The next diff applies on this one. (A relative path would change
-                // meaning with the working directory: the parent is recorded absolute.)
-                *self.base() = Some(std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()));
+            Ok((mut taken, checksum)) => {
+                // The next diff applies on this one.
+                *self.base() = Some((dir.to_path_buf(), checksum));
                 taken.total_ms = start.elapsed().as_millis() as u64;
                 info!(
                     dir = %dir.display(),
@@ -151,11 +159,10 @@ impl Snapshotter {
                 Ok(taken)
             }
             Err(e) => {
-                if kind == Kind::Diff {
-                    // The dirty record may have been read and reset: only a full snapshot
-                    // is sound now.
-                    *self.base() = None;
-                }
+                // The dirty record may have been read and reset (by a diff, or by a full
+                // snapshot that turned tracking on again): only a full snapshot is sound
+                // now.
+                *self.base() = None;
                 if let Err(rm) = fs::remove_dir_all(dir) {
                     warn!(dir = %dir.display(), error = %rm, "cannot remove a failed snapshot");
                 }
@@ -170,10 +177,10 @@ impl Snapshotter {
     fn take_into(
         &self,
         dir: &Path,
-        parent: Option<&Path>,
+        parent: Option<&(std::path::PathBuf, u64)>,
         progress: impl FnMut(u64, u64),
         was_paused: bool,
-    ) -> Result<Taken, SnapshotError> {
+    ) -> Result<(Taken, u64), SnapshotError> {
         let paused_at = Instant::now();
         crate::control::PauseControl::pause(&*self.pauser).map_err(SnapshotError::Other)?;
         let mut vcpus = Vec::with_capacity(usize::from(self.config.vcpus));
@@ -208,7 +215,7 @@ impl Snapshotter {
                     .map_err(|e| SnapshotError::Other(e.to_string()))?;
                 memory::write_full(&self.ram, &path, progress)?
             }
-            Some(parent) => {
+            Some((parent, parent_checksum)) => {
                 let bitmaps = self
                     .ram
                     .take_dirty_bitmaps(&self.vm)
@@ -216,6 +223,7 @@ impl Snapshotter {
                 let ranges = memory::dirty_ranges(&memory::regions_of(&self.ram), &bitmaps);
                 let mut image = memory::write_diff(&self.ram, &path, &ranges)?;
                 image.parent = Some(parent.display().to_string());
+                image.parent_checksum = Some(format!("{parent_checksum:016x}"));
                 image
             }
         };
@@ -231,7 +239,8 @@ impl Snapshotter {
             devices,
         };
         state.validate()?;
-        file::write(&dir.join(STATE_FILE), &state.to_body()?)?;
+        let body = state.to_body()?;
+        file::write(&dir.join(STATE_FILE), &body)?;
         let memory_bytes = state
             .memory
             .regions
@@ -239,7 +248,7 @@ impl Snapshotter {
             .map(|r| r.file_offset + r.size)
             .max()
             .unwrap_or(0);
-        Ok(Taken {
+        let taken = Taken {
             vcpus: self.config.vcpus,
             memory_bytes,
             data_bytes: state.memory.data_bytes,
@@ -249,7 +258,8 @@ impl Snapshotter {
                 paused_at.elapsed().as_millis() as u64
             },
             total_ms: 0,
-        })
+        };
+        Ok((taken, file::checksum(&body)))
     }
 }
 
