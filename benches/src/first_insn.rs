@@ -35,6 +35,10 @@ pub const QUANTIX_FIRMWARE: &str = "quantix-firmware";
 pub const QEMU_PVH: &str = "qemu-pvh";
 /// QEMU microvm with the firmware guest.
 pub const QEMU_FIRMWARE: &str = "qemu-firmware";
+/// Target: restore-to-running of a tiny guest on this host, ms (the snapshot issue).
+pub const RESTORE_TARGET_MS: f64 = 10.0;
+/// quantix-vmm restoring a snapshot of the spinning guest (`guest::elf64_restore`).
+pub const QUANTIX_RESTORE: &str = "quantix-restore";
 /// Firecracker with the ELF guest.
 pub const FIRECRACKER_ELF: &str = "firecracker-elf";
 /// Cloud Hypervisor with the PVH guest.
@@ -149,6 +153,8 @@ pub fn best_ratio(
     let best = |quantix: bool| {
         columns
             .iter()
+            // A restore is another scenario than a boot: not compared with the peers' boots.
+            .filter(|c| c.column.name != QUANTIX_RESTORE)
             .filter(|c| (c.column.vmm == "quantix") == quantix)
             .filter_map(|c| metric(c).map(|m| (c.column.name.clone(), m)))
             .min_by(|a, b| a.1.total_cmp(&b.1))
@@ -253,6 +259,10 @@ pub struct Guests<'a> {
     /// Firecracker's log file (without `--log-path` it logs on stdout, which the guest's
     /// serial port shares).
     pub fc_log: &'a Path,
+    /// A snapshot of the spinning restore guest with its go flag set, and the
+    /// configuration that puts its serial port on stdout (`prepare_restore`); `None`
+    /// when it could not be made (the column is then skipped with the reason).
+    pub restore: Option<(&'a Path, &'a Path)>,
 }
 
 /// The columns: quantix-vmm with the ELF guest (long mode, kernel boot path) and with
@@ -373,8 +383,111 @@ pub fn columns(o: &FirstInsnOptions, vmm: &Path, g: &Guests<'_>) -> Vec<Column> 
             expect_exit: false,
         },
     ];
+    if let Some((snap, config)) = g.restore {
+        columns.push(Column {
+            name: QUANTIX_RESTORE.into(),
+            vmm: "quantix".into(),
+            guest: "a snapshot of the ELF guest spinning on a flag the image sets; byte, then ACPI poweroff".into(),
+            argv: vec![
+                s(vmm),
+                "--restore".into(),
+                s(snap),
+                "--config".into(),
+                s(config),
+                "--resume".into(),
+                "--log-level".into(),
+                "warn".into(),
+            ],
+            expect_exit: true,
+        });
+    }
     columns.extend(peers);
     columns
+}
+
+/// Boots the restore guest (serial off, a control socket), snapshots it while it spins
+/// (`after: stop`), sets its go flag in the snapshot's memory image, and writes the
+/// configuration a restore rebinds to (serial on stdout, no control socket). Returns the
+/// snapshot directory and that configuration.
+pub fn prepare_restore(
+    vmm: &Path,
+    dir: &Path,
+    memory_mib: u32,
+) -> Result<(PathBuf, PathBuf), String> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::fs::FileExt;
+    let elf = dir.join("restore.elf");
+    fs::write(&elf, guest::elf64_restore())
+        .map_err(|e| format!("writing {}: {e}", elf.display()))?;
+    let sock = dir.join("restore.sock");
+    let snap = dir.join("restore-snapshot");
+    let _ = fs::remove_dir_all(&snap);
+    let mut child = Command::new(vmm)
+        .args([
+            "--kernel",
+            &elf.display().to_string(),
+            "--memory",
+            &memory_mib.to_string(),
+        ])
+        .args([
+            "--serial",
+            "off",
+            "--log-level",
+            "warn",
+            "--api-socket",
+            &sock.display().to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", vmm.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stream = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => {
+                let _ = child.kill();
+                return Err(format!("the control socket did not come up: {e}"));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    // Let the guest reach its loop.
+    std::thread::sleep(Duration::from_millis(50));
+    let request = serde_json::json!({"op": "snapshot", "dir": snap, "after": "stop"});
+    let mut w = stream.try_clone().map_err(|e| e.to_string())?;
+    writeln!(w, "{request}").map_err(|e| format!("sending the snapshot request: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(|e| format!("reading the snapshot reply: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !reply.contains("\"ok\":true") || !out.status.success() {
+        return Err(format!(
+            "the snapshot failed: {} ({}); {}",
+            reply.trim(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    // The go flag, in the image (RAM's first region starts the file).
+    let memory = OpenOptions::new()
+        .write(true)
+        .open(snap.join("memory"))
+        .map_err(|e| format!("opening the memory image: {e}"))?;
+    memory
+        .write_all_at(&[1], guest::RESTORE_FLAG)
+        .map_err(|e| format!("setting the go flag: {e}"))?;
+    let text = fs::read_to_string(snap.join("vmstate")).map_err(|e| e.to_string())?;
+    let body = text.split_once('\n').map(|(_, b)| b).unwrap_or_default();
+    let state: serde_json::Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
+    let mut config = state["config"].clone();
+    config["serial"] = "stdout".into();
+    config["api_socket"] = serde_json::Value::Null;
+    let path = dir.join("restore.json");
+    fs::write(&path, config.to_string()).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok((snap, path))
 }
 
 /// Runs the benchmark.
@@ -420,17 +533,29 @@ fn run_in(
         "firecracker.json",
         firecracker_config(&elf, o.memory_mib).as_bytes(),
     )?;
+    let prepared = prepare_restore(vmm_bin, dir, o.memory_mib);
     let guests = Guests {
         elf: &elf,
         pvh: &pvh,
         firmware: &fw,
         fc_config: &fc_config,
         fc_log: &fc_log,
+        restore: prepared
+            .as_ref()
+            .ok()
+            .map(|(a, b)| (a.as_path(), b.as_path())),
     };
     let stderr_path = dir.join("stderr");
 
     let mut active = Vec::new();
     let mut skipped = Vec::new();
+    if let Err(reason) = &prepared {
+        skipped.push(Skipped {
+            name: QUANTIX_RESTORE.into(),
+            argv: Vec::new(),
+            reason: reason.clone(),
+        });
+    }
     for col in columns(o, vmm_bin, &guests) {
         if col.vmm != "quantix" {
             // Can this peer run this guest here at all? One try decides.
@@ -497,7 +622,7 @@ fn run_in(
     );
     let mut targets: Vec<Target> = columns
         .iter()
-        .filter(|c| c.column.vmm == "quantix")
+        .filter(|c| c.column.vmm == "quantix" && c.column.name != QUANTIX_RESTORE)
         .map(|c| Target {
             target: format!(
                 "process start → first guest instruction < {FIRST_INSN_TARGET_MS} ms ({})",
@@ -509,6 +634,15 @@ fn run_in(
             met: c.first_byte_ms.map(|s| s.median < FIRST_INSN_TARGET_MS),
         })
         .collect();
+    if let Some(c) = columns.iter().find(|c| c.column.name == QUANTIX_RESTORE) {
+        targets.push(Target {
+            target: format!("restore-to-running ≤ {RESTORE_TARGET_MS} ms (spawn → the restored guest's first byte)"),
+            measured: c.first_byte_ms.map_or("not measured".into(), |s| {
+                format!("median {:.2} ms (p90 {:.2})", s.median, s.p90)
+            }),
+            met: c.first_byte_ms.map(|s| s.median <= RESTORE_TARGET_MS),
+        });
+    }
     if o.firecracker.is_some() {
         targets.push(Target {
             target: format!(
@@ -908,6 +1042,7 @@ mod tests {
             firmware: Path::new("/f"),
             fc_config: Path::new("/c"),
             fc_log: Path::new("/l"),
+            restore: None,
         };
         let cols = columns(&o, Path::new("/v"), &g);
         assert_eq!(cols.len(), 5, "no peer columns without their binaries");
@@ -940,6 +1075,21 @@ mod tests {
             ]
         );
         assert_eq!(cols[4].argv.last().map(String::as_str), Some("/f"));
+        let with_restore = Guests {
+            restore: Some((Path::new("/s"), Path::new("/r.json"))),
+            ..g
+        };
+        let r = columns(&o, Path::new("/v"), &with_restore);
+        assert_eq!(
+            r.len(),
+            6,
+            "the restore column comes after quantix's and QEMU's boots"
+        );
+        assert_eq!(r[5].name, QUANTIX_RESTORE);
+        assert_eq!(
+            r[5].argv[..6],
+            ["/v", "--restore", "/s", "--config", "/r.json", "--resume"]
+        );
         assert!(cols[4].argv.contains(&"-bios".to_string()));
         let all = [
             m("quantix-elf", true, Some(100.0), None),

@@ -43,6 +43,27 @@ pub fn code(long_mode: bool) -> Vec<u8> {
     v
 }
 
+/// Where [`elf64_restore`]'s guest polls for its go signal (2 MiB, zeroed RAM).
+pub const RESTORE_FLAG: u64 = 0x20_0000;
+
+/// A guest for timing restores: it spins until the byte at [`RESTORE_FLAG`] is non-zero,
+/// then does what [`code`] does (the byte to COM1, power off). It is snapshotted while it
+/// spins; the benchmark then sets the flag in the snapshot's memory image, so the first
+/// byte after a restore comes as soon as the restored vCPU runs.
+///
+/// ```text
+///   0: 80 3c 25 00 00 20 00 00   cmp byte [0x200000], 0
+///   8: 74 f6                     je 0
+///  10: (code)
+/// ```
+pub fn elf64_restore() -> Vec<u8> {
+    let mut v = vec![0x80, 0x3c, 0x25];
+    v.extend_from_slice(&(RESTORE_FLAG as u32).to_le_bytes());
+    v.extend_from_slice(&[0x00, 0x74, 0xf6]);
+    v.extend(code(true));
+    elf64_code(&v)
+}
+
 /// A minimal ELF64 executable (one PT_LOAD at [`ELF_LOAD`], no PVH note) whose entry
 /// point is [`code`] in 64-bit mode: quantix-vmm boots it through the Linux 64-bit
 /// boot protocol, so the vCPU's first instruction is the guest's.
