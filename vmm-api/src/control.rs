@@ -95,6 +95,10 @@ pub struct SnapshotReply {
     pub paused_ms: u64,
     /// How long the snapshot took, ms.
     pub total_ms: u64,
+    /// For a diff: the name of the snapshot directory it applies on, which must sit
+    /// beside it when it is restored (absent for a full snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 impl Request {

@@ -205,6 +205,14 @@ fn main() -> ExitCode {
         }
     };
     if let Some(dir) = cli.restore {
+        if cli.seccomp == quantix_vmm::seccomp::Mode::Kill {
+            if let Some(path) = &exit_file {
+                // The SIGSYS handler cannot open files: it writes through this descriptor.
+                if let Err(e) = quantix_vmm::seccomp::trap::prepare_exit_record(path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot prepare the exit record");
+                }
+            }
+        }
         let config = match &cli.config {
             Some(path) => match read_config(path) {
                 Ok(c) => Some(Box::new(c)),

@@ -125,7 +125,7 @@ impl Vm {
             .map_err(snapshot::SnapshotError::from)?;
         // A diff stands on its parents: the full snapshot at the root is mapped, each
         // diff's pages are copied over it, oldest first, this one's last.
-        let chain = snapshot::load_chain(&state)?;
+        let chain = snapshot::load_chain(&state, dir)?;
         let (root_state, root_dir) = match chain.first() {
             Some((s, d)) => (s, d.as_path()),
             None => (&state, dir),

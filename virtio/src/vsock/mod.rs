@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 
 use crate::state::{self, DeviceState, QueueSnapshot, StateError};
@@ -299,12 +299,16 @@ impl VirtioDevice for Vsock {
     fn restore(&mut self, saved: &serde_json::Value) -> Result<(), StateError> {
         let saved: VsockState = state::from_value("vsock", saved)?;
         if saved.cid != self.cid {
-            return Err(StateError::Mismatch(format!(
-                "vsock: saved with guest CID {}, configured with {}",
-                saved.cid, self.cid
-            )));
+            // A copy restored beside the original has a CID of its own: the guest's driver
+            // reads the configuration's CID again when it handles the transport reset.
+            info!(
+                saved = saved.cid,
+                now = self.cid,
+                "vsock: restored with a new guest CID"
+            );
         }
-        // Host sockets do not survive a snapshot: the guest must drop its connections.
+        // Host sockets do not survive a snapshot: the guest must drop its connections (and
+        // reads its CID again).
         self.transport_reset_pending = true;
         Ok(())
     }

@@ -89,8 +89,9 @@ pub struct MemoryImage {
     pub regions: Vec<MemoryRegion>,
     /// Bytes of non-zero pages written.
     pub data_bytes: u64,
-    /// For a diff snapshot: the snapshot directory it applies on (a full one or another
-    /// diff), as an absolute path.
+    /// For a diff snapshot: the name of the snapshot directory it applies on (a full one
+    /// or another diff), which sits beside this one: a chain is kept, moved and restored
+    /// as one directory of snapshots side by side.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
     /// For a diff snapshot: the checksum of the parent's state body, 16 hex digits (the
@@ -233,8 +234,10 @@ impl SnapshotState {
                         "a diff snapshot needs its parent's checksum (16 hex digits)".into(),
                     );
                 }
-                if !parent.starts_with('/') {
-                    return bad(format!("the parent {parent:?} is not an absolute path"));
+                if !is_sibling_name(parent) {
+                    return bad(format!(
+                        "the parent {parent:?} is not the name of a directory beside this one"
+                    ));
                 }
                 let mut next = 0u64;
                 let mut count = 0u64;
@@ -277,12 +280,20 @@ impl SnapshotState {
     }
 }
 
-/// The snapshots a diff stands on, oldest first: the full snapshot at the root, then each
-/// diff up to `state`'s parent, every one read, checked, and with `state`'s memory layout.
-/// Empty for a full snapshot.
+/// Whether `name` can name a parent snapshot: one plain path component (no `/`, not `.`
+/// or `..`, not empty, at most 255 bytes).
+pub fn is_sibling_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && !name.contains('/') && name != "." && name != ".."
+}
+
+/// The snapshots a diff in `dir` stands on, oldest first: the full snapshot at the root,
+/// then each diff up to `state`'s parent, every one read from beside `dir`, checked, and
+/// with `state`'s memory layout. Empty for a full snapshot.
 pub fn load_chain(
     state: &SnapshotState,
+    dir: &std::path::Path,
 ) -> Result<Vec<(SnapshotState, std::path::PathBuf)>, SnapshotError> {
+    let beside = dir.parent().unwrap_or(std::path::Path::new("/"));
     let mut chain = Vec::new();
     let mut next = state.memory.parent.clone();
     while let Some(parent) = next {
@@ -291,7 +302,12 @@ pub fn load_chain(
                 "the chain of diff snapshots is longer than {MAX_CHAIN}"
             )));
         }
-        let dir = std::path::PathBuf::from(&parent);
+        if !is_sibling_name(&parent) {
+            return Err(SnapshotError::Inconsistent(format!(
+                "the parent {parent:?} is not the name of a directory beside this one"
+            )));
+        }
+        let dir = beside.join(&parent);
         let body = file::read(&dir.join(STATE_FILE))?;
         let want = chain
             .last()
@@ -302,15 +318,17 @@ pub fn load_chain(
         let got = format!("{:016x}", file::checksum(&body));
         if got != want {
             return Err(SnapshotError::Inconsistent(format!(
-                "the parent snapshot {parent} is not the one this diff was taken on (checksum {got}, expected {want})"
+                "the parent snapshot {} is not the one this diff was taken on (checksum {got}, expected {want})",
+                dir.display()
             )));
         }
         let base = SnapshotState::parse(&body).map_err(|e| {
-            SnapshotError::Inconsistent(format!("the parent snapshot {parent}: {e}"))
+            SnapshotError::Inconsistent(format!("the parent snapshot {}: {e}", dir.display()))
         })?;
         if base.memory.regions != state.memory.regions || base.config.vcpus != state.config.vcpus {
             return Err(SnapshotError::Inconsistent(format!(
-                "the parent snapshot {parent} is of another VM (its memory or vCPUs differ)"
+                "the parent snapshot {} is of another VM (its memory or vCPUs differ)",
+                dir.display()
             )));
         }
         next = base.memory.parent.clone();
@@ -325,7 +343,9 @@ pub fn load_chain(
 /// KVM device, seccomp), the guest side as it was saved, which `given` must match: vCPUs,
 /// memory, boot kind and the PIT it implies, the entropy device, each disk (id, read-only),
 /// each NIC (its MAC, taken from the saved one when `given` has none), the console's
-/// presence, the vsock device and its CID. A restored guest keeps the identity it saw.
+/// presence, the vsock device. A restored guest keeps the MACs it read at boot (a virtio-net
+/// driver never reads its MAC again); the vsock CID may change: the device's transport
+/// reset after a restore makes the guest's driver read it again.
 pub fn rebind(saved: &VmConfig, given: &VmConfig) -> Result<VmConfig, SnapshotError> {
     use quantix_vmm_api::SerialMode;
     let differ = |what: &str, a: String, b: String| {
@@ -388,11 +408,12 @@ pub fn rebind(saved: &VmConfig, given: &VmConfig) -> Result<VmConfig, SnapshotEr
     for (i, (s, g)) in saved.nets.iter().zip(out.nets.iter_mut()).enumerate() {
         match (s.mac, g.mac) {
             (Some(a), Some(b)) if a != b => {
-                return differ(
-                    &format!("NIC {i} MAC"),
-                    format!("{a:02x?}"),
-                    format!("{b:02x?}"),
-                )
+                return Err(SnapshotError::Inconsistent(format!(
+                    "the given configuration's NIC {i} MAC ({}) differs from the snapshot's \
+                     ({}): a restored guest keeps the MAC its driver read at boot",
+                    quantix_vmm_api::mac::format(&b),
+                    quantix_vmm_api::mac::format(&a)
+                )))
             }
             (Some(a), None) => g.mac = Some(a),
             _ => {}
@@ -406,12 +427,13 @@ pub fn rebind(saved: &VmConfig, given: &VmConfig) -> Result<VmConfig, SnapshotEr
             console_on(given).to_string(),
         );
     }
-    let cid = |c: &VmConfig| c.vsock.as_ref().map(|v| v.cid);
-    if cid(saved) != cid(given) {
+    // The CID may change (a copy beside the original needs its own): the transport
+    // reset sent after a restore makes the guest read it again.
+    if saved.vsock.is_some() != given.vsock.is_some() {
         return differ(
-            "vsock CID",
-            format!("{:?}", cid(saved)),
-            format!("{:?}", cid(given)),
+            "vsock device",
+            saved.vsock.is_some().to_string(),
+            given.vsock.is_some().to_string(),
         );
     }
     // The boot payload is not read on a restore; keep the saved one for the record.
@@ -459,7 +481,10 @@ mod tests {
         assert!(refused(&|g| g.memory = "1G".parse().unwrap()).contains("memory"));
         assert!(refused(&|g| g.nets[0].mac = Some([2, 0, 0, 0, 0, 9])).contains("NIC 0 MAC"));
         assert!(refused(&|g| g.disks.clear()).contains("disks"));
-        assert!(refused(&|g| g.vsock = None).contains("vsock CID"));
+        assert!(refused(&|g| g.vsock = None).contains("vsock device"));
+        let mut new_cid = given.clone();
+        new_cid.vsock = Some("cid=9,socket=/b.sock".parse().unwrap());
+        assert_eq!(rebind(&saved, &new_cid).unwrap().vsock.unwrap().cid, 9);
         assert!(refused(&|g| g.rng = !g.rng).contains("entropy"));
         assert!(
             refused(&|g| g.boot = quantix_vmm_api::BootSource::Firmware("/fw".into()))
@@ -483,7 +508,7 @@ mod tests {
             s.validate().unwrap_err().to_string()
         };
         let diff = |s: &mut SnapshotState| {
-            s.memory.parent = Some("/snap/base".into());
+            s.memory.parent = Some("base".into());
             s.memory.parent_checksum = Some("0123456789abcdef".into());
             s.memory.pages = Some(vec![PageRange {
                 guest_addr: 0x20_0000,
@@ -504,9 +529,9 @@ mod tests {
         assert!(refused(&|s| s.config.vcpus = 0).contains("configuration"));
         assert!(refused(&|s| {
             diff(s);
-            s.memory.parent = Some("relative/base".into());
+            s.memory.parent = Some("../base".into());
         })
-        .contains("not an absolute path"));
+        .contains("not the name of a directory beside"));
         assert!(refused(&|s| {
             diff(s);
             s.memory.parent_checksum = None;

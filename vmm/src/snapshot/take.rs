@@ -30,7 +30,7 @@ pub enum Kind {
 }
 
 /// What a snapshot measured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Taken {
     /// vCPUs saved.
     pub vcpus: u8,
@@ -42,6 +42,8 @@ pub struct Taken {
     pub paused_ms: u64,
     /// How long writing took, ms.
     pub total_ms: u64,
+    /// For a diff: the name of the snapshot it applies on.
+    pub parent: Option<String>,
 }
 
 /// Everything a snapshot reads from a VM.
@@ -222,7 +224,12 @@ impl Snapshotter {
                     .map_err(|e| SnapshotError::Other(e.to_string()))?;
                 let ranges = memory::dirty_ranges(&memory::regions_of(&self.ram), &bitmaps);
                 let mut image = memory::write_diff(&self.ram, &path, &ranges)?;
-                image.parent = Some(parent.display().to_string());
+                // By name: a chain is restored from one directory of snapshots side by
+                // side, wherever it has been moved since.
+                image.parent = parent
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(str::to_string);
                 image.parent_checksum = Some(format!("{parent_checksum:016x}"));
                 image
             }
@@ -258,6 +265,7 @@ impl Snapshotter {
                 paused_at.elapsed().as_millis() as u64
             },
             total_ms: 0,
+            parent: state.memory.parent.clone(),
         };
         Ok((taken, file::checksum(&body)))
     }
@@ -291,6 +299,7 @@ impl crate::control::SnapshotControl for Snapshotter {
             data_bytes: taken.data_bytes,
             paused_ms: taken.paused_ms,
             total_ms: taken.total_ms,
+            parent: taken.parent,
         })
     }
 }
