@@ -4,7 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use quantix_vmm_api::control::{parse_reply, Op, ReplyError, MAX_REPLY_BYTES};
+use quantix_vmm_api::control::{parse_reply, Op, ReplyError, Request, MAX_REPLY_BYTES};
+use serde::de::DeserializeOwned;
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -51,7 +52,16 @@ pub enum ControlError {
 
 /// Sends `O`'s request and returns its typed reply, within `limit`.
 pub async fn call<O: Op>(socket: &Path, limit: Duration) -> Result<O::Reply, ControlError> {
-    let request = O::REQUEST;
+    call_request::<O::Reply>(socket, &O::REQUEST, limit).await
+}
+
+/// Sends `request` (an op with parameters) and reads its reply as `R`, the type its op
+/// documents, within `limit`.
+pub async fn call_request<R: DeserializeOwned>(
+    socket: &Path,
+    request: &Request,
+    limit: Duration,
+) -> Result<R, ControlError> {
     let op = request.op();
     let fut = async {
         let stream = UnixStream::connect(socket)
@@ -74,7 +84,7 @@ pub async fn call<O: Op>(socket: &Path, limit: Duration) -> Result<O::Reply, Con
         if n == 0 {
             return Err(ControlError::NoReply { op });
         }
-        Ok(parse_reply::<O::Reply>(&request, line.trim_end())?)
+        Ok(parse_reply::<R>(request, line.trim_end())?)
     };
     tokio::time::timeout(limit, fut)
         .await

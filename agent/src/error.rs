@@ -16,6 +16,9 @@ pub enum AgentError {
     /// No VM has this id.
     #[error("vm_id: no VM with id {0:?}")]
     NotFound(String),
+    /// No snapshot has this id.
+    #[error("snapshot_id: no snapshot with id {0:?}")]
+    SnapshotNotFound(String),
     /// The id or name is taken.
     #[error("{0}")]
     AlreadyExists(String),
@@ -52,7 +55,7 @@ impl AgentError {
     pub fn code(&self) -> tonic::Code {
         match self {
             AgentError::InvalidArgument { .. } => tonic::Code::InvalidArgument,
-            AgentError::NotFound(_) => tonic::Code::NotFound,
+            AgentError::NotFound(_) | AgentError::SnapshotNotFound(_) => tonic::Code::NotFound,
             AgentError::AlreadyExists(_) => tonic::Code::AlreadyExists,
             AgentError::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             AgentError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,

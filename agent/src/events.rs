@@ -40,6 +40,30 @@ impl Events {
         exit: Option<ExitInfo>,
         message: impl Into<String>,
     ) {
+        self.emit_with(vm_id, kind, state, exit, String::new(), message)
+    }
+
+    /// Emits an event about a snapshot (and logs it).
+    pub fn emit_snapshot(
+        &self,
+        vm_id: &str,
+        kind: EventKind,
+        state: VmState,
+        snapshot_id: &str,
+        message: impl Into<String>,
+    ) {
+        self.emit_with(vm_id, kind, state, None, snapshot_id.to_string(), message)
+    }
+
+    fn emit_with(
+        &self,
+        vm_id: &str,
+        kind: EventKind,
+        state: VmState,
+        exit: Option<ExitInfo>,
+        snapshot_id: String,
+        message: impl Into<String>,
+    ) {
         let message = message.into();
         let sequence = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         info!(
@@ -47,6 +71,7 @@ impl Events {
             event = kind.as_str_name(),
             state = state.as_str_name(),
             reason = exit.as_ref().map(|e| e.reason.as_str()).unwrap_or(""),
+            snapshot = snapshot_id.as_str(),
             sequence,
             "{message}"
         );
@@ -58,6 +83,7 @@ impl Events {
             exit,
             message,
             at_unix_ms: crate::now_ms(),
+            snapshot_id,
         });
     }
 

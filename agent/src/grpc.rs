@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 use quantix_proto::v1::node_service_server::NodeService;
 use quantix_proto::v1::vm_service_server::VmService;
 use quantix_proto::v1::{
-    console_input, ConsoleDevice, ConsoleInput, ConsoleOutput, CreateVmRequest, DeleteVmRequest,
-    DeleteVmResponse, EventKind, GetNodeRequest, GetVmRequest, ListVmsRequest, ListVmsResponse,
-    Node, PauseVmRequest, RebootVmRequest, ResumeVmRequest, StartVmRequest, StopVmRequest, Vm,
-    VmEvent, VmState, WatchVmsRequest,
+    console_input, ConsoleDevice, ConsoleInput, ConsoleOutput, CreateVmRequest,
+    DeleteSnapshotRequest, DeleteSnapshotResponse, DeleteVmRequest, DeleteVmResponse, EventKind,
+    GetNodeRequest, GetSnapshotRequest, GetVmRequest, ListSnapshotsRequest, ListSnapshotsResponse,
+    ListVmsRequest, ListVmsResponse, Node, PauseVmRequest, RebootVmRequest, RestoreVmRequest,
+    ResumeVmRequest, Snapshot, SnapshotVmRequest, StartVmRequest, StopVmRequest, Vm, VmEvent,
+    VmState, WatchVmsRequest,
 };
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -268,6 +270,7 @@ impl VmService for Api {
                     exit: vm.status.and_then(|s| s.last_exit),
                     message: "current state".into(),
                     at_unix_ms: crate::now_ms(),
+                    snapshot_id: String::new(),
                 };
                 if tx.send(Ok(ev)).await.is_err() {
                     return;
@@ -422,6 +425,70 @@ impl VmService for Api {
             Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
         // Attaching is audited: a console is a door into the guest.
         self.finish("AttachConsole", &attach.vm_id, &c, true, t, Ok(stream))
+    }
+
+    async fn snapshot_vm(
+        &self,
+        req: Request<SnapshotVmRequest>,
+    ) -> Result<Response<Snapshot>, Status> {
+        let t = Instant::now();
+        let c = self.admit(&req, "SnapshotVm", Role::Admin, t)?;
+        let r = req.into_inner();
+        let res = self
+            .manager
+            .snapshot(&r.vm_id, &r.snapshot_id, r.diff, r.after)
+            .await;
+        self.finish("SnapshotVm", &r.vm_id, &c, true, t, res)
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        let t = Instant::now();
+        let c = self.admit(&req, "ListSnapshots", Role::Viewer, t)?;
+        let r = req.into_inner();
+        let res = self
+            .manager
+            .list_snapshots(&r.vm_id)
+            .map(|snapshots| ListSnapshotsResponse { snapshots });
+        self.finish("ListSnapshots", &r.vm_id, &c, false, t, res)
+    }
+
+    async fn get_snapshot(
+        &self,
+        req: Request<GetSnapshotRequest>,
+    ) -> Result<Response<Snapshot>, Status> {
+        let t = Instant::now();
+        let c = self.admit(&req, "GetSnapshot", Role::Viewer, t)?;
+        let r = req.into_inner();
+        let res = self.manager.get_snapshot(&r.snapshot_id);
+        self.finish("GetSnapshot", "", &c, false, t, res)
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        let t = Instant::now();
+        let c = self.admit(&req, "DeleteSnapshot", Role::Admin, t)?;
+        let r = req.into_inner();
+        let res = self
+            .manager
+            .delete_snapshot(&r.snapshot_id)
+            .map(|()| DeleteSnapshotResponse {});
+        self.finish("DeleteSnapshot", "", &c, true, t, res)
+    }
+
+    async fn restore_vm(&self, req: Request<RestoreVmRequest>) -> Result<Response<Vm>, Status> {
+        let t = Instant::now();
+        let c = self.admit(&req, "RestoreVm", Role::Admin, t)?;
+        let r = req.into_inner();
+        let res = self
+            .manager
+            .restore(&r.snapshot_id, &r.vm_id, r.spec, r.start)
+            .await;
+        self.finish("RestoreVm", &r.vm_id, &c, true, t, res)
     }
 }
 

@@ -31,6 +31,8 @@ use quantix_hostfs::lock::LockError;
 use quantix_hostfs::Access;
 use quantix_vmm_api::control as ctl;
 
+mod snapshot;
+
 /// One file a VM's VMM inherits: which spec field names it, and how it is used.
 struct PlannedFile<'a> {
     field: String,
@@ -323,6 +325,9 @@ pub struct Manager {
     pending: Mutex<HashMap<String, Vm>>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     create_lock: tokio::sync::Mutex<()>,
+    /// Held while snapshot records change together with what stands on them (a diff's
+    /// parent, a VM to restore).
+    snapshot_records: Mutex<()>,
     allocatable: Resources,
 }
 
@@ -401,6 +406,7 @@ impl Manager {
             pending: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
+            snapshot_records: Mutex::new(()),
             allocatable,
         }))
     }
@@ -628,6 +634,18 @@ impl Manager {
         spec: Option<VmSpec>,
         start: bool,
     ) -> Result<Vm, AgentError> {
+        self.create_from(id, spec, start, None).await
+    }
+
+    /// Creates a VM that boots, or (with `restore`, a snapshot id) whose first start
+    /// restores that snapshot.
+    async fn create_from(
+        self: &Arc<Self>,
+        id: &str,
+        spec: Option<VmSpec>,
+        start: bool,
+        restore: Option<&str>,
+    ) -> Result<Vm, AgentError> {
         crate::validate::vm_id("vm_id", id)?;
         let allowed = crate::validate::Allowed {
             images: &self.images,
@@ -637,7 +655,15 @@ impl Manager {
         let guard = self.create_lock.lock().await;
         if let Some(existing) = self.store.get(id)? {
             drop(guard);
-            if existing.spec.as_ref() == Some(&spec) {
+            let same_origin = existing.status.as_ref().is_some_and(|s| {
+                let from = if s.pending_restore.is_empty() {
+                    &s.restored_from
+                } else {
+                    &s.pending_restore
+                };
+                from.as_str() == restore.unwrap_or("")
+            });
+            if existing.spec.as_ref() == Some(&spec) && same_origin {
                 // A retried create-and-start whose start failed (or never happened) starts now.
                 if start && state_of(&existing) == VmState::Created {
                     return self.start(id).await;
@@ -645,7 +671,8 @@ impl Manager {
                 return Ok(existing);
             }
             return Err(AgentError::AlreadyExists(format!(
-                "vm_id: VM {id:?} already exists with a different spec"
+                "vm_id: VM {id:?} already exists with a different spec{}",
+                if restore.is_some() { " or origin" } else { "" }
             )));
         }
         let (taken, _) = self.store.scan(None, 1, |vm| {
@@ -686,6 +713,7 @@ impl Manager {
                 directory: paths.dir.display().to_string(),
                 vsock_socket,
                 nic_macs: macs,
+                pending_restore: restore.unwrap_or_default().to_string(),
                 ..Default::default()
             }),
         };
@@ -698,8 +726,18 @@ impl Manager {
             warn!(vm = %id, error = %e, "cannot write the VM's record into its directory");
         }
         drop(guard);
-        self.events
-            .emit(id, EventKind::Created, VmState::Created, None, "VM created");
+        match restore {
+            Some(snapshot) => self.events.emit_snapshot(
+                id,
+                EventKind::Created,
+                VmState::Created,
+                snapshot,
+                format!("VM created from snapshot {snapshot:?}; its first start restores it"),
+            ),
+            None => self
+                .events
+                .emit(id, EventKind::Created, VmState::Created, None, "VM created"),
+        }
         if start {
             return self.start(id).await;
         }
@@ -936,16 +974,24 @@ impl Manager {
         c
     }
 
-    /// The VMM's arguments: its configuration is the descriptor `config_fd` names.
-    fn vmm_args(&self, paths: &VmPaths, config_fd: &str) -> Vec<String> {
-        vec![
-            "--config".into(),
-            config_fd.into(),
-            "--exit-file".into(),
-            paths.for_vmm(&paths.exit_file(), self.cfg.jail),
-            "--log-format".into(),
-            "json".into(),
-        ]
+    /// The VMM's arguments: its configuration is the descriptor `config_fd` names; with
+    /// `restore` (the snapshot directory as the VMM sees it) it restores that snapshot with
+    /// the configuration's host side, and runs it.
+    fn vmm_args(&self, paths: &VmPaths, config_fd: &str, restore: Option<&str>) -> Vec<String> {
+        let restore = restore
+            .map(|dir| vec!["--restore".to_string(), dir.to_string(), "--resume".into()])
+            .unwrap_or_default();
+        restore
+            .into_iter()
+            .chain([
+                "--config".into(),
+                config_fd.into(),
+                "--exit-file".into(),
+                paths.for_vmm(&paths.exit_file(), self.cfg.jail),
+                "--log-format".into(),
+                "json".into(),
+            ])
+            .collect()
     }
 
     async fn start_locked(
@@ -1033,12 +1079,34 @@ impl Manager {
             }
             return Err(e);
         }
+        // A VM made by RestoreVm restores its snapshot on its first start.
+        let restore = vm
+            .status
+            .as_ref()
+            .map(|s| s.pending_restore.clone())
+            .filter(|s| !s.is_empty());
+        let restore_dir = match &restore {
+            Some(snapshot) => match self.stage_restore(&paths, snapshot, uid) {
+                Ok(dir) => Some(dir),
+                Err(e) => {
+                    if let Some(u) = uid {
+                        self.uids.release(u);
+                    }
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         status_mut(vm).state = VmState::Starting as i32;
         status_mut(vm).last_exit = None;
         self.store.put(vm)?;
 
         let started = Instant::now();
-        let args = self.vmm_args(&paths, &passed_name(files.files.len() - 1));
+        let args = self.vmm_args(
+            &paths,
+            &passed_name(files.files.len() - 1),
+            restore_dir.as_deref(),
+        );
         let spawned = match uid {
             Some(uid) => {
                 let req = crate::jail::JailRequest {
@@ -1129,18 +1197,36 @@ impl Manager {
             }
         };
         let ready = tokio::time::timeout(START_PROBE_LIMIT, probe).await;
+        if matches!(ready, Ok(Ok(()))) || ran(exited.borrow().as_ref()) {
+            if let Some(snapshot) = &restore {
+                // Restored: the next start boots (a reboot, a policy restart).
+                let st = status_mut(vm);
+                st.pending_restore.clear();
+                st.restored_from = snapshot.clone();
+                self.unstage_restore(&paths);
+            } else {
+                status_mut(vm).restored_from.clear();
+            }
+        }
         match ready {
             Ok(Ok(())) => {
-                self.commit(
-                    vm,
-                    VmState::Running,
+                let message = format!(
+                    "VMM pid {pid} running after {} ms{}",
+                    started.elapsed().as_millis(),
+                    restore
+                        .as_ref()
+                        .map(|s| format!(", restored from snapshot {s:?}"))
+                        .unwrap_or_default()
+                );
+                status_mut(vm).state = VmState::Running as i32;
+                self.persist(vm);
+                self.events.emit_snapshot(
+                    &vm.id,
                     EventKind::Started,
-                    None,
-                    format!(
-                        "VMM pid {pid} running after {} ms",
-                        started.elapsed().as_millis()
-                    ),
-                )?;
+                    VmState::Running,
+                    restore.as_deref().unwrap_or(""),
+                    message,
+                );
                 Ok(())
             }
             Ok(Err(())) if ran(exited.borrow().as_ref()) => {
@@ -1600,6 +1686,7 @@ impl Manager {
     /// deletes, removes directories without a record, re-adopts running VMMs and reports the
     /// ones that died meanwhile.
     pub async fn recover(self: &Arc<Self>) -> Result<(), AgentError> {
+        self.recover_snapshots()?;
         let known: std::collections::HashSet<String> =
             self.store.all()?.iter().map(|v| v.id.clone()).collect();
         if let Ok(entries) = std::fs::read_dir(self.cfg.state_dir.join("vms")) {

@@ -6,7 +6,7 @@ use std::ops::Bound;
 use std::path::Path;
 
 use prost::Message;
-use quantix_proto::v1::Vm;
+use quantix_proto::v1::{Snapshot, Vm};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use thiserror::Error;
 
@@ -15,6 +15,8 @@ const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 /// Records that could not be decoded, moved out of `vms` as they were (for a person to
 /// look at); the agent serves the rest.
 const QUARANTINE: TableDefinition<&str, &[u8]> = TableDefinition::new("quarantine");
+/// Snapshot id -> protobuf-encoded `Snapshot` (what it is of, its parent, its sizes).
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 
 /// A store failure.
 #[derive(Debug, Error)]
@@ -30,6 +32,14 @@ pub enum StoreError {
         /// The decoder's error.
         #[source]
         source: prost::DecodeError,
+    },
+    /// A record is kept under another key than its id.
+    #[error("record {id:?} names {names:?}")]
+    Misnamed {
+        /// The key.
+        id: String,
+        /// The id in the record.
+        names: String,
     },
 }
 
@@ -52,6 +62,7 @@ impl Store {
         let tx = db.begin_write().map_err(dberr)?;
         tx.open_table(VMS).map_err(dberr)?;
         tx.open_table(QUARANTINE).map_err(dberr)?;
+        tx.open_table(SNAPSHOTS).map_err(dberr)?;
         tx.commit().map_err(dberr)?;
         let store = Self {
             db,
@@ -223,6 +234,72 @@ impl Store {
     /// Every VM.
     pub fn all(&self) -> Result<Vec<Vm>, StoreError> {
         Ok(self.scan(None, usize::MAX, |_| true)?.0)
+    }
+
+    /// A snapshot's record.
+    pub fn snapshot(&self, id: &str) -> Result<Option<Snapshot>, StoreError> {
+        let tx = self.db.begin_read().map_err(dberr)?;
+        let table = tx.open_table(SNAPSHOTS).map_err(dberr)?;
+        let Some(value) = table.get(id).map_err(dberr)? else {
+            return Ok(None);
+        };
+        decode_snapshot(id, value.value()).map(Some)
+    }
+
+    /// Writes a snapshot's record (insert or replace), durably.
+    pub fn put_snapshot(&self, s: &Snapshot) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self.fail_writes.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StoreError::Db(redb::Error::Io(
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            )));
+        }
+        let bytes = s.encode_to_vec();
+        let tx = self.db.begin_write().map_err(dberr)?;
+        tx.open_table(SNAPSHOTS)
+            .map_err(dberr)?
+            .insert(s.id.as_str(), bytes.as_slice())
+            .map_err(dberr)?;
+        tx.commit().map_err(dberr)
+    }
+
+    /// Removes a snapshot's record; true if it existed.
+    pub fn remove_snapshot(&self, id: &str) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write().map_err(dberr)?;
+        let existed = tx
+            .open_table(SNAPSHOTS)
+            .map_err(dberr)?
+            .remove(id)
+            .map_err(dberr)?
+            .is_some();
+        tx.commit().map_err(dberr)?;
+        Ok(existed)
+    }
+
+    /// Every snapshot, in id order.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>, StoreError> {
+        let tx = self.db.begin_read().map_err(dberr)?;
+        let table = tx.open_table(SNAPSHOTS).map_err(dberr)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(dberr)? {
+            let (k, v) = entry.map_err(dberr)?;
+            out.push(decode_snapshot(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+}
+
+fn decode_snapshot(id: &str, bytes: &[u8]) -> Result<Snapshot, StoreError> {
+    match Snapshot::decode(bytes) {
+        Ok(s) if s.id == id => Ok(s),
+        Ok(s) => Err(StoreError::Misnamed {
+            id: id.to_string(),
+            names: s.id,
+        }),
+        Err(source) => Err(StoreError::Corrupt {
+            id: id.to_string(),
+            source,
+        }),
     }
 }
 

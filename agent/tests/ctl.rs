@@ -332,3 +332,104 @@ fn wait_limit(child: &mut std::process::Child) -> Vec<u8> {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+#[test]
+fn quantixctl_snapshot_and_restore() {
+    if !have_kvm() {
+        eprintln!("SKIPPED: /dev/kvm is not available on this host");
+        return;
+    }
+    let dir = scratch("ctl-snap");
+    let g = guests(&dir);
+    let agent = Agent::start(&dir.join("state"), "ctl-snap");
+    let kernel = g.idle.display().to_string();
+    let out = ctl(
+        &agent,
+        &[
+            "create", "--id", "v1", "--name", "snap-vm", "--memory", "64", "--kernel", &kernel,
+            "--start",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+
+    let v = json(&ctl(
+        &agent,
+        &["-o", "json", "snapshot", "create", "v1", "full1"],
+    ));
+    assert_eq!(v["kind"], "SNAPSHOT_KIND_FULL");
+    assert_eq!(v["vm_id"], "v1");
+    let v = json(&ctl(
+        &agent,
+        &[
+            "-o", "json", "snapshot", "create", "v1", "diff1", "--diff", "--after", "stop",
+        ],
+    ));
+    assert_eq!(v["kind"], "SNAPSHOT_KIND_DIFF");
+    assert_eq!(v["parent_id"], "full1");
+    let out = ctl(&agent, &["snapshot", "list", "v1"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("diff1") && l.contains(" diff ")),
+        "{table}"
+    );
+    let out = ctl(&agent, &["-o", "name", "snapshot", "list"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "full1\ndiff1\n");
+
+    // Exit statuses: not found, failed precondition (a diff stands on it), usage.
+    assert_eq!(
+        ctl(&agent, &["snapshot", "get", "nope"]).status.code(),
+        Some(3)
+    );
+    assert_eq!(
+        ctl(&agent, &["snapshot", "delete", "full1"]).status.code(),
+        Some(5)
+    );
+    assert_eq!(
+        ctl(
+            &agent,
+            &["snapshot", "create", "v1", "x", "--after", "later"]
+        )
+        .status
+        .code(),
+        Some(2)
+    );
+
+    // The source VM still has its name: the copy needs its own.
+    assert_eq!(
+        ctl(&agent, &["restore", "diff1", "--id", "r1"])
+            .status
+            .code(),
+        Some(4)
+    );
+    let v = json(&ctl(
+        &agent,
+        &[
+            "-o",
+            "json",
+            "restore",
+            "diff1",
+            "--id",
+            "r1",
+            "--name",
+            "snap-copy",
+            "--start",
+        ],
+    ));
+    assert_eq!(v["id"], "r1");
+    assert_eq!(v["spec"]["name"], "snap-copy");
+    assert_eq!(v["status"]["state"], "VM_STATE_RUNNING");
+    assert_eq!(v["status"]["restored_from"], "diff1");
+
+    assert!(ctl(&agent, &["delete", "r1", "--force"]).status.success());
+    assert!(ctl(&agent, &["snapshot", "delete", "diff1"])
+        .status
+        .success());
+    assert!(ctl(&agent, &["snapshot", "delete", "full1"])
+        .status
+        .success());
+    let out = ctl(&agent, &["-o", "name", "snapshot", "list"]);
+    assert!(out.stdout.is_empty(), "{out:?}");
+}

@@ -12,9 +12,10 @@ use clap::{Parser, Subcommand};
 use quantix_proto::v1::node_service_client::NodeServiceClient;
 use quantix_proto::v1::vm_service_client::VmServiceClient;
 use quantix_proto::v1::{
-    console_input, ConsoleAttach, ConsoleDevice, ConsoleInput, CreateVmRequest, DeleteVmRequest,
-    GetNodeRequest, GetVmRequest, ListVmsRequest, PauseVmRequest, RebootVmRequest, ResumeVmRequest,
-    StartVmRequest, StopVmRequest, WatchVmsRequest,
+    console_input, ConsoleAttach, ConsoleDevice, ConsoleInput, CreateVmRequest,
+    DeleteSnapshotRequest, DeleteVmRequest, GetNodeRequest, GetSnapshotRequest, GetVmRequest,
+    ListSnapshotsRequest, ListVmsRequest, PauseVmRequest, RebootVmRequest, RestoreVmRequest,
+    ResumeVmRequest, SnapshotVmRequest, StartVmRequest, StopVmRequest, WatchVmsRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
@@ -148,6 +149,33 @@ enum Cmd {
         #[arg(long, value_name = "N")]
         count: Option<usize>,
     },
+    /// Save VMs as snapshots; list and delete them.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotCmd,
+    },
+    /// Create a VM from a snapshot: it goes on from where the snapshot was taken.
+    Restore {
+        /// The snapshot.
+        snapshot: String,
+        /// The new VM's id.
+        #[arg(long)]
+        id: String,
+        /// The new VM's name (default: the snapshot's VM's, which another VM must not
+        /// have).
+        #[arg(long)]
+        name: Option<String>,
+        /// Its cards' TAPs, in order (default: the snapshot's VM's; a copy beside the
+        /// original needs its own), comma-separated.
+        #[arg(long, value_delimiter = ',', value_name = "TAP,...")]
+        taps: Vec<String>,
+        /// Its vsock CID (default: the snapshot's VM's).
+        #[arg(long, value_name = "CID")]
+        cid: Option<u32>,
+        /// Start it now.
+        #[arg(long)]
+        start: bool,
+    },
     /// Show the node's capabilities, capacity and commitments.
     Node,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -157,6 +185,81 @@ enum Cmd {
     },
     /// Print the man page (roff), e.g. `quantixctl man | man -l -`.
     Man,
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCmd {
+    /// Save a running or paused VM's state and memory as snapshot NAME.
+    Create {
+        /// The VM.
+        vm: String,
+        /// The snapshot's id.
+        name: String,
+        /// Only the pages written since this VMM's previous snapshot.
+        #[arg(long)]
+        diff: bool,
+        /// What the VM does afterwards.
+        #[arg(long, value_enum, default_value_t = After::Keep)]
+        after: After,
+    },
+    /// List snapshots (of one VM, or all).
+    List {
+        /// Only this VM's.
+        vm: Option<String>,
+    },
+    /// Show one snapshot.
+    Get {
+        /// The snapshot.
+        name: String,
+    },
+    /// Delete a snapshot (no diff may stand on it).
+    Delete {
+        /// The snapshot.
+        name: String,
+    },
+}
+
+/// What a VM does after its snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum After {
+    /// What it did before.
+    Keep,
+    /// Run.
+    Resume,
+    /// Stay paused.
+    Pause,
+    /// Stop (restore the snapshot to go on).
+    Stop,
+}
+
+impl From<After> for quantix_proto::v1::SnapshotAfter {
+    fn from(a: After) -> Self {
+        match a {
+            After::Keep => Self::Keep,
+            After::Resume => Self::Resume,
+            After::Pause => Self::Pause,
+            After::Stop => Self::Stop,
+        }
+    }
+}
+
+/// While `fut` runs, shows on a terminal's stderr what it waits for and for how long.
+async fn with_progress<F: std::future::Future>(what: String, fut: F) -> F::Output {
+    if !std::io::stderr().is_terminal() {
+        return fut.await;
+    }
+    let started = std::time::Instant::now();
+    tokio::pin!(fut);
+    let out = loop {
+        eprint!("\r{what}: {:.0} s", started.elapsed().as_secs_f64());
+        let _ = std::io::stderr().flush();
+        tokio::select! {
+            out = &mut fut => break out,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    };
+    eprintln!("\r{what}: done in {:.1} s", started.elapsed().as_secs_f64());
+    out
 }
 
 /// A failure with its exit status.
@@ -557,6 +660,119 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Cmd::Completion { .. } | Cmd::Man => {}
+        Cmd::Snapshot { cmd } => match cmd {
+            SnapshotCmd::Create {
+                vm,
+                name,
+                diff,
+                after,
+            } => {
+                let what = format!(
+                    "{} snapshot {name} of VM {vm}",
+                    if diff { "diff" } else { "full" }
+                );
+                let request = SnapshotVmRequest {
+                    vm_id: vm,
+                    snapshot_id: name,
+                    diff,
+                    after: quantix_proto::v1::SnapshotAfter::from(after) as i32,
+                };
+                let s = with_progress(what, vms.snapshot_vm(request))
+                    .await?
+                    .into_inner();
+                output::snapshot_detail(&s, format);
+            }
+            SnapshotCmd::List { vm } => {
+                let list = vms
+                    .list_snapshots(ListSnapshotsRequest {
+                        vm_id: vm.unwrap_or_default(),
+                    })
+                    .await?
+                    .into_inner();
+                output::snapshots(&list.snapshots, format, false);
+            }
+            SnapshotCmd::Get { name } => {
+                let s = vms
+                    .get_snapshot(GetSnapshotRequest { snapshot_id: name })
+                    .await?
+                    .into_inner();
+                output::snapshot_detail(&s, format);
+            }
+            SnapshotCmd::Delete { name } => {
+                vms.delete_snapshot(DeleteSnapshotRequest {
+                    snapshot_id: name.clone(),
+                })
+                .await?;
+                if format == output::Format::Name {
+                    println!("{name}");
+                } else {
+                    println!("snapshot {name} deleted");
+                }
+            }
+        },
+        Cmd::Restore {
+            snapshot,
+            id,
+            name,
+            taps,
+            cid,
+            start,
+        } => {
+            // The snapshot's spec, with what is asked changed; the agent checks the rest.
+            let saved = vms
+                .get_snapshot(GetSnapshotRequest {
+                    snapshot_id: snapshot.clone(),
+                })
+                .await?
+                .into_inner();
+            let mut spec = saved.spec.unwrap_or_default();
+            if let Some(n) = name {
+                spec.name = n;
+            }
+            if !taps.is_empty() {
+                if taps.len() != spec.nics.len() {
+                    return Err(fail(
+                        status::USAGE,
+                        format!(
+                            "--taps: {} given, the snapshot's VM has {} cards",
+                            taps.len(),
+                            spec.nics.len()
+                        ),
+                    ));
+                }
+                for (nic, tap) in spec.nics.iter_mut().zip(taps) {
+                    nic.tap = tap;
+                }
+            }
+            if let Some(c) = cid {
+                match spec.vsock.as_mut() {
+                    Some(v) => v.guest_cid = c,
+                    None => {
+                        return Err(fail(
+                            status::USAGE,
+                            "--cid: the snapshot's VM has no vsock device",
+                        ))
+                    }
+                }
+            }
+            let request = RestoreVmRequest {
+                snapshot_id: snapshot.clone(),
+                vm_id: id.clone(),
+                spec: Some(spec),
+                start,
+            };
+            let vm = if start {
+                with_progress(
+                    format!("restoring VM {id} from snapshot {snapshot}"),
+                    vms.restore_vm(request),
+                )
+                .await?
+            } else {
+                vms.restore_vm(request).await?
+            }
+            .into_inner();
+            output::vms(&[vm], format, true);
+        }
         Cmd::Node => {
             let node = NodeServiceClient::new(channel)
                 .get_node(GetNodeRequest {})

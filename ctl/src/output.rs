@@ -3,7 +3,7 @@
 //! `get -o yaml` is a valid input of `create -f`), and ids (`name`).
 
 use clap::ValueEnum;
-use quantix_proto::v1::{EventKind, Node, Vm, VmEvent, VmState};
+use quantix_proto::v1::{EventKind, Node, Snapshot, SnapshotKind, Vm, VmEvent, VmState};
 use serde::Serialize;
 
 /// An output format.
@@ -114,7 +114,63 @@ pub fn vm_detail(vm: &Vm, format: Format) {
     if format != Format::Table && format != Format::Wide {
         return vms(std::slice::from_ref(vm), format, true);
     }
-    let v = serde_json::to_value(vm).unwrap_or_default();
+    detail(vm);
+}
+
+/// Snapshots, in `format`. `one` prints a single snapshot as an object.
+pub fn snapshots(list: &[Snapshot], format: Format, one: bool) {
+    match format {
+        Format::Json | Format::Yaml if one && list.len() == 1 => document(&list[0], format),
+        Format::Json | Format::Yaml => document(list, format),
+        Format::Name => {
+            for s in list {
+                println!("{}", s.id);
+            }
+        }
+        Format::Table | Format::Wide => {
+            let mib = |b: u64| format!("{:.1}", b as f64 / (1u64 << 20) as f64);
+            println!(
+                "{:<20} {:<20} {:<5} {:<20} {:>8} {:>9} {:>9} {:>9}",
+                "ID", "VM", "KIND", "PARENT", "MEM MiB", "DATA MiB", "DISK MiB", "PAUSED ms"
+            );
+            for s in list {
+                let kind = match SnapshotKind::try_from(s.kind) {
+                    Ok(SnapshotKind::Diff) => "diff",
+                    Ok(SnapshotKind::Full) => "full",
+                    _ => "?",
+                };
+                let parent = if s.parent_id.is_empty() {
+                    "-"
+                } else {
+                    &s.parent_id
+                };
+                println!(
+                    "{:<20} {:<20} {:<5} {:<20} {:>8} {:>9} {:>9} {:>9}",
+                    s.id,
+                    s.vm_id,
+                    kind,
+                    parent,
+                    s.memory_bytes >> 20,
+                    mib(s.data_bytes),
+                    mib(s.disk_bytes),
+                    s.paused_ms
+                );
+            }
+        }
+    }
+}
+
+/// One snapshot in detail (as `vm_detail`).
+pub fn snapshot_detail(s: &Snapshot, format: Format) {
+    if format != Format::Table && format != Format::Wide {
+        return snapshots(std::slice::from_ref(s), format, true);
+    }
+    detail(s);
+}
+
+/// Every field of an API object's canonical form, one per line.
+fn detail<T: Serialize>(object: &T) {
+    let v = serde_json::to_value(object).unwrap_or_default();
     fn walk(prefix: &str, v: &serde_json::Value) {
         match v {
             serde_json::Value::Object(m) => {

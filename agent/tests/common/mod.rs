@@ -173,7 +173,7 @@ pub struct Guests {
 /// about 2 us; far less on hardware KVM). The VMM drops serial output while no client is on
 /// its socket, and the agent attaches a few ms after the VMM binds it: a guest that prints
 /// at its first instruction would print into the void (a real kernel takes longer).
-fn delay() -> Vec<u8> {
+pub fn delay() -> Vec<u8> {
     // mov ecx, 100000; dec ecx; jnz -4
     let mut v = vec![0xb9];
     v.extend_from_slice(&100_000u32.to_le_bytes());

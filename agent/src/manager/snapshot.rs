@@ -1,0 +1,776 @@
+//! Snapshots through the agent (docs/snapshots.md, "Through the agent"): taken by the VM's
+//! VMM into a staging directory inside its jail, moved into the agent's store
+//! (`<state>/snapshots/<id>/`, sealed read-only), recorded with their chain; restored by
+//! a new VM whose first start links the chain into its own jail and runs `quantix-vmm
+//! --restore` with the new VM's configuration.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use quantix_proto::v1::{Snapshot, SnapshotAfter, SnapshotKind};
+use quantix_vmm_api::control::{AfterSnapshot, ErrorCode, ReplyError, RunState};
+
+use super::*;
+
+/// The directory inside a VMM's root where it writes a snapshot, and from where a
+/// restoring VMM reads its chain (`root/snapshots`).
+const STAGE: &str = "snapshots";
+/// The longest chain of diffs the agent restores (the VMM's own limit).
+const MAX_CHAIN: usize = 64;
+/// The copy of a snapshot's record in its directory, from which a lost store is rebuilt.
+const RECORD_FILE: &str = "snapshot.pb";
+
+/// Writes `record` into its directory (atomically, read-only).
+fn write_record_copy(dir: &Path, record: &Snapshot) -> std::io::Result<()> {
+    use prost::Message;
+    let tmp = dir.join(".snapshot.pb.tmp");
+    std::fs::write(&tmp, record.encode_to_vec())?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444))?;
+    std::fs::rename(&tmp, dir.join(RECORD_FILE))
+}
+
+/// Reads the copy back: `None` when missing, too large (over 1 MiB), undecodable or of
+/// another snapshot than the directory's name says.
+fn read_record_copy(dir: &Path, id: &str) -> Option<Snapshot> {
+    use prost::Message;
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(dir.join(RECORD_FILE))
+        .ok()?
+        .take(1 << 20)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    Snapshot::decode(bytes.as_slice())
+        .ok()
+        .filter(|s| s.id == id)
+}
+
+/// How long a VMM may take to write a snapshot of `memory_mib` MiB: 30 s, and 50 ms per
+/// MiB (20 MiB/s, a slow disk), at most 30 min.
+fn snapshot_limit(memory_mib: u64) -> Duration {
+    (Duration::from_secs(30) + Duration::from_millis(memory_mib.saturating_mul(50)))
+        .min(Duration::from_secs(30 * 60))
+}
+
+/// The VMM's `after` for the API's.
+fn after_of(after: i32) -> Result<AfterSnapshot, AgentError> {
+    match SnapshotAfter::try_from(after) {
+        Ok(SnapshotAfter::Unspecified | SnapshotAfter::Keep) => Ok(AfterSnapshot::Keep),
+        Ok(SnapshotAfter::Resume) => Ok(AfterSnapshot::Resume),
+        Ok(SnapshotAfter::Pause) => Ok(AfterSnapshot::Pause),
+        Ok(SnapshotAfter::Stop) => Ok(AfterSnapshot::Stop),
+        Err(_) => Err(AgentError::invalid(
+            "after",
+            format!("{after} is not a SnapshotAfter value"),
+        )),
+    }
+}
+
+/// Bytes the files of `dir` take on disk.
+fn disk_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// Removes `dir` and what it holds, if it exists.
+fn remove_tree(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// A fresh, empty directory `dir` owned by `owner` (uid, gid), mode 0700.
+fn fresh_dir(dir: &Path, owner: (u32, u32)) -> Result<(), AgentError> {
+    let io = |what: &str, e: std::io::Error| {
+        AgentError::Internal(format!("cannot {what} {}: {e}", dir.display()))
+    };
+    remove_tree(dir).map_err(|e| io("clean", e))?;
+    std::fs::create_dir(dir).map_err(|e| io("create", e))?;
+    std::os::unix::fs::chown(dir, Some(owner.0), Some(owner.1)).map_err(|e| io("chown", e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| io("chmod", e))
+}
+
+/// The agent's own uid and gid.
+fn agent_owner() -> (u32, u32) {
+    // SAFETY: geteuid and getegid cannot fail and touch no memory.
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}
+
+/// Makes a snapshot directory the agent's and read-only: a VMM may read its files (through
+/// links in its jail) but no VMM, later given the same uid, may change them.
+fn seal(dir: &Path) -> std::io::Result<()> {
+    let (uid, gid) = agent_owner();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let m = std::fs::symlink_metadata(&path)?;
+        if !m.is_file() {
+            // The VMM writes regular files only; anything else is not ours to keep.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is not a regular file", path.display()),
+            ));
+        }
+        std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))?;
+    }
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// The spec a snapshot records: the VM's, each card's effective MAC written in.
+fn recorded_spec(vm: &Vm, spec: &VmSpec) -> VmSpec {
+    let mut spec = spec.clone();
+    let macs = vm
+        .status
+        .as_ref()
+        .map(|s| s.nic_macs.clone())
+        .unwrap_or_default();
+    for (nic, mac) in spec.nics.iter_mut().zip(macs) {
+        if nic.mac.is_empty() {
+            nic.mac = mac;
+        }
+    }
+    spec
+}
+
+/// The spec a restored VM runs with: `given` (or the snapshot's), each card without a MAC
+/// given the snapshot's, checked to show the guest what it saw when it was saved.
+fn restored_spec(saved: &VmSpec, given: Option<VmSpec>) -> Result<VmSpec, AgentError> {
+    let mut spec = given.unwrap_or_else(|| saved.clone());
+    let differ = |field: &str, what: String| {
+        Err(AgentError::invalid(
+            format!("spec.{field}"),
+            format!("{what}; a restored guest goes on with the hardware it was saved with"),
+        ))
+    };
+    if spec.vcpus != saved.vcpus {
+        return differ(
+            "vcpus",
+            format!("is {}, the snapshot's VM had {}", spec.vcpus, saved.vcpus),
+        );
+    }
+    if spec.memory_mib != saved.memory_mib {
+        return differ(
+            "memory_mib",
+            format!(
+                "is {}, the snapshot's VM had {} MiB",
+                spec.memory_mib, saved.memory_mib
+            ),
+        );
+    }
+    let firmware = |s: &VmSpec| s.boot.as_ref().is_some_and(|b| !b.firmware.is_empty());
+    let cmdline = |s: &VmSpec| {
+        s.boot
+            .as_ref()
+            .map(|b| b.cmdline.clone())
+            .unwrap_or_default()
+    };
+    if firmware(&spec) != firmware(saved) || cmdline(&spec) != cmdline(saved) {
+        return differ(
+            "boot",
+            "boots another way (kernel or firmware, command line) than the snapshot's VM".into(),
+        );
+    }
+    if spec.disks.len() != saved.disks.len() {
+        return differ(
+            "disks",
+            format!(
+                "has {} disks, the snapshot's VM had {}",
+                spec.disks.len(),
+                saved.disks.len()
+            ),
+        );
+    }
+    for (i, (d, s)) in spec.disks.iter().zip(&saved.disks).enumerate() {
+        if d.id != s.id || d.readonly != s.readonly {
+            return differ(
+                &format!("disks[{i}]"),
+                "differs in its id or read-only flag from the snapshot's".into(),
+            );
+        }
+    }
+    if spec.nics.len() != saved.nics.len() {
+        return differ(
+            "nics",
+            format!(
+                "has {} cards, the snapshot's VM had {}",
+                spec.nics.len(),
+                saved.nics.len()
+            ),
+        );
+    }
+    for (i, (n, s)) in spec.nics.iter_mut().zip(&saved.nics).enumerate() {
+        if n.mac.is_empty() {
+            n.mac = s.mac.clone();
+        } else if !n.mac.eq_ignore_ascii_case(&s.mac) {
+            return differ(
+                &format!("nics[{i}].mac"),
+                format!(
+                    "is {}, the guest's driver read {} at boot and never reads it again",
+                    n.mac, s.mac
+                ),
+            );
+        }
+    }
+    if has_virtio_console(&spec) != has_virtio_console(saved) {
+        return differ("console.virtio", "differs from the snapshot's VM".into());
+    }
+    if spec.vsock.is_some() != saved.vsock.is_some() {
+        return differ(
+            "vsock",
+            "differs from the snapshot's VM (present or not)".into(),
+        );
+    }
+    if spec.rng.unwrap_or(true) != saved.rng.unwrap_or(true) {
+        return differ("rng", "differs from the snapshot's VM".into());
+    }
+    Ok(spec)
+}
+
+impl Manager {
+    /// The store's directory of snapshots.
+    fn snapshots_dir(&self) -> PathBuf {
+        self.cfg.state_dir.join("snapshots")
+    }
+
+    /// One snapshot's directory.
+    fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.snapshots_dir().join(id)
+    }
+
+    fn snapshot_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.snapshot_records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One snapshot's record.
+    pub fn get_snapshot(&self, id: &str) -> Result<Snapshot, AgentError> {
+        crate::validate::vm_id("snapshot_id", id)?;
+        self.store
+            .snapshot(id)?
+            .ok_or_else(|| AgentError::SnapshotNotFound(id.to_string()))
+    }
+
+    /// Snapshots (of `vm_id`, or all), oldest first.
+    pub fn list_snapshots(&self, vm_id: &str) -> Result<Vec<Snapshot>, AgentError> {
+        if !vm_id.is_empty() {
+            crate::validate::vm_id("vm_id", vm_id)?;
+        }
+        let mut all: Vec<Snapshot> = self
+            .store
+            .snapshots()?
+            .into_iter()
+            .filter(|s| vm_id.is_empty() || s.vm_id == vm_id)
+            .collect();
+        all.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
+        Ok(all)
+    }
+
+    /// `snapshot` and the snapshots under it, root (the full one) first; each must be in
+    /// the store with its files.
+    fn chain(&self, snapshot: &Snapshot) -> Result<Vec<Snapshot>, AgentError> {
+        let mut chain = vec![snapshot.clone()];
+        let mut next = snapshot.parent_id.clone();
+        while !next.is_empty() {
+            if chain.len() > MAX_CHAIN {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "snapshot {:?} stands on a chain of more than {MAX_CHAIN} diffs",
+                    snapshot.id
+                )));
+            }
+            let parent = self.store.snapshot(&next)?.ok_or_else(|| {
+                AgentError::FailedPrecondition(format!(
+                    "snapshot {:?} is a diff on {next:?}, which is gone",
+                    snapshot.id
+                ))
+            })?;
+            next = parent.parent_id.clone();
+            chain.push(parent);
+        }
+        chain.reverse();
+        for s in &chain {
+            let dir = self.snapshot_dir(&s.id);
+            if !dir.join("vmstate").is_file() {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "snapshot {:?}: its files are missing from {}",
+                    s.id,
+                    dir.display()
+                )));
+            }
+        }
+        Ok(chain)
+    }
+
+    /// Saves a VM as snapshot `snapshot_id`.
+    pub async fn snapshot(
+        self: &Arc<Self>,
+        vm_id: &str,
+        snapshot_id: &str,
+        diff: bool,
+        after: i32,
+    ) -> Result<Snapshot, AgentError> {
+        crate::validate::vm_id("snapshot_id", snapshot_id)?;
+        let after = after_of(after)?;
+        let vm = self.load(vm_id)?;
+        let slot = self.slot_for(&vm)?;
+        let _op = slot.op.lock().await;
+        let mut vm = self.load(vm_id)?;
+        let state = state_of(&vm);
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "VM {vm_id:?} is {}; only a running or paused VM can be snapshotted",
+                state_name(state)
+            )));
+        }
+        let Some((pid, mut exited)) = slot.running() else {
+            return Err(AgentError::FailedPrecondition(format!(
+                "VM {vm_id:?} has no VMM process"
+            )));
+        };
+        if self.store.snapshot(snapshot_id)?.is_some() {
+            return Err(AgentError::AlreadyExists(format!(
+                "snapshot_id: a snapshot {snapshot_id:?} already exists"
+            )));
+        }
+        let spec = spec_of(&vm)?.clone();
+        let paths = self.paths(vm_id);
+        // The VMM writes where it can: a directory of its own inside its root, owned by
+        // the uid it runs as (its run directory's).
+        let owner = std::fs::metadata(paths.run())
+            .map(|m| (m.uid(), m.gid()))
+            .map_err(|e| {
+                AgentError::Internal(format!("cannot inspect {}: {e}", paths.run().display()))
+            })?;
+        let stage = paths.root().join(STAGE);
+        fresh_dir(&stage, owner)?;
+        let target = self.snapshot_dir(snapshot_id);
+        if target.exists() {
+            // Left by a crash between the move and the record: not a snapshot.
+            warn!(dir = %target.display(), "removing a snapshot directory without a record");
+            remove_tree(&target).map_err(|e| {
+                AgentError::Internal(format!("cannot remove {}: {e}", target.display()))
+            })?;
+        }
+        let request = ctl::Request::Snapshot {
+            dir: paths.for_vmm(&stage.join(snapshot_id), self.cfg.jail),
+            after,
+            diff,
+        };
+        let reply = control::call_request::<ctl::SnapshotReply>(
+            &paths.api_socket(),
+            &request,
+            snapshot_limit(spec.memory_mib),
+        )
+        .await;
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                let why = format!("VM {vm_id:?}: snapshot {snapshot_id:?}: {e}");
+                return Err(match e {
+                    control::ControlError::Reply(ReplyError::Refused { reply, .. })
+                        if reply.code == ErrorCode::Conflict =>
+                    {
+                        AgentError::FailedPrecondition(format!(
+                            "{why}; a diff needs a full snapshot taken by this VMM first"
+                        ))
+                    }
+                    // The VMM removed what it had written; the VM runs as before.
+                    control::ControlError::Reply(_) => AgentError::Internal(why),
+                    // It may still be writing: its directory stays until the next snapshot.
+                    _ => AgentError::Unavailable(why),
+                });
+            }
+        };
+        // The disks the guest writes to reach stable storage (the VMM drained their queues
+        // while the VM was paused); a copy of an image made now matches the snapshot.
+        let flush = self.flush_disks(&spec).await;
+        let taken = stage.join(snapshot_id);
+        let (record, outcome) = {
+            let _records = self.snapshot_lock();
+            let parent_id = reply.parent.clone().unwrap_or_default();
+            let outcome = (|| {
+                if diff {
+                    let known = !parent_id.is_empty() && self.store.snapshot(&parent_id)?.is_some();
+                    if !known {
+                        return Err(AgentError::FailedPrecondition(format!(
+                            "VM {vm_id:?}: the snapshot the diff applies on ({parent_id:?}) has \
+                             been deleted; take a full snapshot"
+                        )));
+                    }
+                }
+                std::fs::create_dir_all(self.snapshots_dir())
+                    .and_then(|()| {
+                        std::fs::set_permissions(
+                            self.snapshots_dir(),
+                            std::fs::Permissions::from_mode(0o700),
+                        )
+                    })
+                    .and_then(|()| std::fs::rename(&taken, &target))
+                    .and_then(|()| seal(&target))
+                    .map_err(|e| {
+                        AgentError::Internal(format!(
+                            "snapshot {snapshot_id:?}: cannot move it into {}: {e}",
+                            target.display()
+                        ))
+                    })?;
+                let record = Snapshot {
+                    id: snapshot_id.to_string(),
+                    vm_id: vm_id.to_string(),
+                    kind: if diff {
+                        SnapshotKind::Diff
+                    } else {
+                        SnapshotKind::Full
+                    } as i32,
+                    parent_id: parent_id.clone(),
+                    spec: Some(recorded_spec(&vm, &spec)),
+                    created_unix_ms: now_ms(),
+                    memory_bytes: reply.memory_bytes,
+                    data_bytes: reply.data_bytes,
+                    disk_bytes: disk_bytes(&target),
+                    paused_ms: reply.paused_ms,
+                    total_ms: reply.total_ms,
+                    directory: target.display().to_string(),
+                };
+                // The copy first: a crash before the store has it leaves a whole snapshot
+                // that recovery takes back.
+                write_record_copy(&target, &record).map_err(|e| {
+                    AgentError::Internal(format!(
+                        "snapshot {snapshot_id:?}: cannot write its record into {}: {e}",
+                        target.display()
+                    ))
+                })?;
+                self.store.put_snapshot(&record)?;
+                Ok(record)
+            })();
+            match outcome {
+                Ok(r) => (Some(r), Ok(())),
+                Err(e) => (None, Err(e)),
+            }
+        };
+        if let Err(e) = outcome {
+            let _ = remove_tree(&taken);
+            let _ = remove_tree(&target);
+            return Err(e);
+        }
+        let _ = remove_tree(&stage);
+        let Some(record) = record else {
+            return Err(AgentError::Internal("snapshot: no record".into()));
+        };
+        let now = match reply.state {
+            RunState::Running => VmState::Running,
+            RunState::Paused => VmState::Paused,
+            RunState::Stopping => VmState::Stopping,
+        };
+        let message = format!(
+            "{} snapshot {snapshot_id:?} taken: {} MiB of memory, {} KiB written, paused {} ms, {} ms in all{}",
+            if diff { "diff" } else { "full" },
+            record.memory_bytes >> 20,
+            record.data_bytes >> 10,
+            record.paused_ms,
+            record.total_ms,
+            match &flush {
+                Ok(()) => String::new(),
+                Err(why) => format!("; {why}"),
+            }
+        );
+        status_mut(&mut vm).state = now as i32;
+        self.persist(&vm);
+        self.events
+            .emit_snapshot(vm_id, EventKind::SnapshotTaken, now, snapshot_id, message);
+        if now == VmState::Stopping {
+            // `after: stop`: the VMM exits once the reply is sent.
+            if tokio::time::timeout(VMM_STOP_GRACE, exited.wait_for(|e| e.is_some()))
+                .await
+                .is_err()
+            {
+                warn!(vm = %vm_id, pid, "the VMM did not exit after its snapshot; killing it");
+                let _ = process::signal(pid, libc::SIGKILL);
+            }
+            let info = wait_for_exit(&mut exited).await;
+            self.record_exit(&slot, &mut vm, info, true)?;
+        }
+        Ok(record)
+    }
+
+    /// Flushes every read-write disk of `spec` to stable storage (`fdatasync` of the
+    /// image: it covers what the VMM wrote through its own descriptor).
+    async fn flush_disks(&self, spec: &VmSpec) -> Result<(), String> {
+        let disks: Vec<String> = spec
+            .disks
+            .iter()
+            .filter(|d| !d.readonly)
+            .map(|d| d.path.clone())
+            .collect();
+        let result = tokio::task::spawn_blocking(move || {
+            for path in disks {
+                std::fs::File::open(&path)
+                    .and_then(|f| f.sync_data())
+                    .map_err(|e| format!("cannot flush the disk {path:?}: {e}"))?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("flushing the disks: {e}")));
+        if let Err(why) = &result {
+            warn!(error = %why, "a disk could not be flushed after a snapshot");
+        }
+        result
+    }
+
+    /// Deletes a snapshot that no diff stands on and no VM waits to restore.
+    pub fn delete_snapshot(&self, id: &str) -> Result<(), AgentError> {
+        let snapshot = self.get_snapshot(id)?;
+        {
+            let _records = self.snapshot_lock();
+            let children: Vec<String> = self
+                .store
+                .snapshots()?
+                .into_iter()
+                .filter(|s| s.parent_id == id)
+                .map(|s| s.id)
+                .collect();
+            if !children.is_empty() {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "snapshot {id:?} has diffs that stand on it ({}); delete them first",
+                    children.join(", ")
+                )));
+            }
+            let waiting: Vec<String> = self
+                .with_pending(self.store.all()?)
+                .into_iter()
+                .filter(|vm| vm.status.as_ref().is_some_and(|s| s.pending_restore == id))
+                .map(|vm| vm.id)
+                .collect();
+            if !waiting.is_empty() {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "snapshot {id:?} is to be restored by VM {} on its next start; delete the \
+                     VM first",
+                    waiting.join(", ")
+                )));
+            }
+            // The record's copy, then the record: a crash before the files go leaves a
+            // directory without either, which recovery removes.
+            let dir = self.snapshot_dir(id);
+            if let Err(e) = std::fs::remove_file(dir.join(RECORD_FILE)) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(AgentError::Internal(format!(
+                        "snapshot {id:?}: cannot remove {}: {e}",
+                        dir.join(RECORD_FILE).display()
+                    )));
+                }
+            }
+            self.store.remove_snapshot(id)?;
+        }
+        let dir = self.snapshot_dir(id);
+        if let Err(e) = remove_tree(&dir) {
+            warn!(dir = %dir.display(), error = %e, "cannot remove a deleted snapshot's files; the agent's next start does");
+        }
+        let state = self
+            .load(&snapshot.vm_id)
+            .map(|vm| state_of(&vm))
+            .unwrap_or(VmState::Unspecified);
+        self.events.emit_snapshot(
+            &snapshot.vm_id,
+            EventKind::SnapshotDeleted,
+            state,
+            id,
+            format!("snapshot {id:?} deleted"),
+        );
+        Ok(())
+    }
+
+    /// Creates VM `vm_id` from a snapshot: its first start restores it.
+    pub async fn restore(
+        self: &Arc<Self>,
+        snapshot_id: &str,
+        vm_id: &str,
+        spec: Option<VmSpec>,
+        start: bool,
+    ) -> Result<Vm, AgentError> {
+        let snapshot = self.get_snapshot(snapshot_id)?;
+        crate::validate::vm_id("vm_id", vm_id)?;
+        let saved = snapshot.spec.clone().ok_or_else(|| {
+            AgentError::Internal(format!("snapshot {snapshot_id:?} has no spec in the store"))
+        })?;
+        let spec = restored_spec(&saved, spec)?;
+        self.chain(&snapshot)?;
+        self.create_from(vm_id, Some(spec), start, Some(snapshot_id))
+            .await
+    }
+
+    /// Links the chain of `snapshot_id` into the VM's root for its VMM to restore (a jailed
+    /// VMM sees nothing else), or, unjailed, names it in the store; returns the snapshot's
+    /// directory as the VMM sees it.
+    pub(super) fn stage_restore(
+        &self,
+        paths: &VmPaths,
+        snapshot_id: &str,
+        jail_uid: Option<u32>,
+    ) -> Result<String, AgentError> {
+        let snapshot = self.get_snapshot(snapshot_id)?;
+        let chain = {
+            let _records = self.snapshot_lock();
+            self.chain(&snapshot)?
+        };
+        let Some(uid) = jail_uid else {
+            return Ok(self.snapshot_dir(snapshot_id).display().to_string());
+        };
+        let stage = paths.root().join(STAGE);
+        fresh_dir(&stage, (uid, uid))?;
+        for s in &chain {
+            let from = self.snapshot_dir(&s.id);
+            let to = stage.join(&s.id);
+            let io = |what: &str, p: &Path, e: std::io::Error| {
+                AgentError::Internal(format!(
+                    "restoring snapshot {snapshot_id:?}: cannot {what} {}: {e}",
+                    p.display()
+                ))
+            };
+            fresh_dir(&to, (uid, uid))?;
+            for entry in std::fs::read_dir(&from).map_err(|e| io("read", &from, e))? {
+                let entry = entry.map_err(|e| io("read", &from, e))?;
+                let src = entry.path();
+                let dst = to.join(entry.file_name());
+                // A link costs nothing; across file systems (a root elsewhere), a copy.
+                if let Err(e) = std::fs::hard_link(&src, &dst) {
+                    if e.raw_os_error() != Some(libc::EXDEV) {
+                        return Err(io("link", &src, e));
+                    }
+                    std::fs::copy(&src, &dst).map_err(|e| io("copy", &src, e))?;
+                }
+            }
+        }
+        Ok(paths.for_vmm(&stage.join(snapshot_id), true))
+    }
+
+    /// Removes the chain's links from a VM's root once its VMM has restored (it holds the
+    /// memory image mapped): a deleted snapshot then frees its space.
+    pub(super) fn unstage_restore(&self, paths: &VmPaths) {
+        let stage = paths.root().join(STAGE);
+        if let Err(e) = remove_tree(&stage) {
+            warn!(dir = %stage.display(), error = %e, "cannot remove the restored snapshot's links");
+        }
+    }
+
+    /// After a restart: a snapshot directory whose record the store lacks is taken back
+    /// from the record's copy in it (a store lost or rebuilt), or removed when it has none
+    /// (a crash before the snapshot was whole, or a delete cut short); records whose files
+    /// are gone are logged (RestoreVm refuses them with the reason).
+    pub(super) fn recover_snapshots(&self) -> Result<(), AgentError> {
+        let mut records = self.store.snapshots()?;
+        let dir = self.snapshots_dir();
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if records.iter().any(|s| s.id == name) {
+                continue;
+            }
+            match read_record_copy(&entry.path(), &name) {
+                Some(record) => {
+                    warn!(snapshot = %name, "took a snapshot's record back from its directory (the store had none)");
+                    self.store.put_snapshot(&record)?;
+                    records.push(record);
+                }
+                None => {
+                    warn!(dir = %entry.path().display(), "removing a snapshot directory without a record");
+                    if let Err(e) = remove_tree(&entry.path()) {
+                        warn!(dir = %entry.path().display(), error = %e, "cannot remove it");
+                    }
+                }
+            }
+        }
+        for s in &records {
+            if !self.snapshot_dir(&s.id).join("vmstate").is_file() {
+                warn!(snapshot = %s.id, "a snapshot's files are missing; it cannot be restored");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quantix_proto::v1::{BootSource, Disk, Nic, Vsock};
+
+    fn saved() -> VmSpec {
+        VmSpec {
+            name: "web".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            boot: Some(BootSource {
+                kernel: "/images/vmlinux".into(),
+                cmdline: "console=ttyS0".into(),
+                ..Default::default()
+            }),
+            disks: vec![Disk {
+                path: "/images/a.img".into(),
+                id: "root".into(),
+                ..Default::default()
+            }],
+            nics: vec![Nic {
+                tap: "qx0".into(),
+                mac: "52:54:00:00:00:01".into(),
+                ..Default::default()
+            }],
+            vsock: Some(Vsock { guest_cid: 3 }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_restored_spec_keeps_the_guest_side_and_may_change_the_host_side() {
+        let s = saved();
+        assert_eq!(restored_spec(&s, None).unwrap(), s);
+        let mut copy = s.clone();
+        copy.name = "web-copy".into();
+        copy.nics[0].tap = "qx1".into();
+        copy.nics[0].mac.clear();
+        copy.disks[0].path = "/images/b.img".into();
+        copy.vsock = Some(Vsock { guest_cid: 4 });
+        let out = restored_spec(&s, Some(copy)).unwrap();
+        assert_eq!(
+            out.nics[0].mac, "52:54:00:00:00:01",
+            "the saved MAC filled in"
+        );
+        assert_eq!(out.nics[0].tap, "qx1");
+        assert_eq!(out.vsock.unwrap().guest_cid, 4);
+
+        let refused = |f: &dyn Fn(&mut VmSpec)| {
+            let mut g = s.clone();
+            f(&mut g);
+            restored_spec(&s, Some(g)).unwrap_err().to_string()
+        };
+        assert!(refused(&|g| g.vcpus = 1).starts_with("spec.vcpus:"));
+        assert!(refused(&|g| g.memory_mib = 512).starts_with("spec.memory_mib:"));
+        assert!(refused(&|g| g.nics[0].mac = "52:54:00:00:00:02".into())
+            .starts_with("spec.nics[0].mac:"));
+        assert!(refused(&|g| g.nics.clear()).starts_with("spec.nics:"));
+        assert!(refused(&|g| g.disks[0].readonly = true).starts_with("spec.disks[0]:"));
+        assert!(refused(&|g| g.vsock = None).starts_with("spec.vsock:"));
+        assert!(refused(&|g| g.rng = Some(false)).starts_with("spec.rng:"));
+        assert!(
+            refused(&|g| g.boot.as_mut().unwrap().cmdline = "quiet".into())
+                .starts_with("spec.boot:")
+        );
+    }
+
+    #[test]
+    fn after_values_map_and_unknown_ones_are_refused() {
+        assert_eq!(after_of(0).unwrap(), AfterSnapshot::Keep);
+        assert_eq!(
+            after_of(SnapshotAfter::Stop as i32).unwrap(),
+            AfterSnapshot::Stop
+        );
+        assert!(after_of(99).unwrap_err().to_string().starts_with("after:"));
+        assert!(snapshot_limit(1 << 20) <= Duration::from_secs(1800));
+        assert!(snapshot_limit(256) >= Duration::from_secs(30));
+    }
+}
