@@ -486,7 +486,7 @@ impl VmService for Api {
         let r = req.into_inner();
         let res = self
             .manager
-            .restore(&r.snapshot_id, &r.vm_id, r.spec, r.start)
+            .restore(&r.snapshot_id, &r.vm_id, r.spec, r.start, r.lazy)
             .await;
         self.finish("RestoreVm", &r.vm_id, &c, true, t, res)
     }

@@ -644,7 +644,7 @@ impl Manager {
         id: &str,
         spec: Option<VmSpec>,
         start: bool,
-        restore: Option<&str>,
+        restore: Option<(&str, bool)>,
     ) -> Result<Vm, AgentError> {
         crate::validate::vm_id("vm_id", id)?;
         let allowed = crate::validate::Allowed {
@@ -661,7 +661,7 @@ impl Manager {
                 } else {
                     &s.pending_restore
                 };
-                from.as_str() == restore.unwrap_or("")
+                from.as_str() == restore.map_or("", |r| r.0)
             });
             if existing.spec.as_ref() == Some(&spec) && same_origin {
                 // A retried create-and-start whose start failed (or never happened) starts now.
@@ -713,7 +713,8 @@ impl Manager {
                 directory: paths.dir.display().to_string(),
                 vsock_socket,
                 nic_macs: macs,
-                pending_restore: restore.unwrap_or_default().to_string(),
+                pending_restore: restore.map_or("", |r| r.0).to_string(),
+                pending_restore_lazy: restore.is_some_and(|r| r.1),
                 ..Default::default()
             }),
         };
@@ -726,7 +727,7 @@ impl Manager {
             warn!(vm = %id, error = %e, "cannot write the VM's record into its directory");
         }
         drop(guard);
-        match restore {
+        match restore.map(|r| r.0) {
             Some(snapshot) => self.events.emit_snapshot(
                 id,
                 EventKind::Created,
@@ -977,10 +978,21 @@ impl Manager {
     /// The VMM's arguments: its configuration is the descriptor `config_fd` names; with
     /// `restore` (the snapshot directory as the VMM sees it) it restores that snapshot with
     /// the configuration's host side, and runs it.
-    fn vmm_args(&self, paths: &VmPaths, config_fd: &str, restore: Option<&str>) -> Vec<String> {
-        let restore = restore
+    /// With `userfaultfd` (the VMM's name of an open /dev/userfaultfd), the restore is
+    /// lazy.
+    fn vmm_args(
+        &self,
+        paths: &VmPaths,
+        config_fd: &str,
+        restore: Option<&str>,
+        userfaultfd: Option<&str>,
+    ) -> Vec<String> {
+        let mut restore = restore
             .map(|dir| vec!["--restore".to_string(), dir.to_string(), "--resume".into()])
             .unwrap_or_default();
+        if let (false, Some(fd)) = (restore.is_empty(), userfaultfd) {
+            restore.extend(["--lazy".to_string(), "--userfaultfd".into(), fd.into()]);
+        }
         restore
             .into_iter()
             .chain([
@@ -1049,6 +1061,28 @@ impl Manager {
         };
         let mut files = files;
         files.files.push(sealed);
+        let config_fd = passed_name(files.files.len() - 1);
+        // A lazy restore's VMM makes its userfaultfd from /dev/userfaultfd, which its jail
+        // does not show: the agent opens it (its permission is checked at open).
+        let lazy = vm
+            .status
+            .as_ref()
+            .is_some_and(|s| !s.pending_restore.is_empty() && s.pending_restore_lazy);
+        let uffd_fd = if lazy {
+            let dev = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/userfaultfd")
+                .map_err(|e| {
+                    AgentError::FailedPrecondition(format!(
+                        "a lazy restore needs /dev/userfaultfd (Linux 6.1 or later): {e}"
+                    ))
+                })?;
+            files.files.push(dev);
+            Some(passed_name(files.files.len() - 1))
+        } else {
+            None
+        };
         let max_pids = 64 + 2 * u64::from(spec.vcpus);
         let cgroup_dirs = match self.cfg.cgroups {
             crate::config::CgroupMode::Required => self
@@ -1104,8 +1138,9 @@ impl Manager {
         let started = Instant::now();
         let args = self.vmm_args(
             &paths,
-            &passed_name(files.files.len() - 1),
+            &config_fd,
             restore_dir.as_deref(),
+            uffd_fd.as_deref(),
         );
         let spawned = match uid {
             Some(uid) => {
@@ -1202,6 +1237,7 @@ impl Manager {
                 // Restored: the next start boots (a reboot, a policy restart).
                 let st = status_mut(vm);
                 st.pending_restore.clear();
+                st.pending_restore_lazy = false;
                 st.restored_from = snapshot.clone();
                 self.unstage_restore(&paths);
             } else {

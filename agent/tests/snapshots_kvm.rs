@@ -107,12 +107,14 @@ async fn restore(
     snapshot: &str,
     vm: &str,
     spec: Option<VmSpec>,
+    lazy: bool,
 ) -> Result<quantix_proto::v1::Vm, tonic::Status> {
     c.restore_vm(RestoreVmRequest {
         snapshot_id: snapshot.into(),
         vm_id: vm.into(),
         spec,
         start: true,
+        lazy,
     })
     .await
     .map(|r| r.into_inner())
@@ -234,13 +236,15 @@ async fn snapshots_restore_the_guest_where_it_was_and_keep_their_chain() {
     assert_eq!(e.code(), Code::FailedPrecondition, "a stopped VM: {e:?}");
 
     // The snapshot's own spec: its VM's name is taken (the stopped source has it).
-    let e = restore(&mut c, "s3", "copy-1", None).await.unwrap_err();
+    let e = restore(&mut c, "s3", "copy-1", None, false)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
     // The guest side must be the snapshot's.
     let mut wrong = full.spec.clone().unwrap();
     wrong.name = "copy-one".into();
     wrong.memory_mib = 128;
-    let e = restore(&mut c, "s3", "copy-1", Some(wrong))
+    let e = restore(&mut c, "s3", "copy-1", Some(wrong), false)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
@@ -249,7 +253,9 @@ async fn snapshots_restore_the_guest_where_it_was_and_keep_their_chain() {
     // Restored from the end of the chain: the count goes on from 3.
     let mut one = last.spec.clone().unwrap();
     one.name = "copy-one".into();
-    let copy = restore(&mut c, "s3", "copy-1", Some(one)).await.unwrap();
+    let copy = restore(&mut c, "s3", "copy-1", Some(one), false)
+        .await
+        .unwrap();
     assert_eq!(state(&copy), VmState::Running);
     let st = copy.status.clone().unwrap();
     assert_eq!(
@@ -272,10 +278,16 @@ async fn snapshots_restore_the_guest_where_it_was_and_keep_their_chain() {
         "a restore does not boot: {history:?}"
     );
 
-    // A second copy of the middle of the chain runs beside the first.
+    // A second copy of the middle of the chain runs beside the first, restored lazily (its
+    // jailed VMM gets the agent's /dev/userfaultfd).
     let mut two = diff.spec.clone().unwrap();
     two.name = "copy-two".into();
-    restore(&mut c, "s2", "copy-2", Some(two)).await.unwrap();
+    let lazy = restore(&mut c, "s2", "copy-2", Some(two), true)
+        .await
+        .unwrap();
+    assert!(!lazy.status.as_ref().unwrap().pending_restore_lazy);
+    let (args, _, _) = vmm_config(pid(&lazy));
+    assert!(args.iter().any(|a| a == "--lazy"), "{args:?}");
     assert_eq!(type_key(&mut c, &state_dir, "copy-2").await, '4');
     assert_eq!(type_key(&mut c, &state_dir, "copy-1").await, '5');
     // A restored VMM has no base for a diff yet.
@@ -304,7 +316,9 @@ async fn snapshots_restore_the_guest_where_it_was_and_keep_their_chain() {
     // from its end.
     delete_snapshot(&mut c, "s3").await.unwrap();
     assert_eq!(type_key(&mut c, &state_dir, "copy-1").await, '7');
-    let e = restore(&mut c, "s3", "copy-3", None).await.unwrap_err();
+    let e = restore(&mut c, "s3", "copy-3", None, false)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     delete_snapshot(&mut c, "s2").await.unwrap();
     delete_snapshot(&mut c, "s1").await.unwrap();

@@ -175,6 +175,9 @@ enum Cmd {
         /// Start it now.
         #[arg(long)]
         start: bool,
+        /// Run the guest before its memory is loaded (pages read on first touch).
+        #[arg(long)]
+        lazy: bool,
     },
     /// Show the node's capabilities, capacity and commitments.
     Node,
@@ -717,6 +720,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             taps,
             cid,
             start,
+            lazy,
         } => {
             // The snapshot's spec, with what is asked changed; the agent checks the rest.
             let saved = vms
@@ -760,6 +764,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 vm_id: id.clone(),
                 spec: Some(spec),
                 start,
+                lazy,
             };
             let vm = if start {
                 with_progress(

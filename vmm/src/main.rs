@@ -37,6 +37,15 @@ struct Cli {
     /// With --restore: run the guest at once.
     #[arg(long, requires = "restore")]
     resume: bool,
+    /// With --restore: run the guest before its memory is loaded; each page is read from
+    /// the snapshot when first touched (userfaultfd), the rest copied in behind.
+    #[arg(long, requires = "restore")]
+    lazy: bool,
+    /// With --lazy: the userfaultfd device to make the descriptor with (an inherited
+    /// /dev/fd/N of /dev/userfaultfd, as a jailed VMM gets it); default /dev/userfaultfd,
+    /// else the userfaultfd syscall.
+    #[arg(long, value_name = "PATH", requires = "lazy")]
+    userfaultfd: Option<PathBuf>,
     /// Linux kernel to boot: an ELF vmlinux (PVH entry used when present) or a bzImage.
     #[arg(
         long,
@@ -231,6 +240,13 @@ fn main() -> ExitCode {
             kvm: cli.kvm,
             seccomp: cli.seccomp,
             resume: cli.resume,
+            memory: if cli.lazy {
+                quantix_vmm::vm::RestoreMemory::Lazy {
+                    device: cli.userfaultfd,
+                }
+            } else {
+                quantix_vmm::vm::RestoreMemory::Mapped
+            },
         };
         return finish(
             quantix_vmm::runner::run_start(start, cli.seccomp_probe),

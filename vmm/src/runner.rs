@@ -263,6 +263,8 @@ pub enum Start {
         seccomp: crate::seccomp::Mode,
         /// Run the guest at once; otherwise it waits paused for a `resume`.
         resume: bool,
+        /// How the memory comes back.
+        memory: crate::vm::RestoreMemory,
     },
 }
 
@@ -296,6 +298,7 @@ pub fn run_start(
             kvm,
             seccomp,
             resume,
+            memory,
         } => {
             let mut state = read_snapshot(&dir)?;
             if config.is_none() {
@@ -314,7 +317,7 @@ pub fn run_start(
             if api_socket.is_some() {
                 state.config.api_socket = api_socket;
             }
-            (state.config.clone(), Some((state, dir, resume)))
+            (state.config.clone(), Some((state, dir, resume, memory)))
         }
     };
     let config = &config;
@@ -329,7 +332,9 @@ pub fn run_start(
     crate::seccomp::launcher::start().map_err(host_err("starting the device thread launcher"))?;
     let (vm, resume) = match restore {
         None => (Vm::build(config, exit.clone())?, false),
-        Some((state, dir, resume)) => (Vm::restore(state, &dir, exit.clone())?, resume),
+        Some((state, dir, resume, memory)) => {
+            (Vm::restore_with(state, &dir, exit.clone(), memory)?, resume)
+        }
     };
     let info = VmInfo {
         vcpus: config.vcpus,

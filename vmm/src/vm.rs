@@ -56,6 +56,24 @@ pub struct Vm {
     pub boot: Option<BootInfo>,
     config: VmConfig,
     snapshotter: Arc<Snapshotter>,
+    /// A lazily restored VM's pager: its stop flag and thread.
+    pager: Option<snapshot::lazy::Running>,
+}
+
+/// How a restore brings the snapshot's memory back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RestoreMemory {
+    /// Map the full snapshot's image privately and copy the diffs over it, before the
+    /// guest runs.
+    #[default]
+    Mapped,
+    /// Serve each page on first touch through a userfaultfd made from `device` (an
+    /// inherited `/dev/fd/N` of `/dev/userfaultfd`; `None`: `/dev/userfaultfd`, else the
+    /// syscall), copying the rest in behind (`snapshot::lazy`).
+    Lazy {
+        /// The userfaultfd device.
+        device: Option<std::path::PathBuf>,
+    },
 }
 
 /// A running VM.
@@ -72,6 +90,7 @@ pub struct RunningVm {
     pub serial_input: Option<OwnedFd>,
     serial_flusher: Option<std::thread::JoinHandle<()>>,
     _chardevs: Vec<ChardevHandle>,
+    pager: Option<snapshot::lazy::Running>,
 }
 
 /// The host ends of the serial port and the console, opened before anything else.
@@ -118,6 +137,16 @@ impl Vm {
     /// vCPU (on its own thread as it starts). The VM starts paused: `start` it, then
     /// resume it through its [`Pauser`].
     pub fn restore(state: SnapshotState, dir: &Path, exit: Arc<ExitSignal>) -> Result<Vm, VmError> {
+        Self::restore_with(state, dir, exit, RestoreMemory::Mapped)
+    }
+
+    /// Restores a snapshot with its memory brought back as `memory` says.
+    pub fn restore_with(
+        state: SnapshotState,
+        dir: &Path,
+        exit: Arc<ExitSignal>,
+        memory: RestoreMemory,
+    ) -> Result<Vm, VmError> {
         let config = state.config.clone();
         let kvm = open_kvm(&config.kvm)?;
         check_caps(&kvm)?;
@@ -143,24 +172,62 @@ impl Vm {
             .iter()
             .map(|r| (GuestAddress(r.guest_addr), r.size as usize, r.file_offset))
             .collect();
-        let ram = memory::map_image(image, &regions, config.memory.0)?;
         let diffs = chain
             .iter()
             .skip(1)
             .map(|(s, d)| (s, d.as_path()))
             .chain((!chain.is_empty()).then_some((&state, dir)));
-        for (diff, diff_dir) in diffs {
-            let path = diff_dir.join(&diff.memory.file);
-            let file = snapshot::memory::open_image(&path, &diff.memory)
-                .map_err(snapshot::SnapshotError::from)?;
-            let pages = diff.memory.pages.as_deref().unwrap_or_default();
-            snapshot::memory::apply_diff(&ram, &file, &path, &diff.memory, pages)
-                .map_err(snapshot::SnapshotError::from)?;
-        }
+        let (ram, pager) = match memory {
+            RestoreMemory::Mapped => {
+                let ram = memory::map_image(image, &regions, config.memory.0)?;
+                for (diff, diff_dir) in diffs {
+                    let path = diff_dir.join(&diff.memory.file);
+                    let file = snapshot::memory::open_image(&path, &diff.memory)
+                        .map_err(snapshot::SnapshotError::from)?;
+                    let pages = diff.memory.pages.as_deref().unwrap_or_default();
+                    snapshot::memory::apply_diff(&ram, &file, &path, &diff.memory, pages)
+                        .map_err(snapshot::SnapshotError::from)?;
+                }
+                (ram, None)
+            }
+            RestoreMemory::Lazy { device } => {
+                // Fresh memory, as for a boot, every page missing until the pager puts it.
+                let ranges: Vec<(GuestAddress, usize)> =
+                    regions.iter().map(|(a, l, _)| (*a, *l)).collect();
+                let ram = memory::create(&ranges, config.memory.0)?;
+                let lazy_err = |e: String| {
+                    VmError::from(snapshot::SnapshotError::Other(format!("lazy restore: {e}")))
+                };
+                let root_image = root_dir.join(&root_state.memory.file);
+                let mut plan =
+                    snapshot::lazy::Plan::new((image, root_image), state.memory.regions.clone());
+                for (diff, diff_dir) in diffs {
+                    let path = diff_dir.join(&diff.memory.file);
+                    let file = snapshot::memory::open_image(&path, &diff.memory)
+                        .map_err(snapshot::SnapshotError::from)?;
+                    let pages = diff.memory.pages.as_deref().unwrap_or_default();
+                    plan.apply_diff((file, path), pages).map_err(lazy_err)?;
+                }
+                let uffd = snapshot::uffd::Uffd::open(device.as_deref()).map_err(|e| {
+                    lazy_err(format!(
+                        "no userfaultfd ({e}); a jailed VMM needs --userfaultfd with an \
+                         inherited /dev/userfaultfd"
+                    ))
+                })?;
+                let pager = snapshot::lazy::Pager::new(uffd, &ram, plan).map_err(lazy_err)?;
+                // Serving from now on: restoring the devices below touches guest memory.
+                let running = pager.spawn(exit.clone()).map_err(|source| VmError::Host {
+                    what: "starting the pager thread",
+                    source,
+                })?;
+                (ram, Some(running))
+            }
+        };
         // The copying is not the guest's writing.
         let _ = ram.take_device_dirty_pages();
         ram.register(&fd, false)?;
         let mut vm = assemble(kvm, fd, ram, &config, exit, endpoints)?;
+        vm.pager = pager;
         check_cpuid(&vm.vcpus, &state)?;
         vm.devices
             .restore(&state.devices)
@@ -266,6 +333,7 @@ impl Vm {
             serial_input: self.serial_input,
             serial_flusher: None,
             _chardevs: self.chardevs,
+            pager: self.pager,
         };
         let failed = |running: RunningVm, what, source| {
             running.stop();
@@ -349,6 +417,7 @@ fn assemble(
         boot: None,
         config: config.clone(),
         snapshotter,
+        pager: None,
     })
 }
 
@@ -662,6 +731,9 @@ impl RunningVm {
         // What the guest wrote last without an exit (a panic message, say).
         if let Some(uart) = self.devices.uart() {
             uart.flush();
+        }
+        if let Some(pager) = self.pager {
+            pager.stop();
         }
     }
 

@@ -540,3 +540,136 @@ fn a_snapshot_restores_in_a_new_process_and_bad_ones_are_refused() {
     );
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Pages of the lazy test's pattern: from 32 MiB, 128 MiB of them, each page holding its
+/// own address in its first 8 bytes.
+const PATTERN_START: u64 = 0x200_0000;
+const PATTERN_END: u64 = 0xA00_0000;
+/// The lazy test guest's counter: near the top of its 256 MiB, above everything the pager
+/// copies first.
+const HIGH_COUNTER: u32 = 0xF00_0000;
+
+/// Writes the pattern, then counts in R15, storing the count at [`HIGH_COUNTER`].
+fn pattern_guest() -> Vec<u8> {
+    let mut c = vec![0x48, 0xb8]; // mov rax, PATTERN_START
+    c.extend(PATTERN_START.to_le_bytes());
+    c.extend([0x48, 0x89, 0x00]); // fill: mov [rax], rax
+    c.extend([0x48, 0x05, 0x00, 0x10, 0x00, 0x00]); // add rax, 4096
+    c.extend([0x48, 0x3d]); // cmp rax, PATTERN_END
+    c.extend((PATTERN_END as u32).to_le_bytes());
+    c.extend([0x72, 0xef]); // jb fill
+    c.extend([0x49, 0xff, 0xc7, 0x4c, 0x89, 0x3c, 0x25]); // loop: inc r15; mov [HIGH_COUNTER], r15
+    c.extend(HIGH_COUNTER.to_le_bytes());
+    c.extend([0xeb, 0xf3]); // jmp loop
+    c
+}
+
+/// A lazy restore (`--restore --lazy`) of a chain (a full snapshot and a diff), with the
+/// production seccomp filters: the guest runs before its memory is in (it touches its
+/// counter, at the top of RAM, long before the pager's copying gets there), goes on
+/// counting, and every page of its 128 MiB pattern is back, as a full snapshot of the
+/// restored VM shows.
+#[test]
+fn a_lazy_restore_runs_the_guest_before_its_memory_is_in() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let dir = scratch("snapshot-lazy");
+    let kernel = write(&dir, "p.elf", &elf64(&pattern_guest()));
+    let (s1, s2) = (dir.join("a.sock"), dir.join("b.sock"));
+    let (one, two, three) = (dir.join("one"), dir.join("two"), dir.join("three"));
+    let child = spawn(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "256M",
+        "--rng",
+        "off",
+        "--serial",
+        "off",
+        "--api-socket",
+        s1.to_str().unwrap(),
+    ]);
+    let mut c = connect(&s1);
+    // The fill takes a moment under emulation: wait until the guest counts.
+    let start = Instant::now();
+    loop {
+        let _ = std::fs::remove_dir_all(&one);
+        let reply = c(&format!(r#"{{"op":"snapshot","dir":"{}"}}"#, one.display()));
+        assert_eq!(reply["ok"], true, "{reply}");
+        if read_state(&one).vcpus[0].regs.r15 > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the guest never counted"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let reply = c(&format!(
+        r#"{{"op":"snapshot","dir":"{}","diff":true,"after":"stop"}}"#,
+        two.display()
+    ));
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert!(reply["data_bytes"].as_u64().unwrap() < 1 << 20, "{reply}");
+    let out = wait_limit(child, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(0), "{:?}", summary(&out));
+    let saved = read_state(&two).vcpus[0].regs.r15;
+
+    let child = spawn(&[
+        "--restore",
+        two.to_str().unwrap(),
+        "--lazy",
+        "--resume",
+        "--api-socket",
+        s2.to_str().unwrap(),
+        "--log-level",
+        "info",
+    ]);
+    let mut c = connect(&s2);
+    assert_eq!(c(r#"{"op":"state"}"#)["state"], "running");
+    // Long enough for the pager to copy the whole pattern in.
+    std::thread::sleep(Duration::from_millis(2000));
+    let reply = c(&format!(
+        r#"{{"op":"snapshot","dir":"{}","after":"stop"}}"#,
+        three.display()
+    ));
+    assert_eq!(reply["ok"], true, "{reply}");
+    let out = wait_limit(child, Duration::from_secs(30));
+    let (code, _, log) = summary(&out);
+    assert_eq!(code, Some(0), "{log}");
+    let after = read_state(&three);
+    assert!(
+        after.vcpus[0].regs.r15 > saved,
+        "the restored guest went on counting ({} then {saved})",
+        after.vcpus[0].regs.r15
+    );
+    // Every page of the pattern came back through the pager.
+    let image = std::fs::File::open(three.join(MEMORY_FILE)).unwrap();
+    let mut word = [0u8; 8];
+    let mut addr = PATTERN_START;
+    while addr < PATTERN_END {
+        image.read_exact_at(&mut word, addr).unwrap();
+        assert_eq!(u64::from_le_bytes(word), addr, "page {addr:#x}");
+        addr += 4096;
+    }
+    // The pager's account: the guest faulted on pages before the copying was done.
+    let line = log
+        .lines()
+        .find(|l| l.contains("every data page of the snapshot is in guest memory"))
+        .unwrap_or_else(|| panic!("no pager summary in the log: {log}"));
+    let field = |name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {line}"))
+    };
+    assert!(field("faults_before_complete") >= 1, "{line}");
+    assert!(
+        field("pages_copied_ahead") >= (PATTERN_END - PATTERN_START) / 4096 / 2,
+        "{line}"
+    );
+    eprintln!("{line}");
+}

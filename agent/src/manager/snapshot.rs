@@ -594,6 +594,7 @@ impl Manager {
         vm_id: &str,
         spec: Option<VmSpec>,
         start: bool,
+        lazy: bool,
     ) -> Result<Vm, AgentError> {
         let snapshot = self.get_snapshot(snapshot_id)?;
         crate::validate::vm_id("vm_id", vm_id)?;
@@ -602,7 +603,7 @@ impl Manager {
         })?;
         let spec = restored_spec(&saved, spec)?;
         self.chain(&snapshot)?;
-        self.create_from(vm_id, Some(spec), start, Some(snapshot_id))
+        self.create_from(vm_id, Some(spec), start, Some((snapshot_id, lazy)))
             .await
     }
 

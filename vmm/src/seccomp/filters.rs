@@ -20,6 +20,8 @@ pub enum Kind {
     Launcher,
     /// A virtio device worker or a block I/O thread.
     Device,
+    /// A lazy restore's pager (`snapshot::lazy`): reads the snapshot, fills guest memory.
+    Pager,
 }
 
 impl std::str::FromStr for Kind {
@@ -30,7 +32,10 @@ impl std::str::FromStr for Kind {
             "vcpu" => Ok(Kind::Vcpu),
             "launcher" => Ok(Kind::Launcher),
             "device" => Ok(Kind::Device),
-            other => Err(format!("{other:?}: expected vmm, vcpu, launcher or device")),
+            "pager" => Ok(Kind::Pager),
+            other => Err(format!(
+                "{other:?}: expected vmm, vcpu, launcher, device or pager"
+            )),
         }
     }
 }
@@ -43,6 +48,7 @@ impl Kind {
             Kind::Vcpu => "vcpu",
             Kind::Launcher => "launcher",
             Kind::Device => "device",
+            Kind::Pager => "pager",
         }
     }
 }
@@ -274,6 +280,17 @@ fn rules(kind: Kind) -> Result<Rules, String> {
             allow_arg(&mut r, libc::SYS_ioctl, 1, &vcpu_ioctls())?;
         }
         Kind::Device => device(&mut r)?,
+        // Reads of the snapshot's images (pread64, in `common`) and the userfaultfd's
+        // own ioctls; nothing else.
+        Kind::Pager => allow_arg(
+            &mut r,
+            libc::SYS_ioctl,
+            1,
+            &[
+                crate::snapshot::uffd::UFFDIO_COPY,
+                crate::snapshot::uffd::UFFDIO_UNREGISTER,
+            ],
+        )?,
         Kind::Launcher => {
             device(&mut r)?;
             threads(&mut r)?;
@@ -364,7 +381,13 @@ mod tests {
 
     #[test]
     fn every_filter_builds_and_vcpus_cannot_create_threads_or_open_files() {
-        for kind in [Kind::Vmm, Kind::Vcpu, Kind::Launcher, Kind::Device] {
+        for kind in [
+            Kind::Vmm,
+            Kind::Vcpu,
+            Kind::Launcher,
+            Kind::Device,
+            Kind::Pager,
+        ] {
             let progs = build(kind, SeccompAction::Trap).unwrap();
             assert!(!progs.is_empty() && progs.iter().all(|p| !p.is_empty()));
         }

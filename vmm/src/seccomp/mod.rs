@@ -6,6 +6,7 @@
 //! | [`Kind::Vcpu`] | `vcpuN` | by each vCPU thread before its first `KVM_RUN` |
 //! | [`Kind::Launcher`] | `launcher`: starts device threads on behalf of vCPU threads (which may not create threads) | as it starts, before any device |
 //! | [`Kind::Device`] | virtio device workers and block I/O threads | by the launcher's new thread before the device code runs |
+//! | [`Kind::Pager`] | `pager` of a lazy restore: `pread64` of the snapshot, `UFFDIO_COPY` | as it starts, before it serves a page |
 //!
 //! A filter applies to the thread that installs it and to the threads it creates later,
 //! on top of their own: the main thread's filter allows what vCPU threads need, and the
@@ -77,7 +78,13 @@ pub fn init(mode: Mode, probe: Option<Kind>) -> Result<(), SeccompError> {
             _ => SeccompAction::Log,
         };
         let mut all = Vec::new();
-        for kind in [Kind::Vmm, Kind::Vcpu, Kind::Launcher, Kind::Device] {
+        for kind in [
+            Kind::Vmm,
+            Kind::Vcpu,
+            Kind::Launcher,
+            Kind::Device,
+            Kind::Pager,
+        ] {
             all.push((kind, filters::build(kind, mismatch.clone())?));
         }
         let _ = PROGRAMS.set(all);

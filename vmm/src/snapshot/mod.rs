@@ -9,8 +9,10 @@
 //!   file, whose holes are pages that were zero.
 
 pub mod file;
+pub mod lazy;
 pub mod memory;
 pub mod take;
+pub mod uffd;
 pub mod vm_state;
 
 use serde::{Deserialize, Serialize};
