@@ -463,7 +463,7 @@ impl VmService for Api {
         let c = self.admit(&req, "GetSnapshot", Role::Viewer, t)?;
         let r = req.into_inner();
         let res = self.manager.get_snapshot(&r.snapshot_id);
-        self.finish("GetSnapshot", "", &c, false, t, res)
+        self.finish("GetSnapshot", &r.snapshot_id, &c, false, t, res)
     }
 
     async fn delete_snapshot(
@@ -477,7 +477,7 @@ impl VmService for Api {
             .manager
             .delete_snapshot(&r.snapshot_id)
             .map(|()| DeleteSnapshotResponse {});
-        self.finish("DeleteSnapshot", "", &c, true, t, res)
+        self.finish("DeleteSnapshot", &r.snapshot_id, &c, true, t, res)
     }
 
     async fn restore_vm(&self, req: Request<RestoreVmRequest>) -> Result<Response<Vm>, Status> {

@@ -239,6 +239,9 @@ pub struct Slot {
     run: Mutex<Option<Running>>,
     /// A policy restart is waiting for its back-off; an API call cancels it.
     pending_restart: AtomicBool,
+    /// The last snapshot the running VMM took (its pid and the snapshot's id): the parent
+    /// its next diff must name. Unknown after an agent restart (a diff is then refused).
+    last_snapshot: Mutex<Option<(u32, String)>>,
 }
 
 /// Whether the VM of `spec` has a virtio console besides its serial port.
@@ -261,6 +264,7 @@ impl Slot {
             virtio_console: virtio.then(|| Console::new(ring)),
             run: Mutex::new(None),
             pending_restart: AtomicBool::new(false),
+            last_snapshot: Mutex::new(None),
         })
     }
 
@@ -328,6 +332,8 @@ pub struct Manager {
     /// Held while snapshot records change together with what stands on them (a diff's
     /// parent, a VM to restore).
     snapshot_records: Mutex<()>,
+    /// Snapshot ids being taken now (reserved under `snapshot_records`).
+    snapshots_in_progress: Mutex<std::collections::HashSet<String>>,
     allocatable: Resources,
 }
 
@@ -407,6 +413,7 @@ impl Manager {
             slots: Mutex::new(HashMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
             snapshot_records: Mutex::new(()),
+            snapshots_in_progress: Mutex::new(Default::default()),
             allocatable,
         }))
     }
@@ -718,7 +725,21 @@ impl Manager {
                 ..Default::default()
             }),
         };
-        if let Some(existing) = self.store.insert_new(&vm)? {
+        let inserted = match restore {
+            // Checked again with the record written under the snapshots' lock: a delete
+            // of the snapshot (or of its chain) cannot slip in between.
+            Some((snapshot, _)) => {
+                let _records = self.snapshot_lock();
+                let snap = self
+                    .store
+                    .snapshot(snapshot)?
+                    .ok_or_else(|| AgentError::SnapshotNotFound(snapshot.to_string()))?;
+                self.chain(&snap)?;
+                self.store.insert_new(&vm)?
+            }
+            None => self.store.insert_new(&vm)?,
+        };
+        if let Some(existing) = inserted {
             return Ok(existing);
         }
         // A copy of the record in the VM's directory: a store lost or damaged can be
@@ -1120,15 +1141,24 @@ impl Manager {
             .map(|s| s.pending_restore.clone())
             .filter(|s| !s.is_empty());
         let restore_dir = match &restore {
-            Some(snapshot) => match self.stage_restore(&paths, snapshot, uid) {
-                Ok(dir) => Some(dir),
-                Err(e) => {
-                    if let Some(u) = uid {
-                        self.uids.release(u);
+            Some(snapshot) => {
+                // Links, or copies across file systems (GiBs): off the async threads.
+                let (me, staged_paths, snapshot) = (self.clone(), paths.clone(), snapshot.clone());
+                let staged = tokio::task::spawn_blocking(move || {
+                    me.stage_restore(&staged_paths, &snapshot, uid)
+                })
+                .await
+                .unwrap_or_else(|e| Err(AgentError::Internal(format!("staging: {e}"))));
+                match staged {
+                    Ok(dir) => Some(dir),
+                    Err(e) => {
+                        if let Some(u) = uid {
+                            self.uids.release(u);
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
                 }
-            },
+            }
             None => None,
         };
         status_mut(vm).state = VmState::Starting as i32;
@@ -1233,13 +1263,9 @@ impl Manager {
         };
         let ready = tokio::time::timeout(START_PROBE_LIMIT, probe).await;
         if matches!(ready, Ok(Ok(()))) || ran(exited.borrow().as_ref()) {
-            if let Some(snapshot) = &restore {
+            if restore.is_some() {
                 // Restored: the next start boots (a reboot, a policy restart).
-                let st = status_mut(vm);
-                st.pending_restore.clear();
-                st.pending_restore_lazy = false;
-                st.restored_from = snapshot.clone();
-                self.unstage_restore(&paths);
+                self.finish_restore(vm, &paths);
             } else {
                 status_mut(vm).restored_from.clear();
             }
@@ -1783,6 +1809,15 @@ impl Manager {
                         _ => VmState::Running,
                     };
                     status_mut(&mut vm).pid = pid;
+                    // A VMM that answers restored its snapshot (it binds its socket only
+                    // after): the restore is done, the next start boots.
+                    if !vm
+                        .status
+                        .as_ref()
+                        .is_none_or(|s| s.pending_restore.is_empty())
+                    {
+                        self.finish_restore(&mut vm, &self.paths(&id));
+                    }
                     self.commit(
                         &mut vm,
                         new_state,

@@ -70,6 +70,7 @@ impl Store {
             fail_writes: Default::default(),
         };
         store.quarantine_bad_records()?;
+        store.quarantine_bad_snapshots()?;
         Ok(store)
     }
 
@@ -110,6 +111,44 @@ impl Store {
         }
         tx.commit().map_err(dberr)?;
         Ok(bad.into_iter().map(|b| b.0).collect())
+    }
+
+    /// Moves every snapshot record that does not decode (or names another snapshot) to
+    /// the quarantine table, under `snapshot:<id>`: one bad record must not stop the agent
+    /// or hide the other snapshots.
+    fn quarantine_bad_snapshots(&self) -> Result<(), StoreError> {
+        let bad: Vec<(String, Vec<u8>, String)> = {
+            let tx = self.db.begin_read().map_err(dberr)?;
+            let table = tx.open_table(SNAPSHOTS).map_err(dberr)?;
+            let mut bad = Vec::new();
+            for entry in table.iter().map_err(dberr)? {
+                let (k, v) = entry.map_err(dberr)?;
+                let (key, bytes) = (k.value().to_string(), v.value().to_vec());
+                if let Err(e) = decode_snapshot(&key, &bytes) {
+                    bad.push((key, bytes, e.to_string()));
+                }
+            }
+            bad
+        };
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut snaps = tx.open_table(SNAPSHOTS).map_err(dberr)?;
+            let mut q = tx.open_table(QUARANTINE).map_err(dberr)?;
+            for (key, bytes, why) in &bad {
+                tracing::error!(
+                    snapshot = %key,
+                    reason = %why,
+                    "a snapshot record in the state store cannot be decoded: moved to its quarantine table"
+                );
+                q.insert(format!("snapshot:{key}").as_str(), bytes.as_slice())
+                    .map_err(dberr)?;
+                snaps.remove(key.as_str()).map_err(dberr)?;
+            }
+        }
+        tx.commit().map_err(dberr)
     }
 
     /// Keys of the quarantined records.
@@ -386,6 +425,47 @@ mod tests {
         let mut q = store.quarantined().unwrap();
         q.sort();
         assert_eq!(q, ["garbage", "liar"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_snapshot_records_are_quarantined_and_the_rest_served() {
+        let dir = std::env::temp_dir().join(format!("qx-store-s-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.redb");
+        let snap = |id: &str| Snapshot {
+            id: id.into(),
+            vm_id: "vm".into(),
+            ..Default::default()
+        };
+        {
+            let store = Store::open(&path).unwrap();
+            store.put_snapshot(&snap("good")).unwrap();
+            let tx = store.db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(SNAPSHOTS).unwrap();
+                t.insert("garbage", [0xffu8, 0xff, 0xff, 0x0f].as_slice())
+                    .unwrap();
+                t.insert("liar", snap("other").encode_to_vec().as_slice())
+                    .unwrap();
+            }
+            tx.commit().unwrap();
+            assert!(store.snapshots().is_err());
+        }
+        let store = Store::open(&path).unwrap();
+        let ids: Vec<String> = store
+            .snapshots()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(ids, ["good"]);
+        let mut q = store.quarantined().unwrap();
+        q.sort();
+        assert_eq!(q, ["snapshot:garbage", "snapshot:liar"]);
+        assert!(store.remove_snapshot("good").unwrap());
+        assert!(store.snapshot("good").unwrap().is_none());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -311,6 +311,21 @@ async fn snapshots_restore_the_guest_where_it_was_and_keep_their_chain() {
     let ids: Vec<&str> = list.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(ids, ["s1", "s2", "s3"]);
     assert_eq!(type_key(&mut c, &state_dir, "copy-1").await, '6');
+    // The agent's record of a VMM's last snapshot went with its restart: a diff is refused
+    // rather than trusting the parent the VMM would name.
+    let full_copy = snapshot(&mut c, "copy-1", "c1", false, SnapshotAfter::Keep)
+        .await
+        .unwrap();
+    assert_eq!(full_copy.parent_id, "");
+    agent.kill();
+    agent.spawn();
+    let mut c = agent.client().await;
+    let e = snapshot(&mut c, "copy-1", "c2", true, SnapshotAfter::Keep)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().starts_with("diff:"), "{e:?}");
+    delete_snapshot(&mut c, "c1").await.unwrap();
 
     // Deleting a snapshot leaves the VM restored from it running; the chain is deleted
     // from its end.

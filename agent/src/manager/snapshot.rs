@@ -103,25 +103,98 @@ fn agent_owner() -> (u32, u32) {
     unsafe { (libc::geteuid(), libc::getegid()) }
 }
 
-/// Makes a snapshot directory the agent's and read-only: a VMM may read its files (through
-/// links in its jail) but no VMM, later given the same uid, may change them.
-fn seal(dir: &Path) -> std::io::Result<()> {
+/// Takes the directory a VMM (uid `vmm_uid`) wrote into `stage` as `name`: `stage` and
+/// the directory become the agent's first (so that the VMM can add nothing more), the
+/// directory must be a real one and hold only regular files of the VMM with one link
+/// each, opened without following links; each is made the agent's and read-only through
+/// its handle. Returns the (device, inode) of each file, for [`writers`]. Nothing is
+/// followed, so a VMM cannot point the agent at a host file.
+fn take_staged(stage: &Path, name: &str, vmm_uid: u32) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
     let (uid, gid) = agent_owner();
-    for entry in std::fs::read_dir(dir)? {
+    // `stage`'s parent is the jail root, the agent's: the VMM cannot swap `stage` itself.
+    std::os::unix::fs::lchown(stage, Some(uid), Some(gid))?;
+    std::fs::set_permissions(stage, std::fs::Permissions::from_mode(0o700))?;
+    let dir = stage.join(name);
+    let m = std::fs::symlink_metadata(&dir)?;
+    if !m.is_dir() || m.uid() != vmm_uid {
+        return Err(bad(format!(
+            "{} is not a directory the VMM made",
+            dir.display()
+        )));
+    }
+    std::os::unix::fs::lchown(&dir, Some(uid), Some(gid))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    let mut inodes = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
         let path = entry?.path();
-        let m = std::fs::symlink_metadata(&path)?;
-        if !m.is_file() {
-            // The VMM writes regular files only; anything else is not ours to keep.
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{} is not a regular file", path.display()),
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)?;
+        let m = file.metadata()?;
+        if !m.is_file() || m.nlink() != 1 || m.uid() != vmm_uid {
+            return Err(bad(format!(
+                "{} is not a file the VMM wrote (a link, or not a regular file)",
+                path.display()
+            )));
+        }
+        std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o444))?;
+        inodes.push((m.dev(), m.ino()));
+    }
+    Ok(inodes)
+}
+
+/// Whether process `pid` can still write to one of `inodes`: a descriptor open for
+/// writing, or a shared writable mapping. A VMM that kept one could change a sealed
+/// snapshot (and so every copy restored from it) after the agent took it.
+fn writers(pid: u32, inodes: &[(u64, u64)]) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    for fd in fds.flatten() {
+        let Ok(m) = std::fs::metadata(fd.path()) else {
+            continue;
+        };
+        if !inodes.contains(&(m.dev(), m.ino())) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .unwrap_or(u32::MAX);
+        if flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32 {
+            return Some(format!(
+                "descriptor {} is open for writing",
+                fd.file_name().to_string_lossy()
             ));
         }
-        std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))?;
     }
-    std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    for line in maps.lines() {
+        // address perms offset dev inode path
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(perms), Some(ino)) = (f.get(1), f.get(4).and_then(|i| i.parse::<u64>().ok()))
+        else {
+            continue;
+        };
+        if perms.contains('w') && perms.contains('s') && inodes.iter().any(|(_, i)| *i == ino) {
+            return Some(format!("a shared writable mapping ({line})"));
+        }
+    }
+    None
+}
+
+/// Makes `path` durable (a file's data, or a directory's entries).
+fn sync_path(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
 }
 
 /// The spec a snapshot records: the VM's, each card's effective MAC written in.
@@ -234,6 +307,22 @@ fn restored_spec(saved: &VmSpec, given: Option<VmSpec>) -> Result<VmSpec, AgentE
     Ok(spec)
 }
 
+/// A snapshot id being taken; released when dropped.
+struct Reservation {
+    manager: Arc<Manager>,
+    id: String,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.manager
+            .snapshots_in_progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
 impl Manager {
     /// The store's directory of snapshots.
     fn snapshots_dir(&self) -> PathBuf {
@@ -245,7 +334,7 @@ impl Manager {
         self.snapshots_dir().join(id)
     }
 
-    fn snapshot_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+    pub(super) fn snapshot_lock(&self) -> std::sync::MutexGuard<'_, ()> {
         self.snapshot_records
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -276,7 +365,7 @@ impl Manager {
 
     /// `snapshot` and the snapshots under it, root (the full one) first; each must be in
     /// the store with its files.
-    fn chain(&self, snapshot: &Snapshot) -> Result<Vec<Snapshot>, AgentError> {
+    pub(super) fn chain(&self, snapshot: &Snapshot) -> Result<Vec<Snapshot>, AgentError> {
         let mut chain = vec![snapshot.clone()];
         let mut next = snapshot.parent_id.clone();
         while !next.is_empty() {
@@ -298,7 +387,9 @@ impl Manager {
         chain.reverse();
         for s in &chain {
             let dir = self.snapshot_dir(&s.id);
-            if !dir.join("vmstate").is_file() {
+            let real = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir())
+                && std::fs::symlink_metadata(dir.join("vmstate")).is_ok_and(|m| m.is_file());
+            if !real {
                 return Err(AgentError::FailedPrecondition(format!(
                     "snapshot {:?}: its files are missing from {}",
                     s.id,
@@ -326,20 +417,31 @@ impl Manager {
         let state = state_of(&vm);
         if !matches!(state, VmState::Running | VmState::Paused) {
             return Err(AgentError::FailedPrecondition(format!(
-                "VM {vm_id:?} is {}; only a running or paused VM can be snapshotted",
+                "vm_id: VM {vm_id:?} is {}; only a running or paused VM can be snapshotted",
                 state_name(state)
             )));
         }
         let Some((pid, mut exited)) = slot.running() else {
             return Err(AgentError::FailedPrecondition(format!(
-                "VM {vm_id:?} has no VMM process"
+                "vm_id: VM {vm_id:?} has no VMM process"
             )));
         };
-        if self.store.snapshot(snapshot_id)?.is_some() {
-            return Err(AgentError::AlreadyExists(format!(
-                "snapshot_id: a snapshot {snapshot_id:?} already exists"
+        // The parent is the agent's own record of this VMM's last snapshot, never what the
+        // VMM says.
+        let base = slot
+            .last_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|(p, _)| *p == pid)
+            .map(|(_, id)| id);
+        if diff && base.is_none() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "diff: VM {vm_id:?}'s VMM has no snapshot to take a diff on since it started \
+                 (or since the agent started): take a full snapshot first"
             )));
         }
+        let _reserved = self.reserve_snapshot(snapshot_id)?;
         let spec = spec_of(&vm)?.clone();
         let paths = self.paths(vm_id);
         // The VMM writes where it can: a directory of its own inside its root, owned by
@@ -353,12 +455,13 @@ impl Manager {
         fresh_dir(&stage, owner)?;
         let target = self.snapshot_dir(snapshot_id);
         if target.exists() {
-            // Left by a crash between the move and the record: not a snapshot.
+            // No record has this id and nobody else is taking it: left by a crash.
             warn!(dir = %target.display(), "removing a snapshot directory without a record");
             remove_tree(&target).map_err(|e| {
                 AgentError::Internal(format!("cannot remove {}: {e}", target.display()))
             })?;
         }
+        *slot.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let request = ctl::Request::Snapshot {
             dir: paths.for_vmm(&stage.join(snapshot_id), self.cfg.jail),
             after,
@@ -373,7 +476,7 @@ impl Manager {
         let reply = match reply {
             Ok(r) => r,
             Err(e) => {
-                let why = format!("VM {vm_id:?}: snapshot {snapshot_id:?}: {e}");
+                let why = format!("snapshot_id: VM {vm_id:?}: snapshot {snapshot_id:?}: {e}");
                 return Err(match e {
                     control::ControlError::Reply(ReplyError::Refused { reply, .. })
                         if reply.code == ErrorCode::Conflict =>
@@ -385,45 +488,147 @@ impl Manager {
                     // The VMM removed what it had written; the VM runs as before.
                     control::ControlError::Reply(_) => AgentError::Internal(why),
                     // It may still be writing: its directory stays until the next snapshot.
-                    _ => AgentError::Unavailable(why),
+                    // A VMM told to stop may exit yet: that exit was asked for.
+                    _ => {
+                        if after == AfterSnapshot::Stop {
+                            status_mut(&mut vm).state = VmState::Stopping as i32;
+                            self.persist(&vm);
+                        }
+                        AgentError::Unavailable(why)
+                    }
                 });
             }
         };
+        // What the VM does now is recorded first, whatever fails below.
+        let now = match reply.state {
+            RunState::Running => VmState::Running,
+            RunState::Paused => VmState::Paused,
+            RunState::Stopping => VmState::Stopping,
+        };
+        status_mut(&mut vm).state = now as i32;
+        self.persist(&vm);
+        let taken = self
+            .take_snapshot(&vm, &spec, snapshot_id, pid, owner.0, diff, base, &reply)
+            .await;
+        if now == VmState::Stopping {
+            // `after: stop`: the VMM exits once the reply is sent.
+            if tokio::time::timeout(VMM_STOP_GRACE, exited.wait_for(|e| e.is_some()))
+                .await
+                .is_err()
+            {
+                warn!(vm = %vm_id, pid, "the VMM did not exit after its snapshot; killing it");
+                let _ = process::signal(pid, libc::SIGKILL);
+            }
+            let info = wait_for_exit(&mut exited).await;
+            self.record_exit(&slot, &mut vm, info, true)?;
+        }
+        let (record, flush) = taken?;
+        *slot.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((pid, snapshot_id.to_string()));
+        let message = format!(
+            "{} snapshot {snapshot_id:?} taken: {} MiB of memory, {} KiB written, paused {} ms, {} ms in all{}",
+            if diff { "diff" } else { "full" },
+            record.memory_bytes >> 20,
+            record.data_bytes >> 10,
+            record.paused_ms,
+            record.total_ms,
+            match &flush {
+                Ok(()) => String::new(),
+                Err(why) => format!("; {why}"),
+            }
+        );
+        self.events.emit_snapshot(
+            vm_id,
+            EventKind::SnapshotTaken,
+            state_of(&vm),
+            snapshot_id,
+            message,
+        );
+        Ok(record)
+    }
+
+    /// Reserves a snapshot id no record has and no other call is taking.
+    fn reserve_snapshot(self: &Arc<Self>, id: &str) -> Result<Reservation, AgentError> {
+        let _records = self.snapshot_lock();
+        let mut taking = self
+            .snapshots_in_progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if taking.contains(id) || self.store.snapshot(id)?.is_some() {
+            return Err(AgentError::AlreadyExists(format!(
+                "snapshot_id: a snapshot {id:?} already exists"
+            )));
+        }
+        taking.insert(id.to_string());
+        Ok(Reservation {
+            manager: self.clone(),
+            id: id.to_string(),
+        })
+    }
+
+    /// After the VMM's reply: flushes the disks, takes the staged directory into the store
+    /// (checked, sealed, made durable), records it. The staged files are removed on failure.
+    #[allow(clippy::too_many_arguments)]
+    async fn take_snapshot(
+        self: &Arc<Self>,
+        vm: &Vm,
+        spec: &VmSpec,
+        snapshot_id: &str,
+        pid: u32,
+        vmm_uid: u32,
+        diff: bool,
+        base: Option<String>,
+        reply: &ctl::SnapshotReply,
+    ) -> Result<(Snapshot, Result<(), String>), AgentError> {
         // The disks the guest writes to reach stable storage (the VMM drained their queues
-        // while the VM was paused); a copy of an image made now matches the snapshot.
-        let flush = self.flush_disks(&spec).await;
-        let taken = stage.join(snapshot_id);
-        let (record, outcome) = {
-            let _records = self.snapshot_lock();
-            let parent_id = reply.parent.clone().unwrap_or_default();
-            let outcome = (|| {
-                if diff {
-                    let known = !parent_id.is_empty() && self.store.snapshot(&parent_id)?.is_some();
-                    if !known {
-                        return Err(AgentError::FailedPrecondition(format!(
-                            "VM {vm_id:?}: the snapshot the diff applies on ({parent_id:?}) has \
-                             been deleted; take a full snapshot"
-                        )));
-                    }
+        // while the VM was paused).
+        let flush = self.flush_disks(spec).await;
+        let parent_id = reply.parent.clone().unwrap_or_default();
+        let sid = snapshot_id.to_string();
+        let fail = move |why: String| AgentError::Internal(format!("snapshot_id: {sid:?}: {why}"));
+        if parent_id != base.clone().filter(|_| diff).unwrap_or_default() {
+            let _ = remove_tree(&self.paths(&vm.id).root().join(STAGE));
+            return Err(fail(format!(
+                "the VMM names {parent_id:?} as the parent, the agent expected {:?}",
+                base.filter(|_| diff).unwrap_or_default()
+            )));
+        }
+        let me = self.clone();
+        let (vm, spec, id, reply) = (
+            vm.clone(),
+            spec.clone(),
+            snapshot_id.to_string(),
+            reply.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let stage = me.paths(&vm.id).root().join(STAGE);
+            let target = me.snapshot_dir(&id);
+            let result = (|| {
+                let inodes = take_staged(&stage, &id, vmm_uid)
+                    .map_err(|e| fail(format!("taking the VMM's files: {e}")))?;
+                if let Some(how) = writers(pid, &inodes) {
+                    return Err(fail(format!(
+                        "the VMM can still write to its snapshot's files ({how}); refused"
+                    )));
                 }
-                std::fs::create_dir_all(self.snapshots_dir())
+                let dir = me.snapshots_dir();
+                std::fs::create_dir_all(&dir)
                     .and_then(|()| {
-                        std::fs::set_permissions(
-                            self.snapshots_dir(),
-                            std::fs::Permissions::from_mode(0o700),
-                        )
+                        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
                     })
-                    .and_then(|()| std::fs::rename(&taken, &target))
-                    .and_then(|()| seal(&target))
-                    .map_err(|e| {
-                        AgentError::Internal(format!(
-                            "snapshot {snapshot_id:?}: cannot move it into {}: {e}",
-                            target.display()
-                        ))
-                    })?;
+                    .and_then(|()| std::fs::rename(stage.join(&id), &target))
+                    .and_then(|()| sync_path(&dir))
+                    .map_err(|e| fail(format!("cannot move it into {}: {e}", target.display())))?;
+                let _records = me.snapshot_lock();
+                if diff && me.store.snapshot(&parent_id)?.is_none() {
+                    return Err(AgentError::FailedPrecondition(format!(
+                        "diff: the snapshot the diff applies on ({parent_id:?}) has been \
+                         deleted meanwhile; take a full snapshot"
+                    )));
+                }
                 let record = Snapshot {
-                    id: snapshot_id.to_string(),
-                    vm_id: vm_id.to_string(),
+                    id: id.clone(),
+                    vm_id: vm.id.clone(),
                     kind: if diff {
                         SnapshotKind::Diff
                     } else {
@@ -439,65 +644,27 @@ impl Manager {
                     total_ms: reply.total_ms,
                     directory: target.display().to_string(),
                 };
-                // The copy first: a crash before the store has it leaves a whole snapshot
-                // that recovery takes back.
-                write_record_copy(&target, &record).map_err(|e| {
-                    AgentError::Internal(format!(
-                        "snapshot {snapshot_id:?}: cannot write its record into {}: {e}",
-                        target.display()
-                    ))
-                })?;
-                self.store.put_snapshot(&record)?;
+                // The copy first (durable): a crash before the store has it leaves a whole
+                // snapshot that recovery takes back.
+                write_record_copy(&target, &record)
+                    .and_then(|()| sync_path(&target))
+                    .map_err(|e| {
+                        fail(format!(
+                            "cannot write its record into {}: {e}",
+                            target.display()
+                        ))
+                    })?;
+                me.store.put_snapshot(&record)?;
                 Ok(record)
             })();
-            match outcome {
-                Ok(r) => (Some(r), Ok(())),
-                Err(e) => (None, Err(e)),
+            let _ = remove_tree(&stage);
+            if result.is_err() {
+                let _ = remove_tree(&target);
             }
-        };
-        if let Err(e) = outcome {
-            let _ = remove_tree(&taken);
-            let _ = remove_tree(&target);
-            return Err(e);
-        }
-        let _ = remove_tree(&stage);
-        let Some(record) = record else {
-            return Err(AgentError::Internal("snapshot: no record".into()));
-        };
-        let now = match reply.state {
-            RunState::Running => VmState::Running,
-            RunState::Paused => VmState::Paused,
-            RunState::Stopping => VmState::Stopping,
-        };
-        let message = format!(
-            "{} snapshot {snapshot_id:?} taken: {} MiB of memory, {} KiB written, paused {} ms, {} ms in all{}",
-            if diff { "diff" } else { "full" },
-            record.memory_bytes >> 20,
-            record.data_bytes >> 10,
-            record.paused_ms,
-            record.total_ms,
-            match &flush {
-                Ok(()) => String::new(),
-                Err(why) => format!("; {why}"),
-            }
-        );
-        status_mut(&mut vm).state = now as i32;
-        self.persist(&vm);
-        self.events
-            .emit_snapshot(vm_id, EventKind::SnapshotTaken, now, snapshot_id, message);
-        if now == VmState::Stopping {
-            // `after: stop`: the VMM exits once the reply is sent.
-            if tokio::time::timeout(VMM_STOP_GRACE, exited.wait_for(|e| e.is_some()))
-                .await
-                .is_err()
-            {
-                warn!(vm = %vm_id, pid, "the VMM did not exit after its snapshot; killing it");
-                let _ = process::signal(pid, libc::SIGKILL);
-            }
-            let info = wait_for_exit(&mut exited).await;
-            self.record_exit(&slot, &mut vm, info, true)?;
-        }
-        Ok(record)
+            result.map(|r| (r, flush))
+        })
+        .await
+        .unwrap_or_else(|e| Err(AgentError::Internal(format!("snapshot: {e}"))))
     }
 
     /// Flushes every read-write disk of `spec` to stable storage (`fdatasync` of the
@@ -511,7 +678,11 @@ impl Manager {
             .collect();
         let result = tokio::task::spawn_blocking(move || {
             for path in disks {
-                std::fs::File::open(&path)
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .open(&path)
                     .and_then(|f| f.sync_data())
                     .map_err(|e| format!("cannot flush the disk {path:?}: {e}"))?;
             }
@@ -568,6 +739,19 @@ impl Manager {
                 }
             }
             self.store.remove_snapshot(id)?;
+            // A VMM whose last snapshot this was takes no diff on it: the id may name
+            // another snapshot later.
+            for slot in self
+                .slots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+            {
+                let mut last = slot.last_snapshot.lock().unwrap_or_else(|p| p.into_inner());
+                if last.as_ref().is_some_and(|(_, s)| s == id) {
+                    *last = None;
+                }
+            }
         }
         let dir = self.snapshot_dir(id);
         if let Err(e) = remove_tree(&dir) {
@@ -616,7 +800,12 @@ impl Manager {
         snapshot_id: &str,
         jail_uid: Option<u32>,
     ) -> Result<String, AgentError> {
-        let snapshot = self.get_snapshot(snapshot_id)?;
+        let snapshot = self.get_snapshot(snapshot_id).map_err(|e| match e {
+            AgentError::SnapshotNotFound(id) => AgentError::FailedPrecondition(format!(
+                "the snapshot {id:?} this VM was to restore is gone; delete the VM"
+            )),
+            e => e,
+        })?;
         let chain = {
             let _records = self.snapshot_lock();
             self.chain(&snapshot)?
@@ -639,6 +828,15 @@ impl Manager {
             for entry in std::fs::read_dir(&from).map_err(|e| io("read", &from, e))? {
                 let entry = entry.map_err(|e| io("read", &from, e))?;
                 let src = entry.path();
+                // Only the regular files the agent sealed: nothing that leads elsewhere.
+                let m = std::fs::symlink_metadata(&src).map_err(|e| io("inspect", &src, e))?;
+                if !m.is_file() {
+                    return Err(AgentError::FailedPrecondition(format!(
+                        "snapshot_id: {:?}: {} is not a regular file",
+                        s.id,
+                        src.display()
+                    )));
+                }
                 let dst = to.join(entry.file_name());
                 // A link costs nothing; across file systems (a root elsewhere), a copy.
                 if let Err(e) = std::fs::hard_link(&src, &dst) {
@@ -650,6 +848,19 @@ impl Manager {
             }
         }
         Ok(paths.for_vmm(&stage.join(snapshot_id), true))
+    }
+
+    /// Records that a VM's pending restore is done (its VMM answers): the next start
+    /// boots. The copy of the record in the VM's directory is rewritten too, so that a
+    /// store rebuilt from it does not restore the old snapshot over disks that moved on.
+    pub(super) fn finish_restore(&self, vm: &mut Vm, paths: &VmPaths) {
+        let st = status_mut(vm);
+        st.restored_from = std::mem::take(&mut st.pending_restore);
+        st.pending_restore_lazy = false;
+        self.unstage_restore(paths);
+        if let Err(e) = paths.write_record(vm) {
+            warn!(vm = %vm.id, error = %e, "cannot rewrite the VM's record in its directory");
+        }
     }
 
     /// Removes the chain's links from a VM's root once its VMM has restored (it holds the
@@ -700,6 +911,7 @@ impl Manager {
 mod tests {
     use super::*;
     use quantix_proto::v1::{BootSource, Disk, Nic, Vsock};
+    use std::os::unix::fs::MetadataExt;
 
     fn saved() -> VmSpec {
         VmSpec {
@@ -761,6 +973,81 @@ mod tests {
             refused(&|g| g.boot.as_mut().unwrap().cmdline = "quiet".into())
                 .starts_with("spec.boot:")
         );
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("qx-snap-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn staged_files_are_taken_only_as_plain_files_of_the_vmm() {
+        let (uid, _) = agent_owner();
+        // A good one: sealed read-only, its inodes returned.
+        let stage = scratch("good");
+        std::fs::create_dir(stage.join("s1")).unwrap();
+        std::fs::write(stage.join("s1/vmstate"), b"x").unwrap();
+        std::fs::write(stage.join("s1/memory"), b"y").unwrap();
+        let inodes = take_staged(&stage, "s1", uid).unwrap();
+        assert_eq!(inodes.len(), 2);
+        let m = std::fs::metadata(stage.join("s1/memory")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o444);
+        // A symlink in place of the directory, to a host directory: refused, untouched.
+        let host = scratch("host");
+        std::fs::write(host.join("secret"), b"z").unwrap();
+        std::fs::set_permissions(host.join("secret"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        let stage = scratch("link");
+        std::os::unix::fs::symlink(&host, stage.join("s1")).unwrap();
+        let e = take_staged(&stage, "s1", uid).unwrap_err();
+        assert!(
+            e.to_string().contains("not a directory the VMM made"),
+            "{e}"
+        );
+        let m = std::fs::metadata(host.join("secret")).unwrap();
+        assert_eq!(
+            m.permissions().mode() & 0o777,
+            0o600,
+            "the host file is untouched"
+        );
+        // A symlink or a hard link among the files: refused.
+        let stage = scratch("file-link");
+        std::fs::create_dir(stage.join("s1")).unwrap();
+        std::os::unix::fs::symlink(host.join("secret"), stage.join("s1/memory")).unwrap();
+        assert!(take_staged(&stage, "s1", uid).is_err());
+        let stage = scratch("hard-link");
+        std::fs::create_dir(stage.join("s1")).unwrap();
+        std::fs::hard_link(host.join("secret"), stage.join("s1/memory")).unwrap();
+        let e = take_staged(&stage, "s1", uid).unwrap_err();
+        assert!(e.to_string().contains("a link"), "{e}");
+        let m = std::fs::metadata(host.join("secret")).unwrap();
+        assert_eq!(
+            m.permissions().mode() & 0o777,
+            0o600,
+            "the host file is untouched"
+        );
+        // Another owner than the VMM's uid: refused.
+        let stage = scratch("owner");
+        std::fs::create_dir(stage.join("s1")).unwrap();
+        assert!(take_staged(&stage, "s1", uid.wrapping_add(1)).is_err());
+    }
+
+    #[test]
+    fn a_process_that_can_still_write_a_file_is_found() {
+        let dir = scratch("writers");
+        let path = dir.join("memory");
+        std::fs::write(&path, b"x").unwrap();
+        let m = std::fs::metadata(&path).unwrap();
+        let inode = [(m.dev(), m.ino())];
+        let me = std::process::id();
+        let reader = std::fs::File::open(&path).unwrap();
+        assert_eq!(writers(me, &inode), None, "a reader is no writer");
+        let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        assert!(writers(me, &inode).unwrap().contains("open for writing"));
+        drop((reader, writer));
+        assert_eq!(writers(me, &inode), None);
     }
 
     #[test]
