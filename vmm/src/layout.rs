@@ -76,6 +76,12 @@ const _: () = assert!(
 /// The ACPI Generic Event Device's interrupt (the power button): the last pin of KVM's
 /// 24-pin in-kernel I/O APIC.
 pub const GED_GSI: u32 = 23;
+/// The VM Generation ID's notification (a second Generic Event Device): legacy pin 3,
+/// which no device of this platform uses (there is no COM2).
+pub const VMGENID_GSI: u32 = 3;
+/// The VM Generation ID's 16 bytes: the end of the ACPI area, reserved in the e820 map
+/// and left out of the room for the tables.
+pub const VMGENID_ADDR: GuestAddress = GuestAddress(ACPI_END - 16);
 
 /// The I/O port of the ACPI sleep control/status and reset register.
 pub const ACPI_POWER_PORT: u16 = 0x600;

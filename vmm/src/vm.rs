@@ -28,6 +28,7 @@ use crate::cpu::{msrs, regs, PauseGate, Vcpu, VcpuHandle};
 use crate::device_manager::coalesced::SerialTxCoalescer;
 use crate::device_manager::legacy::{Uart, UartPort};
 use crate::device_manager::power_button::{Ged, PowerButton};
+use crate::device_manager::vmgenid::VmGenId;
 use crate::device_manager::{DeviceId, DeviceManager, DeviceSetup};
 use crate::error::{kvm_err, VmError};
 use crate::exit::ExitSignal;
@@ -554,6 +555,15 @@ fn attach_devices(
         DeviceId::new("ged", "power-button"),
         Arc::new(Mutex::new(Ged(power_button.clone()))),
     )?;
+    setup.add_offbus(
+        DeviceId::new("vmgenid", "0"),
+        Arc::new(Mutex::new(VmGenId::new(
+            fd,
+            mem.clone(),
+            layout::VMGENID_ADDR,
+            layout::VMGENID_GSI,
+        )?)),
+    )?;
 
     // Virtio devices, in a fixed order: disks, NICs, console, rng, vsock.
     let mut chardevs = Vec::new();
@@ -696,6 +706,7 @@ fn load_boot(
             vcpus: config.vcpus,
             virtio_mmio: devices.virtio_descs().to_vec(),
             ged_gsi: layout::GED_GSI,
+            vmgenid: Some((layout::VMGENID_ADDR.0, layout::VMGENID_GSI)),
         },
     )?;
     crate::mptable::write(mem, config.vcpus)?;

@@ -185,7 +185,7 @@ fn every_register_class_and_memory_survive_a_save_and_a_restore() {
     assert_ne!(saved.sregs.efer & 0x500, 0, "EFER with LME/LMA");
     assert_eq!(saved.debugregs.db[0], REG_BASE, "DR0");
     assert!(!saved.cpuid.is_empty());
-    assert_eq!(state.devices.len(), 4, "{:?}", state.devices);
+    assert_eq!(state.devices.len(), 5, "{:?}", state.devices);
 
     // The image holds the counter; the state file is JSON after its header line.
     let image = std::fs::File::open(snap.join(MEMORY_FILE)).unwrap();
@@ -418,6 +418,29 @@ fn a_snapshot_restores_in_a_new_process_and_bad_ones_are_refused() {
         first,
         "restored exactly"
     );
+    // A restore is a new generation: the VM Generation ID in guest memory changed, and
+    // each snapshot's device state holds the one its memory holds.
+    let genid = |dir: &Path| -> (String, String) {
+        let mut id = [0u8; 16];
+        std::fs::File::open(dir.join(MEMORY_FILE))
+            .unwrap()
+            .read_exact_at(&mut id, quantix_vmm::layout::VMGENID_ADDR.0)
+            .unwrap();
+        let in_memory: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let saved = read_state(dir)
+            .devices
+            .iter()
+            .find(|d| d.id.starts_with("vmgenid"))
+            .map(|d| d.state["id"].as_str().unwrap().to_string())
+            .unwrap();
+        (in_memory, saved)
+    };
+    let (g1, s1) = genid(&one);
+    let (g2, s2) = genid(&two);
+    assert_eq!(g1, s1);
+    assert_eq!(g2, s2);
+    assert_ne!(g1, g2, "a new generation ID on restore");
+    assert_ne!(g1, "0".repeat(32));
     std::thread::sleep(Duration::from_millis(100));
     let three = dir.join("three");
     let reply = c(&format!(

@@ -13,7 +13,7 @@ use crate::memory::GuestMemory;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::layout::{ACPI_END, ACPI_START};
+use crate::layout::{ACPI_START, VMGENID_ADDR};
 pub use tables::{build, AcpiConfig, VirtioMmioDesc};
 
 /// Errors while writing the tables.
@@ -35,7 +35,8 @@ pub enum AcpiError {
 /// Writes the tables at [`ACPI_START`] and returns the RSDP's address.
 pub fn write(mem: &GuestMemory, config: &AcpiConfig) -> Result<GuestAddress, AcpiError> {
     let blob = build(config, ACPI_START.0);
-    let room = ACPI_END - ACPI_START.0;
+    // The generation ID lies at the end of the area.
+    let room = VMGENID_ADDR.0 - ACPI_START.0;
     if blob.len() as u64 > room {
         return Err(AcpiError::TooLarge {
             size: blob.len(),

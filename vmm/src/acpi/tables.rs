@@ -27,6 +27,9 @@ pub struct AcpiConfig {
     pub virtio_mmio: Vec<VirtioMmioDesc>,
     /// The interrupt of the Generic Event Device that carries power button presses.
     pub ged_gsi: u32,
+    /// The VM Generation ID: its address and the interrupt of the Generic Event Device
+    /// that notifies a change.
+    pub vmgenid: Option<(u64, u32)>,
 }
 
 /// An SDT: a 36-byte header and a body; the length and checksum are filled by `finish`.
@@ -87,7 +90,7 @@ fn gas_io_byte(port: u16) -> [u8; 12] {
     g
 }
 
-fn dsdt(virtio: &[VirtioMmioDesc], ged_gsi: u32) -> Vec<u8> {
+fn dsdt(virtio: &[VirtioMmioDesc], ged_gsi: u32, vmgenid: Option<(u64, u32)>) -> Vec<u8> {
     let mut t = Sdt::new(b"DSDT", 6);
     // \_S5: the sleep type value for soft-off that the guest writes to the sleep control register.
     t.bytes(&aml::name(
@@ -119,6 +122,30 @@ fn dsdt(virtio: &[VirtioMmioDesc], ged_gsi: u32) -> Vec<u8> {
         &aml::notify(b"_SB_", b"PWRB", 0x80),
     ));
     sb.extend(aml::device(b"GED_", &ged));
+    if let Some((addr, gsi)) = vmgenid {
+        // The VM Generation ID device as Microsoft's specification (and Linux's vmgenid
+        // driver, QEMU, Firecracker) has it: `_CID "VM_Gen_Counter"`, and `ADDR`, the
+        // identifier's address as a package of its low and high 32 bits. A change is
+        // notified (0x80) through a Generic Event Device of its own, so that a power
+        // button press and a new generation never share an interrupt.
+        let mut vgen = aml::name(b"_HID", &aml::string("QNTX0001"));
+        vgen.extend(aml::name(b"_CID", &aml::string("VM_Gen_Counter")));
+        vgen.extend(aml::name(b"_DDN", &aml::string("VM_Gen_Counter")));
+        vgen.extend(aml::name(
+            b"ADDR",
+            &aml::package(&[aml::integer(addr & 0xffff_ffff), aml::integer(addr >> 32)]),
+        ));
+        sb.extend(aml::device(b"VGEN", &vgen));
+        let mut ged1 = aml::name(b"_HID", &aml::string("ACPI0013"));
+        ged1.extend(aml::name(b"_UID", &aml::integer(1)));
+        ged1.extend(aml::name(b"_CRS", &aml::irq_resources(gsi)));
+        ged1.extend(aml::method(
+            b"_EVT",
+            1,
+            &aml::notify(b"_SB_", b"VGEN", 0x80),
+        ));
+        sb.extend(aml::device(b"GED1", &ged1));
+    }
     for (i, dev) in virtio.iter().enumerate() {
         let mut body = aml::name(b"_HID", &aml::string("LNRO0005"));
         body.extend(aml::name(b"_UID", &aml::integer(i as u64)));
@@ -237,7 +264,10 @@ pub fn build(config: &AcpiConfig, base: u64) -> Vec<u8> {
         align16(blob);
         addr
     };
-    let dsdt_addr = place(dsdt(&config.virtio_mmio, config.ged_gsi), &mut blob);
+    let dsdt_addr = place(
+        dsdt(&config.virtio_mmio, config.ged_gsi, config.vmgenid),
+        &mut blob,
+    );
     let fadt_addr = place(fadt(dsdt_addr), &mut blob);
     let madt_addr = place(madt(config.vcpus), &mut blob);
     let xsdt_addr = place(xsdt(&[fadt_addr, madt_addr]), &mut blob);
@@ -283,6 +313,7 @@ mod tests {
                     gsi: 5,
                 }],
                 ged_gsi: 23,
+                vmgenid: Some((0xf_ffe0, 3)),
             },
             base,
         );
@@ -313,6 +344,17 @@ mod tests {
         assert!(dsdt.windows(4).any(|w| w == b"PWRB"));
         assert!(dsdt.windows(8).any(|w| w == b"ACPI0013"));
         assert!(dsdt.windows(4).any(|w| w == b"_EVT"));
+        // The generation ID device, its address package, and its own GED.
+        assert!(dsdt.windows(14).any(|w| w == b"VM_Gen_Counter"));
+        assert!(dsdt.windows(4).any(|w| w == b"GED1"));
+        let addr = [
+            b"ADDR".as_slice(),
+            &[0x12, 0x08, 0x02, 0x0c],
+            &0xf_ffe0u32.to_le_bytes(),
+            &[0x00],
+        ]
+        .concat();
+        assert!(dsdt.windows(addr.len()).any(|w| w == addr), "ADDR package");
         let ged_crs = aml::irq_resources(23);
         assert!(dsdt.windows(ged_crs.len()).any(|w| w == ged_crs));
         // One enabled local APIC per vCPU with APIC IDs 0..n.
@@ -342,9 +384,10 @@ mod tests {
                     })
                     .collect(),
                 ged_gsi: 23,
+                vmgenid: Some((crate::layout::VMGENID_ADDR.0, 3)),
             },
             0xe0000,
         );
-        assert!((blob.len() as u64) < crate::layout::ACPI_END - 0xe0000);
+        assert!((blob.len() as u64) <= crate::layout::VMGENID_ADDR.0 - 0xe0000);
     }
 }

@@ -17,6 +17,7 @@ pub mod coalesced;
 pub mod legacy;
 pub mod power_button;
 pub mod virtio;
+pub mod vmgenid;
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
