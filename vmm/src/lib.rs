@@ -29,4 +29,5 @@ pub mod plain;
 pub mod runner;
 pub mod seccomp;
 pub mod snapshot;
+pub mod uffd;
 pub mod vm;

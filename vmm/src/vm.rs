@@ -209,7 +209,7 @@ impl Vm {
                     let pages = diff.memory.pages.as_deref().unwrap_or_default();
                     plan.apply_diff((file, path), pages).map_err(lazy_err)?;
                 }
-                let uffd = snapshot::uffd::Uffd::open(device.as_deref()).map_err(|e| {
+                let uffd = crate::uffd::Uffd::open(device.as_deref()).map_err(|e| {
                     lazy_err(format!(
                         "no userfaultfd ({e}); a jailed VMM needs --userfaultfd with an \
                          inherited /dev/userfaultfd"

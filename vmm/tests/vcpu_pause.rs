@@ -88,7 +88,13 @@ fn paused_vcpus_have_completed_their_reads(case: &Case) {
     let vm = Vm::build(&config, exit.clone()).unwrap();
     assert_eq!(
         vm.devices().ids(),
-        ["uart:com1", "i8042:0", "acpi-pm:0", "ged:power-button"]
+        [
+            "uart:com1",
+            "i8042:0",
+            "acpi-pm:0",
+            "ged:power-button",
+            "vmgenid:0"
+        ]
     );
     let pauser = vm.pauser();
     let counters = vm.metrics().vcpus[0].clone();

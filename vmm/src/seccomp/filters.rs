@@ -286,10 +286,7 @@ fn rules(kind: Kind) -> Result<Rules, String> {
             &mut r,
             libc::SYS_ioctl,
             1,
-            &[
-                crate::snapshot::uffd::UFFDIO_COPY,
-                crate::snapshot::uffd::UFFDIO_UNREGISTER,
-            ],
+            &[crate::uffd::UFFDIO_COPY, crate::uffd::UFFDIO_UNREGISTER],
         )?,
         Kind::Launcher => {
             device(&mut r)?;

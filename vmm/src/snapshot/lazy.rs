@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::uffd::{Msg, Uffd, EVENT_PAGEFAULT};
 use super::{MemoryRegion, PAGE_SIZE};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::GuestRam;
+use crate::uffd::{Msg, Uffd, EVENT_PAGEFAULT};
 
 /// Pages copied ahead per round between looks at the fault queue (1 MiB).
 const PREFETCH_PAGES: usize = 256;

@@ -12,7 +12,6 @@ pub mod file;
 pub mod lazy;
 pub mod memory;
 pub mod take;
-pub mod uffd;
 pub mod vm_state;
 
 use serde::{Deserialize, Serialize};
