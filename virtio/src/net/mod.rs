@@ -5,15 +5,24 @@
 //! the queues and on the TAP (`IFF_VNET_HDR`), so checksum and segmentation offloads pass
 //! straight through. Without `MRG_RXBUF`, a received frame must fit in one buffer chain;
 //! Linux then posts 64 KiB chains when it accepts TSO ("big packets").
+//!
+//! A third queue, the control queue (`CTRL_VQ`), carries one command: the driver's
+//! acknowledgement of a link announcement (`GUEST_ANNOUNCE`). After a restore (a
+//! snapshot's copy, later a migrated VM) the card sets `VIRTIO_NET_S_ANNOUNCE` in its
+//! status and raises a configuration interrupt; Linux then sends gratuitous ARPs and
+//! IPv6 neighbour advertisements for every address of the interface (so that switches
+//! learn the VM's new port) and acknowledges, which clears the bit. Any other control
+//! command is answered `VIRTIO_NET_ERR`: none of the features that would make a driver
+//! send one (`CTRL_RX`, `CTRL_VLAN`, `MQ`, `CTRL_MAC_ADDR`...) is offered.
 
 pub mod tap;
 
 use std::io;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 
 use crate::state::{self, DeviceState, QueueSnapshot, StateError};
@@ -30,6 +39,31 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const MAX_FRAME: usize = 65562;
 const RX: usize = 0;
 const TX: usize = 1;
+const CTRL: usize = 2;
+/// Queue size of the control queue.
+pub const CTRL_QUEUE_SIZE: u16 = 64;
+
+/// Status bits (config space, offset 6).
+pub mod status {
+    /// The link is up.
+    pub const LINK_UP: u16 = 1;
+    /// The driver should announce the device on the network.
+    pub const ANNOUNCE: u16 = 2;
+}
+
+/// The control queue's protocol (`virtio_net_ctrl_hdr`, then data, then a status byte).
+mod ctrl {
+    /// Class of the announcement's acknowledgement.
+    pub const CLASS_ANNOUNCE: u8 = 3;
+    /// The acknowledgement.
+    pub const ANNOUNCE_ACK: u8 = 0;
+    /// Done.
+    pub const OK: u8 = 0;
+    /// Refused.
+    pub const ERR: u8 = 1;
+    /// The longest command read (anything longer is refused unread).
+    pub const MAX_COMMAND: usize = 4096;
+}
 
 /// Network device feature bits.
 pub mod feature {
@@ -49,6 +83,10 @@ pub mod feature {
     pub const HOST_TSO6: u64 = 1 << 12;
     /// Link status in config space.
     pub const STATUS: u64 = 1 << 16;
+    /// A control queue.
+    pub const CTRL_VQ: u64 = 1 << 17;
+    /// The driver announces the device when the status says so.
+    pub const GUEST_ANNOUNCE: u64 = 1 << 21;
 }
 
 /// Counters of one network device.
@@ -68,15 +106,26 @@ pub struct NetCounters {
     pub tx_dropped: AtomicU64,
     /// Times a direction waited for its rate limit.
     pub throttled: AtomicU64,
+    /// Link announcements asked of the driver (after a restore).
+    pub announces: AtomicU64,
+    /// Announcements the driver acknowledged.
+    pub announces_acked: AtomicU64,
+    /// Control commands refused (unknown or malformed).
+    pub ctrl_refused: AtomicU64,
 }
 
 /// A network card.
 pub struct Net {
     name: String,
     tap: Arc<Tap>,
-    config: [u8; 10],
+    mac: [u8; 6],
+    /// The status word of config space, which the worker changes (an acknowledged
+    /// announcement) while the transport reads it.
+    status: Arc<AtomicU16>,
     counters: Arc<NetCounters>,
     worker: Option<Worker<NetHandler>>,
+    /// Restored: ask the driver to announce the card when it serves again.
+    announce_pending: bool,
     /// A frame read from the TAP but not delivered when the device was paused.
     pending_frame: Option<Vec<u8>>,
     /// Limits of each direction (the same limits, one set of buckets each).
@@ -92,16 +141,14 @@ impl Net {
 
     /// A card named `name` on `tap` with MAC address `mac`.
     pub fn new(name: &str, tap: Tap, mac: [u8; 6]) -> Self {
-        let mut config = [0u8; 10];
-        config[..6].copy_from_slice(&mac);
-        config[6..8].copy_from_slice(&1u16.to_le_bytes()); // VIRTIO_NET_S_LINK_UP
-        config[8..10].copy_from_slice(&1u16.to_le_bytes()); // one queue pair
         Self {
             name: name.to_string(),
             tap: Arc::new(tap),
-            config,
+            mac,
+            status: Arc::new(AtomicU16::new(status::LINK_UP)),
             counters: Arc::default(),
             worker: None,
+            announce_pending: false,
             pending_frame: None,
             rate_limit: Default::default(),
         }
@@ -116,6 +163,15 @@ impl Net {
     pub fn tap_name(&self) -> &str {
         self.tap.name()
     }
+
+    /// Config space: MAC, status, one queue pair.
+    fn config(&self) -> [u8; 10] {
+        let mut config = [0u8; 10];
+        config[..6].copy_from_slice(&self.mac);
+        config[6..8].copy_from_slice(&self.status.load(Ordering::Acquire).to_le_bytes());
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config
+    }
 }
 
 impl crate::CounterSet for NetCounters {
@@ -129,6 +185,9 @@ impl crate::CounterSet for NetCounters {
             ("tx_bytes", load(&self.tx_bytes)),
             ("tx_dropped", load(&self.tx_dropped)),
             ("throttled", load(&self.throttled)),
+            ("announces", load(&self.announces)),
+            ("announces_acked", load(&self.announces_acked)),
+            ("ctrl_refused", load(&self.ctrl_refused)),
         ]
     }
 }
@@ -144,7 +203,7 @@ impl VirtioDevice for Net {
         &self.name
     }
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        &[QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE]
     }
     fn features(&self) -> u64 {
         features::VERSION_1
@@ -158,15 +217,23 @@ impl VirtioDevice for Net {
             | feature::HOST_TSO4
             | feature::HOST_TSO6
             | feature::STATUS
+            | feature::CTRL_VQ
+            | feature::GUEST_ANNOUNCE
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        crate::read_config_bytes(&self.config, offset, data);
+        crate::read_config_bytes(&self.config(), offset, data);
     }
     fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
         let rx = ctx.take_ready_queue(RX)?;
         let tx = ctx.take_ready_queue(TX)?;
-        // What the guest accepts on receive decides what the TAP may hand us.
         let acked = ctx.acked_features;
+        // The control queue exists for a driver that accepted it (and must be set up then).
+        let ctrl = if acked & feature::CTRL_VQ != 0 {
+            Some(ctx.take_ready_queue(CTRL)?)
+        } else {
+            None
+        };
+        // What the guest accepts on receive decides what the TAP may hand us.
         let mut offload = 0;
         if acked & feature::GUEST_CSUM != 0 {
             offload |= tap::TUN_F_CSUM;
@@ -183,10 +250,13 @@ impl VirtioDevice for Net {
             frame[..f.len()].copy_from_slice(&f);
             f.len()
         });
+        let interrupt = ctx.interrupt.clone();
         let handler = NetHandler {
             mem: ctx.mem,
             rx,
             tx,
+            ctrl,
+            status: self.status.clone(),
             interrupt: ctx.interrupt,
             tap: self.tap.clone(),
             counters: self.counters.clone(),
@@ -207,37 +277,49 @@ impl VirtioDevice for Net {
             handler,
         )?);
         debug!(device = %self.name, tap = self.tap.name(), offload, "virtio-net active");
+        if std::mem::take(&mut self.announce_pending) {
+            let can = feature::CTRL_VQ | feature::GUEST_ANNOUNCE;
+            if acked & can == can {
+                self.status.fetch_or(status::ANNOUNCE, Ordering::AcqRel);
+                self.counters.announces.fetch_add(1, Ordering::Relaxed);
+                interrupt.signal_config();
+                info!(device = %self.name, "virtio-net: asking the guest to announce the card");
+            } else {
+                debug!(device = %self.name, "virtio-net: the driver cannot announce the card");
+            }
+        }
         Ok(())
     }
     fn reset(&mut self) {
         let _ = stop_worker(&mut self.worker, &self.name);
         self.pending_frame = None;
+        self.status.store(status::LINK_UP, Ordering::Release);
+        self.announce_pending = false;
     }
     fn pause(&mut self) -> Result<DeviceState, StateError> {
         let mut queues = Vec::new();
         if let Some(h) = stop_worker(&mut self.worker, &self.name)? {
             queues.push((RX, QueueSnapshot::of(&h.rx)));
             queues.push((TX, QueueSnapshot::of(&h.tx)));
+            if let Some(c) = &h.ctrl {
+                queues.push((CTRL, QueueSnapshot::of(c)));
+            }
             self.pending_frame = h.frame_len.map(|n| h.frame[..n].to_vec());
         }
-        let mut mac = [0u8; 6];
-        mac.copy_from_slice(&self.config[..6]);
         Ok(DeviceState {
             queues,
             device: state::to_value(&NetState {
-                mac,
+                mac: self.mac,
                 pending_frame: self.pending_frame.clone(),
             }),
         })
     }
     fn restore(&mut self, saved: &serde_json::Value) -> Result<(), StateError> {
         let saved: NetState = state::from_value(&self.name, saved)?;
-        if saved.mac != self.config[..6] {
+        if saved.mac != self.mac {
             return Err(StateError::Mismatch(format!(
                 "{}: saved with MAC {:02x?}, configured with {:02x?}",
-                self.name,
-                saved.mac,
-                &self.config[..6]
+                self.name, saved.mac, self.mac
             )));
         }
         if let Some(f) = &saved.pending_frame {
@@ -250,6 +332,9 @@ impl VirtioDevice for Net {
             }
         }
         self.pending_frame = saved.pending_frame;
+        // A restored card may sit on another port of the network than the one the
+        // guest's neighbours knew: have the guest announce it.
+        self.announce_pending = true;
         Ok(())
     }
 }
@@ -267,6 +352,9 @@ pub(crate) struct NetHandler {
     mem: Arc<GuestMemory>,
     rx: Queue,
     tx: Queue,
+    /// The control queue, when the driver accepted it.
+    ctrl: Option<Queue>,
+    status: Arc<AtomicU16>,
     interrupt: Arc<Interrupt>,
     tap: Arc<dyn FrameIo>,
     counters: Arc<NetCounters>,
@@ -301,6 +389,8 @@ impl NetHandler {
             mem,
             rx,
             tx,
+            ctrl: None,
+            status: Arc::new(AtomicU16::new(status::LINK_UP)),
             interrupt,
             tap: io,
             counters: Arc::default(),
@@ -385,6 +475,61 @@ impl NetHandler {
         Ok(())
     }
 
+    /// Answers the driver's control commands: the acknowledgement of an announcement
+    /// clears the status bit; anything else is refused.
+    fn control(&mut self) -> Result<(), QueueError> {
+        let Some(queue) = self.ctrl.as_mut() else {
+            return Ok(());
+        };
+        let (mem, status, counters, name) =
+            (self.mem.as_ref(), &self.status, &self.counters, &self.name);
+        crate::serve_queue(queue, mem, &self.interrupt, |chain| {
+            let mut command = Vec::new();
+            let mut reader = match Reader::new(mem, chain.clone()) {
+                Ok(r) if r.available_bytes() <= ctrl::MAX_COMMAND => r,
+                _ => {
+                    counters.ctrl_refused.fetch_add(1, Ordering::Relaxed);
+                    return 0;
+                }
+            };
+            {
+                use std::io::Read;
+                if reader.read_to_end(&mut command).is_err() {
+                    counters.ctrl_refused.fetch_add(1, Ordering::Relaxed);
+                    return 0;
+                }
+            }
+            let reply = match command.as_slice() {
+                [ctrl::CLASS_ANNOUNCE, ctrl::ANNOUNCE_ACK, ..] => {
+                    status.fetch_and(!status::ANNOUNCE, Ordering::AcqRel);
+                    counters.announces_acked.fetch_add(1, Ordering::Relaxed);
+                    info!(device = %name, "virtio-net: the guest announced the card");
+                    ctrl::OK
+                }
+                _ => {
+                    counters.ctrl_refused.fetch_add(1, Ordering::Relaxed);
+                    let (class, cmd) = (command.first().copied(), command.get(1).copied());
+                    quantix_devices::guest_warn!("virtio-net-ctrl", device = %name, class = ?class, cmd = ?cmd, "virtio-net: unsupported control command");
+                    ctrl::ERR
+                }
+            };
+            match Writer::new(mem, chain) {
+                Ok(mut w) if w.available_bytes() >= 1 => {
+                    use std::io::Write;
+                    if w.write_all(&[reply]).is_ok() {
+                        1
+                    } else {
+                        0
+                    }
+                }
+                _ => {
+                    counters.ctrl_refused.fetch_add(1, Ordering::Relaxed);
+                    0
+                }
+            }
+        })
+    }
+
     /// Sends every frame the guest queued (that its rate limit lets through now).
     fn transmit(&mut self) -> Result<(), QueueError> {
         let (mem, tap, counters, limit) = (
@@ -429,6 +574,7 @@ impl QueueHandler for NetHandler {
         match index {
             RX => self.receive(),
             TX => self.transmit(),
+            CTRL => self.control(),
             _ => Ok(()),
         }
     }
@@ -542,6 +688,66 @@ mod tests {
             assert!(start.elapsed() < std::time::Duration::from_secs(10));
         }
         assert!(start.elapsed() >= std::time::Duration::from_millis(60));
+    }
+
+    #[test]
+    fn the_acknowledged_announcement_clears_the_status_bit_and_other_commands_fail() {
+        use crate::worker::QueueHandler;
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+        let vq = MockSplitQueue::new(mem.as_ref(), 16);
+        const NEXT: u16 = 1; // VRING_DESC_F_NEXT
+        const WRITE: u16 = 2; // VRING_DESC_F_WRITE
+        // Three commands: the ACK, an unknown one (class 0 = RX, cmd 0 = promisc, 1 data
+        // byte), and one without room for the status byte.
+        let commands: [(&[u8], bool); 3] = [(&[3, 0], true), (&[0, 0, 1], true), (&[3, 0], false)];
+        for (i, (cmd, reply)) in commands.iter().enumerate() {
+            let base = 0x8_0000 + i as u64 * 0x1000;
+            mem.write_slice(cmd, GuestAddress(base)).unwrap();
+            let head = (i * 2) as u16;
+            let mut chain = vec![RawDescriptor::from(SplitDescriptor::new(
+                base,
+                cmd.len() as u32,
+                if *reply { NEXT } else { 0 },
+                head + 1,
+            ))];
+            if *reply {
+                mem.write_slice(&[0xff], GuestAddress(base + 0x800)).unwrap();
+                chain.push(RawDescriptor::from(SplitDescriptor::new(
+                    base + 0x800,
+                    1,
+                    WRITE,
+                    0,
+                )));
+            }
+            vq.add_desc_chains(&chain, head).unwrap();
+        }
+        let interrupt = Arc::new(Interrupt::new(
+            vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
+        ));
+        let io = Arc::new(Counting(Default::default()));
+        let mut h = NetHandler::for_fuzzing(
+            mem.clone(),
+            Queue::new(16).unwrap(),
+            Queue::new(16).unwrap(),
+            interrupt,
+            io,
+        );
+        h.ctrl = Some(vq.create_queue().unwrap());
+        h.status
+            .store(status::LINK_UP | status::ANNOUNCE, Ordering::Release);
+        h.process(CTRL).unwrap();
+        assert_eq!(h.status.load(Ordering::Acquire), status::LINK_UP);
+        let byte = |a: u64| mem.read_obj::<u8>(GuestAddress(a)).unwrap();
+        assert_eq!(byte(0x8_0800), ctrl::OK);
+        assert_eq!(byte(0x8_1800), ctrl::ERR);
+        let c = h.counters();
+        assert_eq!(c.announces_acked.load(Ordering::Relaxed), 2, "the ACK without a reply byte still acknowledges");
+        assert_eq!(c.ctrl_refused.load(Ordering::Relaxed), 2);
+        // Every chain was given back.
+        assert_eq!(vq.used().idx().load(), 3);
     }
 
     #[test]
