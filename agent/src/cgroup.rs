@@ -35,6 +35,13 @@ const CFS_PERIOD_US: u64 = 100_000;
 /// Memory the VMM needs beyond guest RAM (page tables, device buffers, its own heap).
 pub const VMM_OVERHEAD_MIB: u64 = 64;
 
+/// A memory limit as the kernel prints it: bytes, or `None` for no limit (`max` in v2, a
+/// value near `i64::MAX` in v1).
+fn parse_limit(text: &str) -> Option<u64> {
+    let v: u64 = text.trim().parse().ok()?;
+    (v < 1 << 62).then_some(v)
+}
+
 /// The cgroup v2 path of this process, from /proc/self/cgroup (`0::/PATH`).
 fn own_cgroup() -> Option<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
@@ -224,6 +231,30 @@ impl Cgroups {
         }
     }
 
+    /// Raises the memory limit of VM `vm_id`'s group by `bytes`, for memory its VMM is
+    /// charged for beyond guest RAM: a snapshot written to a memory-backed file system,
+    /// whose pages stay charged to the group that wrote them for as long as they exist.
+    /// Returns the new limit, or `None` when the group has no limit (or no group).
+    pub fn grant_memory(&self, vm_id: &str, bytes: u64) -> Result<Option<u64>, String> {
+        let file = match self {
+            Cgroups::V2(root) => root.join(vm_id).join("memory.max"),
+            Cgroups::V1 { memory, .. } => memory.join(vm_id).join("memory.limit_in_bytes"),
+            Cgroups::Unavailable(_) => return Ok(None),
+        };
+        if !file.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        let Some(limit) = parse_limit(&text) else {
+            return Ok(None);
+        };
+        let raised = limit.saturating_add(bytes);
+        std::fs::write(&file, raised.to_string())
+            .map_err(|e| format!("{} = {raised}: {e}", file.display()))?;
+        Ok(Some(raised))
+    }
+
     /// Moves `pid` into `dirs` (an unjailed VMM, placed right after its start).
     pub fn join(dirs: &[PathBuf], pid: u32) -> Result<(), String> {
         for d in dirs {
@@ -257,5 +288,43 @@ impl Cgroups {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_parse_as_the_kernel_prints_them() {
+        assert_eq!(parse_limit("343932928\n"), Some(343_932_928));
+        assert_eq!(parse_limit("max\n"), None);
+        // cgroup v1's "unlimited" (a page-aligned i64::MAX).
+        assert_eq!(parse_limit("9223372036854771712\n"), None);
+        assert_eq!(parse_limit(""), None);
+    }
+
+    #[test]
+    fn a_grant_raises_the_limit_and_leaves_no_limit_alone() {
+        let root = std::env::temp_dir().join(format!("qx-cgroup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let groups = Cgroups::V2(root.clone());
+        let vm = root.join("vm1");
+        std::fs::create_dir_all(&vm).unwrap();
+        std::fs::write(vm.join("memory.max"), "1048576\n").unwrap();
+        assert_eq!(groups.grant_memory("vm1", 4096), Ok(Some(1_052_672)));
+        assert_eq!(
+            std::fs::read_to_string(vm.join("memory.max")).unwrap(),
+            "1052672"
+        );
+        std::fs::write(vm.join("memory.max"), "max\n").unwrap();
+        assert_eq!(groups.grant_memory("vm1", 4096), Ok(None));
+        assert_eq!(
+            std::fs::read_to_string(vm.join("memory.max")).unwrap(),
+            "max\n"
+        );
+        // No group (cgroups off for this VM): nothing to raise.
+        assert_eq!(groups.grant_memory("vm2", 4096), Ok(None));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
