@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use quantix_proto::v1::{EventKind, ExitInfo, VmEvent, VmState};
+use quantix_proto::v1::{EventKind, ExitInfo, SnapshotProgress, VmEvent, VmState};
 use tokio::sync::broadcast;
 use tracing::info;
 
@@ -84,6 +84,36 @@ impl Events {
             message,
             at_unix_ms: crate::now_ms(),
             snapshot_id,
+            progress: None,
+        });
+    }
+
+    /// Emits how far a snapshot's writing is (not logged: one a second; the VMM logs its
+    /// own progress).
+    pub fn emit_progress(
+        &self,
+        vm_id: &str,
+        state: VmState,
+        snapshot_id: &str,
+        progress: SnapshotProgress,
+    ) {
+        let sequence = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let message = format!(
+            "snapshot {snapshot_id:?}: {} of at most {} MiB written after {:.1} s",
+            progress.written_bytes >> 20,
+            progress.memory_bytes >> 20,
+            progress.elapsed_ms as f64 / 1000.0
+        );
+        let _ = self.tx.send(VmEvent {
+            sequence,
+            vm_id: vm_id.to_string(),
+            kind: EventKind::SnapshotProgress as i32,
+            state: state as i32,
+            exit: None,
+            message,
+            at_unix_ms: crate::now_ms(),
+            snapshot_id: snapshot_id.to_string(),
+            progress: Some(progress),
         });
     }
 

@@ -271,6 +271,7 @@ impl VmService for Api {
                     message: "current state".into(),
                     at_unix_ms: crate::now_ms(),
                     snapshot_id: String::new(),
+                    progress: None,
                 };
                 if tx.send(Ok(ev)).await.is_err() {
                     return;

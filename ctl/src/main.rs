@@ -265,6 +265,55 @@ async fn with_progress<F: std::future::Future>(what: String, fut: F) -> F::Outpu
     out
 }
 
+/// Awaits `fut` (a SnapshotVm call) showing on the terminal how much of snapshot `name`
+/// is written, from the agent's SNAPSHOT_PROGRESS events.
+async fn snapshot_progress<F, S>(what: String, name: &str, mut events: S, fut: F) -> F::Output
+where
+    F: std::future::Future,
+    S: tokio_stream::Stream<Item = Result<quantix_proto::v1::VmEvent, tonic::Status>> + Unpin,
+{
+    use quantix_proto::v1::EventKind;
+    let started = std::time::Instant::now();
+    tokio::pin!(fut);
+    let mut written = String::new();
+    let mut events_open = true;
+    let out = loop {
+        eprint!(
+            "\r{what}: {:.0} s{written}\x1b[K",
+            started.elapsed().as_secs_f64()
+        );
+        let _ = std::io::stderr().flush();
+        tokio::select! {
+            out = &mut fut => break out,
+            ev = events.next(), if events_open => match ev {
+                Some(Ok(ev)) if ev.kind == EventKind::SnapshotProgress as i32 && ev.snapshot_id == name => {
+                    if let Some(p) = ev.progress {
+                        written = progress_text(&p);
+                    }
+                }
+                Some(_) => {}
+                None => events_open = false,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    };
+    eprintln!(
+        "\r{what}: done in {:.1} s\x1b[K",
+        started.elapsed().as_secs_f64()
+    );
+    out
+}
+
+/// `, 120 of at most 256 MiB written (47 %)`.
+fn progress_text(p: &quantix_proto::v1::SnapshotProgress) -> String {
+    let percent = (p.written_bytes as f64 * 100.0 / p.memory_bytes.max(1) as f64).min(100.0);
+    format!(
+        ", {} of at most {} MiB written ({percent:.0} %)",
+        p.written_bytes >> 20,
+        p.memory_bytes >> 20
+    )
+}
+
 /// A failure with its exit status.
 struct Failure {
     status: u8,
@@ -674,15 +723,36 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "{} snapshot {name} of VM {vm}",
                     if diff { "diff" } else { "full" }
                 );
+                // The agent reports the writing on the Watch stream: opened first, so no
+                // progress event is missed (without it, the elapsed time only).
+                let progress = if std::io::stderr().is_terminal() {
+                    vms.watch_vms(WatchVmsRequest {
+                        vm_id: vm.clone(),
+                        initial_state: false,
+                    })
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner())
+                } else {
+                    None
+                };
                 let request = SnapshotVmRequest {
                     vm_id: vm,
-                    snapshot_id: name,
+                    snapshot_id: name.clone(),
                     diff,
                     after: quantix_proto::v1::SnapshotAfter::from(after) as i32,
                 };
-                let s = with_progress(what, vms.snapshot_vm(request))
-                    .await?
-                    .into_inner();
+                let call = vms.clone();
+                let s = match progress {
+                    Some(events) => {
+                        snapshot_progress(what, &name, events, async move {
+                            call.clone().snapshot_vm(request).await
+                        })
+                        .await
+                    }
+                    None => with_progress(what, call.clone().snapshot_vm(request)).await,
+                }?
+                .into_inner();
                 output::snapshot_detail(&s, format);
             }
             SnapshotCmd::List { vm } => {
@@ -958,5 +1028,26 @@ async fn console(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_reads_as_a_share_of_the_memory() {
+        let p = |written_bytes, memory_bytes| quantix_proto::v1::SnapshotProgress {
+            written_bytes,
+            memory_bytes,
+            elapsed_ms: 1000,
+        };
+        assert_eq!(
+            progress_text(&p(120 << 20, 256 << 20)),
+            ", 120 of at most 256 MiB written (47 %)"
+        );
+        // Never past 100 %, nor a division by zero.
+        assert!(progress_text(&p(300 << 20, 256 << 20)).ends_with("(100 %)"));
+        assert!(progress_text(&p(0, 0)).ends_with("(0 %)"));
     }
 }

@@ -64,6 +64,12 @@ pub enum Request {
     },
 }
 
+/// The state file's name in a snapshot directory (the VMM writes it, its supervisor
+/// checks it is there).
+pub const SNAPSHOT_STATE_FILE: &str = "vmstate";
+/// The memory image's name in a snapshot directory.
+pub const SNAPSHOT_MEMORY_FILE: &str = "memory";
+
 /// What a VM does once its snapshot is written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

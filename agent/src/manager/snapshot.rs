@@ -4,6 +4,7 @@
 //! a new VM whose first start links the chain into its own jail and runs `quantix-vmm
 //! --restore` with the new VM's configuration.
 
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -323,6 +324,31 @@ impl Drop for Reservation {
     }
 }
 
+/// How often a snapshot being written is reported on the Watch stream.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Room for a snapshot's state file beyond its memory, on a memory-backed file system.
+const SNAPSHOT_STATE_ROOM_MIB: u64 = 8;
+
+/// Whether `path` is on a file system whose files are memory (tmpfs, ramfs).
+fn memory_backed(path: &Path) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a NUL-terminated path and `st` a zeroed statfs the call fills; both
+    // outlive the call.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let kind = st.f_type as i64;
+    kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
+}
+
 impl Manager {
     /// The store's directory of snapshots.
     fn snapshots_dir(&self) -> PathBuf {
@@ -388,7 +414,7 @@ impl Manager {
         for s in &chain {
             let dir = self.snapshot_dir(&s.id);
             let real = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir())
-                && std::fs::symlink_metadata(dir.join("vmstate")).is_ok_and(|m| m.is_file());
+                && std::fs::symlink_metadata(dir.join(ctl::SNAPSHOT_STATE_FILE)).is_ok_and(|m| m.is_file());
             if !real {
                 return Err(AgentError::FailedPrecondition(format!(
                     "snapshot {:?}: its files are missing from {}",
@@ -453,6 +479,28 @@ impl Manager {
             })?;
         let stage = paths.root().join(STAGE);
         fresh_dir(&stage, owner)?;
+        if memory_backed(&stage) {
+            // tmpfs pages are charged to the group of the process that writes them and
+            // cannot be reclaimed: without room for them the kernel kills the VMM halfway
+            // through its snapshot. The room stays while the VMM runs (so do the charges).
+            let room = (spec.memory_mib + SNAPSHOT_STATE_ROOM_MIB) << 20;
+            match self.cgroups.grant_memory(vm_id, room) {
+                Ok(Some(limit)) => info!(
+                    vm = %vm_id,
+                    snapshot = %snapshot_id,
+                    limit_mib = limit >> 20,
+                    "the snapshot goes to a memory-backed file system: the VM's memory \
+                     limit is raised by its size"
+                ),
+                Ok(None) => {}
+                Err(why) => {
+                    return Err(AgentError::Internal(format!(
+                        "snapshot_id: the state directory is memory-backed and the VM's \
+                         memory limit cannot be raised for the snapshot's pages: {why}"
+                    )))
+                }
+            }
+        }
         let target = self.snapshot_dir(snapshot_id);
         if target.exists() {
             // No record has this id and nobody else is taking it: left by a crash.
@@ -467,12 +515,20 @@ impl Manager {
             after,
             diff,
         };
+        let progress = self.report_progress(
+            vm_id,
+            snapshot_id,
+            state,
+            stage.join(snapshot_id).join(ctl::SNAPSHOT_MEMORY_FILE),
+            spec.memory_mib << 20,
+        );
         let reply = control::call_request::<ctl::SnapshotReply>(
             &paths.api_socket(),
             &request,
             snapshot_limit(spec.memory_mib),
         )
         .await;
+        progress.abort();
         let reply = match reply {
             Ok(r) => r,
             Err(e) => {
@@ -545,6 +601,38 @@ impl Manager {
             message,
         );
         Ok(record)
+    }
+
+    /// Until aborted, emits a SNAPSHOT_PROGRESS event every [`PROGRESS_EVERY`]: the
+    /// blocks of the memory image the VMM is writing at `image` (looked at, never
+    /// followed: the VMM owns that directory).
+    fn report_progress(
+        self: &Arc<Self>,
+        vm_id: &str,
+        snapshot_id: &str,
+        state: VmState,
+        image: PathBuf,
+        memory_bytes: u64,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        let (vm_id, snapshot_id) = (vm_id.to_string(), snapshot_id.to_string());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            loop {
+                tokio::time::sleep(PROGRESS_EVERY).await;
+                let written = std::fs::symlink_metadata(&image)
+                    .ok()
+                    .filter(|m| m.is_file())
+                    .map_or(0, |m| m.blocks().saturating_mul(512));
+                let progress = quantix_proto::v1::SnapshotProgress {
+                    written_bytes: written.min(memory_bytes),
+                    memory_bytes,
+                    elapsed_ms: started.elapsed().as_millis() as u64,
+                };
+                me.events
+                    .emit_progress(&vm_id, state, &snapshot_id, progress);
+            }
+        })
     }
 
     /// Reserves a snapshot id no record has and no other call is taking.
@@ -899,7 +987,7 @@ impl Manager {
             }
         }
         for s in &records {
-            if !self.snapshot_dir(&s.id).join("vmstate").is_file() {
+            if !self.snapshot_dir(&s.id).join(ctl::SNAPSHOT_STATE_FILE).is_file() {
                 warn!(snapshot = %s.id, "a snapshot's files are missing; it cannot be restored");
             }
         }
@@ -1060,5 +1148,25 @@ mod tests {
         assert!(after_of(99).unwrap_err().to_string().starts_with("after:"));
         assert!(snapshot_limit(1 << 20) <= Duration::from_secs(1800));
         assert!(snapshot_limit(256) >= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn memory_backed_file_systems_are_told_from_others() {
+        // Every tmpfs mount of this host is one; procfs and a missing path are not.
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        let tmpfs: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() > 2 && f[2] == "tmpfs").then(|| f[1])
+            })
+            .filter(|m| !m.contains('\\'))
+            .collect();
+        assert!(!tmpfs.is_empty(), "no tmpfs on this host: {mounts}");
+        for m in tmpfs {
+            assert!(memory_backed(Path::new(m)), "{m} is a tmpfs");
+        }
+        assert!(!memory_backed(Path::new("/proc")));
+        assert!(!memory_backed(Path::new("/no/such/dir")));
     }
 }

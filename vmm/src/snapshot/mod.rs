@@ -23,9 +23,9 @@ use quantix_vmm_api::VmConfig;
 pub use vm_state::{VmState, VmStateError};
 
 /// The state file's name in a snapshot directory.
-pub const STATE_FILE: &str = "vmstate";
+pub use quantix_vmm_api::control::SNAPSHOT_STATE_FILE as STATE_FILE;
 /// The memory image's name in a snapshot directory.
-pub const MEMORY_FILE: &str = "memory";
+pub use quantix_vmm_api::control::SNAPSHOT_MEMORY_FILE as MEMORY_FILE;
 /// The page size of memory images and dirty tracking.
 pub const PAGE_SIZE: u64 = 4096;
 
