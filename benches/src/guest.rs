@@ -64,6 +64,72 @@ pub fn elf64_restore() -> Vec<u8> {
     elf64_code(&v)
 }
 
+/// The byte [`fill_and_tick`]'s guest writes once every page is written.
+pub const FILLED_BYTE: u8 = b'F';
+/// The byte it then writes again and again.
+pub const TICK_BYTE: u8 = b'T';
+/// Where [`fill_and_tick`] starts writing (2 MiB: above the page tables, boot data and
+/// firmware areas of every VMM).
+pub const FILL_START: u32 = 0x20_0000;
+
+/// A guest for timing snapshots (the `snapshot` benchmark): it writes the first 4 bytes
+/// of every 4 KiB page from [`FILL_START`] up to 1 MiB below the end of its
+/// `memory_mib` MiB of RAM (so that every page holds data and a full snapshot must write
+/// all of them), writes [`FILLED_BYTE`] to COM1, then writes [`TICK_BYTE`] once every
+/// `delay_tsc` TSC ticks forever, writing no memory (so a diff snapshot of it holds
+/// only what its VMM itself changed). Each tick first reads the UART's line status
+/// register, as a polling console driver does: a VMM that coalesces transmit writes
+/// (quantix-vmm, `KVM_CAP_COALESCED_PIO`) plays them out at that exit, so a restored
+/// copy's first tick reaches the VMM's stdout at most two tick periods after its vCPU
+/// runs again, with every VMM.
+///
+/// The bytes mean the same in 32-bit protected mode (a PVH entry, paging off) and in
+/// 64-bit mode (the identity map of the low 4 GiB): `mov [rdi], edi` is `mov [edi], edi`
+/// there, and `mov edi, imm32` zero-extends. `memory_mib` is at most 3072 (below the
+/// 32-bit hole).
+///
+/// ```text
+///  0: bf 00 00 20 00        mov edi, 0x200000
+///  5: 89 3f                 mov [rdi], edi
+///  7: 81 c7 00 10 00 00     add edi, 0x1000
+/// 13: 81 ff END             cmp edi, END
+/// 19: 72 f0                 jb 5
+/// 21: (out COM1, 'F')
+/// T:  66 ba fd 03 ec        mov dx, 0x3fd; in al, dx
+///     (out COM1, 'T')
+/// +7: 0f 31                 rdtsc
+/// +9: 89 c1                 mov ecx, eax
+/// W:  f3 90                 pause
+///     0f 31                 rdtsc
+///     29 c8                 sub eax, ecx
+///     3d DELAY              cmp eax, delay_tsc
+///     72 f3                 jb W
+///     eb e1                 jmp T
+/// ```
+pub fn fill_and_tick(memory_mib: u32, delay_tsc: u32) -> Vec<u8> {
+    let end = memory_mib.min(3072).saturating_sub(1) << 20;
+    let mut v = vec![0xbf];
+    v.extend_from_slice(&FILL_START.to_le_bytes());
+    v.extend_from_slice(&[0x89, 0x3f, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, 0x81, 0xff]);
+    v.extend_from_slice(&end.to_le_bytes());
+    v.extend_from_slice(&[0x72, 0xf0]);
+    v.extend(outb(COM1, FILLED_BYTE, true));
+    // T: in al, COM1 + 5 (the line status register), as a polling console driver does.
+    v.extend_from_slice(&[0x66, 0xba]);
+    v.extend_from_slice(&(COM1 + 5).to_le_bytes());
+    v.push(0xec);
+    v.extend(outb(COM1, TICK_BYTE, true));
+    v.extend_from_slice(&[0x0f, 0x31, 0x89, 0xc1, 0xf3, 0x90, 0x0f, 0x31, 0x29, 0xc8, 0x3d]);
+    v.extend_from_slice(&delay_tsc.to_le_bytes());
+    v.extend_from_slice(&[0x72, 0xf3, 0xeb, 0xe1]);
+    v
+}
+
+/// `code` in an ELF64 with a PVH note (see [`elf64_pvh`]).
+pub fn elf64_pvh_code(code: &[u8]) -> Vec<u8> {
+    elf(code, true)
+}
+
 /// A minimal ELF64 executable (one PT_LOAD at [`ELF_LOAD`], no PVH note) whose entry
 /// point is [`code`] in 64-bit mode: quantix-vmm boots it through the Linux 64-bit
 /// boot protocol, so the vCPU's first instruction is the guest's.
@@ -172,6 +238,30 @@ mod tests {
         );
         assert_eq!(code(false)[..6], [0xba, 0xf8, 0x03, 0xb0, b'Q', 0xee]);
         assert_eq!(ACPI_POWEROFF, 0x34);
+    }
+
+    #[test]
+    fn the_fill_and_tick_guest_jumps_where_it_means() {
+        let c = fill_and_tick(256, 100_000);
+        // The fill loop's jb lands on `mov [rdi], edi`.
+        assert_eq!(&c[5..7], &[0x89, 0x3f]);
+        assert_eq!(c[19..21], [0x72, 0xf0]);
+        assert_eq!(21 + (0xf0u8 as i8) as isize, 5);
+        assert_eq!(u32::from_le_bytes(c[15..19].try_into().unwrap()), 255 << 20);
+        // Then 'F', then the tick loop at T.
+        let t = 21 + 7;
+        assert_eq!(c[21 + 5], FILLED_BYTE);
+        assert_eq!(&c[t..t + 5], &[0x66, 0xba, 0xfd, 0x03, 0xec], "in al, 0x3fd at T");
+        assert_eq!(c[t + 10], TICK_BYTE);
+        let w = t + 16;
+        assert_eq!(&c[w..w + 2], &[0xf3, 0x90], "pause at W");
+        let jb = w + 11;
+        assert_eq!(c[jb], 0x72);
+        assert_eq!((jb + 2) as isize + (c[jb + 1] as i8) as isize, w as isize);
+        assert_eq!(c[jb + 2], 0xeb);
+        assert_eq!((jb + 4) as isize + (c[jb + 3] as i8) as isize, t as isize);
+        assert_eq!(c.len(), jb + 4);
+        assert_eq!(u32::from_le_bytes(c[w + 7..w + 11].try_into().unwrap()), 100_000);
     }
 
     #[test]

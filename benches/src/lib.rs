@@ -19,6 +19,10 @@
 //!   network, quantix-vmm jailed (the static `qx-jail` in front of `quantix-jailer`) and
 //!   unconfined, alternating.
 //!
+//! - [`snapshot`]: full and diff snapshots (time, time paused, size) and
+//!   restore-to-running on this host's /dev/kvm, quantix-vmm beside Firecracker's
+//!   snapshot API and QEMU's migration to a file, with [`guest::fill_and_tick`].
+//!
 //! [`probe`], [`smaps`] and [`stats`] are pure logic with unit tests; [`probe`] and
 //! [`smaps`] use the standard library only, as `qx-probe` does; so do the modules
 //! `qx-io` uses (libc aside).
@@ -41,6 +45,7 @@ pub mod procstat;
 pub mod report;
 pub mod smaps;
 pub mod smp;
+pub mod snapshot;
 pub mod stats;
 
 pub use error::BenchError;

@@ -17,6 +17,7 @@ use quantix_bench::first_insn::{self, FirstInsnOptions};
 use quantix_bench::jail::{self, JailOptions, Part};
 use quantix_bench::net::{self, NetOptions};
 use quantix_bench::report::write_json;
+use quantix_bench::snapshot::{self, SnapshotOptions};
 use quantix_bench::BenchError;
 use tracing_subscriber::EnvFilter;
 
@@ -217,6 +218,35 @@ enum Cmd {
         /// Also compare with this Cloud Hypervisor binary.
         #[arg(long, value_name = "PATH")]
         cloud_hypervisor: Option<PathBuf>,
+        /// Also write all raw samples and the summary as JSON to PATH.
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
+    /// Snapshots on this host's /dev/kvm: full and diff snapshot time, time paused and
+    /// size, and restore-to-running, quantix-vmm beside Firecracker's snapshot API and
+    /// QEMU's migration to a file, for each guest size (a few minutes).
+    Snapshot {
+        /// Iterations per VMM and size.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        iterations: u32,
+        /// Guest sizes, MiB, comma-separated.
+        #[arg(long, value_name = "MIB,...", value_delimiter = ',', default_values_t = [256u32, 1024], value_parser = clap::value_parser!(u32).range(16..=3072))]
+        sizes: Vec<u32>,
+        /// Use this quantix-vmm binary instead of building target/release/quantix-vmm.
+        #[arg(long, value_name = "PATH")]
+        vmm_bin: Option<PathBuf>,
+        /// The QEMU binary to compare with.
+        #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
+        qemu: String,
+        /// No QEMU column.
+        #[arg(long)]
+        no_qemu: bool,
+        /// Also compare with this Firecracker binary (e.g. ../shared/peers/firecracker).
+        #[arg(long, value_name = "PATH")]
+        firecracker: Option<PathBuf>,
+        /// Limit of each step (a snapshot, a restore's first byte), seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(5..=3600))]
+        timeout: u64,
         /// Also write all raw samples and the summary as JSON to PATH.
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
@@ -454,6 +484,31 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                 println!("raw samples and summary written to {}", path.display());
             }
             first_insn::check(&results)
+        }
+        Cmd::Snapshot {
+            iterations,
+            sizes,
+            vmm_bin,
+            qemu,
+            no_qemu,
+            firecracker,
+            timeout,
+            json,
+        } => {
+            let results = snapshot::run(&SnapshotOptions {
+                iterations,
+                sizes,
+                vmm_bin,
+                qemu: (!no_qemu).then_some(qemu),
+                firecracker,
+                timeout: Duration::from_secs(timeout),
+            })?;
+            println!("{}", snapshot::format(&results));
+            if let Some(path) = json {
+                write_json(&path, &results)?;
+                println!("raw samples and summary written to {}", path.display());
+            }
+            snapshot::check(&results)
         }
         Cmd::Agent {
             vms,
