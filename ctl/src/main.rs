@@ -138,6 +138,10 @@ enum Cmd {
         /// Give up after this many seconds (status 9 with --until).
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
+        /// Type this line into the console once attached (a newline is added); with
+        /// --until, for scripts that drive a guest's shell.
+        #[arg(long, value_name = "TEXT")]
+        send: Option<String>,
     },
     /// Stream VM events (all VMs, or one).
     Events {
@@ -169,6 +173,15 @@ enum Cmd {
         /// original needs its own), comma-separated.
         #[arg(long, value_delimiter = ',', value_name = "TAP,...")]
         taps: Vec<String>,
+        /// Its cards' MACs, in order (default: the snapshot's VM's). The card shows the
+        /// new MAC at once; the running guest takes it when it probes the card again (a
+        /// driver rebind, or a guest agent).
+        #[arg(long, value_delimiter = ',', value_name = "MAC,...")]
+        macs: Vec<String>,
+        /// Its disks' images, in order (default: the snapshot's VM's; a copy beside the
+        /// original needs its own copies of the read-write ones), comma-separated.
+        #[arg(long, value_delimiter = ',', value_name = "PATH,...")]
+        disks: Vec<String>,
         /// Its vsock CID (default: the snapshot's VM's).
         #[arg(long, value_name = "CID")]
         cid: Option<u32>,
@@ -693,7 +706,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             no_replay,
             until,
             timeout,
-        } => console(&mut vms, id, device.into(), !no_replay, until, timeout).await?,
+            send,
+        } => {
+            let to = ConsoleTarget {
+                id,
+                device: device.into(),
+                replay: !no_replay,
+            };
+            console(&mut vms, to, until, timeout, send).await?
+        }
         Cmd::Events { id, initial, count } => {
             let mut stream = vms
                 .watch_vms(WatchVmsRequest {
@@ -788,6 +809,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             id,
             name,
             taps,
+            macs,
+            disks,
             cid,
             start,
             lazy,
@@ -816,6 +839,36 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 for (nic, tap) in spec.nics.iter_mut().zip(taps) {
                     nic.tap = tap;
+                }
+            }
+            if !macs.is_empty() {
+                if macs.len() != spec.nics.len() {
+                    return Err(fail(
+                        status::USAGE,
+                        format!(
+                            "--macs: {} given, the snapshot's VM has {} cards",
+                            macs.len(),
+                            spec.nics.len()
+                        ),
+                    ));
+                }
+                for (nic, mac) in spec.nics.iter_mut().zip(macs) {
+                    nic.mac = mac;
+                }
+            }
+            if !disks.is_empty() {
+                if disks.len() != spec.disks.len() {
+                    return Err(fail(
+                        status::USAGE,
+                        format!(
+                            "--disks: {} given, the snapshot's VM has {} disks",
+                            disks.len(),
+                            spec.disks.len()
+                        ),
+                    ));
+                }
+                for (disk, path) in spec.disks.iter_mut().zip(disks) {
+                    disk.path = path;
                 }
             }
             if let Some(c) = cid {
@@ -909,14 +962,22 @@ impl From<ConsoleChoice> for ConsoleDevice {
     }
 }
 
-async fn console(
-    vms: &mut VmServiceClient<Channel>,
+/// Which console `quantixctl console` attaches to.
+struct ConsoleTarget {
     id: String,
     device: ConsoleDevice,
+    /// Print the recent output first.
     replay: bool,
+}
+
+async fn console(
+    vms: &mut VmServiceClient<Channel>,
+    to: ConsoleTarget,
     until: Option<String>,
     timeout: Option<u64>,
+    send: Option<String>,
 ) -> Result<(), Failure> {
+    let ConsoleTarget { id, device, replay } = to;
     let (tx, rx) = tokio::sync::mpsc::channel::<ConsoleInput>(64);
     let _ = tx
         .send(ConsoleInput {
@@ -931,7 +992,20 @@ async fn console(
         .attach_console(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
-    let interactive = std::io::stdin().is_terminal() && until.is_none();
+    if let Some(line) = &send {
+        // Attached: what the guest prints in answer comes after this.
+        let data = format!("{line}\n").into_bytes();
+        if tx
+            .send(ConsoleInput {
+                input: Some(console_input::Input::Data(data)),
+            })
+            .await
+            .is_err()
+        {
+            return Err(fail(status::ERROR, "the console closed before --send"));
+        }
+    }
+    let interactive = std::io::stdin().is_terminal() && until.is_none() && send.is_none();
     let _raw = if interactive {
         eprintln!("[attached; Ctrl-] detaches]\r");
         Some(RawTerminal::enter())

@@ -280,17 +280,11 @@ fn restored_spec(saved: &VmSpec, given: Option<VmSpec>) -> Result<VmSpec, AgentE
             ),
         );
     }
-    for (i, (n, s)) in spec.nics.iter_mut().zip(&saved.nics).enumerate() {
+    // A card without a MAC keeps the snapshot's; another one may be given (a copy beside
+    // its original needs its own), which the guest takes when it probes the card again.
+    for (n, s) in spec.nics.iter_mut().zip(&saved.nics) {
         if n.mac.is_empty() {
             n.mac = s.mac.clone();
-        } else if !n.mac.eq_ignore_ascii_case(&s.mac) {
-            return differ(
-                &format!("nics[{i}].mac"),
-                format!(
-                    "is {}, the guest's driver read {} at boot and never reads it again",
-                    n.mac, s.mac
-                ),
-            );
         }
     }
     if has_virtio_console(&spec) != has_virtio_console(saved) {
@@ -414,7 +408,8 @@ impl Manager {
         for s in &chain {
             let dir = self.snapshot_dir(&s.id);
             let real = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir())
-                && std::fs::symlink_metadata(dir.join(ctl::SNAPSHOT_STATE_FILE)).is_ok_and(|m| m.is_file());
+                && std::fs::symlink_metadata(dir.join(ctl::SNAPSHOT_STATE_FILE))
+                    .is_ok_and(|m| m.is_file());
             if !real {
                 return Err(AgentError::FailedPrecondition(format!(
                     "snapshot {:?}: its files are missing from {}",
@@ -987,7 +982,11 @@ impl Manager {
             }
         }
         for s in &records {
-            if !self.snapshot_dir(&s.id).join(ctl::SNAPSHOT_STATE_FILE).is_file() {
+            if !self
+                .snapshot_dir(&s.id)
+                .join(ctl::SNAPSHOT_STATE_FILE)
+                .is_file()
+            {
                 warn!(snapshot = %s.id, "a snapshot's files are missing; it cannot be restored");
             }
         }
@@ -1043,6 +1042,13 @@ mod tests {
         );
         assert_eq!(out.nics[0].tap, "qx1");
         assert_eq!(out.vsock.unwrap().guest_cid, 4);
+        let mut own_mac = s.clone();
+        own_mac.nics[0].mac = "52:54:00:00:00:02".into();
+        assert_eq!(
+            restored_spec(&s, Some(own_mac)).unwrap().nics[0].mac,
+            "52:54:00:00:00:02",
+            "a copy may get its own MAC"
+        );
 
         let refused = |f: &dyn Fn(&mut VmSpec)| {
             let mut g = s.clone();
@@ -1051,8 +1057,6 @@ mod tests {
         };
         assert!(refused(&|g| g.vcpus = 1).starts_with("spec.vcpus:"));
         assert!(refused(&|g| g.memory_mib = 512).starts_with("spec.memory_mib:"));
-        assert!(refused(&|g| g.nics[0].mac = "52:54:00:00:00:02".into())
-            .starts_with("spec.nics[0].mac:"));
         assert!(refused(&|g| g.nics.clear()).starts_with("spec.nics:"));
         assert!(refused(&|g| g.disks[0].readonly = true).starts_with("spec.disks[0]:"));
         assert!(refused(&|g| g.vsock = None).starts_with("spec.vsock:"));

@@ -317,10 +317,15 @@ impl VirtioDevice for Net {
     fn restore(&mut self, saved: &serde_json::Value) -> Result<(), StateError> {
         let saved: NetState = state::from_value(&self.name, saved)?;
         if saved.mac != self.mac {
-            return Err(StateError::Mismatch(format!(
-                "{}: saved with MAC {:02x?}, configured with {:02x?}",
-                self.name, saved.mac, self.mac
-            )));
+            // A copy beside its original gets its own MAC: the card shows it from now
+            // on; the guest's driver read the saved one at probe and keeps it until the
+            // card is probed again (a driver rebind, or the guest agent setting it).
+            info!(
+                device = %self.name,
+                saved = %quantix_vmm_api::mac::format(&saved.mac),
+                now = %quantix_vmm_api::mac::format(&self.mac),
+                "virtio-net: restored with a new MAC; the guest takes it when it probes the card again"
+            );
         }
         if let Some(f) = &saved.pending_frame {
             if !(VNET_HDR_LEN..=MAX_FRAME).contains(&f.len()) {
@@ -342,7 +347,7 @@ impl VirtioDevice for Net {
 /// A card's own saved state.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct NetState {
-    /// Must match the configuration it is restored into.
+    /// The MAC the card had (a restore may give it another).
     mac: [u8; 6],
     /// A received frame (with its virtio-net header) not yet delivered to the guest.
     pending_frame: Option<Vec<u8>>,
@@ -700,8 +705,8 @@ mod tests {
         let vq = MockSplitQueue::new(mem.as_ref(), 16);
         const NEXT: u16 = 1; // VRING_DESC_F_NEXT
         const WRITE: u16 = 2; // VRING_DESC_F_WRITE
-        // Three commands: the ACK, an unknown one (class 0 = RX, cmd 0 = promisc, 1 data
-        // byte), and one without room for the status byte.
+                              // Three commands: the ACK, an unknown one (class 0 = RX, cmd 0 = promisc, 1 data
+                              // byte), and one without room for the status byte.
         let commands: [(&[u8], bool); 3] = [(&[3, 0], true), (&[0, 0, 1], true), (&[3, 0], false)];
         for (i, (cmd, reply)) in commands.iter().enumerate() {
             let base = 0x8_0000 + i as u64 * 0x1000;
@@ -714,7 +719,8 @@ mod tests {
                 head + 1,
             ))];
             if *reply {
-                mem.write_slice(&[0xff], GuestAddress(base + 0x800)).unwrap();
+                mem.write_slice(&[0xff], GuestAddress(base + 0x800))
+                    .unwrap();
                 chain.push(RawDescriptor::from(SplitDescriptor::new(
                     base + 0x800,
                     1,
@@ -744,7 +750,11 @@ mod tests {
         assert_eq!(byte(0x8_0800), ctrl::OK);
         assert_eq!(byte(0x8_1800), ctrl::ERR);
         let c = h.counters();
-        assert_eq!(c.announces_acked.load(Ordering::Relaxed), 2, "the ACK without a reply byte still acknowledges");
+        assert_eq!(
+            c.announces_acked.load(Ordering::Relaxed),
+            2,
+            "the ACK without a reply byte still acknowledges"
+        );
         assert_eq!(c.ctrl_refused.load(Ordering::Relaxed), 2);
         // Every chain was given back.
         assert_eq!(vq.used().idx().load(), 3);

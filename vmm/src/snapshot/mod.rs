@@ -22,10 +22,10 @@ use crate::device_manager::SavedDevice;
 use quantix_vmm_api::VmConfig;
 pub use vm_state::{VmState, VmStateError};
 
-/// The state file's name in a snapshot directory.
-pub use quantix_vmm_api::control::SNAPSHOT_STATE_FILE as STATE_FILE;
 /// The memory image's name in a snapshot directory.
 pub use quantix_vmm_api::control::SNAPSHOT_MEMORY_FILE as MEMORY_FILE;
+/// The state file's name in a snapshot directory.
+pub use quantix_vmm_api::control::SNAPSHOT_STATE_FILE as STATE_FILE;
 /// The page size of memory images and dirty tracking.
 pub const PAGE_SIZE: u64 = 4096;
 
@@ -343,10 +343,11 @@ pub fn load_chain(
 /// DIR --config FILE`): the host side from `given` (files, descriptors, sockets, TAPs, the
 /// KVM device, seccomp), the guest side as it was saved, which `given` must match: vCPUs,
 /// memory, boot kind and the PIT it implies, the entropy device, each disk (id, read-only),
-/// each NIC (its MAC, taken from the saved one when `given` has none), the console's
-/// presence, the vsock device. A restored guest keeps the MACs it read at boot (a virtio-net
-/// driver never reads its MAC again); the vsock CID may change: the device's transport
-/// reset after a restore makes the guest's driver read it again.
+/// each NIC (its MAC is the saved one when `given` has none), the console's presence, the
+/// vsock device. A NIC's MAC may change: the card shows the new one, which the guest's
+/// driver takes when it probes the card again (it read the saved one at boot). The vsock
+/// CID may change: the device's transport reset after a restore makes the guest's driver
+/// read it again.
 pub fn rebind(saved: &VmConfig, given: &VmConfig) -> Result<VmConfig, SnapshotError> {
     use quantix_vmm_api::SerialMode;
     let differ = |what: &str, a: String, b: String| {
@@ -406,18 +407,12 @@ pub fn rebind(saved: &VmConfig, given: &VmConfig) -> Result<VmConfig, SnapshotEr
         );
     }
     let mut out = given.clone();
-    for (i, (s, g)) in saved.nets.iter().zip(out.nets.iter_mut()).enumerate() {
-        match (s.mac, g.mac) {
-            (Some(a), Some(b)) if a != b => {
-                return Err(SnapshotError::Inconsistent(format!(
-                    "the given configuration's NIC {i} MAC ({}) differs from the snapshot's \
-                     ({}): a restored guest keeps the MAC its driver read at boot",
-                    quantix_vmm_api::mac::format(&b),
-                    quantix_vmm_api::mac::format(&a)
-                )))
-            }
-            (Some(a), None) => g.mac = Some(a),
-            _ => {}
+    // A MAC not given is the saved one; another one may be given (a copy beside its
+    // original needs its own): the card shows it, and the guest's driver takes it when it
+    // probes the card again (it read the saved one at boot).
+    for (s, g) in saved.nets.iter().zip(out.nets.iter_mut()) {
+        if g.mac.is_none() {
+            g.mac = s.mac;
         }
     }
     let console_on = |c: &VmConfig| c.console != SerialMode::Off;
@@ -480,12 +475,18 @@ mod tests {
         };
         assert!(refused(&|g| g.vcpus = 2).contains("vCPU count"));
         assert!(refused(&|g| g.memory = "1G".parse().unwrap()).contains("memory"));
-        assert!(refused(&|g| g.nets[0].mac = Some([2, 0, 0, 0, 0, 9])).contains("NIC 0 MAC"));
         assert!(refused(&|g| g.disks.clear()).contains("disks"));
         assert!(refused(&|g| g.vsock = None).contains("vsock device"));
         let mut new_cid = given.clone();
         new_cid.vsock = Some("cid=9,socket=/b.sock".parse().unwrap());
         assert_eq!(rebind(&saved, &new_cid).unwrap().vsock.unwrap().cid, 9);
+        let mut new_mac = given.clone();
+        new_mac.nets[0].mac = Some([2, 0, 0, 0, 0, 9]);
+        assert_eq!(
+            rebind(&saved, &new_mac).unwrap().nets[0].mac,
+            Some([2, 0, 0, 0, 0, 9]),
+            "a copy may get its own MAC"
+        );
         assert!(refused(&|g| g.rng = !g.rng).contains("entropy"));
         assert!(
             refused(&|g| g.boot = quantix_vmm_api::BootSource::Firmware("/fw".into()))
