@@ -81,9 +81,13 @@ const SNAPSHOT_MODULES: &[&str] = &[
     "kernel/drivers/virtio/virtio_ring.ko",
     "kernel/drivers/virtio/virtio.ko",
     "kernel/drivers/virtio/virtio_mmio.ko",
+    "kernel/drivers/block/virtio_blk.ko",
     "kernel/net/core/failover.ko",
     "kernel/drivers/net/net_failover.ko",
     "kernel/drivers/net/virtio_net.ko",
+    "kernel/net/vmw_vsock/vsock.ko",
+    "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
+    "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
 ];
 
 const DEVICE_MODULES: &[&str] = &[
@@ -218,6 +222,20 @@ ip link set lo up
 ip addr add 10.0.5.2/24 dev eth0 && ip link set eth0 up && echo "QX-SNAP net=up"
 dd if=/dev/urandom of=/tmp/fill bs=1048576 count=32 2>/dev/null
 echo "QX-SNAP before=$(sum /tmp/fill)"
+# The disk: the host's label at offset 0.
+echo "QX-SNAP disk=$(dd if=/dev/vda bs=16 count=1 2>/dev/null | tr -dc 'A-Za-z-')"
+# vsock: a connection to host port 1234 held open, a new one when it ends (the transport
+# reset after a restore ends it); each says its attempt and the CID the guest has now.
+(
+	c=0
+	while true; do
+		c=$((c + 1))
+		qx-vsock hold 2 1234 "QX-VS c=$c cid=$(qx-vsock local-cid)" >/dev/null 2>/tmp/vs.log
+		grep -q connected /tmp/vs.log && echo "QX-SNAP vsock-ended c=$c $(tail -1 /tmp/vs.log)"
+		sleep 0.5
+	done
+) &
+(
 n=0
 while true; do
 	n=$((n + 1))
@@ -227,10 +245,13 @@ while true; do
 	# Debian's cloud kernel has no vmgenid driver (CONFIG_VIRT_DRIVERS is off), so the
 	# guest is shown the new ID but its kernel does not reseed on it.
 	if [ $((n % 10)) = 0 ]; then
-		echo "QX-SNAP tick=$n sum=$(sum /tmp/fill) vgen=$(ls /sys/bus/acpi/devices | grep -c QNTX0001) gen=$(dd if=/dev/mem bs=16 skip=65534 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n')"
-	else echo "QX-SNAP tick=$n"; fi
+		echo "QX-SNAP tick=$n up=$(cut -d' ' -f1 /proc/uptime) sum=$(sum /tmp/fill) vgen=$(ls /sys/bus/acpi/devices | grep -c QNTX0001) gen=$(dd if=/dev/mem bs=16 skip=65534 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n')"
+	else echo "QX-SNAP tick=$n up=$(cut -d' ' -f1 /proc/uptime)"; fi
 	sleep 0.3
 done
+) &
+# The console answers typed commands (the host's --send), restored or not.
+while read -r line; do eval "$line"; done
 "#;
 
 /// The snapshot job: a Debian guest saved through the agent with `after: stop` (its VMM
@@ -240,8 +261,34 @@ const SNAPSHOT_HOST: &str = r#"
 set -u
 A=/payload/quantix-agent
 C="/payload/quantixctl --agent unix:/tmp/qs/agent.sock"
-fail() { echo "QX-SNAP-FAILED $1"; cat /tmp/agent-s.log | tail -30; for v in src copy lazy; do tail -5 /tmp/qs/vms/$v/vmm.log 2>/dev/null; done; exit 1; }
-$A --state-dir /tmp/qs --image-dir /guest --image-dir /payload --metrics-listen 127.0.0.1:9702 \
+V=/payload/qx-vsock
+I=/tmp/qs-images
+fail() {
+	echo "QX-SNAP-FAILED $1"; cat /tmp/agent-s.log | tail -30
+	for v in src copy lazy; do
+		tail -5 /tmp/qs/vms/$v/vmm.log 2>/dev/null; cat /tmp/vs-$v.log 2>/dev/null
+		$C console $v --until "QX-NEVER" --timeout 2 2>/dev/null | tail -15 | sed "s/^/CONSOLE-$v: /"
+	done
+	exit 1
+}
+# A host listener on a VM's vsock port 1234 that keeps its side open; what the guest says
+# goes to /tmp/vs-$1.txt.
+vs_listen() {
+	sock=$($C -o json get $1 | sed -n 's/.*"vsock_socket": "\(.*\)".*/\1/p')
+	[ -n "$sock" ] || fail "vsock-socket-$1"
+	(cd "$(dirname "$sock")" && sleep 240 | exec $V unix-listen "$(basename "$sock")_1234" >/tmp/vs-$1.txt 2>/tmp/vs-$1.log) </dev/null >/dev/null 2>&1 &
+	i=0; while [ ! -S "${sock}_1234" ]; do i=$((i+1)); [ $i -lt 100 ] || break; sleep 0.1; done
+	chmod 0666 "${sock}_1234"
+}
+# Types a command on a VM's console and waits for its answer line.
+type_on() {
+	$C console $1 --no-replay --send "$2" --until "$3" --timeout 120 >/tmp/typed-$1.txt || fail "typed-$1"
+	sed "s/^/TYPED-$1: /" /tmp/typed-$1.txt
+}
+mkdir -p $I
+truncate -s 8M $I/src.img
+printf 'QX-DISK-SOURCE' | dd of=$I/src.img conv=notrunc 2>/dev/null
+$A --state-dir /tmp/qs --image-dir /guest --image-dir /payload --image-dir $I --metrics-listen 127.0.0.1:9702 \
 	--cgroup-name quantix-snapshots --vmm /payload/quantix-vmm >/tmp/agent-s.log 2>&1 &
 i=0
 while [ ! -S /tmp/qs/agent.sock ]; do
@@ -249,16 +296,33 @@ while [ ! -S /tmp/qs/agent.sock ]; do
 done
 printf '%s\n' 'id: src' 'name: snap-src' 'vcpus: 1' 'memory_mib: 256' 'kernel: /guest/vmlinuz' \
 	'initramfs: /payload/snapshot.cpio' 'cmdline: console=ttyS0 loglevel=3 qx.action=script' \
-	'nics:' '  - tap: qxsnap0' '    mac: 52:54:00:aa:bb:10' >/tmp/snap.yaml
-$C create -f /tmp/snap.yaml --start >/dev/null || fail create
+	'disks:' "  - path: $I/src.img" '    id: qx-snap-disk' \
+	'nics:' '  - tap: qxsnap0' '    mac: 52:54:00:aa:bb:10' 'vsock:' '  guest_cid: 3' >/tmp/snap.yaml
+$C create -f /tmp/snap.yaml >/dev/null || fail create
+vs_listen src
+$C start src >/dev/null || fail start
 $C console src --until "sum=" --timeout 300 >/tmp/src.txt || fail console-src
+i=0; until grep -q "QX-VS" /tmp/vs-src.txt; do i=$((i + 1)); [ $i -lt 300 ] || fail vsock-src; sleep 0.1; done
+echo "QX-SNAP-VS src: $(cat /tmp/vs-src.txt)"
 $C -o json snapshot create src snap1 --after stop >/tmp/snap1.json || fail snapshot
 i=0
 until $C -o json get src | grep -q '"state": "VM_STATE_STOPPED"'; do
 	i=$((i + 1)); [ $i -lt 300 ] || fail src-not-stopped; sleep 0.1
 done
-$C restore snap1 --id copy --name snap-copy --taps qxcopy0 --start >/dev/null || fail restore
-$C restore snap1 --id lazy --name snap-lazy --taps qxlazy0 --lazy --start >/dev/null || fail restore-lazy
+# Each copy gets its own images (copies of the source's, flushed and stopped), with its
+# own label at 4 KiB, which its guest never read before.
+for v in copy lazy; do
+	cp $I/src.img $I/$v.img
+	printf "QX-DISK-$v" | dd of=$I/$v.img bs=4096 seek=1 conv=notrunc 2>/dev/null
+done
+$C restore snap1 --id copy --name snap-copy --taps qxcopy0 --macs 52:54:00:aa:bb:11 \
+	--disks $I/copy.img --cid 4 >/dev/null || fail restore
+$C restore snap1 --id lazy --name snap-lazy --taps qxlazy0 --macs 52:54:00:aa:bb:12 \
+	--disks $I/lazy.img --cid 5 --lazy >/dev/null || fail restore-lazy
+vs_listen copy
+vs_listen lazy
+$C start copy >/dev/null || fail start-copy
+$C start lazy >/dev/null || fail start-lazy
 $C console copy --until "sum=" --timeout 300 >/tmp/copy.txt || fail console-copy
 $C console lazy --until "sum=" --timeout 300 >/tmp/lazy.txt || fail console-lazy
 # The pager's summary line (once every data page is in): how often the guest waited.
@@ -266,11 +330,28 @@ i=0
 until grep -q '"faults_before_complete"' /tmp/qs/vms/lazy/vmm.log; do
 	i=$((i + 1)); [ $i -lt 600 ] || fail lazy-summary; sleep 0.1
 done
-# The NIC of the mapped copy passes traffic: the host pings the guest through its TAP.
-i=0; while ! ip link show qxcopy0 >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 300 ] || break; sleep 0.1; done
-ip addr add 10.0.5.1/24 dev qxcopy0 && ip link set qxcopy0 up
-ok=no; for i in $(seq 60); do if ping -c 1 -W 1 10.0.5.2 >/dev/null 2>&1; then ok=yes; break; fi; done
-echo "QX-SNAP-NET copy=$ok"
+# vsock: each copy's guest saw its connection reset and connected again, with its new CID.
+for v in copy lazy; do
+	i=0; until grep -q "QX-VS" /tmp/vs-$v.txt; do i=$((i + 1)); [ $i -lt 600 ] || fail vsock-$v; sleep 0.1; done
+	echo "QX-SNAP-VS $v: $(cat /tmp/vs-$v.txt)"
+done
+# The console, the disk and the card of each copy, driven by typed commands: the disk's
+# label read from the device (caches dropped), a line written; the card probed again so
+# that the guest takes the copy's own MAC, then re-addressed (the lazy copy on its own net).
+for v in copy lazy; do
+	type_on $v 'echo 3 >/proc/sys/vm/drop_caches; echo "QX-$((1 + 1))T disk=$(dd if=/dev/vda bs=4096 skip=1 count=1 2>/dev/null | tr -dc A-Za-z-) w=$(echo written-by-guest-$((40 + 2)) | dd of=/dev/vda bs=512 seek=16 conv=fsync 2>/dev/null && echo ok)"' "QX-2T"
+done
+for v in copy lazy; do
+	net=5; [ $v = lazy ] && net=6
+	type_on $v "d=\$(basename \$(readlink /sys/class/net/eth0/device)); echo \$d >/sys/bus/virtio/drivers/virtio_net/unbind; echo \$d >/sys/bus/virtio/drivers/virtio_net/bind; sleep 1; ip addr add 10.0.$net.2/24 dev eth0; ip link set eth0 up; echo \"QX-\$((2 + 1))M mac=\$(cat /sys/class/net/eth0/address)\"" "QX-3M"
+	tap=qx${v}0
+	ip addr add 10.0.$net.1/24 dev $tap && ip link set $tap up
+	ok=no; for i in $(seq 60); do if ping -c 1 -W 1 10.0.$net.2 >/dev/null 2>&1; then ok=yes; break; fi; done
+	echo "QX-SNAP-NET $v=$ok neigh=$(ip neigh show dev $tap 10.0.$net.2 | sed -n 's/.*lladdr \([0-9a-f:]*\).*/\1/p')"
+done
+for v in src copy lazy; do
+	echo "QX-SNAP-DISK $v: $(dd if=$I/$v.img bs=512 skip=16 count=1 2>/dev/null | tr -dc 'a-z0-9-')"
+done
 # Each copy's guest announced its card (the VMM logs the driver's ACK); the source never.
 for v in copy lazy; do
 	i=0; until grep -q "the guest announced the card" /tmp/qs/vms/$v/vmm.log; do
@@ -313,7 +394,7 @@ fn payload(assets: &Assets) -> Payload {
     let qx_vsock =
         std::fs::read(&qx_vsock).unwrap_or_else(|e| panic!("{}: {e}", qx_vsock.display()));
     let cpio = GuestInitramfs::new(assets)
-        .file("/bin/qx-vsock", qx_vsock, 0o755)
+        .file("/bin/qx-vsock", qx_vsock.clone(), 0o755)
         .script_after_modules(assets, DEVICE_MODULES, DEVICES_GUEST)
         .and_then(|i| i.build())
         .unwrap_or_else(|e| panic!("{e}"));
@@ -321,6 +402,7 @@ fn payload(assets: &Assets) -> Payload {
         .add_bytes("/payload/devices.cpio", cpio, 0o644)
         .unwrap_or_else(|e| panic!("{e}"));
     let cpio = GuestInitramfs::new(assets)
+        .file("/bin/qx-vsock", qx_vsock, 0o755)
         .script_after_modules(assets, SNAPSHOT_MODULES, SNAPSHOT_GUEST)
         .and_then(|i| i.build())
         .unwrap_or_else(|e| panic!("{e}"));
@@ -504,7 +586,10 @@ fn devices_work_jailed(r: &quantix_sandbox::JobResult, log: &std::path::Path) {
 }
 
 /// The third job: the restored copies of the Debian guest went on from where it was saved,
-/// with its 32 MiB of data intact, mapped and lazily; a diff is a small part of a full one.
+/// with its 32 MiB of data intact, mapped and lazily, side by side, each with its own MAC,
+/// CID and images: time went on, the console answers typed commands, the disk reads and
+/// writes, the card passes traffic from its new MAC, vsock reconnected; a diff is a small
+/// part of a full one.
 fn snapshots_restore_debian(r: &quantix_sandbox::JobResult, log: &std::path::Path) {
     let out = &r.output;
     let context = || {
@@ -542,6 +627,22 @@ fn snapshots_restore_debian(r: &quantix_sandbox::JobResult, log: &std::path::Pat
         (ticks, sums, gens)
     };
     let (src_ticks, src_sums, src_gens) = of("SRC: ");
+    // Guest time: the uptime on each tick line, which must not go back in a copy.
+    let uptimes = |prefix: &str| -> Vec<f64> {
+        out.lines()
+            .filter_map(|l| l.strip_prefix(prefix))
+            .flat_map(|l| l.split_whitespace())
+            .filter_map(|w| w.strip_prefix("up="))
+            .filter_map(|v| v.parse().ok())
+            .collect()
+    };
+    let src_up = uptimes("SRC: ").into_iter().fold(0.0, f64::max);
+    assert!(src_up > 0.0, "the source's uptime: {}", context());
+    assert!(
+        out.contains("SRC: QX-SNAP disk=QX-DISK-SOURCE"),
+        "{}",
+        context()
+    );
     // The VM Generation ID: one value while the source runs, a new one in each restored
     // copy (read by the guest from the address its ACPI tables give).
     let generation = src_gens.first().cloned().unwrap_or_default();
@@ -566,6 +667,16 @@ fn snapshots_restore_debian(r: &quantix_sandbox::JobResult, log: &std::path::Pat
             context()
         );
         copies.push(copy_gen);
+        let up = uptimes(prefix);
+        assert!(
+            up.first().is_some_and(|u| *u > src_up),
+            "{prefix}guest time goes on from {src_up} s, no jump back: {up:?} {}",
+            context()
+        );
+        eprintln!(
+            "{prefix}guest uptime {src_up} s at the last tick seen, {:?} s at the first after the restore",
+            up.first()
+        );
         // It went on counting: no boot (no `before=` line), the first tick past the ones
         // seen before the snapshot.
         assert!(
@@ -587,9 +698,70 @@ fn snapshots_restore_debian(r: &quantix_sandbox::JobResult, log: &std::path::Pat
             context()
         );
     }
-    assert_ne!(copies[0], copies[1], "two restores, two generations: {}", context());
+    assert_ne!(
+        copies[0],
+        copies[1],
+        "two restores, two generations: {}",
+        context()
+    );
     assert!(out.contains("SRC: QX-SNAP net=up"), "{}", context());
-    assert_eq!(field(out, "QX-SNAP-NET copy"), "yes", "{}", context());
+    // vsock: the source's connection, then one from each copy after the transport reset
+    // ended the old one, a later attempt, with the copy's own CID.
+    let vsock = |who: &str| -> (u64, String) {
+        let line = out
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("QX-SNAP-VS {who}: ")))
+            .unwrap_or_default();
+        let word = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or_default()
+                .to_string()
+        };
+        (word("c=").parse().unwrap_or(0), word("cid="))
+    };
+    let (src_c, src_cid) = vsock("src");
+    assert!(src_c >= 1 && src_cid == "3", "{}", context());
+    for (who, cid, mac, tap_ok) in [
+        ("copy", "4", "52:54:00:aa:bb:11", "copy=yes"),
+        ("lazy", "5", "52:54:00:aa:bb:12", "lazy=yes"),
+    ] {
+        let (c, got_cid) = vsock(who);
+        assert!(
+            c > src_c && got_cid == cid,
+            "{who}: vsock reconnected (attempt {c} after {src_c}) with CID {got_cid}, want {cid}: {}",
+            context()
+        );
+        // The console answered, the disk read the copy's own label and took a write.
+        assert!(
+            out.lines().any(|l| l.starts_with(&format!("TYPED-{who}: "))
+                && l.contains(&format!("QX-2T disk=QX-DISK-{who} w=ok"))),
+            "{who}: typed disk command: {}",
+            context()
+        );
+        assert!(
+            out.contains(&format!("QX-SNAP-DISK {who}: written-by-guest-42")),
+            "{who}: the write is in the copy's image: {}",
+            context()
+        );
+        // Its own MAC, taken by the guest when it probed the card again, seen by the host.
+        assert!(
+            out.lines().any(|l| l.starts_with(&format!("TYPED-{who}: "))
+                && l.contains(&format!("QX-3M mac={mac}"))),
+            "{who}: the guest has the copy's MAC: {}",
+            context()
+        );
+        assert!(
+            out.contains(&format!("QX-SNAP-NET {tap_ok} neigh={mac}")),
+            "{who}: traffic from the copy's MAC: {}",
+            context()
+        );
+    }
+    assert!(
+        out.lines().any(|l| l.trim_end() == "QX-SNAP-DISK src:"),
+        "the source's image is untouched by the copies: {}",
+        context()
+    );
     // After a restore the guest's driver announced its card, and acknowledged it once.
     let announce = out
         .lines()

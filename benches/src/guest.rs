@@ -119,7 +119,9 @@ pub fn fill_and_tick(memory_mib: u32, delay_tsc: u32) -> Vec<u8> {
     v.extend_from_slice(&(COM1 + 5).to_le_bytes());
     v.push(0xec);
     v.extend(outb(COM1, TICK_BYTE, true));
-    v.extend_from_slice(&[0x0f, 0x31, 0x89, 0xc1, 0xf3, 0x90, 0x0f, 0x31, 0x29, 0xc8, 0x3d]);
+    v.extend_from_slice(&[
+        0x0f, 0x31, 0x89, 0xc1, 0xf3, 0x90, 0x0f, 0x31, 0x29, 0xc8, 0x3d,
+    ]);
     v.extend_from_slice(&delay_tsc.to_le_bytes());
     v.extend_from_slice(&[0x72, 0xf3, 0xeb, 0xe1]);
     v
@@ -251,7 +253,11 @@ mod tests {
         // Then 'F', then the tick loop at T.
         let t = 21 + 7;
         assert_eq!(c[21 + 5], FILLED_BYTE);
-        assert_eq!(&c[t..t + 5], &[0x66, 0xba, 0xfd, 0x03, 0xec], "in al, 0x3fd at T");
+        assert_eq!(
+            &c[t..t + 5],
+            &[0x66, 0xba, 0xfd, 0x03, 0xec],
+            "in al, 0x3fd at T"
+        );
         assert_eq!(c[t + 10], TICK_BYTE);
         let w = t + 16;
         assert_eq!(&c[w..w + 2], &[0xf3, 0x90], "pause at W");
@@ -261,7 +267,10 @@ mod tests {
         assert_eq!(c[jb + 2], 0xeb);
         assert_eq!((jb + 4) as isize + (c[jb + 3] as i8) as isize, t as isize);
         assert_eq!(c.len(), jb + 4);
-        assert_eq!(u32::from_le_bytes(c[w + 7..w + 11].try_into().unwrap()), 100_000);
+        assert_eq!(
+            u32::from_le_bytes(c[w + 7..w + 11].try_into().unwrap()),
+            100_000
+        );
     }
 
     #[test]

@@ -210,11 +210,15 @@ impl Console {
     }
 
     fn first_byte(&self) -> Option<Instant> {
-        self.0.0.lock().unwrap_or_else(|p| p.into_inner()).first_byte
+        self.0
+             .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first_byte
     }
 
     fn ticks(&self) -> u64 {
-        self.0.0.lock().unwrap_or_else(|p| p.into_inner()).ticks
+        self.0 .0.lock().unwrap_or_else(|p| p.into_inner()).ticks
     }
 }
 
@@ -415,7 +419,10 @@ impl Source {
                 .map(String::from)
                 .to_vec();
                 let mut run = argv.clone();
-                run.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", s(&socket))]);
+                run.extend([
+                    "-qmp".into(),
+                    format!("unix:{},server=on,wait=off", s(&socket)),
+                ]);
                 (argv, run)
             }
         };
@@ -519,7 +526,10 @@ impl Source {
         self.process
             .console
             .wait(self.timeout, |s| s.ticks > ticks)
-            .map_err(|e| self.process.failed(format!("the guest did not run on: {e}")))?;
+            .map_err(|e| {
+                self.process
+                    .failed(format!("the guest did not run on: {e}"))
+            })?;
         Ok(Some(taken))
     }
 
@@ -886,10 +896,8 @@ pub fn targets(rows: &[Row]) -> Vec<Target> {
                 "{size} MiB: diff of the idle guest < {:.0} % of the full snapshot",
                 DIFF_SHARE_TARGET * 100.0
             ),
-            measured: share.map_or_else(
-                || "not measured".into(),
-                |r| format!("{:.2} %", r * 100.0),
-            ),
+            measured: share
+                .map_or_else(|| "not measured".into(), |r| format!("{:.2} %", r * 100.0)),
             met: share.map(|r| r < DIFF_SHARE_TARGET),
         });
         let best_peer = at
@@ -936,8 +944,16 @@ pub fn format(r: &SnapshotResults) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<12} {:>5}  {:>9} {:>9} {:>9}  {:>9} {:>9} {:>7}  {:>10}  {}",
-        "vmm", "MiB", "full ms", "paused ms", "full MiB", "diff ms", "diff MiB", "diff %", "restore ms", "failures"
+        "{:<12} {:>5}  {:>9} {:>9} {:>9}  {:>9} {:>9} {:>7}  {:>10}  failures",
+        "vmm",
+        "MiB",
+        "full ms",
+        "paused ms",
+        "full MiB",
+        "diff ms",
+        "diff MiB",
+        "diff %",
+        "restore ms",
     );
     let cell = |v: Option<f64>, d: usize| v.map_or_else(|| "-".to_string(), |v| format!("{v:.d$}"));
     for row in &r.rows {
@@ -1099,7 +1115,7 @@ mod tests {
     fn the_console_counts_fills_and_ticks() {
         let c = Console::attach(std::io::Cursor::new(b"xFTTT".to_vec()));
         c.wait(Duration::from_secs(5), |s| s.closed).unwrap_or(());
-        let s = c.0.0.lock().unwrap();
+        let s = c.0 .0.lock().unwrap();
         assert!(s.filled && s.first_byte.is_some());
         assert_eq!(s.ticks, 3);
     }

@@ -9,6 +9,9 @@
 //! qx-vsock unix-connect PATH PORT  host: connect to the VMM's socket, CONNECT PORT,
 //!                                  wait for "OK <port>" (exit 3 if refused)
 //! qx-vsock unix-listen PATH        host: listen on PATH (e.g. <socket>_<port>), accept one
+//! qx-vsock hold CID PORT LINE      guest: connect, send LINE, then copy the socket to
+//!                                  stdout until the connection ends (printing how)
+//! qx-vsock local-cid               guest: print this machine's CID (from /dev/vsock)
 //! ```
 
 use std::fs::File;
@@ -19,7 +22,7 @@ use std::process::ExitCode;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: qx-vsock connect CID PORT | listen PORT | unix-connect PATH PORT | unix-listen PATH"
+        "usage: qx-vsock connect CID PORT | listen PORT | unix-connect PATH PORT | unix-listen PATH | hold CID PORT LINE | local-cid"
     );
     ExitCode::from(2)
 }
@@ -149,6 +152,30 @@ fn run(args: &[String]) -> io::Result<Option<(u64, u64)>> {
             let fd = s.as_raw_fd();
             pump(s.try_clone()?, s, fd)?
         }
+        ["hold", cid, port, line] => {
+            let mut s = vsock_connect(num(cid)?, num(port)?)?;
+            eprintln!("qx-vsock: connected");
+            s.write_all(format!("{line}\n").as_bytes())?;
+            let mut out = io::stdout().lock();
+            let mut buf = [0u8; 4096];
+            let mut received = 0u64;
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => {
+                        eprintln!("qx-vsock: held; the peer closed");
+                        break;
+                    }
+                    Ok(n) => {
+                        out.write_all(&buf[..n])?;
+                        out.flush()?;
+                        received += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io::Error::new(e.kind(), format!("held; {e}"))),
+                }
+            }
+            (line.len() as u64 + 1, received)
+        }
         ["listen", port] => {
             let s = vsock_listen(num(port)?)?;
             let fd = s.as_raw_fd();
@@ -180,8 +207,37 @@ fn run(args: &[String]) -> io::Result<Option<(u64, u64)>> {
     Ok(Some(r))
 }
 
+/// The local CID, as the guest's vsock transport has it now (`IOCTL_VM_SOCKETS_GET_LOCAL_CID`).
+fn local_cid() -> io::Result<u32> {
+    const IOCTL_VM_SOCKETS_GET_LOCAL_CID: libc::c_ulong = 0x7b9;
+    let dev = File::open("/dev/vsock")?;
+    let mut cid: u32 = 0;
+    // SAFETY: the ioctl writes one u32 through the pointer, which is valid for it.
+    let r = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            IOCTL_VM_SOCKETS_GET_LOCAL_CID,
+            &mut cid as *mut u32,
+        )
+    };
+    check(r, "IOCTL_VM_SOCKETS_GET_LOCAL_CID")?;
+    Ok(cid)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args == ["local-cid"] {
+        return match local_cid() {
+            Ok(cid) => {
+                println!("{cid}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("qx-vsock: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&args) {
         Ok(Some((sent, received))) => {
             eprintln!("qx-vsock: sent={sent} received={received}");
