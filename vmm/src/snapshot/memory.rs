@@ -51,6 +51,97 @@ pub fn regions_of(ram: &GuestRam) -> Vec<MemoryRegion> {
         .collect()
 }
 
+/// A new memory image being written: a file of the whole image's size, holes where
+/// nothing is written (they read as zeros).
+struct ImageWriter<'a> {
+    out: File,
+    path: &'a Path,
+    buf: Vec<u8>,
+    /// Bytes of pages written.
+    data_bytes: u64,
+}
+
+impl<'a> ImageWriter<'a> {
+    fn create(path: &'a Path, regions: &[MemoryRegion]) -> Result<Self, MemoryImageError> {
+        let image_len = regions
+            .iter()
+            .map(|r| r.file_offset + r.size)
+            .max()
+            .unwrap_or(0);
+        let out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io_error("creating", path))?;
+        out.set_len(image_len).map_err(io_error("sizing", path))?;
+        Ok(ImageWriter {
+            out,
+            path,
+            buf: vec![0u8; CHUNK],
+            data_bytes: 0,
+        })
+    }
+
+    /// Copies the guest's `len` bytes at `guest_addr` (pages, in one region) to the
+    /// image at `file_offset`, each run of non-zero pages in one write.
+    fn copy(
+        &mut self,
+        ram: &GuestRam,
+        guest_addr: u64,
+        len: u64,
+        file_offset: u64,
+    ) -> Result<(), MemoryImageError> {
+        let page = PAGE_SIZE as usize;
+        let mut at = 0u64;
+        while at < len {
+            let n = (len - at).min(CHUNK as u64) as usize;
+            let chunk = &mut self.buf[..n];
+            // Through the mapping, not the file: a restored VM's memory is a private
+            // copy-on-write mapping of its image, whose file lacks what the guest wrote.
+            ram.mem
+                .read_slice(chunk, GuestAddress(guest_addr + at))
+                .map_err(|e| MemoryImageError::Io {
+                    what: "reading",
+                    path: PathBuf::from("guest memory"),
+                    source: io::Error::other(e.to_string()),
+                })?;
+            let mut run: Option<usize> = None;
+            for i in 0..=n.div_ceil(page) {
+                let start = i * page;
+                let data = start < n && !is_zero(&chunk[start..(start + page).min(n)]);
+                match (run, data) {
+                    (None, true) => run = Some(start),
+                    (Some(from), false) => {
+                        let end = start.min(n);
+                        self.out
+                            .write_all_at(&chunk[from..end], file_offset + at + from as u64)
+                            .map_err(io_error("writing", self.path))?;
+                        self.data_bytes += (end - from) as u64;
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Makes the image durable; returns the bytes of pages written.
+    fn finish(self) -> Result<u64, MemoryImageError> {
+        self.out
+            .sync_all()
+            .map_err(io_error("syncing", self.path))?;
+        Ok(self.data_bytes)
+    }
+}
+
+/// An I/O error on `path` while `what`.
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> MemoryImageError {
+    let path = path.to_path_buf();
+    move |source| MemoryImageError::Io { what, path, source }
+}
+
 /// Writes every non-zero page of `ram` to `path` (created new, sized to the whole
 /// image), then syncs it. The vCPUs and devices are paused. `progress` gets the bytes
 /// looked at so far and the total.
@@ -59,69 +150,21 @@ pub fn write_full(
     path: &Path,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<MemoryImage, MemoryImageError> {
-    let io = |what, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| MemoryImageError::Io {
-            what,
-            path: p,
-            source,
-        }
-    };
     let regions = regions_of(ram);
-    let image_len = regions
-        .iter()
-        .map(|r| r.file_offset + r.size)
-        .max()
-        .unwrap_or(0);
-    let out = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(io("creating", path))?;
-    out.set_len(image_len).map_err(io("sizing", path))?;
+    let mut image = ImageWriter::create(path, &regions)?;
     let total: u64 = regions.iter().map(|r| r.size).sum();
     let mut done = 0u64;
-    let mut data_bytes = 0u64;
-    let mut buf = vec![0u8; CHUNK];
-    let guest = Path::new("guest memory");
     for r in &regions {
         let mut at = 0u64;
         while at < r.size {
-            let len = (r.size - at).min(CHUNK as u64) as usize;
-            let chunk = &mut buf[..len];
-            // Through the mapping, not the file: a restored VM's memory is a private
-            // copy-on-write mapping of its image, whose file lacks what the guest wrote.
-            ram.mem
-                .read_slice(chunk, GuestAddress(r.guest_addr + at))
-                .map_err(|e| MemoryImageError::Io {
-                    what: "reading",
-                    path: guest.to_path_buf(),
-                    source: io::Error::other(e.to_string()),
-                })?;
-            // Each run of non-zero pages in one write (a hole reads as zeros).
-            let page = PAGE_SIZE as usize;
-            let mut run: Option<usize> = None;
-            for i in 0..=len.div_ceil(page) {
-                let start = i * page;
-                let data = start < len && !is_zero(&chunk[start..(start + page).min(len)]);
-                match (run, data) {
-                    (None, true) => run = Some(start),
-                    (Some(from), false) => {
-                        let end = start.min(len);
-                        out.write_all_at(&chunk[from..end], r.file_offset + at + from as u64)
-                            .map_err(io("writing", path))?;
-                        data_bytes += (end - from) as u64;
-                        run = None;
-                    }
-                    _ => {}
-                }
-            }
-            at += len as u64;
-            done += len as u64;
+            let len = (r.size - at).min(CHUNK as u64);
+            image.copy(ram, r.guest_addr + at, len, r.file_offset + at)?;
+            at += len;
+            done += len;
             progress(done, total);
         }
     }
-    out.sync_all().map_err(io("syncing", path))?;
+    let data_bytes = image.finish()?;
     Ok(MemoryImage {
         file: MEMORY_FILE.to_string(),
         regions,
@@ -173,11 +216,17 @@ pub fn dirty_ranges(regions: &[MemoryRegion], bitmaps: &[Vec<u64>]) -> Vec<PageR
     out
 }
 
-/// The file offset of guest address `addr` in an image of `regions`.
-fn offset_of(regions: &[MemoryRegion], addr: u64) -> Option<u64> {
+/// The file offset of the `len` bytes at guest address `addr` in an image of `regions`,
+/// when they lie in one region.
+fn offset_of(regions: &[MemoryRegion], addr: u64, len: u64) -> Option<u64> {
     regions
         .iter()
-        .find(|r| addr >= r.guest_addr && addr < r.guest_addr + r.size)
+        .find(|r| {
+            addr >= r.guest_addr
+                && addr
+                    .checked_add(len)
+                    .is_some_and(|end| end <= r.guest_addr + r.size)
+        })
         .map(|r| r.file_offset + (addr - r.guest_addr))
 }
 
@@ -188,51 +237,22 @@ pub fn write_diff(
     path: &Path,
     ranges: &[PageRange],
 ) -> Result<MemoryImage, MemoryImageError> {
-    let io = |what, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| MemoryImageError::Io {
-            what,
-            path: p,
-            source,
-        }
-    };
     let regions = regions_of(ram);
-    let image_len = regions
-        .iter()
-        .map(|r| r.file_offset + r.size)
-        .max()
-        .unwrap_or(0);
-    let out = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(io("creating", path))?;
-    out.set_len(image_len).map_err(io("sizing", path))?;
-    let mut data_bytes = 0u64;
-    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut image = ImageWriter::create(path, &regions)?;
     for range in ranges {
-        for i in 0..range.pages {
-            let addr = range.guest_addr + i * PAGE_SIZE;
-            ram.mem
-                .read_slice(&mut page, GuestAddress(addr))
-                .map_err(|e| MemoryImageError::Io {
-                    what: "reading",
-                    path: PathBuf::from("guest memory"),
-                    source: io::Error::other(e.to_string()),
-                })?;
-            if is_zero(&page) {
-                continue; // a hole reads as zeros
-            }
-            data_bytes += PAGE_SIZE;
-            let offset = offset_of(&regions, addr).ok_or_else(|| MemoryImageError::Mismatch {
+        let len = range.pages.saturating_mul(PAGE_SIZE);
+        let offset = offset_of(&regions, range.guest_addr, len).ok_or_else(|| {
+            MemoryImageError::Mismatch {
                 path: path.to_path_buf(),
-                reason: format!("dirty page {addr:#x} outside guest RAM"),
-            })?;
-            out.write_all_at(&page, offset)
-                .map_err(io("writing", path))?;
-        }
+                reason: format!(
+                    "dirty pages {:#x} (+{} pages) outside guest RAM",
+                    range.guest_addr, range.pages
+                ),
+            }
+        })?;
+        image.copy(ram, range.guest_addr, len, offset)?;
     }
-    out.sync_all().map_err(io("syncing", path))?;
+    let data_bytes = image.finish()?;
     Ok(MemoryImage {
         file: MEMORY_FILE.to_string(),
         regions,
@@ -256,11 +276,12 @@ pub fn apply_diff(
     for range in ranges {
         for i in 0..range.pages {
             let addr = range.guest_addr + i * PAGE_SIZE;
-            let offset =
-                offset_of(&image.regions, addr).ok_or_else(|| MemoryImageError::Mismatch {
+            let offset = offset_of(&image.regions, addr, PAGE_SIZE).ok_or_else(|| {
+                MemoryImageError::Mismatch {
                     path: path.to_path_buf(),
                     reason: format!("page {addr:#x} outside the image's regions"),
-                })?;
+                }
+            })?;
             file.read_exact_at(&mut page, offset)
                 .map_err(|source| MemoryImageError::Io {
                     what: "reading",
@@ -360,10 +381,17 @@ mod tests {
             ]
         );
         assert_eq!(
-            offset_of(&regions, (1 << 32) + 5),
+            offset_of(&regions, (1 << 32) + 5, 1),
             Some(128 * PAGE_SIZE + 5)
         );
-        assert_eq!(offset_of(&regions, 200 * PAGE_SIZE), None);
+        assert_eq!(offset_of(&regions, 200 * PAGE_SIZE, PAGE_SIZE), None);
+        // A range must lie in one region.
+        assert_eq!(
+            offset_of(&regions, 127 * PAGE_SIZE, PAGE_SIZE),
+            Some(127 * PAGE_SIZE)
+        );
+        assert_eq!(offset_of(&regions, 127 * PAGE_SIZE, 2 * PAGE_SIZE), None);
+        assert_eq!(offset_of(&regions, u64::MAX - 1, PAGE_SIZE), None);
         assert!(dirty_ranges(&regions, &[vec![], vec![]]).is_empty());
     }
 }
