@@ -64,28 +64,21 @@ impl Events {
         snapshot_id: String,
         message: impl Into<String>,
     ) {
-        let message = message.into();
-        let sequence = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let event = VmEvent {
+            exit,
+            ..self.next(vm_id, kind, state, snapshot_id, message.into())
+        };
         info!(
             vm = vm_id,
             event = kind.as_str_name(),
             state = state.as_str_name(),
-            reason = exit.as_ref().map(|e| e.reason.as_str()).unwrap_or(""),
-            snapshot = snapshot_id.as_str(),
-            sequence,
-            "{message}"
+            reason = event.exit.as_ref().map(|e| e.reason.as_str()).unwrap_or(""),
+            snapshot = event.snapshot_id.as_str(),
+            sequence = event.sequence,
+            "{}",
+            event.message
         );
-        let _ = self.tx.send(VmEvent {
-            sequence,
-            vm_id: vm_id.to_string(),
-            kind: kind as i32,
-            state: state as i32,
-            exit,
-            message,
-            at_unix_ms: crate::now_ms(),
-            snapshot_id,
-            progress: None,
-        });
+        let _ = self.tx.send(event);
     }
 
     /// Emits how far a snapshot's writing is (not logged: one a second; the VMM logs its
@@ -97,24 +90,45 @@ impl Events {
         snapshot_id: &str,
         progress: SnapshotProgress,
     ) {
-        let sequence = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let message = format!(
             "snapshot {snapshot_id:?}: {} of at most {} MiB written after {:.1} s",
             progress.written_bytes >> 20,
             progress.memory_bytes >> 20,
             progress.elapsed_ms as f64 / 1000.0
         );
-        let _ = self.tx.send(VmEvent {
-            sequence,
+        let event = VmEvent {
+            progress: Some(progress),
+            ..self.next(
+                vm_id,
+                EventKind::SnapshotProgress,
+                state,
+                snapshot_id.to_string(),
+                message,
+            )
+        };
+        let _ = self.tx.send(event);
+    }
+
+    /// The next event in sequence, stamped now, without an exit or progress.
+    fn next(
+        &self,
+        vm_id: &str,
+        kind: EventKind,
+        state: VmState,
+        snapshot_id: String,
+        message: String,
+    ) -> VmEvent {
+        VmEvent {
+            sequence: self.seq.fetch_add(1, Ordering::SeqCst) + 1,
             vm_id: vm_id.to_string(),
-            kind: EventKind::SnapshotProgress as i32,
+            kind: kind as i32,
             state: state as i32,
             exit: None,
             message,
             at_unix_ms: crate::now_ms(),
-            snapshot_id: snapshot_id.to_string(),
-            progress: Some(progress),
-        });
+            snapshot_id,
+            progress: None,
+        }
     }
 
     /// A receiver of every event from now on.
