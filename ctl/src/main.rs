@@ -327,6 +327,34 @@ fn progress_text(p: &quantix_proto::v1::SnapshotProgress) -> String {
     )
 }
 
+/// Gives each of `items` (the snapshot VM's cards or disks) its value from `flag`, in
+/// order; none given changes nothing, another count than the items' is a usage error.
+fn replace_each<T>(
+    flag: &str,
+    given: Vec<String>,
+    items: &mut [T],
+    what: &str,
+    set: impl Fn(&mut T, String),
+) -> Result<(), Failure> {
+    if given.is_empty() {
+        return Ok(());
+    }
+    if given.len() != items.len() {
+        return Err(fail(
+            status::USAGE,
+            format!(
+                "{flag}: {} given, the snapshot's VM has {} {what}",
+                given.len(),
+                items.len()
+            ),
+        ));
+    }
+    for (item, value) in items.iter_mut().zip(given) {
+        set(item, value);
+    }
+    Ok(())
+}
+
 /// A failure with its exit status.
 struct Failure {
     status: u8,
@@ -826,51 +854,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(n) = name {
                 spec.name = n;
             }
-            if !taps.is_empty() {
-                if taps.len() != spec.nics.len() {
-                    return Err(fail(
-                        status::USAGE,
-                        format!(
-                            "--taps: {} given, the snapshot's VM has {} cards",
-                            taps.len(),
-                            spec.nics.len()
-                        ),
-                    ));
-                }
-                for (nic, tap) in spec.nics.iter_mut().zip(taps) {
-                    nic.tap = tap;
-                }
-            }
-            if !macs.is_empty() {
-                if macs.len() != spec.nics.len() {
-                    return Err(fail(
-                        status::USAGE,
-                        format!(
-                            "--macs: {} given, the snapshot's VM has {} cards",
-                            macs.len(),
-                            spec.nics.len()
-                        ),
-                    ));
-                }
-                for (nic, mac) in spec.nics.iter_mut().zip(macs) {
-                    nic.mac = mac;
-                }
-            }
-            if !disks.is_empty() {
-                if disks.len() != spec.disks.len() {
-                    return Err(fail(
-                        status::USAGE,
-                        format!(
-                            "--disks: {} given, the snapshot's VM has {} disks",
-                            disks.len(),
-                            spec.disks.len()
-                        ),
-                    ));
-                }
-                for (disk, path) in spec.disks.iter_mut().zip(disks) {
-                    disk.path = path;
-                }
-            }
+            replace_each("--taps", taps, &mut spec.nics, "cards", |n, t| n.tap = t)?;
+            replace_each("--macs", macs, &mut spec.nics, "cards", |n, m| n.mac = m)?;
+            replace_each("--disks", disks, &mut spec.disks, "disks", |d, p| {
+                d.path = p
+            })?;
             if let Some(c) = cid {
                 match spec.vsock.as_mut() {
                     Some(v) => v.guest_cid = c,
