@@ -732,10 +732,14 @@ fn snapshots_restore_debian(r: &quantix_sandbox::JobResult, log: &std::path::Pat
             "{who}: vsock reconnected (attempt {c} after {src_c}) with CID {got_cid}, want {cid}: {}",
             context()
         );
+        // What the guest answered to a command typed on its console.
+        let answered = |text: &str| {
+            out.lines()
+                .any(|l| l.starts_with(&format!("TYPED-{who}: ")) && l.contains(text))
+        };
         // The console answered, the disk read the copy's own label and took a write.
         assert!(
-            out.lines().any(|l| l.starts_with(&format!("TYPED-{who}: "))
-                && l.contains(&format!("QX-2T disk=QX-DISK-{who} w=ok"))),
+            answered(&format!("QX-2T disk=QX-DISK-{who} w=ok")),
             "{who}: typed disk command: {}",
             context()
         );
@@ -746,8 +750,7 @@ fn snapshots_restore_debian(r: &quantix_sandbox::JobResult, log: &std::path::Pat
         );
         // Its own MAC, taken by the guest when it probed the card again, seen by the host.
         assert!(
-            out.lines().any(|l| l.starts_with(&format!("TYPED-{who}: "))
-                && l.contains(&format!("QX-3M mac={mac}"))),
+            answered(&format!("QX-3M mac={mac}")),
             "{who}: the guest has the copy's MAC: {}",
             context()
         );
