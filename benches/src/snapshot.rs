@@ -25,6 +25,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use quantix_vmm_api::control::{parse_reply, AfterSnapshot, Request, SnapshotReply};
+use quantix_vmm_api::{MemorySize, SerialMode, VmConfig};
 use serde::Serialize;
 
 use crate::error::BenchError;
@@ -256,12 +257,11 @@ impl Process {
     /// `why`, with the end of the process's stderr.
     fn failed(&self, why: impl std::fmt::Display) -> String {
         let text = fs::read_to_string(&self.stderr).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(3).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let tail = crate::boot::tail(&text, 3);
         if tail.is_empty() {
             why.to_string()
         } else {
-            format!("{why}; stderr: {}", tail.join(" | "))
+            format!("{why}; stderr: {}", tail.replace('\n', " | "))
         }
     }
 
@@ -332,6 +332,8 @@ struct Source {
     socket: PathBuf,
     /// quantix-vmm or firecracker binary, or the QEMU argv without `-qmp`.
     argv: Vec<String>,
+    /// quantix-vmm's configuration (the host side of its restores too).
+    config: Option<VmConfig>,
     qmp: Option<Qmp>,
     timeout: Duration,
 }
@@ -349,25 +351,21 @@ impl Source {
         let socket = dir.join(format!("{}.sock", vmm.name()));
         let _ = fs::remove_file(&socket);
         let mem = memory_mib.to_string();
+        let mut config = None;
         let (argv, run): (Vec<String>, Vec<String>) = match vmm {
             Vmm::Quantix => {
                 let elf = dir.join("guest.elf");
                 fs::write(&elf, guest::elf64_code(&code)).map_err(|e| e.to_string())?;
-                let run = [
-                    bin,
-                    "--kernel",
-                    &s(&elf),
-                    "--memory",
-                    &mem,
-                    "--serial",
-                    "stdout",
-                    "--api-socket",
-                    &s(&socket),
-                    "--log-level",
-                    "warn",
-                ]
-                .map(String::from)
-                .to_vec();
+                let mut vm = VmConfig::with_kernel(&elf);
+                vm.memory = MemorySize(u64::from(memory_mib));
+                vm.serial = SerialMode::Stdout;
+                vm.api_socket = Some(socket.clone());
+                let file = dir.join("quantix.json");
+                write_config(&file, &vm)?;
+                config = Some(vm);
+                let run = [bin, "--config", &s(&file), "--log-level", "warn"]
+                    .map(String::from)
+                    .to_vec();
                 (vec![bin.to_string()], run)
             }
             Vmm::Firecracker => {
@@ -443,6 +441,7 @@ impl Source {
             dir: dir.to_path_buf(),
             socket,
             argv,
+            config,
             qmp,
             timeout,
         })
@@ -540,16 +539,11 @@ impl Source {
         let err = self.dir.join(format!("{}-restore.err", self.vmm.name()));
         match self.vmm {
             Vmm::Quantix => {
-                // The host side of the restored VM: serial on stdout, no control socket.
-                let text = fs::read_to_string(snap.join("vmstate")).map_err(|e| e.to_string())?;
-                let body = text.split_once('\n').map(|(_, b)| b).unwrap_or_default();
-                let state: serde_json::Value =
-                    serde_json::from_str(body).map_err(|e| format!("the vmstate: {e}"))?;
-                let mut config = state["config"].clone();
-                config["serial"] = "stdout".into();
-                config["api_socket"] = serde_json::Value::Null;
+                // The host side of the restored VM: the source's, without a control socket.
+                let mut config = self.config.clone().ok_or("no quantix-vmm configuration")?;
+                config.api_socket = None;
                 let rebind = self.dir.join("rebind.json");
-                fs::write(&rebind, config.to_string()).map_err(|e| e.to_string())?;
+                write_config(&rebind, &config)?;
                 let argv = [
                     &self.argv[0],
                     "--restore",
@@ -648,6 +642,12 @@ impl Source {
         }
         sample
     }
+}
+
+/// Writes a quantix-vmm configuration file.
+fn write_config(path: &Path, config: &VmConfig) -> Result<(), String> {
+    let json = serde_json::to_string(config).map_err(|e| e.to_string())?;
+    fs::write(path, json).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// One call on quantix-vmm's control socket.
