@@ -229,8 +229,8 @@ enum Cmd {
         /// Iterations per VMM and size.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
         iterations: u32,
-        /// Guest sizes, MiB, comma-separated.
-        #[arg(long, value_name = "MIB,...", value_delimiter = ',', default_values_t = [256u32, 1024], value_parser = clap::value_parser!(u32).range(16..=3072))]
+        /// Guest sizes, MiB, comma-separated (at least 32: the guest loads at 16 MiB).
+        #[arg(long, value_name = "MIB,...", value_delimiter = ',', default_values_t = [256u32, 1024], value_parser = clap::value_parser!(u32).range(32..=3072))]
         sizes: Vec<u32>,
         /// Use this quantix-vmm binary instead of building target/release/quantix-vmm.
         #[arg(long, value_name = "PATH")]
@@ -291,6 +291,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints a benchmark's report and, with `--json PATH`, writes `results` there (`what`
+/// they are, in the line that says so).
+fn show<R: serde::Serialize>(
+    report: String,
+    results: &R,
+    json: Option<PathBuf>,
+    what: &str,
+) -> Result<(), BenchError> {
+    println!("{report}");
+    if let Some(path) = json {
+        write_json(&path, results)?;
+        println!("{what} written to {}", path.display());
+    }
+    Ok(())
+}
+
 fn run(cmd: Cmd) -> Result<(), BenchError> {
     match cmd {
         Cmd::Boot {
@@ -316,11 +332,12 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                 firecracker,
                 cloud_hypervisor,
             })?;
-            println!("{}", boot::format(&results));
-            if let Some(path) = json {
-                write_json(&path, &results)?;
-                println!("raw samples and summary written to {}", path.display());
-            }
+            show(
+                boot::format(&results),
+                &results,
+                json,
+                "raw samples and summary",
+            )?;
             boot::check_samples(&results)
         }
         Cmd::Smp {
@@ -351,11 +368,12 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                 boot_timeout_s: timeout,
                 vmm_log_level,
             })?;
-            println!("{}", quantix_bench::smp::format(&results));
-            if let Some(path) = json {
-                write_json(&path, &results)?;
-                println!("every boot and the tallies written to {}", path.display());
-            }
+            show(
+                quantix_bench::smp::format(&results),
+                &results,
+                json,
+                "every boot and the tallies",
+            )?;
             quantix_bench::smp::check(&results)
         }
         Cmd::Jail {
@@ -399,11 +417,12 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                     host_cpus: 1,
                 },
             })?;
-            println!("{}", jail::format(&results));
-            if let Some(path) = json {
-                write_json(&path, &results)?;
-                println!("raw samples and comparison written to {}", path.display());
-            }
+            show(
+                jail::format(&results),
+                &results,
+                json,
+                "raw samples and comparison",
+            )?;
             jail::check(&results)
         }
         Cmd::Block {
@@ -425,11 +444,12 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                 disk_mib: disk,
                 host_cpus,
             })?;
-            println!("{}", block::format(&results));
-            if let Some(path) = json {
-                write_json(&path, &results)?;
-                println!("raw samples and summary written to {}", path.display());
-            }
+            show(
+                block::format(&results),
+                &results,
+                json,
+                "raw samples and summary",
+            )?;
             block::check(&results.runs, &results.samples)
         }
         Cmd::Net {
@@ -451,11 +471,12 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                 memory_mib: memory,
                 host_cpus,
             })?;
-            println!("{}", net::format(&results));
-            if let Some(path) = json {
-                write_json(&path, &results)?;
-                println!("raw samples and summary written to {}", path.display());
-            }
+            show(
+                net::format(&results),
+                &results,
+                json,
+                "raw samples and summary",
+            )?;
             block::check(&results.runs, &results.samples)
         }
         Cmd::FirstInsn {
@@ -478,11 +499,12 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                 cloud_hypervisor,
                 timeout: Duration::from_secs(30),
             })?;
-            println!("{}", first_insn::format(&results));
-            if let Some(path) = json {
-                write_json(&path, &results)?;
-                println!("raw samples and summary written to {}", path.display());
-            }
+            show(
+                first_insn::format(&results),
+                &results,
+                json,
+                "raw samples and summary",
+            )?;
             first_insn::check(&results)
         }
         Cmd::Snapshot {
@@ -503,11 +525,12 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                 firecracker,
                 timeout: Duration::from_secs(timeout),
             })?;
-            println!("{}", snapshot::format(&results));
-            if let Some(path) = json {
-                write_json(&path, &results)?;
-                println!("raw samples and summary written to {}", path.display());
-            }
+            show(
+                snapshot::format(&results),
+                &results,
+                json,
+                "raw samples and summary",
+            )?;
             snapshot::check(&results)
         }
         Cmd::Agent {
@@ -553,11 +576,12 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
                 lists: lists as usize,
                 bin_dir,
             })?;
-            println!("{}", quantix_bench::agent::format(&report));
-            if let Some(path) = json {
-                write_json(&path, &report)?;
-                println!("figures written to {}", path.display());
-            }
+            show(
+                quantix_bench::agent::format(&report),
+                &report,
+                json,
+                "figures",
+            )?;
             Ok(())
         }
     }
