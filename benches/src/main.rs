@@ -222,9 +222,10 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
     },
-    /// Snapshots on this host's /dev/kvm: full and diff snapshot time, time paused and
-    /// size, and restore-to-running, quantix-vmm beside Firecracker's snapshot API and
-    /// QEMU's migration to a file, for each guest size (a few minutes).
+    /// Snapshots on this host's /dev/kvm (or, with --sandbox, in a nested host of the KVM
+    /// sandbox): full and diff snapshot time, time paused and size, and restore-to-running,
+    /// quantix-vmm beside Firecracker's snapshot API and QEMU's migration to a file, for
+    /// each guest size (a few minutes; in the sandbox about half an hour).
     Snapshot {
         /// Iterations per VMM and size.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -232,10 +233,11 @@ enum Cmd {
         /// Guest sizes, MiB, comma-separated (at least 32: the guest loads at 16 MiB).
         #[arg(long, value_name = "MIB,...", value_delimiter = ',', default_values_t = [256u32, 1024], value_parser = clap::value_parser!(u32).range(32..=3072))]
         sizes: Vec<u32>,
-        /// Use this quantix-vmm binary instead of building target/release/quantix-vmm.
+        /// Use this quantix-vmm binary instead of building target/release/quantix-vmm
+        /// (with --sandbox: a static binary, instead of building one).
         #[arg(long, value_name = "PATH")]
         vmm_bin: Option<PathBuf>,
-        /// The QEMU binary to compare with.
+        /// The QEMU binary to compare with (with --sandbox: the sandbox's QEMU, always).
         #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
         qemu: String,
         /// No QEMU column.
@@ -247,6 +249,13 @@ enum Cmd {
         /// Limit of each step (a snapshot, a restore's first byte), seconds.
         #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(5..=3600))]
         timeout: u64,
+        /// Run in one nested host of the KVM sandbox (the real KVM, under TCG; needs the
+        /// sandbox assets, see docs/testing.md) instead of on this host's /dev/kvm.
+        #[arg(long)]
+        sandbox: bool,
+        /// The guest's tick period, µs (default 200 on /dev/kvm, 2000 in the sandbox).
+        #[arg(long, value_name = "US", value_parser = clap::value_parser!(u64).range(50..=100_000))]
+        tick_us: Option<u64>,
         /// Also write all raw samples and the summary as JSON to PATH.
         #[arg(long, value_name = "PATH")]
         json: Option<PathBuf>,
@@ -515,16 +524,29 @@ fn run(cmd: Cmd) -> Result<(), BenchError> {
             no_qemu,
             firecracker,
             timeout,
+            sandbox,
+            tick_us,
             json,
         } => {
-            let results = snapshot::run(&SnapshotOptions {
+            let default_tick = if sandbox {
+                snapshot::SANDBOX_TICK_US
+            } else {
+                snapshot::TICK_US
+            };
+            let options = SnapshotOptions {
                 iterations,
                 sizes,
                 vmm_bin,
                 qemu: (!no_qemu).then_some(qemu),
                 firecracker,
                 timeout: Duration::from_secs(timeout),
-            })?;
+                tick_us: tick_us.unwrap_or(default_tick),
+            };
+            let results = if sandbox {
+                snapshot::run_in_sandbox(&options)?
+            } else {
+                snapshot::run(&options)?
+            };
             show(
                 snapshot::format(&results),
                 &results,

@@ -4,14 +4,14 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::BenchError;
 use crate::stats::Summary;
 
 /// A performance target from the issue, with what was measured against it. Targets are
 /// reported, never enforced.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Target {
     /// What the target is, e.g. `boot-to-init at most 0.7 × QEMU's`.
     pub target: String,
@@ -99,7 +99,7 @@ pub fn utc_datetime(secs: u64) -> String {
 }
 
 /// This machine: kernel release, CPUs, and what its /dev/kvm is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostFacts {
     /// `uname -r`.
     pub kernel: String,

@@ -1,6 +1,7 @@
-//! `snapshot`: full and diff snapshots and restore-to-running on this host's /dev/kvm,
-//! quantix-vmm side by side with Firecracker (its snapshot API) and QEMU (migration to a
-//! file), for guests of several sizes.
+//! `snapshot`: full and diff snapshots and restore-to-running, quantix-vmm side by side
+//! with Firecracker (its snapshot API) and QEMU (migration to a file), for guests of
+//! several sizes: on this host's /dev/kvm ([`run`]), or in one nested host of the KVM
+//! sandbox ([`run_in_sandbox`], which runs this same benchmark there).
 //!
 //! Every VMM runs the same hand-made guest ([`guest::fill_and_tick`]): it writes every
 //! page of its RAM, says so on COM1, then writes a tick byte to COM1 every 200 µs and no
@@ -24,23 +25,39 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use quantix_sandbox::{build, paths, Job, Payload, Sandbox};
 use quantix_vmm_api::control::{parse_reply, AfterSnapshot, Request, SnapshotReply};
 use quantix_vmm_api::{MemorySize, SerialMode, VmConfig};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::boot::FIRECRACKER_PATH;
 use crate::error::BenchError;
 use crate::first_insn::build_vmm;
 use crate::guest;
+use crate::iobench::NestedHost;
 use crate::report::{self, ratio, HostFacts, Target};
 use crate::stats::{self, Summary};
 
 /// Target: a diff snapshot of an idle guest, at most this share of the full one.
 pub const DIFF_SHARE_TARGET: f64 = 0.05;
-/// The guest's tick period, µs.
-const TICK_US: u64 = 200;
+/// The guest's tick period on /dev/kvm, µs.
+pub const TICK_US: u64 = 200;
+/// The guest's tick period in the nested host, µs: every tick is a port write that exits
+/// to the VMM, which costs tens of µs under TCG, so 200 µs ticks would take most of the
+/// nested host's one CPU from the snapshot being measured.
+pub const SANDBOX_TICK_US: u64 = 2000;
+/// quantix-bench itself in the nested host (it runs the benchmark there).
+const BENCH_PATH: &str = "/payload/quantix-bench";
+/// quantix-vmm in the nested host.
+const SANDBOX_VMM_PATH: &str = "/payload/quantix-vmm";
+/// Where the nested run writes its JSON.
+const SANDBOX_JSON: &str = "/tmp/qx-snapshot.json";
+/// Lines around the JSON in the nested job's output.
+const JSON_BEGIN: &str = "QX-SNAPSHOT-JSON-BEGIN";
+const JSON_END: &str = "QX-SNAPSHOT-JSON-END";
 
 /// Settings of one `snapshot` benchmark.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotOptions {
     /// Iterations per VMM and size.
     pub iterations: u32,
@@ -54,10 +71,12 @@ pub struct SnapshotOptions {
     pub firecracker: Option<PathBuf>,
     /// Limit of each step (a snapshot, a restore's first byte).
     pub timeout: Duration,
+    /// The guest's tick period, µs.
+    pub tick_us: u64,
 }
 
 /// The VMMs compared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Vmm {
     /// quantix-vmm: its control socket's `snapshot`, `--restore DIR --resume`.
@@ -80,7 +99,7 @@ impl Vmm {
 }
 
 /// One iteration's figures.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
     /// 1-based.
     pub iteration: u32,
@@ -104,7 +123,7 @@ pub struct Sample {
 }
 
 /// One VMM at one size.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     /// The VMM.
     pub vmm: Vmm,
@@ -129,12 +148,16 @@ pub struct Row {
 }
 
 /// The benchmark's results.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotResults {
     /// When.
     pub date: String,
-    /// Where.
+    /// Where: this host, or the nested host the benchmark ran in.
     pub host: HostFacts,
+    /// The nested host, when the benchmark ran in the sandbox (filled in by the outer
+    /// run, which also sets `host.revision`: the nested host has no git).
+    #[serde(default, skip_deserializing)]
+    pub nested_host: Option<NestedHost>,
     /// Settings.
     pub options: SnapshotOptions,
     /// Per VMM and size.
@@ -304,7 +327,7 @@ pub fn disk_bytes(path: &Path) -> Result<u64, String> {
 }
 
 /// The TSC's frequency in kHz, from the CPU's nominal MHz in /proc/cpuinfo (the guest
-/// only needs an order of magnitude: it ticks every [`TICK_US`]).
+/// only needs an order of magnitude: it ticks every [`SnapshotOptions::tick_us`]).
 fn tsc_khz() -> u64 {
     fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -344,9 +367,11 @@ impl Source {
         bin: &str,
         dir: &Path,
         memory_mib: u32,
+        tick_us: u64,
         timeout: Duration,
     ) -> Result<Source, String> {
-        let code = guest::fill_and_tick(memory_mib, (tsc_khz() * TICK_US / 1000) as u32);
+        let period = (tsc_khz() * tick_us / 1000).min(u64::from(u32::MAX)) as u32;
+        let code = guest::fill_and_tick(memory_mib, period);
         let s = |p: &Path| p.display().to_string();
         let socket = dir.join(format!("{}.sock", vmm.name()));
         let _ = fs::remove_file(&socket);
@@ -824,7 +849,7 @@ pub fn run(o: &SnapshotOptions) -> Result<SnapshotResults, BenchError> {
             let sub = dir.join(format!("{}-{size}", vmm.name()));
             let _ = fs::create_dir_all(&sub);
             eprintln!("quantix-bench: snapshot: {} with {size} MiB", vmm.name());
-            let row = match Source::start(*vmm, bin, &sub, size, o.timeout) {
+            let row = match Source::start(*vmm, bin, &sub, size, o.tick_us, o.timeout) {
                 Ok(mut source) => {
                     let samples: Vec<Sample> = (1..=o.iterations)
                         .map(|i| {
@@ -851,10 +876,129 @@ pub fn run(o: &SnapshotOptions) -> Result<SnapshotResults, BenchError> {
     Ok(SnapshotResults {
         date: report::now_utc(),
         host: HostFacts::read(),
+        nested_host: None,
         options: o.clone(),
         rows,
         targets,
     })
+}
+
+/// The nested host's memory for guests of up to `largest_mib`: the source, its full
+/// snapshot in the nested host's RAM (its /tmp), and QEMU's restored copy next to them.
+pub fn sandbox_memory_mib(largest_mib: u32) -> u32 {
+    (1536 + 4 * largest_mib).max(3072)
+}
+
+/// The nested job's command: this benchmark, run in the nested host against its
+/// /dev/kvm with the binaries of the payload, writing its JSON between two marker lines.
+pub fn sandbox_script(o: &SnapshotOptions) -> String {
+    let sizes: Vec<String> = o.sizes.iter().map(u32::to_string).collect();
+    let mut argv = vec![
+        BENCH_PATH.to_string(),
+        "snapshot".into(),
+        "--vmm-bin".into(),
+        SANDBOX_VMM_PATH.into(),
+        "--iterations".into(),
+        o.iterations.to_string(),
+        "--sizes".into(),
+        sizes.join(","),
+        "--timeout".into(),
+        o.timeout.as_secs().to_string(),
+        "--tick-us".into(),
+        o.tick_us.to_string(),
+        "--json".into(),
+        SANDBOX_JSON.into(),
+    ];
+    if o.firecracker.is_some() {
+        argv.extend(["--firecracker".into(), FIRECRACKER_PATH.into()]);
+    }
+    match o.qemu {
+        Some(_) => argv.extend(["--qemu".into(), paths::QEMU.into()]),
+        None => argv.push("--no-qemu".into()),
+    }
+    format!(
+        "{} >&2; rc=$?; echo {JSON_BEGIN}; cat {SANDBOX_JSON}; echo; echo {JSON_END}; exit $rc",
+        argv.join(" ")
+    )
+}
+
+/// The results between the marker lines of the nested job's output.
+pub fn parse_sandbox_output(output: &str) -> Result<SnapshotResults, String> {
+    let mut lines = output.lines();
+    if !lines.any(|l| l.trim_end() == JSON_BEGIN) {
+        return Err("the nested run wrote no results".into());
+    }
+    let json: Vec<&str> = lines.take_while(|l| l.trim_end() != JSON_END).collect();
+    serde_json::from_str(&json.join("\n"))
+        .map_err(|e| format!("the nested run's results do not parse: {e}"))
+}
+
+/// Runs the benchmark in one nested host of the sandbox: builds static quantix-vmm and
+/// quantix-bench, puts them (and Firecracker with its libraries, and QEMU) in the
+/// payload, and runs [`run`] there as one job. The nested host's /dev/kvm is the real
+/// KVM (kvm-amd) under TCG: absolute times are many times slower than on hardware,
+/// ratios between VMMs of one run are what counts.
+pub fn run_in_sandbox(o: &SnapshotOptions) -> Result<SnapshotResults, BenchError> {
+    let mut sandbox = Sandbox::from_env()?;
+    let largest = o.sizes.iter().copied().max().unwrap_or(256);
+    sandbox.config_mut().memory_mib = sandbox_memory_mib(largest);
+    let mut payload = Payload::new();
+    let vmm = match &o.vmm_bin {
+        Some(p) => p.clone(),
+        None => {
+            eprintln!(
+                "quantix-bench: building static quantix-vmm and quantix-bench for the nested host"
+            );
+            build::static_binary("quantix-vmm", "quantix-vmm")?
+        }
+    };
+    payload.add_file(&vmm, SANDBOX_VMM_PATH)?;
+    payload.add_file(
+        &build::static_binary("quantix-bench", "quantix-bench")?,
+        BENCH_PATH,
+    )?;
+    if let Some(fc) = &o.firecracker {
+        if !fc.is_file() {
+            return Err(BenchError::MissingPeer {
+                vmm: "firecracker".into(),
+                path: fc.clone(),
+            });
+        }
+        payload.add_host_binary(fc, FIRECRACKER_PATH)?;
+    }
+    if o.qemu.is_some() {
+        payload.add_qemu(sandbox.assets())?;
+    }
+    // Every step may take its limit: the fills, the snapshots and the restores.
+    let vmms = 1 + u64::from(o.firecracker.is_some()) + u64::from(o.qemu.is_some());
+    let steps = vmms * o.sizes.len() as u64 * (2 + 3 * u64::from(o.iterations));
+    let limit = Duration::from_secs((o.timeout.as_secs() * steps).min(6 * 3600));
+    let job = Job::shell("snapshot", sandbox_script(o)).timeout(limit);
+    eprintln!(
+        "quantix-bench: snapshot in one nested host ({} MiB; TCG: this takes many minutes)",
+        sandbox.config().memory_mib
+    );
+    let report = sandbox.run(&payload, &[job])?;
+    let Some(result) = report.job("snapshot") else {
+        return Err(BenchError::Unavailable(
+            "the sandbox returned no result for the snapshot job".into(),
+        ));
+    };
+    let mut results = parse_sandbox_output(&result.output).map_err(|e| {
+        let tail: Vec<&str> = result.output.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        BenchError::Unavailable(format!(
+            "{e} (status {:?}{}); its last lines:\n{}",
+            result.status,
+            if result.timed_out { ", timed out" } else { "" },
+            tail.join("\n")
+        ))
+    })?;
+    results.host.revision = HostFacts::read().revision;
+    results.nested_host = Some(NestedHost::of(&sandbox, &report));
+    results.options.vmm_bin = o.vmm_bin.clone();
+    results.options.firecracker = o.firecracker.clone();
+    Ok(results)
 }
 
 /// A row's statistics, over the iterations where each figure was measured.
@@ -940,8 +1084,12 @@ pub fn format(r: &SnapshotResults) -> String {
     );
     let _ = writeln!(
         s,
-        "guest: writes every page of its RAM, then a byte on COM1 every {TICK_US} µs (no memory); medians\n"
+        "guest: writes every page of its RAM, then a byte on COM1 every {} µs (no memory); medians\n",
+        r.options.tick_us
     );
+    if let Some(n) = &r.nested_host {
+        let _ = writeln!(s, "{}\n", n.summary());
+    }
     let _ = writeln!(
         s,
         "{:<12} {:>5}  {:>9} {:>9} {:>9}  {:>9} {:>9} {:>7}  {:>10}  failures",
@@ -1094,21 +1242,75 @@ mod tests {
         let alone = vec![summarize(Vmm::Quantix, 256, vec![], Some("x".into()))];
         let t = targets(&alone);
         assert_eq!(t[1].met, None);
-        assert!(check(&SnapshotResults {
+        assert!(check(&results(alone, t)).is_err());
+    }
+
+    fn options() -> SnapshotOptions {
+        SnapshotOptions {
+            iterations: 2,
+            sizes: vec![256, 1024],
+            vmm_bin: None,
+            qemu: Some("qemu-system-x86_64".into()),
+            firecracker: Some("/somewhere/firecracker".into()),
+            timeout: Duration::from_secs(30),
+            tick_us: SANDBOX_TICK_US,
+        }
+    }
+
+    fn results(rows: Vec<Row>, targets: Vec<Target>) -> SnapshotResults {
+        SnapshotResults {
             date: String::new(),
             host: HostFacts::read(),
-            options: SnapshotOptions {
-                iterations: 1,
-                sizes: vec![256],
-                vmm_bin: None,
-                qemu: None,
-                firecracker: None,
-                timeout: Duration::from_secs(1),
-            },
-            rows: alone,
-            targets: t,
-        })
-        .is_err());
+            nested_host: None,
+            options: options(),
+            rows,
+            targets,
+        }
+    }
+
+    #[test]
+    fn the_nested_job_runs_this_benchmark_with_the_payloads_binaries() {
+        let script = sandbox_script(&options());
+        assert!(script.starts_with(
+            "/payload/quantix-bench snapshot --vmm-bin /payload/quantix-vmm --iterations 2 \
+             --sizes 256,1024 --timeout 30 --tick-us 2000 --json /tmp/qx-snapshot.json \
+             --firecracker /payload/firecracker --qemu /usr/bin/qemu-system-x86_64 >&2"
+        ));
+        assert!(script.ends_with("exit $rc"), "{script}");
+        let mut o = options();
+        o.qemu = None;
+        o.firecracker = None;
+        let script = sandbox_script(&o);
+        assert!(script.contains("--no-qemu") && !script.contains("firecracker"));
+        assert_eq!(sandbox_memory_mib(256), 3072);
+        assert_eq!(sandbox_memory_mib(1024), 5632);
+    }
+
+    #[test]
+    fn the_nested_results_are_read_between_the_markers() {
+        let rows = vec![summarize(
+            Vmm::Quantix,
+            256,
+            vec![sample(1, 1 << 28, Some(1 << 20), Some(30.0))],
+            None,
+        )];
+        let t = targets(&rows);
+        let r = results(rows, t);
+        let json = serde_json::to_string_pretty(&r).expect("encodes");
+        let output = format!(
+            "quantix-bench: snapshot: quantix with 256 MiB\nsome report\n{JSON_BEGIN}\n{json}\n\n{JSON_END}\n"
+        );
+        let back = parse_sandbox_output(&output).expect("parses");
+        assert_eq!(back.rows.len(), 1);
+        assert_eq!(back.rows[0].samples, r.rows[0].samples);
+        assert_eq!(back.targets, r.targets);
+        assert_eq!(back.options, r.options);
+        assert!(back.nested_host.is_none());
+        let e = parse_sandbox_output("quantix-bench: cannot open /dev/kvm").unwrap_err();
+        assert!(e.contains("no results"), "{e}");
+        let cut = format!("{JSON_BEGIN}\n{}\n{JSON_END}", &json[..json.len() / 2]);
+        let e = parse_sandbox_output(&cut).unwrap_err();
+        assert!(e.contains("do not parse"), "{e}");
     }
 
     #[test]

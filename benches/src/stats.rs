@@ -1,9 +1,9 @@
 //! Order statistics of a handful of samples.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Median, extremes and 90th percentile of a sample set.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     /// Number of samples.
     pub n: usize,
