@@ -7,10 +7,11 @@ pub const MAX_DIGITS: usize = 64 * 1024;
 
 /// Lowercase hex of `bytes`.
 pub fn encode(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        let _ = write!(s, "{b:02x}");
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 15)]));
     }
     s
 }
@@ -23,17 +24,34 @@ pub fn decode(text: &str) -> Result<Vec<u8>, String> {
     if !text.len().is_multiple_of(2) {
         return Err("an odd number of hex digits".into());
     }
-    text.as_bytes()
-        .chunks_exact(2)
-        .map(|pair| {
-            let digit = |c: u8| (c as char).to_digit(16);
-            match (digit(pair[0]), digit(pair[1])) {
-                (Some(h), Some(l)) => Ok((h * 16 + l) as u8),
-                _ => Err("a character that is not a hex digit".to_string()),
-            }
-        })
-        .collect()
+    let mut out = Vec::with_capacity(text.len() / 2);
+    for pair in text.as_bytes().chunks_exact(2) {
+        let (h, l) = (DIGITS[usize::from(pair[0])], DIGITS[usize::from(pair[1])]);
+        if h > 15 || l > 15 {
+            return Err("a character that is not a hex digit".to_string());
+        }
+        out.push(h << 4 | l);
+    }
+    Ok(out)
 }
+
+/// Each byte's value as a hex digit, or 0xff: a table, because a restore decodes tens of
+/// KiB of hex before the guest runs.
+const DIGITS: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
 
 /// Serde: byte vectors as hex strings.
 pub mod hex_bytes {

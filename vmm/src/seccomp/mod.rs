@@ -77,6 +77,7 @@ pub fn init(mode: Mode, probe: Option<Kind>) -> Result<(), SeccompError> {
             Mode::Kill => SeccompAction::Trap,
             _ => SeccompAction::Log,
         };
+        let started = std::time::Instant::now();
         let mut all = Vec::new();
         for kind in [
             Kind::Vmm,
@@ -88,6 +89,10 @@ pub fn init(mode: Mode, probe: Option<Kind>) -> Result<(), SeccompError> {
             all.push((kind, filters::build(kind, mismatch.clone())?));
         }
         let _ = PROGRAMS.set(all);
+        tracing::debug!(
+            us = started.elapsed().as_micros() as u64,
+            "seccomp filters built"
+        );
     }
     if mode == Mode::Kill {
         trap::install_handler().map_err(|e| SeccompError::Install {
