@@ -20,7 +20,9 @@ use crate::metrics::MetricsSample;
 /// - 2: `metrics` endpoints carry `client` (how the newest socket client's stream begins:
 ///   each socket client is first sent the endpoint's 64 KiB output history).
 /// - 3: `snapshot` (a full or diff snapshot into a new directory; [`SnapshotReply`]).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// - 4: `migrate`, `migration` and `migrate-cancel` (live migration to another
+///   quantix-vmm; [`MigrationStatus`]).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Longest request line the VMM reads.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -62,6 +64,139 @@ pub enum Request {
         #[serde(default)]
         diff: bool,
     },
+    /// Start a live migration to the quantix-vmm listening on `to` (its `--incoming`
+    /// socket); the reply comes at once ([`MigrationStatus`], phase `connecting`), the
+    /// migration goes on in the background (`migration` reports it). When it completes the
+    /// VMM exits with status 0 and the exit reason `migrated`.
+    Migrate {
+        /// The destination's Unix socket, as this VMM sees paths.
+        to: String,
+        /// What the migration may do.
+        #[serde(default)]
+        policy: MigrationPolicy,
+    },
+    /// The current or last migration's progress ([`MigrationStatus`]).
+    Migration {},
+    /// Cancel the migration under way: the VM runs on here, the destination exits
+    /// ([`MigrationStatus`]); refused with `conflict` once the switch has begun.
+    MigrateCancel {},
+}
+
+/// Limits of a live migration's pre-copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationPolicy {
+    /// Pause for the last round once its expected time (dirty bytes ÷ measured bandwidth)
+    /// is at most this, ms.
+    pub downtime_ms: u64,
+    /// Most pre-copy rounds after the first full pass.
+    pub max_rounds: u32,
+    /// Most time for the pre-copy, ms.
+    pub max_precopy_ms: u64,
+    /// When a limit is reached before the expected downtime is within the target: switch
+    /// anyway (a longer downtime) or cancel.
+    pub on_limit: OnLimit,
+    /// Send at most this many bytes per second (0: as fast as the link carries).
+    pub bandwidth_bytes_per_s: u64,
+    /// Throttle the vCPUs of a guest that dirties memory faster than the link carries it
+    /// (auto-converge).
+    pub auto_converge: bool,
+}
+
+impl Default for MigrationPolicy {
+    fn default() -> Self {
+        MigrationPolicy {
+            downtime_ms: 50,
+            max_rounds: 30,
+            max_precopy_ms: 600_000,
+            on_limit: OnLimit::Switch,
+            bandwidth_bytes_per_s: 0,
+            auto_converge: true,
+        }
+    }
+}
+
+/// What a migration does when a pre-copy limit is reached first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnLimit {
+    /// Pause and send the rest: the downtime is longer than the target.
+    #[default]
+    Switch,
+    /// Give up: the VM runs on here.
+    Cancel,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPhase {
+    /// No migration was asked for.
+    None,
+    /// Connecting; the destination builds the VM.
+    Connecting,
+    /// Sending memory while the guest runs.
+    PreCopy,
+    /// The guest is paused: the last pages and the state go.
+    Switching,
+    /// The destination runs the VM; this VMM exits.
+    Completed,
+    /// Failed or cancelled before the switch: the VM runs on here.
+    Failed,
+    /// The connection broke after the destination was told to run: whether it does is
+    /// unknown here, so the VM stays paused here for its supervisor to decide.
+    Unknown,
+}
+
+/// The reply to `migrate`, `migration` and `migrate-cancel`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    /// Where it is.
+    pub phase: MigrationPhase,
+    /// Pre-copy rounds done (0: the first full pass is under way).
+    pub round: u32,
+    /// Guest memory, bytes.
+    pub memory_bytes: u64,
+    /// Bytes sent so far (page data; zero pages are sent as ranges only).
+    pub sent_bytes: u64,
+    /// Dirty bytes still to send, as of the last round.
+    pub remaining_bytes: u64,
+    /// Bandwidth of the last round, bytes/s.
+    pub bandwidth_bytes_per_s: u64,
+    /// Bytes the guest dirtied per second during the last round.
+    pub dirty_bytes_per_s: u64,
+    /// Share of each time slice the vCPUs are held, percent (auto-converge).
+    pub throttle_percent: u32,
+    /// Remaining bytes ÷ bandwidth, ms.
+    pub expected_downtime_ms: u64,
+    /// From the pause here to the destination's report that the guest runs, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Since the `migrate` request, ms.
+    pub total_ms: u64,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl MigrationStatus {
+    /// The status before any migration.
+    pub fn none() -> Self {
+        MigrationStatus {
+            phase: MigrationPhase::None,
+            round: 0,
+            memory_bytes: 0,
+            sent_bytes: 0,
+            remaining_bytes: 0,
+            bandwidth_bytes_per_s: 0,
+            dirty_bytes_per_s: 0,
+            throttle_percent: 0,
+            expected_downtime_ms: 0,
+            downtime_ms: None,
+            total_ms: 0,
+            error: None,
+        }
+    }
 }
 
 /// The state file's name in a snapshot directory (the VMM writes it, its supervisor
@@ -109,7 +244,7 @@ pub struct SnapshotReply {
 
 impl Request {
     /// Every op, in the order of the protocol's history.
-    pub const ALL: [Request; 8] = [
+    pub const ALL: [Request; 11] = [
         Request::Version {},
         Request::State {},
         Request::Metrics {},
@@ -122,6 +257,19 @@ impl Request {
             after: AfterSnapshot::Keep,
             diff: false,
         },
+        Request::Migrate {
+            to: String::new(),
+            policy: MigrationPolicy {
+                downtime_ms: 50,
+                max_rounds: 30,
+                max_precopy_ms: 600_000,
+                on_limit: OnLimit::Switch,
+                bandwidth_bytes_per_s: 0,
+                auto_converge: true,
+            },
+        },
+        Request::Migration {},
+        Request::MigrateCancel {},
     ];
 
     /// The op's name on the wire.
@@ -135,6 +283,9 @@ impl Request {
             Request::Pause {} => "pause",
             Request::Resume {} => "resume",
             Request::Snapshot { .. } => "snapshot",
+            Request::Migrate { .. } => "migrate",
+            Request::Migration {} => "migration",
+            Request::MigrateCancel {} => "migrate-cancel",
         }
     }
 

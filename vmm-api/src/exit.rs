@@ -34,7 +34,7 @@ pub struct ExitRecord {
     /// The process exit status.
     pub code: i32,
     /// A machine-readable reason: `poweroff`, `reboot`, `api-shutdown`, `signal`,
-    /// `triple-fault`, `kvm-error`, `unhandled-exit`, `guest-crash`, `vmm-error`,
+    /// `triple-fault`, `kvm-error`, `unhandled-exit`, `guest-crash`, `vmm-error`, `migrated`,
     /// [`REASON_SECCOMP`] or [`REASON_SETUP_ERROR`].
     pub reason: String,
     /// Human-readable detail.

@@ -14,7 +14,9 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-pub use crate::control::{PauseControl, PowerButtonControl, SnapshotControl};
+pub use crate::control::{
+    MigrationControl, MigrationRefusal, PauseControl, PowerButtonControl, SnapshotControl,
+};
 use crate::exit::{ExitReason, ExitSignal};
 
 use quantix_vmm_api::control::{
@@ -67,6 +69,8 @@ pub struct VmInfo {
     pub pause: Option<Arc<dyn PauseControl>>,
     /// Snapshots.
     pub snapshot: Option<Arc<dyn SnapshotControl>>,
+    /// Live migration.
+    pub migration: Option<Arc<dyn MigrationControl>>,
 }
 
 /// Computes the response line for one request line.
@@ -139,6 +143,17 @@ fn answer(
         Request::Pause {} | Request::Resume {} if exit.reason().is_some() => {
             return Err(ErrorReply::new(ErrorCode::Conflict, "the VM is stopping"))
         }
+        Request::Pause {}
+        | Request::Resume {}
+        | Request::Snapshot { .. }
+        | Request::Migrate { .. }
+            if info.migration.as_ref().is_some_and(|m| m.active()) =>
+        {
+            return Err(ErrorReply::new(
+                ErrorCode::Conflict,
+                "a migration is under way (migrate-cancel stops it)",
+            ))
+        }
         Request::Pause {} => {
             let p = info
                 .pause
@@ -198,6 +213,22 @@ fn answer(
             };
             ok_line(&reply)
         }
+        Request::Migrate { .. } if exit.reason().is_some() => {
+            return Err(ErrorReply::new(ErrorCode::Conflict, "the VM is stopping"))
+        }
+        Request::Migrate { to, policy } => {
+            let m = migration(info)?;
+            let to = Path::new(to);
+            if !to.is_absolute() {
+                return Err(ErrorReply::new(
+                    ErrorCode::InvalidRequest,
+                    format!("`to` must be an absolute path, not {}", to.display()),
+                ));
+            }
+            ok_line(&m.start(to, *policy).map_err(refusal)?)
+        }
+        Request::Migration {} => ok_line(&migration(info)?.status()),
+        Request::MigrateCancel {} => ok_line(&migration(info)?.cancel().map_err(refusal)?),
         Request::Shutdown {} => {
             info!("shutdown requested on the control socket");
             exit.request(ExitReason::ApiShutdown);
@@ -206,6 +237,21 @@ fn answer(
             })
         }
     })
+}
+
+fn migration(info: &VmInfo) -> Result<&Arc<dyn MigrationControl>, ErrorReply> {
+    info.migration
+        .as_ref()
+        .ok_or_else(|| ErrorReply::new(ErrorCode::Unsupported, "this VM cannot migrate"))
+}
+
+fn refusal(r: MigrationRefusal) -> ErrorReply {
+    match r {
+        MigrationRefusal::Conflict(why) => ErrorReply::new(ErrorCode::Conflict, why),
+        MigrationRefusal::Failed(why) => {
+            ErrorReply::new(ErrorCode::Failed, format!("cannot migrate: {why}"))
+        }
+    }
 }
 
 fn bind(path: &Path) -> Result<UnixListener, ApiError> {
@@ -407,6 +453,7 @@ mod tests {
             power_button: None,
             pause: None,
             snapshot: None,
+            migration: None,
         }
     }
 
@@ -440,6 +487,7 @@ mod tests {
         let pausable = VmInfo {
             pause: Some(Arc::new(FakePause::default())),
             snapshot: None,
+            migration: None,
             ..info()
         };
         let ask = |req: &[u8], info: &VmInfo| -> serde_json::Value {

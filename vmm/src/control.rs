@@ -35,6 +35,32 @@ pub trait SnapshotControl: Send + Sync + std::fmt::Debug {
     ) -> Result<quantix_vmm_api::control::SnapshotReply, SnapshotFailure>;
 }
 
+/// Why a migration was not started or cancelled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationRefusal {
+    /// Not now: one is under way, the switch has begun, none is under way (to cancel).
+    Conflict(String),
+    /// It could not start.
+    Failed(String),
+}
+
+/// Live migration, as the control socket drives it.
+pub trait MigrationControl: Send + Sync + std::fmt::Debug {
+    /// Starts migrating to the destination VMM listening on `to`; the work goes on in the
+    /// background.
+    fn start(
+        &self,
+        to: &std::path::Path,
+        policy: quantix_vmm_api::control::MigrationPolicy,
+    ) -> Result<quantix_vmm_api::control::MigrationStatus, MigrationRefusal>;
+    /// The current or last migration's progress.
+    fn status(&self) -> quantix_vmm_api::control::MigrationStatus;
+    /// Cancels the migration under way (before the switch).
+    fn cancel(&self) -> Result<quantix_vmm_api::control::MigrationStatus, MigrationRefusal>;
+    /// Whether a migration is under way (pause, resume and snapshots wait for its end).
+    fn active(&self) -> bool;
+}
+
 /// The guest's power button, as the control socket presses it.
 pub trait PowerButtonControl: Send + Sync + std::fmt::Debug {
     /// Presses the button; returns whether the guest has enabled the interrupt that

@@ -41,13 +41,23 @@ pub enum ExitReason {
     GuestCrash,
     /// The VMM itself failed.
     VmmError(String),
+    /// The VM was migrated: it runs in another VMM now.
+    Migrated {
+        /// From the pause here to the destination's report that the guest runs, ms.
+        downtime_ms: u64,
+        /// The whole migration, ms.
+        total_ms: u64,
+    },
 }
 
 impl ExitReason {
     /// The process exit status for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::PowerOff | ExitReason::Reset | ExitReason::ApiShutdown => EXIT_OK,
+            ExitReason::PowerOff
+            | ExitReason::Reset
+            | ExitReason::ApiShutdown
+            | ExitReason::Migrated { .. } => EXIT_OK,
             ExitReason::Signal(sig) => 128 + sig,
             ExitReason::TripleFault { .. } => EXIT_TRIPLE_FAULT,
             ExitReason::KvmError { .. } => EXIT_KVM_ERROR,
@@ -69,6 +79,7 @@ impl ExitReason {
             ExitReason::Unhandled { .. } => "unhandled-exit",
             ExitReason::GuestCrash => "guest-crash",
             ExitReason::VmmError(_) => "vmm-error",
+            ExitReason::Migrated { .. } => "migrated",
         }
     }
 }
@@ -81,6 +92,10 @@ pub fn record_of(reason: &ExitReason) -> ExitRecord {
         ExitReason::KvmError { vcpu, detail } => format!("vCPU {vcpu}: {detail}"),
         ExitReason::Unhandled { vcpu, exit } => format!("vCPU {vcpu}: {exit}"),
         ExitReason::VmmError(e) => e.clone(),
+        ExitReason::Migrated {
+            downtime_ms,
+            total_ms,
+        } => format!("downtime {downtime_ms} ms, total {total_ms} ms"),
         _ => String::new(),
     };
     ExitRecord {

@@ -30,6 +30,7 @@ pub fn control(data: &[u8]) {
         power_button: None,
         pause: None,
         snapshot: None,
+        migration: None,
     };
     let started = Instant::now();
     for line in data.split(|b| *b == b'\n') {
@@ -143,6 +144,34 @@ pub fn snapshot_state(data: &[u8]) {
     let _ = crate::snapshot::SnapshotState::parse(data);
 }
 
+/// A migration stream, as a destination reads it from its source: messages one after
+/// the other until the first error, batches checked against a 64 MiB guest's RAM; a
+/// state body parsed as the destination parses it. Whatever the bytes, an error and never
+/// a panic or an allocation past a message's cap.
+pub fn migration_stream(data: &[u8]) {
+    use crate::migration::protocol::{receive, Message};
+    let regions = [crate::snapshot::MemoryRegion {
+        guest_addr: 0,
+        size: 64 << 20,
+        file_offset: 0,
+    }];
+    let mut r = data;
+    for _ in 0..64 {
+        match receive(&mut r, &regions) {
+            Ok(Message::State(body)) => {
+                let _ = crate::snapshot::SnapshotState::parse(&body);
+            }
+            Ok(Message::Memory(batch)) => {
+                for (range, piece) in batch.pieces() {
+                    let _ = (range.addr, piece.map(<[u8]>::len));
+                }
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,6 +180,8 @@ mod tests {
     fn the_entries_take_any_input() {
         control(b"");
         control(b"{\"op\":\"state\"}\n{\"op\":\"metrics\"}\nnot json\n{\"op\":\"nope\"}\n\xff\xfe");
+        migration_stream(b"");
+        migration_stream(b"QXMG\x03\0\0\0\x18\0\0\0\0\0\0\0\x01\0\0\0\0\0\0\0\0\x10\0\0\0\0\0\0\x01\0\0\0\x01\0\0\0");
         snapshot_state(b"");
         snapshot_state(b"QUANTIX-VMSTATE 1.0 2 0000000000000000\n{}");
         snapshot_state(&crate::snapshot::file::encode(

@@ -23,6 +23,7 @@ pub mod kvm;
 pub mod layout;
 pub mod memory;
 pub mod metrics;
+pub mod migration;
 pub mod mptable;
 pub mod pause;
 pub mod plain;

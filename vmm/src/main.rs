@@ -34,6 +34,13 @@ struct Cli {
     /// saved one, its guest side (vCPUs, memory, devices, MACs, CID) matching it.
     #[arg(long, value_name = "DIR", conflicts_with_all = RESTORE_CONFLICTS)]
     restore: Option<PathBuf>,
+    /// Receive a VM by live migration instead of booting: listen on this Unix socket for
+    /// one source quantix-vmm (its `migrate` request), build the VM it announces, paused,
+    /// fill its memory and state, and run it when the source switches over (docs/migration.md).
+    /// Of the VM flags only --api-socket, --kvm and --seccomp may be given, or --config FILE
+    /// whose host side replaces the source's (as for --restore).
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = RESTORE_CONFLICTS, conflicts_with = "restore")]
+    incoming: Option<PathBuf>,
     /// With --restore: run the guest at once.
     #[arg(long, requires = "restore")]
     resume: bool,
@@ -50,7 +57,7 @@ struct Cli {
     #[arg(
         long,
         value_name = "PATH",
-        required_unless_present_any = ["firmware", "config", "restore"],
+        required_unless_present_any = ["firmware", "config", "restore", "incoming"],
         conflicts_with = "firmware"
     )]
     kernel: Option<PathBuf>,
@@ -205,6 +212,7 @@ fn main() -> ExitCode {
         eprintln!("quantix-vmm: {e}");
         return ExitCode::from(EXIT_USAGE as u8);
     }
+    tracing::debug!(version = env!("CARGO_PKG_VERSION"), "quantix-vmm starting");
     let exit_file = cli.exit_file;
     let record = |rec: ExitRecord| {
         if let Some(path) = &exit_file {
@@ -213,7 +221,7 @@ fn main() -> ExitCode {
             }
         }
     };
-    if let Some(dir) = cli.restore {
+    if cli.restore.is_some() || cli.incoming.is_some() {
         if cli.seccomp == quantix_vmm::seccomp::Mode::Kill {
             if let Some(path) = &exit_file {
                 // The SIGSYS handler cannot open files: it writes through this descriptor.
@@ -233,20 +241,30 @@ fn main() -> ExitCode {
             },
             None => None,
         };
-        let start = quantix_vmm::runner::Start::Restore {
-            dir,
-            config,
-            api_socket: cli.api_socket,
-            kvm: cli.kvm,
-            seccomp: cli.seccomp,
-            resume: cli.resume,
-            memory: if cli.lazy {
-                quantix_vmm::vm::RestoreMemory::Lazy {
-                    device: cli.userfaultfd,
-                }
-            } else {
-                quantix_vmm::vm::RestoreMemory::Mapped
+        let start = match (cli.restore, cli.incoming) {
+            (_, Some(socket)) => quantix_vmm::runner::Start::Incoming {
+                socket,
+                config,
+                api_socket: cli.api_socket,
+                kvm: cli.kvm,
+                seccomp: cli.seccomp,
             },
+            (Some(dir), None) => quantix_vmm::runner::Start::Restore {
+                dir,
+                config,
+                api_socket: cli.api_socket,
+                kvm: cli.kvm,
+                seccomp: cli.seccomp,
+                resume: cli.resume,
+                memory: if cli.lazy {
+                    quantix_vmm::vm::RestoreMemory::Lazy {
+                        device: cli.userfaultfd,
+                    }
+                } else {
+                    quantix_vmm::vm::RestoreMemory::Mapped
+                },
+            },
+            (None, None) => return ExitCode::from(EXIT_USAGE as u8),
         };
         return finish(
             quantix_vmm::runner::run_start(start, cli.seccomp_probe),

@@ -106,6 +106,22 @@ impl Pauser {
     }
 }
 
+impl Pauser {
+    /// Holds the vCPUs at the pause gate while `wait` runs, the devices and the guest
+    /// clock running on (a migration's throttle). Does nothing to a paused VM.
+    pub fn hold_vcpus(&self, wait: impl FnOnce()) -> Result<(), String> {
+        if self.gate.is_paused() {
+            return Ok(());
+        }
+        self.gate
+            .pause(PAUSE_LIMIT, kick)
+            .map_err(|e| e.to_string())?;
+        wait();
+        self.gate.resume();
+        Ok(())
+    }
+}
+
 impl PauseControl for Pauser {
     /// Pauses the VM; pausing a paused VM succeeds (and keeps the clock saved at the
     /// first pause).

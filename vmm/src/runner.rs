@@ -266,6 +266,58 @@ pub enum Start {
         /// How the memory comes back.
         memory: crate::vm::RestoreMemory,
     },
+    /// Received by live migration (`quantix-vmm --incoming SOCKET`).
+    Incoming {
+        /// The Unix socket to listen on for the source.
+        socket: std::path::PathBuf,
+        /// A configuration whose host side replaces the source's (`snapshot::rebind`).
+        config: Option<Box<VmConfig>>,
+        /// A control socket instead of the source's.
+        api_socket: Option<std::path::PathBuf>,
+        /// The KVM device (`--kvm`), without `config`.
+        kvm: std::path::PathBuf,
+        /// The seccomp mode (`--seccomp`), without `config`.
+        seccomp: crate::seccomp::Mode,
+    },
+}
+
+/// What an incoming migration has received before the VM is built.
+struct Incoming {
+    conn: std::os::unix::net::UnixStream,
+    regions: Vec<crate::snapshot::MemoryRegion>,
+}
+
+/// The source's configuration with this host's side: `given`'s host side, or this
+/// VMM's `--kvm` and `--seccomp`; checked against this host.
+fn host_config(
+    mut saved: VmConfig,
+    given: Option<Box<VmConfig>>,
+    api_socket: Option<std::path::PathBuf>,
+    kvm: std::path::PathBuf,
+    seccomp: crate::seccomp::Mode,
+) -> Result<VmConfig, VmError> {
+    match given {
+        None => {
+            saved.kvm = kvm;
+            saved.seccomp = seccomp;
+        }
+        Some(given) => saved = crate::snapshot::rebind(&saved, &given).map_err(VmError::from)?,
+    }
+    crate::config::validate_on_host(&saved).map_err(|e| {
+        VmError::from(crate::snapshot::SnapshotError::Inconsistent(format!(
+            "the saved configuration: {e}"
+        )))
+    })?;
+    if api_socket.is_some() {
+        saved.api_socket = api_socket;
+    }
+    Ok(saved)
+}
+
+fn incoming_err(e: crate::migration::destination::IncomingError) -> RunError {
+    RunError::Vm(VmError::from(crate::snapshot::SnapshotError::Other(
+        e.to_string(),
+    )))
 }
 
 /// Builds and runs the VM until it stops; returns why it stopped. `seccomp_probe` is the
@@ -280,8 +332,47 @@ pub fn run(
 /// Reads and checks a snapshot's state file.
 pub fn read_snapshot(dir: &std::path::Path) -> Result<crate::snapshot::SnapshotState, VmError> {
     use crate::snapshot::{file, SnapshotError, SnapshotState, STATE_FILE};
+    let started = std::time::Instant::now();
     let body = file::read(&dir.join(STATE_FILE)).map_err(SnapshotError::from)?;
-    Ok(SnapshotState::parse(&body)?)
+    let state = SnapshotState::parse(&body)?;
+    tracing::debug!(
+        bytes = body.len(),
+        us = started.elapsed().as_micros() as u64,
+        "snapshot state read"
+    );
+    Ok(state)
+}
+
+/// Builds the incoming VM, receives its memory and state, and waits for `go`; any
+/// failure is told to the source, and the VM never runs.
+fn receive_incoming(
+    inc: &mut Incoming,
+    config: &VmConfig,
+    exit: &Arc<ExitSignal>,
+) -> Result<(Vm, std::time::Instant), RunError> {
+    use crate::migration::destination;
+    let mut vm = match Vm::incoming(config, exit.clone()) {
+        Ok(vm) => vm,
+        Err(e) => {
+            destination::abandon(&mut inc.conn, &e.to_string());
+            return Err(e.into());
+        }
+    };
+    let received = destination::ready(&mut inc.conn)
+        .and_then(|()| destination::receive_memory(&mut inc.conn, vm.memory(), &inc.regions));
+    let (state, at) = match received {
+        Ok(r) => r,
+        Err(e) => {
+            destination::abandon(&mut inc.conn, &e.to_string());
+            return Err(incoming_err(e));
+        }
+    };
+    if let Err(e) = vm.load_incoming(state) {
+        destination::abandon(&mut inc.conn, &e.to_string());
+        return Err(e.into());
+    }
+    destination::loaded_then_go(&mut inc.conn, &inc.regions).map_err(incoming_err)?;
+    Ok((vm, at))
 }
 
 /// Builds (or restores) and runs the VM until it stops; returns why it stopped.
@@ -289,6 +380,7 @@ pub fn run_start(
     start: Start,
     seccomp_probe: Option<crate::seccomp::Kind>,
 ) -> Result<ExitReason, RunError> {
+    let mut incoming = None;
     let (config, restore) = match start {
         Start::Boot(config) => (*config, None),
         Start::Restore {
@@ -301,23 +393,37 @@ pub fn run_start(
             memory,
         } => {
             let mut state = read_snapshot(&dir)?;
-            if config.is_none() {
-                state.config.kvm = kvm;
-                state.config.seccomp = seccomp;
-            }
-            if let Some(given) = config {
-                state.config =
-                    crate::snapshot::rebind(&state.config, &given).map_err(VmError::from)?;
-            }
-            crate::config::validate_on_host(&state.config).map_err(|e| {
-                VmError::from(crate::snapshot::SnapshotError::Inconsistent(format!(
-                    "the saved configuration: {e}"
-                )))
-            })?;
-            if api_socket.is_some() {
-                state.config.api_socket = api_socket;
-            }
+            state.config = host_config(state.config, config, api_socket, kvm, seccomp)?;
             (state.config.clone(), Some((state, dir, resume, memory)))
+        }
+        Start::Incoming {
+            socket,
+            config,
+            api_socket,
+            kvm,
+            seccomp,
+        } => {
+            use crate::migration::destination;
+            let mut conn = destination::accept(&socket).map_err(incoming_err)?;
+            let hello = match destination::hello(&mut conn) {
+                Ok(h) => h,
+                Err(e) => {
+                    destination::abandon(&mut conn, &e.to_string());
+                    return Err(incoming_err(e));
+                }
+            };
+            let config = match host_config(hello.config, config, api_socket, kvm, seccomp) {
+                Ok(c) => c,
+                Err(e) => {
+                    destination::abandon(&mut conn, &e.to_string());
+                    return Err(e.into());
+                }
+            };
+            incoming = Some(Incoming {
+                conn,
+                regions: hello.regions,
+            });
+            (config, None)
         }
     };
     let config = &config;
@@ -330,10 +436,16 @@ pub fn run_start(
         source: io::Error::other(e),
     })?;
     crate::seccomp::launcher::start().map_err(host_err("starting the device thread launcher"))?;
-    let (vm, resume) = match restore {
-        None => (Vm::build(config, exit.clone())?, false),
-        Some((state, dir, resume, memory)) => {
+    let mut state_at = None;
+    let (vm, resume) = match (restore, incoming.as_mut()) {
+        (None, None) => (Vm::build(config, exit.clone())?, false),
+        (Some((state, dir, resume, memory)), _) => {
             (Vm::restore_with(state, &dir, exit.clone(), memory)?, resume)
+        }
+        (None, Some(inc)) => {
+            let (vm, at) = receive_incoming(inc, config, &exit)?;
+            state_at = Some(at);
+            (vm, true)
         }
     };
     let info = VmInfo {
@@ -346,6 +458,10 @@ pub fn run_start(
         power_button: Some(vm.power_button()),
         pause: Some(vm.pauser()),
         snapshot: Some(vm.snapshotter()),
+        migration: Some(Arc::new(crate::migration::source::Migrator::new(
+            vm.snapshotter(),
+            exit.clone(),
+        ))),
     };
     let api = match &config.api_socket {
         Some(path) => Some(ApiServer::bind(path, info, exit.clone())?),
@@ -373,6 +489,10 @@ pub fn run_start(
     let mut running = vm.start()?;
     if resume {
         crate::control::PauseControl::resume(&*pauser);
+    }
+    if let (Some(inc), Some(at)) = (incoming.as_mut(), state_at) {
+        crate::migration::destination::running(&mut inc.conn, at);
+        info!("incoming migration complete: the VM runs here");
     }
     // Standard input goes to the serial port or the console; either way, raw for the guest.
     let stdin_used = config.serial == SerialMode::Stdout || config.console == SerialMode::Stdout;

@@ -229,21 +229,7 @@ impl Vm {
         ram.register(&fd, false)?;
         let mut vm = assemble(kvm, fd, ram, &config, exit, endpoints)?;
         vm.pager = pager;
-        check_cpuid(&vm.vcpus, &state)?;
-        vm.devices
-            .restore(&state.devices)
-            .map_err(|e| snapshot::SnapshotError::Other(e.to_string()))?;
-        state
-            .vm
-            .restore(&vm.fd, needs_pit(&config.boot))
-            .map_err(snapshot::SnapshotError::from)?;
-        for (vcpu, saved) in vm.vcpus.iter_mut().zip(state.vcpus) {
-            vcpu.restore_at_start(saved, fits);
-        }
-        crate::control::PauseControl::pause(&*vm.pauser).map_err(|e| VmError::Host {
-            what: "pausing the restored VM",
-            source: io::Error::other(e),
-        })?;
+        vm.load_saved(state, fits)?;
         info!(
             dir = %dir.display(),
             vcpus = config.vcpus,
@@ -252,6 +238,71 @@ impl Vm {
             "VM restored (paused)"
         );
         Ok(vm)
+    }
+
+    /// Loads saved state over a VM assembled from the same configuration: the devices,
+    /// the interrupt controllers, PIT and clock, and each vCPU (on its own thread as it
+    /// starts); the VM is left paused.
+    fn load_saved(
+        &mut self,
+        state: SnapshotState,
+        fits: crate::cpu::state::XsaveFits,
+    ) -> Result<(), VmError> {
+        check_cpuid(&self.vcpus, &state)?;
+        self.devices
+            .restore(&state.devices)
+            .map_err(|e| snapshot::SnapshotError::Other(e.to_string()))?;
+        state
+            .vm
+            .restore(&self.fd, needs_pit(&self.config.boot))
+            .map_err(snapshot::SnapshotError::from)?;
+        for (vcpu, saved) in self.vcpus.iter_mut().zip(state.vcpus) {
+            vcpu.restore_at_start(saved, fits);
+        }
+        crate::control::PauseControl::pause(&*self.pauser).map_err(|e| VmError::Host {
+            what: "pausing the restored VM",
+            source: io::Error::other(e),
+        })?;
+        Ok(())
+    }
+
+    /// Builds the VM an incoming migration announces (`config`, already checked against
+    /// this host, with the memory layout of `regions`): the same steps as a boot, its
+    /// memory a fresh memfd that the migration fills, no boot payload. Load the state with
+    /// [`Vm::load_incoming`] before starting it.
+    pub fn incoming(config: &VmConfig, exit: Arc<ExitSignal>) -> Result<Vm, VmError> {
+        let kvm = open_kvm(&config.kvm)?;
+        check_caps(&kvm)?;
+        if matches!(config.boot, BootSource::Firmware(_)) {
+            return Err(VmError::from(snapshot::SnapshotError::Other(
+                "an incoming migration of a firmware-booted VM is not supported yet".into(),
+            )));
+        }
+        let endpoints = open_endpoints(config)?;
+        let fd = Arc::new(create_vm(&kvm)?);
+        let ram = create_memory(&fd, config, None)?;
+        let vm = assemble(kvm, fd, ram, config, exit, endpoints)?;
+        info!(
+            vcpus = config.vcpus,
+            memory_mib = config.memory.0,
+            devices = ?vm.devices.ids(),
+            "VM built for an incoming migration"
+        );
+        Ok(vm)
+    }
+
+    /// Loads an incoming migration's state (its memory is in already); the VM stays
+    /// paused.
+    pub fn load_incoming(&mut self, mut state: SnapshotState) -> Result<(), VmError> {
+        let fits = crate::cpu::state::check_xsave_size(xsave2_size(&self._kvm))
+            .map_err(snapshot::SnapshotError::from)?;
+        // The host side is this VMM's (its sockets, devices' paths as given here).
+        state.config = self.config.clone();
+        // What the migration wrote is not the guest's writing.
+        let _ = self.ram.take_device_dirty_pages();
+        self.load_saved(state, fits)?;
+        info!(devices = ?self.devices.ids(), "incoming migration loaded (paused)");
+        Ok(())
     }
 
     /// Takes snapshots of this VM.

@@ -355,7 +355,7 @@ fn a_snapshot_restores_in_a_new_process_and_bad_ones_are_refused() {
         s1.to_str().unwrap(),
     ]);
     let mut c = connect(&s1);
-    assert_eq!(c(r#"{"op":"version"}"#)["protocol"], 3);
+    assert_eq!(c(r#"{"op":"version"}"#)["protocol"], 4);
     std::thread::sleep(Duration::from_millis(200));
     // Into a directory that exists: refused, the VM runs on.
     let exists = c(&format!(r#"{{"op":"snapshot","dir":"{}"}}"#, dir.display()));

@@ -177,7 +177,7 @@ pub fn write_full(
 
 /// Whether `bytes` are all zero: eight at a time, which the compiler vectorises (a byte
 /// loop that stops at the first non-zero one is several times slower on a full page).
-fn is_zero(bytes: &[u8]) -> bool {
+pub(crate) fn is_zero(bytes: &[u8]) -> bool {
     let words = bytes.chunks_exact(8);
     let tail = words.remainder().iter().fold(0u8, |a, b| a | b);
     let ored = words.fold(0u64, |a, w| {

@@ -46,6 +46,16 @@ pub struct Taken {
     pub parent: Option<String>,
 }
 
+/// The state of a paused VM besides its memory.
+pub struct Captured {
+    /// Every vCPU, by index.
+    pub vcpus: Vec<VcpuState>,
+    /// The VM-wide KVM state.
+    pub vm: VmState,
+    /// Every device, in attach order.
+    pub devices: Vec<crate::device_manager::SavedDevice>,
+}
+
 /// Everything a snapshot reads from a VM.
 pub struct Snapshotter {
     gate: Arc<PauseGate>,
@@ -176,15 +186,9 @@ impl Snapshotter {
         }
     }
 
-    fn take_into(
-        &self,
-        dir: &Path,
-        parent: Option<&(std::path::PathBuf, u64)>,
-        progress: impl FnMut(u64, u64),
-        was_paused: bool,
-    ) -> Result<(Taken, u64), SnapshotError> {
-        let paused_at = Instant::now();
-        crate::control::PauseControl::pause(&*self.pauser).map_err(SnapshotError::Other)?;
+    /// Reads the state of every vCPU (each on its own thread), of the VM and of every
+    /// device. The VM is paused.
+    pub fn capture(&self) -> Result<Captured, SnapshotError> {
         let mut vcpus = Vec::with_capacity(usize::from(self.config.vcpus));
         for index in 0..self.config.vcpus {
             let msrs = self.msrs.clone();
@@ -204,6 +208,45 @@ impl Snapshotter {
             .devices
             .save()
             .map_err(|e| SnapshotError::Other(e.to_string()))?;
+        Ok(Captured { vcpus, vm, devices })
+    }
+
+    /// Forgets the base of the next diff: something else (a migration) consumes the dirty
+    /// record, so only a full snapshot is sound next.
+    pub fn forget_base(&self) {
+        *self.base() = None;
+    }
+
+    /// The VM's memory.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The KVM VM.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Pause and resume.
+    pub fn pauser(&self) -> &Arc<Pauser> {
+        &self.pauser
+    }
+
+    /// The VM's configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    fn take_into(
+        &self,
+        dir: &Path,
+        parent: Option<&(std::path::PathBuf, u64)>,
+        progress: impl FnMut(u64, u64),
+        was_paused: bool,
+    ) -> Result<(Taken, u64), SnapshotError> {
+        let paused_at = Instant::now();
+        crate::control::PauseControl::pause(&*self.pauser).map_err(SnapshotError::Other)?;
+        let Captured { vcpus, vm, devices } = self.capture()?;
         let path = dir.join(MEMORY_FILE);
         let image = match parent {
             None => {
