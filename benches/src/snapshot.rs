@@ -10,8 +10,10 @@
 //! 1. a full snapshot is taken while it runs (the VMM pauses it, writes, resumes it);
 //! 2. one second later a diff (the pages written since; Firecracker's `Diff`, QEMU has
 //!    none);
-//! 3. the full snapshot is restored in a new process: spawn to the restored guest's first
-//!    tick byte on the new process's stdout is restore-to-running.
+//! 3. the full snapshot is restored in a new process, the source paused meanwhile (a
+//!    running source would take its share of the CPU from the restore: half of a nested
+//!    host's one CPU): spawn to the restored guest's first tick byte on the new
+//!    process's stdout is restore-to-running.
 //!
 //! Sizes are the blocks the snapshot's files take on disk (`st_blocks`), so sparse files
 //! count what they hold.
@@ -557,6 +559,34 @@ impl Source {
         Ok(Some(taken))
     }
 
+    /// Pauses (`true`) or resumes the source, through its own API.
+    fn hold(&mut self, pause: bool) -> Result<(), String> {
+        match self.vmm {
+            Vmm::Quantix => {
+                let request = if pause {
+                    Request::Pause {}
+                } else {
+                    Request::Resume {}
+                };
+                let _: serde_json::Value = control_call(&self.socket, &request, self.timeout)?;
+            }
+            Vmm::Firecracker => {
+                let state = if pause { "Paused" } else { "Resumed" };
+                http(
+                    &self.socket,
+                    "PATCH",
+                    "/vm",
+                    &format!(r#"{{"state":"{state}"}}"#),
+                )?;
+            }
+            Vmm::Qemu => {
+                let qmp = self.qmp.as_mut().ok_or("no QMP connection")?;
+                qmp.execute(if pause { "stop" } else { "cont" }, serde_json::json!({}))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Restores snapshot `name` in a new process: spawn to its first tick, ms.
     fn restore(&self, name: &str) -> Result<f64, String> {
         let snap = self.dir.join(name);
@@ -657,9 +687,14 @@ impl Source {
                 Ok(None) => {}
                 Err(e) => fail(&mut sample, "diff snapshot", e),
             }
-            match self.restore(&full) {
+            // The source is paused meanwhile: a running source takes its share of the
+            // host's CPUs from the restore measured (half of the nested host's one CPU).
+            match self.hold(true).and_then(|()| self.restore(&full)) {
                 Ok(t) => sample.restore_ms = Some(t),
                 Err(e) => fail(&mut sample, "restore", e),
+            }
+            if let Err(e) = self.hold(false) {
+                fail(&mut sample, "resuming the source", e);
             }
         }
         for d in [&full, &diff] {
