@@ -229,7 +229,7 @@ impl Vm {
         ram.register(&fd, false)?;
         let mut vm = assemble(kvm, fd, ram, &config, exit, endpoints)?;
         vm.pager = pager;
-        vm.load_saved(state, fits)?;
+        vm.load_saved(state, fits, crate::device_manager::Arrival::Restore)?;
         info!(
             dir = %dir.display(),
             vcpus = config.vcpus,
@@ -247,10 +247,11 @@ impl Vm {
         &mut self,
         state: SnapshotState,
         fits: crate::cpu::state::XsaveFits,
+        arrival: crate::device_manager::Arrival,
     ) -> Result<(), VmError> {
         check_cpuid(&self.vcpus, &state)?;
         self.devices
-            .restore(&state.devices)
+            .restore_as(&state.devices, arrival)
             .map_err(|e| snapshot::SnapshotError::Other(e.to_string()))?;
         state
             .vm
@@ -300,7 +301,7 @@ impl Vm {
         state.config = self.config.clone();
         // What the migration wrote is not the guest's writing.
         let _ = self.ram.take_device_dirty_pages();
-        self.load_saved(state, fits)?;
+        self.load_saved(state, fits, crate::device_manager::Arrival::Migration)?;
         info!(devices = ?self.devices.ids(), "incoming migration loaded (paused)");
         Ok(())
     }

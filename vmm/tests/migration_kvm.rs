@@ -239,6 +239,20 @@ fn page_words(image: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// The VM Generation ID in a snapshot's state.
+fn generation_id(snap: &Path) -> String {
+    let text = std::fs::read_to_string(snap.join("vmstate")).unwrap();
+    let (_, body) = text.split_once('\n').unwrap();
+    let state: serde_json::Value = serde_json::from_str(body).unwrap();
+    let dev = state["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "vmgenid:0")
+        .unwrap_or_else(|| panic!("no vmgenid in {}", snap.display()));
+    dev["state"]["id"].as_str().unwrap().to_string()
+}
+
 #[test]
 fn a_guest_dirtying_every_page_migrates_and_every_page_is_intact() {
     if !has_kvm() {
@@ -247,6 +261,14 @@ fn a_guest_dirtying_every_page_migrates_and_every_page_is_intact() {
     let dir = scratch("migration-dirty");
     let src = source(&dir);
     src.console.wait_passes(0, 3, "the source before migrating");
+    // The VM Generation ID before: a snapshot's state holds it.
+    let before = dir.join("before");
+    let _ = std::fs::remove_dir_all(&before);
+    let reply = call(
+        &src.control,
+        &format!(r#"{{"op":"snapshot","dir":"{}"}}"#, before.display()),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
     let dst = destination(&dir);
     let reply = call(
         &src.control,
@@ -315,6 +337,8 @@ fn a_guest_dirtying_every_page_migrates_and_every_page_is_intact() {
         ),
     );
     assert_eq!(reply["ok"], true, "{reply}");
+    // The same VM, moved: its generation ID stays (a restore would change it).
+    assert_eq!(generation_id(&snap), generation_id(&before));
     let words = page_words(&snap.join("memory"));
     let k = words[0];
     let boundary = words.iter().position(|w| *w != k).unwrap_or(words.len());

@@ -122,6 +122,20 @@ pub trait Lifecycle: Send {
     /// Takes a saved state into a device built from the same configuration, before the
     /// guest runs. The state is untrusted: every value is checked.
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), String>;
+    /// Takes the state of the same VM arriving by live migration: as [`Lifecycle::restore`],
+    /// but what marks a copy of a VM (the VM Generation ID) stays as it was.
+    fn restore_migrated(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        self.restore(state)
+    }
+}
+
+/// How saved device states come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// From a snapshot: a new copy of the VM.
+    Restore,
+    /// By live migration: the same VM, moved.
+    Migration,
 }
 
 /// `restore` of a device with no state of its own: it saves `null` and accepts only that.
@@ -331,6 +345,11 @@ impl DeviceManager {
     /// Takes saved states into this VM's devices (built from the same configuration):
     /// one state per device, no more and no fewer, checked before any is applied.
     pub fn restore(&self, saved: &[SavedDevice]) -> Result<(), DeviceError> {
+        self.restore_as(saved, Arrival::Restore)
+    }
+
+    /// [`DeviceManager::restore`], for a VM that comes back as `arrival` says.
+    pub fn restore_as(&self, saved: &[SavedDevice], arrival: Arrival) -> Result<(), DeviceError> {
         let ids = self.ids();
         for (i, s) in saved.iter().enumerate() {
             if !ids.contains(&s.id) {
@@ -348,9 +367,12 @@ impl DeviceManager {
             let Some(state) = saved.iter().find(|s| s.id == name) else {
                 return Err(DeviceError::Missing(name));
             };
-            lock(device)
-                .restore(&state.state)
-                .map_err(|reason| DeviceError::Device { id: name, reason })?;
+            let mut d = lock(device);
+            match arrival {
+                Arrival::Restore => d.restore(&state.state),
+                Arrival::Migration => d.restore_migrated(&state.state),
+            }
+            .map_err(|reason| DeviceError::Device { id: name, reason })?;
         }
         Ok(())
     }

@@ -124,6 +124,21 @@ impl Lifecycle for VmGenId {
         self.notify_pending = true;
         Ok(())
     }
+    fn restore_migrated(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        // The same VM, moved: its generation stays (a guest re-seeds on a clone, not on a
+        // migration).
+        let saved: VmGenIdState = serde_json::from_value(state.clone())
+            .map_err(|e| format!("the generation ID's state: {e}"))?;
+        self.id = parse_id(&saved.id)?;
+        self.write()
+    }
+}
+
+/// The 16 bytes of a saved identifier, 32 hex digits.
+fn parse_id(text: &str) -> Result<[u8; 16], String> {
+    let bad = || format!("the generation ID {text:?} is not 32 hex digits");
+    let bytes = crate::hex::decode(text).map_err(|_| bad())?;
+    bytes.try_into().map_err(|_| bad())
 }
 
 #[cfg(test)]
