@@ -101,6 +101,9 @@ pub struct MigrationPolicy {
     /// Throttle the vCPUs of a guest that dirties memory faster than the link carries it
     /// (auto-converge).
     pub auto_converge: bool,
+    /// Both VMMs on one host: hand the guest memory's memfd to the destination
+    /// (`SCM_RIGHTS`) instead of copying it; the guest is paused only for the state.
+    pub share_memory: bool,
 }
 
 impl Default for MigrationPolicy {
@@ -112,6 +115,7 @@ impl Default for MigrationPolicy {
             on_limit: OnLimit::Switch,
             bandwidth_bytes_per_s: 0,
             auto_converge: true,
+            share_memory: false,
         }
     }
 }
@@ -266,6 +270,7 @@ impl Request {
                 on_limit: OnLimit::Switch,
                 bandwidth_bytes_per_s: 0,
                 auto_converge: true,
+                share_memory: false,
             },
         },
         Request::Migration {},

@@ -63,6 +63,9 @@ pub struct GuestRam {
     pub file: Arc<File>,
     /// Each region: guest address, size, offset in `file`.
     pub regions: Vec<(GuestAddress, usize, u64)>,
+    /// `file` holds the guest's bytes and nothing else serves them (no private mapping of
+    /// an image, no userfaultfd): another process that maps it sees this guest's memory.
+    pub shareable: bool,
 }
 
 impl std::fmt::Debug for GuestRam {
@@ -94,10 +97,36 @@ pub fn create(ranges: &[(GuestAddress, usize)], mib: u64) -> Result<GuestRam, Me
         )));
     }
     // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let file = Arc::new(unsafe { File::from_raw_fd(fd) });
+    let file = unsafe { File::from_raw_fd(fd) };
     // A sparse file: pages take memory when first touched, as anonymous memory does.
     file.set_len(total)
         .map_err(|e| err(format!("sizing the memory file: {e}")))?;
+    map_shared(file, ranges, mib)
+}
+
+/// Maps `file` (a memfd of exactly the regions' total size, e.g. one handed over by a
+/// migration source on this host) shared as the VM's RAM: each region in order, back to
+/// back in the file.
+pub fn map_shared(
+    file: File,
+    ranges: &[(GuestAddress, usize)],
+    mib: u64,
+) -> Result<GuestRam, MemoryError> {
+    let err = memory_err(mib);
+    let total = ranges
+        .iter()
+        .try_fold(0u64, |sum, (_, len)| sum.checked_add(*len as u64))
+        .ok_or_else(|| err("the regions' total size overflows".into()))?;
+    let size = file
+        .metadata()
+        .map_err(|e| err(format!("the memory file: {e}")))?
+        .len();
+    if size != total {
+        return Err(err(format!(
+            "the memory file holds {size} bytes, the regions {total}"
+        )));
+    }
+    let file = Arc::new(file);
     let mut offset = 0u64;
     let mut regions = Vec::with_capacity(ranges.len());
     for (addr, len) in ranges {
@@ -129,6 +158,7 @@ pub fn create(ranges: &[(GuestAddress, usize)], mib: u64) -> Result<GuestRam, Me
         mem: Arc::new(mem),
         file,
         regions,
+        shareable: true,
     })
 }
 
@@ -162,6 +192,7 @@ pub fn map_image(
         mem: Arc::new(mem),
         file,
         regions: regions.to_vec(),
+        shareable: false,
     })
 }
 

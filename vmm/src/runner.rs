@@ -285,6 +285,8 @@ pub enum Start {
 struct Incoming {
     conn: std::os::unix::net::UnixStream,
     regions: Vec<crate::snapshot::MemoryRegion>,
+    /// The source's memfd, when it hands its memory over.
+    memory: Option<std::fs::File>,
 }
 
 /// The source's configuration with this host's side: `given`'s host side, or this
@@ -351,15 +353,17 @@ fn receive_incoming(
     exit: &Arc<ExitSignal>,
 ) -> Result<(Vm, std::time::Instant), RunError> {
     use crate::migration::destination;
-    let mut vm = match Vm::incoming(config, exit.clone()) {
+    let shared = inc.memory.is_some();
+    let mut vm = match Vm::incoming(config, exit.clone(), inc.memory.take()) {
         Ok(vm) => vm,
         Err(e) => {
             destination::abandon(&mut inc.conn, &e.to_string());
             return Err(e.into());
         }
     };
-    let received = destination::ready(&mut inc.conn)
-        .and_then(|()| destination::receive_memory(&mut inc.conn, vm.memory(), &inc.regions));
+    let received = destination::ready(&mut inc.conn).and_then(|()| {
+        destination::receive_memory(&mut inc.conn, vm.memory(), &inc.regions, shared)
+    });
     let (state, at) = match received {
         Ok(r) => r,
         Err(e) => {
@@ -405,7 +409,7 @@ pub fn run_start(
         } => {
             use crate::migration::destination;
             let mut conn = destination::accept(&socket).map_err(incoming_err)?;
-            let hello = match destination::hello(&mut conn) {
+            let (hello, memory) = match destination::hello(&mut conn) {
                 Ok(h) => h,
                 Err(e) => {
                     destination::abandon(&mut conn, &e.to_string());
@@ -422,6 +426,7 @@ pub fn run_start(
             incoming = Some(Incoming {
                 conn,
                 regions: hello.regions,
+                memory,
             });
             (config, None)
         }

@@ -126,6 +126,9 @@ impl Vm {
             last_addr = format_args!("{:#x}", vm.ram.mem.last_addr().raw_value()),
             "VM built"
         );
+        vm.devices
+            .boot()
+            .map_err(|e| VmError::from(snapshot::SnapshotError::Other(e.to_string())))?;
         vm.boot = Some(boot);
         Ok(vm)
     }
@@ -195,7 +198,9 @@ impl Vm {
                 // Fresh memory, as for a boot, every page missing until the pager puts it.
                 let ranges: Vec<(GuestAddress, usize)> =
                     regions.iter().map(|(a, l, _)| (*a, *l)).collect();
-                let ram = memory::create(&ranges, config.memory.0)?;
+                let mut ram = memory::create(&ranges, config.memory.0)?;
+                // The pager fills it: its pages are not all in the file yet.
+                ram.shareable = false;
                 let lazy_err = |e: String| {
                     VmError::from(snapshot::SnapshotError::Other(format!("lazy restore: {e}")))
                 };
@@ -271,7 +276,13 @@ impl Vm {
     /// this host, with the memory layout of `regions`): the same steps as a boot, its
     /// memory a fresh memfd that the migration fills, no boot payload. Load the state with
     /// [`Vm::load_incoming`] before starting it.
-    pub fn incoming(config: &VmConfig, exit: Arc<ExitSignal>) -> Result<Vm, VmError> {
+    /// With `memory`, the source's memfd (a migration on one host), its RAM is that file,
+    /// mapped shared: nothing is copied, and nothing here writes it before the switch.
+    pub fn incoming(
+        config: &VmConfig,
+        exit: Arc<ExitSignal>,
+        memory: Option<std::fs::File>,
+    ) -> Result<Vm, VmError> {
         let kvm = open_kvm(&config.kvm)?;
         check_caps(&kvm)?;
         if matches!(config.boot, BootSource::Firmware(_)) {
@@ -281,7 +292,18 @@ impl Vm {
         }
         let endpoints = open_endpoints(config)?;
         let fd = Arc::new(create_vm(&kvm)?);
-        let ram = create_memory(&fd, config, None)?;
+        let ram = match memory {
+            None => create_memory(&fd, config, None)?,
+            Some(file) => {
+                let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(config.memory.bytes())
+                    .into_iter()
+                    .map(|(a, s)| (a, s as usize))
+                    .collect();
+                let ram = memory::map_shared(file, &ranges, config.memory.0)?;
+                ram.register(&fd, false)?;
+                ram
+            }
+        };
         let vm = assemble(kvm, fd, ram, config, exit, endpoints)?;
         info!(
             vcpus = config.vcpus,

@@ -484,3 +484,102 @@ fn a_failed_or_cancelled_migration_leaves_the_source_running_intact() {
     assert_eq!(out.status.code(), Some(0), "{:?}", summary(&out));
     assert_eq!(src.console.failures(), 0);
 }
+
+/// The inode of the guest-memory memfd `pid` maps (`memfd:quantix-guest-ram`).
+fn memfd_inode(pid: u32) -> String {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let line = maps
+        .lines()
+        .find(|l| l.contains("memfd:quantix-guest-ram"))
+        .unwrap_or_else(|| panic!("no guest memfd mapped by {pid}"));
+    line.split_whitespace().nth(4).unwrap().to_string()
+}
+
+#[test]
+fn a_local_migration_hands_the_memory_over_without_copying_it() {
+    if !has_kvm() {
+        return;
+    }
+    let dir = scratch("migration-local");
+    let src = source(&dir);
+    src.console.wait_passes(0, 2, "the source before migrating");
+    let inode = memfd_inode(src.child.id());
+    let dst = destination(&dir);
+    let reply = call(
+        &src.control,
+        &format!(
+            r#"{{"op":"migrate","to":"{}","policy":{{"share_memory":true}}}}"#,
+            dir.join("incoming.sock").display()
+        ),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
+    let last = wait_migration(&src.control, Duration::from_secs(60));
+    assert!(last.is_null() || last["phase"] == "completed", "{last}");
+    let out = wait_limit(src.child, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{:?}", summary(&out));
+    let (_, _, log) = summary(&out);
+    let done = log
+        .lines()
+        .find(|l| l.contains("the destination runs the VM"))
+        .unwrap_or_else(|| panic!("no switch in the log: {log}"));
+    assert!(done.contains("sent_bytes=0"), "nothing is copied: {done}");
+    assert!(!log.contains("pre-copy round"), "no pre-copy: {log}");
+    eprintln!(
+        "local migration: {}",
+        done.split("INFO").nth(1).unwrap_or(done)
+    );
+    // The destination maps the very memfd the source had.
+    assert_eq!(memfd_inode(dst.child.id()), inode, "the same memory object");
+    dst.console
+        .wait_passes(0, 3, "the destination after the switch");
+    let _ = call(&dst.control, r#"{"op":"shutdown"}"#);
+    let out = wait_limit(dst.child, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(0), "{:?}", summary(&out));
+    assert_eq!(dst.console.failures(), 0);
+
+    // A VM restored from a snapshot maps it privately: its memory cannot be handed over.
+    let snap = dir.join("snap");
+    let _ = std::fs::remove_dir_all(&snap);
+    let src = source(&dir);
+    src.console.wait_passes(0, 1, "a second source");
+    let r = call(
+        &src.control,
+        &format!(
+            r#"{{"op":"snapshot","dir":"{}","after":"stop"}}"#,
+            snap.display()
+        ),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    let _ = wait_limit(src.child, Duration::from_secs(20));
+    let restored = spawn(
+        &["--restore", snap.to_str().unwrap(), "--resume"],
+        &dir.join("restored.sock"),
+    );
+    restored.console.wait_passes(0, 1, "the restored source");
+    let dst = destination(&dir);
+    let r = call(
+        &restored.control,
+        &format!(
+            r#"{{"op":"migrate","to":"{}","policy":{{"share_memory":true}}}}"#,
+            dir.join("incoming.sock").display()
+        ),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    let s = wait_migration(&restored.control, Duration::from_secs(30));
+    assert_eq!(s["phase"], "failed", "{s}");
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be handed over"),
+        "{s}"
+    );
+    let p = restored.console.passes();
+    restored
+        .console
+        .wait_passes(p, 1, "the restored source after the refusal");
+    let out = wait_limit(dst.child, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1), "{:?}", summary(&out));
+    let _ = call(&restored.control, r#"{"op":"shutdown"}"#);
+    let _ = wait_limit(restored.child, Duration::from_secs(20));
+}

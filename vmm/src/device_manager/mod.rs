@@ -122,6 +122,11 @@ pub trait Lifecycle: Send {
     /// Takes a saved state into a device built from the same configuration, before the
     /// guest runs. The state is untrusted: every value is checked.
     fn restore(&mut self, state: &serde_json::Value) -> Result<(), String>;
+    /// What the device writes into guest memory for a boot (a restored or arriving VM's
+    /// memory already holds it).
+    fn boot(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// Takes the state of the same VM arriving by live migration: as [`Lifecycle::restore`],
     /// but what marks a copy of a VM (the VM Generation ID) stays as it was.
     fn restore_migrated(&mut self, state: &serde_json::Value) -> Result<(), String> {
@@ -323,6 +328,17 @@ impl DeviceManager {
     /// Resumes every device, in reverse attach order.
     pub fn resume(&self) {
         self.resume_first(self.devices.len());
+    }
+
+    /// Lets every device write what a boot needs into guest memory ([`Lifecycle::boot`]).
+    pub fn boot(&self) -> Result<(), DeviceError> {
+        for (id, device) in &self.devices {
+            lock(device).boot().map_err(|reason| DeviceError::Device {
+                id: id.to_string(),
+                reason,
+            })?;
+        }
+        Ok(())
     }
 
     /// Every device's state, in attach order; the devices must be paused.

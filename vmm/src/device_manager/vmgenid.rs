@@ -70,18 +70,15 @@ impl VmGenId {
             what: "VM generation ID",
             source: std::io::Error::other(e),
         })?;
-        let dev = Self {
+        // Written by `boot`: a VM arriving by migration shares the source's memory, which
+        // nothing may touch before the switch.
+        Ok(Self {
             mem,
             addr,
             irq,
             id,
             notify_pending: false,
-        };
-        dev.write().map_err(|e| DeviceError::Host {
-            what: "VM generation ID",
-            source: std::io::Error::other(e),
-        })?;
-        Ok(dev)
+        })
     }
 
     fn write(&self) -> Result<(), String> {
@@ -104,6 +101,9 @@ impl Lifecycle for VmGenId {
                 Err(e) => warn!(error = %e, "cannot notify the guest of its new generation ID"),
             }
         }
+    }
+    fn boot(&mut self) -> Result<(), String> {
+        self.write()
     }
     fn save(&mut self) -> Result<serde_json::Value, String> {
         serde_json::to_value(VmGenIdState { id: hex(&self.id) }).map_err(|e| e.to_string())

@@ -16,7 +16,7 @@ use thiserror::Error;
 use tracing::{info, warn};
 use vm_memory::Bytes;
 
-use super::protocol::{self, Batch, Hello, Kind, Message, ProtocolError, Running};
+use super::protocol::{self, Batch, Hello, Kind, MemoryTransfer, Message, ProtocolError, Running};
 use crate::memory::GuestRam;
 use crate::snapshot::{MemoryRegion, SnapshotState, PAGE_SIZE};
 
@@ -83,8 +83,9 @@ pub fn accept(path: &Path) -> Result<UnixStream, IncomingError> {
 
 /// Reads the source's `hello` and checks its version and memory layout (against the
 /// configuration's, which [`Hello::config`] carries: the regions must be exactly the RAM
-/// layout a boot of that configuration makes).
-pub fn hello(conn: &mut UnixStream) -> Result<Hello, IncomingError> {
+/// layout a boot of that configuration makes); with a memory hand-over, receives the
+/// memfd too.
+pub fn hello(conn: &mut UnixStream) -> Result<(Hello, Option<std::fs::File>), IncomingError> {
     let hello = match protocol::receive(conn, &[])? {
         Message::Hello(h) => *h,
         other => {
@@ -109,8 +110,12 @@ pub fn hello(conn: &mut UnixStream) -> Result<Hello, IncomingError> {
         )));
     }
     info!(from = %hello.written_by, vcpus = hello.config.vcpus, memory_mib = hello.config.memory.0,
-        "migration source connected");
-    Ok(hello)
+        memory = ?hello.memory, "migration source connected");
+    let memory = match hello.memory {
+        MemoryTransfer::Copy => None,
+        MemoryTransfer::Fd => Some(protocol::receive_memory_fd(conn)?),
+    };
+    Ok((hello, memory))
 }
 
 /// The RAM regions a boot of `config` makes, back to back in the memfd.
@@ -148,12 +153,18 @@ pub fn receive_memory(
     conn: &mut UnixStream,
     ram: &GuestRam,
     regions: &[MemoryRegion],
+    shared: bool,
 ) -> Result<(SnapshotState, Instant), IncomingError> {
     let mut batches = 0u64;
     let mut bytes = 0u64;
     let started = Instant::now();
     loop {
         match protocol::receive(conn, regions)? {
+            Message::Memory(_) if shared => {
+                return Err(IncomingError::Refused(
+                    "memory pages for a memory that was handed over".into(),
+                ))
+            }
             Message::Memory(batch) => {
                 bytes += write_batch(ram, regions, &batch)?;
                 batches += 1;

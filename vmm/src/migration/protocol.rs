@@ -4,6 +4,10 @@
 //! and address is checked here or by the receiver before it is used.
 
 use std::io::{self, Read, Write};
+use std::os::fd::RawFd;
+use std::os::unix::net::UnixStream;
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -72,6 +76,9 @@ pub enum Kind {
     Running = 7,
     /// Either way: give up, with the reason (UTF-8 text).
     Abandon = 8,
+    /// Source → destination, right after a hello with [`MemoryTransfer::Fd`]: no body;
+    /// the guest memory's memfd rides along (`SCM_RIGHTS`).
+    MemoryFd = 9,
 }
 
 impl Kind {
@@ -85,6 +92,7 @@ impl Kind {
             6 => Kind::Go,
             7 => Kind::Running,
             8 => Kind::Abandon,
+            9 => Kind::MemoryFd,
             _ => return None,
         })
     }
@@ -101,6 +109,18 @@ impl Kind {
     }
 }
 
+/// How the guest's memory reaches the destination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryTransfer {
+    /// Copied: pre-copy rounds, then the last dirty pages.
+    #[default]
+    Copy,
+    /// Handed over: the source's memfd, mapped shared by the destination (both on one
+    /// host); nothing is copied.
+    Fd,
+}
+
 /// The first message: what the destination builds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -113,6 +133,9 @@ pub struct Hello {
     pub config: quantix_vmm_api::VmConfig,
     /// Guest RAM, in guest-address order (`file_offset`: the offset in the memfd).
     pub regions: Vec<MemoryRegion>,
+    /// How the memory comes.
+    #[serde(default)]
+    pub memory: MemoryTransfer,
 }
 
 /// The destination's report that the guest runs.
@@ -178,6 +201,9 @@ pub enum Message {
     Running(Running),
     /// See [`Kind::Abandon`].
     Abandon(String),
+    /// See [`Kind::MemoryFd`] (read by [`receive`] only to refuse it out of place: its
+    /// descriptor comes with [`receive_memory_fd`]).
+    MemoryFd,
 }
 
 impl Message {
@@ -192,6 +218,7 @@ impl Message {
             Message::Go => "go",
             Message::Running(_) => "running",
             Message::Abandon(_) => "abandon",
+            Message::MemoryFd => "memory-fd",
         }
     }
 }
@@ -340,7 +367,33 @@ pub fn receive(r: &mut impl Read, regions: &[MemoryRegion]) -> Result<Message, P
         Kind::Go => Message::Go,
         Kind::Running => Message::Running(json(kind, &body)?),
         Kind::Abandon => Message::Abandon(String::from_utf8_lossy(&body).into_owned()),
+        Kind::MemoryFd => Message::MemoryFd,
     })
+}
+
+/// Sends the guest memory's memfd (a [`Kind::MemoryFd`] message with the descriptor).
+pub fn send_memory_fd(conn: &UnixStream, fd: RawFd) -> Result<(), ProtocolError> {
+    let h = header(Kind::MemoryFd, 0);
+    let sent = conn.send_with_fd(&h[..], fd).map_err(|e| {
+        io_err("sending the memory's descriptor")(io::Error::from_raw_os_error(e.errno()))
+    })?;
+    if sent != h.len() {
+        return Err(bad("the memory's descriptor went out with a short header"));
+    }
+    Ok(())
+}
+
+/// Receives the [`Kind::MemoryFd`] message and its descriptor (nothing else is allowed
+/// where it is expected).
+pub fn receive_memory_fd(conn: &UnixStream) -> Result<std::fs::File, ProtocolError> {
+    let mut h = [0u8; 16];
+    let (n, file) = conn.recv_with_fd(&mut h).map_err(|e| {
+        io_err("receiving the memory's descriptor")(io::Error::from_raw_os_error(e.errno()))
+    })?;
+    if n != h.len() || h != header(Kind::MemoryFd, 0) {
+        return Err(bad("expected the memory's descriptor message"));
+    }
+    file.ok_or_else(|| bad("the memory's descriptor message carries no descriptor"))
 }
 
 /// Whether `pages` at `addr` lie in one region of `regions`.

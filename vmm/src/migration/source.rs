@@ -17,7 +17,7 @@ use quantix_vmm_api::control::{MigrationPhase, MigrationPolicy, MigrationStatus,
 use tracing::{info, warn};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::protocol::{self, BatchWriter, Hello, Kind, Message, ProtocolError};
+use super::protocol::{self, BatchWriter, Hello, Kind, MemoryTransfer, Message, ProtocolError};
 use super::throttle::Throttle;
 use crate::control::{MigrationControl, MigrationRefusal, PauseControl};
 use crate::exit::{ExitReason, ExitSignal};
@@ -227,6 +227,11 @@ impl Migrator {
             written_by: format!("quantix-vmm {}", env!("CARGO_PKG_VERSION")),
             config: self.snap.config().clone(),
             regions,
+            memory: if policy.share_memory {
+                MemoryTransfer::Fd
+            } else {
+                MemoryTransfer::Copy
+            },
         };
         let result = self.transfer(&mut conn, &hello, policy, started, dirty_log_on);
         if let Err(f) = &result {
@@ -248,9 +253,30 @@ impl Migrator {
     ) -> Result<Duration, Failure> {
         let ram = self.snap.ram();
         let regions = &hello.regions;
+        if hello.memory == MemoryTransfer::Fd && !ram.shareable {
+            return Err(Failure::new(
+                "connecting",
+                "this VM's memory cannot be handed over (a VM restored from a snapshot maps \
+                 it privately): migrate without share_memory",
+            ));
+        }
         protocol::send_json(conn, Kind::Hello, hello).map_err(|e| Failure::new("connecting", e))?;
+        if hello.memory == MemoryTransfer::Fd {
+            protocol::send_memory_fd(conn, ram.raw_fd())
+                .map_err(|e| Failure::new("connecting", e))?;
+        }
         expect(conn, regions, "connecting", "ready")?;
         self.cancelled()?;
+        if hello.memory == MemoryTransfer::Fd {
+            // Nothing to copy: pause, send the state, switch.
+            let paused_at = Instant::now();
+            self.update(|s| s.phase = MigrationPhase::Switching);
+            self.snap
+                .pauser()
+                .pause()
+                .map_err(|e| Failure::new("switching", format!("pausing the VM: {e}")))?;
+            return self.switch(conn, hello, paused_at, 0);
+        }
 
         // Dirty tracking from here: KVM's log of every slot, and the devices' record.
         self.snap.forget_base();
@@ -378,6 +404,19 @@ impl Migrator {
                 phase: "switching",
                 ..f
             })?;
+        self.switch(conn, hello, paused_at, sender.total)
+    }
+
+    /// The switch of a paused VM whose memory is at the destination: the state, then
+    /// `go`; returns the downtime since `paused_at`. `sent` is the page bytes sent.
+    fn switch(
+        &self,
+        conn: &mut UnixStream,
+        hello: &Hello,
+        paused_at: Instant,
+        sent: u64,
+    ) -> Result<Duration, Failure> {
+        let regions = &hello.regions;
         let Captured { vcpus, vm, devices } = self
             .snap
             .capture()
@@ -422,10 +461,10 @@ impl Migrator {
                 info!(
                     downtime_ms = downtime.as_millis() as u64,
                     destination_load_us = r.load_us,
-                    sent_bytes = sender.total,
+                    sent_bytes = sent,
                     "migration: the destination runs the VM"
                 );
-                self.update(|s| s.sent_bytes = sender.total);
+                self.update(|s| s.sent_bytes = sent);
                 Ok(downtime)
             }
             Ok(other) => Err(Failure {
