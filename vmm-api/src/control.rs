@@ -104,6 +104,10 @@ pub struct MigrationPolicy {
     /// Both VMMs on one host: hand the guest memory's memfd to the destination
     /// (`SCM_RIGHTS`) instead of copying it; the guest is paused only for the state.
     pub share_memory: bool,
+    /// When a limit is reached before the pre-copy converges, switch at once and let the
+    /// destination fetch the pages it lacks on demand (userfaultfd) while the rest streams
+    /// in (instead of `on_limit`). A failure after that switch cannot fall back.
+    pub post_copy: bool,
 }
 
 impl Default for MigrationPolicy {
@@ -116,6 +120,7 @@ impl Default for MigrationPolicy {
             bandwidth_bytes_per_s: 0,
             auto_converge: true,
             share_memory: false,
+            post_copy: false,
         }
     }
 }
@@ -143,6 +148,8 @@ pub enum MigrationPhase {
     PreCopy,
     /// The guest is paused: the last pages and the state go.
     Switching,
+    /// The guest runs at the destination, which fetches the pages it lacks from here.
+    PostCopy,
     /// The destination runs the VM; this VMM exits.
     Completed,
     /// Failed or cancelled before the switch: the VM runs on here.
@@ -271,6 +278,7 @@ impl Request {
                 bandwidth_bytes_per_s: 0,
                 auto_converge: true,
                 share_memory: false,
+                post_copy: false,
             },
         },
         Request::Migration {},

@@ -287,6 +287,16 @@ struct Incoming {
     regions: Vec<crate::snapshot::MemoryRegion>,
     /// The source's memfd, when it hands its memory over.
     memory: Option<std::fs::File>,
+    /// Post-copy, once switched.
+    post_copy: Option<PostCopyRun>,
+}
+
+/// A post-copy under way at the destination: the writer its page-request thread shares
+/// with this side's replies, and its threads (they end with the post-copy, or with the
+/// process).
+struct PostCopyRun {
+    writer: Arc<Mutex<std::os::unix::net::UnixStream>>,
+    _threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// The source's configuration with this host's side: `given`'s host side, or this
@@ -364,18 +374,53 @@ fn receive_incoming(
     let received = destination::ready(&mut inc.conn).and_then(|()| {
         destination::receive_memory(&mut inc.conn, vm.memory(), &inc.regions, shared)
     });
-    let (state, at) = match received {
+    let received = match received {
         Ok(r) => r,
         Err(e) => {
             destination::abandon(&mut inc.conn, &e.to_string());
             return Err(incoming_err(e));
         }
     };
-    if let Err(e) = vm.load_incoming(state) {
+    let at = received.at;
+    if let Err(e) = vm.load_incoming(received.state) {
         destination::abandon(&mut inc.conn, &e.to_string());
         return Err(e.into());
     }
+    // Post-copy: the pages still to come are missing from here on; nothing touches guest
+    // memory until the threads that serve it run.
+    let post_copy = match &received.missing {
+        None => None,
+        Some(missing) => {
+            match crate::migration::postcopy::Incoming::prepare(
+                vm.memory(),
+                &inc.regions,
+                missing,
+                None,
+            ) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    destination::abandon(&mut inc.conn, &e);
+                    return Err(incoming_err(destination::IncomingError::Vm(e)));
+                }
+            }
+        }
+    };
     destination::loaded_then_go(&mut inc.conn, &inc.regions).map_err(incoming_err)?;
+    if let Some(p) = post_copy {
+        let io = |e: io::Error| RunError::Host {
+            what: "starting post-copy",
+            source: e,
+        };
+        let writer = crate::migration::postcopy::shared_writer(&inc.conn).map_err(io)?;
+        let reader = inc.conn.try_clone().map_err(io)?;
+        let threads = p
+            .spawn(reader, writer.clone(), inc.regions.clone(), exit.clone())
+            .map_err(io)?;
+        inc.post_copy = Some(PostCopyRun {
+            writer,
+            _threads: threads,
+        });
+    }
     Ok((vm, at))
 }
 
@@ -427,6 +472,7 @@ pub fn run_start(
                 conn,
                 regions: hello.regions,
                 memory,
+                post_copy: None,
             });
             (config, None)
         }
@@ -496,7 +542,13 @@ pub fn run_start(
         crate::control::PauseControl::resume(&*pauser);
     }
     if let (Some(inc), Some(at)) = (incoming.as_mut(), state_at) {
-        crate::migration::destination::running(&mut inc.conn, at);
+        match &inc.post_copy {
+            Some(run) => {
+                let mut w = run.writer.lock().unwrap_or_else(|p| p.into_inner());
+                crate::migration::destination::running(&mut w, at);
+            }
+            None => crate::migration::destination::running(&mut inc.conn, at),
+        }
         info!("incoming migration complete: the VM runs here");
     }
     // Standard input goes to the serial port or the console; either way, raw for the guest.

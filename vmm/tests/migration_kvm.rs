@@ -210,7 +210,7 @@ fn wait_migration(sock: &Path, limit: Duration) -> serde_json::Value {
         }
         let s = call(sock, r#"{"op":"migration"}"#);
         let phase = s["phase"].as_str().unwrap_or("").to_string();
-        if !["connecting", "pre-copy", "switching"].contains(&phase.as_str()) {
+        if !["connecting", "pre-copy", "switching", "post-copy"].contains(&phase.as_str()) {
             return s;
         }
         assert!(start.elapsed() < limit, "the migration did not end: {s}");
@@ -582,4 +582,105 @@ fn a_local_migration_hands_the_memory_over_without_copying_it() {
     assert_eq!(out.status.code(), Some(1), "{:?}", summary(&out));
     let _ = call(&restored.control, r#"{"op":"shutdown"}"#);
     let _ = wait_limit(restored.child, Duration::from_secs(20));
+}
+
+#[test]
+fn a_guest_that_does_not_converge_moves_by_post_copy_with_every_page_intact() {
+    if !has_kvm() {
+        return;
+    }
+    let dir = scratch("migration-postcopy");
+    let src = source(&dir);
+    src.console.wait_passes(0, 2, "the source before migrating");
+    let dst = destination(&dir);
+    // One round and no throttle: the guest dirties its 96 MiB faster than that converges.
+    let policy = r#"{"max_rounds":1,"auto_converge":false,"post_copy":true}"#;
+    let reply = call(
+        &src.control,
+        &format!(
+            r#"{{"op":"migrate","to":"{}","policy":{policy}}}"#,
+            dir.join("incoming.sock").display()
+        ),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
+    let last = wait_migration(&src.control, Duration::from_secs(120));
+    assert!(last.is_null() || last["phase"] == "completed", "{last}");
+    let out = wait_limit(src.child, Duration::from_secs(120));
+    assert_eq!(out.status.code(), Some(0), "{:?}", summary(&out));
+    let (_, _, log) = summary(&out);
+    let done = log
+        .lines()
+        .find(|l| l.contains("post-copy complete"))
+        .unwrap_or_else(|| panic!("no post-copy in the log: {log}"));
+    eprintln!("post-copy: {}", done.split("INFO").nth(1).unwrap_or(done));
+    // The guest goes on at the destination, checking every page as it goes.
+    dst.console
+        .wait_passes(0, 3, "the destination after a post-copy switch");
+    let snap = dir.join("after");
+    let _ = std::fs::remove_dir_all(&snap);
+    let reply = call(
+        &dst.control,
+        &format!(
+            r#"{{"op":"snapshot","dir":"{}","after":"stop"}}"#,
+            snap.display()
+        ),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
+    let words = page_words(&snap.join("memory"));
+    let k = words[0];
+    let boundary = words.iter().position(|w| *w != k).unwrap_or(words.len());
+    assert!(
+        words[boundary..].iter().all(|w| *w + 1 == k),
+        "pages after {boundary}"
+    );
+    let out = wait_limit(dst.child, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(0), "{:?}", summary(&out));
+    let (_, _, dlog) = summary(&out);
+    assert!(
+        dlog.contains("post-copy complete: every page is here"),
+        "{dlog}"
+    );
+    assert_eq!(dst.console.failures(), 0);
+}
+
+#[test]
+fn a_source_lost_during_post_copy_stops_the_destination_with_the_reason() {
+    if !has_kvm() {
+        return;
+    }
+    let dir = scratch("migration-postcopy-lost");
+    let mut src = source(&dir);
+    src.console.wait_passes(0, 2, "the source before migrating");
+    let dst = destination(&dir);
+    // Post-copy at once after round 0, the link held to 20 MB/s: the background copy of
+    // the missing pages takes seconds.
+    let policy = r#"{"max_rounds":0,"auto_converge":false,"post_copy":true,"bandwidth_bytes_per_s":20000000}"#;
+    let reply = call(
+        &src.control,
+        &format!(
+            r#"{{"op":"migrate","to":"{}","policy":{policy}}}"#,
+            dir.join("incoming.sock").display()
+        ),
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
+    let start = Instant::now();
+    loop {
+        let s = call(&src.control, r#"{"op":"migration"}"#);
+        if s["phase"] == "post-copy" {
+            break;
+        }
+        assert!(
+            ["connecting", "pre-copy", "switching"].contains(&s["phase"].as_str().unwrap()),
+            "{s}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(60), "no post-copy: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    src.child.kill().unwrap();
+    let _ = src.child.wait();
+    // The destination cannot go on without the pages: it stops with the reason, in time.
+    let out = wait_limit(dst.child, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(7), "{:?}", summary(&out));
+    let (_, _, log) = summary(&out);
+    assert!(log.contains("post-copy failed with"), "{log}");
 }

@@ -147,14 +147,24 @@ pub fn ready(conn: &mut UnixStream) -> Result<(), IncomingError> {
     Ok(protocol::send(conn, Kind::Ready, &[])?)
 }
 
-/// Receives memory into `ram` until the state comes; returns it, parsed and checked, and
-/// when it came.
+/// What arrived before the switch.
+pub struct Received {
+    /// The state, parsed and checked.
+    pub state: SnapshotState,
+    /// When it came.
+    pub at: Instant,
+    /// For a post-copy switch: the pages still to come, one bitmap per region.
+    pub missing: Option<Vec<Vec<u64>>>,
+}
+
+/// Receives memory into `ram` until the state comes.
 pub fn receive_memory(
     conn: &mut UnixStream,
     ram: &GuestRam,
     regions: &[MemoryRegion],
     shared: bool,
-) -> Result<(SnapshotState, Instant), IncomingError> {
+) -> Result<Received, IncomingError> {
+    let mut missing = None;
     let mut batches = 0u64;
     let mut bytes = 0u64;
     let started = Instant::now();
@@ -169,6 +179,12 @@ pub fn receive_memory(
                 bytes += write_batch(ram, regions, &batch)?;
                 batches += 1;
             }
+            Message::PostCopy(_) if shared => {
+                return Err(IncomingError::Refused(
+                    "post-copy of a memory that was handed over".into(),
+                ))
+            }
+            Message::PostCopy(bitmaps) => missing = Some(bitmaps),
             Message::State(body) => {
                 let at = Instant::now();
                 let state = SnapshotState::parse(&body)
@@ -182,9 +198,10 @@ pub fn receive_memory(
                     batches,
                     bytes,
                     ms = started.elapsed().as_millis() as u64,
+                    post_copy = missing.is_some(),
                     "migration: memory received; loading the state"
                 );
-                return Ok((state, at));
+                return Ok(Received { state, at, missing });
             }
             Message::Abandon(why) => return Err(IncomingError::Abandoned(why)),
             other => {

@@ -3,6 +3,7 @@
 //! ([`throttle`]), and the receiving side ([`destination`]).
 
 pub mod destination;
+pub mod postcopy;
 pub mod protocol;
 pub mod source;
 pub mod throttle;

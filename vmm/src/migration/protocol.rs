@@ -79,6 +79,15 @@ pub enum Kind {
     /// Source → destination, right after a hello with [`MemoryTransfer::Fd`]: no body;
     /// the guest memory's memfd rides along (`SCM_RIGHTS`).
     MemoryFd = 9,
+    /// Source → destination, paused, before the state: the switch is post-copy; the body
+    /// is one bitmap per region (little-endian u64 words, bit `i` of word `w`: page
+    /// `64 w + i`) of the pages the destination does not have yet.
+    PostCopy = 10,
+    /// Destination → source, during post-copy: the guest touched this page (u64 guest
+    /// address); send it first.
+    PageRequest = 11,
+    /// Source → destination, during post-copy: every page is sent.
+    Complete = 12,
 }
 
 impl Kind {
@@ -93,6 +102,9 @@ impl Kind {
             7 => Kind::Running,
             8 => Kind::Abandon,
             9 => Kind::MemoryFd,
+            10 => Kind::PostCopy,
+            11 => Kind::PageRequest,
+            12 => Kind::Complete,
             _ => return None,
         })
     }
@@ -103,7 +115,7 @@ impl Kind {
             Kind::Memory => {
                 BATCH_HEADER + u64::from(MAX_BATCH_RANGES) * RANGE_BYTES + MAX_BATCH_DATA
             }
-            Kind::State => MAX_STATE_BYTES,
+            Kind::State | Kind::PostCopy => MAX_STATE_BYTES,
             _ => MAX_JSON_BYTES,
         }
     }
@@ -204,6 +216,12 @@ pub enum Message {
     /// See [`Kind::MemoryFd`] (read by [`receive`] only to refuse it out of place: its
     /// descriptor comes with [`receive_memory_fd`]).
     MemoryFd,
+    /// See [`Kind::PostCopy`]: one bitmap per region, each of the region's page count.
+    PostCopy(Vec<Vec<u64>>),
+    /// See [`Kind::PageRequest`]: a page's guest address, inside guest RAM.
+    PageRequest(u64),
+    /// See [`Kind::Complete`].
+    Complete,
 }
 
 impl Message {
@@ -219,6 +237,9 @@ impl Message {
             Message::Running(_) => "running",
             Message::Abandon(_) => "abandon",
             Message::MemoryFd => "memory-fd",
+            Message::PostCopy(_) => "post-copy",
+            Message::PageRequest(_) => "page-request",
+            Message::Complete => "complete",
         }
     }
 }
@@ -368,7 +389,63 @@ pub fn receive(r: &mut impl Read, regions: &[MemoryRegion]) -> Result<Message, P
         Kind::Running => Message::Running(json(kind, &body)?),
         Kind::Abandon => Message::Abandon(String::from_utf8_lossy(&body).into_owned()),
         Kind::MemoryFd => Message::MemoryFd,
+        Kind::PostCopy => Message::PostCopy(parse_bitmaps(&body, regions)?),
+        Kind::PageRequest => {
+            let addr = <[u8; 8]>::try_from(&body[..])
+                .map(u64::from_le_bytes)
+                .map_err(|_| bad("a page request is not one u64"))?;
+            if addr % PAGE_SIZE != 0 || !inside(regions, addr, 1) {
+                return Err(bad(format!(
+                    "a page request for {addr:#x}, not a page of guest RAM"
+                )));
+            }
+            Message::PageRequest(addr)
+        }
+        Kind::Complete => Message::Complete,
     })
+}
+
+/// The words of a region's page bitmap.
+fn words_of(r: &MemoryRegion) -> usize {
+    (r.size / PAGE_SIZE).div_ceil(64) as usize
+}
+
+/// Encodes one bitmap per region for a [`Kind::PostCopy`] message.
+pub fn encode_bitmaps(bitmaps: &[Vec<u64>]) -> Vec<u8> {
+    bitmaps
+        .iter()
+        .flatten()
+        .flat_map(|w| w.to_le_bytes())
+        .collect()
+}
+
+/// Parses a [`Kind::PostCopy`] body: exactly one bitmap per region, of its page count,
+/// no bit past the region's last page.
+pub fn parse_bitmaps(
+    body: &[u8],
+    regions: &[MemoryRegion],
+) -> Result<Vec<Vec<u64>>, ProtocolError> {
+    let want: usize = regions.iter().map(words_of).sum();
+    if body.len() != want * 8 {
+        return Err(bad(format!(
+            "a post-copy bitmap of {} bytes for {want} words of guest RAM",
+            body.len()
+        )));
+    }
+    let mut words = body
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
+    let mut out = Vec::with_capacity(regions.len());
+    for r in regions {
+        let v: Vec<u64> = words.by_ref().take(words_of(r)).collect();
+        let pages = r.size / PAGE_SIZE;
+        let tail = pages % 64;
+        if tail != 0 && v.last().is_some_and(|w| w >> tail != 0) {
+            return Err(bad("a post-copy bitmap marks pages past its region"));
+        }
+        out.push(v);
+    }
+    Ok(out)
 }
 
 /// Sends the guest memory's memfd (a [`Kind::MemoryFd`] message with the descriptor).
@@ -551,6 +628,42 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("ranges"));
+    }
+
+    #[test]
+    fn post_copy_bitmaps_and_page_requests_are_checked() {
+        let r = regions();
+        // 256 pages per region: four words each.
+        let mut maps = vec![vec![0u64; 4], vec![0u64; 4]];
+        maps[0][0] = 0b1010;
+        maps[1][3] = 1 << 63;
+        let body = encode_bitmaps(&maps);
+        assert_eq!(parse_bitmaps(&body, &r).unwrap(), maps);
+        assert!(parse_bitmaps(&body[..body.len() - 8], &r).is_err(), "too short");
+        let one = [MemoryRegion {
+            guest_addr: 0,
+            size: 100 * 4096,
+            file_offset: 0,
+        }];
+        let mut past = vec![vec![0u64; 2]];
+        past[0][1] = 1 << 40; // page 104 of a 100-page region
+        let e = parse_bitmaps(&encode_bitmaps(&past), &one).unwrap_err().to_string();
+        assert!(e.contains("past its region"), "{e}");
+        let mut wire = Vec::new();
+        send(&mut wire, Kind::PageRequest, &0x2000u64.to_le_bytes()).unwrap();
+        assert!(matches!(
+            receive(&mut wire.as_slice(), &r).unwrap(),
+            Message::PageRequest(0x2000)
+        ));
+        for bad_addr in [0x2001u64, 0x10_0000, u64::MAX & !4095] {
+            let mut wire = Vec::new();
+            send(&mut wire, Kind::PageRequest, &bad_addr.to_le_bytes()).unwrap();
+            let e = receive(&mut wire.as_slice(), &r).unwrap_err().to_string();
+            assert!(e.contains("not a page of guest RAM"), "{e}");
+        }
+        let mut wire = Vec::new();
+        send(&mut wire, Kind::PageRequest, &[1, 2, 3]).unwrap();
+        assert!(receive(&mut wire.as_slice(), &r).is_err());
     }
 
     #[test]

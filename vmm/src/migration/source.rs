@@ -303,6 +303,7 @@ impl Migrator {
         })?;
         let mut throttle = Throttle::new(self.snap.pauser().clone());
         let mut round = 0u32;
+        let mut post_copy = false;
         let pending = loop {
             let took = round_start.elapsed();
             let bitmaps = ram
@@ -341,6 +342,14 @@ impl Migrator {
                 } else {
                     format!("{} ms of pre-copy", policy.max_precopy_ms)
                 };
+                if policy.post_copy {
+                    info!(
+                        expected_ms,
+                        "migration: {why} reached; switching to post-copy"
+                    );
+                    post_copy = true;
+                    break bitmaps;
+                }
                 match policy.on_limit {
                     OnLimit::Switch => {
                         warn!(
@@ -398,6 +407,9 @@ impl Migrator {
                 *w |= b;
             }
         }
+        if post_copy {
+            return self.switch_post_copy(conn, hello, paused_at, sender, &last);
+        }
         sender
             .send(self, conn, &dirty_ranges(regions, &last), true)
             .map_err(|f| Failure {
@@ -407,16 +419,122 @@ impl Migrator {
         self.switch(conn, hello, paused_at, sender.total)
     }
 
-    /// The switch of a paused VM whose memory is at the destination: the state, then
-    /// `go`; returns the downtime since `paused_at`. `sent` is the page bytes sent.
-    fn switch(
+    /// The post-copy switch of the paused VM: the destination learns which pages it lacks
+    /// (`missing`), gets the state and `go`; then this side serves the pages it asks for
+    /// first and streams all the others, and says `complete`.
+    fn switch_post_copy(
         &self,
         conn: &mut UnixStream,
         hello: &Hello,
         paused_at: Instant,
-        sent: u64,
+        mut sender: Sender,
+        missing: &[Vec<u64>],
     ) -> Result<Duration, Failure> {
         let regions = &hello.regions;
+        let set = super::postcopy::PageSet::new(regions, missing);
+        info!(pages = set.remaining(), "migration: post-copy switch");
+        protocol::send(conn, Kind::PostCopy, &protocol::encode_bitmaps(missing))
+            .map_err(|e| Failure::new("switching", e))?;
+        let state = self.state_body(hello)?;
+        protocol::send(conn, Kind::State, &state).map_err(|e| Failure::new("switching", e))?;
+        expect(conn, regions, "switching", "loaded")?;
+        if self.cancel.load(Ordering::Acquire) {
+            return Err(Failure::new("switching", "cancelled"));
+        }
+        self.switching.store(true, Ordering::Release);
+        let after_go = |e: String| Failure {
+            after_go: true,
+            ..Failure::new("post-copy", e)
+        };
+        protocol::send(conn, Kind::Go, &[]).map_err(|e| after_go(e.to_string()))?;
+        self.update(|s| s.phase = MigrationPhase::PostCopy);
+        // The destination's requests and its `running`, read on a thread of their own.
+        let (tx, rx) = std::sync::mpsc::channel::<Result<Message, String>>();
+        let mut reader = conn.try_clone().map_err(|e| after_go(e.to_string()))?;
+        let reader_regions = regions.clone();
+        std::thread::Builder::new()
+            .name("postcopy-requests".into())
+            .spawn(move || loop {
+                let m = protocol::receive(&mut reader, &reader_regions).map_err(|e| e.to_string());
+                let end = m.is_err();
+                if tx.send(m).is_err() || end {
+                    break;
+                }
+            })
+            .map_err(|e| after_go(e.to_string()))?;
+        let mut downtime = None;
+        let mut requested = 0u64;
+        let mut handle = |m: Result<Message, String>,
+                          sender: &mut Sender,
+                          conn: &mut UnixStream,
+                          downtime: &mut Option<Duration>|
+         -> Result<(), Failure> {
+            match m.map_err(after_go)? {
+                Message::PageRequest(gpa) => {
+                    if set.remove(gpa) {
+                        requested += 1;
+                        let page = [PageRange {
+                            guest_addr: gpa,
+                            pages: 1,
+                        }];
+                        sender.send(self, conn, &page, true)?;
+                    }
+                    Ok(())
+                }
+                Message::Running(_) => {
+                    *downtime = Some(paused_at.elapsed());
+                    Ok(())
+                }
+                other => Err(after_go(format!(
+                    "expected page requests, got {}",
+                    other.name()
+                ))),
+            }
+        };
+        for r in set.ranges() {
+            let mut page = 0;
+            while page < r.pages {
+                while let Ok(m) = rx.try_recv() {
+                    handle(m, &mut sender, conn, &mut downtime)?;
+                }
+                let n = (r.pages - page).min(CHUNK_PAGES);
+                // The pages of this chunk the destination has not asked for yet.
+                let mut chunk = Vec::new();
+                for i in page..page + n {
+                    let gpa = r.guest_addr + i * PAGE_SIZE;
+                    if set.remove(gpa) {
+                        chunk.push(PageRange {
+                            guest_addr: gpa,
+                            pages: 1,
+                        });
+                    }
+                }
+                let merged = merge(&chunk);
+                sender.send(self, conn, &merged, true)?;
+                page += n;
+            }
+        }
+        protocol::send(conn, Kind::Complete, &[]).map_err(|e| after_go(e.to_string()))?;
+        // The destination's `running` may still be on its way.
+        while downtime.is_none() {
+            let m = rx
+                .recv_timeout(REPLY_TIMEOUT)
+                .map_err(|_| after_go("no `running` from the destination".into()))?;
+            handle(m, &mut sender, conn, &mut downtime)?;
+        }
+        let downtime = downtime.unwrap_or_default();
+        info!(
+            downtime_ms = downtime.as_millis() as u64,
+            requested,
+            sent_bytes = sender.total,
+            "migration: the destination runs the VM (post-copy complete)"
+        );
+        self.update(|s| s.sent_bytes = sender.total);
+        Ok(downtime)
+    }
+
+    /// The saved state of the paused VM, as a state body.
+    fn state_body(&self, hello: &Hello) -> Result<Vec<u8>, Failure> {
         let Captured { vcpus, vm, devices } = self
             .snap
             .capture()
@@ -429,7 +547,7 @@ impl Migrator {
             config: hello.config.clone(),
             memory: MemoryImage {
                 file: MEMORY_FILE.into(),
-                regions: regions.clone(),
+                regions: hello.regions.clone(),
                 // The pages travel in the stream, not in an image file.
                 data_bytes: 0,
                 parent: None,
@@ -440,10 +558,23 @@ impl Migrator {
             vm,
             devices,
         };
-        let body = state
+        state
             .validate()
             .and_then(|()| state.to_body())
-            .map_err(|e| Failure::new("switching", format!("the saved state: {e}")))?;
+            .map_err(|e| Failure::new("switching", format!("the saved state: {e}")))
+    }
+
+    /// The switch of a paused VM whose memory is at the destination: the state, then
+    /// `go`; returns the downtime since `paused_at`. `sent` is the page bytes sent.
+    fn switch(
+        &self,
+        conn: &mut UnixStream,
+        hello: &Hello,
+        paused_at: Instant,
+        sent: u64,
+    ) -> Result<Duration, Failure> {
+        let regions = &hello.regions;
+        let body = self.state_body(hello)?;
         protocol::send(conn, Kind::State, &body).map_err(|e| Failure::new("switching", e))?;
         expect(conn, regions, "switching", "loaded")?;
         // The point of no return.
@@ -480,6 +611,20 @@ impl Migrator {
             }),
         }
     }
+}
+
+/// Single pages merged into runs.
+fn merge(pages: &[PageRange]) -> Vec<PageRange> {
+    let mut out: Vec<PageRange> = Vec::new();
+    for p in pages {
+        match out.last_mut() {
+            Some(last) if last.guest_addr + last.pages * PAGE_SIZE == p.guest_addr => {
+                last.pages += p.pages;
+            }
+            _ => out.push(*p),
+        }
+    }
+    out
 }
 
 /// Reads the reply `want`; an `abandon` or anything else fails `phase`.

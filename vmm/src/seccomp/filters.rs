@@ -281,13 +281,17 @@ fn rules(kind: Kind) -> Result<Rules, String> {
         }
         Kind::Device => device(&mut r)?,
         // Reads of the snapshot's images (pread64, in `common`) and the userfaultfd's
-        // own ioctls; nothing else.
-        Kind::Pager => allow_arg(
-            &mut r,
-            libc::SYS_ioctl,
-            1,
-            &[crate::uffd::UFFDIO_COPY, crate::uffd::UFFDIO_UNREGISTER],
-        )?,
+        // own ioctls; a post-copy migration's pager threads also talk to the source over
+        // the migration socket (std's socket reads and writes are recvfrom and sendto).
+        Kind::Pager => {
+            allow_arg(
+                &mut r,
+                libc::SYS_ioctl,
+                1,
+                &[crate::uffd::UFFDIO_COPY, crate::uffd::UFFDIO_UNREGISTER],
+            )?;
+            allow(&mut r, &[libc::SYS_recvfrom, libc::SYS_sendto]);
+        }
         Kind::Launcher => {
             device(&mut r)?;
             threads(&mut r)?;
