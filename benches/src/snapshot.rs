@@ -538,8 +538,19 @@ impl Source {
                     }
                 };
                 let took = ms(t.elapsed());
-                // The source stops at the end of a migration; the guest runs on.
-                qmp.execute("cont", serde_json::json!({}))?;
+                // The source stops at the end of a migration; the guest runs on. QEMU reports
+                // `completed` before its migration thread has finished: `cont` is refused
+                // ("Migration is not finalized yet") for a moment, and a migration started
+                // meanwhile fails ("duplicate yank instance").
+                loop {
+                    match qmp.execute("cont", serde_json::json!({})) {
+                        Ok(_) => break,
+                        Err(e) if e.contains("not finalized") && t.elapsed() < self.timeout => {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
                 Taken {
                     ms: took,
                     paused_ms: downtime.unwrap_or(f64::NAN),
