@@ -673,7 +673,10 @@ fn a_source_lost_during_post_copy_stops_the_destination_with_the_reason() {
             ["connecting", "pre-copy", "switching"].contains(&s["phase"].as_str().unwrap()),
             "{s}"
         );
-        assert!(start.elapsed() < Duration::from_secs(60), "no post-copy: {s}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no post-copy: {s}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     src.child.kill().unwrap();

@@ -639,7 +639,10 @@ mod tests {
         maps[1][3] = 1 << 63;
         let body = encode_bitmaps(&maps);
         assert_eq!(parse_bitmaps(&body, &r).unwrap(), maps);
-        assert!(parse_bitmaps(&body[..body.len() - 8], &r).is_err(), "too short");
+        assert!(
+            parse_bitmaps(&body[..body.len() - 8], &r).is_err(),
+            "too short"
+        );
         let one = [MemoryRegion {
             guest_addr: 0,
             size: 100 * 4096,
@@ -647,7 +650,9 @@ mod tests {
         }];
         let mut past = vec![vec![0u64; 2]];
         past[0][1] = 1 << 40; // page 104 of a 100-page region
-        let e = parse_bitmaps(&encode_bitmaps(&past), &one).unwrap_err().to_string();
+        let e = parse_bitmaps(&encode_bitmaps(&past), &one)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("past its region"), "{e}");
         let mut wire = Vec::new();
         send(&mut wire, Kind::PageRequest, &0x2000u64.to_le_bytes()).unwrap();
