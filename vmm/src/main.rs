@@ -20,6 +20,7 @@ use tracing_subscriber::EnvFilter;
 /// 7 on an internal VMM error; 128+N when stopped by signal N (SIGTERM, SIGINT).
 #[derive(Debug, Parser)]
 #[command(name = "quantix-vmm", version, about, long_about = None)]
+#[command(group(clap::ArgGroup::new("lazy_or_incoming").args(["lazy", "incoming"]).multiple(true)))]
 struct Cli {
     /// The whole VM configuration as a JSON file (quantix-vmm-api's VmConfig; see
     /// docs/vmm.md), instead of the VM flags below. `-` reads standard input.
@@ -48,10 +49,10 @@ struct Cli {
     /// the snapshot when first touched (userfaultfd), the rest copied in behind.
     #[arg(long, requires = "restore")]
     lazy: bool,
-    /// With --lazy: the userfaultfd device to make the descriptor with (an inherited
-    /// /dev/fd/N of /dev/userfaultfd, as a jailed VMM gets it); default /dev/userfaultfd,
-    /// else the userfaultfd syscall.
-    #[arg(long, value_name = "PATH", requires = "lazy")]
+    /// With --lazy or --incoming: the userfaultfd device to make the descriptor with (an
+    /// inherited /dev/fd/N of /dev/userfaultfd, as a jailed VMM gets it) for a lazy restore
+    /// or a post-copy migration; default /dev/userfaultfd, else the userfaultfd syscall.
+    #[arg(long, value_name = "PATH", requires = "lazy_or_incoming")]
     userfaultfd: Option<PathBuf>,
     /// Linux kernel to boot: an ELF vmlinux (PVH entry used when present) or a bzImage.
     #[arg(
@@ -244,6 +245,7 @@ fn main() -> ExitCode {
         let start = match (cli.restore, cli.incoming) {
             (_, Some(socket)) => quantix_vmm::runner::Start::Incoming {
                 socket,
+                userfaultfd: cli.userfaultfd,
                 config,
                 api_socket: cli.api_socket,
                 kvm: cli.kvm,

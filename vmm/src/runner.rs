@@ -270,6 +270,8 @@ pub enum Start {
     Incoming {
         /// The Unix socket to listen on for the source.
         socket: std::path::PathBuf,
+        /// The userfaultfd device for a post-copy (`--userfaultfd`).
+        userfaultfd: Option<std::path::PathBuf>,
         /// A configuration whose host side replaces the source's (`snapshot::rebind`).
         config: Option<Box<VmConfig>>,
         /// A control socket instead of the source's.
@@ -287,6 +289,8 @@ struct Incoming {
     regions: Vec<crate::snapshot::MemoryRegion>,
     /// The source's memfd, when it hands its memory over.
     memory: Option<std::fs::File>,
+    /// The userfaultfd device for a post-copy.
+    userfaultfd: Option<std::path::PathBuf>,
     /// Post-copy, once switched.
     post_copy: Option<PostCopyRun>,
 }
@@ -395,7 +399,7 @@ fn receive_incoming(
                 vm.memory(),
                 &inc.regions,
                 missing,
-                None,
+                inc.userfaultfd.as_deref(),
             ) {
                 Ok(p) => Some(p),
                 Err(e) => {
@@ -447,6 +451,7 @@ pub fn run_start(
         }
         Start::Incoming {
             socket,
+            userfaultfd,
             config,
             api_socket,
             kvm,
@@ -472,6 +477,7 @@ pub fn run_start(
                 conn,
                 regions: hello.regions,
                 memory,
+                userfaultfd,
                 post_copy: None,
             });
             (config, None)

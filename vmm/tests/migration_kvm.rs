@@ -160,12 +160,16 @@ fn source(dir: &Path) -> Vmm {
 
 /// A destination listening on `dir/incoming.sock`.
 fn destination(dir: &Path) -> Vmm {
+    destination_with(dir, &[])
+}
+
+/// The same, with more flags.
+fn destination_with(dir: &Path, flags: &[&str]) -> Vmm {
     let incoming = dir.join("incoming.sock");
     let _ = std::fs::remove_file(&incoming);
-    let v = spawn(
-        &["--incoming", incoming.to_str().unwrap()],
-        &dir.join("destination.sock"),
-    );
+    let mut args = vec!["--incoming", incoming.to_str().unwrap()];
+    args.extend(flags);
+    let v = spawn(&args, &dir.join("destination.sock"));
     let start = Instant::now();
     while !incoming.exists() {
         assert!(
@@ -592,7 +596,13 @@ fn a_guest_that_does_not_converge_moves_by_post_copy_with_every_page_intact() {
     let dir = scratch("migration-postcopy");
     let src = source(&dir);
     src.console.wait_passes(0, 2, "the source before migrating");
-    let dst = destination(&dir);
+    // The userfaultfd from the device, as a jailed destination gets it (by descriptor).
+    let device = ["--userfaultfd", "/dev/userfaultfd"];
+    let dst = if Path::new(device[1]).exists() {
+        destination_with(&dir, &device)
+    } else {
+        destination(&dir)
+    };
     // One round and no throttle: the guest dirties its 96 MiB faster than that converges.
     let policy = r#"{"max_rounds":1,"auto_converge":false,"post_copy":true}"#;
     let reply = call(

@@ -321,7 +321,7 @@ fn place_pages(
                 for (range, data) in batch.pieces() {
                     for p in 0..u64::from(range.pages) {
                         let gpa = range.addr + p * PAGE_SIZE;
-                        if !missing.remove(gpa) {
+                        if !missing.contains(gpa) {
                             continue;
                         }
                         let host = map
@@ -331,7 +331,11 @@ fn place_pages(
                             Some(d) => &d[(p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize],
                             None => &zeros[..],
                         };
+                        // Placed first, then out of the set: the fault thread fills a page
+                        // outside the set with zeros, which must never beat the real bytes
+                        // (a copy onto a present page fails with EEXIST and changes nothing).
                         place(uffd, host, page)?;
+                        missing.remove(gpa);
                     }
                 }
             }
