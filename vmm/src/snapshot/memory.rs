@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{MemoryImage, MemoryRegion, PageRange, MEMORY_FILE, PAGE_SIZE};
 use crate::memory::GuestRam;
@@ -56,7 +56,6 @@ pub fn regions_of(ram: &GuestRam) -> Vec<MemoryRegion> {
 struct ImageWriter<'a> {
     out: File,
     path: &'a Path,
-    buf: Vec<u8>,
     /// Bytes of pages written.
     data_bytes: u64,
 }
@@ -77,13 +76,12 @@ impl<'a> ImageWriter<'a> {
         Ok(ImageWriter {
             out,
             path,
-            buf: vec![0u8; CHUNK],
             data_bytes: 0,
         })
     }
 
     /// Copies the guest's `len` bytes at `guest_addr` (pages, in one region) to the
-    /// image at `file_offset`, each run of non-zero pages in one write.
+    /// image at `file_offset`, each run of non-zero pages in one write. The VM is paused.
     fn copy(
         &mut self,
         ram: &GuestRam,
@@ -95,16 +93,23 @@ impl<'a> ImageWriter<'a> {
         let mut at = 0u64;
         while at < len {
             let n = (len - at).min(CHUNK as u64) as usize;
-            let chunk = &mut self.buf[..n];
             // Through the mapping, not the file: a restored VM's memory is a private
             // copy-on-write mapping of its image, whose file lacks what the guest wrote.
-            ram.mem
-                .read_slice(chunk, GuestAddress(guest_addr + at))
+            let slice = ram
+                .mem
+                .get_slice(GuestAddress(guest_addr + at), n)
                 .map_err(|e| MemoryImageError::Io {
                     what: "reading",
                     path: PathBuf::from("guest memory"),
                     source: io::Error::other(e.to_string()),
                 })?;
+            let guard = slice.ptr_guard();
+            // SAFETY: the slice is `n` mapped bytes of guest RAM, which `ram` keeps mapped
+            // for this call; the VM is paused (every vCPU parked, every device stopped), so
+            // nothing writes these bytes while they are read here. Reading them in place
+            // spares a copy into a buffer: the zero test and the kernel's copy are the only
+            // passes over guest memory.
+            let chunk: &[u8] = unsafe { std::slice::from_raw_parts(guard.as_ptr(), n) };
             let mut run: Option<usize> = None;
             for i in 0..=n.div_ceil(page) {
                 let start = i * page;
