@@ -115,7 +115,7 @@ impl Vm {
         let endpoints = open_endpoints(config)?;
         let fd = Arc::new(create_vm(&kvm)?);
         let ram = create_memory(&fd, config, firmware.as_ref())?;
-        let mut vm = assemble(kvm, fd, ram, config, exit, endpoints)?;
+        let mut vm = assemble(kvm, fd, ram, config, exit, endpoints, Arrival::Boot)?;
         let boot = load_boot(&vm.ram.mem, config, &vm.devices, firmware, &vm.vcpus)?;
         info!(
             vcpus = config.vcpus,
@@ -232,7 +232,7 @@ impl Vm {
         // The copying is not the guest's writing.
         let _ = ram.take_device_dirty_pages();
         ram.register(&fd, false)?;
-        let mut vm = assemble(kvm, fd, ram, &config, exit, endpoints)?;
+        let mut vm = assemble(kvm, fd, ram, &config, exit, endpoints, Arrival::Saved)?;
         vm.pager = pager;
         vm.load_saved(state, fits, crate::device_manager::Arrival::Restore)?;
         info!(
@@ -304,7 +304,7 @@ impl Vm {
                 ram
             }
         };
-        let vm = assemble(kvm, fd, ram, config, exit, endpoints)?;
+        let vm = assemble(kvm, fd, ram, config, exit, endpoints, Arrival::Saved)?;
         info!(
             vcpus = config.vcpus,
             memory_mib = config.memory.0,
@@ -434,6 +434,15 @@ impl Vm {
 /// The steps a boot and a restore share, once the KVM VM and its memory exist: the
 /// interrupt controllers, every device, the vCPUs (with their CPUID and boot MSRs), the
 /// serial port's coalescing, and the VM's pause and snapshot controls.
+/// Whether a VM boots or takes saved vCPU states (a restore, a migration): the latter
+/// skip the boot values their states overwrite (under nested virtualisation every ioctl
+/// of a restore counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    Boot,
+    Saved,
+}
+
 fn assemble(
     kvm: Kvm,
     fd: Arc<VmFd>,
@@ -441,6 +450,7 @@ fn assemble(
     config: &VmConfig,
     exit: Arc<ExitSignal>,
     endpoints: Endpoints,
+    arrival: Arrival,
 ) -> Result<Vm, VmError> {
     let pit = needs_pit(&config.boot);
     create_irqchip(&fd, pit)?;
@@ -451,7 +461,17 @@ fn assemble(
     all_chardevs.append(&mut chardevs);
     let gate = Arc::new(PauseGate::new());
     let stop = Arc::new(AtomicBool::new(false));
-    let vcpus = create_vcpus(&kvm, &fd, config, &devices, &exit, &stop, &gate)?;
+    let msrs = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("GET_MSR_INDEX_LIST"))?
+        .as_slice()
+        .to_vec();
+    let links = VcpuLinks {
+        exit: &exit,
+        stop: &stop,
+        gate: &gate,
+    };
+    let vcpus = create_vcpus(&kvm, &fd, config, &devices, links, &msrs, arrival)?;
     coalesce_serial(&fd, &devices, &vcpus);
     let devices = Arc::new(devices);
     let pauser = Arc::new(Pauser::new(
@@ -460,11 +480,6 @@ fn assemble(
         fd.clone(),
         config.vcpus,
     ));
-    let msrs = kvm
-        .get_msr_index_list()
-        .map_err(kvm_err("GET_MSR_INDEX_LIST"))?
-        .as_slice()
-        .to_vec();
     let snapshotter = Arc::new(Snapshotter::new(snapshot::take::Parts {
         gate: gate.clone(),
         pauser: pauser.clone(),
@@ -690,24 +705,30 @@ fn attach_devices(
     Ok((setup, power_button, chardevs))
 }
 
-/// Step: the vCPUs, with the CPUID, MSRs, FPU and local APIC every vCPU starts with (a
-/// boot then sets the boot vCPU's registers; a restore loads saved ones over all this).
+/// What every vCPU of a VM shares: where it reports, its stop flag, its pause gate.
+struct VcpuLinks<'a> {
+    exit: &'a Arc<ExitSignal>,
+    stop: &'a Arc<AtomicBool>,
+    gate: &'a Arc<PauseGate>,
+}
+
+/// Step: the vCPUs, with the CPUID every vCPU starts with and, for a boot, its MSRs, FPU
+/// and local APIC (a boot then sets the boot vCPU's registers; a restore loads saved
+/// states over all of it, so it skips them).
 fn create_vcpus(
     kvm: &Kvm,
     fd: &Arc<VmFd>,
     config: &VmConfig,
     devices: &DeviceManager,
-    exit: &Arc<ExitSignal>,
-    stop: &Arc<AtomicBool>,
-    gate: &Arc<PauseGate>,
+    links: VcpuLinks<'_>,
+    msr_list: &[u32],
+    arrival: Arrival,
 ) -> Result<Vec<Vcpu>, VmError> {
+    let VcpuLinks { exit, stop, gate } = links;
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
-    let msr_list = kvm
-        .get_msr_index_list()
-        .map_err(kvm_err("GET_MSR_INDEX_LIST"))?;
-    let boot_msrs = msrs::boot_msrs(msr_list.as_slice());
+    let boot_msrs = msrs::boot_msrs(msr_list);
     let cpuid_cfg = CpuidConfig {
         vcpus: config.vcpus,
         tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
@@ -721,24 +742,26 @@ fn create_vcpus(
         let mut cpuid: CpuId = supported.clone();
         cpuid::normalize(&mut cpuid, index, &cpuid_cfg);
         vcpu.set_cpuid2(&cpuid).map_err(kvm_err("SET_CPUID2"))?;
-        let msrs = msrs::to_msrs(&boot_msrs).map_err(|e| VmError::Host {
-            what: "MSR list",
-            source: io::Error::other(format!("{e:?}")),
-        })?;
-        let written = vcpu.set_msrs(&msrs).map_err(kvm_err("SET_MSRS"))?;
-        if written != boot_msrs.len() {
-            warn!(
-                vcpu = index,
-                written,
-                wanted = boot_msrs.len(),
-                "KVM accepted only some boot MSRs"
-            );
+        if arrival == Arrival::Boot {
+            let msrs = msrs::to_msrs(&boot_msrs).map_err(|e| VmError::Host {
+                what: "MSR list",
+                source: io::Error::other(format!("{e:?}")),
+            })?;
+            let written = vcpu.set_msrs(&msrs).map_err(kvm_err("SET_MSRS"))?;
+            if written != boot_msrs.len() {
+                warn!(
+                    vcpu = index,
+                    written,
+                    wanted = boot_msrs.len(),
+                    "KVM accepted only some boot MSRs"
+                );
+            }
+            vcpu.set_fpu(&regs::boot_fpu())
+                .map_err(kvm_err("SET_FPU"))?;
+            let mut lapic = vcpu.get_lapic().map_err(kvm_err("GET_LAPIC"))?;
+            regs::set_lint(&mut lapic);
+            vcpu.set_lapic(&lapic).map_err(kvm_err("SET_LAPIC"))?;
         }
-        vcpu.set_fpu(&regs::boot_fpu())
-            .map_err(kvm_err("SET_FPU"))?;
-        let mut lapic = vcpu.get_lapic().map_err(kvm_err("GET_LAPIC"))?;
-        regs::set_lint(&mut lapic);
-        vcpu.set_lapic(&lapic).map_err(kvm_err("SET_LAPIC"))?;
         vcpus.push(Vcpu::new(
             index,
             vcpu,

@@ -63,6 +63,11 @@ static PROBE: OnceLock<Option<Kind>> = OnceLock::new();
 /// allocates nothing (a new thread's first allocation can make glibc read
 /// /sys/devices/system/cpu, under a filter that forbids it).
 static PROGRAMS: OnceLock<Vec<(Kind, Vec<BpfProgram>)>> = OnceLock::new();
+/// The pager's programs, built by the first pager thread (a lazy restore's, a post-copy's:
+/// each starts before any filter, so it may allocate) and only then: most VMs never page.
+static PAGER: OnceLock<Result<Vec<BpfProgram>, String>> = OnceLock::new();
+/// The mismatch action of this process's filters.
+static MISMATCH: OnceLock<SeccompAction> = OnceLock::new();
 
 /// Sets the process's mode (once, before any thread starts) and, for `kill`, the SIGSYS
 /// handler; `probe` is the test hook of [`probe`].
@@ -78,14 +83,9 @@ pub fn init(mode: Mode, probe: Option<Kind>) -> Result<(), SeccompError> {
             _ => SeccompAction::Log,
         };
         let started = std::time::Instant::now();
+        let _ = MISMATCH.set(mismatch.clone());
         let mut all = Vec::new();
-        for kind in [
-            Kind::Vmm,
-            Kind::Vcpu,
-            Kind::Launcher,
-            Kind::Device,
-            Kind::Pager,
-        ] {
+        for kind in [Kind::Vmm, Kind::Vcpu, Kind::Launcher, Kind::Device] {
             all.push((kind, filters::build(kind, mismatch.clone())?));
         }
         let _ = PROGRAMS.set(all);
@@ -131,14 +131,27 @@ pub fn install(kind: Kind) -> Result<(), SeccompError> {
     }
     NAME.with(|c| c.set(name));
     KIND.with(|c| c.set(Some(kind)));
-    let progs = PROGRAMS
-        .get()
-        .and_then(|all| all.iter().find(|(k, _)| *k == kind))
-        .map(|(_, p)| p)
-        .ok_or_else(|| SeccompError::Install {
-            kind,
-            reason: "the filters were not built (seccomp::init was not called)".into(),
-        })?;
+    let not_built = || SeccompError::Install {
+        kind,
+        reason: "the filters were not built (seccomp::init was not called)".into(),
+    };
+    let progs = match kind {
+        Kind::Pager => {
+            let mismatch = MISMATCH.get().cloned().ok_or_else(not_built)?;
+            PAGER
+                .get_or_init(|| filters::build(Kind::Pager, mismatch).map_err(|e| e.to_string()))
+                .as_ref()
+                .map_err(|reason| SeccompError::Install {
+                    kind,
+                    reason: reason.clone(),
+                })?
+        }
+        _ => PROGRAMS
+            .get()
+            .and_then(|all| all.iter().find(|(k, _)| *k == kind))
+            .map(|(_, p)| p)
+            .ok_or_else(not_built)?,
+    };
     for p in progs {
         seccompiler::apply_filter(p).map_err(|e| SeccompError::Install {
             kind,
