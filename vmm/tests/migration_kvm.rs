@@ -182,6 +182,11 @@ fn destination_with(dir: &Path, flags: &[&str]) -> Vmm {
 }
 
 fn call(sock: &Path, req: &str) -> serde_json::Value {
+    try_call(sock, req).unwrap_or_else(|e| panic!("{}: {e}", sock.display()))
+}
+
+/// One request; an error when the VMM went away meanwhile (a completed source exits).
+fn try_call(sock: &Path, req: &str) -> std::io::Result<serde_json::Value> {
     let start = Instant::now();
     let stream = loop {
         match UnixStream::connect(sock) {
@@ -196,12 +201,12 @@ fn call(sock: &Path, req: &str) -> serde_json::Value {
             }
         }
     };
-    let mut w = stream.try_clone().unwrap();
-    w.write_all(req.as_bytes()).unwrap();
-    w.write_all(b"\n").unwrap();
+    let mut w = stream.try_clone()?;
+    w.write_all(req.as_bytes())?;
+    w.write_all(b"\n")?;
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap()
+    BufReader::new(stream).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(std::io::Error::other)
 }
 
 /// Polls `migration` until the phase is no longer under way; returns the last status,
@@ -212,7 +217,9 @@ fn wait_migration(sock: &Path, limit: Duration) -> serde_json::Value {
         if UnixStream::connect(sock).is_err() {
             return serde_json::Value::Null;
         }
-        let s = call(sock, r#"{"op":"migration"}"#);
+        let Ok(s) = try_call(sock, r#"{"op":"migration"}"#) else {
+            return serde_json::Value::Null;
+        };
         let phase = s["phase"].as_str().unwrap_or("").to_string();
         if !["connecting", "pre-copy", "switching", "post-copy"].contains(&phase.as_str()) {
             return s;

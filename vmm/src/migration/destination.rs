@@ -70,7 +70,17 @@ pub fn accept(path: &Path) -> Result<UnixStream, IncomingError> {
         }
         Err(_) => {}
     }
-    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+    // Bound (and listening) under another name, then renamed into place: a source that
+    // sees the socket can connect at once (a bind shows the file before its listen).
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}.tmp", std::process::id()));
+    let staging = std::path::PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging).map_err(|e| err(e.to_string()))?;
+    if let Err(e) = std::fs::rename(&staging, path) {
+        let _ = std::fs::remove_file(&staging);
+        return Err(err(format!("putting the socket in place: {e}")));
+    }
     info!(socket = %path.display(), "waiting for the migration source");
     let accepted = listener.accept();
     let _ = std::fs::remove_file(path);

@@ -21,6 +21,10 @@ use crate::memory::GuestRam;
 use crate::snapshot::{MemoryRegion, PageRange, PAGE_SIZE};
 use crate::uffd::{Msg, Uffd, EVENT_PAGEFAULT};
 
+/// How long a failed post-copy waits for the VM's stop to begin before it wakes the
+/// threads that wait on missing pages.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// A set of guest pages, one bit each, shared between threads.
 pub struct PageSet {
     regions: Vec<MemoryRegion>,
@@ -233,10 +237,20 @@ impl Incoming {
                         }
                         info!("post-copy complete: every page is here");
                     }
-                    Err(e) => exit.request(ExitReason::VmmError(format!(
-                        "post-copy failed with {} pages not received: {e}",
-                        missing.remaining()
-                    ))),
+                    Err(e) => {
+                        exit.request(ExitReason::VmmError(format!(
+                            "post-copy failed with {} pages not received: {e}",
+                            missing.remaining()
+                        )));
+                        // A vCPU or device waiting on a missing page cannot stop while it
+                        // waits. Once the stop is under way (its flag is set before the
+                        // vCPUs are joined), the registration ends, which wakes them: each
+                        // sees the stop before the guest runs again.
+                        std::thread::sleep(STOP_GRACE);
+                        for (host, len, _) in &map.0 {
+                            let _ = uffd.unregister(*host, *len);
+                        }
+                    }
                 }
             })?;
         Ok(vec![faults, pages])
