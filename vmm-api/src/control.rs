@@ -110,18 +110,23 @@ pub struct MigrationPolicy {
     pub post_copy: bool,
 }
 
+impl MigrationPolicy {
+    /// The defaults (`migrate` without a `policy`).
+    pub const DEFAULT: MigrationPolicy = MigrationPolicy {
+        downtime_ms: 50,
+        max_rounds: 30,
+        max_precopy_ms: 600_000,
+        on_limit: OnLimit::Switch,
+        bandwidth_bytes_per_s: 0,
+        auto_converge: true,
+        share_memory: false,
+        post_copy: false,
+    };
+}
+
 impl Default for MigrationPolicy {
     fn default() -> Self {
-        MigrationPolicy {
-            downtime_ms: 50,
-            max_rounds: 30,
-            max_precopy_ms: 600_000,
-            on_limit: OnLimit::Switch,
-            bandwidth_bytes_per_s: 0,
-            auto_converge: true,
-            share_memory: false,
-            post_copy: false,
-        }
+        Self::DEFAULT
     }
 }
 
@@ -270,16 +275,7 @@ impl Request {
         },
         Request::Migrate {
             to: String::new(),
-            policy: MigrationPolicy {
-                downtime_ms: 50,
-                max_rounds: 30,
-                max_precopy_ms: 600_000,
-                on_limit: OnLimit::Switch,
-                bandwidth_bytes_per_s: 0,
-                auto_converge: true,
-                share_memory: false,
-                post_copy: false,
-            },
+            policy: MigrationPolicy::DEFAULT,
         },
         Request::Migration {},
         Request::MigrateCancel {},

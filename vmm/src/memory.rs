@@ -271,6 +271,34 @@ impl GuestRam {
         Ok(out)
     }
 
+    /// Drops `len` bytes of guest memory at `gpa` (whole pages, in one region) from the
+    /// memfd: the range reads as zeros and takes no memory (for a userfaultfd, it is
+    /// missing again). Only for RAM whose file holds its bytes ([`GuestRam::shareable`]).
+    pub fn punch_hole(&self, gpa: u64, len: u64) -> std::io::Result<()> {
+        let offset = self
+            .regions
+            .iter()
+            .find(|(a, size, _)| gpa >= a.0 && gpa.saturating_add(len) <= a.0 + *size as u64)
+            .map(|(a, _, off)| off + (gpa - a.0))
+            .ok_or_else(|| {
+                std::io::Error::other(format!("{len} bytes at {gpa:#x} are not in one region"))
+            })?;
+        // SAFETY: fallocate on the memfd this RAM owns, within one region's part of it; it
+        // only changes the file's contents (the range reads as zeros), which is the intent.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// The memfd's descriptor (for handing it to another process).
     pub fn raw_fd(&self) -> std::os::fd::RawFd {
         self.file.as_raw_fd()

@@ -6,7 +6,6 @@
 //! The guest never runs before `go`: a source that goes away or gives up before it makes
 //! this process exit with an error, and the half-received VM with it.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -186,7 +185,7 @@ pub fn receive_memory(
                 ))
             }
             Message::Memory(batch) => {
-                bytes += write_batch(ram, regions, &batch)?;
+                bytes += write_batch(ram, &batch)?;
                 batches += 1;
             }
             Message::PostCopy(_) if shared => {
@@ -226,11 +225,7 @@ pub fn receive_memory(
 
 /// Writes a batch into guest memory; zero ranges are punched out of the memfd (they read
 /// as zeros and take no memory). Returns the data bytes written.
-fn write_batch(
-    ram: &GuestRam,
-    regions: &[MemoryRegion],
-    batch: &Batch,
-) -> Result<u64, IncomingError> {
+fn write_batch(ram: &GuestRam, batch: &Batch) -> Result<u64, IncomingError> {
     let mut bytes = 0;
     for (range, data) in batch.pieces() {
         match data {
@@ -243,34 +238,11 @@ fn write_batch(
                 bytes += d.len() as u64;
             }
             None => {
-                let len = u64::from(range.pages) * PAGE_SIZE;
                 // `parse_batch` checked the range lies in one region.
-                let Some(r) = regions.iter().find(|r| {
-                    range.addr >= r.guest_addr && range.addr + len <= r.guest_addr + r.size
-                }) else {
-                    return Err(IncomingError::Refused(format!(
-                        "zero range at {:#x} outside guest RAM",
-                        range.addr
-                    )));
-                };
-                let offset = r.file_offset + (range.addr - r.guest_addr);
-                // SAFETY: fallocate on the memfd we own, within its size; it only changes
-                // the file's contents (the range reads as zeros), which is the intent.
-                let rc = unsafe {
-                    libc::fallocate(
-                        ram.file.as_raw_fd(),
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        offset as libc::off_t,
-                        len as libc::off_t,
-                    )
-                };
-                if rc != 0 {
-                    return Err(IncomingError::Vm(format!(
-                        "zeroing guest memory at {:#x}: {}",
-                        range.addr,
-                        std::io::Error::last_os_error()
-                    )));
-                }
+                let len = u64::from(range.pages) * PAGE_SIZE;
+                ram.punch_hole(range.addr, len).map_err(|e| {
+                    IncomingError::Vm(format!("zeroing guest memory at {:#x}: {e}", range.addr))
+                })?;
             }
         }
     }

@@ -6,7 +6,6 @@
 //! sides' halves): the destination stops the VM with the reason.
 
 use std::collections::HashSet;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -149,34 +148,8 @@ impl Incoming {
     ) -> Result<Self, String> {
         let set = PageSet::new(regions, missing);
         for r in set.ranges() {
-            let Some(region) = regions
-                .iter()
-                .find(|g| r.guest_addr >= g.guest_addr && r.guest_addr < g.guest_addr + g.size)
-            else {
-                return Err(format!(
-                    "missing pages at {:#x} outside guest RAM",
-                    r.guest_addr
-                ));
-            };
-            let offset = region.file_offset + (r.guest_addr - region.guest_addr);
-            let len = r.pages * PAGE_SIZE;
-            // SAFETY: fallocate on the memfd we own, within its size; the range then reads
-            // as missing, which the userfaultfd serves.
-            let rc = unsafe {
-                libc::fallocate(
-                    ram.file.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset as libc::off_t,
-                    len as libc::off_t,
-                )
-            };
-            if rc != 0 {
-                return Err(format!(
-                    "dropping stale pages at {:#x}: {}",
-                    r.guest_addr,
-                    std::io::Error::last_os_error()
-                ));
-            }
+            ram.punch_hole(r.guest_addr, r.pages * PAGE_SIZE)
+                .map_err(|e| format!("dropping stale pages at {:#x}: {e}", r.guest_addr))?;
         }
         let uffd = Uffd::open(device).map_err(|e| format!("no userfaultfd for post-copy: {e}"))?;
         for r in ram.mem.iter() {
