@@ -250,6 +250,21 @@ fn page_words(image: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// The pass the guest was in when `snap` was taken: every page of the checking buffer
+/// holds `k` up to one page and `k - 1` after it.
+fn checked_pass(snap: &Path) -> u64 {
+    let words = page_words(&snap.join("memory"));
+    let k = words[0];
+    let boundary = words.iter().position(|w| *w != k).unwrap_or(words.len());
+    assert!(
+        words[boundary..].iter().all(|w| *w + 1 == k),
+        "pages after the first {boundary} hold {} (expected {})",
+        words[boundary..].iter().find(|w| **w + 1 != k).unwrap(),
+        k - 1
+    );
+    k
+}
+
 /// The VM Generation ID in a snapshot's state.
 fn generation_id(snap: &Path) -> String {
     let text = std::fs::read_to_string(snap.join("vmstate")).unwrap();
@@ -350,15 +365,7 @@ fn a_guest_dirtying_every_page_migrates_and_every_page_is_intact() {
     assert_eq!(reply["ok"], true, "{reply}");
     // The same VM, moved: its generation ID stays (a restore would change it).
     assert_eq!(generation_id(&snap), generation_id(&before));
-    let words = page_words(&snap.join("memory"));
-    let k = words[0];
-    let boundary = words.iter().position(|w| *w != k).unwrap_or(words.len());
-    assert!(
-        words[boundary..].iter().all(|w| *w + 1 == k),
-        "pages after the first {boundary} hold {} (expected {})",
-        words[boundary..].iter().find(|w| **w + 1 != k).unwrap(),
-        k - 1
-    );
+    let k = checked_pass(&snap);
     assert!(
         k > passes_at_source,
         "the destination's passes go on from the source's"
@@ -643,13 +650,7 @@ fn a_guest_that_does_not_converge_moves_by_post_copy_with_every_page_intact() {
         ),
     );
     assert_eq!(reply["ok"], true, "{reply}");
-    let words = page_words(&snap.join("memory"));
-    let k = words[0];
-    let boundary = words.iter().position(|w| *w != k).unwrap_or(words.len());
-    assert!(
-        words[boundary..].iter().all(|w| *w + 1 == k),
-        "pages after {boundary}"
-    );
+    checked_pass(&snap);
     let out = wait_limit(dst.child, Duration::from_secs(20));
     assert_eq!(out.status.code(), Some(0), "{:?}", summary(&out));
     let (_, _, dlog) = summary(&out);
